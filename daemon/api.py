@@ -1,0 +1,254 @@
+"""omsd's own HTTP routes: approval intents, VTEX's result notifications, health.
+
+Handlers only validate and journal; they never wait on VTEX. A bad request gets
+a 4xx with the reason and is kept in the journal as `rejected`, for an operator.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from daemon import intake
+from daemon.logs import get_logger
+from daemon.processor import Processor
+from daemon.settings import Settings
+from state.events import IntentReceived, IntentRecorded, NotificationReceived
+from state.models import Order
+from state.store import NewEntry, Store
+
+log = get_logger("omsd.api")
+
+MAX_BODY = 64 * 1024
+NOTIFICATION_ROUTE = "/order-integration/notification/processing-result"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ApprovalRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    marketplace_order_id: str = Field(alias="marketplaceOrderId", min_length=1, max_length=200)
+    order_id: str | None = Field(default=None, alias="orderId", min_length=1, max_length=200)
+
+
+class ResultEnvelope(BaseModel):
+    """VTEX's processing-result envelope (Channel Order API); unknown fields ignored."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    marketplace_order_id: str = Field(alias="marketplaceOrderId", min_length=1, max_length=200)
+    code: str = Field(min_length=1, max_length=20)
+    flow: str = Field(default="Unknown", max_length=40)
+    success: bool | None = None
+    operation_id: str | None = Field(default=None, alias="operationId", max_length=100)
+    message: str | None = Field(default=None, max_length=2000)
+    account_name: str | None = Field(default=None, alias="accountName", max_length=100)
+
+
+@dataclass
+class ApiContext:
+    settings: Settings
+    store: Store
+    processor: Processor
+    wake: Callable[[], None]
+
+
+def order_view(order: Order | None) -> dict[str, Any] | None:
+    if order is None:
+        return None
+    return {
+        "orderId": order.order_id,
+        "marketplaceOrderId": order.marketplace_order_id,
+        "phase": order.phase.value,
+        "status": order.status,
+        "held": order.held,
+        "intent": order.intent_source,
+        "approvalsSent": order.sent,
+        "attempts": order.attempts,
+        "lastCode": order.last_code,
+        "lastError": order.last_error,
+        "nextCheckAt": order.timer.due_at.isoformat() if order.timer else None,
+        "updatedAt": order.updated_at.isoformat() if order.updated_at else None,
+    }
+
+
+def _error(status: int, reason: str) -> web.Response:
+    return web.json_response({"error": reason}, status=status)
+
+
+def _validation_reason(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err.get("loc", ())) or "body"
+    return f"{where}: {err.get('msg', 'invalid')}"
+
+
+def build_app(ctx: ApiContext) -> web.Application:
+    @web.middleware
+    async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException:
+            raise
+        except Exception:
+            log.exception("http_handler_failed", path=request.path, method=request.method)
+            return _error(500, "internal error; see omsd's log")
+
+    app = web.Application(middlewares=[errors], client_max_size=MAX_BODY)
+
+    async def keep_rejected(source: str, raw: Any, reason: str) -> None:
+        entry = intake.rejected(source, raw, reason, datetime.now(UTC))
+        await ctx.store.append([entry])
+        log.warning("request_rejected", source=source, reason=reason)
+
+    async def read_json(request: web.Request, source: str) -> tuple[Any, web.Response | None]:
+        try:
+            text = await request.text()
+        except web.HTTPRequestEntityTooLarge:
+            await keep_rejected(source, {"size": request.content_length}, "body too large")
+            return None, _error(413, f"body larger than {MAX_BODY} bytes")
+        try:
+            return json.loads(text), None
+        except ValueError:
+            await keep_rejected(source, text[:2000], "body is not JSON")
+            return None, _error(400, "body is not JSON")
+
+    def authorized(request: web.Request, *, write: bool) -> web.Response | None:
+        token = ctx.settings.api_token
+        if token is None:
+            if write:
+                return _error(403, "OMSD_API_TOKEN is not set: /v1 writes are refused")
+            return None
+        header = request.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        expected = token.get_secret_value()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected.encode()):
+            log.warning("api_unauthorized", path=request.path, remote=request.remote)
+            return _error(401, "missing or wrong bearer token")
+        return None
+
+    async def approvals(request: web.Request) -> web.Response:
+        denied = authorized(request, write=True)
+        if denied is not None:
+            return denied
+        raw, bad = await read_json(request, "api")
+        if bad is not None:
+            return bad
+        try:
+            req = ApprovalRequest.model_validate(raw)
+        except ValidationError as exc:
+            reason = _validation_reason(exc)
+            await keep_rejected("api", raw, reason)
+            return _error(400, reason)
+        event: IntentRecorded | IntentReceived
+        if req.order_id:
+            event = IntentRecorded(order_id=req.order_id, marketplace_order_id=req.marketplace_order_id, source="api")
+        else:
+            event = IntentReceived(marketplace_order_id=req.marketplace_order_id, source="api")
+        [appended] = await ctx.store.append(
+            [
+                NewEntry(
+                    kind=event.kind,
+                    source="api",
+                    order_id=req.order_id,
+                    payload=event.model_dump_json(),
+                    received_at=datetime.now(UTC),
+                )
+            ]
+        )
+        ctx.wake()
+        offset = appended.offset or 0
+        applied = await ctx.processor.wait_for(offset, timeout_s=2.0)
+        order = await ctx.store.load_order(req.order_id) if req.order_id else await ctx.store.order_by_marketplace_id(
+            req.marketplace_order_id
+        )
+        parked = order is None and await ctx.store.pending_intent(req.marketplace_order_id) is not None
+        log.info("approval_intent", marketplace_order_id=req.marketplace_order_id, order_id=req.order_id, offset=offset)
+        return web.json_response(
+            {
+                "accepted": True,
+                "offset": offset,
+                "applied": applied,
+                "waitingForLink": parked,
+                "order": order_view(order),
+            },
+            status=202,
+        )
+
+    async def show_order(request: web.Request) -> web.Response:
+        denied = authorized(request, write=False)
+        if denied is not None:
+            return denied
+        order = await ctx.store.find_order(request.match_info["key"])
+        if order is None:
+            return _error(404, "no such order")
+        return web.json_response(order_view(order))
+
+    async def notification(request: web.Request) -> web.Response:
+        an = request.query.get("an")
+        raw, bad = await read_json(request, "notification")
+        if bad is not None:
+            return bad
+        if an is not None and an != ctx.settings.account:
+            reason = f"an={an[:60]!r} is not this account"
+            await keep_rejected("notification", raw, reason)
+            return _error(400, reason)
+        try:
+            env = ResultEnvelope.model_validate(raw)
+        except ValidationError as exc:
+            reason = _validation_reason(exc)
+            await keep_rejected("notification", raw, reason)
+            return _error(400, reason)
+        event = NotificationReceived(
+            marketplace_order_id=env.marketplace_order_id,
+            code=env.code,
+            flow=env.flow,
+            success=env.success,
+            operation_id=env.operation_id,
+            message=env.message,
+            account=env.account_name,
+        )
+        dedup = f"notification:{env.operation_id}:{env.code}" if env.operation_id else None
+        [appended] = await ctx.store.append(
+            [
+                NewEntry(
+                    kind=event.kind,
+                    source="notification",
+                    payload=event.model_dump_json(),
+                    received_at=datetime.now(UTC),
+                    dedup_key=dedup,
+                )
+            ]
+        )
+        ctx.wake()
+        log.info(
+            "notification_received",
+            marketplace_order_id=env.marketplace_order_id,
+            code=env.code,
+            flow=env.flow,
+            duplicate=appended.duplicate,
+        )
+        return web.json_response({"received": True, "duplicate": appended.duplicate})
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def status(request: web.Request) -> web.Response:
+        denied = authorized(request, write=False)
+        if denied is not None:
+            return denied
+        return web.json_response({"phases": await ctx.store.phase_counts(), **await ctx.store.stats()})
+
+    app.router.add_post("/v1/approvals", approvals)
+    app.router.add_get("/v1/orders/{key}", show_order)
+    app.router.add_get("/v1/status", status)
+    app.router.add_post(NOTIFICATION_ROUTE, notification)
+    app.router.add_get("/healthz", healthz)
+    return app

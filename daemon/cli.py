@@ -1,0 +1,316 @@
+"""The `omsd` command line: run the daemon, the demo, and the operator's tools.
+
+Exit codes: 0 success; 1 runtime failure (including a demo that did not end as
+it should); 2 bad configuration or usage (one line naming the variable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from daemon import logs
+from daemon.settings import ConfigError, load_db_path, load_policy, load_settings
+from state.events import IntentReceived, IntentRecorded, Resync
+from state.models import Order
+from state.statuses import TERMINAL_PHASES, Phase
+from state.store import NewEntry, Store, StoreError
+
+EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
+
+DESCRIPTION = """\
+omsd approves VTEX marketplace orders exactly when they leave
+waiting-for-manual-authorization. It reads the VTEX order feed, journals every
+event in SQLite before acknowledging it, runs a state machine per order, and
+sends the Channel Order API approval only after Get order confirms the order is
+neither held nor canceled.
+
+Configuration comes from OMSD_* environment variables (see README.md).
+The offline commands (approve, orders, show, journal, replay, retry, status)
+need only OMSD_DB and work whether or not the daemon is running."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="omsd", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    sub.add_parser(
+        "run",
+        help="run the daemon until SIGTERM/SIGINT",
+        description="Run the daemon (feed poller, processor, effect runner, HTTP server, timers) until "
+        "SIGTERM or SIGINT, then stop polling, drain in-flight work within OMSD_SHUTDOWN_GRACE_S and exit 0. "
+        "Needs OMSD_ACCOUNT, OMSD_APP_KEY, OMSD_APP_TOKEN, OMSD_CONNECTOR_NAME, OMSD_CONNECTOR_ENDPOINT.",
+    )
+
+    d = sub.add_parser(
+        "demo",
+        help="run the simulator and the daemon together on a scenario",
+        description="Start the built-in VTEX simulator and the daemon in one process on a temporary database, "
+        "run a scenario of orders (some held then authorized, some held then rejected, some put back on hold), "
+        "show live progress and a summary. Exit 0 only when every order reached the end it should.",
+    )
+    d.add_argument("--orders", type=int, default=60, help="number of orders (default 60)")
+    d.add_argument("--seed", type=int, default=7, help="simulator random seed (default 7)")
+    d.add_argument("--timeout", type=float, default=180.0, help="give up after this many seconds (default 180)")
+
+    a = sub.add_parser(
+        "approve",
+        help="record an approval intent for a marketplace order",
+        description="Record an approval intent in the journal. The running daemon sends the approval as soon "
+        "as VTEX shows the order is not held (and never if it is canceled). Idempotent.",
+    )
+    a.add_argument("marketplace_order_id", metavar="MARKETPLACE_ORDER_ID")
+    a.add_argument("--order-id", help="the VTEX order id, when known (links the two at once)")
+
+    o = sub.add_parser("orders", help="list orders and their phase", description="List orders, newest first.")
+    o.add_argument("--phase", choices=[ph.value for ph in Phase], help="only orders in this phase")
+    o.add_argument("--limit", type=int, default=50)
+    o.add_argument("--json", action="store_true", help="print JSON lines")
+
+    s = sub.add_parser("show", help="one order: state, history, journal", description="Show one order "
+                       "(by VTEX order id or marketplace order id): its state, transitions and journal entries.")
+    s.add_argument("key", metavar="ORDER")
+
+    j = sub.add_parser("journal", help="tail the journal", description="Print the last journal entries.")
+    j.add_argument("--limit", type=int, default=30)
+    j.add_argument("--order", help="only entries of this VTEX order id")
+    j.add_argument("--rejected", action="store_true", help="only rejected input, with its reason")
+
+    sub.add_parser(
+        "replay",
+        help="rebuild all order state from the journal",
+        description="Forget every derived row (orders, timers, history, pending effects) and apply the whole "
+        "journal again. Because the machine is pure, the result is the state the daemon had; open approvals "
+        "are then re-checked with Get order. Stop the daemon first.",
+    )
+
+    r = sub.add_parser(
+        "retry",
+        help="give a dead (or stuck) order another go",
+        description="Append a resync for the order: its retry budget is reset and it is re-checked with Get "
+        "order before anything is sent. Closed orders (approved, rejected) are left alone.",
+    )
+    r.add_argument("key", metavar="ORDER", nargs="?")
+    r.add_argument("--all-dead", action="store_true", help="every order in the dead phase")
+
+    sub.add_parser("status", help="counts by phase, offsets, backlog", description="Counts by phase, journal "
+                   "and processor offsets, pending feed commits, timers and parked intents.")
+
+    sim = sub.add_parser("sim", help="run the VTEX simulator alone", description="Run the built-in VTEX "
+                         "simulator (feed, Get order, Channel Order API, faults) until interrupted.")
+    sim.add_argument("--listen", default="127.0.0.1:8788", help="HOST:PORT (default 127.0.0.1:8788)")
+    sim.add_argument("--seed", type=int, default=7)
+    sim.add_argument("--visibility-s", type=float, default=None, help="override the feed visibility timeout")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except ConfigError as exc:
+        print(f"omsd: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except StoreError as exc:
+        print(f"omsd: database error: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    except KeyboardInterrupt:
+        return EXIT_FAIL
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    cmd: str = args.command
+    if cmd == "run":
+        settings = load_settings()
+        logs.configure(settings.log_level, settings.log_format)
+        from daemon.app import run_until_signalled
+
+        asyncio.run(run_until_signalled(settings))
+        return EXIT_OK
+    if cmd == "demo":
+        from daemon.demo import run_demo
+
+        if args.orders < 4:
+            print("omsd: --orders must be at least 4", file=sys.stderr)
+            return EXIT_CONFIG
+        return asyncio.run(run_demo(args.orders, args.seed, args.timeout))
+    if cmd == "sim":
+        from daemon.simulator import serve
+
+        logs.configure("info", "auto")
+        host, _, port = args.listen.rpartition(":")
+        try:
+            asyncio.run(serve(host, int(port), seed=args.seed, visibility_override_s=args.visibility_s))
+        except KeyboardInterrupt:
+            pass
+        return EXIT_OK
+    db = load_db_path()
+    handlers: dict[str, Callable[[Store, argparse.Namespace], Awaitable[int]]] = {
+        "approve": _approve,
+        "orders": _orders,
+        "show": _show,
+        "journal": _journal,
+        "replay": _replay,
+        "retry": _retry,
+        "status": _status,
+    }
+    return asyncio.run(_with_store(db, handlers[cmd], args))
+
+
+async def _with_store(db: Path, fn: Callable[[Store, argparse.Namespace], Awaitable[int]], args: argparse.Namespace) -> int:
+    if not db.exists() and args.command != "approve":
+        print(f"omsd: no database at {db} (set OMSD_DB)", file=sys.stderr)
+        return EXIT_CONFIG
+    async with await Store.open(db) as store:
+        return await fn(store, args)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+async def _approve(store: Store, args: argparse.Namespace) -> int:
+    mkt: str = args.marketplace_order_id.strip()
+    if not mkt:
+        print("omsd: MARKETPLACE_ORDER_ID must not be empty", file=sys.stderr)
+        return EXIT_CONFIG
+    event: IntentRecorded | IntentReceived
+    if args.order_id:
+        event = IntentRecorded(order_id=args.order_id, marketplace_order_id=mkt, source="cli")
+    else:
+        event = IntentReceived(marketplace_order_id=mkt, source="cli")
+    [appended] = await store.append(
+        [NewEntry(kind=event.kind, source="cli", order_id=args.order_id, payload=event.model_dump_json(), received_at=_now())]
+    )
+    print(f"intent recorded at journal offset {appended.offset}; the running daemon will act on it")
+    return EXIT_OK
+
+
+def _order_row(o: Order) -> list[str]:
+    return [
+        o.order_id,
+        o.marketplace_order_id or "-",
+        o.phase.value,
+        o.status or "-",
+        "yes" if o.held else "",
+        str(o.sent),
+        o.last_code or "",
+        (o.last_error or "")[:60],
+    ]
+
+
+async def _orders(store: Store, args: argparse.Namespace) -> int:
+    orders = await store.list_orders(args.phase, args.limit)
+    if args.json:
+        for o in orders:
+            print(o.model_dump_json())
+        return EXIT_OK
+    table = Table(title=f"{len(orders)} orders")
+    for col in ("order", "marketplace id", "phase", "VTEX status", "held", "sent", "last code", "last error"):
+        table.add_column(col)
+    for o in orders:
+        table.add_row(*_order_row(o))
+    Console().print(table)
+    return EXIT_OK
+
+
+async def _show(store: Store, args: argparse.Namespace) -> int:
+    order = await store.find_order(args.key)
+    if order is None:
+        parked = await store.pending_intent(args.key)
+        if parked:
+            print(f"{args.key}: intent parked (source {parked[0]}, offset {parked[1]}); no VTEX order linked yet")
+            return EXIT_OK
+        print(f"omsd: no order {args.key}", file=sys.stderr)
+        return EXIT_FAIL
+    console = Console()
+    console.print_json(order.model_dump_json())
+    table = Table(title="transitions")
+    for col in ("offset", "at", "from", "to", "VTEX status", "cause"):
+        table.add_column(col)
+    for h in await store.history(order.order_id):
+        table.add_row(str(h.journal_offset), h.at.isoformat(timespec="seconds"), h.from_phase or "-", h.to_phase,
+                      h.status or "-", h.cause)
+    console.print(table)
+    await _print_journal(await store.journal_tail(50, order_id=order.order_id))
+    return EXIT_OK
+
+
+async def _print_journal(rows: list[Any]) -> None:
+    table = Table(title="journal")
+    for col in ("offset", "received", "kind", "source", "order", "reason / payload"):
+        table.add_column(col)
+    for r in rows:
+        detail = r.reason or r.payload
+        table.add_row(str(r.offset), r.received_at.isoformat(timespec="seconds"), r.kind, r.source, r.order_id or "-",
+                      detail[:100])
+    Console().print(table)
+
+
+async def _journal(store: Store, args: argparse.Namespace) -> int:
+    rows = await store.journal_tail(args.limit, order_id=args.order, kind="rejected" if args.rejected else None)
+    await _print_journal(rows)
+    return EXIT_OK
+
+
+async def _replay(store: Store, args: argparse.Namespace) -> int:
+    from daemon.processor import Processor
+
+    # Same policy knobs as the daemon (OMSD_MAX_ATTEMPTS etc.), so the replayed
+    # state is the state the daemon had.
+    policy = load_policy()
+    await store.reset_derived()
+    processor = Processor(store, policy, emit_effects=False)
+    applied = await processor.drain()
+    reopened = 0
+    for order in await store.list_orders(limit=1_000_000):
+        if order.has_intent and order.phase not in TERMINAL_PHASES:
+            await _append_resync(store, order.order_id, "replay")
+            reopened += 1
+    print(f"replayed {applied} journal entries; {reopened} open orders will be re-checked by the daemon")
+    return EXIT_OK
+
+
+async def _append_resync(store: Store, order_id: str, reason: str) -> None:
+    event = Resync(order_id=order_id, reason=reason)
+    await store.append(
+        [NewEntry(kind=event.kind, source="operator", order_id=order_id, payload=event.model_dump_json(), received_at=_now())]
+    )
+
+
+async def _retry(store: Store, args: argparse.Namespace) -> int:
+    targets: list[Order] = []
+    if args.all_dead:
+        targets = await store.list_orders(Phase.DEAD.value, limit=1_000_000)
+    elif args.key:
+        order = await store.find_order(args.key)
+        if order is None:
+            print(f"omsd: no order {args.key}", file=sys.stderr)
+            return EXIT_FAIL
+        targets = [order]
+    else:
+        print("omsd: name an ORDER or use --all-dead", file=sys.stderr)
+        return EXIT_CONFIG
+    for order in targets:
+        await _append_resync(store, order.order_id, "operator retry")
+    print(f"resync recorded for {len(targets)} order(s)")
+    return EXIT_OK
+
+
+async def _status(store: Store, args: argparse.Namespace) -> int:
+    out = {"phases": await store.phase_counts(), "outbox": await store.outbox_counts(), **await store.stats()}
+    print(json.dumps(out, indent=2, sort_keys=True))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,252 @@
+"""`omsd demo`: the simulator and the daemon in one process, on a temporary database.
+
+A connector creates orders through the simulator's Channel Order API and hands
+each approval to omsd; some orders are held for a price divergence and then
+authorized or rejected by the "seller", some are put back on hold just as the
+approval arrives, and the simulator injects the faults VTEX documents
+(429 with Retry-After, 5xx, duplicates, short batches, malformed items).
+The demo ends with a summary and exits 0 only when every order reached the end
+it should, each approved order was approved exactly once, and no approval was
+sent while an order was held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import socket
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from daemon import logs
+from daemon.app import Daemon
+from daemon.settings import Settings
+from daemon.simulator import Faults, Simulator
+from state.statuses import Phase
+
+
+@dataclass(frozen=True)
+class Planned:
+    marketplace_order_id: str
+    kind: str  # free | held-authorized | held-rejected | held-flip
+    expected: Phase
+    give_order_id: bool
+
+
+KINDS = (
+    ("free", Phase.APPROVED),
+    ("held-authorized", Phase.APPROVED),
+    ("held-rejected", Phase.REJECTED),
+    ("held-flip", Phase.APPROVED),
+)
+
+
+def plan(count: int) -> list[Planned]:
+    """A fixed mix: 40% free, 35% held then authorized, 15% held then rejected,
+    10% put back on hold when the approval arrives."""
+    shares = {"free": 0.40, "held-authorized": 0.35, "held-rejected": 0.15}
+    out: list[Planned] = []
+    counts = {k: int(count * v) for k, v in shares.items()}
+    counts["held-flip"] = count - sum(counts.values())
+    n = 0
+    for kind, expected in KINDS:
+        for _ in range(counts[kind]):
+            n += 1
+            out.append(Planned(f"DEMO{n:04d}", kind, expected, give_order_id=n % 2 == 0))
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def demo_settings(sim: Simulator, db: Path, port: int, api_token: str) -> Settings:
+    return Settings(
+        account=sim.account,
+        app_key=sim.app_key,
+        app_token=sim.app_token,  # type: ignore[arg-type]
+        vtex_base_url=sim.base_url,
+        db=db,
+        connector_name="omsd-demo",
+        connector_endpoint=f"http://127.0.0.1:{port}",
+        listen=f"127.0.0.1:{port}",
+        api_token=api_token,  # type: ignore[arg-type]
+        poll_interval_s=0.2,
+        rate_limit_per_s=100,
+        held_recheck_s=4.0,
+        confirm_timeout_s=4.0,
+        retry_base_s=0.2,
+        retry_cap_s=2.0,
+        eoi008_recheck_s=1.0,
+        timer_tick_s=0.2,
+        http_timeout_s=5.0,
+        rate_limited_wait_s=1.0,
+        shutdown_grace_s=5.0,
+        max_attempts=12,
+    )
+
+
+async def _create(session: aiohttp.ClientSession, sim: Simulator, p: Planned, endpoint: str) -> None:
+    if p.kind == "held-flip":
+        sim.create(p.marketplace_order_id, held=False, flip_back=1, decide_after_s=1.0)
+        return
+    price = 10000
+    paid = {"free": 10000, "held-authorized": 9600, "held-rejected": 7000}[p.kind]
+    body = {
+        "marketplaceOrderId": p.marketplace_order_id,
+        "marketplaceOrderStatus": "new",
+        "marketplacePaymentValue": paid,
+        "allowFranchises": False,
+        "items": [{"id": "1", "price": price, "quantity": 1}],
+        "clientProfileData": {},
+        "shippingData": {},
+        "invoiceData": {},
+        "connectorName": "omsd-demo",
+        "connectorEndpoint": endpoint,
+        "customData": {"simDecideAfterS": 1.0 + int(p.marketplace_order_id[-4:]) % 30 / 10},
+    }
+    headers = {
+        "X-VTEX-API-AppKey": sim.app_key,
+        "X-VTEX-API-AppToken": sim.app_token,
+        "Accept": "application/json",
+        "Content-Type": "application/json",
+    }
+    url = f"{sim.base_url}/api/order-integration/orders"
+    for _ in range(20):  # the connector retries the simulator's injected faults
+        try:
+            async with session.post(
+                url, params={"affiliateId": "MKP", "an": sim.account}, json=body, headers=headers
+            ) as resp:
+                if resp.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.1)
+    raise RuntimeError(f"could not create {p.marketplace_order_id}")
+
+
+async def _intent(session: aiohttp.ClientSession, url: str, token: str, sim: Simulator, p: Planned) -> None:
+    body: dict[str, Any] = {"marketplaceOrderId": p.marketplace_order_id}
+    if p.give_order_id:
+        body["orderId"] = f"MKP-{p.marketplace_order_id}-01"
+    async with session.post(f"{url}/v1/approvals", json=body, headers={"Authorization": f"Bearer {token}"}) as resp:
+        if resp.status != 202:
+            raise RuntimeError(f"/v1/approvals answered {resp.status}: {await resp.text()}")
+
+
+def _table(planned: list[Planned], phases: dict[str, str], sim: Simulator, final: bool) -> Table:
+    table = Table(title="omsd demo: summary" if final else "omsd demo: live", expand=False)
+    table.add_column("orders")
+    for col in ("count", "approved", "rejected", "waiting", "dead", "as expected"):
+        table.add_column(col, justify="right")
+    for kind, expected in KINDS:
+        group = [p for p in planned if p.kind == kind]
+        c = Counter(phases.get(p.marketplace_order_id, "unseen") for p in group)
+        ok = sum(1 for p in group if phases.get(p.marketplace_order_id) == expected.value)
+        waiting = len(group) - c["approved"] - c["rejected"] - c["dead"]
+        table.add_row(
+            f"{kind} (→ {expected.value})", str(len(group)), str(c["approved"]), str(c["rejected"]),
+            str(waiting), str(c["dead"]), f"{ok}/{len(group)}",
+        )
+    st = sim.stats()
+    table.caption = (
+        f"approval PUTs {st['puts']} · approvals applied by VTEX {st['approvals_applied']} · "
+        f"approvals refused while held {st['puts_while_held']} · 429s {st['rate_limited']} · "
+        f"feed deliveries {st['deliveries']} for {st['deleted']} committed"
+    )
+    return table
+
+
+async def run_demo(count: int = 60, seed: int = 7, timeout_s: float = 180.0, console: Console | None = None) -> int:
+    console = console or Console()
+    with tempfile.TemporaryDirectory(prefix="omsd-demo-") as tmp:
+        log_path = Path(tmp) / "omsd.log"
+        with log_path.open("w") as log_file:
+            logs.configure("info", "json", stream=log_file)
+            return await _run(count, seed, timeout_s, console, Path(tmp), log_path)
+
+
+async def _run(count: int, seed: int, timeout_s: float, console: Console, tmp: Path, log_path: Path) -> int:
+    faults = Faults(
+        latency_s=(0.0, 0.01),
+        rate_429=0.03,
+        retry_after_s=1.0,
+        rate_5xx=0.03,
+        duplicate_rate=0.2,
+        notification_duplicate_rate=0.1,
+    )
+    sim = Simulator(seed=seed, faults=faults, visibility_override_s=3.0)
+    await sim.start()
+    for bad in ({"orderId": "MKP-X-01", "state": "no-such-status", "currentChange": "2026-01-01T00:00:00Z"},
+                {"orderId": "MKP-Y-01", "state": "handling", "currentChange": "yesterday"},
+                {"state": "handling"}):
+        sim.malformed.append(bad)
+    port = free_port()
+    token = secrets.token_urlsafe(24)
+    settings = demo_settings(sim, tmp / "omsd.db", port, token)
+    daemon = Daemon(settings)
+    stop = asyncio.Event()
+    task = asyncio.create_task(daemon.run(stop))
+    planned = plan(count)
+    phases: dict[str, str] = {}
+    try:
+        await asyncio.wait_for(daemon.ready.wait(), timeout=30)
+        console.print(f"simulated VTEX at {sim.base_url}; omsd at {daemon.url}; {count} orders; log {log_path}")
+        async with aiohttp.ClientSession() as session:
+            for p in planned:
+                await _create(session, sim, p, settings.connector_endpoint)
+                await _intent(session, daemon.url, token, sim, p)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout_s
+            with Live(_table(planned, phases, sim, False), console=console, refresh_per_second=4) as live:
+                while loop.time() < deadline:
+                    assert daemon.store is not None
+                    for order in await daemon.store.list_orders(limit=10 * count):
+                        if order.marketplace_order_id:
+                            phases[order.marketplace_order_id] = order.phase.value
+                    live.update(_table(planned, phases, sim, False))
+                    if all(phases.get(p.marketplace_order_id) == p.expected.value for p in planned):
+                        break
+                    await asyncio.sleep(0.25)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=30)
+        await sim.stop()
+    console.print(_table(planned, phases, sim, True))
+    return _verdict(planned, phases, sim, console)
+
+
+def _verdict(planned: list[Planned], phases: dict[str, str], sim: Simulator, console: Console) -> int:
+    problems: list[str] = []
+    for p in planned:
+        got = phases.get(p.marketplace_order_id, "unseen")
+        if got != p.expected.value:
+            problems.append(f"{p.marketplace_order_id} ({p.kind}) ended {got}, expected {p.expected.value}")
+        order = sim.orders.get(f"MKP-{p.marketplace_order_id}-01")
+        applied = order.approvals_applied if order else 0
+        if p.expected == Phase.APPROVED and applied != 1:
+            problems.append(f"{p.marketplace_order_id} approved {applied} times by VTEX")
+        if p.expected == Phase.REJECTED and applied:
+            problems.append(f"{p.marketplace_order_id} was canceled but approved")
+    stats = sim.stats()
+    if stats["puts_while_held"]:
+        problems.append(f"{stats['puts_while_held']} approvals sent while held")
+    if stats["protocol_errors"]:
+        problems.append(f"requests that break VTEX's contract: {stats['protocol_errors'][:3]}")
+    if problems:
+        console.print("[bold red]FAILED[/]")
+        for line in problems[:20]:
+            console.print(f"  - {line}")
+        return 1
+    console.print("[bold green]OK[/]: every order reached the end it should; approvals refused while held = 0")
+    return 0

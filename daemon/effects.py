@@ -1,0 +1,145 @@
+"""The effect runner: performs outbox rows and journals their results.
+
+A row is marked `started` before its call and closed in the same transaction
+that appends its result, so each result is journaled once. A row left
+`started` by a process that died is recovered at start-up (see
+`Store.recover_interrupted`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from daemon.errors import NotFound, RateLimited, VtexError
+from daemon.logs import get_logger
+from daemon.vtex import VtexApi
+from state.events import ApprovalAnswered, ApprovalFailed, Event, OrderFetched, OrderFetchFailed
+from state.models import FetchOrder, SendApproval
+from state.store import NewEntry, OutboxRow, Store
+
+log = get_logger("omsd.effects")
+
+Clock = Callable[[], datetime]
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class EffectRunner:
+    def __init__(
+        self,
+        store: Store,
+        vtex: VtexApi,
+        *,
+        concurrency: int = 4,
+        on_result: Callable[[], None] | None = None,
+        clock: Clock = _utcnow,
+    ) -> None:
+        self._store = store
+        self._vtex = vtex
+        self._slots = asyncio.Semaphore(concurrency)
+        self._concurrency = concurrency
+        self._on_result = on_result
+        self._clock = clock
+        self.wake = asyncio.Event()
+        self.performed: dict[str, int] = {}
+
+    async def recover(self) -> int:
+        count = await self._store.recover_interrupted(self._clock())
+        if count:
+            log.warning("effects_recovered", count=count)
+        return count
+
+    async def run(self, stop: asyncio.Event, poll_s: float = 1.0) -> None:
+        """Claim and perform effects until `stop`; in-flight calls are awaited."""
+        running: set[asyncio.Task[None]] = set()
+        try:
+            while not stop.is_set():
+                self.wake.clear()
+                free = self._concurrency - len(running)
+                rows = await self._store.claim_effects(free) if free > 0 else []
+                for row in rows:
+                    task = asyncio.create_task(self._perform(row), name=f"effect-{row.id}")
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                if rows and len(running) < self._concurrency:
+                    continue
+                waiters: set[asyncio.Future[object]] = {asyncio.ensure_future(self.wake.wait())}
+                waiters.add(asyncio.ensure_future(stop.wait()))
+                waiters.update(running)  # type: ignore[arg-type]
+                done, pending = await asyncio.wait(waiters, timeout=poll_s, return_when=asyncio.FIRST_COMPLETED)
+                for w in pending:
+                    if w not in running:
+                        w.cancel()
+        finally:
+            if running:
+                await asyncio.gather(*running, return_exceptions=True)
+
+    async def run_once(self) -> int:
+        """Claim and perform what is pending now (for tests and the CLI)."""
+        rows = await self._store.claim_effects(self._concurrency)
+        await asyncio.gather(*(self._perform(r) for r in rows))
+        return len(rows)
+
+    async def _perform(self, row: OutboxRow) -> None:
+        async with self._slots:
+            effect = row.effect
+            result: Event
+            match effect:
+                case FetchOrder():
+                    result = await self._fetch(effect)
+                case SendApproval():
+                    result = await self._send(effect)
+            entry = NewEntry(
+                kind=result.kind,
+                source="effect",
+                order_id=result.order_id,
+                payload=result.model_dump_json(),
+                received_at=self._clock(),
+                dedup_key=f"effect:{row.id}",
+            )
+            await asyncio.shield(self._store.finish_effect(row.id, entry))
+            self.performed[effect.kind] = self.performed.get(effect.kind, 0) + 1
+            if self._on_result is not None:
+                self._on_result()
+
+    async def _fetch(self, effect: FetchOrder) -> Event:
+        try:
+            snap = await self._vtex.get_order(effect.order_id)
+        except NotFound as exc:
+            return OrderFetchFailed(order_id=effect.order_id, seq=effect.seq, error=str(exc), not_found=True)
+        except VtexError as exc:
+            log.warning("get_order_failed", order_id=effect.order_id, error=str(exc))
+            return OrderFetchFailed(
+                order_id=effect.order_id, seq=effect.seq, error=str(exc), retryable=exc.retryable
+            )
+        return OrderFetched(
+            order_id=effect.order_id,
+            seq=effect.seq,
+            status=snap.status,
+            marketplace_order_id=snap.marketplace_order_id,
+            last_change=snap.last_change,
+            fetched_at=self._clock(),
+        )
+
+    async def _send(self, effect: SendApproval) -> Event:
+        log.info("approval_sending", order_id=effect.order_id, marketplace_order_id=effect.marketplace_order_id)
+        try:
+            answer = await self._vtex.approve(effect.marketplace_order_id)
+        except RateLimited as exc:
+            # Refused before processing: safe to retry, and the machine backs off.
+            return ApprovalFailed(order_id=effect.order_id, seq=effect.seq, error=str(exc), retryable=True)
+        except VtexError as exc:
+            log.warning("approval_failed", order_id=effect.order_id, error=str(exc))
+            return ApprovalFailed(order_id=effect.order_id, seq=effect.seq, error=str(exc), retryable=exc.retryable)
+        log.info("approval_answered", order_id=effect.order_id, code=answer.code, http_status=answer.http_status)
+        return ApprovalAnswered(
+            order_id=effect.order_id,
+            seq=effect.seq,
+            code=answer.code,
+            http_status=answer.http_status,
+            message=answer.message,
+        )

@@ -1,0 +1,148 @@
+"""Feed intake: poll VTEX's order feed, journal every item durably, then commit it.
+
+The order of operations is the whole point: items and their handles are written
+in one SQLite transaction that reaches disk (`synchronous=FULL`), and only then
+are the handles committed to VTEX. Every item is committed, including duplicates
+and items omsd cannot parse. A failed commit is retried on the next round; once a
+handle is older than the visibility timeout VTEX has made its item visible again,
+so the handle is dropped and dedup absorbs the redelivery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from daemon import intake
+from daemon.errors import NotFound, VtexError
+from daemon.logs import get_logger
+from daemon.settings import Settings
+from daemon.vtex import FeedConfig, VtexApi, feed_config_body
+from state.store import Store
+
+log = get_logger("omsd.feed")
+
+
+@dataclass(slots=True)
+class FeedStats:
+    polls: int = 0
+    items: int = 0
+    accepted: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    commits: int = 0
+    commit_failures: int = 0
+    poll_failures: int = 0
+    last_poll_ok_at: datetime | None = None
+
+
+async def ensure_feed_config(vtex: VtexApi, settings: Settings) -> tuple[FeedConfig | None, bool]:
+    """Read VTEX's feed configuration; create it from Settings when it is missing.
+    Returns (config as read before, created?)."""
+    config = await vtex.get_feed_config()
+    if config is not None:
+        missing = [s for s in ("waiting-for-manual-authorization",) if config.filter_type == "FromWorkflow"
+                   and s not in config.statuses]
+        if missing:
+            log.warning("feed_filter_misses_statuses", missing=missing, filter_type=config.filter_type)
+        return config, False
+    body = feed_config_body(settings)
+    await vtex.save_feed_config(body)
+    log.info(
+        "feed_config_created",
+        statuses=len(settings.feed_statuses),
+        visibility_timeout_s=settings.feed_visibility_timeout_s,
+        retention_s=settings.feed_retention_s,
+    )
+    return None, True
+
+
+class FeedPoller:
+    def __init__(
+        self,
+        store: Store,
+        vtex: VtexApi,
+        settings: Settings,
+        *,
+        on_journal: Callable[[], None] | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._store = store
+        self._vtex = vtex
+        self._settings = settings
+        self._on_journal = on_journal
+        self._clock = clock
+        self.stats = FeedStats()
+
+    async def poll_once(self) -> int:
+        """One round: flush old commits, read a batch, journal it, commit it.
+        Returns the number of items VTEX delivered."""
+        await self.flush_commits()
+        try:
+            items = await self._vtex.get_feed(self._settings.maxlot)
+        except NotFound:
+            log.error("feed_not_configured", hint="omsd recreates the configuration at start-up")
+            self.stats.poll_failures += 1
+            raise
+        self.stats.polls += 1
+        self.stats.last_poll_ok_at = self._clock()
+        if not items:
+            return 0
+        now = self._clock()
+        intakes = [intake.feed_item(item, now) for item in items]
+        results = await self._store.append(
+            [i.entry for i in intakes], acks=[i.handle for i in intakes if i.handle is not None]
+        )
+        for item, result in zip(intakes, results, strict=True):
+            if result.duplicate:
+                self.stats.duplicates += 1
+            elif item.accepted:
+                self.stats.accepted += 1
+            else:
+                self.stats.rejected += 1
+                log.warning("feed_item_rejected", offset=result.offset, reason=item.entry.reason)
+        self.stats.items += len(items)
+        if self._on_journal is not None and any(not r.duplicate for r in results):
+            self._on_journal()
+        await self.flush_commits()
+        return len(items)
+
+    async def flush_commits(self) -> None:
+        """Commit every durable handle not yet committed, in chunks."""
+        while handles := await self._store.pending_acks(limit=100):
+            try:
+                await self._vtex.commit_feed(handles)
+            except VtexError as exc:
+                self.stats.commit_failures += 1
+                cutoff = self._clock() - timedelta(seconds=self._settings.feed_visibility_timeout_s)
+                dropped = await self._store.acks_failed(handles, str(exc), drop_before=cutoff)
+                log.warning("feed_commit_failed", handles=len(handles), error=str(exc), dropped=dropped)
+                return
+            await self._store.acks_done(handles)
+            self.stats.commits += len(handles)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Poll until `stop`. A full batch is followed at once by another; an empty or
+        short one does not prove the queue empty, so polling simply goes on."""
+        while not stop.is_set():
+            try:
+                delivered = await self.poll_once()
+            except NotFound:
+                delivered = 0
+                try:
+                    await ensure_feed_config(self._vtex, self._settings)
+                except VtexError as exc:
+                    log.error("feed_config_recreate_failed", error=str(exc))
+            except VtexError as exc:
+                self.stats.poll_failures += 1
+                log.warning("feed_poll_failed", error=str(exc))
+                delivered = 0
+            if delivered >= self._settings.maxlot:
+                continue
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=self._settings.poll_interval_s)
+            except TimeoutError:
+                pass
+        await self.flush_commits()

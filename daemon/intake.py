@@ -1,0 +1,172 @@
+"""Turning what VTEX sends (feed items, later hook pushes) into journal entries.
+
+Nothing here raises on bad input: a malformed item becomes a `rejected` journal
+entry that keeps the raw item and the reason, so an operator can see it, and
+the feed handle is still committed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from state.events import StatusChanged
+from state.statuses import Status
+from state.store import NewEntry, iso
+
+_TIME = re.compile(
+    r"^(?P<base>\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(?:\.(?P<frac>\d+))?(?P<tz>Z|[+-]\d{2}:?\d{2})?$"
+)
+
+
+class BadTime(ValueError):
+    pass
+
+
+def parse_time(text: str) -> datetime:
+    """ISO-8601 as VTEX writes it: up to 7 fractional digits, `Z` or an offset.
+    A timestamp without a zone is taken as UTC (VTEX documents UTC)."""
+    match = _TIME.match(text.strip())
+    if match is None:
+        raise BadTime(f"not an ISO-8601 timestamp: {text[:40]!r}")
+    frac = (match.group("frac") or "")[:6].ljust(6, "0")
+    tz = match.group("tz") or "+00:00"
+    if tz == "Z":
+        tz = "+00:00"
+    elif ":" not in tz:
+        tz = f"{tz[:3]}:{tz[3:]}"
+    try:
+        return datetime.fromisoformat(f"{match.group('base')}.{frac}{tz}").astimezone(UTC)
+    except ValueError as exc:
+        raise BadTime(f"invalid timestamp {text[:40]!r}: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Intake:
+    entry: NewEntry
+    handle: str | None
+    accepted: bool
+
+
+class _Reject(Exception):
+    pass
+
+
+def status_dedup_key(order_id: str, state: str, change: datetime | None) -> str:
+    """One key per (order, status, change time): the same change seen twice, by feed or
+    hook, whatever the casing of the payload, is one event."""
+    return f"status:{order_id}:{state}:{iso(change) if change else '-'}"
+
+
+def _lower_keys(item: dict[str, Any]) -> dict[str, Any]:
+    return {str(k).lower(): v for k, v in item.items()}
+
+
+def _text(fields: dict[str, Any], name: str, *, required: bool) -> str | None:
+    value = fields.get(name.lower())
+    if value is None or value == "":
+        if required:
+            raise _Reject(f"missing field {name}")
+        return None
+    if not isinstance(value, str):
+        raise _Reject(f"field {name} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _time(fields: dict[str, Any], name: str, *, required: bool) -> datetime | None:
+    text = _text(fields, name, required=required)
+    if text is None:
+        return None
+    try:
+        return parse_time(text)
+    except BadTime as exc:
+        raise _Reject(f"field {name}: {exc}") from None
+
+
+def _raw(item: object) -> str:
+    try:
+        return json.dumps(item, sort_keys=True, separators=(",", ":"))
+    except (TypeError, ValueError):
+        return repr(item)
+
+
+def feed_item(item: object, received_at: datetime) -> Intake:
+    """One feed item → an accepted StatusChanged entry, or a rejected one with its reason."""
+    handle: str | None = None
+    fields: dict[str, Any] = {}
+    if isinstance(item, dict):
+        fields = _lower_keys(item)
+        h = fields.get("handle")
+        handle = h if isinstance(h, str) and h else None
+    try:
+        if not isinstance(item, dict):
+            raise _Reject(f"feed item must be a JSON object, got {type(item).__name__}")
+        if handle is None:
+            raise _Reject("missing field handle")
+        event = _status_event(fields, source="feed")
+    except _Reject as exc:
+        return Intake(entry=rejected("feed", item, str(exc), received_at, handle=handle), handle=handle, accepted=False)
+    return Intake(
+        entry=NewEntry(
+            kind=event.kind,
+            source="feed",
+            order_id=event.order_id,
+            payload=event.model_dump_json(),
+            received_at=received_at,
+            dedup_key=status_dedup_key(event.order_id, event.state, event.current_change),
+            event_id=f"feed:{event.event_id}" if event.event_id else None,
+        ),
+        handle=handle,
+        accepted=True,
+    )
+
+
+def _status_event(fields: dict[str, Any], *, source: str) -> StatusChanged:
+    order_id = _text(fields, "orderId", required=True)
+    state = _text(fields, "state", required=True)
+    assert order_id is not None and state is not None
+    try:
+        Status(state)
+    except ValueError:
+        raise _Reject(f"unknown status {state[:60]!r}") from None
+    return StatusChanged(
+        order_id=order_id,
+        source="feed" if source == "feed" else "hook",
+        state=state,
+        last_state=_text(fields, "lastState", required=False),
+        current_change=_time(fields, "currentChange", required=source == "feed"),
+        last_change=_time(fields, "lastChange", required=False),
+        event_id=_text(fields, "eventId", required=False),
+        domain=_text(fields, "domain", required=False),
+    )
+
+
+def rejected(source: str, item: object, reason: str, received_at: datetime, *, handle: str | None = None) -> NewEntry:
+    """A journal row that keeps a bad item and why it was refused. The handle is left
+    out of the stored item and of the dedup key: a redelivery is the same bad item."""
+    kept = item
+    if isinstance(item, dict):
+        kept = {k: v for k, v in item.items() if str(k).lower() != "handle"}
+    raw = _raw(kept)
+    digest = hashlib.sha256(f"{source}:{raw}".encode()).hexdigest()[:32]
+    return NewEntry(
+        kind="rejected",
+        source=source,
+        payload=raw,
+        received_at=received_at,
+        reason=reason,
+        dedup_key=f"rejected:{digest}",
+        order_id=_guess_order_id(kept),
+    )
+
+
+def _guess_order_id(item: object) -> str | None:
+    if isinstance(item, dict):
+        value = _lower_keys(item).get("orderid")
+        if isinstance(value, str) and value:
+            return value[:100]
+    return None

@@ -1,0 +1,239 @@
+"""The processor: applies journal events in offset order to the machine.
+
+For each run of events it routes entries that name only a marketplace order id,
+calls `decide` per event, and commits the new order rows, their effects (the
+outbox), timers, history and its own offset in ONE transaction. Its offset is
+the truth of what has been applied: after a crash it starts from there again,
+and because `decide` is pure the outcome is the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pydantic import ValidationError
+
+from daemon.logs import get_logger
+from state.events import (
+    Event,
+    IntentReceived,
+    IntentRecorded,
+    NotificationReceived,
+    ResultNotified,
+    parse_entry,
+)
+from state.machine import EOI_HELD, decide
+from state.models import Order, Policy
+from state.store import Batch, HistoryRow, JournalRow, Store
+
+log = get_logger("omsd.processor")
+
+
+@dataclass(slots=True)
+class Transition:
+    order_id: str
+    offset: int
+    from_phase: str | None
+    to_phase: str
+    status: str | None
+    cause: str
+
+
+@dataclass(slots=True)
+class _Run:
+    batch: Batch
+    orders: dict[str, Order | None] = field(default_factory=dict)
+    transitions: list[Transition] = field(default_factory=list)
+
+
+class Processor:
+    def __init__(self, store: Store, policy: Policy, *, batch_size: int = 200, emit_effects: bool = True) -> None:
+        self._store = store
+        self._policy = policy
+        self._batch_size = batch_size
+        self._emit_effects = emit_effects
+        self.wake = asyncio.Event()
+        self.applied = asyncio.Condition()
+        self.offset = 0
+        self.listeners: list[Callable[[Transition], None]] = []
+
+    async def run_once(self) -> int:
+        """Apply the next batch of journal events. Returns how many rows were consumed."""
+        offset = await self._store.processor_offset()
+        rows = await self._store.journal_after(offset, self._batch_size)
+        if not rows:
+            self.offset = offset
+            return 0
+        run = _Run(batch=Batch(offset=rows[-1].offset))
+        for row in rows:
+            await self._apply_row(run, row)
+        await self._store.commit_batch(run.batch)
+        self.offset = run.batch.offset
+        for t in run.transitions:
+            log.info(
+                "order_transition",
+                order_id=t.order_id,
+                offset=t.offset,
+                from_phase=t.from_phase,
+                to_phase=t.to_phase,
+                status=t.status,
+                cause=t.cause,
+            )
+            for listener in self.listeners:
+                listener(t)
+        async with self.applied:
+            self.applied.notify_all()
+        return len(rows)
+
+    async def drain(self) -> int:
+        total = 0
+        while n := await self.run_once():
+            total += n
+        return total
+
+    async def run(self, stop: asyncio.Event, poll_s: float = 1.0) -> None:
+        """Apply events as they arrive; also polls, so entries written by another
+        process (the `omsd approve` command) are picked up."""
+        while not stop.is_set():
+            self.wake.clear()
+            if await self.run_once():
+                continue
+            try:
+                await asyncio.wait_for(self.wake.wait(), timeout=poll_s)
+            except TimeoutError:
+                pass
+        await self.drain()
+
+    async def wait_for(self, offset: int, timeout_s: float) -> bool:
+        """Wait until the processor has applied `offset` (for the API's answers)."""
+        async def reached() -> None:
+            async with self.applied:
+                await self.applied.wait_for(lambda: self.offset >= offset)
+
+        try:
+            await asyncio.wait_for(reached(), timeout=timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    # ---- one journal row -----------------------------------------------------------------
+    async def _apply_row(self, run: _Run, row: JournalRow) -> None:
+        if row.kind == "rejected":
+            return
+        try:
+            entry = parse_entry(row.payload)
+        except ValidationError as exc:
+            log.error("journal_entry_unreadable", offset=row.offset, kind=row.kind, errors=exc.error_count())
+            return
+        match entry:
+            case NotificationReceived():
+                await self._route_notification(run, row, entry)
+            case IntentReceived():
+                await self._route_intent(run, row, entry)
+            case _:
+                await self._decide(run, row, entry)
+
+    async def _order(self, run: _Run, order_id: str) -> Order | None:
+        if order_id not in run.orders:
+            order = await self._store.load_order(order_id)
+            run.orders[order_id] = order
+            run.batch.before[order_id] = order
+        return run.orders[order_id]
+
+    async def _find_by_marketplace_id(self, run: _Run, marketplace_order_id: str) -> Order | None:
+        for order in run.orders.values():
+            if order is not None and order.marketplace_order_id == marketplace_order_id:
+                return order
+        found = await self._store.order_by_marketplace_id(marketplace_order_id)
+        if found is not None and found.order_id not in run.orders:
+            run.orders[found.order_id] = found
+            run.batch.before[found.order_id] = found
+        return run.orders.get(found.order_id) if found is not None else None
+
+    async def _route_notification(self, run: _Run, row: JournalRow, n: NotificationReceived) -> None:
+        order = await self._find_by_marketplace_id(run, n.marketplace_order_id)
+        if order is not None:
+            event = ResultNotified(
+                order_id=order.order_id,
+                marketplace_order_id=n.marketplace_order_id,
+                code=n.code,
+                flow=n.flow,
+                operation_id=n.operation_id,
+                message=n.message,
+            )
+            await self._decide(run, row, event)
+            return
+        if n.flow == "ApproveOrder" and n.code == EOI_HELD:
+            await self._park_intent(run, row, n.marketplace_order_id, "notification")
+            return
+        log.info("notification_unrouted", offset=row.offset, marketplace_order_id=n.marketplace_order_id, code=n.code)
+
+    async def _route_intent(self, run: _Run, row: JournalRow, intent: IntentReceived) -> None:
+        order = await self._find_by_marketplace_id(run, intent.marketplace_order_id)
+        if order is not None:
+            event = IntentRecorded(
+                order_id=order.order_id, marketplace_order_id=intent.marketplace_order_id, source=intent.source
+            )
+            await self._decide(run, row, event)
+            return
+        await self._park_intent(run, row, intent.marketplace_order_id, intent.source)
+
+    async def _park_intent(self, run: _Run, row: JournalRow, marketplace_order_id: str, source: str) -> None:
+        """No VTEX order is linked to this marketplace id yet: keep the intent until one is."""
+        if marketplace_order_id in run.batch.add_pending:
+            return
+        if await self._store.pending_intent(marketplace_order_id) is not None:
+            return
+        run.batch.add_pending[marketplace_order_id] = (source, row.offset)
+        run.batch.remove_pending.discard(marketplace_order_id)
+        log.info("intent_parked", marketplace_order_id=marketplace_order_id, source=source, offset=row.offset)
+
+    async def _decide(self, run: _Run, row: JournalRow, event: Event) -> None:
+        before = await self._order(run, event.order_id)
+        decision = decide(before, event, row.received_at, self._policy)
+        after = decision.order
+        run.orders[after.order_id] = after
+        run.batch.orders[after.order_id] = after
+        if self._emit_effects:
+            run.batch.effects.extend(decision.effects)
+        from_phase = before.phase if before is not None else None
+        if from_phase != after.phase or (before is not None and before.status != after.status):
+            cause = decision.cause or event.kind
+            run.batch.history.append(
+                HistoryRow(
+                    order_id=after.order_id,
+                    journal_offset=row.offset,
+                    from_phase=from_phase,
+                    to_phase=after.phase,
+                    status=after.status,
+                    cause=cause,
+                    at=row.received_at,
+                )
+            )
+            run.transitions.append(
+                Transition(after.order_id, row.offset, from_phase, after.phase, after.status, cause)
+            )
+        linked_now = after.marketplace_order_id is not None and (
+            before is None or before.marketplace_order_id is None
+        )
+        if linked_now and after.marketplace_order_id is not None:
+            await self._release_parked(run, row, after)
+
+    async def _release_parked(self, run: _Run, row: JournalRow, order: Order) -> None:
+        mkt = order.marketplace_order_id
+        assert mkt is not None
+        parked = run.batch.add_pending.pop(mkt, None) or await self._store.pending_intent(mkt)
+        if parked is None or mkt in run.batch.remove_pending:
+            return
+        run.batch.remove_pending.add(mkt)
+        source = parked[0] if parked[0] in ("api", "cli", "notification") else "link"
+        event = IntentRecorded(
+            order_id=order.order_id,
+            marketplace_order_id=mkt,
+            source=source,  # type: ignore[arg-type]
+        )
+        log.info("intent_linked", order_id=order.order_id, marketplace_order_id=mkt, parked_at=parked[1])
+        await self._decide(run, row, event)
+

@@ -1,0 +1,186 @@
+"""Settings: the only reader of the environment (prefix `OMSD_`)."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from state.models import Policy
+from state.statuses import FILTERABLE_STATUSES
+
+
+class ConfigError(Exception):
+    """A setting is missing or invalid; the message names the variable."""
+
+
+class PolicySettings(BaseSettings):
+    """The machine's time and budget knobs; `omsd replay` reads only these."""
+
+    model_config = SettingsConfigDict(env_prefix="OMSD_", extra="ignore", frozen=True)
+
+    held_recheck_s: float = Field(default=600.0, gt=0)
+    confirm_timeout_s: float = Field(default=120.0, gt=0)
+    retry_base_s: float = Field(default=2.0, gt=0)
+    retry_cap_s: float = Field(default=300.0, gt=0)
+    max_attempts: int = Field(default=8, ge=1)
+    eoi008_recheck_s: float = Field(default=60.0, gt=0)
+    max_eoi008: int = Field(default=10, ge=0)
+
+    def policy(self) -> Policy:
+        return Policy(
+            held_recheck_s=self.held_recheck_s,
+            confirm_timeout_s=self.confirm_timeout_s,
+            retry_base_s=self.retry_base_s,
+            retry_cap_s=self.retry_cap_s,
+            max_attempts=self.max_attempts,
+            eoi008_recheck_s=self.eoi008_recheck_s,
+            max_eoi008=self.max_eoi008,
+        )
+
+
+class Settings(PolicySettings):
+    """Everything `omsd run` needs. Field NAME is read from OMSD_NAME."""
+
+    # VTEX account and credentials
+    account: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9-]*$")
+    app_key: str = Field(min_length=1)
+    app_token: SecretStr
+    vtex_base_url: str | None = None  # default https://{account}.vtexcommercestable.com.br
+
+    # Where omsd keeps its state, and how VTEX reaches it
+    db: Path = Path("omsd.db")
+    connector_name: str = Field(min_length=1)
+    connector_endpoint: str  # public base URL; VTEX posts results to {this}/order-integration/...
+    listen: str = "127.0.0.1:8787"
+    api_token: SecretStr | None = None  # without it, /v1 writes are refused
+
+    # Feed intake
+    source: Literal["feed"] = "feed"
+    poll_interval_s: float = Field(default=5.0, gt=0, le=3600)
+    maxlot: int = Field(default=10, ge=1, le=10)
+    feed_statuses: tuple[str, ...] = FILTERABLE_STATUSES
+    feed_visibility_timeout_s: int = Field(default=240, ge=10, le=43200)
+    feed_retention_s: int = Field(default=345600, ge=345600, le=1209600)
+
+    # VTEX client
+    rate_limit_per_s: float = Field(default=10.0, gt=0, le=1000)
+    http_timeout_s: float = Field(default=15.0, gt=0, le=300)
+    http_retries: int = Field(default=3, ge=0, le=10)
+    rate_limited_wait_s: float = Field(default=60.0, ge=0, le=3600)
+
+    # Runtime
+    effect_concurrency: int = Field(default=4, ge=1, le=64)
+    timer_tick_s: float = Field(default=1.0, gt=0, le=60)
+    shutdown_grace_s: float = Field(default=10.0, ge=0, le=600)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+
+    @field_validator("connector_endpoint")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("must be an absolute http(s) URL")
+        if parts.query or parts.fragment:
+            raise ValueError("must not carry a query string or fragment (VTEX refuses it)")
+        if parts.scheme == "http" and not _is_loopback(parts.hostname or ""):
+            raise ValueError("must be https (plain http only for a loopback simulator)")
+        return value.rstrip("/")
+
+    @field_validator("vtex_base_url")
+    @classmethod
+    def _base_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("must be an absolute http(s) URL")
+        return value.rstrip("/")
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:8787")
+        return value
+
+    @field_validator("feed_statuses", mode="before")
+    @classmethod
+    def _statuses(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [s.strip() for s in value.split(",") if s.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _non_empty_filter(self) -> Settings:
+        if not self.feed_statuses:
+            raise ValueError("feed_statuses: FromWorkflow needs at least one status")
+        return self
+
+    @property
+    def base_url(self) -> str:
+        return self.vtex_base_url or f"https://{self.account}.vtexcommercestable.com.br"
+
+    @property
+    def listen_host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def listen_port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read Settings from the environment; raise ConfigError naming the first bad variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise ConfigError(describe(exc)) from None
+
+
+def describe(exc: ValidationError) -> str:
+    """One line naming the variable and the problem, never the value (it may be a secret)."""
+    err = exc.errors()[0]
+    loc = [str(part) for part in err.get("loc", ())]
+    name = f"OMSD_{loc[0].upper()}" if loc else "settings"
+    message = err.get("msg", "invalid")
+    if err.get("type") == "missing":
+        message = "is required but not set"
+    return f"{name}: {message}"
+
+
+class StoreSettings(BaseSettings):
+    """The part of Settings that the offline commands (approve, show, replay) need."""
+
+    model_config = SettingsConfigDict(env_prefix="OMSD_", extra="ignore", frozen=True)
+
+    db: Path = Path("omsd.db")
+
+
+def load_db_path() -> Path:
+    try:
+        return StoreSettings().db
+    except ValidationError as exc:
+        raise ConfigError(describe(exc)) from None
+
+
+def load_policy() -> Policy:
+    try:
+        return PolicySettings().policy()
+    except ValidationError as exc:
+        raise ConfigError(describe(exc)) from None

@@ -1,0 +1,361 @@
+"""The VTEX client: one aiohttp session, one shared throttle, typed answers and errors.
+
+Every call carries the AppKey/AppToken pair, `Accept` and `Content-Type`
+(VTEX's OpenAPI files declare all four required on every operation). A 429
+pauses *every* call until its `Retry-After` (seconds or HTTP date; 60 s when
+absent, as VTEX's feed guide asks) and then retries, a bounded number of times.
+Network errors, timeouts and 5xx are retried with capped backoff for idempotent
+calls only; the approval PUT is never blindly repeated (the machine re-checks
+the order with Get order instead).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any, Protocol
+from urllib.parse import quote
+
+import aiohttp
+from asyncio_throttle import Throttler  # type: ignore[import-untyped]
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from daemon.errors import AuthFailed, BadResponse, NotFound, RateLimited, VtexRejected, VtexUnavailable
+from daemon.intake import parse_time
+from daemon.logs import get_logger
+from daemon.settings import Settings
+
+log = get_logger("omsd.vtex")
+
+FEED = "/api/orders/feed"
+FEED_CONFIG = "/api/orders/feed/config"
+ORDER = "/api/oms/pvt/orders/{order_id}"
+ORDER_STATUS = "/api/order-integration/orders/status"
+
+Sleep = Callable[[float], Awaitable[None]]
+CallObserver = Callable[[str, str, int | str], None]
+
+
+class OrderSnapshot(BaseModel):
+    """The fields of Get order that omsd reads; everything else is ignored."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+
+    order_id: str = Field(alias="orderId")
+    status: str | None = None
+    marketplace_order_id: str | None = Field(default=None, alias="marketplaceOrderId")
+    last_change: datetime | None = Field(default=None, alias="lastChange")
+
+    @field_validator("last_change", mode="before")
+    @classmethod
+    def _time(cls, value: object) -> datetime | None:
+        if value is None or value == "":
+            return None
+        if isinstance(value, str):
+            return parse_time(value)
+        raise ValueError("lastChange must be a string")
+
+
+class ApprovalResponse(BaseModel):
+    """VTEX's answer to the approval PUT (the result envelope plus the HTTP status)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    http_status: int
+    code: str
+    success: bool | None = None
+    message: str | None = None
+    operation_id: str | None = None
+
+
+class FeedConfig(BaseModel):
+    """`GET /api/orders/feed/config`, read leniently (VTEX spells some keys two ways)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    raw: dict[str, Any]
+
+    @property
+    def filter_type(self) -> str | None:
+        f = self.raw.get("filter") or {}
+        return f.get("type") if isinstance(f, dict) else None
+
+    @property
+    def statuses(self) -> tuple[str, ...]:
+        f = self.raw.get("filter") or {}
+        values = f.get("status") if isinstance(f, dict) else None
+        return tuple(str(v) for v in values) if isinstance(values, list) else ()
+
+    def _queue(self, *names: str) -> Any:
+        q = self.raw.get("queue") or {}
+        lowered = {str(k).lower(): v for k, v in q.items()} if isinstance(q, dict) else {}
+        for name in names:
+            if name.lower() in lowered:
+                return lowered[name.lower()]
+        return None
+
+    @property
+    def visibility_timeout_s(self) -> int | None:
+        v = self._queue("visibilityTimeoutInSeconds")
+        return int(v) if isinstance(v, int | float) else None
+
+    @property
+    def retention_s(self) -> int | None:
+        v = self._queue("MessageRetentionPeriodInSeconds")
+        return int(v) if isinstance(v, int | float) else None
+
+    @property
+    def quantity(self) -> int | None:
+        v = self.raw.get("quantity")
+        return int(v) if isinstance(v, int | float) else None
+
+    @property
+    def oldest_age_s(self) -> float | None:
+        for key in ("approximateAgeOfOldestMessageInSeconds", "aproximateAgeOfOldestMessageInSeconds"):
+            v = self.raw.get(key)
+            if isinstance(v, int | float):
+                return float(v)
+        return None
+
+
+def feed_config_body(settings: Settings) -> dict[str, Any]:
+    """The body omsd POSTs to `/api/orders/feed/config` (schema spelling, capital M)."""
+    return {
+        "filter": {"type": "FromWorkflow", "status": list(settings.feed_statuses)},
+        "queue": {
+            "visibilityTimeoutInSeconds": settings.feed_visibility_timeout_s,
+            "MessageRetentionPeriodInSeconds": settings.feed_retention_s,
+        },
+    }
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or HTTP date)."""
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    try:
+        return max(0.0, float(text))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+class VtexApi(Protocol):
+    """What the daemon needs from VTEX; the real client and test fakes implement it."""
+
+    async def get_feed(self, maxlot: int) -> list[Any]: ...
+    async def commit_feed(self, handles: list[str]) -> None: ...
+    async def get_feed_config(self) -> FeedConfig | None: ...
+    async def save_feed_config(self, body: Mapping[str, Any]) -> None: ...
+    async def get_order(self, order_id: str) -> OrderSnapshot: ...
+    async def approve(self, marketplace_order_id: str) -> ApprovalResponse: ...
+
+
+class VtexClient:
+    def __init__(
+        self,
+        settings: Settings,
+        session: aiohttp.ClientSession,
+        *,
+        sleep: Sleep = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        observer: CallObserver | None = None,
+        max_rate_limited: int = 5,
+    ) -> None:
+        self._settings = settings
+        self._session = session
+        self._base = settings.base_url
+        self._throttler = Throttler(rate_limit=max(1, round(settings.rate_limit_per_s)), period=1.0)
+        self._sleep = sleep
+        self._clock = clock
+        self._paused_until = 0.0
+        self._observer = observer
+        self._max_rate_limited = max_rate_limited
+        self._timeout = aiohttp.ClientTimeout(total=settings.http_timeout_s)
+
+    def __repr__(self) -> str:
+        return f"VtexClient(base={self._base!r}, account={self._settings.account!r})"
+
+    def _headers(self) -> dict[str, str]:
+        return {
+            "X-VTEX-API-AppKey": self._settings.app_key,
+            "X-VTEX-API-AppToken": self._settings.app_token.get_secret_value(),
+            "Accept": "application/json",
+            "Content-Type": "application/json",
+        }
+
+    @property
+    def paused_for_s(self) -> float:
+        return max(0.0, self._paused_until - self._clock())
+
+    def _observe(self, method: str, route: str, outcome: int | str) -> None:
+        if self._observer is not None:
+            self._observer(method, route, outcome)
+
+    async def _request(
+        self,
+        method: str,
+        route: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        body: Any = None,
+        idempotent: bool,
+    ) -> tuple[int, Any]:
+        """One logical call. Returns (status, parsed JSON or None) for any status < 500
+        except 429; raises VtexUnavailable or RateLimited otherwise."""
+        url = self._base + path
+        failures = 0
+        limited = 0
+        while True:
+            wait = self._paused_until - self._clock()
+            if wait > 0:
+                await self._sleep(wait)
+            error: str | None = None
+            status = 0
+            text = ""
+            retry_after: str | None = None
+            async with self._throttler:
+                try:
+                    async with self._session.request(
+                        method,
+                        url,
+                        params=params,
+                        data=None if body is None else json.dumps(body),
+                        headers=self._headers(),
+                        timeout=self._timeout,
+                    ) as resp:
+                        status = resp.status
+                        retry_after = resp.headers.get("Retry-After")
+                        text = await resp.text()
+                except TimeoutError:
+                    error = "timeout"
+                except aiohttp.ClientError as exc:
+                    error = type(exc).__name__
+            self._observe(method, route, error or status)
+            if status == 429:
+                limited += 1
+                wait_s = parse_retry_after(retry_after)
+                if wait_s is None:
+                    wait_s = self._settings.rate_limited_wait_s
+                self._paused_until = max(self._paused_until, self._clock() + wait_s)
+                log.warning("vtex_rate_limited", route=route, retry_after_s=wait_s, attempt=limited)
+                if limited > self._max_rate_limited:
+                    raise RateLimited(f"{method} {route}: 429 {limited} times", wait_s)
+                continue
+            if error is None and status >= 500:
+                error = f"HTTP {status}"
+            if error is not None:
+                failures += 1
+                if not idempotent or failures > self._settings.http_retries:
+                    raise VtexUnavailable(f"{method} {route}: {error}")
+                delay = min(30.0, 0.5 * 2 ** (failures - 1))
+                log.info("vtex_retry", route=route, error=error, attempt=failures, delay_s=delay)
+                await self._sleep(delay)
+                continue
+            return status, _json_or_none(text)
+
+    @staticmethod
+    def _raise_for(method: str, route: str, status: int, body: Any) -> None:
+        code = body.get("code") if isinstance(body, dict) else None
+        message = f"{method} {route}: HTTP {status}" + (f" {code}" if code else "")
+        if status == 404:
+            raise NotFound(message, status, code)
+        if status in (401, 403):
+            raise AuthFailed(message, status, code)
+        raise VtexRejected(message, status, code)
+
+    # ---- feed ---------------------------------------------------------------------------
+    async def get_feed(self, maxlot: int) -> list[Any]:
+        if not 1 <= maxlot <= 10:
+            raise ValueError("maxlot must be within 1..10")
+        status, body = await self._request("GET", FEED, FEED, params={"maxlot": str(maxlot)}, idempotent=True)
+        if status != 200:
+            self._raise_for("GET", FEED, status, body)
+        if body is None:
+            return []
+        if not isinstance(body, list):
+            raise BadResponse(f"GET {FEED}: expected a JSON array")
+        return body
+
+    async def commit_feed(self, handles: list[str]) -> None:
+        if not handles:
+            return
+        status, body = await self._request("POST", FEED, FEED, body={"handles": handles}, idempotent=True)
+        if not 200 <= status < 300:
+            self._raise_for("POST", FEED, status, body)
+
+    async def get_feed_config(self) -> FeedConfig | None:
+        status, body = await self._request("GET", FEED_CONFIG, FEED_CONFIG, idempotent=True)
+        if status == 404:
+            return None
+        if status != 200:
+            self._raise_for("GET", FEED_CONFIG, status, body)
+        if not isinstance(body, dict):
+            raise BadResponse(f"GET {FEED_CONFIG}: expected a JSON object")
+        return FeedConfig(raw=body)
+
+    async def save_feed_config(self, body: Mapping[str, Any]) -> None:
+        status, answer = await self._request("POST", FEED_CONFIG, FEED_CONFIG, body=dict(body), idempotent=True)
+        if not 200 <= status < 300:
+            self._raise_for("POST", FEED_CONFIG, status, answer)
+
+    # ---- orders -------------------------------------------------------------------------
+    async def get_order(self, order_id: str) -> OrderSnapshot:
+        path = ORDER.format(order_id=quote(order_id, safe=""))
+        status, body = await self._request("GET", ORDER, path, idempotent=True)
+        if status != 200:
+            self._raise_for("GET", ORDER, status, body)
+        try:
+            return OrderSnapshot.model_validate(body)
+        except ValidationError as exc:
+            raise BadResponse(f"GET {ORDER}: unreadable order ({exc.error_count()} errors)") from None
+
+    async def approve(self, marketplace_order_id: str) -> ApprovalResponse:
+        """PUT marketplaceOrderStatus=approved. A result code in the body is an answer,
+        whatever the HTTP status; without one, 4xx raises VtexRejected."""
+        body = {
+            "marketplaceOrderId": marketplace_order_id,
+            "marketplaceOrderStatus": "approved",
+            "connectorName": self._settings.connector_name,
+            "connectorEndpoint": self._settings.connector_endpoint,
+        }
+        status, answer = await self._request(
+            "PUT", ORDER_STATUS, ORDER_STATUS, params={"an": self._settings.account}, body=body, idempotent=False
+        )
+        code = answer.get("code") if isinstance(answer, dict) else None
+        if isinstance(code, str) and code:
+            success = answer.get("success")
+            message = answer.get("message")
+            operation = answer.get("operationId")
+            return ApprovalResponse(
+                http_status=status,
+                code=code,
+                success=success if isinstance(success, bool) else None,
+                message=message if isinstance(message, str) else None,
+                operation_id=operation if isinstance(operation, str) else None,
+            )
+        if 200 <= status < 300:
+            raise BadResponse(f"PUT {ORDER_STATUS}: HTTP {status} without a result code")
+        self._raise_for("PUT", ORDER_STATUS, status, answer)
+        raise AssertionError("unreachable")
+
+
+def _json_or_none(text: str) -> Any:
+    if not text.strip():
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None

@@ -1,0 +1,410 @@
+"""The per-order state machine: `decide(order, event, now, policy) -> Decision`.
+
+Pure: no I/O, no clock, no randomness (jitter is derived from the order id).
+The one rule everything else serves: a SendApproval effect is only ever emitted
+while handling the answer of omsd's own Get order, and only when the latest
+known status (by change time) is neither waiting-for-manual-authorization nor
+a cancel status, and the order was never seen `canceled`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime
+from typing import Literal, assert_never
+
+from state.events import (
+    ApprovalAnswered,
+    ApprovalFailed,
+    Event,
+    IntentRecorded,
+    OrderFetched,
+    OrderFetchFailed,
+    ResultNotified,
+    Resync,
+    StatusChanged,
+    TimerFired,
+)
+from state.models import Decision, Effect, FetchOrder, Inflight, Order, Policy, SendApproval, Timer, later
+from state.statuses import HELD, TERMINAL_PHASES, Phase, Status, is_approved, is_cancel
+
+# Result codes of the Channel Order API that omsd acts on.
+SOI_APPROVED = "SOI002"
+SOI_ENQUEUED = "SOI003"
+EOI_NOT_INTEGRATED = "EOI008"
+EOI_INVALID_STATUS = "EOI009"
+EOI_HELD = "EOI011"
+
+
+def parse_status(value: str | None) -> Status | None:
+    if value is None:
+        return None
+    try:
+        return Status(value)
+    except ValueError:
+        return None
+
+
+def backoff_s(order_id: str, attempt: int, policy: Policy) -> float:
+    """Capped exponential backoff with deterministic jitter in [50%, 100%] of the step."""
+    step = min(policy.retry_cap_s, policy.retry_base_s * 2 ** max(0, attempt - 1))
+    digest = hashlib.blake2b(f"{order_id}:{attempt}".encode(), digest_size=2).digest()
+    fraction = int.from_bytes(digest, "big") / 0xFFFF
+    return step * (0.5 + fraction / 2)
+
+
+class _Ctx:
+    """Mutable scratch for one decision; the result is frozen again at the end."""
+
+    def __init__(self, order: Order, now: datetime, policy: Policy) -> None:
+        self.order = order
+        self.now = now
+        self.policy = policy
+        self.effects: list[Effect] = []
+        self.causes: list[str] = []
+
+    def set(self, **changes: object) -> None:
+        self.order = self.order.model_copy(update=changes)
+
+    def cause(self, text: str) -> None:
+        self.causes.append(text)
+
+    def next_seq(self) -> int:
+        seq = self.order.seq + 1
+        self.set(seq=seq)
+        return seq
+
+    def goto(self, phase: Phase, cause: str) -> None:
+        self.set(phase=phase)
+        self.cause(cause)
+
+    # ---- effects -------------------------------------------------------------
+    def fetch(self, purpose: Literal["link", "pre_approval", "confirm", "after_refusal"]) -> None:
+        seq = self.next_seq()
+        self.effects.append(FetchOrder(order_id=self.order.order_id, seq=seq, purpose=purpose))
+        self.set(inflight=Inflight(seq=seq, kind="fetch", purpose=purpose))
+
+    def send(self) -> None:
+        mkt = self.order.marketplace_order_id
+        assert mkt is not None
+        assert approvable(self.order), "approval asked for while held or canceled"
+        seq = self.next_seq()
+        self.effects.append(SendApproval(order_id=self.order.order_id, seq=seq, marketplace_order_id=mkt))
+        self.set(inflight=Inflight(seq=seq, kind="send", purpose="approve"), sent=self.order.sent + 1)
+
+    def timer(self, reason: Literal["held_recheck", "confirm_timeout", "retry"], after_s: float) -> None:
+        seq = self.next_seq()
+        self.set(timer=Timer(token=seq, reason=reason, due_at=later(self.now, after_s)))
+
+    def settle(self) -> None:
+        """Leave whatever was in flight (its result will be recorded but ignored)."""
+        self.set(inflight=None, timer=None)
+
+
+def approvable(order: Order) -> bool:
+    """The order's latest known status allows an approval to be sent."""
+    status = parse_status(order.status)
+    return status is not None and status != HELD and not is_cancel(status) and not order.canceled
+
+
+def _observe(ctx: _Ctx, state: str | None, at: datetime | None, source: str) -> None:
+    """Record a status observation; an older one never moves the status backwards."""
+    if state is None:
+        return
+    status = parse_status(state)
+    blocked = ctx.order.await_newer_than
+    if blocked is not None and at is not None and at > blocked and status != HELD:
+        ctx.set(await_newer_than=None)
+    if status == HELD and not ctx.order.held:
+        ctx.set(held=True)
+    if status == Status.CANCELED and not ctx.order.canceled:
+        ctx.set(canceled=True)
+    current = ctx.order.status_at
+    if ctx.order.status is None or at is None or current is None or at > current:
+        if state != ctx.order.status:
+            ctx.cause(f"status {ctx.order.status or '-'} -> {state} ({source})")
+        ctx.set(status=state, status_at=at if at is not None else current, status_source=source)
+    else:
+        ctx.cause(f"older status {state} recorded, kept {ctx.order.status} ({source})")
+
+
+def _link(ctx: _Ctx, marketplace_order_id: str | None) -> bool:
+    """Link the marketplace id; False when it contradicts the one already known."""
+    if not marketplace_order_id:
+        return True
+    known = ctx.order.marketplace_order_id
+    if known is None:
+        ctx.set(marketplace_order_id=marketplace_order_id)
+        return True
+    return known == marketplace_order_id
+
+
+def _transient(ctx: _Ctx, error: str) -> None:
+    attempts = ctx.order.attempts + 1
+    ctx.set(attempts=attempts, last_error=error)
+    ctx.settle()
+    if attempts >= ctx.policy.max_attempts:
+        ctx.goto(Phase.DEAD, f"retry budget spent after {attempts} attempts: {error}")
+        return
+    ctx.goto(Phase.RETRY_WAIT, f"transient failure ({error}), attempt {attempts}")
+    ctx.timer("retry", backoff_s(ctx.order.order_id, attempts, ctx.policy))
+
+
+def _wait_release(ctx: _Ctx, cause: str) -> None:
+    """Wait until a status newer than everything seen so far shows the order free
+    (or the held re-check timer fires): a refusal is never answered by a resend."""
+    ctx.settle()
+    ctx.set(await_newer_than=ctx.order.status_at or ctx.now)
+    ctx.goto(Phase.WAITING_RELEASE, cause)
+
+
+def _held_refusal(ctx: _Ctx) -> None:
+    """EOI011: VTEX holds the order. Not an error: wait for a newer release."""
+    ctx.set(eoi011=ctx.order.eoi011 + 1, last_code=EOI_HELD, held=True)
+    _wait_release(ctx, "EOI011: order held, waiting for release")
+
+
+def _on_code(ctx: _Ctx, code: str, where: str) -> None:
+    """Act on a Channel Order API result code for an approval that omsd is following."""
+    ctx.set(last_code=code)
+    match code:
+        case "SOI002":
+            ctx.settle()
+            ctx.goto(Phase.APPROVED, f"{where}: SOI002 approved")
+        case "SOI003":
+            ctx.settle()
+            ctx.set(attempts=0, eoi008=0)
+            ctx.goto(Phase.AWAITING_RESULT, f"{where}: SOI003 enqueued")
+            ctx.timer("confirm_timeout", ctx.policy.confirm_timeout_s)
+        case "EOI011":
+            _held_refusal(ctx)
+        case "EOI009":
+            attempts = ctx.order.attempts + 1
+            ctx.set(attempts=attempts)
+            if attempts >= ctx.policy.max_attempts:
+                ctx.settle()
+                ctx.goto(Phase.DEAD, f"{where}: EOI009 after {attempts} attempts")
+                return
+            ctx.goto(Phase.CHECKING, f"{where}: EOI009, re-checking the order")
+            ctx.set(timer=None)
+            ctx.fetch("after_refusal")
+        case "EOI008":
+            count = ctx.order.eoi008 + 1
+            ctx.set(eoi008=count)
+            ctx.settle()
+            if count > ctx.policy.max_eoi008:
+                ctx.goto(Phase.DEAD, f"{where}: EOI008 {count} times, order never integrated")
+                return
+            ctx.goto(Phase.RETRY_WAIT, f"{where}: EOI008 order not integrated yet, re-check {count}")
+            ctx.timer("retry", ctx.policy.eoi008_recheck_s)
+        case _:
+            _transient(ctx, f"{where}: {code}")
+
+
+def _apply(ctx: _Ctx, event: Event) -> bool:
+    """Fold the event's facts into the order. Returns True when `advance` should run."""
+    o = ctx.order
+    match event:
+        case StatusChanged():
+            _observe(ctx, event.state, event.current_change, event.source)
+            return True
+        case IntentRecorded():
+            if not _link(ctx, event.marketplace_order_id):
+                ctx.set(last_error=f"intent names marketplaceOrderId {event.marketplace_order_id}, "
+                        f"VTEX says {o.marketplace_order_id}")
+                ctx.cause("intent refused: marketplaceOrderId mismatch")
+                return False
+            if o.has_intent:
+                ctx.cause(f"intent repeated ({event.source})")
+                return True
+            ctx.set(intent_source=event.source, intent_at=ctx.now)
+            ctx.cause(f"approval intent from {event.source}")
+            if o.phase == Phase.TRACKING:
+                ctx.set(phase=Phase.WAITING_RELEASE)
+            return True
+        case OrderFetched():
+            at = event.last_change or event.fetched_at
+            _observe(ctx, event.status, at, "get_order")
+            if not _link(ctx, event.marketplace_order_id):
+                ctx.set(last_error=f"Get order says marketplaceOrderId {event.marketplace_order_id}, "
+                        f"omsd knew {o.marketplace_order_id}")
+                if o.has_intent and o.phase not in TERMINAL_PHASES:
+                    ctx.settle()
+                    ctx.goto(Phase.DEAD, "marketplaceOrderId mismatch")
+                return False
+            ctx.set(link_checked=True)
+            if o.inflight is not None and o.inflight.seq == event.seq:
+                ctx.set(inflight=None)
+                if o.has_intent and o.phase == Phase.CHECKING:
+                    _after_check(ctx, event, o.inflight.purpose)
+            return True
+        case OrderFetchFailed():
+            ctx.set(link_checked=True)
+            if o.inflight is None or o.inflight.seq != event.seq:
+                ctx.cause(f"stale Get order failure recorded: {event.error}")
+                return False
+            ctx.set(inflight=None)
+            if not o.has_intent or o.phase in TERMINAL_PHASES:
+                ctx.cause(f"Get order failed: {event.error}")
+                return False
+            if event.not_found:
+                _on_code(ctx, EOI_NOT_INTEGRATED, "Get order 404")
+            else:
+                _transient(ctx, f"Get order: {event.error}")
+            return False
+        case ApprovalAnswered():
+            if o.inflight is None or o.inflight.seq != event.seq or o.phase in TERMINAL_PHASES:
+                ctx.cause(f"late approval answer {event.code} recorded")
+                ctx.set(last_code=event.code)
+                return True
+            ctx.set(inflight=None)
+            _on_code(ctx, event.code, f"PUT {event.http_status}")
+            return True
+        case ApprovalFailed():
+            if o.inflight is None or o.inflight.seq != event.seq or o.phase in TERMINAL_PHASES:
+                ctx.cause(f"late approval failure recorded: {event.error}")
+                return False
+            ctx.set(inflight=None)
+            if event.retryable:
+                _transient(ctx, event.error)
+            else:
+                ctx.settle()
+                ctx.set(last_error=event.error)
+                ctx.goto(Phase.DEAD, f"approval refused: {event.error}")
+            return False
+        case ResultNotified():
+            _link(ctx, event.marketplace_order_id)
+            if event.flow != "ApproveOrder":
+                ctx.cause(f"{event.flow} result {event.code} recorded")
+                return True
+            if o.phase in TERMINAL_PHASES:
+                ctx.cause(f"notification {event.code} after {o.phase} recorded")
+                return False
+            if not o.has_intent:
+                if event.code != EOI_HELD:
+                    ctx.cause(f"notification {event.code} without intent recorded")
+                    return True
+                ctx.set(intent_source="notification", intent_at=ctx.now)
+                ctx.cause("approval intent from an EOI011 notification")
+                _held_refusal(ctx)
+                return True
+            if event.code == SOI_ENQUEUED:
+                ctx.cause("notification SOI003 recorded")
+                return True
+            if event.code not in (SOI_APPROVED, EOI_HELD) and o.phase not in (
+                Phase.SENDING,
+                Phase.AWAITING_RESULT,
+            ):
+                # An error for an approval omsd is not waiting on (e.g. the answer to an
+                # earlier attempt): the current attempt decides.
+                ctx.cause(f"notification {event.code} for an older attempt recorded")
+                return True
+            _on_code(ctx, event.code, "notification")
+            return True
+        case TimerFired():
+            if o.timer is None or o.timer.token != event.token:
+                ctx.cause(f"stale timer {event.reason} ignored")
+                return False
+            ctx.set(timer=None)
+            if o.phase in (Phase.WAITING_RELEASE, Phase.RETRY_WAIT):
+                ctx.set(await_newer_than=None)
+                ctx.goto(Phase.CHECKING, f"timer {event.reason}: re-checking the order")
+                ctx.fetch("pre_approval")
+            elif o.phase == Phase.AWAITING_RESULT:
+                ctx.goto(Phase.CHECKING, "no confirmation in time: re-checking the order")
+                ctx.fetch("confirm")
+            return True
+        case Resync():
+            if not o.has_intent:
+                ctx.cause(f"resync ({event.reason}) of an order without intent")
+                return False
+            if o.phase in (Phase.APPROVED, Phase.REJECTED):
+                ctx.cause(f"resync ({event.reason}) of a closed order ignored")
+                return False
+            ctx.settle()
+            ctx.set(attempts=0, eoi008=0, await_newer_than=None, last_error=None)
+            ctx.goto(Phase.CHECKING, f"resync: {event.reason}")
+            ctx.fetch("pre_approval")
+            return True
+        case _ as unreachable:
+            assert_never(unreachable)
+
+
+def _after_check(ctx: _Ctx, event: OrderFetched, purpose: str) -> None:
+    """Our own Get order came back while CHECKING: the approval is decided here."""
+    o = ctx.order
+    fetched = parse_status(event.status)
+    if fetched is None:
+        _transient(ctx, f"Get order shows unknown status {event.status!r}")
+        return
+    if is_approved(parse_status(o.status)) or is_cancel(parse_status(o.status)) or o.canceled:
+        return  # advance() closes it
+    if fetched == HELD or parse_status(o.status) == HELD:
+        _wait_release(ctx, "Get order: still held")
+        return
+    if not approvable(o) or is_cancel(fetched) or fetched == HELD:
+        _wait_release(ctx, "Get order: not approvable yet")
+        return
+    if o.marketplace_order_id is None:
+        ctx.settle()
+        ctx.set(last_error="no marketplaceOrderId known for this order")
+        ctx.goto(Phase.DEAD, "cannot approve: marketplaceOrderId unknown")
+        return
+    if purpose == "confirm":
+        ctx.set(attempts=o.attempts + 1)
+        if ctx.order.attempts >= ctx.policy.max_attempts:
+            ctx.settle()
+            ctx.goto(Phase.DEAD, "approval never confirmed")
+            return
+    ctx.goto(Phase.SENDING, f"Get order confirms {fetched}: sending approval")
+    ctx.set(timer=None)
+    ctx.send()
+
+
+def _advance(ctx: _Ctx) -> None:
+    """Close or move the order after its facts changed."""
+    o = ctx.order
+    status = parse_status(o.status)
+    if not o.has_intent:
+        if o.marketplace_order_id is None and not o.link_checked and o.inflight is None:
+            ctx.cause("first sight: Get order to learn the marketplaceOrderId")
+            ctx.fetch("link")
+        return
+    if o.phase in TERMINAL_PHASES:
+        return
+    if is_cancel(status) or o.canceled:
+        ctx.settle()
+        ctx.goto(Phase.REJECTED, f"order is {o.status}: no approval, ever")
+        return
+    if is_approved(status):
+        ctx.settle()
+        ctx.goto(Phase.APPROVED, f"order is {o.status}: approved")
+        return
+    if o.phase == Phase.TRACKING:
+        ctx.set(phase=Phase.WAITING_RELEASE)
+        o = ctx.order
+    if o.phase == Phase.CHECKING and o.inflight is None:
+        # A check whose Get order was superseded (e.g. a link fetch finished first).
+        ctx.fetch("pre_approval")
+        return
+    if o.phase != Phase.WAITING_RELEASE:
+        return
+    released = status != HELD and o.await_newer_than is None
+    if released and (o.inflight is None or o.inflight.kind != "send"):
+        ctx.set(timer=None)
+        ctx.goto(Phase.CHECKING, "not held: confirming with Get order")
+        if o.inflight is None or o.inflight.purpose != "pre_approval":
+            ctx.fetch("pre_approval")
+        return
+    if o.timer is None or o.timer.reason != "held_recheck":
+        ctx.timer("held_recheck", ctx.policy.held_recheck_s)
+
+
+def decide(order: Order | None, event: Event, now: datetime, policy: Policy | None = None) -> Decision:
+    """Apply one journal event to one order."""
+    policy = policy or Policy()
+    ctx = _Ctx(order or Order(order_id=event.order_id), now, policy)
+    if _apply(ctx, event):
+        _advance(ctx)
+    ctx.set(updated_at=now)
+    return Decision(order=ctx.order, effects=tuple(ctx.effects), cause="; ".join(ctx.causes))

@@ -1,0 +1,105 @@
+"""The per-order record, the effects the machine asks for, and its policy knobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Annotated, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter
+
+from state.statuses import Phase
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Timer(_Frozen):
+    """One pending timer per order; `token` tells a stale firing from the current one."""
+
+    token: int
+    reason: Literal["held_recheck", "confirm_timeout", "retry"]
+    due_at: AwareDatetime
+
+
+class Inflight(_Frozen):
+    """The effect whose result the machine is waiting for."""
+
+    seq: int
+    kind: Literal["fetch", "send"]
+    purpose: str
+
+
+class Order(_Frozen):
+    order_id: str
+    marketplace_order_id: str | None = None
+    status: str | None = None  # latest known VTEX status (by change time)
+    status_at: AwareDatetime | None = None
+    status_source: str | None = None
+    held: bool = False  # seen in waiting-for-manual-authorization at least once
+    canceled: bool = False  # seen `canceled` at least once: final in VTEX
+    intent_source: str | None = None
+    intent_at: AwareDatetime | None = None
+    phase: Phase = Phase.TRACKING
+    inflight: Inflight | None = None
+    timer: Timer | None = None
+    seq: int = 0  # counter for effect and timer ids
+    attempts: int = 0  # transient failures since the last enqueued approval
+    eoi008: int = 0
+    eoi011: int = 0
+    sent: int = 0  # approval PUTs asked for
+    link_checked: bool = False
+    await_newer_than: AwareDatetime | None = None  # after EOI011: ignore releases not newer than this
+    last_code: str | None = None
+    last_error: str | None = None
+    updated_at: AwareDatetime | None = None
+
+    @property
+    def has_intent(self) -> bool:
+        return self.intent_source is not None
+
+
+class FetchOrder(_Frozen):
+    """Call Get order; append OrderFetched or OrderFetchFailed."""
+
+    kind: Literal["fetch_order"] = "fetch_order"
+    order_id: str
+    seq: int
+    purpose: Literal["link", "pre_approval", "confirm", "after_refusal"]
+
+
+class SendApproval(_Frozen):
+    """PUT the approval; append ApprovalAnswered or ApprovalFailed."""
+
+    kind: Literal["send_approval"] = "send_approval"
+    order_id: str
+    seq: int
+    marketplace_order_id: str
+
+
+Effect = Annotated[FetchOrder | SendApproval, Field(discriminator="kind")]
+EFFECT_ADAPTER: TypeAdapter[Effect] = TypeAdapter(Effect)
+
+
+class Decision(_Frozen):
+    order: Order
+    effects: tuple[Effect, ...] = ()
+    cause: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """Time and budget knobs of the machine; the daemon fills them from Settings."""
+
+    held_recheck_s: float = 600.0
+    confirm_timeout_s: float = 120.0
+    retry_base_s: float = 2.0
+    retry_cap_s: float = 300.0
+    max_attempts: int = 8
+    eoi008_recheck_s: float = 60.0
+    max_eoi008: int = 10
+
+
+def later(now: datetime, seconds: float) -> datetime:
+    return now + timedelta(seconds=seconds)

@@ -1,0 +1,90 @@
+"""The SQLite schema as forward migrations, indexed by `PRAGMA user_version`.
+
+Migration N takes a database at version N-1 to version N. Never edit a released
+migration: add a new one. `tests/test_store.py` builds every old version and
+migrates it forward.
+"""
+
+from __future__ import annotations
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: journal, derived order rows, outbox, timers, processor cursor, feed acks, pending intents.
+    """
+    CREATE TABLE journal (
+        "offset"     INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind         TEXT NOT NULL,
+        source       TEXT NOT NULL,
+        order_id     TEXT,
+        dedup_key    TEXT UNIQUE,
+        event_id     TEXT UNIQUE,
+        payload      TEXT NOT NULL,
+        reason       TEXT,
+        received_at  TEXT NOT NULL
+    );
+    CREATE INDEX journal_order ON journal(order_id);
+    CREATE TABLE orders (
+        order_id             TEXT PRIMARY KEY,
+        marketplace_order_id TEXT,
+        phase                TEXT NOT NULL,
+        status               TEXT,
+        data                 TEXT NOT NULL,
+        updated_at           TEXT NOT NULL
+    );
+    CREATE INDEX orders_marketplace ON orders(marketplace_order_id);
+    CREATE INDEX orders_phase ON orders(phase);
+    CREATE TABLE outbox (
+        id           INTEGER PRIMARY KEY AUTOINCREMENT,
+        order_id     TEXT NOT NULL,
+        seq          INTEGER NOT NULL,
+        kind         TEXT NOT NULL,
+        payload      TEXT NOT NULL,
+        state        TEXT NOT NULL DEFAULT 'pending',
+        created_at   TEXT NOT NULL,
+        started_at   TEXT,
+        done_at      TEXT,
+        UNIQUE (order_id, seq)
+    );
+    CREATE INDEX outbox_state ON outbox(state, id);
+    CREATE TABLE timers (
+        order_id TEXT PRIMARY KEY,
+        token    INTEGER NOT NULL,
+        reason   TEXT NOT NULL,
+        due_at   TEXT NOT NULL
+    );
+    CREATE INDEX timers_due ON timers(due_at);
+    CREATE TABLE cursor (
+        name     TEXT PRIMARY KEY,
+        "offset" INTEGER NOT NULL
+    );
+    INSERT INTO cursor (name, "offset") VALUES ('processor', 0);
+    CREATE TABLE feed_acks (
+        handle         TEXT PRIMARY KEY,
+        journal_offset INTEGER,
+        received_at    TEXT NOT NULL,
+        attempts       INTEGER NOT NULL DEFAULT 0,
+        last_error     TEXT
+    );
+    CREATE TABLE pending_intents (
+        marketplace_order_id TEXT PRIMARY KEY,
+        source               TEXT NOT NULL,
+        journal_offset       INTEGER NOT NULL,
+        created_at           TEXT NOT NULL
+    );
+    """,
+    # 2: one row per transition, for `omsd show` and the operator's questions.
+    """
+    CREATE TABLE history (
+        id             INTEGER PRIMARY KEY AUTOINCREMENT,
+        order_id       TEXT NOT NULL,
+        journal_offset INTEGER NOT NULL,
+        from_phase     TEXT,
+        to_phase       TEXT NOT NULL,
+        status         TEXT,
+        cause          TEXT NOT NULL,
+        at             TEXT NOT NULL
+    );
+    CREATE INDEX history_order ON history(order_id, id);
+    """,
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)
