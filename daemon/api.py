@@ -166,8 +166,10 @@ def build_app(ctx: ApiContext) -> web.Application:
         ctx.wake()
         offset = appended.offset or 0
         applied = await ctx.processor.wait_for(offset, timeout_s=2.0)
-        order = await ctx.store.load_order(req.order_id) if req.order_id else await ctx.store.order_by_marketplace_id(
-            req.marketplace_order_id
+        order = (
+            await ctx.store.load_order(req.order_id)
+            if req.order_id
+            else await ctx.store.order_by_marketplace_id(req.marketplace_order_id)
         )
         parked = order is None and await ctx.store.pending_intent(req.marketplace_order_id) is not None
         log.info("approval_intent", marketplace_order_id=req.marketplace_order_id, order_id=req.order_id, offset=offset)

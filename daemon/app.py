@@ -18,9 +18,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
-from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MISSED, JobExecutionEvent  # type: ignore[import-untyped]
-from apscheduler.schedulers.asyncio import AsyncIOScheduler  # type: ignore[import-untyped]
 from aiohttp import web
+from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MISSED, JobExecutionEvent
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from daemon.api import ApiContext, build_app
 from daemon.effects import EffectRunner
@@ -46,7 +46,9 @@ class Daemon:
         self.poller: FeedPoller | None = None
         self.runner: EffectRunner | None = None
         self.url = ""
-        redact(settings.app_token.get_secret_value(), settings.api_token.get_secret_value() if settings.api_token else None)
+        redact(
+            settings.app_token.get_secret_value(), settings.api_token.get_secret_value() if settings.api_token else None
+        )
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
@@ -173,6 +175,7 @@ async def run_until_signalled(settings: Settings, on_ready: Callable[[Daemon], N
         loop.add_signal_handler(sig, stop.set)
     daemon = Daemon(settings)
     if on_ready is not None:
+
         async def notify() -> None:
             await daemon.ready.wait()
             on_ready(daemon)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 from collections.abc import Awaitable, Callable
@@ -40,7 +41,9 @@ need only OMSD_DB and work whether or not the daemon is running."""
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="omsd", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="omsd", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     sub.add_parser(
@@ -76,8 +79,12 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--limit", type=int, default=50)
     o.add_argument("--json", action="store_true", help="print JSON lines")
 
-    s = sub.add_parser("show", help="one order: state, history, journal", description="Show one order "
-                       "(by VTEX order id or marketplace order id): its state, transitions and journal entries.")
+    s = sub.add_parser(
+        "show",
+        help="one order: state, history, journal",
+        description="Show one order "
+        "(by VTEX order id or marketplace order id): its state, transitions and journal entries.",
+    )
     s.add_argument("key", metavar="ORDER")
 
     j = sub.add_parser("journal", help="tail the journal", description="Print the last journal entries.")
@@ -102,11 +109,17 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("key", metavar="ORDER", nargs="?")
     r.add_argument("--all-dead", action="store_true", help="every order in the dead phase")
 
-    sub.add_parser("status", help="counts by phase, offsets, backlog", description="Counts by phase, journal "
-                   "and processor offsets, pending feed commits, timers and parked intents.")
+    sub.add_parser(
+        "status",
+        help="counts by phase, offsets, backlog",
+        description="Counts by phase, journal and processor offsets, pending feed commits, timers and parked intents.",
+    )
 
-    sim = sub.add_parser("sim", help="run the VTEX simulator alone", description="Run the built-in VTEX "
-                         "simulator (feed, Get order, Channel Order API, faults) until interrupted.")
+    sim = sub.add_parser(
+        "sim",
+        help="run the VTEX simulator alone",
+        description="Run the built-in VTEX simulator (feed, Get order, Channel Order API, faults) until interrupted.",
+    )
     sim.add_argument("--listen", default="127.0.0.1:8788", help="HOST:PORT (default 127.0.0.1:8788)")
     sim.add_argument("--seed", type=int, default=7)
     sim.add_argument("--visibility-s", type=float, default=None, help="override the feed visibility timeout")
@@ -148,10 +161,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         logs.configure("info", "auto")
         host, _, port = args.listen.rpartition(":")
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(serve(host, int(port), seed=args.seed, visibility_override_s=args.visibility_s))
-        except KeyboardInterrupt:
-            pass
         return EXIT_OK
     db = load_db_path()
     handlers: dict[str, Callable[[Store, argparse.Namespace], Awaitable[int]]] = {
@@ -163,13 +174,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         "retry": _retry,
         "status": _status,
     }
+    if not db.exists() and cmd != "approve":
+        print(f"omsd: no database at {db} (set OMSD_DB)", file=sys.stderr)
+        return EXIT_CONFIG
     return asyncio.run(_with_store(db, handlers[cmd], args))
 
 
-async def _with_store(db: Path, fn: Callable[[Store, argparse.Namespace], Awaitable[int]], args: argparse.Namespace) -> int:
-    if not db.exists() and args.command != "approve":
-        print(f"omsd: no database at {db} (set OMSD_DB)", file=sys.stderr)
-        return EXIT_CONFIG
+async def _with_store(
+    db: Path, fn: Callable[[Store, argparse.Namespace], Awaitable[int]], args: argparse.Namespace
+) -> int:
     async with await Store.open(db) as store:
         return await fn(store, args)
 
@@ -189,7 +202,15 @@ async def _approve(store: Store, args: argparse.Namespace) -> int:
     else:
         event = IntentReceived(marketplace_order_id=mkt, source="cli")
     [appended] = await store.append(
-        [NewEntry(kind=event.kind, source="cli", order_id=args.order_id, payload=event.model_dump_json(), received_at=_now())]
+        [
+            NewEntry(
+                kind=event.kind,
+                source="cli",
+                order_id=args.order_id,
+                payload=event.model_dump_json(),
+                received_at=_now(),
+            )
+        ]
     )
     print(f"intent recorded at journal offset {appended.offset}; the running daemon will act on it")
     return EXIT_OK
@@ -238,8 +259,14 @@ async def _show(store: Store, args: argparse.Namespace) -> int:
     for col in ("offset", "at", "from", "to", "VTEX status", "cause"):
         table.add_column(col)
     for h in await store.history(order.order_id):
-        table.add_row(str(h.journal_offset), h.at.isoformat(timespec="seconds"), h.from_phase or "-", h.to_phase,
-                      h.status or "-", h.cause)
+        table.add_row(
+            str(h.journal_offset),
+            h.at.isoformat(timespec="seconds"),
+            h.from_phase or "-",
+            h.to_phase,
+            h.status or "-",
+            h.cause,
+        )
     console.print(table)
     await _print_journal(await store.journal_tail(50, order_id=order.order_id))
     return EXIT_OK
@@ -251,8 +278,14 @@ async def _print_journal(rows: list[Any]) -> None:
         table.add_column(col)
     for r in rows:
         detail = r.reason or r.payload
-        table.add_row(str(r.offset), r.received_at.isoformat(timespec="seconds"), r.kind, r.source, r.order_id or "-",
-                      detail[:100])
+        table.add_row(
+            str(r.offset),
+            r.received_at.isoformat(timespec="seconds"),
+            r.kind,
+            r.source,
+            r.order_id or "-",
+            detail[:100],
+        )
     Console().print(table)
 
 
@@ -283,7 +316,15 @@ async def _replay(store: Store, args: argparse.Namespace) -> int:
 async def _append_resync(store: Store, order_id: str, reason: str) -> None:
     event = Resync(order_id=order_id, reason=reason)
     await store.append(
-        [NewEntry(kind=event.kind, source="operator", order_id=order_id, payload=event.model_dump_json(), received_at=_now())]
+        [
+            NewEntry(
+                kind=event.kind,
+                source="operator",
+                order_id=order_id,
+                payload=event.model_dump_json(),
+                received_at=_now(),
+            )
+        ]
     )
 
 

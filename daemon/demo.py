@@ -74,13 +74,13 @@ def demo_settings(sim: Simulator, db: Path, port: int, api_token: str) -> Settin
     return Settings(
         account=sim.account,
         app_key=sim.app_key,
-        app_token=sim.app_token,  # type: ignore[arg-type]
+        app_token=sim.app_token,
         vtex_base_url=sim.base_url,
         db=db,
         connector_name="omsd-demo",
         connector_endpoint=f"http://127.0.0.1:{port}",
         listen=f"127.0.0.1:{port}",
-        api_token=api_token,  # type: ignore[arg-type]
+        api_token=api_token,
         poll_interval_s=0.2,
         rate_limit_per_s=100,
         held_recheck_s=4.0,
@@ -155,8 +155,13 @@ def _table(planned: list[Planned], phases: dict[str, str], sim: Simulator, final
         ok = sum(1 for p in group if phases.get(p.marketplace_order_id) == expected.value)
         waiting = len(group) - c["approved"] - c["rejected"] - c["dead"]
         table.add_row(
-            f"{kind} (→ {expected.value})", str(len(group)), str(c["approved"]), str(c["rejected"]),
-            str(waiting), str(c["dead"]), f"{ok}/{len(group)}",
+            f"{kind} (→ {expected.value})",
+            str(len(group)),
+            str(c["approved"]),
+            str(c["rejected"]),
+            str(waiting),
+            str(c["dead"]),
+            f"{ok}/{len(group)}",
         )
     st = sim.stats()
     table.caption = (
@@ -187,9 +192,11 @@ async def _run(count: int, seed: int, timeout_s: float, console: Console, tmp: P
     )
     sim = Simulator(seed=seed, faults=faults, visibility_override_s=3.0)
     await sim.start()
-    for bad in ({"orderId": "MKP-X-01", "state": "no-such-status", "currentChange": "2026-01-01T00:00:00Z"},
-                {"orderId": "MKP-Y-01", "state": "handling", "currentChange": "yesterday"},
-                {"state": "handling"}):
+    for bad in (
+        {"orderId": "MKP-X-01", "state": "no-such-status", "currentChange": "2026-01-01T00:00:00Z"},
+        {"orderId": "MKP-Y-01", "state": "handling", "currentChange": "yesterday"},
+        {"state": "handling"},
+    ):
         sim.malformed.append(bad)
     port = free_port()
     token = secrets.token_urlsafe(24)

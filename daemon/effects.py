@@ -70,7 +70,7 @@ class EffectRunner:
                 waiters: set[asyncio.Future[object]] = {asyncio.ensure_future(self.wake.wait())}
                 waiters.add(asyncio.ensure_future(stop.wait()))
                 waiters.update(running)  # type: ignore[arg-type]
-                done, pending = await asyncio.wait(waiters, timeout=poll_s, return_when=asyncio.FIRST_COMPLETED)
+                _done, pending = await asyncio.wait(waiters, timeout=poll_s, return_when=asyncio.FIRST_COMPLETED)
                 for w in pending:
                     if w not in running:
                         w.cancel()
@@ -113,9 +113,7 @@ class EffectRunner:
             return OrderFetchFailed(order_id=effect.order_id, seq=effect.seq, error=str(exc), not_found=True)
         except VtexError as exc:
             log.warning("get_order_failed", order_id=effect.order_id, error=str(exc))
-            return OrderFetchFailed(
-                order_id=effect.order_id, seq=effect.seq, error=str(exc), retryable=exc.retryable
-            )
+            return OrderFetchFailed(order_id=effect.order_id, seq=effect.seq, error=str(exc), retryable=exc.retryable)
         return OrderFetched(
             order_id=effect.order_id,
             seq=effect.seq,

@@ -11,6 +11,7 @@ so the handle is dropped and dedup absorbs the redelivery.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -43,8 +44,11 @@ async def ensure_feed_config(vtex: VtexApi, settings: Settings) -> tuple[FeedCon
     Returns (config as read before, created?)."""
     config = await vtex.get_feed_config()
     if config is not None:
-        missing = [s for s in ("waiting-for-manual-authorization",) if config.filter_type == "FromWorkflow"
-                   and s not in config.statuses]
+        missing = [
+            s
+            for s in ("waiting-for-manual-authorization",)
+            if config.filter_type == "FromWorkflow" and s not in config.statuses
+        ]
         if missing:
             log.warning("feed_filter_misses_statuses", missing=missing, filter_type=config.filter_type)
         return config, False
@@ -141,8 +145,6 @@ class FeedPoller:
                 delivered = 0
             if delivered >= self._settings.maxlot:
                 continue
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=self._settings.poll_interval_s)
-            except TimeoutError:
-                pass
         await self.flush_commits()

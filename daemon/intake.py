@@ -18,9 +18,7 @@ from state.events import StatusChanged
 from state.statuses import Status
 from state.store import NewEntry, iso
 
-_TIME = re.compile(
-    r"^(?P<base>\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(?:\.(?P<frac>\d+))?(?P<tz>Z|[+-]\d{2}:?\d{2})?$"
-)
+_TIME = re.compile(r"^(?P<base>\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(?:\.(?P<frac>\d+))?(?P<tz>Z|[+-]\d{2}:?\d{2})?$")
 
 
 class BadTime(ValueError):
@@ -128,7 +126,8 @@ def feed_item(item: object, received_at: datetime) -> Intake:
 def _status_event(fields: dict[str, Any], *, source: str) -> StatusChanged:
     order_id = _text(fields, "orderId", required=True)
     state = _text(fields, "state", required=True)
-    assert order_id is not None and state is not None
+    assert order_id is not None
+    assert state is not None
     try:
         Status(state)
     except ValueError:

@@ -10,6 +10,7 @@ and because `decide` is pure the outcome is the same.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -69,6 +70,14 @@ class Processor:
         run = _Run(batch=Batch(offset=rows[-1].offset))
         for row in rows:
             await self._apply_row(run, row)
+        # An effect superseded later in the same batch is never written to the outbox.
+        run.batch.effects = [
+            e
+            for e in run.batch.effects
+            if (final := run.batch.orders.get(e.order_id)) is not None
+            and final.inflight is not None
+            and final.inflight.seq == e.seq
+        ]
         await self._store.commit_batch(run.batch)
         self.offset = run.batch.offset
         for t in run.transitions:
@@ -100,14 +109,13 @@ class Processor:
             self.wake.clear()
             if await self.run_once():
                 continue
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), timeout=poll_s)
-            except TimeoutError:
-                pass
         await self.drain()
 
     async def wait_for(self, offset: int, timeout_s: float) -> bool:
         """Wait until the processor has applied `offset` (for the API's answers)."""
+
         async def reached() -> None:
             async with self.applied:
                 await self.applied.wait_for(lambda: self.offset >= offset)
@@ -212,12 +220,8 @@ class Processor:
                     at=row.received_at,
                 )
             )
-            run.transitions.append(
-                Transition(after.order_id, row.offset, from_phase, after.phase, after.status, cause)
-            )
-        linked_now = after.marketplace_order_id is not None and (
-            before is None or before.marketplace_order_id is None
-        )
+            run.transitions.append(Transition(after.order_id, row.offset, from_phase, after.phase, after.status, cause))
+        linked_now = after.marketplace_order_id is not None and (before is None or before.marketplace_order_id is None)
         if linked_now and after.marketplace_order_id is not None:
             await self._release_parked(run, row, after)
 
@@ -232,8 +236,7 @@ class Processor:
         event = IntentRecorded(
             order_id=order.order_id,
             marketplace_order_id=mkt,
-            source=source,  # type: ignore[arg-type]
+            source=source,
         )
         log.info("intent_linked", order_id=order.order_id, marketplace_order_id=mkt, parked_at=parked[1])
         await self._decide(run, row, event)
-

@@ -117,11 +117,9 @@ class FeedQueue:
         self._expire(now)
         visible = [m for m in self.messages.values() if m.visible_at <= now]
         self._rng.shuffle(visible)
-        if short and visible:
-            # SQS does not promise to return what is there: sometimes fewer, sometimes none.
-            size = self._rng.choice([0, 1, self._rng.randint(1, maxlot), maxlot, maxlot])
-        else:
-            size = maxlot
+        # SQS does not promise to return what is there: sometimes fewer, sometimes none.
+        sizes = [0, 1, self._rng.randint(1, maxlot), maxlot, maxlot]
+        size = self._rng.choice(sizes) if short and visible else maxlot
         chosen = visible[:size]
         if duplicate_rate and self._rng.random() < duplicate_rate:
             in_flight = [m for m in self.messages.values() if m.visible_at > now and m not in chosen]
@@ -156,7 +154,7 @@ class Simulator:
         *,
         account: str = "simstore",
         app_key: str = "vtexappkey-simstore-SIM",
-        app_token: str = "sim-app-token-please-rotate",
+        app_token: str = "sim-app-token-please-rotate",  # noqa: S107 - the simulator's own fake credential
         seed: int | None = 7,
         faults: Faults | None = None,
         visibility_override_s: float | None = None,
@@ -380,10 +378,14 @@ class Simulator:
             self._move(order, HELD.value)
             self._spawn(self._decide_later(order))
         if order.status == HELD.value:
-            await self._notify(endpoint, order.marketplace_order_id, "EOI011", False, "Order is waiting for manual authorization")
+            await self._notify(
+                endpoint, order.marketplace_order_id, "EOI011", False, "Order is waiting for manual authorization"
+            )
             return
         if order.status in CANCEL_STATUSES or order.status in APPROVED_STATUSES:
-            await self._notify(endpoint, order.marketplace_order_id, "EOI009", False, "Order is out of a valid status to approve")
+            await self._notify(
+                endpoint, order.marketplace_order_id, "EOI009", False, "Order is out of a valid status to approve"
+            )
             return
         order.approvals_applied += 1
         self._move(order, Status.AUTHORIZE_FULFILLMENT.value)
@@ -426,9 +428,10 @@ class Simulator:
 
     # ---- request checks ---------------------------------------------------------------
     def _check_headers(self, request: web.Request) -> web.Response | None:
-        if request.headers.get("X-VTEX-API-AppKey") != self.app_key or request.headers.get(
-            "X-VTEX-API-AppToken"
-        ) != self.app_token:
+        if (
+            request.headers.get("X-VTEX-API-AppKey") != self.app_key
+            or request.headers.get("X-VTEX-API-AppToken") != self.app_token
+        ):
             return web.json_response({"error": "unauthorized"}, status=401)
         for name in ("Accept", "Content-Type"):
             if "application/json" not in request.headers.get(name, ""):
@@ -632,9 +635,11 @@ class Simulator:
         divergence = (expected - paid) / expected if expected else 0.0
         held = paid != expected
         decision = "authorize" if divergence <= 0.10 else "reject"
-        delay = float(body.get("customData", {}).get("simDecideAfterS", 1.0)) if isinstance(
-            body.get("customData"), dict
-        ) else 1.0
+        delay = (
+            float(body.get("customData", {}).get("simDecideAfterS", 1.0))
+            if isinstance(body.get("customData"), dict)
+            else 1.0
+        )
         order = self.create(mkt, held=held, decision=decision, decide_after_s=delay, affiliate_id=affiliate)
         if endpoint:
             self._spawn(self._notify_placed(endpoint, order))

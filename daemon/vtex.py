@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from urllib.parse import quote
 
 import aiohttp
-from asyncio_throttle import Throttler  # type: ignore[import-untyped]
+from asyncio_throttle.throttler import Throttler
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from daemon.errors import AuthFailed, BadResponse, NotFound, RateLimited, VtexRejected, VtexUnavailable

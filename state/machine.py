@@ -47,7 +47,7 @@ def parse_status(value: str | None) -> Status | None:
 
 def backoff_s(order_id: str, attempt: int, policy: Policy) -> float:
     """Capped exponential backoff with deterministic jitter in [50%, 100%] of the step."""
-    step = min(policy.retry_cap_s, policy.retry_base_s * 2 ** max(0, attempt - 1))
+    step = min(policy.retry_cap_s, policy.retry_base_s * 2.0 ** max(0, attempt - 1))
     digest = hashlib.blake2b(f"{order_id}:{attempt}".encode(), digest_size=2).digest()
     fraction = int.from_bytes(digest, "big") / 0xFFFF
     return step * (0.5 + fraction / 2)
@@ -124,7 +124,7 @@ def _observe(ctx: _Ctx, state: str | None, at: datetime | None, source: str) -> 
         if state != ctx.order.status:
             ctx.cause(f"status {ctx.order.status or '-'} -> {state} ({source})")
         ctx.set(status=state, status_at=at if at is not None else current, status_source=source)
-    else:
+    elif state != ctx.order.status:
         ctx.cause(f"older status {state} recorded, kept {ctx.order.status} ({source})")
 
 
@@ -210,8 +210,10 @@ def _apply(ctx: _Ctx, event: Event) -> bool:
             return True
         case IntentRecorded():
             if not _link(ctx, event.marketplace_order_id):
-                ctx.set(last_error=f"intent names marketplaceOrderId {event.marketplace_order_id}, "
-                        f"VTEX says {o.marketplace_order_id}")
+                ctx.set(
+                    last_error=f"intent names marketplaceOrderId {event.marketplace_order_id}, "
+                    f"VTEX says {o.marketplace_order_id}"
+                )
                 ctx.cause("intent refused: marketplaceOrderId mismatch")
                 return False
             if o.has_intent:
@@ -226,8 +228,10 @@ def _apply(ctx: _Ctx, event: Event) -> bool:
             at = event.last_change or event.fetched_at
             _observe(ctx, event.status, at, "get_order")
             if not _link(ctx, event.marketplace_order_id):
-                ctx.set(last_error=f"Get order says marketplaceOrderId {event.marketplace_order_id}, "
-                        f"omsd knew {o.marketplace_order_id}")
+                ctx.set(
+                    last_error=f"Get order says marketplaceOrderId {event.marketplace_order_id}, "
+                    f"omsd knew {o.marketplace_order_id}"
+                )
                 if o.has_intent and o.phase not in TERMINAL_PHASES:
                     ctx.settle()
                     ctx.goto(Phase.DEAD, "marketplaceOrderId mismatch")

@@ -188,9 +188,8 @@ class Store:
             await self._conn.execute("COMMIT")
 
     async def _all(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        async with self._lock:
-            async with self._conn.execute(sql, params) as cur:
-                rows = await cur.fetchall()
+        async with self._lock, self._conn.execute(sql, params) as cur:
+            rows = await cur.fetchall()
         return list(rows)
 
     async def writable(self) -> bool:
@@ -212,9 +211,7 @@ class Store:
                 results.append(await self._insert(conn, entry))
             now = iso(datetime.now(UTC))
             for handle in acks:
-                await conn.execute(
-                    "INSERT OR IGNORE INTO feed_acks (handle, received_at) VALUES (?, ?)", (handle, now)
-                )
+                await conn.execute("INSERT OR IGNORE INTO feed_acks (handle, received_at) VALUES (?, ?)", (handle, now))
         return results
 
     @staticmethod
@@ -227,7 +224,7 @@ class Store:
                 if await cur.fetchone() is not None:
                     return Appended(offset=None, duplicate=True)
         cur = await conn.execute(
-            'INSERT INTO journal (kind, source, order_id, dedup_key, event_id, payload, reason, received_at) '
+            "INSERT INTO journal (kind, source, order_id, dedup_key, event_id, payload, reason, received_at) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 entry.kind,
@@ -271,9 +268,7 @@ class Store:
         return int(rows[0]["o"])
 
     async def journal_after(self, offset: int, limit: int = 200) -> list[JournalRow]:
-        rows = await self._all(
-            'SELECT * FROM journal WHERE "offset" > ? ORDER BY "offset" LIMIT ?', (offset, limit)
-        )
+        rows = await self._all('SELECT * FROM journal WHERE "offset" > ? ORDER BY "offset" LIMIT ?', (offset, limit))
         return [_journal_row(r) for r in rows]
 
     async def load_order(self, order_id: str) -> Order | None:

@@ -1,0 +1,396 @@
+"""The pure state machine: one row per edge, plus properties over any interleaving."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from state.events import Event
+from state.machine import backoff_s, decide
+from state.models import FetchOrder, Order, Policy, SendApproval
+from state.statuses import CANCEL_STATUSES, HELD, Phase, Status, is_cancel
+from tests.machine_helpers import (
+    FREE,
+    MKT,
+    OID,
+    answered,
+    at,
+    fetch_failed,
+    fetched,
+    intent,
+    notified,
+    order,
+    resync,
+    send_failed,
+    status,
+    timer,
+)
+from tests.machine_helpers import HELD as HELD_S
+
+POLICY = Policy(max_attempts=4, max_eoi008=2)
+
+
+@dataclass
+class Edge:
+    name: str
+    before: Order | None
+    event: Event
+    phase: str
+    effects: list[str] = field(default_factory=list)  # "fetch:<purpose>" or "send"
+    check: dict[str, Any] = field(default_factory=dict)
+
+
+def _effects(effects: tuple[Any, ...]) -> list[str]:
+    out = []
+    for e in effects:
+        out.append(f"fetch:{e.purpose}" if isinstance(e, FetchOrder) else "send")
+    return out
+
+
+EDGES = [
+    Edge("first sight fetches the link", None, status("order-created"), "tracking", ["fetch:link"]),
+    Edge(
+        "tracking records held",
+        order("tracking", status=FREE, held=False),
+        status(HELD_S),
+        "tracking",
+        [],
+        {"held": True, "status": HELD_S},
+    ),
+    Edge(
+        "intent on held order waits",
+        order("tracking"),
+        intent(),
+        "waiting_release",
+        [],
+        {"timer_reason": "held_recheck"},
+    ),
+    Edge(
+        "intent on free order checks",
+        order("tracking", status=FREE, held=False),
+        intent(),
+        "checking",
+        ["fetch:pre_approval"],
+    ),
+    Edge("intent on unknown order checks", None, intent(), "checking", ["fetch:pre_approval"]),
+    Edge("release seen: check", order("waiting_release"), status(FREE, 10), "checking", ["fetch:pre_approval"]),
+    Edge(
+        "older release never moves status back",
+        order("waiting_release", status_at=at(20)),
+        status(FREE, 10),
+        "waiting_release",
+        [],
+        {"status": HELD_S},
+    ),
+    Edge("cancel while waiting rejects", order("waiting_release"), status("cancel"), "rejected"),
+    Edge("Get order confirms free: send", order("checking"), fetched(FREE), "sending", ["send"]),
+    Edge(
+        "Get order still held: wait",
+        order("checking"),
+        fetched(HELD_S),
+        "waiting_release",
+        [],
+        {"timer_reason": "held_recheck"},
+    ),
+    Edge("Get order canceled: reject", order("checking"), fetched("canceled"), "rejected"),
+    Edge("Get order past approval: approved", order("checking"), fetched("ready-for-handling"), "approved"),
+    Edge("stale Get order answer ignored", order("checking"), fetched(FREE, seq=4), "checking"),
+    Edge("no marketplace id: dead", order("checking", marketplace_order_id=None), fetched(FREE, mkt=None), "dead"),
+    Edge(
+        "Get order fails: retry later",
+        order("checking"),
+        fetch_failed(),
+        "retry_wait",
+        [],
+        {"timer_reason": "retry", "attempts": 1},
+    ),
+    Edge(
+        "Get order 404: re-check later",
+        order("checking"),
+        fetch_failed(not_found=True),
+        "retry_wait",
+        [],
+        {"eoi008": 1},
+    ),
+    Edge(
+        "SOI003: awaiting result",
+        order("sending"),
+        answered("SOI003"),
+        "awaiting_result",
+        [],
+        {"timer_reason": "confirm_timeout"},
+    ),
+    Edge("SOI002 in the answer: approved", order("sending"), answered("SOI002"), "approved"),
+    Edge(
+        "EOI011 in the answer: wait for release",
+        order("sending"),
+        answered("EOI011", http_status=400),
+        "waiting_release",
+        [],
+        {"eoi011": 1, "held": True},
+    ),
+    Edge("EOI009: re-check with Get order", order("sending"), answered("EOI009"), "checking", ["fetch:after_refusal"]),
+    Edge("EOI008: re-check later", order("sending"), answered("EOI008"), "retry_wait", [], {"eoi008": 1}),
+    Edge("EOI000: backoff", order("sending"), answered("EOI000", http_status=500), "retry_wait", [], {"attempts": 1}),
+    Edge("EOI001 with budget spent: dead", order("sending", attempts=3), answered("EOI001"), "dead"),
+    Edge("network failure: backoff", order("sending"), send_failed(), "retry_wait"),
+    Edge("refused without code: dead", order("sending"), send_failed(retryable=False), "dead"),
+    Edge("SOI002 notification: approved", order("awaiting_result"), notified("SOI002"), "approved"),
+    Edge("EOI011 notification: wait", order("awaiting_result"), notified("EOI011"), "waiting_release"),
+    Edge(
+        "EOI009 notification: re-check",
+        order("awaiting_result"),
+        notified("EOI009"),
+        "checking",
+        ["fetch:after_refusal"],
+    ),
+    Edge("status past approval confirms", order("awaiting_result"), status("authorize-fulfillment"), "approved"),
+    Edge(
+        "no confirmation in time: re-check",
+        order("awaiting_result"),
+        timer(reason="confirm_timeout"),
+        "checking",
+        ["fetch:confirm"],
+    ),
+    Edge(
+        "re-check after timeout still free: resend",
+        order("checking", purpose="confirm"),
+        fetched(FREE),
+        "sending",
+        ["send"],
+        {"attempts": 1},
+    ),
+    Edge("retry timer: re-check", order("retry_wait"), timer(), "checking", ["fetch:pre_approval"]),
+    Edge("stale timer ignored", order("retry_wait"), timer(token=4), "retry_wait"),
+    Edge(
+        "after EOI011 a same-time status does not release",
+        order("waiting_release", status=FREE, status_at=at(10), await_newer_than=at(10)),
+        status(FREE, 10),
+        "waiting_release",
+    ),
+    Edge(
+        "after EOI011 a newer free status releases",
+        order("waiting_release", status=FREE, status_at=at(10), await_newer_than=at(10)),
+        status(FREE, 11),
+        "checking",
+        ["fetch:pre_approval"],
+    ),
+    Edge(
+        "held re-check timer: check",
+        order("waiting_release"),
+        timer(reason="held_recheck"),
+        "checking",
+        ["fetch:pre_approval"],
+    ),
+    Edge(
+        "EOI011 notification without intent creates one",
+        order("tracking"),
+        notified("EOI011"),
+        "waiting_release",
+        [],
+        {"intent_source": "notification"},
+    ),
+    Edge("SOI002 notification without intent is recorded", order("tracking"), notified("SOI002"), "tracking"),
+    Edge("approved stays approved", order("approved"), status("canceled"), "approved"),
+    Edge("rejected stays rejected", order("rejected"), intent(), "rejected"),
+    Edge(
+        "resync revives dead", order("dead", attempts=4), resync(), "checking", ["fetch:pre_approval"], {"attempts": 0}
+    ),
+    Edge("resync leaves approved alone", order("approved"), resync(), "approved"),
+    Edge("intent on canceled order rejects", order("tracking", status="canceled", canceled=True), intent(), "rejected"),
+    Edge(
+        "intent with another marketplace id refused",
+        order("tracking"),
+        intent("999"),
+        "tracking",
+        [],
+        {"intent_source": None},
+    ),
+    Edge("Get order with another marketplace id: dead", order("checking"), fetched(FREE, mkt="999"), "dead"),
+    Edge(
+        "EOI009 notification while sending applies",
+        order("sending"),
+        notified("EOI009"),
+        "checking",
+        ["fetch:after_refusal"],
+    ),
+    Edge("error notification for an older attempt ignored", order("retry_wait"), notified("EOI000"), "retry_wait"),
+    Edge(
+        "older canceled still rejects (final in VTEX)",
+        order("waiting_release", status_at=at(50)),
+        status("canceled", 10),
+        "rejected",
+    ),
+    Edge("EOI008 beyond its budget: dead", order("sending", eoi008=2), answered("EOI008"), "dead"),
+    Edge(
+        "PlaceOrder results are recorded only",
+        order("awaiting_result"),
+        notified("EOI011", flow="PlaceOrder"),
+        "awaiting_result",
+    ),
+]
+
+
+@pytest.mark.parametrize("edge", EDGES, ids=[e.name for e in EDGES])
+def test_edge(edge: Edge) -> None:
+    """Each (phase, event) edge lands in the documented phase with the documented effects."""
+    decision = decide(edge.before, edge.event, at(100), POLICY)
+    after = decision.order
+    assert after.phase == edge.phase, decision.cause
+    assert _effects(decision.effects) == edge.effects
+    for key, value in edge.check.items():
+        if key == "timer_reason":
+            assert after.timer is not None and after.timer.reason == value
+        else:
+            assert getattr(after, key) == value, key
+
+
+def test_send_carries_marketplace_order_id() -> None:
+    """The approval names the marketplace order id, not the VTEX order id."""
+    decision = decide(order("checking"), fetched(FREE), at(100), POLICY)
+    [effect] = decision.effects
+    assert isinstance(effect, SendApproval)
+    assert effect.marketplace_order_id == MKT and effect.order_id == OID
+
+
+def test_backoff_is_capped_jittered_and_deterministic() -> None:
+    """Backoff doubles, stays within [50%, 100%] of the capped step, and is a pure function."""
+    policy = Policy(retry_base_s=2, retry_cap_s=60)
+    for attempt in range(1, 12):
+        step = min(60, 2 * 2 ** (attempt - 1))
+        value = backoff_s(OID, attempt, policy)
+        assert step / 2 <= value <= step
+        assert value == backoff_s(OID, attempt, policy)
+    assert backoff_s("a", 3, policy) != backoff_s("b", 3, policy)
+
+
+def test_timers_survive_as_data() -> None:
+    """Waiting on a held order sets a held re-check timer at now + held_recheck_s."""
+    decision = decide(order("tracking"), intent(), at(100), Policy(held_recheck_s=600))
+    assert decision.order.timer is not None
+    assert decision.order.timer.due_at == at(700)
+
+
+# ---- properties -------------------------------------------------------------------------
+
+STATUSES = [s.value for s in Status] + ["some-future-status"]
+WEIGHTED = st.one_of(
+    st.sampled_from([HELD.value, "canceled", "cancel", FREE, "ready-for-handling", "order-accepted"]),
+    st.sampled_from(STATUSES),
+)
+CODES = st.sampled_from(["SOI002", "SOI003", "EOI000", "EOI001", "EOI008", "EOI009", "EOI011", "EOI006"])
+
+# One step of the world: ("status", state, t) | ("intent",) | ("result", index, state_or_code)
+# | ("fail", index, retryable, not_found) | ("notify", code) | ("timer", token_delta) | ("resync",) | ("dup",)
+STEP = st.one_of(
+    st.tuples(st.just("status"), WEIGHTED, st.integers(0, 60)),
+    st.tuples(st.just("intent")),
+    st.tuples(st.just("result"), st.integers(0, 5), st.one_of(WEIGHTED, CODES)),
+    st.tuples(st.just("fail"), st.integers(0, 5), st.booleans(), st.booleans()),
+    st.tuples(st.just("notify"), CODES),
+    st.tuples(st.just("timer"), st.integers(-1, 0)),
+    st.tuples(st.just("resync")),
+    st.tuples(st.just("dup")),
+)
+
+
+def _approvable_now(o: Order) -> bool:
+    return o.status != HELD.value and not is_cancel(_status(o.status)) and not o.canceled
+
+
+def _status(value: str | None) -> Status | None:
+    try:
+        return Status(value) if value else None
+    except ValueError:
+        return None
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(STEP, max_size=40))
+def test_never_approves_while_held_or_canceled(steps: list[tuple[Any, ...]]) -> None:
+    """No ordering, duplication or interleaving of feed events, intents, effect results,
+    notifications and timers yields an approval while the latest status is held or a cancel."""
+    o: Order | None = None
+    outbox: list[Any] = []  # effects emitted so far, answered in any order (or never)
+    history: list[Event] = []
+    seen_cancel = False
+    for i, step in enumerate(steps):
+        now = at(100 + i)
+        kind = step[0]
+        event: Event | None = None
+        if kind == "status":
+            event = status(step[1], step[2])
+        elif kind == "intent":
+            event = intent()
+        elif kind in ("result", "fail") and outbox:
+            effect = outbox[step[1] % len(outbox)]
+            if isinstance(effect, FetchOrder):
+                event = (
+                    fetched(step[2], seq=effect.seq, t=60) if kind == "result" else fetch_failed(effect.seq, step[3])
+                )
+            else:
+                code = step[2] if kind == "result" and step[2].startswith(("SOI", "EOI")) else "EOI000"
+                event = answered(code, seq=effect.seq) if kind == "result" else send_failed(step[2], effect.seq)
+        elif kind == "notify":
+            event = notified(step[1])
+        elif kind == "timer" and o is not None and o.timer is not None:
+            event = timer(o.timer.token + step[1], o.timer.reason)
+        elif kind == "resync":
+            event = resync()
+        elif kind == "dup" and history:
+            event = history[-1]
+        if event is None:
+            continue
+        history.append(event)
+        before = o
+        decision = decide(o, event, now, POLICY)
+        o = decision.order
+        observed = getattr(event, "state", None) or getattr(event, "status", None)
+        seen_cancel = seen_cancel or observed == "canceled"
+        for effect in decision.effects:
+            outbox.append(effect)
+            if isinstance(effect, SendApproval):
+                assert _approvable_now(o), f"approval while {o.status}"
+                assert o.phase == Phase.SENDING
+                assert not seen_cancel
+                assert o.has_intent
+        if before is not None and before.phase in (Phase.APPROVED, Phase.REJECTED):
+            assert o.phase == before.phase, "a closed order never reopens"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(WEIGHTED, st.integers(0, 100)), min_size=1, max_size=20))
+def test_status_is_the_latest_by_change_time(events: list[tuple[str, int]]) -> None:
+    """Whatever the delivery order, the recorded status is the one with the newest change time."""
+    o: Order | None = None
+    for state, t in events:
+        o = decide(o, status(state, t), at(200), POLICY).order
+    assert o is not None
+    newest = max(t for _, t in events)
+    assert o.status in {s for s, t in events if t == newest}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.permutations([HELD.value, FREE, "authorize-fulfillment", "ready-for-handling"]))
+def test_any_delivery_order_of_the_happy_path_ends_approved(order_of: list[str]) -> None:
+    """Feed events in any order, then the check and SOI002: approved exactly once."""
+    times = {HELD.value: 1, FREE: 2, "authorize-fulfillment": 3, "ready-for-handling": 4}
+    o = decide(None, intent(), at(0), POLICY).order
+    sends = 0
+    for state in order_of:
+        d = decide(o, status(state, times[state]), at(10), POLICY)
+        o = d.order
+        sends += sum(isinstance(e, SendApproval) for e in d.effects)
+    assert o.phase == Phase.APPROVED
+    assert sends == 0  # the final status alone proves the approval: nothing to send
+
+
+def test_cancel_statuses_are_never_approvable() -> None:
+    """Every cancel status closes an open intent as rejected."""
+    for s in CANCEL_STATUSES:
+        d = decide(order("waiting_release"), status(s.value, 30), at(100), POLICY)
+        assert d.order.phase == Phase.REJECTED, s

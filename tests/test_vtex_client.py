@@ -1,0 +1,289 @@
+"""The VTEX client at the HTTP boundary, with aioresponses."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from typing import Any
+
+import aiohttp
+import pytest
+
+from daemon.errors import AuthFailed, BadResponse, NotFound, RateLimited, VtexUnavailable
+from daemon.settings import Settings
+from daemon.vtex import FeedConfig, VtexClient, feed_config_body, parse_retry_after
+from tests.http_mock import aioresponses
+
+BASE = "https://shop.vtexcommercestable.com.br"
+TOKEN = "app-token-secret-value-123"
+
+
+def make_settings(**kw: Any) -> Settings:
+    values: dict[str, Any] = {
+        "account": "shop",
+        "app_key": "vtexappkey-shop-ABC",
+        "app_token": TOKEN,
+        "connector_name": "conn",
+        "connector_endpoint": "https://omsd.example.com/vtex",
+        "http_retries": 2,
+    }
+    values.update(kw)
+    return Settings(**values)
+
+
+class Sleeps:
+    def __init__(self) -> None:
+        self.calls: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.calls.append(seconds)
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+def client(session: aiohttp.ClientSession, sleeps: Sleeps | None = None, **kw: Any) -> VtexClient:
+    return VtexClient(make_settings(**kw), session, sleep=sleeps or Sleeps())
+
+
+def _calls(m: Any) -> list[Any]:
+    return [call for calls in m.requests.values() for call in calls]
+
+
+async def test_every_call_carries_auth_and_json_headers(session: aiohttp.ClientSession) -> None:
+    """AppKey, AppToken, Accept and Content-Type go on GET, POST and PUT alike."""
+    with aioresponses() as m:
+        m.get(f"{BASE}/api/orders/feed?maxlot=10", payload=[])
+        m.post(f"{BASE}/api/orders/feed", status=200)
+        m.get(f"{BASE}/api/oms/pvt/orders/X-1", payload={"orderId": "X-1", "status": "handling"})
+        m.put(re.compile(rf"{re.escape(BASE)}/api/order-integration/orders/status.*"), payload={"code": "SOI003"})
+        c = client(session)
+        await c.get_feed(10)
+        await c.commit_feed(["h"])
+        await c.get_order("X-1")
+        await c.approve("M-1")
+        calls = _calls(m)
+    assert len(calls) == 4
+    for call in calls:
+        headers = call.kwargs["headers"]
+        assert headers["X-VTEX-API-AppKey"] == "vtexappkey-shop-ABC"
+        assert headers["X-VTEX-API-AppToken"] == TOKEN
+        assert headers["Accept"] == "application/json"
+        assert headers["Content-Type"] == "application/json"
+
+
+async def test_approval_body_and_query_follow_the_openapi_file(session: aiohttp.ClientSession) -> None:
+    """PUT ?an=account with the four required fields, status lower-case."""
+    with aioresponses() as m:
+        m.put(
+            f"{BASE}/api/order-integration/orders/status?an=shop",
+            payload={"code": "SOI003", "success": True, "message": "Order successfully enqueued"},
+        )
+        answer = await client(session).approve("M-1")
+        [call] = _calls(m)
+    assert answer.code == "SOI003" and answer.http_status == 200
+    import json
+
+    assert json.loads(call.kwargs["data"]) == {
+        "marketplaceOrderId": "M-1",
+        "marketplaceOrderStatus": "approved",
+        "connectorName": "conn",
+        "connectorEndpoint": "https://omsd.example.com/vtex",
+    }
+    assert call.kwargs["params"] == {"an": "shop"}
+
+
+async def test_result_code_in_an_error_answer_is_an_answer(session: aiohttp.ClientSession) -> None:
+    """EOI011 in a 400 body is returned as a result code, not raised."""
+    with aioresponses() as m:
+        m.put(
+            f"{BASE}/api/order-integration/orders/status?an=shop",
+            status=400,
+            payload={"code": "EOI011", "success": False},
+        )
+        answer = await client(session).approve("M-1")
+    assert answer.code == "EOI011" and answer.http_status == 400
+
+
+@pytest.mark.parametrize("form", ["seconds", "date"])
+async def test_429_honours_retry_after_in_both_forms(session: aiohttp.ClientSession, form: str) -> None:
+    """A 429 pauses the client for Retry-After (delta-seconds or HTTP date), then retries."""
+    value = "7" if form == "seconds" else format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
+    sleeps = Sleeps()
+    with aioresponses() as m:
+        m.get(f"{BASE}/api/orders/feed?maxlot=10", status=429, headers={"Retry-After": value})
+        m.get(f"{BASE}/api/orders/feed?maxlot=10", payload=[{"x": 1}])
+        items = await client(session, sleeps).get_feed(10)
+    assert items == [{"x": 1}]
+    [waited] = sleeps.calls
+    if form == "seconds":
+        assert waited == pytest.approx(7, abs=0.5)
+    else:
+        assert 25 <= waited <= 31
+
+
+async def test_429_without_retry_after_waits_sixty_seconds(session: aiohttp.ClientSession) -> None:
+    """Without Retry-After, omsd waits the minute VTEX's feed guide asks for."""
+    sleeps = Sleeps()
+    with aioresponses() as m:
+        m.get(f"{BASE}/api/orders/feed?maxlot=10", status=429)
+        m.get(f"{BASE}/api/orders/feed?maxlot=10", payload=[])
+        await client(session, sleeps).get_feed(10)
+    assert sleeps.calls == [pytest.approx(60, abs=0.5)]
+
+
+async def test_429_pauses_every_call_not_just_the_limited_one(session: aiohttp.ClientSession) -> None:
+    """After a 429 the next, different call also waits for the pause."""
+    sleeps = Sleeps()
+    now = [1000.0]
+    with aioresponses() as m:
+        m.get(f"{BASE}/api/orders/feed?maxlot=10", status=429, headers={"Retry-After": "20"})
+        m.get(f"{BASE}/api/orders/feed?maxlot=10", payload=[])
+        m.get(f"{BASE}/api/oms/pvt/orders/X", payload={"orderId": "X"})
+        c = VtexClient(make_settings(), session, sleep=sleeps, clock=lambda: now[0])
+        await c.get_feed(10)  # sleeps are fake: the clock has not moved
+        await c.get_order("X")
+    assert sleeps.calls == [20, 20]
+
+
+async def test_persistent_429_raises_rate_limited(session: aiohttp.ClientSession) -> None:
+    """After the allowed number of waits the caller gets RateLimited with VTEX's delay."""
+    with aioresponses() as m:
+        for _ in range(10):
+            m.get(f"{BASE}/api/orders/feed?maxlot=10", status=429, headers={"Retry-After": "3"})
+        c = VtexClient(make_settings(), session, sleep=Sleeps(), max_rate_limited=2)
+        with pytest.raises(RateLimited) as err:
+            await c.get_feed(10)
+    assert err.value.retry_after_s == 3
+
+
+async def test_5xx_is_retried_with_backoff_for_idempotent_calls(session: aiohttp.ClientSession) -> None:
+    """GET retries on 5xx with growing delays and returns the eventual answer."""
+    sleeps = Sleeps()
+    with aioresponses() as m:
+        m.get(f"{BASE}/api/oms/pvt/orders/X", status=503)
+        m.get(f"{BASE}/api/oms/pvt/orders/X", status=502)
+        m.get(f"{BASE}/api/oms/pvt/orders/X", payload={"orderId": "X", "status": "handling"})
+        snap = await client(session, sleeps).get_order("X")
+    assert snap.status == "handling"
+    assert len(sleeps.calls) == 2 and sleeps.calls[1] > sleeps.calls[0]
+
+
+async def test_5xx_beyond_the_budget_raises_unavailable(session: aiohttp.ClientSession) -> None:
+    """Retries are bounded."""
+    with aioresponses() as m:
+        for _ in range(5):
+            m.get(f"{BASE}/api/oms/pvt/orders/X", status=500)
+        with pytest.raises(VtexUnavailable):
+            await client(session, http_retries=2).get_order("X")
+        assert len(_calls(m)) == 3
+
+
+async def test_approval_put_is_never_retried_blindly(session: aiohttp.ClientSession) -> None:
+    """A 5xx on the approval is raised at once: VTEX may have enqueued it."""
+    with aioresponses() as m:
+        m.put(f"{BASE}/api/order-integration/orders/status?an=shop", status=503)
+        m.put(f"{BASE}/api/order-integration/orders/status?an=shop", payload={"code": "SOI003"})
+        with pytest.raises(VtexUnavailable):
+            await client(session).approve("M")
+        assert len(_calls(m)) == 1
+
+
+async def test_timeouts_are_typed_and_retried(session: aiohttp.ClientSession) -> None:
+    """A timeout is retried for GET and surfaces as VtexUnavailable, never as an aiohttp error."""
+    with aioresponses() as m:
+        for _ in range(3):
+            m.get(f"{BASE}/api/oms/pvt/orders/X", exception=TimeoutError())
+        with pytest.raises(VtexUnavailable, match="timeout"):
+            await client(session, http_retries=2).get_order("X")
+        assert len(_calls(m)) == 3
+
+
+async def test_connection_errors_are_typed(session: aiohttp.ClientSession) -> None:
+    """A dropped connection surfaces as VtexUnavailable."""
+    with aioresponses() as m:
+        m.put(f"{BASE}/api/order-integration/orders/status?an=shop", exception=aiohttp.ServerDisconnectedError())
+        with pytest.raises(VtexUnavailable):
+            await client(session).approve("M")
+
+
+async def test_missing_feed_config_is_none_and_feed_404_is_not_found(session: aiohttp.ClientSession) -> None:
+    """404 on the config reads as 'no configuration'; 404 on the feed raises NotFound."""
+    with aioresponses() as m:
+        m.get(f"{BASE}/api/orders/feed/config", status=404)
+        m.get(f"{BASE}/api/orders/feed?maxlot=5", status=404)
+        c = client(session)
+        assert await c.get_feed_config() is None
+        with pytest.raises(NotFound):
+            await c.get_feed(5)
+
+
+async def test_feed_config_read_in_both_spellings(session: aiohttp.ClientSession) -> None:
+    """Retention and oldest-age are read whichever spelling VTEX uses."""
+    raw = {
+        "filter": {"type": "FromWorkflow", "status": ["canceled"]},
+        "queue": {"visibilityTimeoutInSeconds": 240, "messageRetentionPeriodInSeconds": 345600},
+        "quantity": 3,
+        "aproximateAgeOfOldestMessageInSeconds": 12.5,
+    }
+    with aioresponses() as m:
+        m.get(f"{BASE}/api/orders/feed/config", payload=raw)
+        cfg = await client(session).get_feed_config()
+    assert cfg is not None
+    assert (cfg.retention_s, cfg.visibility_timeout_s, cfg.quantity, cfg.oldest_age_s) == (345600, 240, 3, 12.5)
+    assert FeedConfig(raw={"approximateAgeOfOldestMessageInSeconds": 1}).oldest_age_s == 1
+
+
+def test_feed_config_body_uses_the_schema_spelling() -> None:
+    """The POST body has filter and queue, FromWorkflow statuses and a capital-M retention."""
+    body = feed_config_body(make_settings())
+    assert body["filter"]["type"] == "FromWorkflow"
+    assert "waiting-for-manual-authorization" in body["filter"]["status"]
+    assert body["queue"] == {"visibilityTimeoutInSeconds": 240, "MessageRetentionPeriodInSeconds": 345600}
+
+
+async def test_auth_failure_is_typed(session: aiohttp.ClientSession) -> None:
+    """401/403 raise AuthFailed, which callers treat as fatal."""
+    with aioresponses() as m:
+        m.get(f"{BASE}/api/orders/feed?maxlot=10", status=403)
+        with pytest.raises(AuthFailed):
+            await client(session).get_feed(10)
+
+
+async def test_unreadable_order_is_a_bad_response(session: aiohttp.ClientSession) -> None:
+    """A 200 Get order without orderId raises BadResponse."""
+    with aioresponses() as m:
+        m.get(f"{BASE}/api/oms/pvt/orders/X", payload={"status": 3})
+        with pytest.raises(BadResponse):
+            await client(session).get_order("X")
+
+
+def test_maxlot_is_checked_before_sending() -> None:
+    """maxlot outside 1..10 is refused by omsd itself."""
+    import asyncio
+
+    async def go() -> None:
+        async with aiohttp.ClientSession() as s:
+            await client(s).get_feed(11)
+
+    with pytest.raises(ValueError, match="maxlot"):
+        asyncio.run(go())
+
+
+def test_parse_retry_after() -> None:
+    """Seconds, dates in the past (0) and garbage (None)."""
+    assert parse_retry_after("12") == 12
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after(None) is None
+
+
+def test_client_repr_and_errors_hold_no_secret() -> None:
+    """Neither the client's repr nor the settings' repr shows the AppToken."""
+    s = make_settings()
+    assert TOKEN not in repr(s) and TOKEN not in str(s)
