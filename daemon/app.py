@@ -59,9 +59,10 @@ class Daemon:
             session = aiohttp.ClientSession()
             stack.push_async_callback(session.close)
             client = VtexClient(s, session)
-            processor = Processor(store, s.policy())
+            runner = EffectRunner(store, client, concurrency=s.effect_concurrency)
+            processor = Processor(store, s.policy(), on_effects=runner.wake.set)
+            runner.on_result = processor.wake.set
             self.processor = processor
-            runner = EffectRunner(store, client, concurrency=s.effect_concurrency, on_result=processor.wake.set)
             self.runner = runner
             poller = FeedPoller(store, client, s, on_journal=processor.wake.set)
             self.poller = poller

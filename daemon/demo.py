@@ -166,7 +166,8 @@ def _table(planned: list[Planned], phases: dict[str, str], sim: Simulator, final
     st = sim.stats()
     table.caption = (
         f"approval PUTs {st['puts']} · approvals applied by VTEX {st['approvals_applied']} · "
-        f"approvals refused while held {st['puts_while_held']} · 429s {st['rate_limited']} · "
+        f"approvals sent while held {st['puts_while_held']} · EOI011 refusals {st['eoi011']} · "
+        f"429s {st['rate_limited']} · "
         f"feed deliveries {st['deliveries']} for {st['deleted']} committed"
     )
     return table
@@ -255,5 +256,5 @@ def _verdict(planned: list[Planned], phases: dict[str, str], sim: Simulator, con
         for line in problems[:20]:
             console.print(f"  - {line}")
         return 1
-    console.print("[bold green]OK[/]: every order reached the end it should; approvals refused while held = 0")
+    console.print("[bold green]OK[/]: every order reached the end it should; approvals sent while held = 0")
     return 0

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from daemon.errors import NotFound, RateLimited, VtexError
 from daemon.logs import get_logger
 from daemon.vtex import VtexApi
+from daemon.wakeup import wait_any
 from state.events import ApprovalAnswered, ApprovalFailed, Event, OrderFetched, OrderFetchFailed
 from state.models import FetchOrder, SendApproval
 from state.store import NewEntry, OutboxRow, Store
@@ -42,7 +43,7 @@ class EffectRunner:
         self._vtex = vtex
         self._slots = asyncio.Semaphore(concurrency)
         self._concurrency = concurrency
-        self._on_result = on_result
+        self.on_result = on_result
         self._clock = clock
         self.wake = asyncio.Event()
         self.performed: dict[str, int] = {}
@@ -67,13 +68,8 @@ class EffectRunner:
                     task.add_done_callback(running.discard)
                 if rows and len(running) < self._concurrency:
                     continue
-                waiters: set[asyncio.Future[object]] = {asyncio.ensure_future(self.wake.wait())}
-                waiters.add(asyncio.ensure_future(stop.wait()))
-                waiters.update(running)  # type: ignore[arg-type]
-                _done, pending = await asyncio.wait(waiters, timeout=poll_s, return_when=asyncio.FIRST_COMPLETED)
-                for w in pending:
-                    if w not in running:
-                        w.cancel()
+                # Woken by the processor (new effects) or by a finished call (a free slot).
+                await wait_any(self.wake, stop, within_s=poll_s)
         finally:
             if running:
                 await asyncio.gather(*running, return_exceptions=True)
@@ -101,10 +97,13 @@ class EffectRunner:
                 received_at=self._clock(),
                 dedup_key=f"effect:{row.id}",
             )
-            await asyncio.shield(self._store.finish_effect(row.id, entry))
+            try:
+                await asyncio.shield(self._store.finish_effect(row.id, entry))
+            finally:
+                self.wake.set()
             self.performed[effect.kind] = self.performed.get(effect.kind, 0) + 1
-            if self._on_result is not None:
-                self._on_result()
+            if self.on_result is not None:
+                self.on_result()
 
     async def _fetch(self, effect: FetchOrder) -> Event:
         try:

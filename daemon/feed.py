@@ -11,7 +11,6 @@ so the handle is dropped and dedup absorbs the redelivery.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -21,6 +20,7 @@ from daemon.errors import NotFound, VtexError
 from daemon.logs import get_logger
 from daemon.settings import Settings
 from daemon.vtex import FeedConfig, VtexApi, feed_config_body
+from daemon.wakeup import wait_any
 from state.store import Store
 
 log = get_logger("omsd.feed")
@@ -145,6 +145,5 @@ class FeedPoller:
                 delivered = 0
             if delivered >= self._settings.maxlot:
                 continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=self._settings.poll_interval_s)
+            await wait_any(stop, within_s=self._settings.poll_interval_s)
         await self.flush_commits()

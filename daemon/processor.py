@@ -10,13 +10,13 @@ and because `decide` is pure the outcome is the same.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
 from daemon.logs import get_logger
+from daemon.wakeup import wait_any
 from state.events import (
     Event,
     IntentReceived,
@@ -50,11 +50,20 @@ class _Run:
 
 
 class Processor:
-    def __init__(self, store: Store, policy: Policy, *, batch_size: int = 200, emit_effects: bool = True) -> None:
+    def __init__(
+        self,
+        store: Store,
+        policy: Policy,
+        *,
+        batch_size: int = 200,
+        emit_effects: bool = True,
+        on_effects: Callable[[], None] | None = None,
+    ) -> None:
         self._store = store
         self._policy = policy
         self._batch_size = batch_size
         self._emit_effects = emit_effects
+        self._on_effects = on_effects
         self.wake = asyncio.Event()
         self.applied = asyncio.Condition()
         self.offset = 0
@@ -80,6 +89,8 @@ class Processor:
         ]
         await self._store.commit_batch(run.batch)
         self.offset = run.batch.offset
+        if run.batch.effects and self._on_effects is not None:
+            self._on_effects()
         for t in run.transitions:
             log.info(
                 "order_transition",
@@ -109,8 +120,7 @@ class Processor:
             self.wake.clear()
             if await self.run_once():
                 continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), timeout=poll_s)
+            await wait_any(self.wake, stop, within_s=poll_s)
         await self.drain()
 
     async def wait_for(self, offset: int, timeout_s: float) -> bool:

@@ -58,6 +58,7 @@ class Faults:
     short_batches: bool = True
     eoi011_sync: bool = False  # answer EOI011 in the PUT itself instead of by notification
     notify_delay_s: tuple[float, float] = (0.02, 0.2)
+    refuse_commits: int = 0  # the next N feed commits get 503 (and delete nothing)
 
 
 @dataclass
@@ -77,6 +78,7 @@ class SimOrder:
     puts_while_held: int = 0
     approvals_applied: int = 0
     was_held: bool = False
+    authorized: bool = False  # the seller accepted the price divergence
 
 
 @dataclass
@@ -179,6 +181,7 @@ class Simulator:
         self.notifications_sent: list[dict[str, Any]] = []
         self.notification_failures = 0
         self.rate_limited = 0
+        self.eoi011_sync_answers = 0
         self.feed_deletes_after_inactivity = 0
         self._last_clock = datetime.now(UTC)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -302,9 +305,15 @@ class Simulator:
         return order
 
     async def _initial_flow(self, order: SimOrder) -> None:
+        """order-created → order-accepted → held or released; a step is skipped when
+        something else (a cancel, a hold) has moved the order meanwhile."""
         await asyncio.sleep(self.step_delay_s)
+        if order.status != Status.ORDER_CREATED.value:
+            return
         self._move(order, Status.ORDER_ACCEPTED.value)
         await asyncio.sleep(self.step_delay_s)
+        if order.status != Status.ORDER_ACCEPTED.value:
+            return
         if order.held:
             self._move(order, HELD.value)
             if order.decision is not None:
@@ -323,6 +332,7 @@ class Simulator:
         """The seller approves the price divergence."""
         order = self.orders[order_id]
         if order.status == HELD.value:
+            order.authorized = True
             self._move(order, order.release_status)
 
     def reject(self, order_id: str) -> None:
@@ -373,11 +383,8 @@ class Simulator:
 
     async def _approve_flow(self, order: SimOrder, endpoint: str) -> None:
         await asyncio.sleep(self.rng.uniform(*self.faults.notify_delay_s))
-        if order.flip_back > 0 and order.status not in CANCEL_STATUSES and order.status not in APPROVED_STATUSES:
-            order.flip_back -= 1
-            self._move(order, HELD.value)
-            self._spawn(self._decide_later(order))
-        if order.status == HELD.value:
+        if order.status == HELD.value or (order.held and not order.authorized):
+            # A price divergence blocks the approval until the seller decides.
             await self._notify(
                 endpoint, order.marketplace_order_id, "EOI011", False, "Order is waiting for manual authorization"
             )
@@ -386,6 +393,9 @@ class Simulator:
             await self._notify(
                 endpoint, order.marketplace_order_id, "EOI009", False, "Order is out of a valid status to approve"
             )
+            return
+        if order.status == Status.ORDER_CREATED.value:
+            await self._notify(endpoint, order.marketplace_order_id, "EOI008", False, "Order not integrated yet")
             return
         order.approvals_applied += 1
         self._move(order, Status.AUTHORIZE_FULFILLMENT.value)
@@ -496,6 +506,9 @@ class Simulator:
 
     async def _commit_feed(self, request: web.Request) -> web.Response:
         self._count("feed_commit")
+        if self.faults.refuse_commits > 0:
+            self.faults.refuse_commits -= 1
+            return web.json_response({"error": "Service Unavailable"}, status=503)
         try:
             body = await request.json()
         except ValueError:
@@ -604,9 +617,18 @@ class Simulator:
             return web.json_response(_envelope(mkt, "SOI003", True, "Order successfully enqueued"))
         order = self.orders[order_id]
         order.puts += 1
+        flipped = False
+        if order.flip_back > 0 and order.status not in CANCEL_STATUSES and order.status not in APPROVED_STATUSES:
+            # The seller's side put the order back on hold just as the approval arrived.
+            order.flip_back -= 1
+            self._move(order, HELD.value)
+            self._spawn(self._decide_later(order))
+            flipped = True
         if order.status == HELD.value:
-            order.puts_while_held += 1
+            if not flipped:
+                order.puts_while_held += 1
             if self.faults.eoi011_sync:
+                self.eoi011_sync_answers += 1
                 return web.json_response(
                     _envelope(mkt, "EOI011", False, "Order is waiting for manual authorization"), status=400
                 )
@@ -704,6 +726,7 @@ class Simulator:
             "puts_while_held": sum(o.puts_while_held for o in self.orders.values()),
             "approvals_applied": sum(o.approvals_applied for o in self.orders.values()),
             "notifications_sent": len(self.notifications_sent),
+            "eoi011": sum(1 for n in self.notifications_sent if n.get("code") == "EOI011") + self.eoi011_sync_answers,
             "notification_failures": self.notification_failures,
             "rate_limited": self.rate_limited,
             "protocol_errors": list(self.protocol_errors),

@@ -26,7 +26,7 @@ from state.events import (
     TimerFired,
 )
 from state.models import Decision, Effect, FetchOrder, Inflight, Order, Policy, SendApproval, Timer, later
-from state.statuses import HELD, TERMINAL_PHASES, Phase, Status, is_approved, is_cancel
+from state.statuses import HELD, TERMINAL_PHASES, Phase, Status, is_approved, is_cancel, must_wait
 
 # Result codes of the Channel Order API that omsd acts on.
 SOI_APPROVED = "SOI002"
@@ -104,7 +104,7 @@ class _Ctx:
 def approvable(order: Order) -> bool:
     """The order's latest known status allows an approval to be sent."""
     status = parse_status(order.status)
-    return status is not None and status != HELD and not is_cancel(status) and not order.canceled
+    return status is not None and not must_wait(status) and not is_cancel(status) and not order.canceled
 
 
 def _observe(ctx: _Ctx, state: str | None, at: datetime | None, source: str) -> None:
@@ -113,7 +113,7 @@ def _observe(ctx: _Ctx, state: str | None, at: datetime | None, source: str) -> 
         return
     status = parse_status(state)
     blocked = ctx.order.await_newer_than
-    if blocked is not None and at is not None and at > blocked and status != HELD:
+    if blocked is not None and at is not None and at > blocked and not must_wait(status):
         ctx.set(await_newer_than=None)
     if status == HELD and not ctx.order.held:
         ctx.set(held=True)
@@ -346,7 +346,10 @@ def _after_check(ctx: _Ctx, event: OrderFetched, purpose: str) -> None:
     if fetched == HELD or parse_status(o.status) == HELD:
         _wait_release(ctx, "Get order: still held")
         return
-    if not approvable(o) or is_cancel(fetched) or fetched == HELD:
+    if must_wait(fetched) or must_wait(parse_status(o.status)):
+        _wait_release(ctx, f"Get order: {fetched}, not integrated yet")
+        return
+    if not approvable(o) or is_cancel(fetched):
         _wait_release(ctx, "Get order: not approvable yet")
         return
     if o.marketplace_order_id is None:
@@ -393,7 +396,7 @@ def _advance(ctx: _Ctx) -> None:
         return
     if o.phase != Phase.WAITING_RELEASE:
         return
-    released = status != HELD and o.await_newer_than is None
+    released = not must_wait(status) and o.await_newer_than is None
     if released and (o.inflight is None or o.inflight.kind != "send"):
         ctx.set(timer=None)
         ctx.goto(Phase.CHECKING, "not held: confirming with Get order")

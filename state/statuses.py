@@ -65,6 +65,21 @@ CANCEL_STATUSES: frozenset[Status] = frozenset(
     }
 )
 
+# The order is still being created or integrated in the seller's flow: an approval
+# now would only get EOI008 ("not integrated yet"), and the price-divergence hold
+# may still come. The seller's order is ready for the marketplace's approval once
+# it waits for it (`waiting-ffmt-authorization`) or has left the hold. omsd waits
+# for the next status (or the held re-check timer) before it checks again.
+CREATING_STATUSES: frozenset[Status] = frozenset(
+    {
+        Status.ORDER_CREATED,
+        Status.ORDER_COMPLETED,
+        Status.ON_ORDER_COMPLETED,
+        Status.ON_ORDER_COMPLETED_FFM,
+        Status.ORDER_ACCEPTED,
+    }
+)
+
 # Statuses an order only reaches once the marketplace's approval went through.
 # Seeing one of them confirms an approval (or shows none is needed).
 APPROVED_STATUSES: frozenset[Status] = frozenset(
@@ -119,6 +134,11 @@ FILTERABLE_STATUSES: tuple[str, ...] = (
 
 def is_cancel(status: Status | None) -> bool:
     return status is not None and status in CANCEL_STATUSES
+
+
+def must_wait(status: Status | None) -> bool:
+    """Held for manual authorization, or not integrated yet: not the moment to approve."""
+    return status is not None and (status == HELD or status in CREATING_STATUSES)
 
 
 def is_approved(status: Status | None) -> bool:
