@@ -1,0 +1,102 @@
+"""Turning raw feed items into journal entries: accepted, or rejected with a reason."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from daemon.intake import BadTime, feed_item, parse_time
+
+NOW = datetime(2026, 11, 1, tzinfo=UTC)
+GOOD = {
+    "eventId": "ED423DDED4C1AE580CADAC1A4D02DA3F",
+    "handle": "h-1",
+    "domain": "Fulfillment",
+    "state": "ready-for-handling",
+    "lastState": "window-to-cancel",
+    "orderId": "953712004126-01",
+    "lastChange": "2019-08-12T20:54:01.134057Z",
+    "currentChange": "2019-08-12T20:54:23.7153839Z",
+}
+
+
+def test_vtex_example_item_is_accepted() -> None:
+    """The example item from VTEX's reference becomes a StatusChanged entry with its handle."""
+    intake = feed_item(GOOD, NOW)
+    assert intake.accepted and intake.handle == "h-1"
+    payload = json.loads(intake.entry.payload)
+    assert payload["state"] == "ready-for-handling"
+    assert payload["current_change"].startswith("2019-08-12T20:54:23.715383")
+    assert intake.entry.event_id == "feed:ED423DDED4C1AE580CADAC1A4D02DA3F"
+
+
+def test_field_names_are_case_insensitive() -> None:
+    """PascalCase or lower-case keys read the same (VTEX's boilerplate parses leniently)."""
+    item = {k[0].upper() + k[1:]: v for k, v in GOOD.items()}
+    intake = feed_item(item, NOW)
+    assert intake.accepted
+    assert intake.entry.dedup_key == feed_item(GOOD, NOW).entry.dedup_key
+
+
+def test_unknown_extra_fields_are_ignored() -> None:
+    """AvailableDate (seen in VTEX's boilerplate, not in the schema) does not hurt."""
+    assert feed_item({**GOOD, "AvailableDate": "2019-08-12T20:54:23Z"}, NOW).accepted
+
+
+BAD: list[tuple[str, Any, str]] = [
+    ("missing orderId", {k: v for k, v in GOOD.items() if k != "orderId"}, "missing field orderId"),
+    ("missing state", {**GOOD, "state": ""}, "missing field state"),
+    ("unknown status", {**GOOD, "state": "teleported"}, "unknown status"),
+    ("bad timestamp", {**GOOD, "currentChange": "12/08/2019"}, "currentChange"),
+    ("impossible date", {**GOOD, "currentChange": "2019-13-45T99:00:00Z"}, "currentChange"),
+    ("wrong type", {**GOOD, "orderId": 953712004126}, "orderId must be a string"),
+    ("not an object", ["a", "list"], "must be a JSON object"),
+    ("missing handle", {k: v for k, v in GOOD.items() if k != "handle"}, "missing field handle"),
+    ("missing currentChange", {k: v for k, v in GOOD.items() if k != "currentChange"}, "currentChange"),
+]
+
+
+@pytest.mark.parametrize(("item", "reason"), [(b[1], b[2]) for b in BAD], ids=[b[0] for b in BAD])
+def test_malformed_items_are_rejected_with_a_reason(item: Any, reason: str) -> None:
+    """A malformed item is kept as a rejected entry naming the problem; its handle (if any)
+    is still returned so that it gets committed."""
+    intake = feed_item(item, NOW)
+    assert not intake.accepted
+    assert intake.entry.kind == "rejected"
+    assert intake.entry.reason is not None and reason in intake.entry.reason
+    if isinstance(item, dict) and "handle" in item:
+        assert intake.handle == item["handle"]
+        assert "h-1" not in intake.entry.payload  # the kept item leaves the handle out
+
+
+def test_a_redelivered_bad_item_has_the_same_dedup_key() -> None:
+    """The same bad item delivered again (new handle) is one rejected entry."""
+    a = feed_item({**GOOD, "state": "teleported", "handle": "h-1"}, NOW)
+    b = feed_item({**GOOD, "state": "teleported", "handle": "h-2"}, NOW)
+    assert a.entry.dedup_key == b.entry.dedup_key
+
+
+@pytest.mark.parametrize(
+    ("text", "micro"),
+    [
+        ("2019-08-12T20:54:23.7153839Z", 715383),
+        ("2024-02-06T20:46:11.7010747+00:00", 701074),
+        ("2024-02-06T20:46:11Z", 0),
+        ("2024-02-06T17:46:11.5-0300", 500000),
+    ],
+)
+def test_parse_time_accepts_vtex_forms(text: str, micro: int) -> None:
+    """Seven fractional digits, Z, +00:00 and compact offsets all parse to UTC."""
+    value = parse_time(text)
+    assert value.tzinfo is not None and value.utcoffset().total_seconds() == 0  # type: ignore[union-attr]
+    assert value.microsecond == micro
+
+
+def test_parse_time_without_zone_is_utc_and_garbage_fails() -> None:
+    """A zone-less timestamp is read as UTC; anything else raises BadTime."""
+    assert parse_time("2024-02-06T20:46:11").hour == 20
+    with pytest.raises(BadTime):
+        parse_time("yesterday")
