@@ -211,9 +211,14 @@ async def _run(count: int, seed: int, timeout_s: float, console: Console, tmp: P
         await asyncio.wait_for(daemon.ready.wait(), timeout=30)
         console.print(f"simulated VTEX at {sim.base_url}; omsd at {daemon.url}; {count} orders; log {log_path}")
         async with aiohttp.ClientSession() as session:
-            for p in planned:
-                await _create(session, sim, p, settings.connector_endpoint)
-                await _intent(session, daemon.url, token, sim, p)
+            slots = asyncio.Semaphore(10)  # ten connector workers
+
+            async def hand_over(p: Planned) -> None:
+                async with slots:
+                    await _create(session, sim, p, settings.connector_endpoint)
+                    await _intent(session, daemon.url, token, sim, p)
+
+            await asyncio.gather(*(hand_over(p) for p in planned))
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout_s
             with Live(_table(planned, phases, sim, False), console=console, refresh_per_second=4) as live:

@@ -1,0 +1,74 @@
+"""Throughput of the durable parts: feed intake (journal + handles, fsync per batch)
+and the processor (journal → machine → one transaction per batch).
+
+    .venv/bin/python benchmarks/journal.py [--orders 2000] [--events-per-order 5]
+
+Prints one line per measurement; docs/benchmarks.md records the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import resource
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from daemon.intake import feed_item
+from daemon.processor import Processor
+from state.events import IntentRecorded
+from state.models import Policy
+from state.store import NewEntry, Store
+
+FLOW = ["order-accepted", "waiting-for-manual-authorization", "waiting-ffmt-authorization",
+        "authorize-fulfillment", "ready-for-handling"]
+
+
+async def main(orders: int, per_order: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        async with await Store.open(Path(tmp) / "bench.db") as store:
+            t0 = datetime(2026, 1, 1, tzinfo=UTC)
+            items = []
+            for o in range(orders):
+                for k in range(per_order):
+                    state = FLOW[k % len(FLOW)]
+                    items.append({
+                        "eventId": f"E{o}-{k}", "handle": f"h{o}-{k}", "domain": "Fulfillment", "state": state,
+                        "lastState": "", "orderId": f"MKP-{o}-01",
+                        "currentChange": (t0 + timedelta(seconds=o + k)).isoformat().replace("+00:00", "Z"),
+                    })
+            now = datetime.now(UTC)
+            start = time.perf_counter()
+            for i in range(0, len(items), 10):
+                batch = [feed_item(item, now) for item in items[i:i + 10]]
+                await store.append([b.entry for b in batch], acks=[b.handle for b in batch if b.handle])
+                await store.acks_done([b.handle for b in batch if b.handle])
+            elapsed = time.perf_counter() - start
+            print(f"feed intake: {len(items)} items in batches of 10, journal+handles fsynced, then acked: "
+                  f"{len(items) / elapsed:,.0f} items/s ({elapsed * 1000 / (len(items) / 10):.2f} ms per batch)")
+            intents = [IntentRecorded(order_id=f"MKP-{o}-01", marketplace_order_id=str(o), source="api")
+                       for o in range(orders)]
+            await store.append([NewEntry(kind=e.kind, source="bench", order_id=e.order_id,
+                                         payload=e.model_dump_json(), received_at=now) for e in intents])
+            processor = Processor(store, Policy())
+            start = time.perf_counter()
+            applied = await processor.drain()
+            elapsed = time.perf_counter() - start
+            print(f"processor: {applied} journal events applied in {elapsed:.2f} s: {applied / elapsed:,.0f} events/s "
+                  f"({orders} orders; batches of 200, one transaction each)")
+            size = sum(p.stat().st_size for p in Path(tmp).iterdir())
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            print(f"database: {size / 1e6:.1f} MB for {applied} events; peak RSS {rss:.0f} MB")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--orders", type=int, default=2000)
+    parser.add_argument("--events-per-order", type=int, default=5)
+    args = parser.parse_args()
+    from daemon import logs
+
+    logs.configure("warning", "json")
+    asyncio.run(main(args.orders, args.events_per_order))
