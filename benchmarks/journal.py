@@ -22,8 +22,13 @@ from state.events import IntentRecorded
 from state.models import Policy
 from state.store import NewEntry, Store
 
-FLOW = ["order-accepted", "waiting-for-manual-authorization", "waiting-ffmt-authorization",
-        "authorize-fulfillment", "ready-for-handling"]
+FLOW = [
+    "order-accepted",
+    "waiting-for-manual-authorization",
+    "waiting-ffmt-authorization",
+    "authorize-fulfillment",
+    "ready-for-handling",
+]
 
 
 async def main(orders: int, per_order: int) -> None:
@@ -34,30 +39,47 @@ async def main(orders: int, per_order: int) -> None:
             for o in range(orders):
                 for k in range(per_order):
                     state = FLOW[k % len(FLOW)]
-                    items.append({
-                        "eventId": f"E{o}-{k}", "handle": f"h{o}-{k}", "domain": "Fulfillment", "state": state,
-                        "lastState": "", "orderId": f"MKP-{o}-01",
-                        "currentChange": (t0 + timedelta(seconds=o + k)).isoformat().replace("+00:00", "Z"),
-                    })
+                    items.append(
+                        {
+                            "eventId": f"E{o}-{k}",
+                            "handle": f"h{o}-{k}",
+                            "domain": "Fulfillment",
+                            "state": state,
+                            "lastState": "",
+                            "orderId": f"MKP-{o}-01",
+                            "currentChange": (t0 + timedelta(seconds=o + k)).isoformat().replace("+00:00", "Z"),
+                        }
+                    )
             now = datetime.now(UTC)
             start = time.perf_counter()
             for i in range(0, len(items), 10):
-                batch = [feed_item(item, now) for item in items[i:i + 10]]
+                batch = [feed_item(item, now) for item in items[i : i + 10]]
                 await store.append([b.entry for b in batch], acks=[b.handle for b in batch if b.handle])
                 await store.acks_done([b.handle for b in batch if b.handle])
             elapsed = time.perf_counter() - start
-            print(f"feed intake: {len(items)} items in batches of 10, journal+handles fsynced, then acked: "
-                  f"{len(items) / elapsed:,.0f} items/s ({elapsed * 1000 / (len(items) / 10):.2f} ms per batch)")
-            intents = [IntentRecorded(order_id=f"MKP-{o}-01", marketplace_order_id=str(o), source="api")
-                       for o in range(orders)]
-            await store.append([NewEntry(kind=e.kind, source="bench", order_id=e.order_id,
-                                         payload=e.model_dump_json(), received_at=now) for e in intents])
+            print(
+                f"feed intake: {len(items)} items in batches of 10, journal+handles fsynced, then acked: "
+                f"{len(items) / elapsed:,.0f} items/s ({elapsed * 1000 / (len(items) / 10):.2f} ms per batch)"
+            )
+            intents = [
+                IntentRecorded(order_id=f"MKP-{o}-01", marketplace_order_id=str(o), source="api") for o in range(orders)
+            ]
+            await store.append(
+                [
+                    NewEntry(
+                        kind=e.kind, source="bench", order_id=e.order_id, payload=e.model_dump_json(), received_at=now
+                    )
+                    for e in intents
+                ]
+            )
             processor = Processor(store, Policy())
             start = time.perf_counter()
             applied = await processor.drain()
             elapsed = time.perf_counter() - start
-            print(f"processor: {applied} journal events applied in {elapsed:.2f} s: {applied / elapsed:,.0f} events/s "
-                  f"({orders} orders; batches of 200, one transaction each)")
+            print(
+                f"processor: {applied} journal events applied in {elapsed:.2f} s: {applied / elapsed:,.0f} events/s "
+                f"({orders} orders; batches of 200, one transaction each)"
+            )
             size = sum(p.stat().st_size for p in Path(tmp).iterdir())
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             print(f"database: {size / 1e6:.1f} MB for {applied} events; peak RSS {rss:.0f} MB")

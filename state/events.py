@@ -105,7 +105,7 @@ class Resync(_Event):
     reason: str
 
 
-Event = Annotated[
+_OrderEvent = (
     StatusChanged
     | IntentRecorded
     | OrderFetched
@@ -114,9 +114,9 @@ Event = Annotated[
     | ApprovalFailed
     | ResultNotified
     | TimerFired
-    | Resync,
-    Field(discriminator="kind"),
-]
+    | Resync
+)
+Event = Annotated[_OrderEvent, Field(discriminator="kind")]
 
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
 
@@ -146,20 +146,7 @@ class IntentReceived(BaseModel):
     source: Literal["api", "cli", "notification"]
 
 
-Entry = Annotated[
-    StatusChanged
-    | IntentRecorded
-    | OrderFetched
-    | OrderFetchFailed
-    | ApprovalAnswered
-    | ApprovalFailed
-    | ResultNotified
-    | TimerFired
-    | Resync
-    | NotificationReceived
-    | IntentReceived,
-    Field(discriminator="kind"),
-]
+Entry = Annotated[_OrderEvent | NotificationReceived | IntentReceived, Field(discriminator="kind")]
 """Anything the journal holds as accepted: machine events plus entries still to be routed."""
 
 ENTRY_ADAPTER: TypeAdapter[Entry] = TypeAdapter(Entry)

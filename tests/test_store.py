@@ -26,6 +26,17 @@ def entry(event: StatusChanged | IntentRecorded | IntentReceived | NotificationR
     )
 
 
+async def answer_fetch(store: Store, state: str, t: float) -> None:
+    """Play the effect runner for the one pending Get order: journal its answer."""
+    [fetch] = await store.claim_effects(10)
+    assert fetch.effect.kind == "fetch_order"
+    result = fetched(state, seq=fetch.seq, t=t)
+    await store.finish_effect(
+        fetch.id,
+        NewEntry(kind=result.kind, source="effect", order_id=OID, payload=result.model_dump_json(), received_at=NOW),
+    )
+
+
 def status_entry(state: str, t: float, event_id: str | None = None) -> NewEntry:
     ev = StatusChanged(order_id=OID, source="feed", state=state, current_change=at(t), event_id=event_id)
     return entry(ev, dedup_key=f"status:{OID}:{state}:{t}", event_id=event_id)
@@ -100,14 +111,7 @@ async def test_replay_rebuilds_the_same_state(tmp_path: Path) -> None:
         )
         processor = Processor(store, Policy())
         await processor.drain()
-        [effect] = await store.claim_effects(10)
-        result = fetched(FREE, seq=effect.seq, t=2)
-        await store.finish_effect(
-            effect.id,
-            NewEntry(
-                kind=result.kind, source="effect", order_id=OID, payload=result.model_dump_json(), received_at=NOW
-            ),
-        )
+        await answer_fetch(store, FREE, t=2)
         await processor.drain()
         before = await store.load_order(OID)
         assert before is not None and before.phase == Phase.SENDING
@@ -127,15 +131,7 @@ async def test_intent_by_marketplace_id_is_parked_until_linked(tmp_path: Path) -
         assert [p[0] for p in await store.pending_intents()] == [MKT]
         await store.append([status_entry(HELD, 1)])
         await processor.drain()
-        [link] = await store.claim_effects(10)
-        assert link.effect.kind == "fetch_order"
-        result = fetched(HELD, seq=link.seq, t=1)
-        await store.finish_effect(
-            link.id,
-            NewEntry(
-                kind=result.kind, source="effect", order_id=OID, payload=result.model_dump_json(), received_at=NOW
-            ),
-        )
+        await answer_fetch(store, HELD, t=1)  # the first-sight Get order links the ids
         await processor.drain()
         order = await store.load_order(OID)
         assert order is not None and order.has_intent and order.phase == Phase.WAITING_RELEASE
@@ -185,14 +181,7 @@ async def test_interrupted_send_is_rechecked_not_resent(tmp_path: Path) -> None:
             [status_entry(FREE, 1), entry(IntentRecorded(order_id=OID, marketplace_order_id=MKT, source="api"))]
         )
         await processor.drain()
-        [fetch] = await store.claim_effects(10)
-        result = fetched(FREE, seq=fetch.seq, t=1)
-        await store.finish_effect(
-            fetch.id,
-            NewEntry(
-                kind=result.kind, source="effect", order_id=OID, payload=result.model_dump_json(), received_at=NOW
-            ),
-        )
+        await answer_fetch(store, FREE, t=1)
         await processor.drain()
         [send] = await store.claim_effects(10)
         assert send.effect.kind == "send_approval"
@@ -212,14 +201,7 @@ async def test_superseded_effects_are_not_performed(tmp_path: Path) -> None:
             [status_entry(FREE, 1), entry(IntentRecorded(order_id=OID, marketplace_order_id=MKT, source="api"))]
         )
         await processor.drain()
-        [fetch] = await store.claim_effects(10)
-        result = fetched(FREE, seq=fetch.seq, t=1)
-        await store.finish_effect(
-            fetch.id,
-            NewEntry(
-                kind=result.kind, source="effect", order_id=OID, payload=result.model_dump_json(), received_at=NOW
-            ),
-        )
+        await answer_fetch(store, FREE, t=1)
         await store.append([status_entry("canceled", 5)])
         await processor.drain()  # both the answer (→ send) and the cancel in one batch
         assert await store.claim_effects(10) == []
