@@ -1,0 +1,122 @@
+"""The feed poller with a recording fake VTEX: journal first, then commit, everything."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemon.errors import VtexUnavailable
+from daemon.feed import FeedPoller, ensure_feed_config
+from daemon.settings import Settings
+from daemon.vtex import ApprovalResponse, FeedConfig, OrderSnapshot
+from state.store import Store
+
+ITEM = {
+    "eventId": "E1",
+    "handle": "h1",
+    "domain": "Fulfillment",
+    "state": "waiting-for-manual-authorization",
+    "lastState": "order-accepted",
+    "orderId": "MKP-1-01",
+    "lastChange": "2026-01-01T00:00:00.0000000Z",
+    "currentChange": "2026-01-01T00:00:01.0000000Z",
+}
+
+
+class FakeVtex:
+    """Records calls; on each commit, checks what is durable in the database file."""
+
+    def __init__(self, db: Path, batches: list[list[Any]]) -> None:
+        self.db = db
+        self.batches = batches
+        self.committed: list[str] = []
+        self.durable_at_commit: list[int] = []
+        self.fail_commits = 0
+        self.config: FeedConfig | None = None
+        self.saved: list[dict[str, Any]] = []
+
+    async def get_feed(self, maxlot: int) -> list[Any]:
+        return self.batches.pop(0) if self.batches else []
+
+    async def commit_feed(self, handles: list[str]) -> None:
+        conn = sqlite3.connect(self.db)  # another connection: sees only committed data
+        self.durable_at_commit.append(conn.execute("SELECT COUNT(*) FROM journal").fetchone()[0])
+        conn.close()
+        if self.fail_commits:
+            self.fail_commits -= 1
+            raise VtexUnavailable("POST /api/orders/feed: HTTP 503")
+        self.committed.extend(handles)
+
+    async def get_feed_config(self) -> FeedConfig | None:
+        return self.config
+
+    async def save_feed_config(self, body: Any) -> None:
+        self.saved.append(dict(body))
+
+    async def get_order(self, order_id: str) -> OrderSnapshot:
+        raise NotImplementedError
+
+    async def approve(self, marketplace_order_id: str) -> ApprovalResponse:
+        raise NotImplementedError
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(
+        account="shop",
+        app_key="k",
+        app_token="t",
+        connector_name="c",  # type: ignore[arg-type]
+        connector_endpoint="https://omsd.example.com",
+        db=tmp_path / "db",
+    )
+
+
+async def test_items_are_durable_before_their_handles_are_committed(settings: Settings) -> None:
+    """The commit to VTEX happens only after the journal rows reached the database."""
+    async with await Store.open(settings.db) as store:
+        vtex = FakeVtex(settings.db, [[ITEM, {**ITEM, "eventId": "E2", "handle": "h2", "state": "canceled"}]])
+        await FeedPoller(store, vtex, settings).poll_once()
+    assert vtex.committed == ["h1", "h2"]
+    assert vtex.durable_at_commit == [2]
+
+
+async def test_duplicates_and_rejected_items_are_committed_too(settings: Settings) -> None:
+    """A redelivered item (new handle) and an unparseable item are both committed."""
+    async with await Store.open(settings.db) as store:
+        batches = [[ITEM], [{**ITEM, "handle": "h1-again"}, {"handle": "bad", "state": "teleported"}]]
+        vtex = FakeVtex(settings.db, batches)
+        poller = FeedPoller(store, vtex, settings)
+        await poller.poll_once()
+        await poller.poll_once()
+        assert vtex.committed == ["h1", "h1-again", "bad"]
+        assert (poller.stats.accepted, poller.stats.duplicates, poller.stats.rejected) == (1, 1, 1)
+        assert await store.last_offset() == 2
+
+
+async def test_a_failed_commit_is_retried_next_round(settings: Settings) -> None:
+    """The handle stays recorded and is committed by the next round."""
+    async with await Store.open(settings.db) as store:
+        vtex = FakeVtex(settings.db, [[ITEM]])
+        vtex.fail_commits = 1
+        poller = FeedPoller(store, vtex, settings)
+        await poller.poll_once()
+        assert vtex.committed == [] and await store.pending_acks() == ["h1"]
+        await poller.poll_once()
+        assert vtex.committed == ["h1"] and await store.pending_acks() == []
+
+
+async def test_missing_feed_config_is_created_from_settings(settings: Settings) -> None:
+    """No configuration → POST with FromWorkflow, every filterable status, 240 s, 345600 s."""
+    vtex = FakeVtex(settings.db, [])
+    _, created = await ensure_feed_config(vtex, settings)
+    assert created
+    [body] = vtex.saved
+    assert body["filter"]["type"] == "FromWorkflow" and len(body["filter"]["status"]) == 30
+    assert body["queue"] == {"visibilityTimeoutInSeconds": 240, "MessageRetentionPeriodInSeconds": 345600}
+    vtex.config = FeedConfig(raw=body)
+    _, created = await ensure_feed_config(vtex, settings)
+    assert not created and len(vtex.saved) == 1
