@@ -69,7 +69,7 @@ def settings(tmp_path: Path) -> Settings:
         account="shop",
         app_key="k",
         app_token="t",
-        connector_name="c",  # type: ignore[arg-type]
+        connector_name="c",
         connector_endpoint="https://omsd.example.com",
         db=tmp_path / "db",
     )
