@@ -17,7 +17,9 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from daemon import intake
+from daemon.health import Health
 from daemon.logs import get_logger
+from daemon.metrics import CONTENT_TYPE_LATEST, Metrics
 from daemon.processor import Processor
 from daemon.settings import Settings
 from state.events import IntentReceived, IntentRecorded, NotificationReceived
@@ -28,6 +30,7 @@ log = get_logger("omsd.api")
 
 MAX_BODY = 64 * 1024
 NOTIFICATION_ROUTE = "/order-integration/notification/processing-result"
+HOOK_ROUTE = "/vtex/hook"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -59,6 +62,8 @@ class ApiContext:
     store: Store
     processor: Processor
     wake: Callable[[], None]
+    health: Health
+    metrics: Metrics
 
 
 def order_view(order: Order | None) -> dict[str, Any] | None:
@@ -106,18 +111,23 @@ def build_app(ctx: ApiContext) -> web.Application:
     async def keep_rejected(source: str, raw: Any, reason: str) -> None:
         entry = intake.rejected(source, raw, reason, datetime.now(UTC))
         await ctx.store.append([entry])
+        ctx.metrics.rejected.labels(source=source).inc()
         log.warning("request_rejected", source=source, reason=reason)
 
-    async def read_json(request: web.Request, source: str) -> tuple[Any, web.Response | None]:
+    async def read_json(request: web.Request, source: str, *, keep: bool = True) -> tuple[Any, web.Response | None]:
+        """The body as JSON, or the error answer. With keep=False the caller decides
+        whether the bad body is worth keeping (an unauthenticated one is not)."""
         try:
             text = await request.text()
         except web.HTTPRequestEntityTooLarge:
-            await keep_rejected(source, {"size": request.content_length}, "body too large")
+            if keep:
+                await keep_rejected(source, {"size": request.content_length}, "body too large")
             return None, _error(413, f"body larger than {MAX_BODY} bytes")
         try:
             return json.loads(text), None
         except ValueError:
-            await keep_rejected(source, text[:2000], "body is not JSON")
+            if keep:
+                await keep_rejected(source, text[:2000], "body is not JSON")
             return None, _error(400, "body is not JSON")
 
     def authorized(request: web.Request, *, write: bool) -> web.Response | None:
@@ -239,8 +249,60 @@ def build_app(ctx: ApiContext) -> web.Application:
         )
         return web.json_response({"received": True, "duplicate": appended.duplicate})
 
+    async def hook(request: web.Request) -> web.Response:
+        """VTEX's order hook. Answers within milliseconds: it only journals."""
+        raw, bad = await read_json(request, "hook", keep=hook_authorized(request))
+        if bad is not None:
+            return bad
+        if intake.is_ping(raw):
+            return web.json_response({"hookConfig": "pong"})
+        if not hook_authorized(request):
+            log.warning("hook_unauthorized", remote=request.remote, header=ctx.settings.hook_header)
+            return _error(401, f"missing or wrong {ctx.settings.hook_header} header")
+        pushed = intake.hook_item(raw, datetime.now(UTC))
+        if pushed.entry is None or pushed.reason is not None:
+            reason = pushed.reason or "unreadable push"
+            await keep_rejected("hook", raw, reason)
+            return _error(400, reason)
+        if pushed.account != ctx.settings.account:
+            reason = f"Origin.Account {str(pushed.account)[:60]!r} is not this account"
+            await keep_rejected("hook", raw, reason)
+            log.warning("hook_wrong_account", remote=request.remote)
+            return _error(403, reason)
+        [appended] = await ctx.store.append([pushed.entry])
+        ctx.health.push_ok()
+        if appended.duplicate:
+            ctx.metrics.duplicates.labels(source="hook").inc()
+        else:
+            ctx.metrics.events_in.labels(source="hook").inc()
+            ctx.wake()
+        return web.json_response({"received": True, "duplicate": appended.duplicate})
+
+    def hook_authorized(request: web.Request) -> bool:
+        secret = ctx.settings.hook_secret
+        if secret is None:
+            return False
+        given = request.headers.get(ctx.settings.hook_header, "")
+        return hmac.compare_digest(given.encode(), secret.get_secret_value().encode())
+
     async def healthz(request: web.Request) -> web.Response:
+        """The event loop answers; the daemon's loops are running."""
         return web.json_response({"status": "ok"})
+
+    async def readyz(request: web.Request) -> web.Response:
+        problems = ctx.health.problems(await ctx.store.writable())
+        if problems:
+            return web.json_response({"ready": False, "problems": problems}, status=503)
+        return web.json_response({"ready": True})
+
+    async def metrics(request: web.Request) -> web.Response:
+        stats = await ctx.store.stats()
+        ctx.metrics.journal_offset.set(stats["last_offset"])
+        ctx.metrics.processor_offset.set(stats["processor_offset"])
+        ctx.metrics.set_phases(await ctx.store.phase_counts())
+        ctx.health.problems(await ctx.store.writable())
+        body = ctx.metrics.render()
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def status(request: web.Request) -> web.Response:
         denied = authorized(request, write=False)
@@ -253,4 +315,7 @@ def build_app(ctx: ApiContext) -> web.Application:
     app.router.add_get("/v1/status", status)
     app.router.add_post(NOTIFICATION_ROUTE, notification)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_post(HOOK_ROUTE, hook)
     return app

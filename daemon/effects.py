@@ -12,8 +12,9 @@ import asyncio
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from daemon.errors import NotFound, RateLimited, VtexError
+from daemon.errors import AuthFailed, NotFound, RateLimited, VtexError
 from daemon.logs import get_logger
+from daemon.metrics import Metrics
 from daemon.vtex import VtexApi
 from daemon.wakeup import wait_any
 from state.events import ApprovalAnswered, ApprovalFailed, Event, OrderFetched, OrderFetchFailed
@@ -38,6 +39,7 @@ class EffectRunner:
         concurrency: int = 4,
         on_result: Callable[[], None] | None = None,
         clock: Clock = _utcnow,
+        metrics: Metrics | None = None,
     ) -> None:
         self._store = store
         self._vtex = vtex
@@ -45,7 +47,9 @@ class EffectRunner:
         self._concurrency = concurrency
         self.on_result = on_result
         self._clock = clock
+        self._metrics = metrics or Metrics()
         self.wake = asyncio.Event()
+        self.progress: Callable[[], None] = lambda: None  # called on every turn of `run`
         self.performed: dict[str, int] = {}
 
     async def recover(self) -> int:
@@ -59,6 +63,7 @@ class EffectRunner:
         running: set[asyncio.Task[None]] = set()
         try:
             while not stop.is_set():
+                self.progress()
                 self.wake.clear()
                 free = self._concurrency - len(running)
                 rows = await self._store.claim_effects(free) if free > 0 else []
@@ -110,6 +115,8 @@ class EffectRunner:
             snap = await self._vtex.get_order(effect.order_id)
         except NotFound as exc:
             return OrderFetchFailed(order_id=effect.order_id, seq=effect.seq, error=str(exc), not_found=True)
+        except AuthFailed:
+            raise
         except VtexError as exc:
             log.warning("get_order_failed", order_id=effect.order_id, error=str(exc))
             return OrderFetchFailed(order_id=effect.order_id, seq=effect.seq, error=str(exc), retryable=exc.retryable)
@@ -124,15 +131,20 @@ class EffectRunner:
 
     async def _send(self, effect: SendApproval) -> Event:
         log.info("approval_sending", order_id=effect.order_id, marketplace_order_id=effect.marketplace_order_id)
+        self._metrics.approvals_sent.inc()
         try:
             answer = await self._vtex.approve(effect.marketplace_order_id)
         except RateLimited as exc:
             # Refused before processing: safe to retry, and the machine backs off.
             return ApprovalFailed(order_id=effect.order_id, seq=effect.seq, error=str(exc), retryable=True)
+        except AuthFailed:
+            raise  # fatal: the row stays `started` and is recovered as "outcome unknown"
         except VtexError as exc:
             log.warning("approval_failed", order_id=effect.order_id, error=str(exc))
             return ApprovalFailed(order_id=effect.order_id, seq=effect.seq, error=str(exc), retryable=exc.retryable)
         log.info("approval_answered", order_id=effect.order_id, code=answer.code, http_status=answer.http_status)
+        if answer.code not in ("SOI002", "SOI003"):
+            self._metrics.approvals_refused.labels(code=answer.code).inc()
         return ApprovalAnswered(
             order_id=effect.order_id,
             seq=effect.seq,

@@ -16,10 +16,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from daemon import intake
-from daemon.errors import NotFound, VtexError
+from daemon.errors import AuthFailed, NotFound, VtexError
+from daemon.health import Health
 from daemon.logs import get_logger
+from daemon.metrics import Metrics
 from daemon.settings import Settings
-from daemon.vtex import FeedConfig, VtexApi, feed_config_body
+from daemon.vtex import VtexApi
+from daemon.vtexconfig import ensure_feed_config
 from daemon.wakeup import wait_any
 from state.store import Store
 
@@ -39,30 +42,6 @@ class FeedStats:
     last_poll_ok_at: datetime | None = None
 
 
-async def ensure_feed_config(vtex: VtexApi, settings: Settings) -> tuple[FeedConfig | None, bool]:
-    """Read VTEX's feed configuration; create it from Settings when it is missing.
-    Returns (config as read before, created?)."""
-    config = await vtex.get_feed_config()
-    if config is not None:
-        missing = [
-            s
-            for s in ("waiting-for-manual-authorization",)
-            if config.filter_type == "FromWorkflow" and s not in config.statuses
-        ]
-        if missing:
-            log.warning("feed_filter_misses_statuses", missing=missing, filter_type=config.filter_type)
-        return config, False
-    body = feed_config_body(settings)
-    await vtex.save_feed_config(body)
-    log.info(
-        "feed_config_created",
-        statuses=len(settings.feed_statuses),
-        visibility_timeout_s=settings.feed_visibility_timeout_s,
-        retention_s=settings.feed_retention_s,
-    )
-    return None, True
-
-
 class FeedPoller:
     def __init__(
         self,
@@ -72,12 +51,16 @@ class FeedPoller:
         *,
         on_journal: Callable[[], None] | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        metrics: Metrics | None = None,
+        health: Health | None = None,
     ) -> None:
         self._store = store
         self._vtex = vtex
         self._settings = settings
         self._on_journal = on_journal
         self._clock = clock
+        self._metrics = metrics or Metrics()
+        self._health = health
         self.stats = FeedStats()
 
     async def poll_once(self) -> int:
@@ -92,6 +75,8 @@ class FeedPoller:
             raise
         self.stats.polls += 1
         self.stats.last_poll_ok_at = self._clock()
+        if self._health is not None:
+            self._health.poll_ok()
         if not items:
             return 0
         now = self._clock()
@@ -102,10 +87,13 @@ class FeedPoller:
         for item, result in zip(intakes, results, strict=True):
             if result.duplicate:
                 self.stats.duplicates += 1
+                self._metrics.duplicates.labels(source="feed").inc()
             elif item.accepted:
                 self.stats.accepted += 1
+                self._metrics.events_in.labels(source="feed").inc()
             else:
                 self.stats.rejected += 1
+                self._metrics.rejected.labels(source="feed").inc()
                 log.warning("feed_item_rejected", offset=result.offset, reason=item.entry.reason)
         self.stats.items += len(items)
         if self._on_journal is not None and any(not r.duplicate for r in results):
@@ -120,12 +108,14 @@ class FeedPoller:
                 await self._vtex.commit_feed(handles)
             except VtexError as exc:
                 self.stats.commit_failures += 1
+                self._metrics.feed_commit_failures.inc()
                 cutoff = self._clock() - timedelta(seconds=self._settings.feed_visibility_timeout_s)
                 dropped = await self._store.acks_failed(handles, str(exc), drop_before=cutoff)
                 log.warning("feed_commit_failed", handles=len(handles), error=str(exc), dropped=dropped)
                 return
             await self._store.acks_done(handles)
             self.stats.commits += len(handles)
+            self._metrics.feed_commits.inc(len(handles))
 
     async def run(self, stop: asyncio.Event) -> None:
         """Poll until `stop`. A full batch is followed at once by another; an empty or
@@ -135,10 +125,16 @@ class FeedPoller:
                 delivered = await self.poll_once()
             except NotFound:
                 delivered = 0
+                if self._health is not None:
+                    self._health.feed_config_ok = False
                 try:
-                    await ensure_feed_config(self._vtex, self._settings)
+                    await ensure_feed_config(self._vtex, self._settings, self._health)
+                except AuthFailed:
+                    raise
                 except VtexError as exc:
                     log.error("feed_config_recreate_failed", error=str(exc))
+            except AuthFailed:
+                raise  # fatal: the process exits non-zero and its supervisor restarts it
             except VtexError as exc:
                 self.stats.poll_failures += 1
                 log.warning("feed_poll_failed", error=str(exc))

@@ -137,7 +137,7 @@ def _status_event(fields: dict[str, Any], *, source: str) -> StatusChanged:
         source="feed" if source == "feed" else "hook",
         state=state,
         last_state=_text(fields, "lastState", required=False),
-        current_change=_time(fields, "currentChange", required=source == "feed"),
+        current_change=_time(fields, "currentChange", required=True),
         last_change=_time(fields, "lastChange", required=False),
         event_id=_text(fields, "eventId", required=False),
         domain=_text(fields, "domain", required=False),
@@ -169,3 +169,54 @@ def _guess_order_id(item: object) -> str | None:
         if isinstance(value, str) and value:
             return value[:100]
     return None
+
+
+@dataclass(frozen=True, slots=True)
+class HookIntake:
+    """A hook push: a ping (touches nothing), an accepted event, or a rejection."""
+
+    ping: bool
+    entry: NewEntry | None
+    reason: str | None = None
+    account: str | None = None
+
+
+def is_ping(body: object) -> bool:
+    """VTEX's `{"hookConfig": "ping"}` probe (any casing), which carries no order."""
+    if not isinstance(body, dict):
+        return False
+    fields = _lower_keys(body)
+    return "hookconfig" in fields and "orderid" not in fields
+
+
+def hook_item(body: object, received_at: datetime) -> HookIntake:
+    """One push → an accepted StatusChanged entry, or a rejected entry with its reason.
+    When `CurrentChange` is absent (VTEX's guide shows pushes without it), `LastChange`
+    is taken as the change time; the dedup key is the feed's, so the same change seen
+    by feed and hook is one event."""
+    if is_ping(body):
+        return HookIntake(ping=True, entry=None)
+    try:
+        if not isinstance(body, dict):
+            raise _Reject(f"hook body must be a JSON object, got {type(body).__name__}")
+        fields = _lower_keys(body)
+        origin = fields.get("origin")
+        if not isinstance(origin, dict):
+            raise _Reject("missing field Origin")
+        account = _text(_lower_keys(origin), "Account", required=True)
+        if fields.get("currentchange") in (None, ""):
+            if fields.get("lastchange") in (None, ""):
+                raise _Reject("missing field CurrentChange (and LastChange)")
+            fields = {**fields, "currentchange": fields.get("lastchange")}
+        event = _status_event(fields, source="hook")
+    except _Reject as exc:
+        return HookIntake(ping=False, entry=rejected("hook", body, str(exc), received_at), reason=str(exc))
+    entry = NewEntry(
+        kind=event.kind,
+        source="hook",
+        order_id=event.order_id,
+        payload=event.model_dump_json(),
+        received_at=received_at,
+        dedup_key=status_dedup_key(event.order_id, event.state, event.current_change),
+    )
+    return HookIntake(ping=False, entry=entry, account=account)

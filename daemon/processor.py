@@ -68,6 +68,7 @@ class Processor:
         self.applied = asyncio.Condition()
         self.offset = 0
         self.listeners: list[Callable[[Transition], None]] = []
+        self.progress: Callable[[], None] = lambda: None  # called on every turn of `run`
 
     async def run_once(self) -> int:
         """Apply the next batch of journal events. Returns how many rows were consumed."""
@@ -117,6 +118,7 @@ class Processor:
         """Apply events as they arrive; also polls, so entries written by another
         process (the `omsd approve` command) are picked up."""
         while not stop.is_set():
+            self.progress()
             self.wake.clear()
             if await self.run_once():
                 continue

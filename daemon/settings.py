@@ -59,8 +59,11 @@ class Settings(PolicySettings):
     listen: str = "127.0.0.1:8787"
     api_token: SecretStr | None = None  # without it, /v1 writes are refused
 
-    # Feed intake
-    source: Literal["feed"] = "feed"
+    # Sources: the feed, the order hook, or both (the feed as the hook's safety net)
+    source: Literal["feed", "hook", "both"] = "feed"
+    hook_url: str | None = None  # default: {connector_endpoint}/vtex/hook
+    hook_header: str = Field(default="X-Omsd-Hook-Secret", pattern=r"^[A-Za-z0-9-]{1,64}$")
+    hook_secret: SecretStr | None = None  # required with source hook/both
     poll_interval_s: float = Field(default=5.0, gt=0, le=3600)
     maxlot: int = Field(default=10, ge=1, le=10)
     feed_statuses: tuple[str, ...] = FILTERABLE_STATUSES
@@ -72,6 +75,11 @@ class Settings(PolicySettings):
     http_timeout_s: float = Field(default=15.0, gt=0, le=300)
     http_retries: int = Field(default=3, ge=0, le=10)
     rate_limited_wait_s: float = Field(default=60.0, ge=0, le=3600)
+
+    # Keeping VTEX's side configured, and noticing trouble
+    self_check_s: float = Field(default=300.0, ge=5, le=86400)
+    queue_age_alarm_s: float | None = Field(default=None, gt=0)  # default: 75% of the retention
+    ready_stale_s: float = Field(default=120.0, gt=0)
 
     # Runtime
     effect_concurrency: int = Field(default=4, ge=1, le=64)
@@ -117,11 +125,41 @@ class Settings(PolicySettings):
             value = [s.strip() for s in value.split(",") if s.strip()]
         return value
 
+    @field_validator("hook_url")
+    @classmethod
+    def _hook_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("must be an absolute https URL")
+        if parts.scheme == "http" and not _is_loopback(parts.hostname or ""):
+            raise ValueError("must be https (VTEX refuses anything else; plain http only for a loopback simulator)")
+        return value
+
     @model_validator(mode="after")
-    def _non_empty_filter(self) -> Settings:
+    def _consistent(self) -> Settings:
         if not self.feed_statuses:
-            raise ValueError("feed_statuses: FromWorkflow needs at least one status")
+            raise ValueError("OMSD_FEED_STATUSES: FromWorkflow needs at least one status")
+        if self.source in ("hook", "both") and self.hook_secret is None:
+            raise ValueError("OMSD_HOOK_SECRET: is required when OMSD_SOURCE is hook or both")
         return self
+
+    @property
+    def uses_feed(self) -> bool:
+        return self.source in ("feed", "both")
+
+    @property
+    def uses_hook(self) -> bool:
+        return self.source in ("hook", "both")
+
+    @property
+    def hook_endpoint(self) -> str:
+        return self.hook_url or f"{self.connector_endpoint}/vtex/hook"
+
+    @property
+    def queue_age_alarm(self) -> float:
+        return self.queue_age_alarm_s or 0.75 * self.feed_retention_s
 
     @property
     def base_url(self) -> str:
@@ -145,9 +183,32 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def load_settings(**overrides: object) -> Settings:
-    """Read Settings from the environment; raise ConfigError naming the first bad variable."""
+class _Systemd(BaseSettings):
+    """What systemd hands a service through its environment."""
+
+    model_config = SettingsConfigDict(extra="ignore", frozen=True)
+
+    credentials_directory: Path | None = Field(default=None, validation_alias="CREDENTIALS_DIRECTORY")
+    notify_socket: str | None = Field(default=None, validation_alias="NOTIFY_SOCKET")
+    watchdog_usec: int | None = Field(default=None, validation_alias="WATCHDOG_USEC")
+    watchdog_pid: int | None = Field(default=None, validation_alias="WATCHDOG_PID")
+
+
+def systemd_environment() -> _Systemd:
     try:
+        return _Systemd()
+    except ValidationError as exc:
+        raise ConfigError(describe(exc).replace("OMSD_", "")) from None
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read Settings from the environment, and secrets from systemd's credentials
+    directory (files named like the variable, e.g. `omsd_app_token`, as set by
+    `LoadCredential=`); raise ConfigError naming the first bad variable."""
+    credentials = systemd_environment().credentials_directory
+    try:
+        if credentials is not None:
+            return Settings(_secrets_dir=credentials, **overrides)  # type: ignore[arg-type]
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         raise ConfigError(describe(exc)) from None
@@ -157,8 +218,10 @@ def describe(exc: ValidationError) -> str:
     """One line naming the variable and the problem, never the value (it may be a secret)."""
     err = exc.errors()[0]
     loc = [str(part) for part in err.get("loc", ())]
-    name = f"OMSD_{loc[0].upper()}" if loc else "settings"
     message = err.get("msg", "invalid")
+    if not loc:  # a rule across fields: its message names the variable
+        return message.removeprefix("Value error, ")
+    name = f"OMSD_{loc[0].upper()}"
     if err.get("type") == "missing":
         message = "is required but not set"
     return f"{name}: {message}"

@@ -27,17 +27,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from daemon.errors import AuthFailed, BadResponse, NotFound, RateLimited, VtexRejected, VtexUnavailable
 from daemon.intake import parse_time
 from daemon.logs import get_logger
+from daemon.metrics import Metrics
 from daemon.settings import Settings
 
 log = get_logger("omsd.vtex")
 
 FEED = "/api/orders/feed"
 FEED_CONFIG = "/api/orders/feed/config"
+HOOK_CONFIG = "/api/orders/hook/config"
 ORDER = "/api/oms/pvt/orders/{order_id}"
 ORDER_STATUS = "/api/order-integration/orders/status"
 
 Sleep = Callable[[float], Awaitable[None]]
-CallObserver = Callable[[str, str, int | str], None]
 
 
 class OrderSnapshot(BaseModel):
@@ -122,6 +123,50 @@ class FeedConfig(BaseModel):
         return None
 
 
+class HookConfig(BaseModel):
+    """`GET /api/orders/hook/config` (no response schema is documented: read leniently)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    raw: dict[str, Any]
+
+    @property
+    def url(self) -> str | None:
+        hook = self.raw.get("hook") or {}
+        value = hook.get("url") if isinstance(hook, dict) else None
+        return value if isinstance(value, str) else None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        hook = self.raw.get("hook") or {}
+        value = hook.get("headers") if isinstance(hook, dict) else None
+        return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
+
+    @property
+    def filter_type(self) -> str | None:
+        f = self.raw.get("filter") or {}
+        return f.get("type") if isinstance(f, dict) else None
+
+    @property
+    def statuses(self) -> tuple[str, ...]:
+        f = self.raw.get("filter") or {}
+        values = f.get("status") if isinstance(f, dict) else None
+        return tuple(str(v) for v in values) if isinstance(values, list) else ()
+
+
+def hook_config_body(settings: Settings) -> dict[str, Any]:
+    """The body omsd POSTs to `/api/orders/hook/config`: the feed's filter, omsd's hook
+    route, and the secret header VTEX will send with every push."""
+    assert settings.hook_secret is not None
+    return {
+        "filter": {"type": "FromWorkflow", "status": list(settings.feed_statuses)},
+        "hook": {
+            "url": settings.hook_endpoint,
+            "headers": {settings.hook_header: settings.hook_secret.get_secret_value()},
+        },
+    }
+
+
 def feed_config_body(settings: Settings) -> dict[str, Any]:
     """The body omsd POSTs to `/api/orders/feed/config` (schema spelling, capital M)."""
     return {
@@ -158,6 +203,8 @@ class VtexApi(Protocol):
     async def commit_feed(self, handles: list[str]) -> None: ...
     async def get_feed_config(self) -> FeedConfig | None: ...
     async def save_feed_config(self, body: Mapping[str, Any]) -> None: ...
+    async def get_hook_config(self) -> HookConfig | None: ...
+    async def save_hook_config(self, body: Mapping[str, Any]) -> None: ...
     async def get_order(self, order_id: str) -> OrderSnapshot: ...
     async def approve(self, marketplace_order_id: str) -> ApprovalResponse: ...
 
@@ -170,7 +217,7 @@ class VtexClient:
         *,
         sleep: Sleep = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
-        observer: CallObserver | None = None,
+        metrics: Metrics | None = None,
         max_rate_limited: int = 5,
     ) -> None:
         self._settings = settings
@@ -180,7 +227,7 @@ class VtexClient:
         self._sleep = sleep
         self._clock = clock
         self._paused_until = 0.0
-        self._observer = observer
+        self._metrics = metrics or Metrics()
         self._max_rate_limited = max_rate_limited
         self._timeout = aiohttp.ClientTimeout(total=settings.http_timeout_s)
 
@@ -198,10 +245,6 @@ class VtexClient:
     @property
     def paused_for_s(self) -> float:
         return max(0.0, self._paused_until - self._clock())
-
-    def _observe(self, method: str, route: str, outcome: int | str) -> None:
-        if self._observer is not None:
-            self._observer(method, route, outcome)
 
     async def _request(
         self,
@@ -243,13 +286,14 @@ class VtexClient:
                     error = "timeout"
                 except aiohttp.ClientError as exc:
                     error = type(exc).__name__
-            self._observe(method, route, error or status)
+            self._metrics.on_vtex_call(method, route, error or status)
             if status == 429:
                 limited += 1
                 wait_s = parse_retry_after(retry_after)
                 if wait_s is None:
                     wait_s = self._settings.rate_limited_wait_s
                 self._paused_until = max(self._paused_until, self._clock() + wait_s)
+                self._metrics.rate_limited_wait.inc(wait_s)
                 log.warning("vtex_rate_limited", route=route, retry_after_s=wait_s, attempt=limited)
                 if limited > self._max_rate_limited:
                     raise RateLimited(f"{method} {route}: 429 {limited} times", wait_s)
@@ -261,6 +305,7 @@ class VtexClient:
                 if not idempotent or failures > self._settings.http_retries:
                     raise VtexUnavailable(f"{method} {route}: {error}")
                 delay = min(30.0, 0.5 * 2 ** (failures - 1))
+                self._metrics.retries.inc()
                 log.info("vtex_retry", route=route, error=error, attempt=failures, delay_s=delay)
                 await self._sleep(delay)
                 continue
@@ -310,6 +355,22 @@ class VtexClient:
         status, answer = await self._request("POST", FEED_CONFIG, FEED_CONFIG, body=dict(body), idempotent=True)
         if not 200 <= status < 300:
             self._raise_for("POST", FEED_CONFIG, status, answer)
+
+    async def get_hook_config(self) -> HookConfig | None:
+        status, body = await self._request("GET", HOOK_CONFIG, HOOK_CONFIG, idempotent=True)
+        if status == 404 or (status == 200 and not body):
+            return None
+        if status != 200:
+            self._raise_for("GET", HOOK_CONFIG, status, body)
+        if not isinstance(body, dict):
+            raise BadResponse(f"GET {HOOK_CONFIG}: expected a JSON object")
+        return HookConfig(raw=body)
+
+    async def save_hook_config(self, body: Mapping[str, Any]) -> None:
+        """VTEX pings the hook URL before it saves: omsd's server must be listening."""
+        status, answer = await self._request("POST", HOOK_CONFIG, HOOK_CONFIG, body=dict(body), idempotent=True)
+        if not 200 <= status < 300:
+            self._raise_for("POST", HOOK_CONFIG, status, answer)
 
     # ---- orders -------------------------------------------------------------------------
     async def get_order(self, order_id: str) -> OrderSnapshot:

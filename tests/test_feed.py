@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 
 from daemon.errors import VtexUnavailable
-from daemon.feed import FeedPoller, ensure_feed_config
+from daemon.feed import FeedPoller
 from daemon.settings import Settings
-from daemon.vtex import ApprovalResponse, FeedConfig, OrderSnapshot
+from daemon.vtex import ApprovalResponse, FeedConfig, HookConfig, OrderSnapshot
+from daemon.vtexconfig import ensure_feed_config
 from state.store import Store
 
 ITEM = {
@@ -55,6 +56,12 @@ class FakeVtex:
 
     async def save_feed_config(self, body: Any) -> None:
         self.saved.append(dict(body))
+
+    async def get_hook_config(self) -> HookConfig | None:
+        raise NotImplementedError
+
+    async def save_hook_config(self, body: Any) -> None:
+        raise NotImplementedError
 
     async def get_order(self, order_id: str) -> OrderSnapshot:
         raise NotImplementedError
@@ -112,11 +119,10 @@ async def test_a_failed_commit_is_retried_next_round(settings: Settings) -> None
 async def test_missing_feed_config_is_created_from_settings(settings: Settings) -> None:
     """No configuration → POST with FromWorkflow, every filterable status, 240 s, 345600 s."""
     vtex = FakeVtex(settings.db, [])
-    _, created = await ensure_feed_config(vtex, settings)
-    assert created
+    assert await ensure_feed_config(vtex, settings)
     [body] = vtex.saved
     assert body["filter"]["type"] == "FromWorkflow" and len(body["filter"]["status"]) == 30
     assert body["queue"] == {"visibilityTimeoutInSeconds": 240, "MessageRetentionPeriodInSeconds": 345600}
     vtex.config = FeedConfig(raw=body)
-    _, created = await ensure_feed_config(vtex, settings)
-    assert not created and len(vtex.saved) == 1
+    assert not await ensure_feed_config(vtex, settings)
+    assert len(vtex.saved) == 1

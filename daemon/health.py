@@ -1,0 +1,68 @@
+"""What /healthz and /readyz report, kept up to date by the loops and the self-check."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from daemon.logs import get_logger
+from daemon.metrics import Metrics
+from daemon.settings import Settings
+
+log = get_logger("omsd.health")
+
+
+@dataclass
+class Health:
+    settings: Settings
+    metrics: Metrics
+    clock: Callable[[], float] = time.monotonic
+    feed_config_ok: bool = False
+    hook_config_ok: bool = False
+    last_poll_ok: float | None = None
+    last_push_ok: float | None = None
+    last_self_check_ok: float | None = None
+    alarms: dict[str, str] = field(default_factory=dict)
+
+    def poll_ok(self) -> None:
+        self.last_poll_ok = self.clock()
+
+    def push_ok(self) -> None:
+        self.last_push_ok = self.clock()
+
+    def raise_alarm(self, name: str, detail: str) -> None:
+        if self.alarms.get(name) != detail:
+            log.error("alarm_raised", alarm=name, detail=detail)
+        self.alarms[name] = detail
+        self.metrics.alarm.labels(name=name).set(1)
+
+    def clear_alarm(self, name: str) -> None:
+        if self.alarms.pop(name, None) is not None:
+            log.info("alarm_cleared", alarm=name)
+        self.metrics.alarm.labels(name=name).set(0)
+
+    def _fresh(self, at: float | None, within_s: float) -> bool:
+        return at is not None and self.clock() - at <= within_s
+
+    def problems(self, db_writable: bool) -> list[str]:
+        """Why omsd is not ready; empty when it is."""
+        s = self.settings
+        out: list[str] = []
+        if not db_writable:
+            out.append("database not writable")
+        if s.uses_feed and not self.feed_config_ok:
+            out.append("feed configuration not confirmed at VTEX")
+        if s.uses_hook and not self.hook_config_ok:
+            out.append("hook configuration not confirmed at VTEX")
+        if s.uses_feed:
+            if not self._fresh(self.last_poll_ok, s.ready_stale_s):
+                out.append(f"no successful feed poll in {s.ready_stale_s:.0f}s")
+        elif not (
+            self._fresh(self.last_push_ok, s.ready_stale_s)
+            or self._fresh(self.last_self_check_ok, 2 * s.self_check_s + s.ready_stale_s)
+        ):
+            out.append("no push and no successful VTEX check recently")
+        out.extend(f"alarm {name}: {detail}" for name, detail in sorted(self.alarms.items()))
+        self.metrics.ready.set(0 if out else 1)
+        return out

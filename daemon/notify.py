@@ -1,0 +1,99 @@
+"""The sd_notify protocol, spoken directly (a datagram to `$NOTIFY_SOCKET`).
+
+READY=1 once omsd can serve, STATUS= lines saying what it does, WATCHDOG=1 only
+while its loops make progress, STOPPING=1 on shutdown. Without `NOTIFY_SOCKET`
+every call is a no-op.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Callable
+
+from daemon.logs import get_logger
+from daemon.settings import systemd_environment
+
+log = get_logger("omsd.notify")
+
+
+class Notifier:
+    def __init__(self, address: str | None = None, watchdog_usec: int | None = None, watchdog_pid: int | None = None):
+        if address is None and watchdog_usec is None:
+            env = systemd_environment()
+            address, watchdog_usec, watchdog_pid = env.notify_socket, env.watchdog_usec, env.watchdog_pid
+        self._address: str | bytes | None = None
+        if address:
+            # A leading "@" names a socket in the abstract namespace.
+            self._address = b"\0" + address[1:].encode() if address.startswith("@") else address
+        mine = watchdog_pid is None or watchdog_pid == os.getpid()
+        self.watchdog_interval_s = watchdog_usec / 2e6 if watchdog_usec and mine else None
+        self.sent: list[str] = []
+
+    @property
+    def enabled(self) -> bool:
+        return self._address is not None
+
+    def send(self, *lines: str) -> None:
+        if self._address is None:
+            return
+        message = "\n".join(lines)
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                sock.sendto(message.encode(), self._address)
+        except OSError as exc:
+            log.warning("sd_notify_failed", error=str(exc))
+            return
+        self.sent.append(message)
+
+    def ready(self, status: str) -> None:
+        self.send("READY=1", f"STATUS={status}")
+
+    def status(self, text: str) -> None:
+        self.send(f"STATUS={text}")
+
+    def stopping(self) -> None:
+        self.send("STOPPING=1", "STATUS=stopping")
+
+    def watchdog(self) -> None:
+        self.send("WATCHDOG=1")
+
+
+class Progress:
+    """Loops report progress here; the watchdog pings only while every one of them
+    reported within the watchdog window, so a stuck loop stops the pings."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._beats: dict[str, float] = {}
+
+    def beat(self, name: str) -> Callable[[], None]:
+        """Register a loop; returns the function it calls on each turn."""
+        self._beats[name] = self._clock()
+
+        def tick() -> None:
+            self._beats[name] = self._clock()
+
+        return tick
+
+    def stale(self, within_s: float) -> list[str]:
+        now = self._clock()
+        return [name for name, at in self._beats.items() if now - at > within_s]
+
+
+async def watchdog_loop(notifier: Notifier, progress: Progress, stop: asyncio.Event) -> None:
+    interval = notifier.watchdog_interval_s
+    if interval is None:
+        return
+    window = 2 * interval  # systemd's WatchdogSec
+    while not stop.is_set():
+        stale = progress.stale(window)
+        if stale:
+            log.error("watchdog_withheld", stale_loops=stale)
+        else:
+            notifier.watchdog()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=interval)
