@@ -20,7 +20,8 @@ from rich.console import Console
 from rich.table import Table
 
 from daemon import logs
-from daemon.settings import ConfigError, load_db_path, load_policy, load_settings
+from daemon.errors import AuthFailed, VtexError
+from daemon.settings import ConfigError, Settings, load_db_path, load_policy, load_settings
 from state.events import IntentReceived, IntentRecorded, Resync
 from state.models import Order
 from state.statuses import TERMINAL_PHASES, Phase
@@ -115,6 +116,26 @@ def _parser() -> argparse.ArgumentParser:
         description="Counts by phase, journal and processor offsets, pending feed commits, timers and parked intents.",
     )
 
+    for name, what in (("feed", "the feed configuration"), ("hook", "the order hook configuration")):
+        c = sub.add_parser(
+            name,
+            help=f"show or apply {what} at VTEX",
+            description=f"`omsd {name} config show` prints {what} VTEX has (header values masked) and what "
+            f"differs from omsd's settings. `omsd {name} config apply` prints the differences, then writes omsd's "
+            "configuration (asks first on a terminal; --yes to skip the question). Needs the full OMSD_* settings.",
+        )
+        c.add_argument("what", choices=["config"])
+        c.add_argument("action", choices=["show", "apply"])
+        c.add_argument("--yes", action="store_true", help="apply without asking")
+
+    sub.add_parser(
+        "check",
+        help="diagnose the set-up in one screen",
+        description="Check that the settings are valid, VTEX accepts the credentials, the feed/hook configuration "
+        "exists and its filter has the statuses omsd needs, the feed queue is not near expiry, the database is "
+        "writable with a current schema, and the listen address is free. Exit 0 only when every check passes.",
+    )
+
     sim = sub.add_parser(
         "sim",
         help="run the VTEX simulator alone",
@@ -147,8 +168,23 @@ def _dispatch(args: argparse.Namespace) -> int:
         logs.configure(settings.log_level, settings.log_format)
         from daemon.app import run_until_signalled
 
-        asyncio.run(run_until_signalled(settings))
+        refused: list[BaseException] = []
+        try:
+            asyncio.run(run_until_signalled(settings))
+        except* AuthFailed as group:
+            refused.extend(group.exceptions)
+        if refused:
+            print(f"omsd: VTEX refused the credentials: {refused[0]}", file=sys.stderr)
+            return EXIT_FAIL
         return EXIT_OK
+    if cmd in ("feed", "hook"):
+        settings = load_settings()
+        logs.configure("warning", "console", stream=sys.stderr)
+        return asyncio.run(_vtex_config(settings, cmd, args.action, args.yes))
+    if cmd == "check":
+        settings = load_settings()
+        logs.configure("error", "console", stream=sys.stderr)
+        return asyncio.run(_check(settings))
     if cmd == "demo":
         from daemon.demo import run_demo
 
@@ -178,6 +214,79 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"omsd: no database at {db} (set OMSD_DB)", file=sys.stderr)
         return EXIT_CONFIG
     return asyncio.run(_with_store(db, handlers[cmd], args))
+
+
+async def _vtex_config(settings: Settings, kind: str, action: str, yes: bool) -> int:
+    import aiohttp
+
+    from daemon.vtex import VtexClient, feed_config_body, hook_config_body
+    from daemon.vtexconfig import feed_plan, hook_plan
+
+    if kind == "hook" and settings.hook_secret is None:
+        print("omsd: OMSD_HOOK_SECRET: is required to configure the hook", file=sys.stderr)
+        return EXIT_CONFIG
+    async with aiohttp.ClientSession() as session:
+        client = VtexClient(settings, session, max_rate_limited=1)
+        try:
+            if kind == "feed":
+                feed = await client.get_feed_config()
+                current: dict[str, Any] | None = feed.raw if feed else None
+                changes = feed_plan(feed, settings)
+            else:
+                hook = await client.get_hook_config()
+                current = _masked(hook.raw) if hook else None
+                changes = hook_plan(hook, settings)
+        except VtexError as exc:
+            print(f"omsd: {exc}", file=sys.stderr)
+            return EXIT_FAIL
+        print(f"VTEX's {kind} configuration:")
+        print(json.dumps(current, indent=2, sort_keys=True) if current is not None else "  (none)")
+        if not changes:
+            print(f"omsd's settings match: nothing to {'apply' if action == 'apply' else 'change'}")
+            return EXIT_OK
+        print(f"{'Changes' if action == 'apply' else 'Differences from omsd settings'}:")
+        for line in changes:
+            print(f"  {line}")
+        if action == "show":
+            return EXIT_OK
+        if not yes:
+            if not sys.stdin.isatty():
+                print("omsd: not applied: pass --yes to apply without a terminal", file=sys.stderr)
+                return EXIT_CONFIG
+            answer = await asyncio.to_thread(input, "Apply these changes? [y/N] ")
+            if answer.strip().lower() not in ("y", "yes"):
+                print("not applied")
+                return EXIT_FAIL
+        try:
+            if kind == "feed":
+                await client.save_feed_config(feed_config_body(settings))
+            else:
+                await client.save_hook_config(hook_config_body(settings))
+        except VtexError as exc:
+            print(f"omsd: VTEX refused the configuration: {exc}", file=sys.stderr)
+            return EXIT_FAIL
+        print("applied")
+        return EXIT_OK
+
+
+def _masked(raw: dict[str, Any]) -> dict[str, Any]:
+    hook = raw.get("hook")
+    if isinstance(hook, dict) and isinstance(hook.get("headers"), dict):
+        return {**raw, "hook": {**hook, "headers": dict.fromkeys(hook["headers"], "***")}}
+    return raw
+
+
+async def _check(settings: Settings) -> int:
+    from daemon.check import run_checks
+
+    results = await run_checks(settings)
+    table = Table(title="omsd check")
+    for col in ("check", "result", "detail"):
+        table.add_column(col)
+    for r in results:
+        table.add_row(r.name, "[green]ok[/]" if r.ok else "[red]FAIL[/]", r.detail)
+    Console().print(table)
+    return EXIT_OK if all(r.ok for r in results) else EXIT_FAIL
 
 
 async def _with_store(

@@ -59,6 +59,10 @@ class Faults:
     eoi011_sync: bool = False  # answer EOI011 in the PUT itself instead of by notification
     notify_delay_s: tuple[float, float] = (0.02, 0.2)
     refuse_commits: int = 0  # the next N feed commits get 503 (and delete nothing)
+    hook_duplicate_rate: float = 0.0  # a push is delivered twice
+    hook_give_up_rate: float = 0.0  # a push is never delivered (VTEX gave up on it)
+    hook_without_current_change: bool = False  # pushes shaped like the guide's example
+    hook_attempts: int = 8  # deliveries tried per push, with a growing delay
 
 
 @dataclass
@@ -174,6 +178,11 @@ class Simulator:
         self.step_delay_s = step_delay_s
         self.queue = FeedQueue(self.rng, self._mono)
         self.feed_config: dict[str, Any] | None = None
+        self.hook_config: dict[str, Any] | None = None
+        self.hook_pushes: list[dict[str, Any]] = []
+        self.hook_push_failures = 0
+        self.hook_pushes_lost = 0
+        self.hook_pings: list[int] = []
         self.orders: dict[str, SimOrder] = {}
         self.by_marketplace_id: dict[str, str] = {}
         self.protocol_errors: list[str] = []
@@ -207,6 +216,9 @@ class Simulator:
         r.add_get("/api/orders/feed/config", self._get_feed_config)
         r.add_post("/api/orders/feed/config", self._post_feed_config)
         r.add_delete("/api/orders/feed/config", self._delete_feed_config)
+        r.add_get("/api/orders/hook/config", self._get_hook_config)
+        r.add_post("/api/orders/hook/config", self._post_hook_config)
+        r.add_delete("/api/orders/hook/config", self._delete_hook_config)
         r.add_get("/api/oms/pvt/orders/{order_id}", self._get_order)
         r.add_put("/api/order-integration/orders/status", self._put_status)
         r.add_post("/api/order-integration/orders", self._create_order)
@@ -361,14 +373,51 @@ class Simulator:
         order.history.append((status, vtex_time(order.last_change)))
         self.changed.set()
         self._emit_feed(order, last_state, last_change)
+        self._emit_hook(order, last_state, last_change)
+
+    def _emit_hook(self, order: SimOrder, last_state: str, last_change: datetime) -> None:
+        config = self.hook_config
+        if config is None or not _in_filter(config, order.status):
+            return
+        if self.rng.random() < self.faults.hook_give_up_rate:
+            self.hook_pushes_lost += 1
+            return
+        body: dict[str, Any] = {
+            "Domain": "Fulfillment",
+            "OrderId": order.order_id,
+            "State": order.status,
+            "LastState": last_state,
+            "LastChange": vtex_time(last_change),
+            "CurrentChange": vtex_time(order.last_change),
+            "Origin": {"Account": self.account, "Key": self.app_key},
+        }
+        if self.faults.hook_without_current_change:
+            body = {k: v for k, v in body.items() if k not in ("LastState", "CurrentChange")}
+            body["LastChange"] = vtex_time(order.last_change)
+        copies = 2 if self.rng.random() < self.faults.hook_duplicate_rate else 1
+        for _ in range(copies):
+            self._spawn(self._push(config, body))
+
+    async def _push(self, config: dict[str, Any], body: dict[str, Any]) -> None:
+        """Deliver one push; retried with a geometric delay, then given up."""
+        assert self._session is not None
+        hook = config["hook"]
+        for attempt in range(self.faults.hook_attempts):
+            try:
+                async with self._session.post(hook["url"], json=body, headers=hook["headers"]) as resp:
+                    if resp.status == 200:
+                        self.hook_pushes.append(body)
+                        return
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+            self.hook_push_failures += 1
+            await asyncio.sleep(min(5.0, 0.1 * 2**attempt))
+        self.hook_pushes_lost += 1
 
     def _emit_feed(self, order: SimOrder, last_state: str, last_change: datetime) -> None:
         config = self.feed_config
-        if config is None:
+        if config is None or not _in_filter(config, order.status):
             return  # a feed only receives changes made after it is configured
-        statuses = (config.get("filter") or {}).get("status")
-        if config.get("filter", {}).get("type") == "FromWorkflow" and statuses and order.status not in statuses:
-            return
         self.queue.put(
             {
                 "eventId": uuid.uuid4().hex.upper(),
@@ -568,6 +617,44 @@ class Simulator:
         self.feed_config = None
         return web.Response(status=200)
 
+    # ---- hook configuration ---------------------------------------------------------------
+    async def _get_hook_config(self, request: web.Request) -> web.Response:
+        self._count("hook_config_get")
+        if self.hook_config is None:
+            return web.json_response({"error": "Hook configuration not found"}, status=404)
+        return web.json_response(self.hook_config)
+
+    async def _post_hook_config(self, request: web.Request) -> web.Response:
+        """Validate, then ping the URL: only a 200 to the ping saves the configuration."""
+        self._count("hook_config_post")
+        try:
+            body = await request.json()
+        except ValueError:
+            return web.json_response({"error": "invalid body"}, status=400)
+        problem, status = validate_hook_config(body)
+        if problem:
+            self.protocol_errors.append(f"POST /api/orders/hook/config: {problem}")
+            return web.json_response({"error": problem}, status=status)
+        assert self._session is not None
+        hook = body["hook"]
+        try:
+            async with self._session.post(hook["url"], json={"hookConfig": "ping"}, headers=hook["headers"]) as r:
+                self.hook_pings.append(r.status)
+                ok = r.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            self.hook_pings.append(0)
+            ok = False
+        if not ok:
+            return web.json_response({"error": "Unable to check address"}, status=400)
+        self.hook_config = {"filter": body["filter"], "hook": {"url": hook["url"], "headers": dict(hook["headers"])}}
+        return web.json_response({})
+
+    async def _delete_hook_config(self, request: web.Request) -> web.Response:
+        if self.hook_config is None:
+            return web.json_response({"error": "not found"}, status=404)
+        self.hook_config = None
+        return web.Response(status=200)
+
     # ---- orders -------------------------------------------------------------------------
     def order_json(self, order: SimOrder) -> dict[str, Any]:
         return {
@@ -729,6 +816,8 @@ class Simulator:
             "eoi011": sum(1 for n in self.notifications_sent if n.get("code") == "EOI011") + self.eoi011_sync_answers,
             "notification_failures": self.notification_failures,
             "rate_limited": self.rate_limited,
+            "hook_pushes": len(self.hook_pushes),
+            "hook_pushes_lost": self.hook_pushes_lost,
             "protocol_errors": list(self.protocol_errors),
         }
 
@@ -783,6 +872,35 @@ def validate_feed_config(body: Any) -> tuple[str | None, int]:
     retention = q["MessageRetentionPeriodInSeconds"]
     if not isinstance(retention, int) or not 345600 <= retention <= 1209600:
         return "MessageRetentionPeriodInSeconds must be within 345600..1209600", 400
+    return None, 200
+
+
+def _in_filter(config: dict[str, Any], status: str) -> bool:
+    f = config.get("filter") or {}
+    statuses = f.get("status")
+    return not (f.get("type") == "FromWorkflow" and statuses and status not in statuses)
+
+
+def validate_hook_config(body: Any) -> tuple[str | None, int]:
+    """The rules of VTEX's hook configuration: the feed's filter rules, an https URL
+    (plain http only on loopback, for a local daemon), headers as an object."""
+    if not isinstance(body, dict) or "filter" not in body or "hook" not in body:
+        return "filter and hook are required", 400
+    problem, status = validate_feed_config(
+        {
+            "filter": body["filter"],
+            "queue": {"visibilityTimeoutInSeconds": 1, "MessageRetentionPeriodInSeconds": 345600},
+        }
+    )
+    if problem:
+        return problem, status
+    hook = body["hook"]
+    if not isinstance(hook, dict) or not isinstance(hook.get("url"), str) or not isinstance(hook.get("headers"), dict):
+        return "hook.url and hook.headers are required", 400
+    parts = urlsplit(hook["url"])
+    loopback = parts.hostname in ("127.0.0.1", "localhost", "::1")
+    if parts.scheme != "https" and not (parts.scheme == "http" and loopback):
+        return "Only https scheme is accepted", 400
     return None, 200
 
 

@@ -99,7 +99,22 @@ def test_run_with_bad_config_exits_2_with_one_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "command", ["run", "demo", "approve", "orders", "show", "journal", "replay", "retry", "status", "sim"]
+    "command",
+    [
+        "run",
+        "demo",
+        "approve",
+        "orders",
+        "show",
+        "journal",
+        "replay",
+        "retry",
+        "status",
+        "sim",
+        "feed",
+        "hook",
+        "check",
+    ],
 )
 def test_every_subcommand_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     """`omsd COMMAND --help` describes the command."""

@@ -1,0 +1,113 @@
+"""`omsd check`: diagnose a set-up in one screen. Each check passes or says why not."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from daemon.errors import AuthFailed, VtexError
+from daemon.settings import Settings
+from daemon.vtex import VtexClient
+from daemon.vtexconfig import hook_plan, missing_statuses
+from state.schema import SCHEMA_VERSION
+from state.store import Store, StoreError
+
+
+@dataclass(frozen=True)
+class Result:
+    name: str
+    ok: bool
+    detail: str
+
+
+async def run_checks(settings: Settings, *, bind_test: bool = True) -> list[Result]:
+    results = [Result("settings", True, f"account {settings.account}, source {settings.source}")]
+    results.append(await _database(settings.db))
+    if bind_test:
+        results.append(_listen(settings))
+    async with aiohttp.ClientSession() as session:
+        client = VtexClient(settings, session, max_rate_limited=1)
+        results.extend(await _vtex(settings, client))
+    return results
+
+
+async def _database(db: Path) -> Result:
+    if not await asyncio.to_thread(db.exists):
+        parent = db.parent if str(db.parent) else Path()
+        if os.access(parent, os.W_OK):
+            return Result("database", True, f"{db} does not exist yet; {parent} is writable")
+        return Result("database", False, f"{db} does not exist and {parent} is not writable")
+    try:
+        store = await Store.open(db, migrate=False)
+    except StoreError as exc:
+        return Result("database", False, str(exc))
+    try:
+        version = await store.schema_version()
+        writable = await store.writable()
+    finally:
+        await store.close()
+    if not writable:
+        return Result("database", False, f"{db} is not writable")
+    if version != SCHEMA_VERSION:
+        return Result("database", True, f"schema {version}, omsd migrates it to {SCHEMA_VERSION} at start")
+    return Result("database", True, f"{db} writable, schema {version} current")
+
+
+def _listen(settings: Settings) -> Result:
+    family = socket.AF_INET6 if ":" in settings.listen_host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((settings.listen_host, settings.listen_port))
+        except OSError as exc:
+            return Result("listen address", False, f"{settings.listen}: {exc.strerror} (is omsd already running?)")
+    return Result("listen address", True, f"{settings.listen} is free")
+
+
+async def _vtex(settings: Settings, client: VtexClient) -> list[Result]:
+    out: list[Result] = []
+    try:
+        feed = await client.get_feed_config()
+    except AuthFailed as exc:
+        return [Result("credentials", False, f"{exc}: check OMSD_APP_KEY/OMSD_APP_TOKEN and the role's permissions")]
+    except VtexError as exc:
+        return [Result("VTEX reachable", False, str(exc))]
+    out.append(Result("credentials", True, f"accepted by {settings.base_url}"))
+    if settings.uses_feed:
+        if feed is None:
+            out.append(
+                Result("feed configuration", False, "none at VTEX (omsd run creates it; or omsd feed config apply)")
+            )
+        else:
+            missing = missing_statuses(feed.filter_type, feed.statuses)
+            detail = f"{feed.filter_type}, {len(feed.statuses)} statuses"
+            out.append(Result("feed configuration", not missing, f"{detail}; missing {missing}" if missing else detail))
+            age = feed.oldest_age_s
+            too_old = age is not None and age >= settings.queue_age_alarm
+            out.append(
+                Result(
+                    "feed queue",
+                    not too_old,
+                    f"{feed.quantity} messages, oldest {0 if age is None else age:.0f}s"
+                    + (f" (alarm at {settings.queue_age_alarm:.0f}s)" if too_old else ""),
+                )
+            )
+    if settings.uses_hook:
+        try:
+            hook = await client.get_hook_config()
+        except VtexError as exc:
+            out.append(Result("hook configuration", False, str(exc)))
+        else:
+            if hook is None:
+                out.append(Result("hook configuration", False, "none at VTEX (omsd run creates it)"))
+            else:
+                changes = hook_plan(hook, settings)
+                missing = missing_statuses(hook.filter_type, hook.statuses)
+                ok = not changes and not missing
+                detail = f"url {hook.url}" if ok else "; ".join(changes + ([f"missing {missing}"] if missing else []))
+                out.append(Result("hook configuration", ok, detail))
+    return out

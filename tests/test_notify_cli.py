@@ -1,0 +1,130 @@
+"""The watchdog withholds pings for a stuck loop; `omsd check` and `omsd feed|hook config`."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemon.cli import main
+from daemon.notify import Notifier, Progress, watchdog_loop
+from daemon.simulator import Simulator
+from tests.conftest import free_port
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_watchdog_pings_only_while_loops_progress(tmp_path: Path) -> None:
+    """A loop that stopped beating for longer than WatchdogSec stops the pings."""
+    path = tmp_path / "n.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        sock.setblocking(False)
+        clock = FakeClock()
+        progress = Progress(clock)
+        tick = progress.beat("processor")
+        notifier = Notifier(str(path), watchdog_usec=20_000)  # ping every 10 ms, window 20 ms of fake time
+        stop = asyncio.Event()
+        task = asyncio.create_task(watchdog_loop(notifier, progress, stop))
+        await asyncio.sleep(0.05)
+        pinged = notifier.sent.count("WATCHDOG=1")
+        assert pinged >= 1
+        clock.now += 1.0  # the processor has not turned for a second
+        await asyncio.sleep(0.05)
+        assert notifier.sent.count("WATCHDOG=1") == pinged
+        tick()
+        await asyncio.sleep(0.05)
+        assert notifier.sent.count("WATCHDOG=1") > pinged
+        stop.set()
+        await task
+
+
+def test_without_notify_socket_everything_is_a_no_op() -> None:
+    """No NOTIFY_SOCKET: nothing is sent and no watchdog runs."""
+    n = Notifier(None, None)
+    n.ready("x")
+    n.watchdog()
+    assert not n.enabled and n.sent == [] and n.watchdog_interval_s is None
+
+
+@pytest.fixture
+async def sim_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
+    sim = Simulator(seed=2)
+    await sim.start()
+    for key, value in {
+        "OMSD_ACCOUNT": sim.account,
+        "OMSD_APP_KEY": sim.app_key,
+        "OMSD_APP_TOKEN": sim.app_token,
+        "OMSD_VTEX_BASE_URL": sim.base_url,
+        "OMSD_DB": str(tmp_path / "o.db"),
+        "OMSD_CONNECTOR_NAME": "c",
+        "OMSD_CONNECTOR_ENDPOINT": "https://omsd.example.com",
+        "OMSD_LISTEN": f"127.0.0.1:{free_port()}",
+    }.items():
+        monkeypatch.setenv(key, value)
+    yield sim
+    await sim.stop()
+
+
+async def run_cli(*args: str) -> int:
+    return await asyncio.to_thread(main, list(args))
+
+
+async def test_feed_config_show_then_apply(sim_env: Simulator, capsys: pytest.CaptureFixture[str]) -> None:
+    """show reports the missing configuration and changes nothing; apply --yes creates it."""
+    assert await run_cli("feed", "config", "show") == 0
+    out = capsys.readouterr().out
+    assert "(none)" in out and "create the feed configuration" in out
+    assert sim_env.feed_config is None
+    assert await run_cli("feed", "config", "apply") == 2  # no terminal and no --yes: refuses
+    assert sim_env.feed_config is None
+    assert await run_cli("feed", "config", "apply", "--yes") == 0
+    assert sim_env.feed_config is not None
+    capsys.readouterr()
+    assert await run_cli("feed", "config", "show") == 0
+    assert "nothing to change" in capsys.readouterr().out
+
+
+async def test_hook_config_show_masks_the_secret(
+    sim_env: Simulator, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hook's secret header value never appears in `omsd hook config show`."""
+    monkeypatch.setenv("OMSD_HOOK_SECRET", "hook-secret-visible-nowhere")
+    sim_env.hook_config = {
+        "filter": {"type": "FromWorkflow", "status": ["canceled"]},
+        "hook": {
+            "url": "https://elsewhere.example.com/h",
+            "headers": {"X-Omsd-Hook-Secret": "hook-secret-visible-nowhere"},
+        },
+    }
+    assert await run_cli("hook", "config", "show") == 0
+    out = capsys.readouterr().out
+    assert "hook-secret-visible-nowhere" not in out
+    assert "hook.url: https://elsewhere.example.com/h -> https://omsd.example.com/vtex/hook" in out
+
+
+async def test_check_fails_then_passes(sim_env: Simulator, capsys: pytest.CaptureFixture[str]) -> None:
+    """`omsd check` exits 1 while the feed configuration is missing, 0 once all is in place."""
+    assert await run_cli("check") == 1
+    assert "feed configuration" in capsys.readouterr().out
+    assert await run_cli("feed", "config", "apply", "--yes") == 0
+    assert await run_cli("check") == 0
+
+
+async def test_check_reports_refused_credentials(
+    sim_env: Simulator, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A wrong AppToken is named as a credentials problem."""
+    monkeypatch.setenv("OMSD_APP_TOKEN", "wrong")
+    assert await run_cli("check") == 1
+    out = capsys.readouterr().out
+    assert "credentials" in out and "wrong" not in out

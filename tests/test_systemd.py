@@ -1,0 +1,111 @@
+"""The systemd unit and the sd_notify protocol, for real."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from daemon.simulator import Simulator
+from tests.conftest import API_TOKEN, free_port
+from tests.test_crash import omsd_env
+
+UNIT = Path(__file__).resolve().parent.parent / "systemd" / "omsd.service"
+ANALYZE = shutil.which("systemd-analyze")
+needs_analyze = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze not installed (.ci/run installs it)")
+
+
+@needs_analyze
+def test_unit_verifies(tmp_path: Path) -> None:
+    """`systemd-analyze verify` accepts the unit (ExecStart pointed at this install)."""
+    assert ANALYZE is not None
+    omsd = Path(sys.executable).parent / "omsd"
+    unit = tmp_path / "omsd.service"
+    unit.write_text(UNIT.read_text().replace("/opt/omsd/.venv/bin/omsd", str(omsd)))
+    proc = subprocess.run([ANALYZE, "verify", str(unit)], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip() == ""
+
+
+@needs_analyze
+def test_unit_exposure_is_at_most_2() -> None:
+    """`systemd-analyze security --offline=true` rates the unit 2.0 or lower."""
+    assert ANALYZE is not None
+    proc = subprocess.run(
+        [ANALYZE, "security", "--offline=true", str(UNIT)], capture_output=True, text=True, timeout=60, check=False
+    )
+    match = re.search(r"Overall exposure level for omsd\.service: (\d+\.\d+)", proc.stdout + proc.stderr)
+    assert match is not None, proc.stdout[-500:]
+    assert float(match.group(1)) <= 2.0
+
+
+def test_unit_is_notify_type_with_watchdog_and_credentials() -> None:
+    """The unit asks systemd for what omsd provides: notify, watchdog, credentials, state dir."""
+    text = UNIT.read_text()
+    for line in (
+        "Type=notify",
+        "WatchdogSec=",
+        "LoadCredential=omsd_app_token:",
+        "StateDirectory=omsd",
+        "DynamicUser=yes",
+        "NoNewPrivileges=yes",
+        "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX",
+    ):
+        assert line in text
+
+
+async def test_sd_notify_ready_watchdog_stopping(tmp_path: Path) -> None:
+    """`omsd run` with NOTIFY_SOCKET sends READY=1 (after it serves), WATCHDOG=1 pings,
+    then STOPPING=1 on SIGTERM, in that order; the AppToken comes from a credential file."""
+    sim = Simulator(seed=1)
+    await sim.start()
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.setblocking(False)
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "omsd_app_token").write_text(sim.app_token + "\n")
+    port = free_port()
+    env = omsd_env(sim, tmp_path / "omsd.db", port)
+    del env["OMSD_APP_TOKEN"]
+    env.update({"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "400000", "CREDENTIALS_DIRECTORY": str(creds)})
+    log = (tmp_path / "omsd.log").open("w")
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "daemon", "run", env=env, stdout=log, stderr=log)
+    loop = asyncio.get_running_loop()
+    messages: list[str] = []
+
+    async def until_message(prefix: str) -> None:
+        while not any(m.startswith(prefix) or f"\n{prefix}" in m for m in messages):
+            data = await asyncio.wait_for(loop.sock_recv(sock, 4096), timeout=30)
+            messages.append(data.decode())
+
+    try:
+        await until_message("READY=1")
+        assert sim.feed_config is not None  # VTEX's configuration was checked before READY
+        await until_message("WATCHDOG=1")
+        proc.send_signal(signal.SIGTERM)
+        await until_message("STOPPING=1")
+        assert await asyncio.wait_for(proc.wait(), timeout=30) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        sock.close()
+        log.close()
+        await sim.stop()
+    kinds = [m.split("\n")[0].split("=")[0] for m in messages]
+    ready, watchdog, stopping = kinds.index("READY"), kinds.index("WATCHDOG"), kinds.index("STOPPING")
+    assert ready < watchdog < stopping
+    assert any(m.startswith("STATUS=") for m in messages)
+    lines = (tmp_path / "omsd.log").read_text().splitlines()
+    assert lines and all(json.loads(line)["event"] for line in lines)  # JSON lines when not a TTY
+    assert sim.app_token not in "\n".join(lines) and API_TOKEN not in "\n".join(lines)
