@@ -240,6 +240,8 @@ def build_app(ctx: ApiContext) -> web.Application:
             ]
         )
         ctx.wake()
+        if not appended.duplicate and env.flow == "ApproveOrder" and env.code not in ("SOI002", "SOI003"):
+            ctx.metrics.approvals_refused.labels(code=env.code).inc()
         log.info(
             "notification_received",
             marketplace_order_id=env.marketplace_order_id,

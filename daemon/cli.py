@@ -21,7 +21,7 @@ from rich.table import Table
 
 from daemon import logs
 from daemon.errors import AuthFailed, VtexError
-from daemon.settings import ConfigError, Settings, load_db_path, load_policy, load_settings
+from daemon.settings import ConfigError, Settings, load_db_path, load_local, load_policy, load_settings
 from state.events import IntentReceived, IntentRecorded, Resync
 from state.models import Order
 from state.statuses import TERMINAL_PHASES, Phase
@@ -136,6 +136,13 @@ def _parser() -> argparse.ArgumentParser:
         "writable with a current schema, and the listen address is free. Exit 0 only when every check passes.",
     )
 
+    sub.add_parser(
+        "healthcheck",
+        help="exit 0 when the local daemon answers /healthz",
+        description="GET /healthz of the daemon at OMSD_LISTEN (0.0.0.0 and :: are reached via loopback); "
+        "exit 0 on 200, 1 otherwise. For container HEALTHCHECKs; needs only OMSD_LISTEN.",
+    )
+
     sim = sub.add_parser(
         "sim",
         help="run the VTEX simulator alone",
@@ -200,6 +207,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(serve(host, int(port), seed=args.seed, visibility_override_s=args.visibility_s))
         return EXIT_OK
+    if cmd == "healthcheck":
+        return _healthcheck(load_local().listen)
     db = load_db_path()
     handlers: dict[str, Callable[[Store, argparse.Namespace], Awaitable[int]]] = {
         "approve": _approve,
@@ -267,6 +276,22 @@ async def _vtex_config(settings: Settings, kind: str, action: str, yes: bool) ->
             return EXIT_FAIL
         print("applied")
         return EXIT_OK
+
+
+def _healthcheck(listen: str) -> int:
+    import urllib.error
+    import urllib.request
+
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)  # noqa: S104 - mapping, not binding
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=4) as resp:
+            return EXIT_OK if resp.status == 200 else EXIT_FAIL
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"omsd: {url}: {exc}", file=sys.stderr)
+        return EXIT_FAIL
 
 
 def _masked(raw: dict[str, Any]) -> dict[str, Any]:

@@ -113,10 +113,7 @@ class Settings(PolicySettings):
     @field_validator("listen")
     @classmethod
     def _listen(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:8787")
-        return value
+        return check_listen(value)
 
     @field_validator("feed_statuses", mode="before")
     @classmethod
@@ -174,6 +171,13 @@ class Settings(PolicySettings):
         return int(self.listen.rpartition(":")[2])
 
 
+def check_listen(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:8787")
+    return value
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -227,19 +231,29 @@ def describe(exc: ValidationError) -> str:
     return f"{name}: {message}"
 
 
-class StoreSettings(BaseSettings):
-    """The part of Settings that the offline commands (approve, show, replay) need."""
+class LocalSettings(BaseSettings):
+    """The part of Settings that the local commands (approve, show, replay, healthcheck) need."""
 
     model_config = SettingsConfigDict(env_prefix="OMSD_", extra="ignore", frozen=True)
 
     db: Path = Path("omsd.db")
+    listen: str = "127.0.0.1:8787"
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        return check_listen(value)
+
+
+def load_local() -> LocalSettings:
+    try:
+        return LocalSettings()
+    except ValidationError as exc:
+        raise ConfigError(describe(exc)) from None
 
 
 def load_db_path() -> Path:
-    try:
-        return StoreSettings().db
-    except ValidationError as exc:
-        raise ConfigError(describe(exc)) from None
+    return load_local().db
 
 
 def load_policy() -> Policy:

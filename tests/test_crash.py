@@ -21,6 +21,8 @@ from tests.conftest import API_TOKEN, free_port, until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
+HOOK_SECRET = "crash-test-hook-secret-42"
+
 
 def omsd_env(sim: Simulator, db: Path, port: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OMSD_")}
@@ -167,10 +169,13 @@ async def test_sigkill_at_several_points_loses_nothing(sim: Simulator, tmp_path:
 
 
 async def test_sigterm_mid_scenario_exits_cleanly_and_resumes(sim: Simulator, tmp_path: Path) -> None:
-    """SIGTERM while orders are in flight: exit 0, and after a restart nothing is lost."""
+    """SIGTERM while orders are in flight (feed and hook both on): exit 0, and after a
+    restart nothing is lost; no configured secret appears anywhere in the logs."""
     port = free_port()
     db = tmp_path / "omsd.db"
-    omsd = Omsd(omsd_env(sim, db, port), port, tmp_path / "omsd.log")
+    env = omsd_env(sim, db, port)
+    env.update({"OMSD_SOURCE": "both", "OMSD_HOOK_SECRET": HOOK_SECRET})
+    omsd = Omsd(env, port, tmp_path / "omsd.log")
     await omsd.start()
     orders = [sim.create(f"T{i}", held=True, decision="authorize", decide_after_s=0.5 + 0.1 * i) for i in range(6)]
     for order in orders:
@@ -191,4 +196,5 @@ async def test_sigterm_mid_scenario_exits_cleanly_and_resumes(sim: Simulator, tm
     assert [o.approvals_applied for o in orders] == [1] * len(orders)
     assert sum(o.puts_while_held for o in orders) == 0
     log: Any = (tmp_path / "omsd.log").read_text()
-    assert sim.app_token not in log and API_TOKEN not in log
+    assert sim.app_token not in log and API_TOKEN not in log and HOOK_SECRET not in log
+    assert sim.hook_pushes  # the hook was configured and used

@@ -201,3 +201,32 @@ async def test_readyz_is_503_until_vtex_config_is_confirmed(sim: Simulator, run_
         problems = daemon.health.problems(db_writable=True)
         assert "feed configuration not confirmed at VTEX" in problems
         assert daemon.health.problems(db_writable=False)[0] == "database not writable"
+
+
+async def test_healthcheck_command(sim: Simulator, run_daemon: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`omsd healthcheck` (the container's HEALTHCHECK) is 0 against a live daemon, 1 otherwise."""
+    import asyncio
+
+    from daemon.cli import main
+    from tests.conftest import free_port
+
+    async with run_daemon(sim) as daemon:
+        monkeypatch.setenv("OMSD_LISTEN", daemon.settings.listen)
+        assert await asyncio.to_thread(main, ["healthcheck"]) == 0
+    monkeypatch.setenv("OMSD_LISTEN", f"0.0.0.0:{free_port()}")
+    assert await asyncio.to_thread(main, ["healthcheck"]) == 1
+
+
+def test_container_file_runs_omsd_as_pid_1_without_root() -> None:
+    """Exec-form entrypoint (omsd gets SIGTERM), a non-root user, the database on a
+    volume, a health check. (No container engine runs on the development machines:
+    the image itself is built by operators; see docs/operations.md.)"""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "Containerfile").read_text()
+    final = text.split("\nFROM ")[-1]
+    assert 'ENTRYPOINT ["omsd", "run"]' in final
+    assert "\nUSER omsd" in final
+    assert 'VOLUME ["/var/lib/omsd"]' in final
+    assert "HEALTHCHECK" in final and '["omsd", "healthcheck"]' in final
+    assert "python:3.11-slim" in final
