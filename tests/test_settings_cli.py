@@ -114,6 +114,7 @@ def test_run_with_bad_config_exits_2_with_one_line(tmp_path: Path) -> None:
         "feed",
         "hook",
         "check",
+        "healthcheck",
     ],
 )
 def test_every_subcommand_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
