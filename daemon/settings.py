@@ -122,6 +122,17 @@ class Settings(PolicySettings):
             value = [s.strip() for s in value.split(",") if s.strip()]
         return value
 
+    @field_validator("api_token", "hook_secret", mode="before")
+    @classmethod
+    def _token(cls, value: object) -> object:
+        """Empty means unset (an empty credential file); a set token must be long enough."""
+        raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if raw is None or (isinstance(raw, str) and not raw.strip()):
+            return None
+        if isinstance(raw, str) and len(raw.strip()) < 16:
+            raise ValueError("must be at least 16 characters")
+        return raw.strip() if isinstance(raw, str) else raw
+
     @field_validator("hook_url")
     @classmethod
     def _hook_url(cls, value: str | None) -> str | None:

@@ -163,3 +163,13 @@ def test_state_never_imports_the_outside_world() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert proc.stdout.strip() == ""
+
+
+def test_empty_tokens_mean_unset_and_short_ones_are_refused(env: pytest.MonkeyPatch) -> None:
+    """An empty API token (e.g. an empty credential file) disables /v1 writes instead of
+    accepting an empty bearer; a short token is refused."""
+    env.setenv("OMSD_API_TOKEN", "   ")
+    assert load_settings().api_token is None
+    env.setenv("OMSD_API_TOKEN", "short")
+    with pytest.raises(ConfigError, match="OMSD_API_TOKEN: Value error, must be at least 16 characters"):
+        load_settings()
