@@ -107,19 +107,20 @@ def feed_item(item: object, received_at: datetime) -> Intake:
             raise _Reject("missing field handle")
         event = _status_event(fields, source="feed")
     except _Reject as exc:
-        return Intake(entry=rejected("feed", item, str(exc), received_at, handle=handle), handle=handle, accepted=False)
-    return Intake(
-        entry=NewEntry(
-            kind=event.kind,
-            source="feed",
-            order_id=event.order_id,
-            payload=event.model_dump_json(),
-            received_at=received_at,
-            dedup_key=status_dedup_key(event.order_id, event.state, event.current_change),
-            event_id=f"feed:{event.event_id}" if event.event_id else None,
-        ),
-        handle=handle,
-        accepted=True,
+        return Intake(entry=rejected("feed", item, str(exc), received_at), handle=handle, accepted=False)
+    return Intake(entry=_status_entry(event, received_at), handle=handle, accepted=True)
+
+
+def _status_entry(event: StatusChanged, received_at: datetime) -> NewEntry:
+    """Feed and hook alike: the dedup key makes the same change one event."""
+    return NewEntry(
+        kind=event.kind,
+        source=event.source,
+        order_id=event.order_id,
+        payload=event.model_dump_json(),
+        received_at=received_at,
+        dedup_key=status_dedup_key(event.order_id, event.state, event.current_change),
+        event_id=f"{event.source}:{event.event_id}" if event.event_id else None,
     )
 
 
@@ -144,7 +145,7 @@ def _status_event(fields: dict[str, Any], *, source: str) -> StatusChanged:
     )
 
 
-def rejected(source: str, item: object, reason: str, received_at: datetime, *, handle: str | None = None) -> NewEntry:
+def rejected(source: str, item: object, reason: str, received_at: datetime) -> NewEntry:
     """A journal row that keeps a bad item and why it was refused. The handle is left
     out of the stored item and of the dedup key: a redelivery is the same bad item."""
     kept = item
@@ -211,12 +212,4 @@ def hook_item(body: object, received_at: datetime) -> HookIntake:
         event = _status_event(fields, source="hook")
     except _Reject as exc:
         return HookIntake(ping=False, entry=rejected("hook", body, str(exc), received_at), reason=str(exc))
-    entry = NewEntry(
-        kind=event.kind,
-        source="hook",
-        order_id=event.order_id,
-        payload=event.model_dump_json(),
-        received_at=received_at,
-        dedup_key=status_dedup_key(event.order_id, event.state, event.current_change),
-    )
-    return HookIntake(ping=False, entry=entry, account=account)
+    return HookIntake(ping=False, entry=_status_entry(event, received_at), account=account)

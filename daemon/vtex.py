@@ -341,36 +341,36 @@ class VtexClient:
         if not 200 <= status < 300:
             self._raise_for("POST", FEED, status, body)
 
-    async def get_feed_config(self) -> FeedConfig | None:
-        status, body = await self._request("GET", FEED_CONFIG, FEED_CONFIG, idempotent=True)
-        if status == 404:
-            return None
-        if status != 200:
-            self._raise_for("GET", FEED_CONFIG, status, body)
-        if not isinstance(body, dict):
-            raise BadResponse(f"GET {FEED_CONFIG}: expected a JSON object")
-        return FeedConfig(raw=body)
-
-    async def save_feed_config(self, body: Mapping[str, Any]) -> None:
-        status, answer = await self._request("POST", FEED_CONFIG, FEED_CONFIG, body=dict(body), idempotent=True)
-        if not 200 <= status < 300:
-            self._raise_for("POST", FEED_CONFIG, status, answer)
-
-    async def get_hook_config(self) -> HookConfig | None:
-        status, body = await self._request("GET", HOOK_CONFIG, HOOK_CONFIG, idempotent=True)
+    async def _get_config(self, route: str) -> dict[str, Any] | None:
+        """A configuration object, or None when VTEX has none (404, or an empty 200)."""
+        status, body = await self._request("GET", route, route, idempotent=True)
         if status == 404 or (status == 200 and not body):
             return None
         if status != 200:
-            self._raise_for("GET", HOOK_CONFIG, status, body)
+            self._raise_for("GET", route, status, body)
         if not isinstance(body, dict):
-            raise BadResponse(f"GET {HOOK_CONFIG}: expected a JSON object")
-        return HookConfig(raw=body)
+            raise BadResponse(f"GET {route}: expected a JSON object")
+        return body
+
+    async def _save_config(self, route: str, body: Mapping[str, Any]) -> None:
+        status, answer = await self._request("POST", route, route, body=dict(body), idempotent=True)
+        if not 200 <= status < 300:
+            self._raise_for("POST", route, status, answer)
+
+    async def get_feed_config(self) -> FeedConfig | None:
+        raw = await self._get_config(FEED_CONFIG)
+        return FeedConfig(raw=raw) if raw is not None else None
+
+    async def save_feed_config(self, body: Mapping[str, Any]) -> None:
+        await self._save_config(FEED_CONFIG, body)
+
+    async def get_hook_config(self) -> HookConfig | None:
+        raw = await self._get_config(HOOK_CONFIG)
+        return HookConfig(raw=raw) if raw is not None else None
 
     async def save_hook_config(self, body: Mapping[str, Any]) -> None:
         """VTEX pings the hook URL before it saves: omsd's server must be listening."""
-        status, answer = await self._request("POST", HOOK_CONFIG, HOOK_CONFIG, body=dict(body), idempotent=True)
-        if not 200 <= status < 300:
-            self._raise_for("POST", HOOK_CONFIG, status, answer)
+        await self._save_config(HOOK_CONFIG, body)
 
     # ---- orders -------------------------------------------------------------------------
     async def get_order(self, order_id: str) -> OrderSnapshot:
