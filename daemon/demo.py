@@ -81,6 +81,8 @@ def demo_settings(sim: Simulator, db: Path, port: int, api_token: str) -> Settin
         connector_endpoint=f"http://127.0.0.1:{port}",
         listen=f"127.0.0.1:{port}",
         api_token=api_token,
+        source="both",
+        hook_secret=secrets.token_urlsafe(24),
         poll_interval_s=0.2,
         rate_limit_per_s=100,
         held_recheck_s=4.0,
@@ -144,7 +146,9 @@ async def _intent(session: aiohttp.ClientSession, url: str, token: str, sim: Sim
             raise RuntimeError(f"/v1/approvals answered {resp.status}: {await resp.text()}")
 
 
-def _table(planned: list[Planned], phases: dict[str, str], sim: Simulator, final: bool) -> Table:
+def _table(
+    planned: list[Planned], phases: dict[str, str], sim: Simulator, final: bool, daemon: Daemon | None = None
+) -> Table:
     table = Table(title="omsd demo: summary" if final else "omsd demo: live", expand=False)
     table.add_column("orders")
     for col in ("count", "approved", "rejected", "waiting", "dead", "as expected"):
@@ -168,8 +172,11 @@ def _table(planned: list[Planned], phases: dict[str, str], sim: Simulator, final
         f"approval PUTs {st['puts']} · approvals applied by VTEX {st['approvals_applied']} · "
         f"approvals sent while held {st['puts_while_held']} · EOI011 refusals {st['eoi011']} · "
         f"429s {st['rate_limited']} · "
-        f"feed deliveries {st['deliveries']} for {st['deleted']} committed"
+        f"feed deliveries {st['deliveries']} for {st['deleted']} committed · hook pushes {st['hook_pushes']}"
     )
+    if daemon is not None:
+        absorbed = sum(daemon.metrics.sample("omsd_duplicates_total", source=s) for s in ("feed", "hook"))
+        table.caption += f" · duplicates absorbed {absorbed:.0f}"
     return table
 
 
@@ -235,7 +242,7 @@ async def _run(count: int, seed: int, timeout_s: float, console: Console, tmp: P
         stop.set()
         await asyncio.wait_for(task, timeout=30)
         await sim.stop()
-    console.print(_table(planned, phases, sim, True))
+    console.print(_table(planned, phases, sim, True, daemon))
     return _verdict(planned, phases, sim, console)
 
 

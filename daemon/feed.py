@@ -118,8 +118,9 @@ class FeedPoller:
             self._metrics.feed_commits.inc(len(handles))
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Poll until `stop`. A full batch is followed at once by another; an empty or
-        short one does not prove the queue empty, so polling simply goes on."""
+        """Poll until `stop`. Any non-empty batch is followed at once by another (a
+        short batch does not mean the queue is empty); after an empty one omsd waits
+        `poll_interval_s` (which does not prove the queue empty either: polling goes on)."""
         while not stop.is_set():
             try:
                 delivered = await self.poll_once()
@@ -139,7 +140,7 @@ class FeedPoller:
                 self.stats.poll_failures += 1
                 log.warning("feed_poll_failed", error=str(exc))
                 delivered = 0
-            if delivered >= self._settings.maxlot:
-                continue
+            if delivered:
+                continue  # a short batch does not mean the queue is empty: ask again at once
             await wait_any(stop, within_s=self._settings.poll_interval_s)
         await self.flush_commits()

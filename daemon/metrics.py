@@ -57,5 +57,9 @@ class Metrics:
         for phase in Phase:
             self.orders.labels(phase=phase.value).set(counts.get(phase.value, 0))
 
+    def sample(self, name: str, **labels: str) -> float:
+        """The current value of one sample (0 when it was never set)."""
+        return self.registry.get_sample_value(name, labels) or 0.0
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

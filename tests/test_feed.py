@@ -38,8 +38,10 @@ class FakeVtex:
         self.fail_commits = 0
         self.config: FeedConfig | None = None
         self.saved: list[dict[str, Any]] = []
+        self.polls = 0
 
     async def get_feed(self, maxlot: int) -> list[Any]:
+        self.polls += 1
         return self.batches.pop(0) if self.batches else []
 
     async def commit_feed(self, handles: list[str]) -> None:
@@ -126,3 +128,23 @@ async def test_missing_feed_config_is_created_from_settings(settings: Settings) 
     vtex.config = FeedConfig(raw=body)
     assert not await ensure_feed_config(vtex, settings)
     assert len(vtex.saved) == 1
+
+
+async def test_a_short_batch_is_followed_at_once_and_an_empty_one_waits(settings: Settings) -> None:
+    """One item (of maxlot 10) does not mean the queue is empty: omsd asks again at once;
+    after an empty batch it waits poll_interval_s (an hour here) before asking again."""
+    import asyncio
+
+    from tests.conftest import until
+
+    slow = settings.model_copy(update={"poll_interval_s": 3600.0})
+    async with await Store.open(settings.db) as store:
+        vtex = FakeVtex(settings.db, [[ITEM], [{**ITEM, "eventId": "E2", "handle": "h2", "state": "canceled"}]])
+        stop = asyncio.Event()
+        task = asyncio.create_task(FeedPoller(store, vtex, slow).run(stop))
+        await until(lambda: vtex.polls >= 3, timeout=10, what="three polls without waiting")
+        await asyncio.sleep(0)
+        assert vtex.polls == 3  # the third came back empty: now it waits
+        stop.set()
+        await task
+    assert vtex.committed == ["h1", "h2"]
