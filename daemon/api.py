@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -315,9 +316,14 @@ def build_app(ctx: ApiContext) -> web.Application:
     app.router.add_post("/v1/approvals", approvals)
     app.router.add_get("/v1/orders/{key}", show_order)
     app.router.add_get("/v1/status", status)
-    app.router.add_post(NOTIFICATION_ROUTE, notification)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
-    app.router.add_post(HOOK_ROUTE, hook)
+    # VTEX's routes also under the path of OMSD_CONNECTOR_ENDPOINT / OMSD_HOOK_URL, so a
+    # proxy that forwards https://host/api/vtex/... unchanged reaches them.
+    prefix = urlsplit(ctx.settings.connector_endpoint).path.rstrip("/")
+    for path in {NOTIFICATION_ROUTE, prefix + NOTIFICATION_ROUTE}:
+        app.router.add_post(path, notification)
+    for path in {HOOK_ROUTE, urlsplit(ctx.settings.hook_endpoint).path or HOOK_ROUTE}:
+        app.router.add_post(path, hook)
     return app
