@@ -30,6 +30,7 @@ class PolicySettings(BaseSettings):
     max_attempts: int = Field(default=8, ge=1)
     eoi008_recheck_s: float = Field(default=60.0, gt=0)
     max_eoi008: int = Field(default=10, ge=0)
+    creating_patience: int = Field(default=2, ge=1, le=100)
 
     def policy(self) -> Policy:
         return Policy(
@@ -40,6 +41,7 @@ class PolicySettings(BaseSettings):
             max_attempts=self.max_attempts,
             eoi008_recheck_s=self.eoi008_recheck_s,
             max_eoi008=self.max_eoi008,
+            creating_patience=self.creating_patience,
         )
 
 

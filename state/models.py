@@ -50,6 +50,8 @@ class Order(_Frozen):
     eoi011: int = 0
     sent: int = 0  # approval PUTs asked for
     link_checked: bool = False
+    creating_checks: int = 0  # Get orders that found the order still in a creation status
+    creating_overdue: bool = False  # ... for longer than the policy's patience
     await_newer_than: AwareDatetime | None = None  # after EOI011: ignore releases not newer than this
     last_code: str | None = None
     last_error: str | None = None
@@ -99,6 +101,7 @@ class Policy:
     max_attempts: int = 8
     eoi008_recheck_s: float = 60.0
     max_eoi008: int = 10
+    creating_patience: int = 2  # Get orders showing a creation status before approving anyway
 
 
 def later(now: datetime, seconds: float) -> datetime:

@@ -232,6 +232,22 @@ EDGES = [
         notified("EOI011", flow="PlaceOrder"),
         "awaiting_result",
     ),
+    Edge(
+        "Get order shows the order still being created: wait",
+        order("checking"),
+        fetched("order-accepted"),
+        "waiting_release",
+        [],
+        {"creating_checks": 1, "timer_reason": "held_recheck"},
+    ),
+    Edge(
+        "still being created on the second check: approve anyway",
+        order("checking", creating_checks=1),
+        fetched("order-accepted"),
+        "sending",
+        ["send"],
+        {"creating_overdue": True},
+    ),
 ]
 
 
