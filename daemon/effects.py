@@ -50,7 +50,6 @@ class EffectRunner:
         self._metrics = metrics or Metrics()
         self.wake = asyncio.Event()
         self.progress: Callable[[], None] = lambda: None  # called on every turn of `run`
-        self.performed: dict[str, int] = {}
 
     async def recover(self) -> int:
         count = await self._store.recover_interrupted(self._clock())
@@ -106,7 +105,6 @@ class EffectRunner:
                 await asyncio.shield(self._store.finish_effect(row.id, entry))
             finally:
                 self.wake.set()
-            self.performed[effect.kind] = self.performed.get(effect.kind, 0) + 1
             if self.on_result is not None:
                 self.on_result()
 

@@ -39,7 +39,6 @@ class FeedStats:
     commits: int = 0
     commit_failures: int = 0
     poll_failures: int = 0
-    last_poll_ok_at: datetime | None = None
 
 
 class FeedPoller:
@@ -74,7 +73,6 @@ class FeedPoller:
             self.stats.poll_failures += 1
             raise
         self.stats.polls += 1
-        self.stats.last_poll_ok_at = self._clock()
         if self._health is not None:
             self._health.poll_ok()
         if not items:

@@ -197,7 +197,6 @@ class Simulator:
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self.base_url = ""
-        self.changed = asyncio.Event()
         self.events: dict[str, asyncio.Event] = {}
         self.malformed: list[Any] = []
         if feed_configured:
@@ -371,7 +370,6 @@ class Simulator:
         if status == HELD.value:
             order.was_held = True
         order.history.append((status, vtex_time(order.last_change)))
-        self.changed.set()
         self._emit_feed(order, last_state, last_change)
         self._emit_hook(order, last_state, last_change)
 

@@ -242,10 +242,6 @@ class VtexClient:
             "Content-Type": "application/json",
         }
 
-    @property
-    def paused_for_s(self) -> float:
-        return max(0.0, self._paused_until - self._clock())
-
     async def _request(
         self,
         method: str,

@@ -10,7 +10,6 @@ which is what lets the feed poller commit a handle to VTEX right after.
 from __future__ import annotations
 
 import asyncio
-import json
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -532,7 +531,3 @@ def _outbox_row(r: sqlite3.Row) -> OutboxRow:
         state=r["state"],
         created_at=from_iso(r["created_at"]),
     )
-
-
-def dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), sort_keys=True, default=str)
