@@ -212,7 +212,22 @@ class Processor:
 
     async def _decide(self, run: _Run, row: JournalRow, event: Event) -> None:
         before = await self._order(run, event.order_id)
-        decision = decide(before, event, row.received_at, self._policy)
+        try:
+            decision = decide(before, event, row.received_at, self._policy)
+        except Exception as exc:  # a bug must not stop every other order: skip this event, loudly
+            log.exception("event_not_applied", offset=row.offset, order_id=event.order_id, kind=event.kind)
+            run.batch.history.append(
+                HistoryRow(
+                    order_id=event.order_id,
+                    journal_offset=row.offset,
+                    from_phase=before.phase if before else None,
+                    to_phase=before.phase if before else "tracking",
+                    status=before.status if before else None,
+                    cause=f"event {event.kind} not applied: {type(exc).__name__}: {exc}"[:500],
+                    at=row.received_at,
+                )
+            )
+            return
         after = decision.order
         run.orders[after.order_id] = after
         run.batch.orders[after.order_id] = after

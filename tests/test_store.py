@@ -245,3 +245,26 @@ async def test_failed_acks_are_dropped_after_visibility_timeout(tmp_path: Path) 
         assert await store.pending_acks() == ["h1"]
         assert await store.acks_failed(["h1"], "503", drop_before=datetime.now(UTC) + timedelta(seconds=1)) == 1
         assert await store.pending_acks() == []
+
+
+async def test_an_event_the_machine_cannot_apply_is_skipped_and_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug on one event does not stop the processor: the event is skipped, the reason is
+    in the order's history, and the next events (and orders) are applied."""
+    from state.machine import decide as real
+
+    def flaky(order: object, event: object, now: object, policy: object) -> object:
+        if getattr(event, "state", None) == "handling":
+            raise RuntimeError("boom")
+        return real(order, event, now, policy)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("daemon.processor.decide", flaky)
+    async with await Store.open(tmp_path / "db") as store:
+        await store.append([status_entry(HELD, 1), status_entry("handling", 2), status_entry("canceled", 3)])
+        processor = Processor(store, Policy())
+        assert await processor.drain() == 3
+        order = await store.load_order(OID)
+        assert order is not None and order.status == "canceled"
+        causes = [h.cause for h in await store.history(OID)]
+        assert any("not applied: RuntimeError: boom" in c for c in causes)
