@@ -19,10 +19,10 @@ from pathlib import Path
 
 import aiohttp
 
-from daemon import logs
-from daemon.app import Daemon
-from daemon.settings import Settings
-from daemon.simulator import Simulator
+from omsd.daemon import logs
+from omsd.daemon.app import Daemon
+from omsd.daemon.settings import Settings
+from omsd.daemon.simulator import Simulator
 
 
 def free_port() -> int:

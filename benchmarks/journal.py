@@ -16,11 +16,11 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from daemon.intake import feed_item
-from daemon.processor import Processor
-from state.events import IntentRecorded
-from state.models import Policy
-from state.store import NewEntry, Store
+from omsd.daemon.intake import feed_item
+from omsd.daemon.processor import Processor
+from omsd.state.events import IntentRecorded
+from omsd.state.models import Policy
+from omsd.state.store import NewEntry, Store
 
 FLOW = [
     "order-accepted",
@@ -90,7 +90,7 @@ if __name__ == "__main__":
     parser.add_argument("--orders", type=int, default=2000)
     parser.add_argument("--events-per-order", type=int, default=5)
     args = parser.parse_args()
-    from daemon import logs
+    from omsd.daemon import logs
 
     logs.configure("warning", "json")
     asyncio.run(main(args.orders, args.events_per_order))

@@ -1,3 +1,3 @@
-from daemon.cli import main
+from omsd.daemon.cli import main
 
 raise SystemExit(main())

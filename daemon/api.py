@@ -17,15 +17,15 @@ from urllib.parse import urlsplit
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from daemon import intake
-from daemon.health import Health
-from daemon.logs import get_logger
-from daemon.metrics import CONTENT_TYPE_LATEST, Metrics
-from daemon.processor import Processor
-from daemon.settings import Settings
-from state.events import IntentReceived, IntentRecorded, NotificationReceived
-from state.models import Order
-from state.store import NewEntry, Store
+from omsd.daemon import intake
+from omsd.daemon.health import Health
+from omsd.daemon.logs import get_logger
+from omsd.daemon.metrics import CONTENT_TYPE_LATEST, Metrics
+from omsd.daemon.processor import Processor
+from omsd.daemon.settings import Settings
+from omsd.state.events import IntentReceived, IntentRecorded, NotificationReceived
+from omsd.state.models import Order
+from omsd.state.store import NewEntry, Store
 
 log = get_logger("omsd.api")
 

@@ -24,21 +24,21 @@ from aiohttp import web
 from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MISSED, JobExecutionEvent
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from daemon.api import ApiContext, build_app
-from daemon.effects import EffectRunner
-from daemon.errors import AuthFailed, VtexError
-from daemon.feed import FeedPoller
-from daemon.health import Health
-from daemon.logs import get_logger, redact
-from daemon.metrics import Metrics
-from daemon.notify import Notifier, Progress, watchdog_loop
-from daemon.processor import Processor, Transition
-from daemon.settings import Settings
-from daemon.vtex import VtexClient
-from daemon.vtexconfig import SelfCheck, ensure_feed_config, ensure_hook_config
-from daemon.wakeup import wait_any
-from state.statuses import Phase
-from state.store import Store
+from omsd.daemon.api import ApiContext, build_app
+from omsd.daemon.effects import EffectRunner
+from omsd.daemon.errors import AuthFailed, VtexError
+from omsd.daemon.feed import FeedPoller
+from omsd.daemon.health import Health
+from omsd.daemon.logs import get_logger, redact
+from omsd.daemon.metrics import Metrics
+from omsd.daemon.notify import Notifier, Progress, watchdog_loop
+from omsd.daemon.processor import Processor, Transition
+from omsd.daemon.settings import Settings
+from omsd.daemon.vtex import VtexClient
+from omsd.daemon.vtexconfig import SelfCheck, ensure_feed_config, ensure_hook_config
+from omsd.daemon.wakeup import wait_any
+from omsd.state.statuses import Phase
+from omsd.state.store import Store
 
 log = get_logger("omsd.app")
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import aiohttp
 
-from daemon.errors import AuthFailed, VtexError
-from daemon.settings import Settings
-from daemon.vtex import VtexClient
-from daemon.vtexconfig import hook_plan, missing_statuses
-from state.schema import SCHEMA_VERSION
-from state.store import Store, StoreError
+from omsd.daemon.errors import AuthFailed, VtexError
+from omsd.daemon.settings import Settings
+from omsd.daemon.vtex import VtexClient
+from omsd.daemon.vtexconfig import hook_plan, missing_statuses
+from omsd.state.schema import SCHEMA_VERSION
+from omsd.state.store import Store, StoreError
 
 
 @dataclass(frozen=True)

@@ -19,13 +19,13 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from daemon import logs
-from daemon.errors import AuthFailed, VtexError
-from daemon.settings import ConfigError, Settings, load_db_path, load_local, load_policy, load_settings
-from state.events import IntentReceived, IntentRecorded, Resync
-from state.models import Order
-from state.statuses import TERMINAL_PHASES, Phase
-from state.store import NewEntry, Store, StoreError
+from omsd.daemon import logs
+from omsd.daemon.errors import AuthFailed, VtexError
+from omsd.daemon.settings import ConfigError, Settings, load_db_path, load_local, load_policy, load_settings
+from omsd.state.events import IntentReceived, IntentRecorded, Resync
+from omsd.state.models import Order
+from omsd.state.statuses import TERMINAL_PHASES, Phase
+from omsd.state.store import NewEntry, Store, StoreError
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
 
@@ -173,7 +173,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if cmd == "run":
         settings = load_settings()
         logs.configure(settings.log_level, settings.log_format)
-        from daemon.app import run_until_signalled
+        from omsd.daemon.app import run_until_signalled
 
         refused: list[BaseException] = []
         try:
@@ -193,14 +193,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         logs.configure("error", "console", stream=sys.stderr)
         return asyncio.run(_check(settings))
     if cmd == "demo":
-        from daemon.demo import run_demo
+        from omsd.daemon.demo import run_demo
 
         if args.orders < 4:
             print("omsd: --orders must be at least 4", file=sys.stderr)
             return EXIT_CONFIG
         return asyncio.run(run_demo(args.orders, args.seed, args.timeout))
     if cmd == "sim":
-        from daemon.simulator import serve
+        from omsd.daemon.simulator import serve
 
         logs.configure("info", "auto")
         host, _, port = args.listen.rpartition(":")
@@ -228,8 +228,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 async def _vtex_config(settings: Settings, kind: str, action: str, yes: bool) -> int:
     import aiohttp
 
-    from daemon.vtex import VtexClient, feed_config_body, hook_config_body
-    from daemon.vtexconfig import feed_plan, hook_plan
+    from omsd.daemon.vtex import VtexClient, feed_config_body, hook_config_body
+    from omsd.daemon.vtexconfig import feed_plan, hook_plan
 
     if kind == "hook" and settings.hook_secret is None:
         print("omsd: OMSD_HOOK_SECRET: is required to configure the hook", file=sys.stderr)
@@ -302,7 +302,7 @@ def _masked(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _check(settings: Settings) -> int:
-    from daemon.check import run_checks
+    from omsd.daemon.check import run_checks
 
     results = await run_checks(settings)
     table = Table(title="omsd check")
@@ -430,7 +430,7 @@ async def _journal(store: Store, args: argparse.Namespace) -> int:
 
 
 async def _replay(store: Store, args: argparse.Namespace) -> int:
-    from daemon.processor import Processor
+    from omsd.daemon.processor import Processor
 
     # Same policy knobs as the daemon (OMSD_MAX_ATTEMPTS etc.), so the replayed
     # state is the state the daemon had.

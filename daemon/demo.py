@@ -26,11 +26,11 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from daemon import logs
-from daemon.app import Daemon
-from daemon.settings import Settings
-from daemon.simulator import Faults, Simulator
-from state.statuses import Phase
+from omsd.daemon import logs
+from omsd.daemon.app import Daemon
+from omsd.daemon.settings import Settings
+from omsd.daemon.simulator import Faults, Simulator
+from omsd.state.statuses import Phase
 
 
 @dataclass(frozen=True)

@@ -12,14 +12,14 @@ import asyncio
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from daemon.errors import AuthFailed, NotFound, RateLimited, VtexError
-from daemon.logs import get_logger
-from daemon.metrics import Metrics
-from daemon.vtex import VtexApi
-from daemon.wakeup import wait_any
-from state.events import ApprovalAnswered, ApprovalFailed, Event, OrderFetched, OrderFetchFailed
-from state.models import FetchOrder, SendApproval
-from state.store import NewEntry, OutboxRow, Store
+from omsd.daemon.errors import AuthFailed, NotFound, RateLimited, VtexError
+from omsd.daemon.logs import get_logger
+from omsd.daemon.metrics import Metrics
+from omsd.daemon.vtex import VtexApi
+from omsd.daemon.wakeup import wait_any
+from omsd.state.events import ApprovalAnswered, ApprovalFailed, Event, OrderFetched, OrderFetchFailed
+from omsd.state.models import FetchOrder, SendApproval
+from omsd.state.store import NewEntry, OutboxRow, Store
 
 log = get_logger("omsd.effects")
 

@@ -15,16 +15,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from daemon import intake
-from daemon.errors import AuthFailed, NotFound, VtexError
-from daemon.health import Health
-from daemon.logs import get_logger
-from daemon.metrics import Metrics
-from daemon.settings import Settings
-from daemon.vtex import VtexApi
-from daemon.vtexconfig import ensure_feed_config
-from daemon.wakeup import wait_any
-from state.store import Store
+from omsd.daemon import intake
+from omsd.daemon.errors import AuthFailed, NotFound, VtexError
+from omsd.daemon.health import Health
+from omsd.daemon.logs import get_logger
+from omsd.daemon.metrics import Metrics
+from omsd.daemon.settings import Settings
+from omsd.daemon.vtex import VtexApi
+from omsd.daemon.vtexconfig import ensure_feed_config
+from omsd.daemon.wakeup import wait_any
+from omsd.state.store import Store
 
 log = get_logger("omsd.feed")
 

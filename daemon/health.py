@@ -6,9 +6,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from daemon.logs import get_logger
-from daemon.metrics import Metrics
-from daemon.settings import Settings
+from omsd.daemon.logs import get_logger
+from omsd.daemon.metrics import Metrics
+from omsd.daemon.settings import Settings
 
 log = get_logger("omsd.health")
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from state.events import StatusChanged
-from state.statuses import Status
-from state.store import NewEntry, iso
+from omsd.state.events import StatusChanged
+from omsd.state.statuses import Status
+from omsd.state.store import NewEntry, iso
 
 _TIME = re.compile(r"^(?P<base>\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(?:\.(?P<frac>\d+))?(?P<tz>Z|[+-]\d{2}:?\d{2})?$")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from state.statuses import Phase
+from omsd.state.statuses import Phase
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 

@@ -14,8 +14,8 @@ import socket
 import time
 from collections.abc import Callable
 
-from daemon.logs import get_logger
-from daemon.settings import systemd_environment
+from omsd.daemon.logs import get_logger
+from omsd.daemon.settings import systemd_environment
 
 log = get_logger("omsd.notify")
 

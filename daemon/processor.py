@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from daemon.logs import get_logger
-from daemon.wakeup import wait_any
-from state.events import (
+from omsd.daemon.logs import get_logger
+from omsd.daemon.wakeup import wait_any
+from omsd.state.events import (
     Event,
     IntentReceived,
     IntentRecorded,
@@ -25,9 +25,9 @@ from state.events import (
     ResultNotified,
     parse_entry,
 )
-from state.machine import EOI_HELD, decide
-from state.models import Order, Policy
-from state.store import Batch, HistoryRow, JournalRow, Store
+from omsd.state.machine import EOI_HELD, decide
+from omsd.state.models import Order, Policy
+from omsd.state.store import Batch, HistoryRow, JournalRow, Store
 
 log = get_logger("omsd.processor")
 

@@ -10,8 +10,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from state.models import Policy
-from state.statuses import FILTERABLE_STATUSES
+from omsd.state.models import Policy
+from omsd.state.statuses import FILTERABLE_STATUSES
 
 
 class ConfigError(Exception):

@@ -28,8 +28,8 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp import web
 
-from daemon.logs import get_logger
-from state.statuses import APPROVED_STATUSES, CANCEL_STATUSES, HELD, Status
+from omsd.daemon.logs import get_logger
+from omsd.state.statuses import APPROVED_STATUSES, CANCEL_STATUSES, HELD, Status
 
 log = get_logger("omsd.simulator")
 

@@ -24,11 +24,11 @@ import aiohttp
 from asyncio_throttle.throttler import Throttler
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from daemon.errors import AuthFailed, BadResponse, NotFound, RateLimited, VtexRejected, VtexUnavailable
-from daemon.intake import parse_time
-from daemon.logs import get_logger
-from daemon.metrics import Metrics
-from daemon.settings import Settings
+from omsd.daemon.errors import AuthFailed, BadResponse, NotFound, RateLimited, VtexRejected, VtexUnavailable
+from omsd.daemon.intake import parse_time
+from omsd.daemon.logs import get_logger
+from omsd.daemon.metrics import Metrics
+from omsd.daemon.settings import Settings
 
 log = get_logger("omsd.vtex")
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from daemon.errors import AuthFailed, VtexError
-from daemon.health import Health
-from daemon.logs import get_logger
-from daemon.metrics import Metrics
-from daemon.settings import Settings
-from daemon.vtex import FeedConfig, HookConfig, VtexApi, feed_config_body, hook_config_body
+from omsd.daemon.errors import AuthFailed, VtexError
+from omsd.daemon.health import Health
+from omsd.daemon.logs import get_logger
+from omsd.daemon.metrics import Metrics
+from omsd.daemon.settings import Settings
+from omsd.daemon.vtex import FeedConfig, HookConfig, VtexApi, feed_config_body, hook_config_body
 
 log = get_logger("omsd.vtexconfig")
 

@@ -13,7 +13,7 @@ import hashlib
 from datetime import datetime
 from typing import Literal, assert_never
 
-from state.events import (
+from omsd.state.events import (
     ApprovalAnswered,
     ApprovalFailed,
     Event,
@@ -25,8 +25,8 @@ from state.events import (
     StatusChanged,
     TimerFired,
 )
-from state.models import Decision, Effect, FetchOrder, Inflight, Order, Policy, SendApproval, Timer, later
-from state.statuses import HELD, TERMINAL_PHASES, Phase, Status, is_approved, is_cancel, must_wait
+from omsd.state.models import Decision, Effect, FetchOrder, Inflight, Order, Policy, SendApproval, Timer, later
+from omsd.state.statuses import HELD, TERMINAL_PHASES, Phase, Status, is_approved, is_cancel, must_wait
 
 # Result codes of the Channel Order API that omsd acts on.
 SOI_APPROVED = "SOI002"

@@ -21,9 +21,9 @@ from typing import Any, Self
 
 import aiosqlite
 
-from state.events import ApprovalFailed, TimerFired
-from state.models import EFFECT_ADAPTER, Effect, Order
-from state.schema import MIGRATIONS, SCHEMA_VERSION
+from omsd.state.events import ApprovalFailed, TimerFired
+from omsd.state.models import EFFECT_ADAPTER, Effect, Order
+from omsd.state.schema import MIGRATIONS, SCHEMA_VERSION
 
 
 class StoreError(Exception):

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from daemon import logs
-from daemon.app import Daemon
-from daemon.settings import Settings
-from daemon.simulator import Faults, Simulator
+from omsd.daemon import logs
+from omsd.daemon.app import Daemon
+from omsd.daemon.settings import Settings
+from omsd.daemon.simulator import Faults, Simulator
 
 API_TOKEN = "test-api-token-0123456789"
 

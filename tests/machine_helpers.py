@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from state.events import (
+from omsd.state.events import (
     ApprovalAnswered,
     ApprovalFailed,
     IntentRecorded,
@@ -16,7 +16,7 @@ from state.events import (
     StatusChanged,
     TimerFired,
 )
-from state.models import Inflight, Order, Timer
+from omsd.state.models import Inflight, Order, Timer
 
 T0 = datetime(2026, 11, 1, 12, 0, 0, tzinfo=UTC)
 OID = "MKP-123-01"

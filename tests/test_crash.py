@@ -14,9 +14,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from daemon.simulator import Faults, SimOrder, Simulator
-from state.statuses import Phase
-from state.store import Store
+from omsd.daemon.simulator import Faults, SimOrder, Simulator
+from omsd.state.statuses import Phase
+from omsd.state.store import Store
 from tests.conftest import API_TOKEN, free_port, until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -65,7 +65,7 @@ class Omsd:
         self.starts += 1
         with self.log.open("a") as out:
             self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "daemon", "run", env=self.env, stdout=out, stderr=out
+                sys.executable, "-m", "omsd.daemon", "run", env=self.env, stdout=out, stderr=out
             )
 
         async def healthy() -> bool:

@@ -8,9 +8,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from daemon.app import Daemon
-from daemon.simulator import Simulator, vtex_time
-from state.statuses import Phase
+from omsd.daemon.app import Daemon
+from omsd.daemon.simulator import Simulator, vtex_time
+from omsd.state.statuses import Phase
 from tests.conftest import API_TOKEN, until
 
 pytestmark = pytest.mark.e2e
@@ -259,7 +259,7 @@ async def test_approvals_once_under_429_5xx_and_dropped_connections(sim: Simulat
 
 async def test_cli_approve_is_picked_up_by_the_running_daemon(sim: Simulator, run_daemon: Any, tmp_path: Any) -> None:
     """`omsd approve` writes to the journal from another connection; the daemon acts on it."""
-    from daemon.cli import main
+    from omsd.daemon.cli import main
 
     db = tmp_path / "shared.db"
     async with run_daemon(sim, db=db) as daemon:

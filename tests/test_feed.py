@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 
-from daemon.errors import VtexUnavailable
-from daemon.feed import FeedPoller
-from daemon.settings import Settings
-from daemon.vtex import ApprovalResponse, FeedConfig, HookConfig, OrderSnapshot
-from daemon.vtexconfig import ensure_feed_config
-from state.store import Store
+from omsd.daemon.errors import VtexUnavailable
+from omsd.daemon.feed import FeedPoller
+from omsd.daemon.settings import Settings
+from omsd.daemon.vtex import ApprovalResponse, FeedConfig, HookConfig, OrderSnapshot
+from omsd.daemon.vtexconfig import ensure_feed_config
+from omsd.state.store import Store
 
 ITEM = {
     "eventId": "E1",

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from daemon.intake import BadTime, feed_item, parse_time
+from omsd.daemon.intake import BadTime, feed_item, parse_time
 
 NOW = datetime(2026, 11, 1, tzinfo=UTC)
 GOOD = {

@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from state.events import Event
-from state.machine import backoff_s, decide
-from state.models import FetchOrder, Order, Policy, SendApproval
-from state.statuses import CANCEL_STATUSES, HELD, Phase, Status, is_cancel
+from omsd.state.events import Event
+from omsd.state.machine import backoff_s, decide
+from omsd.state.models import FetchOrder, Order, Policy, SendApproval
+from omsd.state.statuses import CANCEL_STATUSES, HELD, Phase, Status, is_cancel
 from tests.machine_helpers import (
     FREE,
     MKT,

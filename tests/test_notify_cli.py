@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from daemon.cli import main
-from daemon.notify import Notifier, Progress, watchdog_loop
-from daemon.simulator import Simulator
+from omsd.daemon.cli import main
+from omsd.daemon.notify import Notifier, Progress, watchdog_loop
+from omsd.daemon.simulator import Simulator
 from tests.conftest import free_port
 
 

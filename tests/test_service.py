@@ -7,9 +7,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from daemon.app import Daemon
-from daemon.simulator import Simulator
-from state.statuses import Phase
+from omsd.daemon.app import Daemon
+from omsd.daemon.simulator import Simulator
+from omsd.state.statuses import Phase
 from tests.conftest import until
 from tests.test_e2e import approve, reached
 
@@ -204,7 +204,7 @@ async def test_healthcheck_command(sim: Simulator, run_daemon: Any, monkeypatch:
     """`omsd healthcheck` (the container's HEALTHCHECK) is 0 against a live daemon, 1 otherwise."""
     import asyncio
 
-    from daemon.cli import main
+    from omsd.daemon.cli import main
     from tests.conftest import free_port
 
     async with run_daemon(sim) as daemon:

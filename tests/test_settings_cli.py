@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.cli import main
-from daemon.settings import ConfigError, load_settings
+from omsd.daemon.cli import main
+from omsd.daemon.settings import ConfigError, load_settings
 
 REQUIRED = {
     "OMSD_ACCOUNT": "shop",
@@ -85,7 +85,7 @@ def test_secrets_do_not_appear_in_repr_or_errors(env: pytest.MonkeyPatch) -> Non
 def test_run_with_bad_config_exits_2_with_one_line(tmp_path: Path) -> None:
     """`omsd run` without its variables exits 2 and names the first missing one."""
     proc = subprocess.run(
-        [sys.executable, "-m", "daemon", "run"],
+        [sys.executable, "-m", "omsd.daemon", "run"],
         capture_output=True,
         text=True,
         env={"PATH": "/usr/bin"},
@@ -157,8 +157,9 @@ def test_offline_command_without_database_is_a_usage_error(tmp_path: Path, monke
 def test_state_never_imports_the_outside_world() -> None:
     """The machine imports neither daemon, aiohttp nor apscheduler."""
     code = (
-        "import sys, state.machine, state.store; "
-        "bad = [m for m in sys.modules if m.split('.')[0] in ('daemon', 'aiohttp', 'apscheduler')]; "
+        "import sys, omsd.state.machine, omsd.state.store; "
+        "bad = [m for m in sys.modules "
+        "if m.startswith('omsd.daemon') or m.split('.')[0] in ('aiohttp', 'apscheduler')]; "
         "print(','.join(bad))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)

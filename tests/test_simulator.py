@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from daemon.simulator import FeedQueue, Simulator, validate_feed_config
+from omsd.daemon.simulator import FeedQueue, Simulator, validate_feed_config
 from tests.conftest import until
 
 CONFIG = {

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from daemon.processor import Processor
-from state.events import IntentReceived, IntentRecorded, NotificationReceived, StatusChanged
-from state.models import Policy
-from state.schema import MIGRATIONS, SCHEMA_VERSION
-from state.statuses import Phase
-from state.store import NewEntry, SchemaTooNew, Store
+from omsd.daemon.processor import Processor
+from omsd.state.events import IntentReceived, IntentRecorded, NotificationReceived, StatusChanged
+from omsd.state.models import Policy
+from omsd.state.schema import MIGRATIONS, SCHEMA_VERSION
+from omsd.state.statuses import Phase
+from omsd.state.store import NewEntry, SchemaTooNew, Store
 from tests.machine_helpers import FREE, HELD, MKT, OID, at, fetched
 
 NOW = datetime(2026, 11, 1, tzinfo=UTC)
@@ -252,14 +252,14 @@ async def test_an_event_the_machine_cannot_apply_is_skipped_and_recorded(
 ) -> None:
     """A bug on one event does not stop the processor: the event is skipped, the reason is
     in the order's history, and the next events (and orders) are applied."""
-    from state.machine import decide as real
+    from omsd.state.machine import decide as real
 
     def flaky(order: object, event: object, now: object, policy: object) -> object:
         if getattr(event, "state", None) == "handling":
             raise RuntimeError("boom")
         return real(order, event, now, policy)  # type: ignore[arg-type]
 
-    monkeypatch.setattr("daemon.processor.decide", flaky)
+    monkeypatch.setattr("omsd.daemon.processor.decide", flaky)
     async with await Store.open(tmp_path / "db") as store:
         await store.append([status_entry(HELD, 1), status_entry("handling", 2), status_entry("canceled", 3)])
         processor = Processor(store, Policy())

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.simulator import Simulator
+from omsd.daemon.simulator import Simulator
 from tests.conftest import API_TOKEN, free_port
 from tests.test_crash import omsd_env
 
@@ -79,7 +79,9 @@ async def test_sd_notify_ready_watchdog_stopping(tmp_path: Path) -> None:
     del env["OMSD_APP_TOKEN"]
     env.update({"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "400000", "CREDENTIALS_DIRECTORY": str(creds)})
     log = (tmp_path / "omsd.log").open("w")
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "daemon", "run", env=env, stdout=log, stderr=log)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "omsd.daemon", "run", env=env, stdout=log, stderr=log
+    )
     loop = asyncio.get_running_loop()
     messages: list[str] = []
 

@@ -11,9 +11,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from daemon.errors import AuthFailed, BadResponse, NotFound, RateLimited, VtexUnavailable
-from daemon.settings import Settings
-from daemon.vtex import FeedConfig, VtexClient, feed_config_body, parse_retry_after
+from omsd.daemon.errors import AuthFailed, BadResponse, NotFound, RateLimited, VtexUnavailable
+from omsd.daemon.settings import Settings
+from omsd.daemon.vtex import FeedConfig, VtexClient, feed_config_body, parse_retry_after
 from tests.http_mock import aioresponses
 
 BASE = "https://shop.vtexcommercestable.com.br"
