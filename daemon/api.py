@@ -23,7 +23,8 @@ from omsd.daemon.logs import get_logger
 from omsd.daemon.metrics import CONTENT_TYPE_LATEST, Metrics
 from omsd.daemon.processor import Processor
 from omsd.daemon.settings import Settings
-from omsd.state.events import IntentReceived, IntentRecorded, NotificationReceived
+from omsd.state.codes import APPROVAL_SUCCESS
+from omsd.state.events import NotificationReceived
 from omsd.state.models import Order
 from omsd.state.store import NewEntry, Store
 
@@ -158,21 +159,8 @@ def build_app(ctx: ApiContext) -> web.Application:
             reason = _validation_reason(exc)
             await keep_rejected("api", raw, reason)
             return _error(400, reason)
-        event: IntentRecorded | IntentReceived
-        if req.order_id:
-            event = IntentRecorded(order_id=req.order_id, marketplace_order_id=req.marketplace_order_id, source="api")
-        else:
-            event = IntentReceived(marketplace_order_id=req.marketplace_order_id, source="api")
         [appended] = await ctx.store.append(
-            [
-                NewEntry(
-                    kind=event.kind,
-                    source="api",
-                    order_id=req.order_id,
-                    payload=event.model_dump_json(),
-                    received_at=datetime.now(UTC),
-                )
-            ]
+            [intake.intent_entry(req.marketplace_order_id, req.order_id, "api", datetime.now(UTC))]
         )
         ctx.wake()
         offset = appended.offset or 0
@@ -230,18 +218,10 @@ def build_app(ctx: ApiContext) -> web.Application:
         )
         dedup = f"notification:{env.operation_id}:{env.code}" if env.operation_id else None
         [appended] = await ctx.store.append(
-            [
-                NewEntry(
-                    kind=event.kind,
-                    source="notification",
-                    payload=event.model_dump_json(),
-                    received_at=datetime.now(UTC),
-                    dedup_key=dedup,
-                )
-            ]
+            [NewEntry.of(event, source="notification", received_at=datetime.now(UTC), dedup_key=dedup)]
         )
         ctx.wake()
-        if not appended.duplicate and env.flow == "ApproveOrder" and env.code not in ("SOI002", "SOI003"):
+        if not appended.duplicate and env.flow == "ApproveOrder" and env.code not in APPROVAL_SUCCESS:
             ctx.metrics.approvals_refused.labels(code=env.code).inc()
         log.info(
             "notification_received",

@@ -19,10 +19,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from omsd.daemon import logs
+from omsd.daemon import intake, logs
 from omsd.daemon.errors import AuthFailed, VtexError
 from omsd.daemon.settings import ConfigError, Settings, load_db_path, load_local, load_policy, load_settings
-from omsd.state.events import IntentReceived, IntentRecorded, Resync
+from omsd.state.events import Resync
 from omsd.state.models import Order
 from omsd.state.statuses import TERMINAL_PHASES, Phase
 from omsd.state.store import NewEntry, Store, StoreError
@@ -330,22 +330,7 @@ async def _approve(store: Store, args: argparse.Namespace) -> int:
     if not mkt:
         print("omsd: MARKETPLACE_ORDER_ID must not be empty", file=sys.stderr)
         return EXIT_CONFIG
-    event: IntentRecorded | IntentReceived
-    if args.order_id:
-        event = IntentRecorded(order_id=args.order_id, marketplace_order_id=mkt, source="cli")
-    else:
-        event = IntentReceived(marketplace_order_id=mkt, source="cli")
-    [appended] = await store.append(
-        [
-            NewEntry(
-                kind=event.kind,
-                source="cli",
-                order_id=args.order_id,
-                payload=event.model_dump_json(),
-                received_at=_now(),
-            )
-        ]
-    )
+    [appended] = await store.append([intake.intent_entry(mkt, args.order_id, "cli", _now())])
     print(f"intent recorded at journal offset {appended.offset}; the running daemon will act on it")
     return EXIT_OK
 
@@ -448,18 +433,7 @@ async def _replay(store: Store, args: argparse.Namespace) -> int:
 
 
 async def _append_resync(store: Store, order_id: str, reason: str) -> None:
-    event = Resync(order_id=order_id, reason=reason)
-    await store.append(
-        [
-            NewEntry(
-                kind=event.kind,
-                source="operator",
-                order_id=order_id,
-                payload=event.model_dump_json(),
-                received_at=_now(),
-            )
-        ]
-    )
+    await store.append([NewEntry.of(Resync(order_id=order_id, reason=reason), source="operator", received_at=_now())])
 
 
 async def _retry(store: Store, args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ from omsd.daemon.logs import get_logger
 from omsd.daemon.metrics import Metrics
 from omsd.daemon.vtex import VtexApi
 from omsd.daemon.wakeup import wait_any
+from omsd.state.codes import APPROVAL_SUCCESS
 from omsd.state.events import ApprovalAnswered, ApprovalFailed, Event, OrderFetched, OrderFetchFailed
 from omsd.state.models import FetchOrder, SendApproval
 from omsd.state.store import NewEntry, OutboxRow, Store
@@ -93,14 +94,7 @@ class EffectRunner:
                     result = await self._fetch(effect)
                 case SendApproval():
                     result = await self._send(effect)
-            entry = NewEntry(
-                kind=result.kind,
-                source="effect",
-                order_id=result.order_id,
-                payload=result.model_dump_json(),
-                received_at=self._clock(),
-                dedup_key=f"effect:{row.id}",
-            )
+            entry = NewEntry.of(result, source="effect", received_at=self._clock(), dedup_key=f"effect:{row.id}")
             try:
                 await asyncio.shield(self._store.finish_effect(row.id, entry))
             finally:
@@ -141,7 +135,7 @@ class EffectRunner:
             log.warning("approval_failed", order_id=effect.order_id, error=str(exc))
             return ApprovalFailed(order_id=effect.order_id, seq=effect.seq, error=str(exc), retryable=exc.retryable)
         log.info("approval_answered", order_id=effect.order_id, code=answer.code, http_status=answer.http_status)
-        if answer.code not in ("SOI002", "SOI003"):
+        if answer.code not in APPROVAL_SUCCESS:
             self._metrics.approvals_refused.labels(code=answer.code).inc()
         return ApprovalAnswered(
             order_id=effect.order_id,

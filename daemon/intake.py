@@ -12,9 +12,9 @@ import json
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
-from omsd.state.events import StatusChanged
+from omsd.state.events import IntentReceived, IntentRecorded, StatusChanged
 from omsd.state.statuses import Status
 from omsd.state.store import NewEntry, iso
 
@@ -113,11 +113,9 @@ def feed_item(item: object, received_at: datetime) -> Intake:
 
 def _status_entry(event: StatusChanged, received_at: datetime) -> NewEntry:
     """Feed and hook alike: the dedup key makes the same change one event."""
-    return NewEntry(
-        kind=event.kind,
+    return NewEntry.of(
+        event,
         source=event.source,
-        order_id=event.order_id,
-        payload=event.model_dump_json(),
         received_at=received_at,
         dedup_key=status_dedup_key(event.order_id, event.state, event.current_change),
         event_id=f"{event.source}:{event.event_id}" if event.event_id else None,
@@ -143,6 +141,20 @@ def _status_event(fields: dict[str, Any], *, source: str) -> StatusChanged:
         event_id=_text(fields, "eventId", required=False),
         domain=_text(fields, "domain", required=False),
     )
+
+
+def intent_entry(
+    marketplace_order_id: str, order_id: str | None, source: Literal["api", "cli"], received_at: datetime
+) -> NewEntry:
+    """An approval intent from the API or the command line. With the VTEX order id it goes
+    straight to that order; without it the processor routes it by marketplace id (and
+    parks it until an order with that id is known)."""
+    event: IntentRecorded | IntentReceived
+    if order_id:
+        event = IntentRecorded(order_id=order_id, marketplace_order_id=marketplace_order_id, source=source)
+    else:
+        event = IntentReceived(marketplace_order_id=marketplace_order_id, source=source)
+    return NewEntry.of(event, source=source, received_at=received_at)
 
 
 def rejected(source: str, item: object, reason: str, received_at: datetime) -> NewEntry:

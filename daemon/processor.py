@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from omsd.daemon.logs import get_logger
 from omsd.daemon.wakeup import wait_any
+from omsd.state.codes import ResultCode
 from omsd.state.events import (
     Event,
     IntentReceived,
@@ -25,7 +26,7 @@ from omsd.state.events import (
     ResultNotified,
     parse_entry,
 )
-from omsd.state.machine import EOI_HELD, decide
+from omsd.state.machine import decide
 from omsd.state.models import Order, Policy
 from omsd.state.store import Batch, HistoryRow, JournalRow, Store
 
@@ -185,7 +186,7 @@ class Processor:
             )
             await self._decide(run, row, event)
             return
-        if n.flow == "ApproveOrder" and n.code == EOI_HELD:
+        if n.flow == "ApproveOrder" and n.code == ResultCode.HELD:
             await self._park_intent(run, row, n.marketplace_order_id, "notification")
             return
         log.info("notification_unrouted", offset=row.offset, marketplace_order_id=n.marketplace_order_id, code=n.code)

@@ -146,7 +146,8 @@ class IntentReceived(BaseModel):
     source: Literal["api", "cli", "notification"]
 
 
-Entry = Annotated[_OrderEvent | NotificationReceived | IntentReceived, Field(discriminator="kind")]
+AnyEntry = _OrderEvent | NotificationReceived | IntentReceived
+Entry = Annotated[AnyEntry, Field(discriminator="kind")]
 """Anything the journal holds as accepted: machine events plus entries still to be routed."""
 
 ENTRY_ADAPTER: TypeAdapter[Entry] = TypeAdapter(Entry)

@@ -13,6 +13,7 @@ import hashlib
 from datetime import datetime
 from typing import Literal, assert_never
 
+from omsd.state.codes import ResultCode
 from omsd.state.events import (
     ApprovalAnswered,
     ApprovalFailed,
@@ -28,13 +29,6 @@ from omsd.state.events import (
 from omsd.state.models import Decision, Effect, FetchOrder, Inflight, Order, Policy, SendApproval, Timer, later
 from omsd.state.statuses import HELD, TERMINAL_PHASES, Phase, Status, is_approved, is_cancel, must_wait
 
-# Result codes of the Channel Order API that omsd acts on.
-SOI_APPROVED = "SOI002"
-SOI_ENQUEUED = "SOI003"
-EOI_NOT_INTEGRATED = "EOI008"
-EOI_INVALID_STATUS = "EOI009"
-EOI_HELD = "EOI011"
-
 
 def parse_status(value: str | None) -> Status | None:
     if value is None:
@@ -43,6 +37,15 @@ def parse_status(value: str | None) -> Status | None:
         return Status(value)
     except ValueError:
         return None
+
+
+class UnsafeApproval(RuntimeError):
+    """A bug: the machine asked itself to approve an order it must not approve. The
+    processor records the event as not applied; nothing is sent."""
+
+    def __init__(self, order_id: str, why: str) -> None:
+        super().__init__(f"refusing to emit an approval for {order_id}: {why}")
+        self.order_id = order_id
 
 
 def backoff_s(order_id: str, attempt: int, policy: Policy) -> float:
@@ -85,9 +88,12 @@ class _Ctx:
         self.set(inflight=Inflight(seq=seq, kind="fetch", purpose=purpose))
 
     def send(self) -> None:
+        # Explicit checks, not `assert`: `python -O` strips asserts, and this is the guarantee.
         mkt = self.order.marketplace_order_id
-        assert mkt is not None
-        assert approvable(self.order), "approval asked for while held or canceled"
+        if mkt is None:
+            raise UnsafeApproval(self.order.order_id, "no marketplaceOrderId known")
+        if not approvable(self.order):
+            raise UnsafeApproval(self.order.order_id, f"latest status {self.order.status!r} does not allow it")
         seq = self.next_seq()
         self.effects.append(SendApproval(order_id=self.order.order_id, seq=seq, marketplace_order_id=mkt))
         self.set(inflight=Inflight(seq=seq, kind="send", purpose="approve"), sent=self.order.sent + 1)
@@ -163,7 +169,7 @@ def _wait_release(ctx: _Ctx, cause: str) -> None:
 
 def _held_refusal(ctx: _Ctx) -> None:
     """EOI011: VTEX holds the order. Not an error: wait for a newer release."""
-    ctx.set(eoi011=ctx.order.eoi011 + 1, last_code=EOI_HELD, held=True)
+    ctx.set(eoi011=ctx.order.eoi011 + 1, last_code=ResultCode.HELD.value, held=True)
     _wait_release(ctx, "EOI011: order held, waiting for release")
 
 
@@ -171,17 +177,17 @@ def _on_code(ctx: _Ctx, code: str, where: str) -> None:
     """Act on a Channel Order API result code for an approval that omsd is following."""
     ctx.set(last_code=code)
     match code:
-        case "SOI002":
+        case ResultCode.APPROVED:
             ctx.settle()
             ctx.goto(Phase.APPROVED, f"{where}: SOI002 approved")
-        case "SOI003":
+        case ResultCode.ENQUEUED:
             ctx.settle()
             ctx.set(attempts=0, eoi008=0)
             ctx.goto(Phase.AWAITING_RESULT, f"{where}: SOI003 enqueued")
             ctx.timer("confirm_timeout", ctx.policy.confirm_timeout_s)
-        case "EOI011":
+        case ResultCode.HELD:
             _held_refusal(ctx)
-        case "EOI009":
+        case ResultCode.INVALID_STATUS:
             attempts = ctx.order.attempts + 1
             ctx.set(attempts=attempts)
             if attempts >= ctx.policy.max_attempts:
@@ -191,7 +197,7 @@ def _on_code(ctx: _Ctx, code: str, where: str) -> None:
             ctx.goto(Phase.CHECKING, f"{where}: EOI009, re-checking the order")
             ctx.set(timer=None)
             ctx.fetch("after_refusal")
-        case "EOI008":
+        case ResultCode.NOT_INTEGRATED:
             count = ctx.order.eoi008 + 1
             ctx.set(eoi008=count)
             ctx.settle()
@@ -255,7 +261,7 @@ def _apply(ctx: _Ctx, event: Event) -> bool:
                 ctx.cause(f"Get order failed: {event.error}")
                 return False
             if event.not_found:
-                _on_code(ctx, EOI_NOT_INTEGRATED, "Get order 404")
+                _on_code(ctx, ResultCode.NOT_INTEGRATED, "Get order 404")
             else:
                 _transient(ctx, f"Get order: {event.error}")
             return False
@@ -288,17 +294,17 @@ def _apply(ctx: _Ctx, event: Event) -> bool:
                 ctx.cause(f"notification {event.code} after {o.phase} recorded")
                 return False
             if not o.has_intent:
-                if event.code != EOI_HELD:
+                if event.code != ResultCode.HELD:
                     ctx.cause(f"notification {event.code} without intent recorded")
                     return True
                 ctx.set(intent_source="notification", intent_at=ctx.now)
                 ctx.cause("approval intent from an EOI011 notification")
                 _held_refusal(ctx)
                 return True
-            if event.code == SOI_ENQUEUED:
+            if event.code == ResultCode.ENQUEUED:
                 ctx.cause("notification SOI003 recorded")
                 return True
-            if event.code not in (SOI_APPROVED, EOI_HELD) and o.phase not in (
+            if event.code not in (ResultCode.APPROVED, ResultCode.HELD) and o.phase not in (
                 Phase.SENDING,
                 Phase.AWAITING_RESULT,
             ):

@@ -21,7 +21,7 @@ from typing import Any, Self
 
 import aiosqlite
 
-from omsd.state.events import ApprovalFailed, TimerFired
+from omsd.state.events import AnyEntry, ApprovalFailed, TimerFired
 from omsd.state.models import EFFECT_ADAPTER, Effect, Order
 from omsd.state.schema import MIGRATIONS, SCHEMA_VERSION
 
@@ -57,6 +57,27 @@ class NewEntry:
     dedup_key: str | None = None
     event_id: str | None = None
     reason: str | None = None
+
+    @classmethod
+    def of(
+        cls,
+        event: AnyEntry,
+        *,
+        source: str,
+        received_at: datetime,
+        dedup_key: str | None = None,
+        event_id: str | None = None,
+    ) -> NewEntry:
+        """The journal row for an accepted event: its kind, order and JSON payload."""
+        return cls(
+            kind=event.kind,
+            source=source,
+            order_id=getattr(event, "order_id", None),
+            payload=event.model_dump_json(),
+            received_at=received_at,
+            dedup_key=dedup_key,
+            event_id=event_id,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -380,15 +401,7 @@ class Store:
                     order_id=row.order_id, seq=row.seq, error="interrupted: outcome unknown", retryable=True
                 )
                 await self._insert(
-                    conn,
-                    NewEntry(
-                        kind=event.kind,
-                        source="recovery",
-                        order_id=row.order_id,
-                        payload=event.model_dump_json(),
-                        received_at=now,
-                        dedup_key=f"effect:{row.id}",
-                    ),
+                    conn, NewEntry.of(event, source="recovery", received_at=now, dedup_key=f"effect:{row.id}")
                 )
                 await conn.execute("UPDATE outbox SET state = 'done', done_at = ? WHERE id = ?", (iso(now), row.id))
         return len(rows)
@@ -400,17 +413,8 @@ class Store:
                 rows = list(await cur.fetchall())
             for r in rows:
                 event = TimerFired(order_id=r["order_id"], token=r["token"], reason=r["reason"])
-                await self._insert(
-                    conn,
-                    NewEntry(
-                        kind=event.kind,
-                        source="timer",
-                        order_id=event.order_id,
-                        payload=event.model_dump_json(),
-                        received_at=now,
-                        dedup_key=f"timer:{event.order_id}:{event.token}",
-                    ),
-                )
+                key = f"timer:{event.order_id}:{event.token}"
+                await self._insert(conn, NewEntry.of(event, source="timer", received_at=now, dedup_key=key))
                 await conn.execute("DELETE FROM timers WHERE order_id = ? AND token = ?", (r["order_id"], r["token"]))
         return len(rows)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -410,3 +412,18 @@ def test_cancel_statuses_are_never_approvable() -> None:
     for s in CANCEL_STATUSES:
         d = decide(order("waiting_release"), status(s.value, 30), at(100), POLICY)
         assert d.order.phase == Phase.REJECTED, s
+
+
+def test_send_guard_is_not_an_assert() -> None:
+    """The guard in front of SendApproval survives `python -O`: it raises UnsafeApproval."""
+    code = (
+        "from datetime import UTC, datetime\n"
+        "from omsd.state.machine import _Ctx, UnsafeApproval\n"
+        "from omsd.state.models import Order, Policy\n"
+        "held = Order(order_id='X', marketplace_order_id='M', status='waiting-for-manual-authorization')\n"
+        "ctx = _Ctx(held, datetime.now(UTC), Policy())\n"
+        "try:\n    ctx.send()\nexcept UnsafeApproval:\n    print('refused')\n"
+        "else:\n    print('sent', ctx.effects)\n"
+    )
+    proc = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert proc.stdout.strip() == "refused"
