@@ -22,7 +22,7 @@ import aiohttp
 from omsd.daemon import logs
 from omsd.daemon.app import Daemon
 from omsd.daemon.settings import Settings
-from omsd.daemon.simulator import Simulator
+from omsd.sim.server import Simulator
 
 
 def free_port() -> int:

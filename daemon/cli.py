@@ -200,7 +200,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             return EXIT_CONFIG
         return asyncio.run(run_demo(args.orders, args.seed, args.timeout))
     if cmd == "sim":
-        from omsd.daemon.simulator import serve
+        from omsd.sim.server import serve
 
         logs.configure("info", "auto")
         host, _, port = args.listen.rpartition(":")

@@ -29,7 +29,8 @@ from rich.table import Table
 from omsd.daemon import logs
 from omsd.daemon.app import Daemon
 from omsd.daemon.settings import Settings
-from omsd.daemon.simulator import Faults, Simulator
+from omsd.sim.faults import Faults
+from omsd.sim.server import Simulator
 from omsd.state.statuses import Phase
 
 

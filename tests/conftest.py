@@ -14,7 +14,8 @@ import pytest
 from omsd.daemon import logs
 from omsd.daemon.app import Daemon
 from omsd.daemon.settings import Settings
-from omsd.daemon.simulator import Faults, Simulator
+from omsd.sim.faults import Faults
+from omsd.sim.server import Simulator
 
 API_TOKEN = "test-api-token-0123456789"
 

@@ -14,7 +14,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from omsd.daemon.simulator import Faults, SimOrder, Simulator
+from omsd.sim.faults import Faults
+from omsd.sim.orders import SimOrder
+from omsd.sim.server import Simulator
 from omsd.state.statuses import Phase
 from omsd.state.store import Store
 from tests.conftest import API_TOKEN, free_port, until

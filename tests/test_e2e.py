@@ -9,7 +9,8 @@ import aiohttp
 import pytest
 
 from omsd.daemon.app import Daemon
-from omsd.daemon.simulator import Simulator, vtex_time
+from omsd.sim.clock import vtex_time
+from omsd.sim.server import Simulator
 from omsd.state.statuses import Phase
 from tests.conftest import API_TOKEN, until
 

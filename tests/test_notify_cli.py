@@ -11,7 +11,7 @@ import pytest
 
 from omsd.daemon.cli import main
 from omsd.daemon.notify import Notifier, Progress, watchdog_loop
-from omsd.daemon.simulator import Simulator
+from omsd.sim.server import Simulator
 from tests.conftest import free_port
 
 

@@ -8,7 +8,7 @@ import aiohttp
 import pytest
 
 from omsd.daemon.app import Daemon
-from omsd.daemon.simulator import Simulator
+from omsd.sim.server import Simulator
 from omsd.state.statuses import Phase
 from tests.conftest import until
 from tests.test_e2e import approve, reached

@@ -9,7 +9,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from omsd.daemon.simulator import FeedQueue, Simulator, validate_feed_config
+from omsd.sim.feed import FeedQueue
+from omsd.sim.server import Simulator
+from omsd.sim.validation import validate_feed_config
 from tests.conftest import until
 
 CONFIG = {

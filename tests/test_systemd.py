@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from omsd.daemon.simulator import Simulator
+from omsd.sim.server import Simulator
 from tests.conftest import API_TOKEN, free_port
 from tests.test_crash import omsd_env
 
