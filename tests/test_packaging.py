@@ -67,6 +67,8 @@ def test_wheel_holds_only_the_omsd_namespace(wheel: Path) -> None:
     assert {t for t in tops if not t.endswith(".dist-info")} == {"omsd"}
     assert "omsd/daemon/cli.py" in names
     assert "omsd/state/machine.py" in names
+    assert "omsd/sim/server.py" in names
+    assert "omsd/sim/statuses.py" in names
     requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
     runtime = [r for r in requires if "extra ==" not in r]
     for tool in ("pytest", "hypothesis", "ruff", "mypy", "aioresponses"):
