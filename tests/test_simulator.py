@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 import pytest
 
 from omsd.sim.feed import FeedQueue
-from omsd.sim.server import Simulator
+from omsd.sim.orders import Orders, SimOrder
+from omsd.sim.runtime import Runtime
+from omsd.sim.server import DEFAULT_APP_KEY, DEFAULT_APP_TOKEN, Simulator, serve
+from omsd.sim.statuses import FILTERABLE
 from omsd.sim.validation import validate_feed_config
 from tests.conftest import until
 
@@ -225,6 +230,7 @@ async def test_approval_results_arrive_by_notification(sim: Simulator) -> None:
     assert codes[:2] == ["EOI011", "SOI002"]
     assert sorted(codes[2:]) == ["EOI008", "EOI009"]
     assert order.approvals_applied == 1 and order.puts_while_held == 1
+    assert {s for s, _ in order.history} <= FILTERABLE  # a FromWorkflow filter can see every change
     assert received[1]["flow"] == "ApproveOrder" and received[1]["success"] is True
 
 
@@ -250,3 +256,65 @@ async def test_held_orders_are_decided_after_a_delay(sim: Simulator) -> None:
     await until(lambda: a.status == "waiting-ffmt-authorization" and r.status == "canceled")
     assert [s for s, _ in r.history][-2:] == ["cancel", "canceled"]
     assert a.was_held and r.was_held
+
+
+def order_in(status: str, *, held: bool = False, authorized: bool = False) -> SimOrder:
+    return SimOrder("MKP-1-01", "1", "MKP", status, datetime.now(UTC), held=held, authorized=authorized)
+
+
+@pytest.mark.parametrize(
+    ("status", "held", "code"),
+    [
+        ("order-accepted", False, "SOI002"),
+        ("waiting-ffmt-authorization", False, "SOI002"),
+        ("waiting-ffmt-authorization", True, "EOI011"),  # divergent, not yet authorized
+        ("waiting-for-manual-authorization", False, "EOI011"),
+        ("order-created", False, "EOI008"),
+        ("cancel", False, "EOI009"),
+        ("canceled", True, "EOI009"),  # rejected divergence: canceled, not waiting for the seller
+        ("authorize-fulfillment", False, "EOI009"),
+        ("ready-for-handling", False, "EOI009"),
+        ("invoiced", False, "EOI009"),
+        ("replaced", False, "EOI009"),
+        ("payment-pending", False, "EOI009"),  # a marketplace-side status: no approval starts there
+    ],
+)
+def test_approval_result_follows_vtex_status_rules(status: str, held: bool, code: str) -> None:
+    """The ApproveOrder result for each status follows the reference's §3.4/§3.5/§4, not omsd's sets."""
+    assert Orders(Runtime(1), 0.01).approval_code(order_in(status, held=held)) == code
+
+
+@pytest.mark.parametrize("status", ["invoiced", "replaced", "canceled", "cancel", "request-cancel"])
+def test_final_and_canceling_orders_cannot_be_rejected(status: str) -> None:
+    """A seller's reject leaves a final or already canceling order as it is (§4)."""
+    orders = Orders(Runtime(1), 0.01)
+    order = order_in(status, held=True)
+    orders.by_id[order.order_id] = order
+    orders.reject(order.order_id)
+    assert order.status == status and not order.history
+
+
+def test_release_status_is_one_of_the_documented_readings() -> None:
+    """Where an authorized order goes next is UNCONFIRMED: only the doc's readings are accepted."""
+    with pytest.raises(ValueError, match="release_status"):
+        Orders(Runtime(1), 0.01).create("R1", release_status="handling")
+
+
+async def test_omsd_sim_prints_the_credentials_it_accepts(capsys: pytest.CaptureFixture[str]) -> None:
+    """`omsd sim` prints its URL, account, AppKey and AppToken when it starts."""
+    out: list[str] = []
+
+    def printed() -> bool:
+        out.append(capsys.readouterr().out)
+        return "X-VTEX-API-AppToken" in "".join(out)
+
+    task = asyncio.create_task(serve("127.0.0.1", 0, seed=1))
+    try:
+        await until(printed, what="credentials printed")
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    text = "".join(out)
+    assert "http://127.0.0.1:" in text and "simstore" in text
+    assert DEFAULT_APP_KEY in text and DEFAULT_APP_TOKEN in text
