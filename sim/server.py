@@ -302,7 +302,7 @@ class Simulator:
             ("X-VTEX-API-AppKey", self.app_key),
             ("X-VTEX-API-AppToken", self.app_token),
             ("hook", "none checked: pushes carry the headers POST /api/orders/hook/config gave"),
-            ("notifications", "none sent: VTEX documents no credential on them (doc §3.3)"),
+            ("notifications", "none sent: VTEX documents no credential on them"),
         ]
 
 

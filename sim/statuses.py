@@ -1,9 +1,9 @@
 """VTEX's OMS status ids and what each means for an order, as the simulator models it.
 
-Written from VTEX's documentation (docs: /work/shared/vtex/README.md §4 for the status
-table, §1.4 for the filterable list, §3.4/§3.5 for which statuses an approval may
-start from). This is the simulator's own reading, kept apart from omsd's on purpose:
-an oracle that borrowed omsd's sets would share omsd's mistakes.
+Written from the project's VTEX reference (../shared/vtex/README.md, "doc" below): §4
+for the status table, §1.4 for the filterable list, §3.4/§3.5 for which statuses an
+approval may start from. This is the simulator's own reading, kept apart from omsd's
+on purpose: an oracle that borrowed omsd's sets would share omsd's mistakes.
 """
 
 from __future__ import annotations
