@@ -94,7 +94,6 @@ class Channel:
                 self.eoi011_sync_answers += 1
                 return web.json_response(envelope(mkt, "EOI011"), status=400)
         self._rt.spawn(self._approve(order, endpoint))
-        self._rt.signal("put_" + order.order_id).set()
         return web.json_response(envelope(mkt, "SOI003"))
 
     def _flip_back(self, order: SimOrder) -> bool:
