@@ -17,15 +17,8 @@ from pydantic import ValidationError
 
 from omsd.daemon.logs import get_logger
 from omsd.daemon.wakeup import wait_any
-from omsd.state.codes import ResultCode
-from omsd.state.events import (
-    Event,
-    IntentReceived,
-    IntentRecorded,
-    NotificationReceived,
-    ResultNotified,
-    parse_entry,
-)
+from omsd.state import routing
+from omsd.state.events import Event, IntentReceived, NotificationReceived, parse_entry
 from omsd.state.machine import decide
 from omsd.state.models import Order, Policy
 from omsd.state.store import Batch, HistoryRow, JournalRow, Store
@@ -149,10 +142,8 @@ class Processor:
             log.error("journal_entry_unreadable", offset=row.offset, kind=row.kind, errors=exc.error_count())
             return
         match entry:
-            case NotificationReceived():
-                await self._route_notification(run, row, entry)
-            case IntentReceived():
-                await self._route_intent(run, row, entry)
+            case NotificationReceived() | IntentReceived():
+                await self._route(run, row, entry)
             case _:
                 await self._decide(run, row, entry)
 
@@ -173,43 +164,21 @@ class Processor:
             run.batch.before[found.order_id] = found
         return run.orders.get(found.order_id) if found is not None else None
 
-    async def _route_notification(self, run: _Run, row: JournalRow, n: NotificationReceived) -> None:
-        order = await self._find_by_marketplace_id(run, n.marketplace_order_id)
-        if order is not None:
-            event = ResultNotified(
-                order_id=order.order_id,
-                marketplace_order_id=n.marketplace_order_id,
-                code=n.code,
-                flow=n.flow,
-                operation_id=n.operation_id,
-                message=n.message,
-            )
-            await self._decide(run, row, event)
-            return
-        if n.flow == "ApproveOrder" and n.code == ResultCode.HELD:
-            await self._park_intent(run, row, n.marketplace_order_id, "notification")
-            return
-        log.info("notification_unrouted", offset=row.offset, marketplace_order_id=n.marketplace_order_id, code=n.code)
-
-    async def _route_intent(self, run: _Run, row: JournalRow, intent: IntentReceived) -> None:
-        order = await self._find_by_marketplace_id(run, intent.marketplace_order_id)
-        if order is not None:
-            event = IntentRecorded(
-                order_id=order.order_id, marketplace_order_id=intent.marketplace_order_id, source=intent.source
-            )
-            await self._decide(run, row, event)
-            return
-        await self._park_intent(run, row, intent.marketplace_order_id, intent.source)
-
-    async def _park_intent(self, run: _Run, row: JournalRow, marketplace_order_id: str, source: str) -> None:
-        """No VTEX order is linked to this marketplace id yet: keep the intent until one is."""
-        if marketplace_order_id in run.batch.add_pending:
-            return
-        if await self._store.pending_intent(marketplace_order_id) is not None:
-            return
-        run.batch.add_pending[marketplace_order_id] = (source, row.offset)
-        run.batch.remove_pending.discard(marketplace_order_id)
-        log.info("intent_parked", marketplace_order_id=marketplace_order_id, source=source, offset=row.offset)
+    async def _route(self, run: _Run, row: JournalRow, entry: NotificationReceived | IntentReceived) -> None:
+        mkt = entry.marketplace_order_id
+        linked = await self._find_by_marketplace_id(run, mkt)
+        parked = linked is None and (mkt in run.batch.add_pending or await self._store.pending_intent(mkt) is not None)
+        match routing.route(entry, linked, parked):
+            case routing.Decide(event=event):
+                await self._decide(run, row, event)
+            case routing.Park(marketplace_order_id=mkt, source=source):
+                run.batch.add_pending[mkt] = (source, row.offset)
+                run.batch.remove_pending.discard(mkt)
+                log.info("intent_parked", marketplace_order_id=mkt, source=source, offset=row.offset)
+            case routing.AlreadyParked():
+                pass
+            case routing.Unrouted(code=code):
+                log.info("notification_unrouted", offset=row.offset, marketplace_order_id=mkt, code=code)
 
     async def _decide(self, run: _Run, row: JournalRow, event: Event) -> None:
         before = await self._order(run, event.order_id)
@@ -249,22 +218,13 @@ class Processor:
                 )
             )
             run.transitions.append(Transition(after.order_id, row.offset, from_phase, after.phase, after.status, cause))
-        linked_now = after.marketplace_order_id is not None and (before is None or before.marketplace_order_id is None)
-        if linked_now and after.marketplace_order_id is not None:
-            await self._release_parked(run, row, after)
+        if (mkt := routing.newly_linked(before, after)) is not None:
+            await self._release_parked(run, row, after.order_id, mkt)
 
-    async def _release_parked(self, run: _Run, row: JournalRow, order: Order) -> None:
-        mkt = order.marketplace_order_id
-        assert mkt is not None
+    async def _release_parked(self, run: _Run, row: JournalRow, order_id: str, mkt: str) -> None:
         parked = run.batch.add_pending.pop(mkt, None) or await self._store.pending_intent(mkt)
         if parked is None or mkt in run.batch.remove_pending:
             return
         run.batch.remove_pending.add(mkt)
-        source = parked[0] if parked[0] in ("api", "cli", "notification") else "link"
-        event = IntentRecorded(
-            order_id=order.order_id,
-            marketplace_order_id=mkt,
-            source=source,
-        )
-        log.info("intent_linked", order_id=order.order_id, marketplace_order_id=mkt, parked_at=parked[1])
-        await self._decide(run, row, event)
+        log.info("intent_linked", order_id=order_id, marketplace_order_id=mkt, parked_at=parked[1])
+        await self._decide(run, row, routing.release(order_id, mkt, parked[0]))
