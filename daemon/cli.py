@@ -330,7 +330,8 @@ async def _approve(store: Store, args: argparse.Namespace) -> int:
     if not mkt:
         print("omsd: MARKETPLACE_ORDER_ID must not be empty", file=sys.stderr)
         return EXIT_CONFIG
-    [appended] = await store.append([intake.intent_entry(mkt, args.order_id, "cli", _now())])
+    now = _now()
+    [appended] = await store.append([intake.intent_entry(mkt, args.order_id, "cli", now)], now=now)
     print(f"intent recorded at journal offset {appended.offset}; the running daemon will act on it")
     return EXIT_OK
 
@@ -420,7 +421,7 @@ async def _replay(store: Store, args: argparse.Namespace) -> int:
     # Same policy knobs as the daemon (OMSD_MAX_ATTEMPTS etc.), so the replayed
     # state is the state the daemon had.
     policy = load_policy()
-    await store.reset_derived()
+    await store.reset_derived(now=_now())
     processor = Processor(store, policy, emit_effects=False)
     applied = await processor.drain()
     reopened = 0
@@ -433,7 +434,10 @@ async def _replay(store: Store, args: argparse.Namespace) -> int:
 
 
 async def _append_resync(store: Store, order_id: str, reason: str) -> None:
-    await store.append([NewEntry.of(Resync(order_id=order_id, reason=reason), source="operator", received_at=_now())])
+    now = _now()
+    await store.append(
+        [NewEntry.of(Resync(order_id=order_id, reason=reason), source="operator", received_at=now)], now=now
+    )
 
 
 async def _retry(store: Store, args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from pydantic import ValidationError
 
@@ -52,7 +53,9 @@ class Processor:
         batch_size: int = 200,
         emit_effects: bool = True,
         on_effects: Callable[[], None] | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
+        self._clock = clock
         self._store = store
         self._policy = policy
         self._batch_size = batch_size
@@ -74,17 +77,9 @@ class Processor:
         run = _Run(batch=Batch(offset=rows[-1].offset))
         for row in rows:
             await self._apply_row(run, row)
-        # An effect superseded later in the same batch is never written to the outbox.
-        run.batch.effects = [
-            e
-            for e in run.batch.effects
-            if (final := run.batch.orders.get(e.order_id)) is not None
-            and final.inflight is not None
-            and final.inflight.seq == e.seq
-        ]
-        await self._store.commit_batch(run.batch)
+        written = await self._store.commit_batch(run.batch, now=self._clock())
         self.offset = run.batch.offset
-        if run.batch.effects and self._on_effects is not None:
+        if written and self._on_effects is not None:
             self._on_effects()
         for t in run.transitions:
             log.info(

@@ -28,12 +28,13 @@ def entry(event: StatusChanged | IntentRecorded | IntentReceived | NotificationR
 
 async def answer_fetch(store: Store, state: str, t: float) -> None:
     """Play the effect runner for the one pending Get order: journal its answer."""
-    [fetch] = await store.claim_effects(10)
+    [fetch] = await store.claim_effects(10, now=NOW)
     assert fetch.effect.kind == "fetch_order"
     result = fetched(state, seq=fetch.seq, t=t)
     await store.finish_effect(
         fetch.id,
         NewEntry(kind=result.kind, source="effect", order_id=OID, payload=result.model_dump_json(), received_at=NOW),
+        now=NOW,
     )
 
 
@@ -45,9 +46,9 @@ def status_entry(state: str, t: float, event_id: str | None = None) -> NewEntry:
 async def test_append_is_durable_and_deduplicated(tmp_path: Path) -> None:
     """An entry is on disk when append returns; the same dedup key or event id is skipped."""
     async with await Store.open(tmp_path / "db") as store:
-        first = await store.append([status_entry(HELD, 1, "E1")], acks=["h1"])
-        again = await store.append([status_entry(HELD, 1, "E1")], acks=["h2"])
-        other_id_same_change = await store.append([status_entry(HELD, 1, "E9")])
+        first = await store.append([status_entry(HELD, 1, "E1")], acks=["h1"], now=NOW)
+        again = await store.append([status_entry(HELD, 1, "E1")], acks=["h2"], now=NOW)
+        other_id_same_change = await store.append([status_entry(HELD, 1, "E9")], now=NOW)
         assert not first[0].duplicate and again[0].duplicate and other_id_same_change[0].duplicate
     # A separate connection (another process) sees the rows and both handles to commit.
     conn = sqlite3.connect(tmp_path / "db")
@@ -60,7 +61,8 @@ async def test_crash_between_journal_write_and_processor_commit(tmp_path: Path) 
     db = tmp_path / "db"
     async with await Store.open(db) as store:
         await store.append(
-            [status_entry(HELD, 1), entry(IntentRecorded(order_id=OID, marketplace_order_id=MKT, source="api"))]
+            [status_entry(HELD, 1), entry(IntentRecorded(order_id=OID, marketplace_order_id=MKT, source="api"))],
+            now=NOW,
         )
         assert await store.processor_offset() == 0
         # "crash": the process ends here, before the processor ran.
@@ -73,27 +75,29 @@ async def test_crash_between_journal_write_and_processor_commit(tmp_path: Path) 
         assert await processor.drain() == 0  # nothing applied twice
 
 
-async def test_processor_commit_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """If the processor's transaction fails, neither order rows, outbox nor offset move."""
-    async with await Store.open(tmp_path / "db") as store:
+async def test_processor_commit_is_atomic(tmp_path: Path) -> None:
+    """If the processor's transaction fails on its last statement, neither order rows,
+    outbox, history nor offset move; once the fault is gone the same batch applies."""
+    db = tmp_path / "db"
+    async with await Store.open(db) as store:
         await store.append(
-            [status_entry(FREE, 1), entry(IntentRecorded(order_id=OID, marketplace_order_id=MKT, source="api"))]
+            [status_entry(FREE, 1), entry(IntentRecorded(order_id=OID, marketplace_order_id=MKT, source="api"))],
+            now=NOW,
         )
         processor = Processor(store, Policy())
-        original = store.commit_batch
-
-        async def failing(batch: object) -> None:
-            async with store._tx() as conn:
-                await conn.execute('UPDATE cursor SET "offset" = 99')
-                raise sqlite3.OperationalError("disk I/O error")
-
-        monkeypatch.setattr(store, "commit_batch", failing)
-        with pytest.raises(sqlite3.OperationalError):
+        fault = sqlite3.connect(db)
+        # The cursor is written last in commit_batch: everything before it is inside the transaction.
+        fault.execute("CREATE TRIGGER fail BEFORE UPDATE ON cursor BEGIN SELECT RAISE(ABORT, 'disk I/O error'); END")
+        fault.commit()
+        with pytest.raises(sqlite3.IntegrityError, match="disk I/O error"):
             await processor.run_once()
         assert await store.processor_offset() == 0
         assert await store.load_order(OID) is None
         assert await store.outbox_counts() == {}
-        monkeypatch.setattr(store, "commit_batch", original)
+        assert await store.history(OID) == []
+        fault.execute("DROP TRIGGER fail")
+        fault.commit()
+        fault.close()
         await processor.drain()
         assert (await store.load_order(OID)).phase == Phase.CHECKING  # type: ignore[union-attr]
         assert await store.outbox_counts() == {"pending": 1}
@@ -107,7 +111,8 @@ async def test_replay_rebuilds_the_same_state(tmp_path: Path) -> None:
                 status_entry(HELD, 1),
                 entry(IntentRecorded(order_id=OID, marketplace_order_id=MKT, source="api")),
                 status_entry(FREE, 2),
-            ]
+            ],
+            now=NOW,
         )
         processor = Processor(store, Policy())
         await processor.drain()
@@ -115,7 +120,7 @@ async def test_replay_rebuilds_the_same_state(tmp_path: Path) -> None:
         await processor.drain()
         before = await store.load_order(OID)
         assert before is not None and before.phase == Phase.SENDING
-        await store.reset_derived()
+        await store.reset_derived(now=NOW)
         assert await store.load_order(OID) is None
         await Processor(store, Policy(), emit_effects=False).drain()
         assert await store.load_order(OID) == before
@@ -126,10 +131,10 @@ async def test_intent_by_marketplace_id_is_parked_until_linked(tmp_path: Path) -
     """An intent naming only the marketplace id waits for Get order to link it, then applies."""
     async with await Store.open(tmp_path / "db") as store:
         processor = Processor(store, Policy())
-        await store.append([entry(IntentReceived(marketplace_order_id=MKT, source="api"))])
+        await store.append([entry(IntentReceived(marketplace_order_id=MKT, source="api"))], now=NOW)
         await processor.drain()
         assert [p[0] for p in await store.pending_intents()] == [MKT]
-        await store.append([status_entry(HELD, 1)])
+        await store.append([status_entry(HELD, 1)], now=NOW)
         await processor.drain()
         await answer_fetch(store, HELD, t=1)  # the first-sight Get order links the ids
         await processor.drain()
@@ -146,7 +151,8 @@ async def test_notification_routes_by_marketplace_id(tmp_path: Path) -> None:
             [
                 entry(IntentRecorded(order_id=OID, marketplace_order_id=MKT, source="api")),
                 entry(NotificationReceived(marketplace_order_id=MKT, code="SOI002", flow="ApproveOrder")),
-            ]
+            ],
+            now=NOW,
         )
         await processor.drain()
         order = await store.load_order(OID)
@@ -158,7 +164,8 @@ async def test_timers_fire_once_and_survive_restart(tmp_path: Path) -> None:
     db = tmp_path / "db"
     async with await Store.open(db) as store:
         await store.append(
-            [status_entry(HELD, 1), entry(IntentRecorded(order_id=OID, marketplace_order_id=MKT, source="api"))]
+            [status_entry(HELD, 1), entry(IntentRecorded(order_id=OID, marketplace_order_id=MKT, source="api"))],
+            now=NOW,
         )
         await Processor(store, Policy(held_recheck_s=60)).drain()
         due = await store.next_timer_due()
@@ -178,19 +185,20 @@ async def test_interrupted_send_is_rechecked_not_resent(tmp_path: Path) -> None:
     async with await Store.open(tmp_path / "db") as store:
         processor = Processor(store, Policy())
         await store.append(
-            [status_entry(FREE, 1), entry(IntentRecorded(order_id=OID, marketplace_order_id=MKT, source="api"))]
+            [status_entry(FREE, 1), entry(IntentRecorded(order_id=OID, marketplace_order_id=MKT, source="api"))],
+            now=NOW,
         )
         await processor.drain()
         await answer_fetch(store, FREE, t=1)
         await processor.drain()
-        [send] = await store.claim_effects(10)
+        [send] = await store.claim_effects(10, now=NOW)
         assert send.effect.kind == "send_approval"
         # the process dies here, with the PUT in flight
         assert await store.recover_interrupted(NOW) == 1
         await processor.drain()
         order = await store.load_order(OID)
         assert order is not None and order.phase == Phase.RETRY_WAIT
-        assert await store.claim_effects(10) == []  # nothing is resent blindly
+        assert await store.claim_effects(10, now=NOW) == []  # nothing is resent blindly
 
 
 async def test_superseded_effects_are_not_performed(tmp_path: Path) -> None:
@@ -198,13 +206,14 @@ async def test_superseded_effects_are_not_performed(tmp_path: Path) -> None:
     async with await Store.open(tmp_path / "db") as store:
         processor = Processor(store, Policy())
         await store.append(
-            [status_entry(FREE, 1), entry(IntentRecorded(order_id=OID, marketplace_order_id=MKT, source="api"))]
+            [status_entry(FREE, 1), entry(IntentRecorded(order_id=OID, marketplace_order_id=MKT, source="api"))],
+            now=NOW,
         )
         await processor.drain()
         await answer_fetch(store, FREE, t=1)
-        await store.append([status_entry("canceled", 5)])
+        await store.append([status_entry("canceled", 5)], now=NOW)
         await processor.drain()  # both the answer (→ send) and the cancel in one batch
-        assert await store.claim_effects(10) == []
+        assert await store.claim_effects(10, now=NOW) == []
         assert (await store.load_order(OID)).phase == Phase.REJECTED  # type: ignore[union-attr]
 
 
@@ -240,10 +249,10 @@ async def test_failed_acks_are_dropped_after_visibility_timeout(tmp_path: Path) 
     """Handles whose commit keeps failing are kept for retry, then dropped once VTEX has
     made their items visible again (the redelivery is deduplicated)."""
     async with await Store.open(tmp_path / "db") as store:
-        await store.append([], acks=["h1"])
-        assert await store.acks_failed(["h1"], "503", drop_before=datetime.now(UTC) - timedelta(seconds=240)) == 0
+        await store.append([], acks=["h1"], now=NOW)
+        assert await store.acks_failed(["h1"], "503", drop_before=NOW - timedelta(seconds=240)) == 0
         assert await store.pending_acks() == ["h1"]
-        assert await store.acks_failed(["h1"], "503", drop_before=datetime.now(UTC) + timedelta(seconds=1)) == 1
+        assert await store.acks_failed(["h1"], "503", drop_before=NOW + timedelta(seconds=1)) == 1
         assert await store.pending_acks() == []
 
 
@@ -261,7 +270,7 @@ async def test_an_event_the_machine_cannot_apply_is_skipped_and_recorded(
 
     monkeypatch.setattr("omsd.daemon.processor.decide", flaky)
     async with await Store.open(tmp_path / "db") as store:
-        await store.append([status_entry(HELD, 1), status_entry("handling", 2), status_entry("canceled", 3)])
+        await store.append([status_entry(HELD, 1), status_entry("handling", 2), status_entry("canceled", 3)], now=NOW)
         processor = Processor(store, Policy())
         assert await processor.drain() == 3
         order = await store.load_order(OID)
