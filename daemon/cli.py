@@ -92,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     j.add_argument("--limit", type=int, default=30)
     j.add_argument("--order", help="only entries of this VTEX order id")
     j.add_argument("--rejected", action="store_true", help="only rejected input, with its reason")
+    j.add_argument("--unreadable", action="store_true", help="only rows the processor could not read, with why")
 
     sub.add_parser(
         "replay",
@@ -410,8 +411,22 @@ async def _print_journal(rows: list[Any]) -> None:
 
 
 async def _journal(store: Store, args: argparse.Namespace) -> int:
+    if args.unreadable:
+        return await _unreadable(store)
     rows = await store.journal_tail(args.limit, order_id=args.order, kind="rejected" if args.rejected else None)
     await _print_journal(rows)
+    return EXIT_OK
+
+
+async def _unreadable(store: Store) -> int:
+    table = Table(title="unreadable journal rows")
+    for col in ("offset", "received", "kind", "order", "error"):
+        table.add_column(col)
+    for u in await store.unreadable_rows():
+        table.add_row(
+            str(u.journal_offset), u.received_at.isoformat(timespec="seconds"), u.kind, u.order_id or "-", u.error
+        )
+    Console().print(table)
     return EXIT_OK
 
 

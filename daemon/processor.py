@@ -14,15 +14,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from pydantic import ValidationError
-
 from omsd.daemon.logs import get_logger
+from omsd.daemon.metrics import Metrics
 from omsd.daemon.wakeup import wait_any
 from omsd.state import routing
-from omsd.state.events import Event, IntentReceived, NotificationReceived, parse_entry
+from omsd.state.events import Event, IntentReceived, NotificationReceived, UnreadableEntry, read_entry
 from omsd.state.machine import decide
 from omsd.state.models import Order, Policy
-from omsd.state.store import Batch, HistoryRow, JournalRow, Store
+from omsd.state.store import Batch, HistoryRow, JournalRow, Store, UnreadableRow
 
 log = get_logger("omsd.processor")
 
@@ -54,13 +53,16 @@ class Processor:
         emit_effects: bool = True,
         on_effects: Callable[[], None] | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        metrics: Metrics | None = None,
     ) -> None:
-        self._clock = clock
         self._store = store
         self._policy = policy
         self._batch_size = batch_size
         self._emit_effects = emit_effects
         self._on_effects = on_effects
+        self._clock = clock
+        self._metrics = metrics
+        self.unreadable = 0  # journal rows this process found unreadable (omsd_journal_unreadable_total)
         self.wake = asyncio.Event()
         self.applied = asyncio.Condition()
         self.offset = 0
@@ -79,6 +81,10 @@ class Processor:
             await self._apply_row(run, row)
         written = await self._store.commit_batch(run.batch, now=self._clock())
         self.offset = run.batch.offset
+        if run.batch.unreadable:
+            self.unreadable += len(run.batch.unreadable)
+            if self._metrics is not None:
+                self._metrics.journal_unreadable.inc(len(run.batch.unreadable))
         if written and self._on_effects is not None:
             self._on_effects()
         for t in run.transitions:
@@ -132,15 +138,34 @@ class Processor:
         if row.kind == "rejected":
             return
         try:
-            entry = parse_entry(row.payload)
-        except ValidationError as exc:
-            log.error("journal_entry_unreadable", offset=row.offset, kind=row.kind, errors=exc.error_count())
+            entry = read_entry(row.kind, row.version, row.payload)
+        except UnreadableEntry as exc:
+            await self._unreadable(run, row, str(exc))
             return
         match entry:
             case NotificationReceived() | IntentReceived():
                 await self._route(run, row, entry)
             case _:
                 await self._decide(run, row, entry)
+
+    async def _unreadable(self, run: _Run, row: JournalRow, error: str) -> None:
+        """Never skipped silently: logged, kept in `unreadable` (omsd journal --unreadable),
+        counted, and written to the order's history when the order is known."""
+        log.error("journal_entry_unreadable", offset=row.offset, kind=row.kind, order_id=row.order_id, error=error)
+        run.batch.unreadable.append(UnreadableRow(row.offset, row.kind, row.order_id, error, row.received_at))
+        order = await self._order(run, row.order_id) if row.order_id is not None else None
+        if order is not None:
+            run.batch.history.append(
+                HistoryRow(
+                    order_id=order.order_id,
+                    journal_offset=row.offset,
+                    from_phase=order.phase,
+                    to_phase=order.phase,
+                    status=order.status,
+                    cause=f"journal row {row.offset} unreadable: {error}"[:500],
+                    at=row.received_at,
+                )
+            )
 
     async def _order(self, run: _Run, order_id: str) -> Order | None:
         if order_id not in run.orders:

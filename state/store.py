@@ -21,7 +21,7 @@ from typing import Any, Self
 
 import aiosqlite
 
-from omsd.state.events import AnyEntry, ApprovalFailed, TimerFired
+from omsd.state.events import AnyEntry, ApprovalFailed, TimerFired, current_version
 from omsd.state.models import EFFECT_ADAPTER, Effect, Order, is_superseded
 from omsd.state.schema import MIGRATIONS, SCHEMA_VERSION
 
@@ -57,6 +57,7 @@ class NewEntry:
     dedup_key: str | None = None
     event_id: str | None = None
     reason: str | None = None
+    version: int | None = None  # None: the current version of its kind
 
     @classmethod
     def of(
@@ -95,6 +96,19 @@ class JournalRow:
     payload: str
     reason: str | None
     received_at: datetime
+    version: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class UnreadableRow:
+    """A journal row the processor could not read: kept for the operator, never skipped silently."""
+
+    journal_offset: int
+    kind: str
+    order_id: str | None
+    error: str
+    received_at: datetime
+    found_at: datetime | None = None  # set by the store when it is recorded
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +143,7 @@ class Batch:
     history: list[HistoryRow] = field(default_factory=list)
     add_pending: dict[str, tuple[str, int]] = field(default_factory=dict)
     remove_pending: set[str] = field(default_factory=set)
+    unreadable: list[UnreadableRow] = field(default_factory=list)
 
 
 class Store:
@@ -244,10 +259,11 @@ class Store:
                 if await cur.fetchone() is not None:
                     return Appended(offset=None, duplicate=True)
         cur = await conn.execute(
-            "INSERT INTO journal (kind, source, order_id, dedup_key, event_id, payload, reason, received_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO journal (kind, version, source, order_id, dedup_key, event_id, payload, reason, received_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 entry.kind,
+                entry.version or current_version(entry.kind),
                 entry.source,
                 entry.order_id,
                 entry.dedup_key,
@@ -358,6 +374,14 @@ class Store:
                 )
             for mkt in batch.remove_pending:
                 await conn.execute("DELETE FROM pending_intents WHERE marketplace_order_id = ?", (mkt,))
+            await conn.executemany(
+                "INSERT OR REPLACE INTO unreadable (journal_offset, kind, order_id, error, received_at, found_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (u.journal_offset, u.kind, u.order_id, u.error, iso(u.received_at), iso(now))
+                    for u in batch.unreadable
+                ],
+            )
             await conn.execute("UPDATE cursor SET \"offset\" = ? WHERE name = 'processor'", (batch.offset,))
         return len(effects)
 
@@ -480,6 +504,21 @@ class Store:
         rows = await self._all("SELECT * FROM pending_intents ORDER BY created_at")
         return [(r["marketplace_order_id"], r["source"], int(r["journal_offset"])) for r in rows]
 
+    async def unreadable_rows(self) -> list[UnreadableRow]:
+        """Journal rows the processor could not read, oldest first."""
+        rows = await self._all("SELECT * FROM unreadable ORDER BY journal_offset")
+        return [
+            UnreadableRow(
+                journal_offset=r["journal_offset"],
+                kind=r["kind"],
+                order_id=r["order_id"],
+                error=r["error"],
+                received_at=from_iso(r["received_at"]),
+                found_at=from_iso(r["found_at"]),
+            )
+            for r in rows
+        ]
+
     async def outbox_counts(self) -> dict[str, int]:
         rows = await self._all("SELECT state, COUNT(*) AS n FROM outbox GROUP BY state")
         return {r["state"]: int(r["n"]) for r in rows}
@@ -490,7 +529,8 @@ class Store:
             "(SELECT COUNT(*) FROM journal WHERE kind = 'rejected') AS rejected, "
             "(SELECT COUNT(*) FROM feed_acks) AS acks_pending, "
             "(SELECT COUNT(*) FROM timers) AS timers, "
-            "(SELECT COUNT(*) FROM pending_intents) AS pending_intents"
+            "(SELECT COUNT(*) FROM pending_intents) AS pending_intents, "
+            "(SELECT COUNT(*) FROM unreadable) AS unreadable"
         )
         out = dict(rows[0])
         out["processor_offset"] = await self.processor_offset()
@@ -506,6 +546,7 @@ class Store:
             await conn.execute("DELETE FROM timers")
             await conn.execute("DELETE FROM history")
             await conn.execute("DELETE FROM pending_intents")
+            await conn.execute("DELETE FROM unreadable")
             await conn.execute(
                 "UPDATE outbox SET state = 'superseded', done_at = ? WHERE state IN ('pending', 'started')", (iso(now),)
             )
@@ -525,6 +566,7 @@ def _journal_row(r: sqlite3.Row) -> JournalRow:
         payload=r["payload"],
         reason=r["reason"],
         received_at=from_iso(r["received_at"]),
+        version=r["version"],
     )
 
 

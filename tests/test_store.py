@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import get_args
 
 import pytest
 
+from omsd.daemon.cli import main
+from omsd.daemon.metrics import Metrics
 from omsd.daemon.processor import Processor
-from omsd.state.events import IntentReceived, IntentRecorded, NotificationReceived, StatusChanged
+from omsd.state.events import (
+    UPCASTERS,
+    VERSIONS,
+    AnyEntry,
+    IntentReceived,
+    IntentRecorded,
+    NotificationReceived,
+    StatusChanged,
+    UnreadableEntry,
+    read_entry,
+)
 from omsd.state.models import Policy
 from omsd.state.schema import MIGRATIONS, SCHEMA_VERSION
 from omsd.state.statuses import Phase
@@ -19,11 +34,8 @@ from tests.machine_helpers import FREE, HELD, MKT, OID, at, fetched
 NOW = datetime(2026, 11, 1, tzinfo=UTC)
 
 
-def entry(event: StatusChanged | IntentRecorded | IntentReceived | NotificationReceived, **kw: str | None) -> NewEntry:
-    order_id = getattr(event, "order_id", None)
-    return NewEntry(
-        kind=event.kind, source="test", order_id=order_id, payload=event.model_dump_json(), received_at=NOW, **kw
-    )
+def entry(event: AnyEntry, dedup_key: str | None = None, event_id: str | None = None) -> NewEntry:
+    return NewEntry.of(event, source="test", received_at=NOW, dedup_key=dedup_key, event_id=event_id)
 
 
 async def answer_fetch(store: Store, state: str, t: float) -> None:
@@ -226,13 +238,18 @@ async def test_migrations_from_every_old_version(tmp_path: Path, start: int) -> 
         conn.executescript(MIGRATIONS[version - 1])
         conn.execute(f"PRAGMA user_version={version}")
     if start >= 1:
-        conn.execute("INSERT INTO journal (kind, source, payload, received_at) VALUES ('rejected', 'feed', '{}', 'x')")
+        conn.execute(
+            "INSERT INTO journal (kind, source, payload, received_at) "
+            "VALUES ('rejected', 'feed', '{}', '2026-11-01T00:00:00+00:00')"
+        )
     conn.commit()
     conn.close()
     async with await Store.open(db) as store:
         assert await store.schema_version() == SCHEMA_VERSION
         assert await store.last_offset() == (1 if start >= 1 else 0)
+        assert [r.version for r in await store.journal_tail()] == ([1] if start >= 1 else [])
         assert await store.history(OID) == []
+        assert await store.unreadable_rows() == []
 
 
 async def test_newer_schema_is_refused(tmp_path: Path) -> None:
@@ -277,3 +294,105 @@ async def test_an_event_the_machine_cannot_apply_is_skipped_and_recorded(
         assert order is not None and order.status == "canceled"
         causes = [h.cause for h in await store.history(OID)]
         assert any("not applied: RuntimeError: boom" in c for c in causes)
+
+
+# ---- journal versions -------------------------------------------------------------------
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def golden_lines(version: int) -> list[str]:
+    return (GOLDEN / f"events-v{version}.jsonl").read_text().splitlines()
+
+
+@pytest.mark.parametrize("line", golden_lines(1), ids=lambda line: json.loads(line)["kind"])
+def test_rows_written_by_version_1_are_read(line: str) -> None:
+    """A journal row of every kind, as omsd wrote it at version 1, reads back with nothing lost."""
+    raw = json.loads(line)
+    read = read_entry(raw["kind"], 1, line)
+    assert read.kind == raw["kind"]
+    dumped = read.model_dump(mode="json")
+    assert {key: dumped[key] for key in raw} == raw
+
+
+def test_golden_rows_cover_every_kind() -> None:
+    """The golden file holds one row per entry kind (a new kind needs its golden row)."""
+    kinds = {cls.model_fields["kind"].default for cls in get_args(AnyEntry)}
+    assert sorted(json.loads(line)["kind"] for line in golden_lines(1)) == sorted(kinds)
+
+
+async def test_old_version_is_upcast_before_it_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A row written at an older version goes through its upcaster, then the machine."""
+    monkeypatch.setitem(VERSIONS, "resync", 2)
+    monkeypatch.setitem(
+        UPCASTERS, ("resync", 1), lambda raw: {**{k: v for k, v in raw.items() if k != "why"}, "reason": raw["why"]}
+    )
+    old = json.dumps({"kind": "resync", "order_id": OID, "why": "operator check"})
+    async with await Store.open(tmp_path / "db") as store:
+        await store.append(
+            [NewEntry(kind="resync", source="operator", order_id=OID, payload=old, received_at=NOW, version=1)], now=NOW
+        )
+        await Processor(store, Policy()).drain()
+        assert await store.unreadable_rows() == []
+        assert [h.cause for h in await store.history(OID)] == ["resync (operator check) of an order without intent"]
+
+
+def test_a_version_newer_than_known_is_unreadable() -> None:
+    """A row from a newer omsd is refused by the reader, not guessed at."""
+    with pytest.raises(UnreadableEntry, match="newer than this omsd reads"):
+        read_entry("resync", 2, json.dumps({"kind": "resync", "order_id": OID, "reason": "r"}))
+
+
+BAD_ROWS: dict[str, tuple[int, dict[str, object]]] = {
+    "unknown field": (1, {"kind": "status_changed", "order_id": OID, "source": "feed", "state": HELD, "sauce": "x"}),
+    "newer version": (2, {"kind": "status_changed", "order_id": OID, "source": "feed", "state": HELD}),
+}
+
+
+async def journal_with_unreadable_row(db: Path, version: int, payload: dict[str, object]) -> tuple[Processor, Metrics]:
+    """Order known, then the bad row (offset 2), then a cancel; applied by a processor with metrics."""
+    bad = NewEntry(
+        kind="status_changed",
+        source="feed",
+        order_id=OID,
+        payload=json.dumps(payload),
+        received_at=NOW,
+        version=version,
+    )
+    async with await Store.open(db) as store:
+        await store.append([status_entry(HELD, 1), bad, status_entry("canceled", 3)], now=NOW)
+        metrics = Metrics()
+        processor = Processor(store, Policy(), metrics=metrics)
+        assert await processor.drain() == 3
+    return processor, metrics
+
+
+@pytest.mark.parametrize(("version", "payload"), BAD_ROWS.values(), ids=BAD_ROWS.keys())
+async def test_an_unreadable_row_is_recorded_counted_and_listed(
+    tmp_path: Path, version: int, payload: dict[str, object]
+) -> None:
+    """An unreadable row is never skipped silently: the order's history names it, the
+    processor and the metric count it, the store lists it; later rows still apply."""
+    processor, metrics = await journal_with_unreadable_row(tmp_path / "db", version, payload)
+    assert processor.unreadable == 1
+    assert metrics.sample("omsd_journal_unreadable_total") == 1
+    async with await Store.open(tmp_path / "db") as store:
+        order = await store.load_order(OID)
+        assert order is not None and order.status == "canceled"
+        [row] = await store.unreadable_rows()
+        assert (row.journal_offset, row.kind, row.order_id) == (2, "status_changed", OID)
+        causes = [h.cause for h in await store.history(OID)]
+        assert any(c.startswith(f"journal row 2 unreadable: {row.error}") for c in causes)
+        assert (await store.stats())["unreadable"] == 1
+
+
+def test_omsd_journal_unreadable_lists_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`omsd journal --unreadable` prints each unreadable row with its offset and error."""
+    version, payload = BAD_ROWS["newer version"]
+    asyncio.run(journal_with_unreadable_row(tmp_path / "db", version, payload))
+    monkeypatch.setenv("OMSD_DB", str(tmp_path / "db"))
+    monkeypatch.setenv("COLUMNS", "250")
+    assert main(["journal", "--unreadable"]) == 0
+    out = capsys.readouterr().out
+    assert "status_changed" in out and "version 2 is newer than this omsd reads" in out
