@@ -54,7 +54,7 @@ async def main(orders: int, per_order: int) -> None:
             start = time.perf_counter()
             for i in range(0, len(items), 10):
                 batch = [feed_item(item, now) for item in items[i : i + 10]]
-                await store.append([b.entry for b in batch], acks=[b.handle for b in batch if b.handle])
+                await store.append([b.entry for b in batch], acks=[b.handle for b in batch if b.handle], now=now)
                 await store.acks_done([b.handle for b in batch if b.handle])
             elapsed = time.perf_counter() - start
             print(
@@ -70,7 +70,8 @@ async def main(orders: int, per_order: int) -> None:
                         kind=e.kind, source="bench", order_id=e.order_id, payload=e.model_dump_json(), received_at=now
                     )
                     for e in intents
-                ]
+                ],
+                now=now,
             )
             processor = Processor(store, Policy())
             start = time.perf_counter()

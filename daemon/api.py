@@ -112,7 +112,7 @@ def build_app(ctx: ApiContext) -> web.Application:
 
     async def keep_rejected(source: str, raw: Any, reason: str) -> None:
         entry = intake.rejected(source, raw, reason, datetime.now(UTC))
-        await ctx.store.append([entry])
+        await ctx.store.append([entry], now=entry.received_at)
         ctx.metrics.rejected.labels(source=source).inc()
         log.warning("request_rejected", source=source, reason=reason)
 
@@ -160,7 +160,8 @@ def build_app(ctx: ApiContext) -> web.Application:
             await keep_rejected("api", raw, reason)
             return _error(400, reason)
         [appended] = await ctx.store.append(
-            [intake.intent_entry(req.marketplace_order_id, req.order_id, "api", datetime.now(UTC))]
+            [intake.intent_entry(req.marketplace_order_id, req.order_id, "api", datetime.now(UTC))],
+            now=datetime.now(UTC),
         )
         ctx.wake()
         offset = appended.offset or 0
@@ -218,7 +219,8 @@ def build_app(ctx: ApiContext) -> web.Application:
         )
         dedup = f"notification:{env.operation_id}:{env.code}" if env.operation_id else None
         [appended] = await ctx.store.append(
-            [NewEntry.of(event, source="notification", received_at=datetime.now(UTC), dedup_key=dedup)]
+            [NewEntry.of(event, source="notification", received_at=datetime.now(UTC), dedup_key=dedup)],
+            now=datetime.now(UTC),
         )
         ctx.wake()
         if not appended.duplicate and env.flow == "ApproveOrder" and env.code not in APPROVAL_SUCCESS:
@@ -252,7 +254,7 @@ def build_app(ctx: ApiContext) -> web.Application:
             await keep_rejected("hook", raw, reason)
             log.warning("hook_wrong_account", remote=request.remote)
             return _error(403, reason)
-        [appended] = await ctx.store.append([pushed.entry])
+        [appended] = await ctx.store.append([pushed.entry], now=pushed.entry.received_at)
         ctx.health.push_ok()
         if appended.duplicate:
             ctx.metrics.duplicates.labels(source="hook").inc()

@@ -92,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     j.add_argument("--limit", type=int, default=30)
     j.add_argument("--order", help="only entries of this VTEX order id")
     j.add_argument("--rejected", action="store_true", help="only rejected input, with its reason")
+    j.add_argument("--unreadable", action="store_true", help="only rows the processor could not read, with why")
 
     sub.add_parser(
         "replay",
@@ -330,7 +331,8 @@ async def _approve(store: Store, args: argparse.Namespace) -> int:
     if not mkt:
         print("omsd: MARKETPLACE_ORDER_ID must not be empty", file=sys.stderr)
         return EXIT_CONFIG
-    [appended] = await store.append([intake.intent_entry(mkt, args.order_id, "cli", _now())])
+    now = _now()
+    [appended] = await store.append([intake.intent_entry(mkt, args.order_id, "cli", now)], now=now)
     print(f"intent recorded at journal offset {appended.offset}; the running daemon will act on it")
     return EXIT_OK
 
@@ -409,8 +411,22 @@ async def _print_journal(rows: list[Any]) -> None:
 
 
 async def _journal(store: Store, args: argparse.Namespace) -> int:
+    if args.unreadable:
+        return await _unreadable(store)
     rows = await store.journal_tail(args.limit, order_id=args.order, kind="rejected" if args.rejected else None)
     await _print_journal(rows)
+    return EXIT_OK
+
+
+async def _unreadable(store: Store) -> int:
+    table = Table(title="unreadable journal rows")
+    for col in ("offset", "received", "kind", "order", "error"):
+        table.add_column(col)
+    for u in await store.unreadable_rows():
+        table.add_row(
+            str(u.journal_offset), u.received_at.isoformat(timespec="seconds"), u.kind, u.order_id or "-", u.error
+        )
+    Console().print(table)
     return EXIT_OK
 
 
@@ -420,7 +436,7 @@ async def _replay(store: Store, args: argparse.Namespace) -> int:
     # Same policy knobs as the daemon (OMSD_MAX_ATTEMPTS etc.), so the replayed
     # state is the state the daemon had.
     policy = load_policy()
-    await store.reset_derived()
+    await store.reset_derived(now=_now())
     processor = Processor(store, policy, emit_effects=False)
     applied = await processor.drain()
     reopened = 0
@@ -433,7 +449,10 @@ async def _replay(store: Store, args: argparse.Namespace) -> int:
 
 
 async def _append_resync(store: Store, order_id: str, reason: str) -> None:
-    await store.append([NewEntry.of(Resync(order_id=order_id, reason=reason), source="operator", received_at=_now())])
+    now = _now()
+    await store.append(
+        [NewEntry.of(Resync(order_id=order_id, reason=reason), source="operator", received_at=now)], now=now
+    )
 
 
 async def _retry(store: Store, args: argparse.Namespace) -> int:

@@ -66,7 +66,7 @@ class EffectRunner:
                 self.progress()
                 self.wake.clear()
                 free = self._concurrency - len(running)
-                rows = await self._store.claim_effects(free) if free > 0 else []
+                rows = await self._store.claim_effects(free, now=self._clock()) if free > 0 else []
                 for row in rows:
                     task = asyncio.create_task(self._perform(row), name=f"effect-{row.id}")
                     running.add(task)
@@ -81,7 +81,7 @@ class EffectRunner:
 
     async def run_once(self) -> int:
         """Claim and perform what is pending now (for tests and the CLI)."""
-        rows = await self._store.claim_effects(self._concurrency)
+        rows = await self._store.claim_effects(self._concurrency, now=self._clock())
         await asyncio.gather(*(self._perform(r) for r in rows))
         return len(rows)
 
@@ -96,7 +96,7 @@ class EffectRunner:
                     result = await self._send(effect)
             entry = NewEntry.of(result, source="effect", received_at=self._clock(), dedup_key=f"effect:{row.id}")
             try:
-                await asyncio.shield(self._store.finish_effect(row.id, entry))
+                await asyncio.shield(self._store.finish_effect(row.id, entry, now=entry.received_at))
             finally:
                 self.wake.set()
             if self.on_result is not None:

@@ -80,7 +80,7 @@ class FeedPoller:
         now = self._clock()
         intakes = [intake.feed_item(item, now) for item in items]
         results = await self._store.append(
-            [i.entry for i in intakes], acks=[i.handle for i in intakes if i.handle is not None]
+            [i.entry for i in intakes], acks=[i.handle for i in intakes if i.handle is not None], now=now
         )
         for item, result in zip(intakes, results, strict=True):
             if result.duplicate:

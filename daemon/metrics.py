@@ -45,6 +45,11 @@ class Metrics:
         )
         self.alarm = Gauge("omsd_alarm", "1 while an alarm is raised", ["name"], registry=r)
         self.ready = Gauge("omsd_ready", "1 when /readyz answers 200", registry=r)
+        self.journal_unreadable = Counter(
+            "omsd_journal_unreadable",
+            "Journal rows the processor could not read (omsd journal --unreadable)",
+            registry=r,
+        )
         for phase in Phase:
             self.orders.labels(phase=phase.value).set(0)
 

@@ -12,23 +12,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-from pydantic import ValidationError
+from datetime import UTC, datetime
 
 from omsd.daemon.logs import get_logger
+from omsd.daemon.metrics import Metrics
 from omsd.daemon.wakeup import wait_any
-from omsd.state.codes import ResultCode
-from omsd.state.events import (
-    Event,
-    IntentReceived,
-    IntentRecorded,
-    NotificationReceived,
-    ResultNotified,
-    parse_entry,
-)
+from omsd.state import routing
+from omsd.state.events import Event, IntentReceived, NotificationReceived, UnreadableEntry, read_entry
 from omsd.state.machine import decide
 from omsd.state.models import Order, Policy
-from omsd.state.store import Batch, HistoryRow, JournalRow, Store
+from omsd.state.store import Batch, HistoryRow, JournalRow, Store, UnreadableRow
 
 log = get_logger("omsd.processor")
 
@@ -59,12 +52,17 @@ class Processor:
         batch_size: int = 200,
         emit_effects: bool = True,
         on_effects: Callable[[], None] | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        metrics: Metrics | None = None,
     ) -> None:
         self._store = store
         self._policy = policy
         self._batch_size = batch_size
         self._emit_effects = emit_effects
         self._on_effects = on_effects
+        self._clock = clock
+        self._metrics = metrics
+        self.unreadable = 0  # journal rows this process found unreadable (omsd_journal_unreadable_total)
         self.wake = asyncio.Event()
         self.applied = asyncio.Condition()
         self.offset = 0
@@ -81,17 +79,13 @@ class Processor:
         run = _Run(batch=Batch(offset=rows[-1].offset))
         for row in rows:
             await self._apply_row(run, row)
-        # An effect superseded later in the same batch is never written to the outbox.
-        run.batch.effects = [
-            e
-            for e in run.batch.effects
-            if (final := run.batch.orders.get(e.order_id)) is not None
-            and final.inflight is not None
-            and final.inflight.seq == e.seq
-        ]
-        await self._store.commit_batch(run.batch)
+        written = await self._store.commit_batch(run.batch, now=self._clock())
         self.offset = run.batch.offset
-        if run.batch.effects and self._on_effects is not None:
+        if run.batch.unreadable:
+            self.unreadable += len(run.batch.unreadable)
+            if self._metrics is not None:
+                self._metrics.journal_unreadable.inc(len(run.batch.unreadable))
+        if written and self._on_effects is not None:
             self._on_effects()
         for t in run.transitions:
             log.info(
@@ -144,17 +138,34 @@ class Processor:
         if row.kind == "rejected":
             return
         try:
-            entry = parse_entry(row.payload)
-        except ValidationError as exc:
-            log.error("journal_entry_unreadable", offset=row.offset, kind=row.kind, errors=exc.error_count())
+            entry = read_entry(row.kind, row.version, row.payload)
+        except UnreadableEntry as exc:
+            await self._unreadable(run, row, str(exc))
             return
         match entry:
-            case NotificationReceived():
-                await self._route_notification(run, row, entry)
-            case IntentReceived():
-                await self._route_intent(run, row, entry)
+            case NotificationReceived() | IntentReceived():
+                await self._route(run, row, entry)
             case _:
                 await self._decide(run, row, entry)
+
+    async def _unreadable(self, run: _Run, row: JournalRow, error: str) -> None:
+        """Never skipped silently: logged, kept in `unreadable` (omsd journal --unreadable),
+        counted, and written to the order's history when the order is known."""
+        log.error("journal_entry_unreadable", offset=row.offset, kind=row.kind, order_id=row.order_id, error=error)
+        run.batch.unreadable.append(UnreadableRow(row.offset, row.kind, row.order_id, error, row.received_at))
+        order = await self._order(run, row.order_id) if row.order_id is not None else None
+        if order is not None:
+            run.batch.history.append(
+                HistoryRow(
+                    order_id=order.order_id,
+                    journal_offset=row.offset,
+                    from_phase=order.phase,
+                    to_phase=order.phase,
+                    status=order.status,
+                    cause=f"journal row {row.offset} unreadable: {error}"[:500],
+                    at=row.received_at,
+                )
+            )
 
     async def _order(self, run: _Run, order_id: str) -> Order | None:
         if order_id not in run.orders:
@@ -173,43 +184,21 @@ class Processor:
             run.batch.before[found.order_id] = found
         return run.orders.get(found.order_id) if found is not None else None
 
-    async def _route_notification(self, run: _Run, row: JournalRow, n: NotificationReceived) -> None:
-        order = await self._find_by_marketplace_id(run, n.marketplace_order_id)
-        if order is not None:
-            event = ResultNotified(
-                order_id=order.order_id,
-                marketplace_order_id=n.marketplace_order_id,
-                code=n.code,
-                flow=n.flow,
-                operation_id=n.operation_id,
-                message=n.message,
-            )
-            await self._decide(run, row, event)
-            return
-        if n.flow == "ApproveOrder" and n.code == ResultCode.HELD:
-            await self._park_intent(run, row, n.marketplace_order_id, "notification")
-            return
-        log.info("notification_unrouted", offset=row.offset, marketplace_order_id=n.marketplace_order_id, code=n.code)
-
-    async def _route_intent(self, run: _Run, row: JournalRow, intent: IntentReceived) -> None:
-        order = await self._find_by_marketplace_id(run, intent.marketplace_order_id)
-        if order is not None:
-            event = IntentRecorded(
-                order_id=order.order_id, marketplace_order_id=intent.marketplace_order_id, source=intent.source
-            )
-            await self._decide(run, row, event)
-            return
-        await self._park_intent(run, row, intent.marketplace_order_id, intent.source)
-
-    async def _park_intent(self, run: _Run, row: JournalRow, marketplace_order_id: str, source: str) -> None:
-        """No VTEX order is linked to this marketplace id yet: keep the intent until one is."""
-        if marketplace_order_id in run.batch.add_pending:
-            return
-        if await self._store.pending_intent(marketplace_order_id) is not None:
-            return
-        run.batch.add_pending[marketplace_order_id] = (source, row.offset)
-        run.batch.remove_pending.discard(marketplace_order_id)
-        log.info("intent_parked", marketplace_order_id=marketplace_order_id, source=source, offset=row.offset)
+    async def _route(self, run: _Run, row: JournalRow, entry: NotificationReceived | IntentReceived) -> None:
+        mkt = entry.marketplace_order_id
+        linked = await self._find_by_marketplace_id(run, mkt)
+        parked = linked is None and (mkt in run.batch.add_pending or await self._store.pending_intent(mkt) is not None)
+        match routing.route(entry, linked, parked):
+            case routing.Decide(event=event):
+                await self._decide(run, row, event)
+            case routing.Park(marketplace_order_id=mkt, source=source):
+                run.batch.add_pending[mkt] = (source, row.offset)
+                run.batch.remove_pending.discard(mkt)
+                log.info("intent_parked", marketplace_order_id=mkt, source=source, offset=row.offset)
+            case routing.AlreadyParked():
+                pass
+            case routing.Unrouted(code=code):
+                log.info("notification_unrouted", offset=row.offset, marketplace_order_id=mkt, code=code)
 
     async def _decide(self, run: _Run, row: JournalRow, event: Event) -> None:
         before = await self._order(run, event.order_id)
@@ -249,22 +238,13 @@ class Processor:
                 )
             )
             run.transitions.append(Transition(after.order_id, row.offset, from_phase, after.phase, after.status, cause))
-        linked_now = after.marketplace_order_id is not None and (before is None or before.marketplace_order_id is None)
-        if linked_now and after.marketplace_order_id is not None:
-            await self._release_parked(run, row, after)
+        if (mkt := routing.newly_linked(before, after)) is not None:
+            await self._release_parked(run, row, after.order_id, mkt)
 
-    async def _release_parked(self, run: _Run, row: JournalRow, order: Order) -> None:
-        mkt = order.marketplace_order_id
-        assert mkt is not None
+    async def _release_parked(self, run: _Run, row: JournalRow, order_id: str, mkt: str) -> None:
         parked = run.batch.add_pending.pop(mkt, None) or await self._store.pending_intent(mkt)
         if parked is None or mkt in run.batch.remove_pending:
             return
         run.batch.remove_pending.add(mkt)
-        source = parked[0] if parked[0] in ("api", "cli", "notification") else "link"
-        event = IntentRecorded(
-            order_id=order.order_id,
-            marketplace_order_id=mkt,
-            source=source,
-        )
-        log.info("intent_linked", order_id=order.order_id, marketplace_order_id=mkt, parked_at=parked[1])
-        await self._decide(run, row, event)
+        log.info("intent_linked", order_id=order_id, marketplace_order_id=mkt, parked_at=parked[1])
+        await self._decide(run, row, routing.release(order_id, mkt, parked[0]))

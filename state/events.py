@@ -7,9 +7,11 @@ mypy prove each kind is handled.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import json
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 
 class _Event(BaseModel):
@@ -153,5 +155,49 @@ Entry = Annotated[AnyEntry, Field(discriminator="kind")]
 ENTRY_ADAPTER: TypeAdapter[Entry] = TypeAdapter(Entry)
 
 
-def parse_entry(payload: str | bytes) -> Entry:
-    return ENTRY_ADAPTER.validate_json(payload)
+# ---- versions ------------------------------------------------------------------------
+# Every journal row carries the version of its kind's schema it was written with
+# (rows written before versions existed count as 1). When a kind's fields change,
+# bump its version here and register an upcaster that turns a raw dict of the old
+# version into one of the next; `read_entry` chains them, oldest first, before
+# validating. tests/golden/ keeps a row of every kind as each version wrote it.
+
+Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+
+VERSIONS: dict[str, int] = {}
+"""The current version of a kind, where it is above 1."""
+
+UPCASTERS: dict[tuple[str, int], Upcaster] = {}
+"""(kind, version) -> the function taking a raw entry of that version to the next."""
+
+
+def current_version(kind: str) -> int:
+    return VERSIONS.get(kind, 1)
+
+
+class UnreadableEntry(ValueError):
+    """A journal row this version of omsd cannot turn into an entry."""
+
+
+def read_entry(kind: str, version: int, payload: str | bytes) -> Entry:
+    """The entry a journal row holds, upgraded from its version to the current one."""
+    current = current_version(kind)
+    try:
+        if version == current:
+            return ENTRY_ADAPTER.validate_json(payload)
+        if version > current:
+            raise UnreadableEntry(f"{kind} version {version} is newer than this omsd reads ({current})")
+        raw = json.loads(payload)
+        for step in range(version, current):
+            upcast = UPCASTERS.get((kind, step))
+            if upcast is None:
+                raise UnreadableEntry(f"no upcaster for {kind} version {step}")
+            raw = upcast(raw)
+        return ENTRY_ADAPTER.validate_python(raw)
+    except UnreadableEntry:
+        raise
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '-'}: {e['msg']}" for e in exc.errors()[:3])
+        raise UnreadableEntry(f"{exc.error_count()} validation error(s): {problems}") from exc
+    except (ValueError, TypeError, KeyError) as exc:  # bad JSON, or an upcaster that met a shape it does not know
+        raise UnreadableEntry(f"{type(exc).__name__}: {exc}") from exc

@@ -210,135 +210,178 @@ def _on_code(ctx: _Ctx, code: str, where: str) -> None:
             _transient(ctx, f"{where}: {code}")
 
 
+def _on_status_changed(ctx: _Ctx, event: StatusChanged) -> bool:
+    _observe(ctx, event.state, event.current_change, event.source)
+    return True
+
+
+def _on_intent(ctx: _Ctx, event: IntentRecorded) -> bool:
+    o = ctx.order
+    if not _link(ctx, event.marketplace_order_id):
+        ctx.set(
+            last_error=f"intent names marketplaceOrderId {event.marketplace_order_id}, "
+            f"VTEX says {o.marketplace_order_id}"
+        )
+        ctx.cause("intent refused: marketplaceOrderId mismatch")
+        return False
+    if o.has_intent:
+        ctx.cause(f"intent repeated ({event.source})")
+        return True
+    ctx.set(intent_source=event.source, intent_at=ctx.now)
+    ctx.cause(f"approval intent from {event.source}")
+    if o.phase == Phase.TRACKING:
+        ctx.set(phase=Phase.WAITING_RELEASE)
+    return True
+
+
+def _on_fetched(ctx: _Ctx, event: OrderFetched) -> bool:
+    o = ctx.order
+    at = event.last_change or event.fetched_at
+    _observe(ctx, event.status, at, "get_order")
+    if not _link(ctx, event.marketplace_order_id):
+        ctx.set(
+            last_error=f"Get order says marketplaceOrderId {event.marketplace_order_id}, "
+            f"omsd knew {o.marketplace_order_id}"
+        )
+        if o.has_intent and o.phase not in TERMINAL_PHASES:
+            ctx.settle()
+            ctx.goto(Phase.DEAD, "marketplaceOrderId mismatch")
+        return False
+    ctx.set(link_checked=True)
+    if o.inflight is not None and o.inflight.seq == event.seq:
+        ctx.set(inflight=None)
+        if o.has_intent and o.phase == Phase.CHECKING:
+            _after_check(ctx, event, o.inflight.purpose)
+    return True
+
+
+def _on_fetch_failed(ctx: _Ctx, event: OrderFetchFailed) -> bool:
+    o = ctx.order
+    ctx.set(link_checked=True)
+    if o.inflight is None or o.inflight.seq != event.seq:
+        ctx.cause(f"stale Get order failure recorded: {event.error}")
+        return False
+    ctx.set(inflight=None)
+    if not o.has_intent or o.phase in TERMINAL_PHASES:
+        ctx.cause(f"Get order failed: {event.error}")
+        return False
+    if event.not_found:
+        _on_code(ctx, ResultCode.NOT_INTEGRATED, "Get order 404")
+    else:
+        _transient(ctx, f"Get order: {event.error}")
+    return False
+
+
+def _on_answered(ctx: _Ctx, event: ApprovalAnswered) -> bool:
+    o = ctx.order
+    if o.inflight is None or o.inflight.seq != event.seq or o.phase in TERMINAL_PHASES:
+        ctx.cause(f"late approval answer {event.code} recorded")
+        ctx.set(last_code=event.code)
+        return True
+    ctx.set(inflight=None)
+    _on_code(ctx, event.code, f"PUT {event.http_status}")
+    return True
+
+
+def _on_approval_failed(ctx: _Ctx, event: ApprovalFailed) -> bool:
+    o = ctx.order
+    if o.inflight is None or o.inflight.seq != event.seq or o.phase in TERMINAL_PHASES:
+        ctx.cause(f"late approval failure recorded: {event.error}")
+        return False
+    ctx.set(inflight=None)
+    if event.retryable:
+        _transient(ctx, event.error)
+    else:
+        ctx.settle()
+        ctx.set(last_error=event.error)
+        ctx.goto(Phase.DEAD, f"approval refused: {event.error}")
+    return False
+
+
+def _on_notified(ctx: _Ctx, event: ResultNotified) -> bool:
+    o = ctx.order
+    _link(ctx, event.marketplace_order_id)
+    if event.flow != "ApproveOrder":
+        ctx.cause(f"{event.flow} result {event.code} recorded")
+        return True
+    if o.phase in TERMINAL_PHASES:
+        ctx.cause(f"notification {event.code} after {o.phase} recorded")
+        return False
+    if not o.has_intent:
+        if event.code != ResultCode.HELD:
+            ctx.cause(f"notification {event.code} without intent recorded")
+            return True
+        ctx.set(intent_source="notification", intent_at=ctx.now)
+        ctx.cause("approval intent from an EOI011 notification")
+        _held_refusal(ctx)
+        return True
+    if event.code == ResultCode.ENQUEUED:
+        ctx.cause("notification SOI003 recorded")
+        return True
+    if event.code not in (ResultCode.APPROVED, ResultCode.HELD) and o.phase not in (
+        Phase.SENDING,
+        Phase.AWAITING_RESULT,
+    ):
+        # An error for an approval omsd is not waiting on (e.g. the answer to an
+        # earlier attempt): the current attempt decides.
+        ctx.cause(f"notification {event.code} for an older attempt recorded")
+        return True
+    _on_code(ctx, event.code, "notification")
+    return True
+
+
+def _on_timer(ctx: _Ctx, event: TimerFired) -> bool:
+    o = ctx.order
+    if o.timer is None or o.timer.token != event.token:
+        ctx.cause(f"stale timer {event.reason} ignored")
+        return False
+    ctx.set(timer=None)
+    if o.phase in (Phase.WAITING_RELEASE, Phase.RETRY_WAIT):
+        ctx.set(await_newer_than=None)
+        ctx.goto(Phase.CHECKING, f"timer {event.reason}: re-checking the order")
+        ctx.fetch("pre_approval")
+    elif o.phase == Phase.AWAITING_RESULT:
+        ctx.goto(Phase.CHECKING, "no confirmation in time: re-checking the order")
+        ctx.fetch("confirm")
+    return True
+
+
+def _on_resync(ctx: _Ctx, event: Resync) -> bool:
+    o = ctx.order
+    if not o.has_intent:
+        ctx.cause(f"resync ({event.reason}) of an order without intent")
+        return False
+    if o.phase in (Phase.APPROVED, Phase.REJECTED):
+        ctx.cause(f"resync ({event.reason}) of a closed order ignored")
+        return False
+    ctx.settle()
+    ctx.set(attempts=0, eoi008=0, await_newer_than=None, last_error=None)
+    ctx.goto(Phase.CHECKING, f"resync: {event.reason}")
+    ctx.fetch("pre_approval")
+    return True
+
+
 def _apply(ctx: _Ctx, event: Event) -> bool:
     """Fold the event's facts into the order. Returns True when `advance` should run."""
-    o = ctx.order
     match event:
         case StatusChanged():
-            _observe(ctx, event.state, event.current_change, event.source)
-            return True
+            return _on_status_changed(ctx, event)
         case IntentRecorded():
-            if not _link(ctx, event.marketplace_order_id):
-                ctx.set(
-                    last_error=f"intent names marketplaceOrderId {event.marketplace_order_id}, "
-                    f"VTEX says {o.marketplace_order_id}"
-                )
-                ctx.cause("intent refused: marketplaceOrderId mismatch")
-                return False
-            if o.has_intent:
-                ctx.cause(f"intent repeated ({event.source})")
-                return True
-            ctx.set(intent_source=event.source, intent_at=ctx.now)
-            ctx.cause(f"approval intent from {event.source}")
-            if o.phase == Phase.TRACKING:
-                ctx.set(phase=Phase.WAITING_RELEASE)
-            return True
+            return _on_intent(ctx, event)
         case OrderFetched():
-            at = event.last_change or event.fetched_at
-            _observe(ctx, event.status, at, "get_order")
-            if not _link(ctx, event.marketplace_order_id):
-                ctx.set(
-                    last_error=f"Get order says marketplaceOrderId {event.marketplace_order_id}, "
-                    f"omsd knew {o.marketplace_order_id}"
-                )
-                if o.has_intent and o.phase not in TERMINAL_PHASES:
-                    ctx.settle()
-                    ctx.goto(Phase.DEAD, "marketplaceOrderId mismatch")
-                return False
-            ctx.set(link_checked=True)
-            if o.inflight is not None and o.inflight.seq == event.seq:
-                ctx.set(inflight=None)
-                if o.has_intent and o.phase == Phase.CHECKING:
-                    _after_check(ctx, event, o.inflight.purpose)
-            return True
+            return _on_fetched(ctx, event)
         case OrderFetchFailed():
-            ctx.set(link_checked=True)
-            if o.inflight is None or o.inflight.seq != event.seq:
-                ctx.cause(f"stale Get order failure recorded: {event.error}")
-                return False
-            ctx.set(inflight=None)
-            if not o.has_intent or o.phase in TERMINAL_PHASES:
-                ctx.cause(f"Get order failed: {event.error}")
-                return False
-            if event.not_found:
-                _on_code(ctx, ResultCode.NOT_INTEGRATED, "Get order 404")
-            else:
-                _transient(ctx, f"Get order: {event.error}")
-            return False
+            return _on_fetch_failed(ctx, event)
         case ApprovalAnswered():
-            if o.inflight is None or o.inflight.seq != event.seq or o.phase in TERMINAL_PHASES:
-                ctx.cause(f"late approval answer {event.code} recorded")
-                ctx.set(last_code=event.code)
-                return True
-            ctx.set(inflight=None)
-            _on_code(ctx, event.code, f"PUT {event.http_status}")
-            return True
+            return _on_answered(ctx, event)
         case ApprovalFailed():
-            if o.inflight is None or o.inflight.seq != event.seq or o.phase in TERMINAL_PHASES:
-                ctx.cause(f"late approval failure recorded: {event.error}")
-                return False
-            ctx.set(inflight=None)
-            if event.retryable:
-                _transient(ctx, event.error)
-            else:
-                ctx.settle()
-                ctx.set(last_error=event.error)
-                ctx.goto(Phase.DEAD, f"approval refused: {event.error}")
-            return False
+            return _on_approval_failed(ctx, event)
         case ResultNotified():
-            _link(ctx, event.marketplace_order_id)
-            if event.flow != "ApproveOrder":
-                ctx.cause(f"{event.flow} result {event.code} recorded")
-                return True
-            if o.phase in TERMINAL_PHASES:
-                ctx.cause(f"notification {event.code} after {o.phase} recorded")
-                return False
-            if not o.has_intent:
-                if event.code != ResultCode.HELD:
-                    ctx.cause(f"notification {event.code} without intent recorded")
-                    return True
-                ctx.set(intent_source="notification", intent_at=ctx.now)
-                ctx.cause("approval intent from an EOI011 notification")
-                _held_refusal(ctx)
-                return True
-            if event.code == ResultCode.ENQUEUED:
-                ctx.cause("notification SOI003 recorded")
-                return True
-            if event.code not in (ResultCode.APPROVED, ResultCode.HELD) and o.phase not in (
-                Phase.SENDING,
-                Phase.AWAITING_RESULT,
-            ):
-                # An error for an approval omsd is not waiting on (e.g. the answer to an
-                # earlier attempt): the current attempt decides.
-                ctx.cause(f"notification {event.code} for an older attempt recorded")
-                return True
-            _on_code(ctx, event.code, "notification")
-            return True
+            return _on_notified(ctx, event)
         case TimerFired():
-            if o.timer is None or o.timer.token != event.token:
-                ctx.cause(f"stale timer {event.reason} ignored")
-                return False
-            ctx.set(timer=None)
-            if o.phase in (Phase.WAITING_RELEASE, Phase.RETRY_WAIT):
-                ctx.set(await_newer_than=None)
-                ctx.goto(Phase.CHECKING, f"timer {event.reason}: re-checking the order")
-                ctx.fetch("pre_approval")
-            elif o.phase == Phase.AWAITING_RESULT:
-                ctx.goto(Phase.CHECKING, "no confirmation in time: re-checking the order")
-                ctx.fetch("confirm")
-            return True
+            return _on_timer(ctx, event)
         case Resync():
-            if not o.has_intent:
-                ctx.cause(f"resync ({event.reason}) of an order without intent")
-                return False
-            if o.phase in (Phase.APPROVED, Phase.REJECTED):
-                ctx.cause(f"resync ({event.reason}) of a closed order ignored")
-                return False
-            ctx.settle()
-            ctx.set(attempts=0, eoi008=0, await_newer_than=None, last_error=None)
-            ctx.goto(Phase.CHECKING, f"resync: {event.reason}")
-            ctx.fetch("pre_approval")
-            return True
+            return _on_resync(ctx, event)
         case _ as unreachable:
             assert_never(unreachable)
 

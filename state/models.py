@@ -106,3 +106,9 @@ class Policy:
 
 def later(now: datetime, seconds: float) -> datetime:
     return now + timedelta(seconds=seconds)
+
+
+def is_superseded(order: Order | None, seq: int) -> bool:
+    """An effect stays live only while its order still waits for it (its `inflight`
+    sequence); any other effect of the order is superseded and never performed."""
+    return order is None or order.inflight is None or order.inflight.seq != seq

@@ -85,6 +85,19 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX history_order ON history(order_id, id);
     """,
+    # 3: the schema version each journal row was written with (rows before it are version 1),
+    #    and the rows the processor could not read, for the operator and the alarm.
+    """
+    ALTER TABLE journal ADD COLUMN version INTEGER NOT NULL DEFAULT 1;
+    CREATE TABLE unreadable (
+        journal_offset INTEGER PRIMARY KEY,
+        kind           TEXT NOT NULL,
+        order_id       TEXT,
+        error          TEXT NOT NULL,
+        received_at    TEXT NOT NULL,
+        found_at       TEXT NOT NULL
+    );
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

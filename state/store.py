@@ -21,8 +21,8 @@ from typing import Any, Self
 
 import aiosqlite
 
-from omsd.state.events import AnyEntry, ApprovalFailed, TimerFired
-from omsd.state.models import EFFECT_ADAPTER, Effect, Order
+from omsd.state.events import AnyEntry, ApprovalFailed, TimerFired, current_version
+from omsd.state.models import EFFECT_ADAPTER, Effect, Order, is_superseded
 from omsd.state.schema import MIGRATIONS, SCHEMA_VERSION
 
 
@@ -57,6 +57,7 @@ class NewEntry:
     dedup_key: str | None = None
     event_id: str | None = None
     reason: str | None = None
+    version: int | None = None  # None: the current version of its kind
 
     @classmethod
     def of(
@@ -95,6 +96,19 @@ class JournalRow:
     payload: str
     reason: str | None
     received_at: datetime
+    version: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class UnreadableRow:
+    """A journal row the processor could not read: kept for the operator, never skipped silently."""
+
+    journal_offset: int
+    kind: str
+    order_id: str | None
+    error: str
+    received_at: datetime
+    found_at: datetime | None = None  # set by the store when it is recorded
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +143,7 @@ class Batch:
     history: list[HistoryRow] = field(default_factory=list)
     add_pending: dict[str, tuple[str, int]] = field(default_factory=dict)
     remove_pending: set[str] = field(default_factory=set)
+    unreadable: list[UnreadableRow] = field(default_factory=list)
 
 
 class Store:
@@ -150,7 +165,6 @@ class Store:
         try:
             await conn.execute("PRAGMA journal_mode=WAL")
             await conn.execute("PRAGMA synchronous=FULL")
-            await conn.execute("PRAGMA foreign_keys=ON")
             await conn.execute("PRAGMA busy_timeout=5000")
             version = await store.schema_version()
             if version > SCHEMA_VERSION:
@@ -222,16 +236,17 @@ class Store:
         return True
 
     # ---- journal intake ------------------------------------------------------------
-    async def append(self, entries: Sequence[NewEntry], acks: Iterable[str] = ()) -> list[Appended]:
+    async def append(self, entries: Sequence[NewEntry], acks: Iterable[str] = (), *, now: datetime) -> list[Appended]:
         """Append entries (duplicates by dedup key or event id are skipped) and record
-        feed handles to commit, all in one durable transaction."""
+        feed handles to commit (received `now`), all in one durable transaction."""
         results: list[Appended] = []
         async with self._tx() as conn:
             for entry in entries:
                 results.append(await self._insert(conn, entry))
-            now = iso(datetime.now(UTC))
-            for handle in acks:
-                await conn.execute("INSERT OR IGNORE INTO feed_acks (handle, received_at) VALUES (?, ?)", (handle, now))
+            await conn.executemany(
+                "INSERT OR IGNORE INTO feed_acks (handle, received_at) VALUES (?, ?)",
+                [(handle, iso(now)) for handle in acks],
+            )
         return results
 
     @staticmethod
@@ -244,10 +259,11 @@ class Store:
                 if await cur.fetchone() is not None:
                     return Appended(offset=None, duplicate=True)
         cur = await conn.execute(
-            "INSERT INTO journal (kind, source, order_id, dedup_key, event_id, payload, reason, received_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO journal (kind, version, source, order_id, dedup_key, event_id, payload, reason, received_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 entry.kind,
+                entry.version or current_version(entry.kind),
                 entry.source,
                 entry.order_id,
                 entry.dedup_key,
@@ -309,14 +325,16 @@ class Store:
         )
         return (rows[0]["source"], int(rows[0]["journal_offset"])) if rows else None
 
-    async def commit_batch(self, batch: Batch) -> None:
-        """Write the processor's decisions and its new offset in one transaction."""
-        now = iso(datetime.now(UTC))
+    async def commit_batch(self, batch: Batch, *, now: datetime) -> int:
+        """Write the processor's decisions and its new offset in one transaction.
+        Effects already superseded (by a later event of the batch, or earlier pending
+        ones by this batch) are never performed. Returns how many effects were written."""
+        effects = [e for e in batch.effects if not is_superseded(batch.orders.get(e.order_id), e.seq)]
         async with self._tx() as conn:
-            for effect in batch.effects:
+            for effect in effects:
                 await conn.execute(
                     "INSERT OR IGNORE INTO outbox (order_id, seq, kind, payload, created_at) VALUES (?, ?, ?, ?, ?)",
-                    (effect.order_id, effect.seq, effect.kind, effect.model_dump_json(), now),
+                    (effect.order_id, effect.seq, effect.kind, effect.model_dump_json(), iso(now)),
                 )
             for order_id, order in batch.orders.items():
                 await conn.execute(
@@ -330,15 +348,10 @@ class Store:
                         order.phase,
                         order.status,
                         order.model_dump_json(),
-                        iso(order.updated_at) if order.updated_at else now,
+                        iso(order.updated_at or now),
                     ),
                 )
-                inflight = order.inflight.seq if order.inflight else -1
-                await conn.execute(
-                    "UPDATE outbox SET state = 'superseded', done_at = ? "
-                    "WHERE order_id = ? AND state = 'pending' AND seq != ?",
-                    (now, order_id, inflight),
-                )
+                await self._supersede(conn, order, now)
                 previous = batch.before.get(order_id)
                 if previous is None or previous.timer != order.timer:
                     await conn.execute("DELETE FROM timers WHERE order_id = ?", (order_id,))
@@ -357,33 +370,47 @@ class Store:
                 await conn.execute(
                     "INSERT OR IGNORE INTO pending_intents (marketplace_order_id, source, journal_offset, created_at) "
                     "VALUES (?, ?, ?, ?)",
-                    (mkt, source, offset, now),
+                    (mkt, source, offset, iso(now)),
                 )
             for mkt in batch.remove_pending:
                 await conn.execute("DELETE FROM pending_intents WHERE marketplace_order_id = ?", (mkt,))
+            await conn.executemany(
+                "INSERT OR REPLACE INTO unreadable (journal_offset, kind, order_id, error, received_at, found_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (u.journal_offset, u.kind, u.order_id, u.error, iso(u.received_at), iso(now))
+                    for u in batch.unreadable
+                ],
+            )
             await conn.execute("UPDATE cursor SET \"offset\" = ? WHERE name = 'processor'", (batch.offset,))
+        return len(effects)
+
+    @staticmethod
+    async def _supersede(conn: aiosqlite.Connection, order: Order, now: datetime) -> None:
+        async with conn.execute(
+            "SELECT id, seq FROM outbox WHERE order_id = ? AND state = 'pending'", (order.order_id,)
+        ) as cur:
+            stale = [(iso(now), r["id"]) for r in await cur.fetchall() if is_superseded(order, r["seq"])]
+        await conn.executemany("UPDATE outbox SET state = 'superseded', done_at = ? WHERE id = ?", stale)
 
     # ---- effects ----------------------------------------------------------------------
-    async def claim_effects(self, limit: int) -> list[OutboxRow]:
-        """Mark up to `limit` pending effects as started and return them."""
-        now = iso(datetime.now(UTC))
+    async def claim_effects(self, limit: int, *, now: datetime) -> list[OutboxRow]:
+        """Mark up to `limit` pending effects as started (at `now`) and return them."""
         async with self._tx() as conn:
             async with conn.execute(
                 "SELECT * FROM outbox WHERE state = 'pending' ORDER BY id LIMIT ?", (limit,)
             ) as cur:
                 rows = list(await cur.fetchall())
             await conn.executemany(
-                "UPDATE outbox SET state = 'started', started_at = ? WHERE id = ?", [(now, r["id"]) for r in rows]
+                "UPDATE outbox SET state = 'started', started_at = ? WHERE id = ?", [(iso(now), r["id"]) for r in rows]
             )
         return [_outbox_row(r) for r in rows]
 
-    async def finish_effect(self, outbox_id: int, result: NewEntry) -> Appended:
-        """Append the effect's result and close the outbox row, atomically."""
+    async def finish_effect(self, outbox_id: int, result: NewEntry, *, now: datetime) -> Appended:
+        """Append the effect's result and close the outbox row (done at `now`), atomically."""
         async with self._tx() as conn:
             appended = await self._insert(conn, result)
-            await conn.execute(
-                "UPDATE outbox SET state = 'done', done_at = ? WHERE id = ?", (iso(datetime.now(UTC)), outbox_id)
-            )
+            await conn.execute("UPDATE outbox SET state = 'done', done_at = ? WHERE id = ?", (iso(now), outbox_id))
         return appended
 
     async def recover_interrupted(self, now: datetime) -> int:
@@ -477,6 +504,21 @@ class Store:
         rows = await self._all("SELECT * FROM pending_intents ORDER BY created_at")
         return [(r["marketplace_order_id"], r["source"], int(r["journal_offset"])) for r in rows]
 
+    async def unreadable_rows(self) -> list[UnreadableRow]:
+        """Journal rows the processor could not read, oldest first."""
+        rows = await self._all("SELECT * FROM unreadable ORDER BY journal_offset")
+        return [
+            UnreadableRow(
+                journal_offset=r["journal_offset"],
+                kind=r["kind"],
+                order_id=r["order_id"],
+                error=r["error"],
+                received_at=from_iso(r["received_at"]),
+                found_at=from_iso(r["found_at"]),
+            )
+            for r in rows
+        ]
+
     async def outbox_counts(self) -> dict[str, int]:
         rows = await self._all("SELECT state, COUNT(*) AS n FROM outbox GROUP BY state")
         return {r["state"]: int(r["n"]) for r in rows}
@@ -487,7 +529,8 @@ class Store:
             "(SELECT COUNT(*) FROM journal WHERE kind = 'rejected') AS rejected, "
             "(SELECT COUNT(*) FROM feed_acks) AS acks_pending, "
             "(SELECT COUNT(*) FROM timers) AS timers, "
-            "(SELECT COUNT(*) FROM pending_intents) AS pending_intents"
+            "(SELECT COUNT(*) FROM pending_intents) AS pending_intents, "
+            "(SELECT COUNT(*) FROM unreadable) AS unreadable"
         )
         out = dict(rows[0])
         out["processor_offset"] = await self.processor_offset()
@@ -495,17 +538,17 @@ class Store:
         return out
 
     # ---- repair -------------------------------------------------------------------------
-    async def reset_derived(self) -> None:
+    async def reset_derived(self, *, now: datetime) -> None:
         """Forget everything derived from the journal so the processor rebuilds it.
-        Pending effects are superseded: replay recomputes and re-issues what is needed."""
-        now = iso(datetime.now(UTC))
+        Pending effects are superseded (at `now`): replay recomputes and re-issues what is needed."""
         async with self._tx() as conn:
             await conn.execute("DELETE FROM orders")
             await conn.execute("DELETE FROM timers")
             await conn.execute("DELETE FROM history")
             await conn.execute("DELETE FROM pending_intents")
+            await conn.execute("DELETE FROM unreadable")
             await conn.execute(
-                "UPDATE outbox SET state = 'superseded', done_at = ? WHERE state IN ('pending', 'started')", (now,)
+                "UPDATE outbox SET state = 'superseded', done_at = ? WHERE state IN ('pending', 'started')", (iso(now),)
             )
             await conn.execute("UPDATE cursor SET \"offset\" = 0 WHERE name = 'processor'")
 
@@ -523,6 +566,7 @@ def _journal_row(r: sqlite3.Row) -> JournalRow:
         payload=r["payload"],
         reason=r["reason"],
         received_at=from_iso(r["received_at"]),
+        version=r["version"],
     )
 
 

@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import get_args
 
 import pytest
 
+from omsd.daemon.cli import main
+from omsd.daemon.metrics import Metrics
 from omsd.daemon.processor import Processor
-from omsd.state.events import IntentReceived, IntentRecorded, NotificationReceived, StatusChanged
+from omsd.state.events import (
+    UPCASTERS,
+    VERSIONS,
+    AnyEntry,
+    IntentReceived,
+    IntentRecorded,
+    NotificationReceived,
+    StatusChanged,
+    UnreadableEntry,
+    read_entry,
+)
 from omsd.state.models import Policy
 from omsd.state.schema import MIGRATIONS, SCHEMA_VERSION
 from omsd.state.statuses import Phase
@@ -19,21 +34,19 @@ from tests.machine_helpers import FREE, HELD, MKT, OID, at, fetched
 NOW = datetime(2026, 11, 1, tzinfo=UTC)
 
 
-def entry(event: StatusChanged | IntentRecorded | IntentReceived | NotificationReceived, **kw: str | None) -> NewEntry:
-    order_id = getattr(event, "order_id", None)
-    return NewEntry(
-        kind=event.kind, source="test", order_id=order_id, payload=event.model_dump_json(), received_at=NOW, **kw
-    )
+def entry(event: AnyEntry, dedup_key: str | None = None, event_id: str | None = None) -> NewEntry:
+    return NewEntry.of(event, source="test", received_at=NOW, dedup_key=dedup_key, event_id=event_id)
 
 
 async def answer_fetch(store: Store, state: str, t: float) -> None:
     """Play the effect runner for the one pending Get order: journal its answer."""
-    [fetch] = await store.claim_effects(10)
+    [fetch] = await store.claim_effects(10, now=NOW)
     assert fetch.effect.kind == "fetch_order"
     result = fetched(state, seq=fetch.seq, t=t)
     await store.finish_effect(
         fetch.id,
         NewEntry(kind=result.kind, source="effect", order_id=OID, payload=result.model_dump_json(), received_at=NOW),
+        now=NOW,
     )
 
 
@@ -45,9 +58,9 @@ def status_entry(state: str, t: float, event_id: str | None = None) -> NewEntry:
 async def test_append_is_durable_and_deduplicated(tmp_path: Path) -> None:
     """An entry is on disk when append returns; the same dedup key or event id is skipped."""
     async with await Store.open(tmp_path / "db") as store:
-        first = await store.append([status_entry(HELD, 1, "E1")], acks=["h1"])
-        again = await store.append([status_entry(HELD, 1, "E1")], acks=["h2"])
-        other_id_same_change = await store.append([status_entry(HELD, 1, "E9")])
+        first = await store.append([status_entry(HELD, 1, "E1")], acks=["h1"], now=NOW)
+        again = await store.append([status_entry(HELD, 1, "E1")], acks=["h2"], now=NOW)
+        other_id_same_change = await store.append([status_entry(HELD, 1, "E9")], now=NOW)
         assert not first[0].duplicate and again[0].duplicate and other_id_same_change[0].duplicate
     # A separate connection (another process) sees the rows and both handles to commit.
     conn = sqlite3.connect(tmp_path / "db")
@@ -60,7 +73,8 @@ async def test_crash_between_journal_write_and_processor_commit(tmp_path: Path) 
     db = tmp_path / "db"
     async with await Store.open(db) as store:
         await store.append(
-            [status_entry(HELD, 1), entry(IntentRecorded(order_id=OID, marketplace_order_id=MKT, source="api"))]
+            [status_entry(HELD, 1), entry(IntentRecorded(order_id=OID, marketplace_order_id=MKT, source="api"))],
+            now=NOW,
         )
         assert await store.processor_offset() == 0
         # "crash": the process ends here, before the processor ran.
@@ -73,27 +87,29 @@ async def test_crash_between_journal_write_and_processor_commit(tmp_path: Path) 
         assert await processor.drain() == 0  # nothing applied twice
 
 
-async def test_processor_commit_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """If the processor's transaction fails, neither order rows, outbox nor offset move."""
-    async with await Store.open(tmp_path / "db") as store:
+async def test_processor_commit_is_atomic(tmp_path: Path) -> None:
+    """If the processor's transaction fails on its last statement, neither order rows,
+    outbox, history nor offset move; once the fault is gone the same batch applies."""
+    db = tmp_path / "db"
+    async with await Store.open(db) as store:
         await store.append(
-            [status_entry(FREE, 1), entry(IntentRecorded(order_id=OID, marketplace_order_id=MKT, source="api"))]
+            [status_entry(FREE, 1), entry(IntentRecorded(order_id=OID, marketplace_order_id=MKT, source="api"))],
+            now=NOW,
         )
         processor = Processor(store, Policy())
-        original = store.commit_batch
-
-        async def failing(batch: object) -> None:
-            async with store._tx() as conn:
-                await conn.execute('UPDATE cursor SET "offset" = 99')
-                raise sqlite3.OperationalError("disk I/O error")
-
-        monkeypatch.setattr(store, "commit_batch", failing)
-        with pytest.raises(sqlite3.OperationalError):
+        fault = sqlite3.connect(db)
+        # The cursor is written last in commit_batch: everything before it is inside the transaction.
+        fault.execute("CREATE TRIGGER fail BEFORE UPDATE ON cursor BEGIN SELECT RAISE(ABORT, 'disk I/O error'); END")
+        fault.commit()
+        with pytest.raises(sqlite3.IntegrityError, match="disk I/O error"):
             await processor.run_once()
         assert await store.processor_offset() == 0
         assert await store.load_order(OID) is None
         assert await store.outbox_counts() == {}
-        monkeypatch.setattr(store, "commit_batch", original)
+        assert await store.history(OID) == []
+        fault.execute("DROP TRIGGER fail")
+        fault.commit()
+        fault.close()
         await processor.drain()
         assert (await store.load_order(OID)).phase == Phase.CHECKING  # type: ignore[union-attr]
         assert await store.outbox_counts() == {"pending": 1}
@@ -107,7 +123,8 @@ async def test_replay_rebuilds_the_same_state(tmp_path: Path) -> None:
                 status_entry(HELD, 1),
                 entry(IntentRecorded(order_id=OID, marketplace_order_id=MKT, source="api")),
                 status_entry(FREE, 2),
-            ]
+            ],
+            now=NOW,
         )
         processor = Processor(store, Policy())
         await processor.drain()
@@ -115,7 +132,7 @@ async def test_replay_rebuilds_the_same_state(tmp_path: Path) -> None:
         await processor.drain()
         before = await store.load_order(OID)
         assert before is not None and before.phase == Phase.SENDING
-        await store.reset_derived()
+        await store.reset_derived(now=NOW)
         assert await store.load_order(OID) is None
         await Processor(store, Policy(), emit_effects=False).drain()
         assert await store.load_order(OID) == before
@@ -126,10 +143,10 @@ async def test_intent_by_marketplace_id_is_parked_until_linked(tmp_path: Path) -
     """An intent naming only the marketplace id waits for Get order to link it, then applies."""
     async with await Store.open(tmp_path / "db") as store:
         processor = Processor(store, Policy())
-        await store.append([entry(IntentReceived(marketplace_order_id=MKT, source="api"))])
+        await store.append([entry(IntentReceived(marketplace_order_id=MKT, source="api"))], now=NOW)
         await processor.drain()
         assert [p[0] for p in await store.pending_intents()] == [MKT]
-        await store.append([status_entry(HELD, 1)])
+        await store.append([status_entry(HELD, 1)], now=NOW)
         await processor.drain()
         await answer_fetch(store, HELD, t=1)  # the first-sight Get order links the ids
         await processor.drain()
@@ -146,7 +163,8 @@ async def test_notification_routes_by_marketplace_id(tmp_path: Path) -> None:
             [
                 entry(IntentRecorded(order_id=OID, marketplace_order_id=MKT, source="api")),
                 entry(NotificationReceived(marketplace_order_id=MKT, code="SOI002", flow="ApproveOrder")),
-            ]
+            ],
+            now=NOW,
         )
         await processor.drain()
         order = await store.load_order(OID)
@@ -158,7 +176,8 @@ async def test_timers_fire_once_and_survive_restart(tmp_path: Path) -> None:
     db = tmp_path / "db"
     async with await Store.open(db) as store:
         await store.append(
-            [status_entry(HELD, 1), entry(IntentRecorded(order_id=OID, marketplace_order_id=MKT, source="api"))]
+            [status_entry(HELD, 1), entry(IntentRecorded(order_id=OID, marketplace_order_id=MKT, source="api"))],
+            now=NOW,
         )
         await Processor(store, Policy(held_recheck_s=60)).drain()
         due = await store.next_timer_due()
@@ -178,19 +197,20 @@ async def test_interrupted_send_is_rechecked_not_resent(tmp_path: Path) -> None:
     async with await Store.open(tmp_path / "db") as store:
         processor = Processor(store, Policy())
         await store.append(
-            [status_entry(FREE, 1), entry(IntentRecorded(order_id=OID, marketplace_order_id=MKT, source="api"))]
+            [status_entry(FREE, 1), entry(IntentRecorded(order_id=OID, marketplace_order_id=MKT, source="api"))],
+            now=NOW,
         )
         await processor.drain()
         await answer_fetch(store, FREE, t=1)
         await processor.drain()
-        [send] = await store.claim_effects(10)
+        [send] = await store.claim_effects(10, now=NOW)
         assert send.effect.kind == "send_approval"
         # the process dies here, with the PUT in flight
         assert await store.recover_interrupted(NOW) == 1
         await processor.drain()
         order = await store.load_order(OID)
         assert order is not None and order.phase == Phase.RETRY_WAIT
-        assert await store.claim_effects(10) == []  # nothing is resent blindly
+        assert await store.claim_effects(10, now=NOW) == []  # nothing is resent blindly
 
 
 async def test_superseded_effects_are_not_performed(tmp_path: Path) -> None:
@@ -198,13 +218,14 @@ async def test_superseded_effects_are_not_performed(tmp_path: Path) -> None:
     async with await Store.open(tmp_path / "db") as store:
         processor = Processor(store, Policy())
         await store.append(
-            [status_entry(FREE, 1), entry(IntentRecorded(order_id=OID, marketplace_order_id=MKT, source="api"))]
+            [status_entry(FREE, 1), entry(IntentRecorded(order_id=OID, marketplace_order_id=MKT, source="api"))],
+            now=NOW,
         )
         await processor.drain()
         await answer_fetch(store, FREE, t=1)
-        await store.append([status_entry("canceled", 5)])
+        await store.append([status_entry("canceled", 5)], now=NOW)
         await processor.drain()  # both the answer (→ send) and the cancel in one batch
-        assert await store.claim_effects(10) == []
+        assert await store.claim_effects(10, now=NOW) == []
         assert (await store.load_order(OID)).phase == Phase.REJECTED  # type: ignore[union-attr]
 
 
@@ -217,13 +238,18 @@ async def test_migrations_from_every_old_version(tmp_path: Path, start: int) -> 
         conn.executescript(MIGRATIONS[version - 1])
         conn.execute(f"PRAGMA user_version={version}")
     if start >= 1:
-        conn.execute("INSERT INTO journal (kind, source, payload, received_at) VALUES ('rejected', 'feed', '{}', 'x')")
+        conn.execute(
+            "INSERT INTO journal (kind, source, payload, received_at) "
+            "VALUES ('rejected', 'feed', '{}', '2026-11-01T00:00:00+00:00')"
+        )
     conn.commit()
     conn.close()
     async with await Store.open(db) as store:
         assert await store.schema_version() == SCHEMA_VERSION
         assert await store.last_offset() == (1 if start >= 1 else 0)
+        assert [r.version for r in await store.journal_tail()] == ([1] if start >= 1 else [])
         assert await store.history(OID) == []
+        assert await store.unreadable_rows() == []
 
 
 async def test_newer_schema_is_refused(tmp_path: Path) -> None:
@@ -240,10 +266,10 @@ async def test_failed_acks_are_dropped_after_visibility_timeout(tmp_path: Path) 
     """Handles whose commit keeps failing are kept for retry, then dropped once VTEX has
     made their items visible again (the redelivery is deduplicated)."""
     async with await Store.open(tmp_path / "db") as store:
-        await store.append([], acks=["h1"])
-        assert await store.acks_failed(["h1"], "503", drop_before=datetime.now(UTC) - timedelta(seconds=240)) == 0
+        await store.append([], acks=["h1"], now=NOW)
+        assert await store.acks_failed(["h1"], "503", drop_before=NOW - timedelta(seconds=240)) == 0
         assert await store.pending_acks() == ["h1"]
-        assert await store.acks_failed(["h1"], "503", drop_before=datetime.now(UTC) + timedelta(seconds=1)) == 1
+        assert await store.acks_failed(["h1"], "503", drop_before=NOW + timedelta(seconds=1)) == 1
         assert await store.pending_acks() == []
 
 
@@ -261,10 +287,112 @@ async def test_an_event_the_machine_cannot_apply_is_skipped_and_recorded(
 
     monkeypatch.setattr("omsd.daemon.processor.decide", flaky)
     async with await Store.open(tmp_path / "db") as store:
-        await store.append([status_entry(HELD, 1), status_entry("handling", 2), status_entry("canceled", 3)])
+        await store.append([status_entry(HELD, 1), status_entry("handling", 2), status_entry("canceled", 3)], now=NOW)
         processor = Processor(store, Policy())
         assert await processor.drain() == 3
         order = await store.load_order(OID)
         assert order is not None and order.status == "canceled"
         causes = [h.cause for h in await store.history(OID)]
         assert any("not applied: RuntimeError: boom" in c for c in causes)
+
+
+# ---- journal versions -------------------------------------------------------------------
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def golden_lines(version: int) -> list[str]:
+    return (GOLDEN / f"events-v{version}.jsonl").read_text().splitlines()
+
+
+@pytest.mark.parametrize("line", golden_lines(1), ids=lambda line: json.loads(line)["kind"])
+def test_rows_written_by_version_1_are_read(line: str) -> None:
+    """A journal row of every kind, as omsd wrote it at version 1, reads back with nothing lost."""
+    raw = json.loads(line)
+    read = read_entry(raw["kind"], 1, line)
+    assert read.kind == raw["kind"]
+    dumped = read.model_dump(mode="json")
+    assert {key: dumped[key] for key in raw} == raw
+
+
+def test_golden_rows_cover_every_kind() -> None:
+    """The golden file holds one row per entry kind (a new kind needs its golden row)."""
+    kinds = {cls.model_fields["kind"].default for cls in get_args(AnyEntry)}
+    assert sorted(json.loads(line)["kind"] for line in golden_lines(1)) == sorted(kinds)
+
+
+async def test_old_version_is_upcast_before_it_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A row written at an older version goes through its upcaster, then the machine."""
+    monkeypatch.setitem(VERSIONS, "resync", 2)
+    monkeypatch.setitem(
+        UPCASTERS, ("resync", 1), lambda raw: {**{k: v for k, v in raw.items() if k != "why"}, "reason": raw["why"]}
+    )
+    old = json.dumps({"kind": "resync", "order_id": OID, "why": "operator check"})
+    async with await Store.open(tmp_path / "db") as store:
+        await store.append(
+            [NewEntry(kind="resync", source="operator", order_id=OID, payload=old, received_at=NOW, version=1)], now=NOW
+        )
+        await Processor(store, Policy()).drain()
+        assert await store.unreadable_rows() == []
+        assert [h.cause for h in await store.history(OID)] == ["resync (operator check) of an order without intent"]
+
+
+def test_a_version_newer_than_known_is_unreadable() -> None:
+    """A row from a newer omsd is refused by the reader, not guessed at."""
+    with pytest.raises(UnreadableEntry, match="newer than this omsd reads"):
+        read_entry("resync", 2, json.dumps({"kind": "resync", "order_id": OID, "reason": "r"}))
+
+
+BAD_ROWS: dict[str, tuple[int, dict[str, object]]] = {
+    "unknown field": (1, {"kind": "status_changed", "order_id": OID, "source": "feed", "state": HELD, "sauce": "x"}),
+    "newer version": (2, {"kind": "status_changed", "order_id": OID, "source": "feed", "state": HELD}),
+}
+
+
+async def journal_with_unreadable_row(db: Path, version: int, payload: dict[str, object]) -> tuple[Processor, Metrics]:
+    """Order known, then the bad row (offset 2), then a cancel; applied by a processor with metrics."""
+    bad = NewEntry(
+        kind="status_changed",
+        source="feed",
+        order_id=OID,
+        payload=json.dumps(payload),
+        received_at=NOW,
+        version=version,
+    )
+    async with await Store.open(db) as store:
+        await store.append([status_entry(HELD, 1), bad, status_entry("canceled", 3)], now=NOW)
+        metrics = Metrics()
+        processor = Processor(store, Policy(), metrics=metrics)
+        assert await processor.drain() == 3
+    return processor, metrics
+
+
+@pytest.mark.parametrize(("version", "payload"), BAD_ROWS.values(), ids=BAD_ROWS.keys())
+async def test_an_unreadable_row_is_recorded_counted_and_listed(
+    tmp_path: Path, version: int, payload: dict[str, object]
+) -> None:
+    """An unreadable row is never skipped silently: the order's history names it, the
+    processor and the metric count it, the store lists it; later rows still apply."""
+    processor, metrics = await journal_with_unreadable_row(tmp_path / "db", version, payload)
+    assert processor.unreadable == 1
+    assert metrics.sample("omsd_journal_unreadable_total") == 1
+    async with await Store.open(tmp_path / "db") as store:
+        order = await store.load_order(OID)
+        assert order is not None and order.status == "canceled"
+        [row] = await store.unreadable_rows()
+        assert (row.journal_offset, row.kind, row.order_id) == (2, "status_changed", OID)
+        causes = [h.cause for h in await store.history(OID)]
+        assert any(c.startswith(f"journal row 2 unreadable: {row.error}") for c in causes)
+        assert (await store.stats())["unreadable"] == 1
+
+
+def test_omsd_journal_unreadable_lists_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`omsd journal --unreadable` prints each unreadable row with its offset and error."""
+    version, payload = BAD_ROWS["newer version"]
+    asyncio.run(journal_with_unreadable_row(tmp_path / "db", version, payload))
+    monkeypatch.setenv("OMSD_DB", str(tmp_path / "db"))
+    monkeypatch.setenv("COLUMNS", "250")
+    assert main(["journal", "--unreadable"]) == 0
+    out = capsys.readouterr().out
+    assert "status_changed" in out and "version 2 is newer than this omsd reads" in out

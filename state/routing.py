@@ -1,0 +1,108 @@
+"""Routing of journal entries that name only a `marketplaceOrderId`.
+
+The machine works per VTEX `orderId`. An approval intent or a processing-result
+notification may name only the marketplace's id: `route` turns it into an event
+for the linked order, parks the intent until Get order reveals the link, or
+records it as unrouted. `newly_linked` and `release` turn a parked intent into
+an `IntentRecorded` the moment an order learns its marketplace id.
+
+Pure: the processor looks up the linked order and the parked intents and
+performs what these functions return.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from omsd.state.codes import ResultCode
+from omsd.state.events import IntentReceived, IntentRecorded, NotificationReceived, ResultNotified
+from omsd.state.models import Order
+
+
+@dataclass(frozen=True, slots=True)
+class Decide:
+    """Apply this event to its order."""
+
+    event: ResultNotified | IntentRecorded
+
+
+@dataclass(frozen=True, slots=True)
+class Park:
+    """No order is linked yet: keep the intent until one is."""
+
+    marketplace_order_id: str
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
+class AlreadyParked:
+    """An intent for this marketplace id is parked already: nothing to add."""
+
+    marketplace_order_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unrouted:
+    """No order is linked and nothing to keep: the entry stays in the journal only."""
+
+    marketplace_order_id: str
+    code: str
+
+
+Route = Decide | Park | AlreadyParked | Unrouted
+
+# A parked intent keeps its source; any other becomes "link" (released by the link).
+_RELEASED_AS: dict[str, Literal["api", "cli", "notification"]] = {
+    "api": "api",
+    "cli": "cli",
+    "notification": "notification",
+}
+
+
+def route(entry: NotificationReceived | IntentReceived, linked: Order | None, parked: bool) -> Route:
+    """What to do with an entry, given the order linked to its marketplace id (if any)
+    and whether an intent for that id is parked already."""
+    mkt = entry.marketplace_order_id
+    if linked is not None:
+        return Decide(_event_for(entry, linked.order_id))
+    match entry:
+        case NotificationReceived(flow="ApproveOrder", code=ResultCode.HELD):
+            source = "notification"  # VTEX holds an approval someone asked for: an intent
+        case NotificationReceived():
+            return Unrouted(mkt, entry.code)
+        case IntentReceived():
+            source = entry.source
+    return AlreadyParked(mkt) if parked else Park(mkt, source)
+
+
+def _event_for(entry: NotificationReceived | IntentReceived, order_id: str) -> ResultNotified | IntentRecorded:
+    match entry:
+        case NotificationReceived():
+            return ResultNotified(
+                order_id=order_id,
+                marketplace_order_id=entry.marketplace_order_id,
+                code=entry.code,
+                flow=entry.flow,
+                operation_id=entry.operation_id,
+                message=entry.message,
+            )
+        case IntentReceived():
+            return IntentRecorded(
+                order_id=order_id, marketplace_order_id=entry.marketplace_order_id, source=entry.source
+            )
+
+
+def newly_linked(before: Order | None, after: Order) -> str | None:
+    """The marketplace id this decision linked to the order, if it linked one just now."""
+    if after.marketplace_order_id is None:
+        return None
+    if before is not None and before.marketplace_order_id is not None:
+        return None
+    return after.marketplace_order_id
+
+
+def release(order_id: str, marketplace_order_id: str, parked_source: str) -> IntentRecorded:
+    """The parked intent, applied to the order now linked to its marketplace id."""
+    source = _RELEASED_AS.get(parked_source, "link")
+    return IntentRecorded(order_id=order_id, marketplace_order_id=marketplace_order_id, source=source)
