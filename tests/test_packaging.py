@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import venv
@@ -19,9 +20,17 @@ def _run(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProc
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """omsd built as a wheel, the way a production install gets it."""
+    """omsd built as a wheel from the tracked files alone (as a fresh clone has them), so
+    neither a stale build/ folder nor an untracked file can hide a packaging mistake."""
+    src = tmp_path_factory.mktemp("src")
+    tracked = _run("git", "ls-files", "-z", cwd=ROOT)
+    assert tracked.returncode == 0, tracked.stderr
+    for name in filter(None, tracked.stdout.split("\0")):
+        if (ROOT / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, src / name)
     out = tmp_path_factory.mktemp("wheels")
-    built = _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", out, ROOT, cwd=out)
+    built = _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", out, src, cwd=out)
     assert built.returncode == 0, built.stderr
     (found,) = out.glob("omsd-*.whl")
     return found
