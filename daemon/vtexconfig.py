@@ -128,10 +128,8 @@ class SelfCheck:
         self._settings = settings
         self._health = health
         self._metrics = metrics
-        self.runs = 0
 
     async def run_once(self) -> None:
-        self.runs += 1
         s = self._settings
         try:
             if s.uses_feed:
