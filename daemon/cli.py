@@ -43,6 +43,7 @@ need only OMSD_DB and work whether or not the daemon is running."""
 
 Handler = Callable[[argparse.Namespace], int]
 StoreCommand = Callable[[Store, argparse.Namespace], Awaitable[int]]
+Subparsers = argparse._SubParsersAction  # argparse names no public type for it
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,9 +57,6 @@ def _parser() -> argparse.ArgumentParser:
     _add_vtex_commands(sub)
     _add_tool_commands(sub)
     return p
-
-
-Subparsers = argparse._SubParsersAction  # argparse names no public type for it
 
 
 def _command(

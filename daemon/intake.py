@@ -17,6 +17,7 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Field,
     StrictStr,
     ValidationError,
     field_validator,
@@ -85,12 +86,12 @@ class _Lenient(BaseModel):
 class _StatusFields(_Lenient):
     """What a feed item and a hook push share."""
 
-    orderid: StrictStr
+    order_id: StrictStr = Field(alias="orderid")
     state: StrictStr
-    laststate: StrictStr | None = None
-    currentchange: VtexTime
-    lastchange: VtexTime | None = None
-    eventid: StrictStr | None = None
+    last_state: StrictStr | None = Field(default=None, alias="laststate")
+    current_change: VtexTime = Field(alias="currentchange")
+    last_change: VtexTime | None = Field(default=None, alias="lastchange")
+    event_id: StrictStr | None = Field(default=None, alias="eventid")
     domain: StrictStr | None = None
 
     @field_validator("state")
@@ -104,13 +105,13 @@ class _StatusFields(_Lenient):
 
     def event(self, source: Literal["feed", "hook"]) -> StatusChanged:
         return StatusChanged(
-            order_id=self.orderid,
+            order_id=self.order_id,
             source=source,
             state=self.state,
-            last_state=self.laststate,
-            current_change=self.currentchange,
-            last_change=self.lastchange,
-            event_id=self.eventid,
+            last_state=self.last_state,
+            current_change=self.current_change,
+            last_change=self.last_change,
+            event_id=self.event_id,
             domain=self.domain,
         )
 
@@ -142,10 +143,21 @@ class HookPush(_StatusFields):
         return data
 
 
-_FEED_NAMES = {n.lower(): n for n in ("orderId", "state", "lastState", "currentChange", "lastChange", "eventId")}
-_FEED_NAMES |= {"domain": "domain", "handle": "handle"}
-_HOOK_NAMES = {lower: name[0].upper() + name[1:] for lower, name in _FEED_NAMES.items()} | {"origin": "Origin"}
-_HOOK_NAMES["account"] = "Account"
+# Field names as VTEX spells them, for the reasons: camelCase in the feed, PascalCase in pushes.
+_VTEX_NAMES = (
+    "orderId",
+    "state",
+    "lastState",
+    "currentChange",
+    "lastChange",
+    "eventId",
+    "domain",
+    "handle",
+    "origin",
+    "account",
+)
+_FEED_NAMES = {name.lower(): name for name in _VTEX_NAMES}
+_HOOK_NAMES = {name.lower(): name[0].upper() + name[1:] for name in _VTEX_NAMES}
 
 
 def _reason(exc: ValidationError, names: dict[str, str]) -> str:
