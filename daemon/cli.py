@@ -41,22 +41,48 @@ The offline commands (approve, orders, show, journal, replay, retry, status)
 need only OMSD_DB and work whether or not the daemon is running."""
 
 
+Handler = Callable[[argparse.Namespace], int]
+StoreCommand = Callable[[Store, argparse.Namespace], Awaitable[int]]
+Subparsers = argparse._SubParsersAction  # argparse names no public type for it
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="omsd", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_run_commands(sub)
+    _add_store_commands(sub)
+    _add_repair_commands(sub)
+    _add_vtex_commands(sub)
+    _add_tool_commands(sub)
+    return p
 
-    sub.add_parser(
+
+def _command(
+    sub: Subparsers[argparse.ArgumentParser], name: str, handler: Handler, **kw: Any
+) -> argparse.ArgumentParser:
+    """A subcommand whose parsed arguments go to `handler`."""
+    parser = sub.add_parser(name, **kw)
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def _add_run_commands(sub: Subparsers[argparse.ArgumentParser]) -> None:
+    _command(
+        sub,
         "run",
+        _run,
         help="run the daemon until SIGTERM/SIGINT",
         description="Run the daemon (feed poller, processor, effect runner, HTTP server, timers) until "
         "SIGTERM or SIGINT, then stop polling, drain in-flight work within OMSD_SHUTDOWN_GRACE_S and exit 0. "
         "Needs OMSD_ACCOUNT, OMSD_APP_KEY, OMSD_APP_TOKEN, OMSD_CONNECTOR_NAME, OMSD_CONNECTOR_ENDPOINT.",
     )
 
-    d = sub.add_parser(
+    d = _command(
+        sub,
         "demo",
+        _demo,
         help="run the simulator and the daemon together on a scenario",
         description="Start the built-in VTEX simulator and the daemon in one process on a temporary database, "
         "run a scenario of orders (some held then authorized, some held then rejected, some put back on hold), "
@@ -66,8 +92,13 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=7, help="simulator random seed (default 7)")
     d.add_argument("--timeout", type=float, default=180.0, help="give up after this many seconds (default 180)")
 
-    a = sub.add_parser(
+
+def _add_store_commands(sub: Subparsers[argparse.ArgumentParser]) -> None:
+    """The offline commands that record an intent or read; they need only OMSD_DB."""
+    a = _command(
+        sub,
         "approve",
+        _offline(_approve, create=True),
         help="record an approval intent for a marketplace order",
         description="Record an approval intent in the journal. The running daemon sends the approval as soon "
         "as VTEX shows the order is not held (and never if it is canceled). Idempotent.",
@@ -75,35 +106,48 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("marketplace_order_id", metavar="MARKETPLACE_ORDER_ID")
     a.add_argument("--order-id", help="the VTEX order id, when known (links the two at once)")
 
-    o = sub.add_parser("orders", help="list orders and their phase", description="List orders, newest first.")
+    o = _command(
+        sub, "orders", _offline(_orders), help="list orders and their phase", description="List orders, newest first."
+    )
     o.add_argument("--phase", choices=[ph.value for ph in Phase], help="only orders in this phase")
     o.add_argument("--limit", type=int, default=50)
     o.add_argument("--json", action="store_true", help="print JSON lines")
 
-    s = sub.add_parser(
+    s = _command(
+        sub,
         "show",
+        _offline(_show),
         help="one order: state, history, journal",
         description="Show one order "
         "(by VTEX order id or marketplace order id): its state, transitions and journal entries.",
     )
     s.add_argument("key", metavar="ORDER")
 
-    j = sub.add_parser("journal", help="tail the journal", description="Print the last journal entries.")
+    j = _command(
+        sub, "journal", _offline(_journal), help="tail the journal", description="Print the last journal entries."
+    )
     j.add_argument("--limit", type=int, default=30)
     j.add_argument("--order", help="only entries of this VTEX order id")
     j.add_argument("--rejected", action="store_true", help="only rejected input, with its reason")
     j.add_argument("--unreadable", action="store_true", help="only rows the processor could not read, with why")
 
-    sub.add_parser(
+
+def _add_repair_commands(sub: Subparsers[argparse.ArgumentParser]) -> None:
+    """The offline commands that rebuild or reopen orders."""
+    _command(
+        sub,
         "replay",
+        _offline(_replay),
         help="rebuild all order state from the journal",
         description="Forget every derived row (orders, timers, history, pending effects) and apply the whole "
         "journal again. Because the machine is pure, the result is the state the daemon had; open approvals "
         "are then re-checked with Get order. Stop the daemon first.",
     )
 
-    r = sub.add_parser(
+    r = _command(
+        sub,
         "retry",
+        _offline(_retry),
         help="give a dead (or stuck) order another go",
         description="Append a resync for the order: its retry budget is reset and it is re-checked with Get "
         "order before anything is sent. Closed orders (approved, rejected) are left alone.",
@@ -111,15 +155,21 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("key", metavar="ORDER", nargs="?")
     r.add_argument("--all-dead", action="store_true", help="every order in the dead phase")
 
-    sub.add_parser(
+    _command(
+        sub,
         "status",
+        _offline(_status),
         help="counts by phase, offsets, backlog",
         description="Counts by phase, journal and processor offsets, pending feed commits, timers and parked intents.",
     )
 
+
+def _add_vtex_commands(sub: Subparsers[argparse.ArgumentParser]) -> None:
     for name, what in (("feed", "the feed configuration"), ("hook", "the order hook configuration")):
-        c = sub.add_parser(
+        c = _command(
+            sub,
             name,
+            _vtex_config_command,
             help=f"show or apply {what} at VTEX",
             description=f"`omsd {name} config show` prints {what} VTEX has (header values masked) and what "
             f"differs from omsd's settings. `omsd {name} config apply` prints the differences, then writes omsd's "
@@ -129,36 +179,44 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("action", choices=["show", "apply"])
         c.add_argument("--yes", action="store_true", help="apply without asking")
 
-    sub.add_parser(
+
+def _add_tool_commands(sub: Subparsers[argparse.ArgumentParser]) -> None:
+    _command(
+        sub,
         "check",
+        _check_command,
         help="diagnose the set-up in one screen",
         description="Check that the settings are valid, VTEX accepts the credentials, the feed/hook configuration "
         "exists and its filter has the statuses omsd needs, the feed queue is not near expiry, the database is "
         "writable with a current schema, and the listen address is free. Exit 0 only when every check passes.",
     )
 
-    sub.add_parser(
+    _command(
+        sub,
         "healthcheck",
+        _healthcheck_command,
         help="exit 0 when the local daemon answers /healthz",
         description="GET /healthz of the daemon at OMSD_LISTEN (0.0.0.0 and :: are reached via loopback); "
         "exit 0 on 200, 1 otherwise. For container HEALTHCHECKs; needs only OMSD_LISTEN.",
     )
 
-    sim = sub.add_parser(
+    sim = _command(
+        sub,
         "sim",
+        _sim,
         help="run the VTEX simulator alone",
         description="Run the built-in VTEX simulator (feed, Get order, Channel Order API, faults) until interrupted.",
     )
     sim.add_argument("--listen", default="127.0.0.1:8788", help="HOST:PORT (default 127.0.0.1:8788)")
     sim.add_argument("--seed", type=int, default=7)
     sim.add_argument("--visibility-s", type=float, default=None, help="override the feed visibility timeout")
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    handler: Handler = args.handler
     try:
-        return _dispatch(args)
+        return handler(args)
     except ConfigError as exc:
         print(f"omsd: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -169,61 +227,69 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAIL
 
 
-def _dispatch(args: argparse.Namespace) -> int:
-    cmd: str = args.command
-    if cmd == "run":
-        settings = load_settings()
-        logs.configure(settings.log_level, settings.log_format)
-        from omsd.daemon.app import run_until_signalled
+def _run(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    logs.configure(settings.log_level, settings.log_format)
+    from omsd.daemon.app import run_until_signalled
 
-        refused: list[BaseException] = []
-        try:
-            asyncio.run(run_until_signalled(settings))
-        except* AuthFailed as group:
-            refused.extend(group.exceptions)
-        if refused:
-            print(f"omsd: VTEX refused the credentials: {refused[0]}", file=sys.stderr)
-            return EXIT_FAIL
-        return EXIT_OK
-    if cmd in ("feed", "hook"):
-        settings = load_settings()
-        logs.configure("warning", "console", stream=sys.stderr)
-        return asyncio.run(_vtex_config(settings, cmd, args.action, args.yes))
-    if cmd == "check":
-        settings = load_settings()
-        logs.configure("error", "console", stream=sys.stderr)
-        return asyncio.run(_check(settings))
-    if cmd == "demo":
-        from omsd.daemon.demo import run_demo
+    refused: list[BaseException] = []
+    try:
+        asyncio.run(run_until_signalled(settings))
+    except* AuthFailed as group:
+        refused.extend(group.exceptions)
+    if refused:
+        print(f"omsd: VTEX refused the credentials: {refused[0]}", file=sys.stderr)
+        return EXIT_FAIL
+    return EXIT_OK
 
-        if args.orders < 4:
-            print("omsd: --orders must be at least 4", file=sys.stderr)
-            return EXIT_CONFIG
-        return asyncio.run(run_demo(args.orders, args.seed, args.timeout))
-    if cmd == "sim":
-        from omsd.sim.server import serve
 
-        logs.configure("info", "auto")
-        host, _, port = args.listen.rpartition(":")
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(serve(host, int(port), seed=args.seed, visibility_override_s=args.visibility_s))
-        return EXIT_OK
-    if cmd == "healthcheck":
-        return _healthcheck(load_local().listen)
-    db = load_db_path()
-    handlers: dict[str, Callable[[Store, argparse.Namespace], Awaitable[int]]] = {
-        "approve": _approve,
-        "orders": _orders,
-        "show": _show,
-        "journal": _journal,
-        "replay": _replay,
-        "retry": _retry,
-        "status": _status,
-    }
-    if not db.exists() and cmd != "approve":
-        print(f"omsd: no database at {db} (set OMSD_DB)", file=sys.stderr)
+def _vtex_config_command(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    logs.configure("warning", "console", stream=sys.stderr)
+    return asyncio.run(_vtex_config(settings, args.command, args.action, args.yes))
+
+
+def _check_command(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    logs.configure("error", "console", stream=sys.stderr)
+    return asyncio.run(_check(settings))
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from omsd.daemon.demo import run_demo
+
+    if args.orders < 4:
+        print("omsd: --orders must be at least 4", file=sys.stderr)
         return EXIT_CONFIG
-    return asyncio.run(_with_store(db, handlers[cmd], args))
+    return asyncio.run(run_demo(args.orders, args.seed, args.timeout))
+
+
+def _sim(args: argparse.Namespace) -> int:
+    from omsd.sim.server import serve
+
+    logs.configure("info", "auto")
+    host, _, port = args.listen.rpartition(":")
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(host, int(port), seed=args.seed, visibility_override_s=args.visibility_s))
+    return EXIT_OK
+
+
+def _healthcheck_command(args: argparse.Namespace) -> int:
+    return _healthcheck(load_local().listen)
+
+
+def _offline(command: StoreCommand, *, create: bool = False) -> Handler:
+    """A command on the database alone. Only `create` commands may create it: reading
+    commands refuse to make an empty database by accident."""
+
+    def handler(args: argparse.Namespace) -> int:
+        db = load_db_path()
+        if not create and not db.exists():
+            print(f"omsd: no database at {db} (set OMSD_DB)", file=sys.stderr)
+            return EXIT_CONFIG
+        return asyncio.run(_with_store(db, command, args))
+
+    return handler
 
 
 async def _vtex_config(settings: Settings, kind: str, action: str, yes: bool) -> int:
@@ -315,9 +381,7 @@ async def _check(settings: Settings) -> int:
     return EXIT_OK if all(r.ok for r in results) else EXIT_FAIL
 
 
-async def _with_store(
-    db: Path, fn: Callable[[Store, argparse.Namespace], Awaitable[int]], args: argparse.Namespace
-) -> int:
+async def _with_store(db: Path, fn: StoreCommand, args: argparse.Namespace) -> int:
     async with await Store.open(db) as store:
         return await fn(store, args)
 
@@ -418,18 +482,6 @@ async def _journal(store: Store, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _unreadable(store: Store) -> int:
-    table = Table(title="unreadable journal rows")
-    for col in ("offset", "received", "kind", "order", "error"):
-        table.add_column(col)
-    for u in await store.unreadable_rows():
-        table.add_row(
-            str(u.journal_offset), u.received_at.isoformat(timespec="seconds"), u.kind, u.order_id or "-", u.error
-        )
-    Console().print(table)
-    return EXIT_OK
-
-
 async def _replay(store: Store, args: argparse.Namespace) -> int:
     from omsd.daemon.processor import Processor
 
@@ -453,6 +505,18 @@ async def _append_resync(store: Store, order_id: str, reason: str) -> None:
     await store.append(
         [NewEntry.of(Resync(order_id=order_id, reason=reason), source="operator", received_at=now)], now=now
     )
+
+
+async def _unreadable(store: Store) -> int:
+    table = Table(title="unreadable journal rows")
+    for col in ("offset", "received", "kind", "order", "error"):
+        table.add_column(col)
+    for u in await store.unreadable_rows():
+        table.add_row(
+            str(u.journal_offset), u.received_at.isoformat(timespec="seconds"), u.kind, u.order_id or "-", u.error
+        )
+    Console().print(table)
+    return EXIT_OK
 
 
 async def _retry(store: Store, args: argparse.Namespace) -> int:

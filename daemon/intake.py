@@ -1,4 +1,4 @@
-"""Turning what VTEX sends (feed items, later hook pushes) into journal entries.
+"""Turning what VTEX sends (feed items, hook pushes) into journal entries.
 
 Nothing here raises on bad input: a malformed item becomes a `rejected` journal
 entry that keeps the raw item and the reason, so an operator can see it, and
@@ -9,16 +9,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from omsd.state.events import IntentReceived, IntentRecorded, StatusChanged
 from omsd.state.statuses import Status
 from omsd.state.store import NewEntry, iso
-
-_TIME = re.compile(r"^(?P<base>\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(?:\.(?P<frac>\d+))?(?P<tz>Z|[+-]\d{2}:?\d{2})?$")
 
 
 class BadTime(ValueError):
@@ -28,19 +36,144 @@ class BadTime(ValueError):
 def parse_time(text: str) -> datetime:
     """ISO-8601 as VTEX writes it: up to 7 fractional digits, `Z` or an offset.
     A timestamp without a zone is taken as UTC (VTEX documents UTC)."""
-    match = _TIME.match(text.strip())
-    if match is None:
-        raise BadTime(f"not an ISO-8601 timestamp: {text[:40]!r}")
-    frac = (match.group("frac") or "")[:6].ljust(6, "0")
-    tz = match.group("tz") or "+00:00"
-    if tz == "Z":
-        tz = "+00:00"
-    elif ":" not in tz:
-        tz = f"{tz[:3]}:{tz[3:]}"
     try:
-        return datetime.fromisoformat(f"{match.group('base')}.{frac}{tz}").astimezone(UTC)
+        value = datetime.fromisoformat(_six_digit_fraction(text.strip()))
     except ValueError as exc:
-        raise BadTime(f"invalid timestamp {text[:40]!r}: {exc}") from None
+        raise BadTime(f"not an ISO-8601 timestamp: {text[:40]!r} ({exc})") from None
+    return value.replace(tzinfo=value.tzinfo or UTC).astimezone(UTC)
+
+
+def _six_digit_fraction(text: str) -> str:
+    """VTEX writes 7 fractional digits (`...41.8830000Z`); datetime takes at most 6."""
+    head, dot, rest = text.partition(".")
+    if not dot:
+        return text
+    digits = len(rest) - len(rest.lstrip("0123456789"))
+    return f"{head}.{rest[: min(digits, 6)]}{rest[digits:]}"
+
+
+def _vtex_time(value: object) -> datetime:
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string, got {type(value).__name__}")
+    try:
+        return parse_time(value)
+    except BadTime as exc:
+        raise ValueError(str(exc)) from None
+
+
+VtexTime = Annotated[datetime, BeforeValidator(_vtex_time)]
+
+
+def _present(data: object) -> object:
+    """A JSON object with lower-case keys and without empty values; anything else as is."""
+    if isinstance(data, dict):
+        return {str(k).lower(): v for k, v in data.items() if v is not None and v != ""}
+    return data
+
+
+class _Lenient(BaseModel):
+    """Keys read case-insensitively (the feed writes camelCase, the hook PascalCase);
+    an empty or null value counts as absent; unknown keys are ignored."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lower_keys(cls, data: object) -> object:
+        return _present(data)
+
+
+class _StatusFields(_Lenient):
+    """What a feed item and a hook push share."""
+
+    order_id: StrictStr = Field(alias="orderid")
+    state: StrictStr
+    last_state: StrictStr | None = Field(default=None, alias="laststate")
+    current_change: VtexTime = Field(alias="currentchange")
+    last_change: VtexTime | None = Field(default=None, alias="lastchange")
+    event_id: StrictStr | None = Field(default=None, alias="eventid")
+    domain: StrictStr | None = None
+
+    @field_validator("state")
+    @classmethod
+    def _known_status(cls, value: str) -> str:
+        try:
+            Status(value)
+        except ValueError:
+            raise ValueError(f"unknown status {value[:60]!r}") from None
+        return value
+
+    def event(self, source: Literal["feed", "hook"]) -> StatusChanged:
+        return StatusChanged(
+            order_id=self.order_id,
+            source=source,
+            state=self.state,
+            last_state=self.last_state,
+            current_change=self.current_change,
+            last_change=self.last_change,
+            event_id=self.event_id,
+            domain=self.domain,
+        )
+
+
+class FeedItem(_StatusFields):
+    """An item of `GET /api/orders/feed` (camelCase)."""
+
+    handle: StrictStr
+
+
+class _Origin(_Lenient):
+    account: StrictStr
+
+
+class HookPush(_StatusFields):
+    """A push to omsd's hook route (PascalCase). When `CurrentChange` is absent (VTEX's
+    guide shows pushes without it), `LastChange` is taken as the change time."""
+
+    origin: _Origin
+
+    @model_validator(mode="before")
+    @classmethod
+    def _change_time(cls, data: object) -> object:
+        data = _present(data)
+        if isinstance(data, dict) and "currentchange" not in data:
+            if "lastchange" not in data:
+                raise ValueError("missing field CurrentChange (and LastChange)")
+            return {**data, "currentchange": data["lastchange"]}
+        return data
+
+
+# Field names as VTEX spells them, for the reasons: camelCase in the feed, PascalCase in pushes.
+_VTEX_NAMES = (
+    "orderId",
+    "state",
+    "lastState",
+    "currentChange",
+    "lastChange",
+    "eventId",
+    "domain",
+    "handle",
+    "origin",
+    "account",
+)
+_FEED_NAMES = {name.lower(): name for name in _VTEX_NAMES}
+_HOOK_NAMES = {name.lower(): name[0].upper() + name[1:] for name in _VTEX_NAMES}
+
+
+def _reason(exc: ValidationError, names: dict[str, str]) -> str:
+    """The first problem, naming the field as VTEX spells it."""
+    err = exc.errors()[0]
+    field = ".".join(names.get(str(part), str(part)) for part in err.get("loc", ()))
+    message = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+    if not field:
+        return message
+    if err["type"] == "missing":
+        return f"missing field {field}"
+    if err["type"] == "string_type":
+        return f"field {field} must be a string, got {type(err.get('input')).__name__}"
+    if err["type"] == "model_type":
+        return f"field {field} must be an object, got {type(err.get('input')).__name__}"
+    return f"field {field}: {message}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,39 +183,10 @@ class Intake:
     accepted: bool
 
 
-class _Reject(Exception):
-    pass
-
-
 def status_dedup_key(order_id: str, state: str, change: datetime | None) -> str:
     """One key per (order, status, change time): the same change seen twice, by feed or
     hook, whatever the casing of the payload, is one event."""
     return f"status:{order_id}:{state}:{iso(change) if change else '-'}"
-
-
-def _lower_keys(item: dict[str, Any]) -> dict[str, Any]:
-    return {str(k).lower(): v for k, v in item.items()}
-
-
-def _text(fields: dict[str, Any], name: str, *, required: bool) -> str | None:
-    value = fields.get(name.lower())
-    if value is None or value == "":
-        if required:
-            raise _Reject(f"missing field {name}")
-        return None
-    if not isinstance(value, str):
-        raise _Reject(f"field {name} must be a string, got {type(value).__name__}")
-    return value
-
-
-def _time(fields: dict[str, Any], name: str, *, required: bool) -> datetime | None:
-    text = _text(fields, name, required=required)
-    if text is None:
-        return None
-    try:
-        return parse_time(text)
-    except BadTime as exc:
-        raise _Reject(f"field {name}: {exc}") from None
 
 
 def _raw(item: object) -> str:
@@ -94,21 +198,18 @@ def _raw(item: object) -> str:
 
 def feed_item(item: object, received_at: datetime) -> Intake:
     """One feed item → an accepted StatusChanged entry, or a rejected one with its reason."""
-    handle: str | None = None
-    fields: dict[str, Any] = {}
-    if isinstance(item, dict):
-        fields = _lower_keys(item)
-        h = fields.get("handle")
-        handle = h if isinstance(h, str) and h else None
+    fields = _present(item)
+    handle = fields.get("handle") if isinstance(fields, dict) else None
+    handle = handle if isinstance(handle, str) else None
+    if not isinstance(item, dict):
+        reason = f"feed item must be a JSON object, got {type(item).__name__}"
+        return Intake(entry=rejected("feed", item, reason, received_at), handle=None, accepted=False)
     try:
-        if not isinstance(item, dict):
-            raise _Reject(f"feed item must be a JSON object, got {type(item).__name__}")
-        if handle is None:
-            raise _Reject("missing field handle")
-        event = _status_event(fields, source="feed")
-    except _Reject as exc:
-        return Intake(entry=rejected("feed", item, str(exc), received_at), handle=handle, accepted=False)
-    return Intake(entry=_status_entry(event, received_at), handle=handle, accepted=True)
+        parsed = FeedItem.model_validate(item)
+    except ValidationError as exc:
+        reason = _reason(exc, _FEED_NAMES)
+        return Intake(entry=rejected("feed", item, reason, received_at), handle=handle, accepted=False)
+    return Intake(entry=_status_entry(parsed.event("feed"), received_at), handle=handle, accepted=True)
 
 
 def _status_entry(event: StatusChanged, received_at: datetime) -> NewEntry:
@@ -119,27 +220,6 @@ def _status_entry(event: StatusChanged, received_at: datetime) -> NewEntry:
         received_at=received_at,
         dedup_key=status_dedup_key(event.order_id, event.state, event.current_change),
         event_id=f"{event.source}:{event.event_id}" if event.event_id else None,
-    )
-
-
-def _status_event(fields: dict[str, Any], *, source: str) -> StatusChanged:
-    order_id = _text(fields, "orderId", required=True)
-    state = _text(fields, "state", required=True)
-    assert order_id is not None
-    assert state is not None
-    try:
-        Status(state)
-    except ValueError:
-        raise _Reject(f"unknown status {state[:60]!r}") from None
-    return StatusChanged(
-        order_id=order_id,
-        source="feed" if source == "feed" else "hook",
-        state=state,
-        last_state=_text(fields, "lastState", required=False),
-        current_change=_time(fields, "currentChange", required=True),
-        last_change=_time(fields, "lastChange", required=False),
-        event_id=_text(fields, "eventId", required=False),
-        domain=_text(fields, "domain", required=False),
     )
 
 
@@ -177,11 +257,9 @@ def rejected(source: str, item: object, reason: str, received_at: datetime) -> N
 
 
 def _guess_order_id(item: object) -> str | None:
-    if isinstance(item, dict):
-        value = _lower_keys(item).get("orderid")
-        if isinstance(value, str) and value:
-            return value[:100]
-    return None
+    fields = _present(item)
+    value = fields.get("orderid") if isinstance(fields, dict) else None
+    return value[:100] if isinstance(value, str) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,32 +274,22 @@ class HookIntake:
 
 def is_ping(body: object) -> bool:
     """VTEX's `{"hookConfig": "ping"}` probe (any casing), which carries no order."""
-    if not isinstance(body, dict):
-        return False
-    fields = _lower_keys(body)
-    return "hookconfig" in fields and "orderid" not in fields
+    fields = _present(body)
+    return isinstance(fields, dict) and "hookconfig" in fields and "orderid" not in fields
 
 
 def hook_item(body: object, received_at: datetime) -> HookIntake:
     """One push → an accepted StatusChanged entry, or a rejected entry with its reason.
-    When `CurrentChange` is absent (VTEX's guide shows pushes without it), `LastChange`
-    is taken as the change time; the dedup key is the feed's, so the same change seen
-    by feed and hook is one event."""
+    The dedup key is the feed's, so the same change seen by feed and hook is one event."""
     if is_ping(body):
         return HookIntake(ping=True, entry=None)
+    if not isinstance(body, dict):
+        reason = f"hook body must be a JSON object, got {type(body).__name__}"
+        return HookIntake(ping=False, entry=rejected("hook", body, reason, received_at), reason=reason)
     try:
-        if not isinstance(body, dict):
-            raise _Reject(f"hook body must be a JSON object, got {type(body).__name__}")
-        fields = _lower_keys(body)
-        origin = fields.get("origin")
-        if not isinstance(origin, dict):
-            raise _Reject("missing field Origin")
-        account = _text(_lower_keys(origin), "Account", required=True)
-        if fields.get("currentchange") in (None, ""):
-            if fields.get("lastchange") in (None, ""):
-                raise _Reject("missing field CurrentChange (and LastChange)")
-            fields = {**fields, "currentchange": fields.get("lastchange")}
-        event = _status_event(fields, source="hook")
-    except _Reject as exc:
-        return HookIntake(ping=False, entry=rejected("hook", body, str(exc), received_at), reason=str(exc))
-    return HookIntake(ping=False, entry=_status_entry(event, received_at), account=account)
+        push = HookPush.model_validate(body)
+    except ValidationError as exc:
+        reason = _reason(exc, _HOOK_NAMES)
+        return HookIntake(ping=False, entry=rejected("hook", body, reason, received_at), reason=reason)
+    entry = _status_entry(push.event("hook"), received_at)
+    return HookIntake(ping=False, entry=entry, account=push.origin.account)

@@ -93,24 +93,12 @@ class Settings(PolicySettings):
     @field_validator("connector_endpoint")
     @classmethod
     def _endpoint(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError("must be an absolute http(s) URL")
-        if parts.query or parts.fragment:
-            raise ValueError("must not carry a query string or fragment (VTEX refuses it)")
-        if parts.scheme == "http" and not _is_loopback(parts.hostname or ""):
-            raise ValueError("must be https (plain http only for a loopback simulator)")
-        return value.rstrip("/")
+        return check_url(value, https="plain http only for a loopback simulator", bare=True).rstrip("/")
 
     @field_validator("vtex_base_url")
     @classmethod
     def _base_url(cls, value: str | None) -> str | None:
-        if value is None or value == "":
-            return None
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError("must be an absolute http(s) URL")
-        return value.rstrip("/")
+        return check_url(value).rstrip("/") if value else None
 
     @field_validator("listen")
     @classmethod
@@ -138,14 +126,8 @@ class Settings(PolicySettings):
     @field_validator("hook_url")
     @classmethod
     def _hook_url(cls, value: str | None) -> str | None:
-        if value is None or value == "":
-            return None
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError("must be an absolute https URL")
-        if parts.scheme == "http" and not _is_loopback(parts.hostname or ""):
-            raise ValueError("must be https (VTEX refuses anything else; plain http only for a loopback simulator)")
-        return value
+        https = "VTEX refuses anything else; plain http only for a loopback simulator"
+        return check_url(value, https=https) if value else None
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
@@ -188,6 +170,19 @@ def check_listen(value: str) -> str:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:8787")
+    return value
+
+
+def check_url(value: str, *, https: str | None = None, bare: bool = False) -> str:
+    """An absolute http(s) URL. With `https` (the reason, for the message) plain http
+    is refused except on loopback; with `bare` a query string or fragment is refused."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError("must be an absolute http(s) URL")
+    if bare and (parts.query or parts.fragment):
+        raise ValueError("must not carry a query string or fragment (VTEX refuses it)")
+    if https and parts.scheme == "http" and not _is_loopback(parts.hostname or ""):
+        raise ValueError(f"must be https ({https})")
     return value
 
 

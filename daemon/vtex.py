@@ -73,8 +73,8 @@ class ApprovalResponse(BaseModel):
     operation_id: str | None = None
 
 
-class FeedConfig(BaseModel):
-    """`GET /api/orders/feed/config`, read leniently (VTEX spells some keys two ways)."""
+class _FilteredConfig(BaseModel):
+    """A feed or hook configuration as VTEX returned it; both carry the same `filter`."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -90,6 +90,10 @@ class FeedConfig(BaseModel):
         f = self.raw.get("filter") or {}
         values = f.get("status") if isinstance(f, dict) else None
         return tuple(str(v) for v in values) if isinstance(values, list) else ()
+
+
+class FeedConfig(_FilteredConfig):
+    """`GET /api/orders/feed/config`, read leniently (VTEX spells some keys two ways)."""
 
     def _queue(self, *names: str) -> Any:
         q = self.raw.get("queue") or {}
@@ -123,12 +127,8 @@ class FeedConfig(BaseModel):
         return None
 
 
-class HookConfig(BaseModel):
+class HookConfig(_FilteredConfig):
     """`GET /api/orders/hook/config` (no response schema is documented: read leniently)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    raw: dict[str, Any]
 
     @property
     def url(self) -> str | None:
@@ -141,17 +141,6 @@ class HookConfig(BaseModel):
         hook = self.raw.get("hook") or {}
         value = hook.get("headers") if isinstance(hook, dict) else None
         return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
-
-    @property
-    def filter_type(self) -> str | None:
-        f = self.raw.get("filter") or {}
-        return f.get("type") if isinstance(f, dict) else None
-
-    @property
-    def statuses(self) -> tuple[str, ...]:
-        f = self.raw.get("filter") or {}
-        values = f.get("status") if isinstance(f, dict) else None
-        return tuple(str(v) for v in values) if isinstance(values, list) else ()
 
 
 def hook_config_body(settings: Settings) -> dict[str, Any]:

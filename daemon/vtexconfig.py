@@ -113,8 +113,8 @@ async def ensure_hook_config(vtex: VtexApi, settings: Settings, health: Health |
         await vtex.save_hook_config(hook_config_body(settings))
         log.info("hook_config_created", url=settings.hook_endpoint)
         created = True
-    elif hook_plan(config, settings):
-        log.warning("hook_config_differs", changes=hook_plan(config, settings))
+    elif changes := hook_plan(config, settings):
+        log.warning("hook_config_differs", changes=changes)
     if health is not None:
         health.hook_config_ok = True
     return created
@@ -128,10 +128,8 @@ class SelfCheck:
         self._settings = settings
         self._health = health
         self._metrics = metrics
-        self.runs = 0
 
     async def run_once(self) -> None:
-        self.runs += 1
         s = self._settings
         try:
             if s.uses_feed:

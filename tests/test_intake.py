@@ -1,4 +1,4 @@
-"""Turning raw feed items into journal entries: accepted, or rejected with a reason."""
+"""Turning feed items and hook pushes into journal entries: accepted, or rejected with a reason."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from omsd.daemon.intake import BadTime, feed_item, parse_time
+from omsd.daemon.intake import BadTime, _six_digit_fraction, feed_item, hook_item, is_ping, parse_time
 
 NOW = datetime(2026, 11, 1, tzinfo=UTC)
 GOOD = {
@@ -83,6 +83,7 @@ def test_a_redelivered_bad_item_has_the_same_dedup_key() -> None:
     ("text", "micro"),
     [
         ("2019-08-12T20:54:23.7153839Z", 715383),
+        ("2019-01-31T20:09:41.8830000Z", 883000),
         ("2024-02-06T20:46:11.7010747+00:00", 701074),
         ("2024-02-06T20:46:11Z", 0),
         ("2024-02-06T17:46:11.5-0300", 500000),
@@ -97,6 +98,81 @@ def test_parse_time_accepts_vtex_forms(text: str, micro: int) -> None:
 
 def test_parse_time_without_zone_is_utc_and_garbage_fails() -> None:
     """A zone-less timestamp is read as UTC; anything else raises BadTime."""
-    assert parse_time("2024-02-06T20:46:11").hour == 20
+    assert parse_time("2024-02-06T20:46:11") == datetime(2024, 2, 6, 20, 46, 11, tzinfo=UTC)
+    assert parse_time("2024-02-06T20:46:11.8830000") == datetime(2024, 2, 6, 20, 46, 11, 883000, tzinfo=UTC)
     with pytest.raises(BadTime):
         parse_time("yesterday")
+
+
+def test_an_offset_is_converted_to_utc() -> None:
+    """A change written with an offset is stored as the same instant in UTC."""
+    assert parse_time("2024-02-06T17:46:11.5-03:00") == datetime(2024, 2, 6, 20, 46, 11, 500000, tzinfo=UTC)
+
+
+PUSH = {
+    "Domain": "Fulfillment",
+    "OrderId": "v52277740atmc-01",
+    "State": "ready-for-handling",
+    "LastState": "window-to-cancel",
+    "LastChange": "2019-08-14T17:11:39.2550122Z",
+    "CurrentChange": "2019-08-14T17:12:48.0965893Z",
+    "Origin": {"Account": "automacaoqa", "Key": "vtexappkey-appvtex"},
+}
+
+
+def test_vtex_example_push_is_accepted_with_its_account() -> None:
+    """VTEX's PascalCase example push becomes a StatusChanged entry; the account is returned."""
+    pushed = hook_item(PUSH, NOW)
+    assert pushed.reason is None and pushed.entry is not None and not pushed.ping
+    assert pushed.account == "automacaoqa"
+    payload = json.loads(pushed.entry.payload)
+    assert payload["source"] == "hook" and payload["last_state"] == "window-to-cancel"
+    assert payload["current_change"].startswith("2019-08-14T17:12:48.096589")
+
+
+def test_push_and_feed_item_for_one_change_share_the_dedup_key() -> None:
+    """The same change seen by feed (camelCase) and hook (PascalCase) is one event."""
+    item = {**{k[0].lower() + k[1:]: v for k, v in PUSH.items() if k != "Origin"}, "handle": "h"}
+    pushed = hook_item(PUSH, NOW)
+    assert pushed.entry is not None
+    assert pushed.entry.dedup_key == feed_item(item, NOW).entry.dedup_key
+
+
+def test_push_without_current_change_takes_last_change() -> None:
+    """VTEX's guide shows pushes without CurrentChange: LastChange is the change time."""
+    pushed = hook_item({k: v for k, v in PUSH.items() if k != "CurrentChange"}, NOW)
+    assert pushed.entry is not None and pushed.reason is None
+    assert json.loads(pushed.entry.payload)["current_change"].startswith("2019-08-14T17:11:39.255012")
+
+
+BAD_PUSHES: list[tuple[str, Any, str]] = [
+    ("no change time", {k: v for k, v in PUSH.items() if k not in ("CurrentChange", "LastChange")}, "CurrentChange"),
+    ("no origin", {k: v for k, v in PUSH.items() if k != "Origin"}, "missing field Origin"),
+    ("origin not an object", {**PUSH, "Origin": "automacaoqa"}, "Origin must be an object"),
+    ("no account", {**PUSH, "Origin": {"Key": "k"}}, "missing field Origin.Account"),
+    ("unknown status", {**PUSH, "State": "teleported"}, "unknown status"),
+    ("bad time", {**PUSH, "CurrentChange": "soon"}, "CurrentChange"),
+    ("not an object", "ready-for-handling", "must be a JSON object"),
+]
+
+
+@pytest.mark.parametrize(("body", "reason"), [(b[1], b[2]) for b in BAD_PUSHES], ids=[b[0] for b in BAD_PUSHES])
+def test_malformed_pushes_are_rejected_with_a_reason(body: Any, reason: str) -> None:
+    """A malformed push becomes a rejected entry whose reason names the field as VTEX spells it."""
+    pushed = hook_item(body, NOW)
+    assert pushed.entry is not None and pushed.entry.kind == "rejected"
+    assert pushed.reason is not None and reason in pushed.reason
+
+
+def test_ping_is_recognised_in_any_casing() -> None:
+    """VTEX's hookConfig ping carries no order and touches nothing."""
+    assert is_ping({"hookConfig": "ping"}) and is_ping({"HookConfig": "ping"})
+    assert not is_ping({**PUSH, "hookConfig": "ping"}) and not is_ping(["hookConfig"])
+    assert hook_item({"hookConfig": "ping"}, NOW).ping
+
+
+def test_fractions_beyond_microseconds_are_cut_to_six_digits() -> None:
+    """VTEX's seven fractional digits are cut before parsing (not every 3.11 takes them)."""
+    assert _six_digit_fraction("2019-01-31T20:09:41.8830000Z") == "2019-01-31T20:09:41.883000Z"
+    assert _six_digit_fraction("2019-01-31T20:09:41.5-0300") == "2019-01-31T20:09:41.5-0300"
+    assert _six_digit_fraction("2019-01-31T20:09:41Z") == "2019-01-31T20:09:41Z"

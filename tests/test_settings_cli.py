@@ -7,10 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from omsd.daemon.cli import main
 from omsd.daemon.settings import ConfigError, load_settings
+from omsd.daemon.vtex import VtexClient
 
 REQUIRED = {
     "OMSD_ACCOUNT": "shop",
@@ -45,6 +47,14 @@ def test_defaults(env: pytest.MonkeyPatch) -> None:
         ("OMSD_LISTEN", "nowhere", "OMSD_LISTEN"),
         ("OMSD_CONNECTOR_ENDPOINT", "http://example.com", "OMSD_CONNECTOR_ENDPOINT: Value error, must be https"),
         ("OMSD_CONNECTOR_ENDPOINT", "https://e.com/x?a=1", "query string"),
+        ("OMSD_CONNECTOR_ENDPOINT", "ftp://e.com", "OMSD_CONNECTOR_ENDPOINT: Value error, must be an absolute"),
+        ("OMSD_HOOK_URL", "http://example.com/hook", "OMSD_HOOK_URL: Value error, must be https (VTEX refuses"),
+        ("OMSD_HOOK_URL", "/vtex/hook", "OMSD_HOOK_URL: Value error, must be an absolute http(s) URL"),
+        (
+            "OMSD_VTEX_BASE_URL",
+            "shop.vtexcommercestable.com.br",
+            "OMSD_VTEX_BASE_URL: Value error, must be an absolute",
+        ),
         ("OMSD_POLL_INTERVAL_S", "soon", "OMSD_POLL_INTERVAL_S"),
         ("OMSD_FEED_RETENTION_S", "100", "OMSD_FEED_RETENTION_S"),
     ],
@@ -66,9 +76,15 @@ def test_missing_required_variable(env: pytest.MonkeyPatch) -> None:
 
 
 def test_loopback_http_endpoint_is_allowed_for_a_simulator(env: pytest.MonkeyPatch) -> None:
-    """Plain http is accepted for loopback only."""
+    """Plain http is accepted for loopback only; the endpoint and base URL lose a trailing
+    slash, the hook URL is kept as written."""
     env.setenv("OMSD_CONNECTOR_ENDPOINT", "http://127.0.0.1:8787/")
-    assert load_settings().connector_endpoint == "http://127.0.0.1:8787"
+    env.setenv("OMSD_HOOK_URL", "http://localhost:8787/vtex/hook/")
+    env.setenv("OMSD_VTEX_BASE_URL", "http://127.0.0.1:8788/")
+    s = load_settings()
+    assert s.connector_endpoint == "http://127.0.0.1:8787"
+    assert s.hook_url == "http://localhost:8787/vtex/hook/"
+    assert s.base_url == "http://127.0.0.1:8788"
 
 
 def test_secrets_do_not_appear_in_repr_or_errors(env: pytest.MonkeyPatch) -> None:
@@ -80,6 +96,19 @@ def test_secrets_do_not_appear_in_repr_or_errors(env: pytest.MonkeyPatch) -> Non
     with pytest.raises(ConfigError) as err:
         load_settings()
     assert "very-secret-app-token" not in str(err.value)
+
+
+async def test_secrets_do_not_appear_in_the_vtex_clients_repr(env: pytest.MonkeyPatch) -> None:
+    """repr() and str() of Settings and of the VTEX client show no app token, API token or hook secret."""
+    secrets = ("very-secret-app-token", "api-token-abcdef", "hook-secret-abcdef")
+    env.setenv("OMSD_API_TOKEN", secrets[1])
+    env.setenv("OMSD_HOOK_SECRET", secrets[2])
+    settings = load_settings()
+    async with aiohttp.ClientSession() as session:
+        client = VtexClient(settings, session)
+        shown = [repr(settings), str(settings), repr(client), str(client)]
+    assert "shop" in repr(client)
+    assert not [text for text in shown for secret in secrets if secret in text]
 
 
 def test_run_with_bad_config_exits_2_with_one_line(tmp_path: Path) -> None:

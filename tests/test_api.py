@@ -1,0 +1,343 @@
+"""omsd's HTTP routes, each called directly over aiohttp's test server with a real store."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from omsd.daemon.api import ApiContext, build_app
+from omsd.daemon.health import Health
+from omsd.daemon.metrics import Metrics
+from omsd.daemon.processor import Processor
+from omsd.daemon.settings import Settings
+from omsd.state.models import Policy
+from omsd.state.store import Store
+
+API_TOKEN = "api-token-0123456789"
+HOOK_SECRET = "hook-secret-0123456789"
+AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
+NOTIFY = "/order-integration/notification/processing-result"
+
+
+@dataclass
+class StubProcessor:
+    """Records the offsets waited for; applies the journal with a real Processor when `apply`."""
+
+    store: Store
+    apply: bool = False
+    fail: bool = False
+    waited: list[int] = field(default_factory=list)
+
+    async def wait_for(self, offset: int, timeout_s: float) -> bool:
+        self.waited.append(offset)
+        if self.fail:
+            raise RuntimeError("processor broke")
+        if self.apply:
+            await Processor(self.store, Policy(), emit_effects=False).drain()
+        return self.apply
+
+
+@dataclass
+class Api:
+    client: TestClient[Any, Any]
+    ctx: ApiContext
+    stub: StubProcessor
+    wakes: list[None]
+
+    async def rejected(self) -> list[Any]:
+        return await self.ctx.store.journal_tail(100, kind="rejected")
+
+
+def settings(**kw: Any) -> Settings:
+    values: dict[str, Any] = {
+        "account": "shop",
+        "app_key": "vtexappkey-shop-X",
+        "app_token": "app-token-0123456789",
+        "connector_name": "conn",
+        "connector_endpoint": "https://omsd.example.com/api/vtex",
+        "api_token": API_TOKEN,
+        "hook_secret": HOOK_SECRET,
+        "source": "both",
+        "db": Path("unused.db"),
+    }
+    values.update(kw)
+    return Settings(**values)
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    async with await Store.open(tmp_path / "api.db") as s:
+        yield s
+
+
+async def start(store: Store, s: Settings | None = None) -> Api:
+    s = s or settings()
+    metrics = Metrics()
+    stub = StubProcessor(store)
+    wakes: list[None] = []
+    ctx = ApiContext(
+        settings=s,
+        store=store,
+        processor=stub,
+        wake=lambda: wakes.append(None),
+        health=Health(s, metrics),
+        metrics=metrics,
+    )
+    client: TestClient[Any, Any] = TestClient(TestServer(build_app(ctx)))
+    await client.start_server()
+    return Api(client, ctx, stub, wakes)
+
+
+@pytest.fixture
+async def api(store: Store) -> AsyncIterator[Api]:
+    a = await start(store)
+    try:
+        yield a
+    finally:
+        await a.client.close()
+
+
+async def call(api: Api, method: str, path: str, body: Any = None, **kw: Any) -> tuple[int, Any]:
+    resp = await api.client.request(method, path, json=body, **kw)
+    return resp.status, await resp.json()
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Bearer wrong-token-0123456789"}, {"Authorization": f"Basic {API_TOKEN}"}],
+    ids=["missing", "wrong", "not bearer"],
+)
+async def test_approvals_need_the_bearer_token(api: Api, headers: dict[str, str]) -> None:
+    """Without the right bearer token: 401, and the body is neither read nor kept."""
+    status, body = await call(api, "POST", "/v1/approvals", {"marketplaceOrderId": "M-1"}, headers=headers)
+    assert (status, body) == (401, {"error": "missing or wrong bearer token"})
+    assert await api.ctx.store.last_offset() == 0
+
+
+async def test_approvals_are_refused_without_a_configured_token(store: Store) -> None:
+    """With OMSD_API_TOKEN unset, writes are 403 whatever the header says."""
+    api = await start(store, settings(api_token=None))
+    try:
+        status, body = await call(api, "POST", "/v1/approvals", {"marketplaceOrderId": "M-1"}, headers=AUTH)
+    finally:
+        await api.client.close()
+    assert status == 403 and "OMSD_API_TOKEN" in body["error"]
+
+
+async def test_approvals_bad_json_is_400_and_kept(api: Api) -> None:
+    """A body that is not JSON: 400, kept as rejected for an operator."""
+    status, body = await call(api, "POST", "/v1/approvals", data="{nope", headers=AUTH)
+    assert (status, body) == (400, {"error": "body is not JSON"})
+    [kept] = await api.rejected()
+    assert kept.source == "api" and kept.reason == "body is not JSON" and kept.payload == json.dumps("{nope")
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        ({}, "marketplaceOrderId: Field required"),
+        ({"marketplaceOrderId": ""}, "marketplaceOrderId: String should have at least 1 character"),
+        ({"marketplaceOrderId": "M-1", "color": "red"}, "color: Extra inputs are not permitted"),
+        (["M-1"], "body: Input should be a valid dictionary or instance of ApprovalRequest"),
+    ],
+    ids=["missing", "empty", "extra", "list"],
+)
+async def test_approvals_bad_fields_are_400_and_kept(api: Api, payload: Any, reason: str) -> None:
+    """A body with bad fields: 400 naming the field, kept as rejected, nothing else journaled."""
+    status, body = await call(api, "POST", "/v1/approvals", payload, headers=AUTH)
+    assert (status, body) == (400, {"error": reason})
+    [kept] = await api.rejected()
+    assert kept.reason == reason
+    assert await api.ctx.store.last_offset() == 1 and api.wakes == []
+
+
+async def test_an_accepted_intent_without_order_id_waits_for_its_link(api: Api) -> None:
+    """202 with the offset; the processor is woken and waited for; the intent is parked."""
+    api.stub.apply = True
+    status, body = await call(api, "POST", "/v1/approvals", {"marketplaceOrderId": "M-1"}, headers=AUTH)
+    assert status == 202
+    assert body == {"accepted": True, "offset": 1, "applied": True, "waitingForLink": True, "order": None}
+    assert api.stub.waited == [1] and len(api.wakes) == 1
+
+
+async def test_an_accepted_intent_with_order_id_shows_the_order(api: Api) -> None:
+    """With the VTEX order id the answer carries the order's view once applied."""
+    api.stub.apply = True
+    payload = {"marketplaceOrderId": "M-2", "orderId": "V-2-01"}
+    status, body = await call(api, "POST", "/v1/approvals", payload, headers=AUTH)
+    assert status == 202 and body["applied"] is True and body["waitingForLink"] is False
+    assert body["order"]["orderId"] == "V-2-01" and body["order"]["marketplaceOrderId"] == "M-2"
+    assert set(body["order"]) >= {"phase", "status", "held", "intent", "approvalsSent", "nextCheckAt", "updatedAt"}
+
+
+async def test_an_intent_not_applied_in_time_is_still_accepted(api: Api) -> None:
+    """When the processor has not caught up, 202 says applied false and no order."""
+    status, body = await call(
+        api, "POST", "/v1/approvals", {"marketplaceOrderId": "M-3", "orderId": "V-3-01"}, headers=AUTH
+    )
+    assert status == 202
+    assert body == {"accepted": True, "offset": 1, "applied": False, "waitingForLink": False, "order": None}
+
+
+async def test_a_failing_handler_is_a_500_without_details(api: Api) -> None:
+    """An unexpected error becomes a JSON 500 pointing at the log."""
+    api.stub.fail = True
+    status, body = await call(api, "POST", "/v1/approvals", {"marketplaceOrderId": "M-1"}, headers=AUTH)
+    assert (status, body) == (500, {"error": "internal error; see omsd's log"})
+
+
+async def test_an_oversized_body_is_413_and_kept(api: Api) -> None:
+    """A body over 64 KiB: 413, kept as rejected with its size."""
+    status, _ = await call(api, "POST", "/v1/approvals", data="x" * 70_000, headers=AUTH)
+    assert status == 413
+    [kept] = await api.rejected()
+    assert kept.reason == "body too large"
+
+
+async def test_show_order(api: Api) -> None:
+    """/v1/orders/{key}: 401 without the token, 404 when unknown, the view by either id."""
+    api.stub.apply = True
+    await call(api, "POST", "/v1/approvals", {"marketplaceOrderId": "M-4", "orderId": "V-4-01"}, headers=AUTH)
+    assert (await call(api, "GET", "/v1/orders/V-4-01"))[0] == 401
+    assert await call(api, "GET", "/v1/orders/nope", headers=AUTH) == (404, {"error": "no such order"})
+    for key in ("V-4-01", "M-4"):
+        status, body = await call(api, "GET", f"/v1/orders/{key}", headers=AUTH)
+        assert status == 200 and body["orderId"] == "V-4-01"
+
+
+async def test_reads_are_open_without_a_configured_token(store: Store) -> None:
+    """With OMSD_API_TOKEN unset, reads need no header."""
+    api = await start(store, settings(api_token=None))
+    try:
+        assert (await call(api, "GET", "/v1/orders/nope"))[0] == 404
+        status, body = await call(api, "GET", "/v1/status")
+    finally:
+        await api.client.close()
+    assert status == 200 and "phases" in body and "last_offset" in body
+
+
+def push(**kw: Any) -> dict[str, Any]:
+    return {
+        "Domain": "Fulfillment",
+        "OrderId": "V-5-01",
+        "State": "ready-for-handling",
+        "LastState": "window-to-cancel",
+        "LastChange": "2019-08-14T17:11:39.2550122Z",
+        "CurrentChange": "2019-08-14T17:12:48.0965893Z",
+        "Origin": {"Account": "shop", "Key": "vtexappkey-shop-X"},
+    } | kw
+
+
+def hook_headers(secret: str | None = HOOK_SECRET) -> dict[str, str]:
+    return {"X-Omsd-Hook-Secret": secret} if secret is not None else {}
+
+
+async def test_hook_ping_needs_no_secret_and_journals_nothing(api: Api) -> None:
+    """VTEX's ping is answered with pong before any authentication."""
+    assert await call(api, "POST", "/vtex/hook", {"hookConfig": "ping"}) == (200, {"hookConfig": "pong"})
+    assert await api.ctx.store.last_offset() == 0
+
+
+@pytest.mark.parametrize("secret", [None, "wrong-secret-0123456789"], ids=["missing", "wrong"])
+async def test_hook_without_the_secret_is_401_and_not_kept(api: Api, secret: str | None) -> None:
+    """A push without the right secret header: 401, nothing journaled, not even bad JSON."""
+    status, body = await call(api, "POST", "/vtex/hook", push(), headers=hook_headers(secret))
+    assert (status, body) == (401, {"error": "missing or wrong X-Omsd-Hook-Secret header"})
+    assert (await call(api, "POST", "/vtex/hook", data="{nope", headers=hook_headers(secret)))[0] == 400
+    assert await api.ctx.store.last_offset() == 0
+
+
+async def test_hook_bad_bodies_are_400_and_kept(api: Api) -> None:
+    """An authenticated push that is not JSON or misses fields: 400 with the reason, kept."""
+    assert (await call(api, "POST", "/vtex/hook", data="{nope", headers=hook_headers()))[0] == 400
+    status, body = await call(api, "POST", "/vtex/hook", push(State="teleported"), headers=hook_headers())
+    assert status == 400 and "unknown status" in body["error"]
+    assert [r.source for r in await api.rejected()] == ["hook", "hook"]
+
+
+async def test_hook_from_another_account_is_403_and_kept(api: Api) -> None:
+    """A push whose Origin.Account is not ours: 403, kept as rejected."""
+    status, body = await call(api, "POST", "/vtex/hook", push(Origin={"Account": "other"}), headers=hook_headers())
+    assert status == 403 and "is not this account" in body["error"]
+    assert len(await api.rejected()) == 1
+
+
+async def test_hook_push_is_journaled_once(api: Api) -> None:
+    """A good push is journaled and wakes the processor; the same push again is a duplicate."""
+    assert await call(api, "POST", "/vtex/hook", push(), headers=hook_headers()) == (
+        200,
+        {"received": True, "duplicate": False},
+    )
+    assert await call(api, "POST", "/vtex/hook", push(), headers=hook_headers()) == (
+        200,
+        {"received": True, "duplicate": True},
+    )
+    assert len(api.wakes) == 1 and api.ctx.health.last_push_ok is not None
+
+
+def envelope(**kw: Any) -> dict[str, Any]:
+    return {
+        "marketplaceOrderId": "M-6",
+        "code": "EOI009",
+        "flow": "ApproveOrder",
+        "success": False,
+        "operationId": "op-1",
+        "message": "refused",
+        "accountName": "shop",
+    } | kw
+
+
+@pytest.mark.parametrize("path", [NOTIFY, "/api/vtex" + NOTIFY], ids=["root", "endpoint path"])
+async def test_notification_is_journaled_once_per_operation(api: Api, path: str) -> None:
+    """A result notification is journaled (also under the connector endpoint's path); the
+    same operation and code again is a duplicate; a refused approval is counted once."""
+    assert await call(api, "POST", path, envelope()) == (200, {"received": True, "duplicate": False})
+    assert await call(api, "POST", path, envelope()) == (200, {"received": True, "duplicate": True})
+    assert len(api.wakes) == 2
+    refused = api.ctx.metrics.registry.get_sample_value("omsd_approvals_refused_total", {"code": "EOI009"})
+    assert refused == 1
+
+
+async def test_notification_for_another_account_is_400_and_kept(api: Api) -> None:
+    """`?an=` naming another account: 400, kept as rejected."""
+    status, body = await call(api, "POST", NOTIFY + "?an=other", envelope())
+    assert status == 400 and body["error"] == "an='other' is not this account"
+    assert [r.source for r in await api.rejected()] == ["notification"]
+
+
+async def test_notification_bad_envelope_is_400_and_kept(api: Api) -> None:
+    """An envelope without its code: 400 naming the field, kept as rejected."""
+    status, body = await call(api, "POST", NOTIFY, {"marketplaceOrderId": "M-6"})
+    assert (status, body) == (400, {"error": "code: Field required"})
+    assert [r.reason for r in await api.rejected()] == ["code: Field required"]
+
+
+async def test_healthz_answers(api: Api) -> None:
+    """/healthz is 200 as long as the loop answers."""
+    assert await call(api, "GET", "/healthz") == (200, {"status": "ok"})
+
+
+async def test_readyz_lists_problems_until_all_is_confirmed(api: Api) -> None:
+    """/readyz is 503 with the reasons, then 200 once configurations and a poll are confirmed."""
+    status, body = await call(api, "GET", "/readyz")
+    assert status == 503 and body["ready"] is False
+    assert "feed configuration not confirmed at VTEX" in body["problems"]
+    health = api.ctx.health
+    health.feed_config_ok = health.hook_config_ok = True
+    health.poll_ok()
+    assert await call(api, "GET", "/readyz") == (200, {"ready": True})
+
+
+async def test_metrics_are_prometheus_text_with_store_gauges(api: Api) -> None:
+    """/metrics serves Prometheus text with the journal offset read from the store."""
+    await call(api, "POST", "/vtex/hook", push(), headers=hook_headers())
+    resp = await api.client.get("/metrics")
+    text = await resp.text()
+    assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/plain")
+    assert "omsd_journal_offset 1.0" in text and 'omsd_events_in_total{source="hook"} 1.0' in text
