@@ -21,7 +21,7 @@ from typing import Any, Self
 
 import aiosqlite
 
-from omsd.state.events import AnyEntry, ApprovalFailed, TimerFired
+from omsd.state.events import AnyEntry, TimerFired
 from omsd.state.models import EFFECT_ADAPTER, Effect, Order
 from omsd.state.schema import MIGRATIONS, SCHEMA_VERSION
 
@@ -377,34 +377,24 @@ class Store:
             )
         return [_outbox_row(r) for r in rows]
 
-    async def finish_effect(self, outbox_id: int, result: NewEntry) -> Appended:
+    async def finish_effect(self, outbox_id: int, result: NewEntry, now: datetime | None = None) -> Appended:
         """Append the effect's result and close the outbox row, atomically."""
         async with self._tx() as conn:
             appended = await self._insert(conn, result)
             await conn.execute(
-                "UPDATE outbox SET state = 'done', done_at = ? WHERE id = ?", (iso(datetime.now(UTC)), outbox_id)
+                "UPDATE outbox SET state = 'done', done_at = ? WHERE id = ?", (iso(now or datetime.now(UTC)), outbox_id)
             )
         return appended
 
-    async def recover_interrupted(self, now: datetime) -> int:
-        """Effects started by a process that died. A Get order is simply run again; an
-        approval PUT may or may not have reached VTEX, so it is recorded as failed with
-        an unknown outcome and the machine re-checks the order before any resend."""
+    async def started_effects(self) -> list[OutboxRow]:
+        """Effects marked started and never finished (their process stopped mid-call)."""
+        rows = await self._all("SELECT * FROM outbox WHERE state = 'started' ORDER BY id")
+        return [_outbox_row(r) for r in rows]
+
+    async def requeue_effect(self, outbox_id: int) -> None:
+        """Put a started effect back to pending, to be claimed and performed again."""
         async with self._tx() as conn:
-            async with conn.execute("SELECT * FROM outbox WHERE state = 'started'") as cur:
-                rows = [_outbox_row(r) for r in await cur.fetchall()]
-            for row in rows:
-                if row.effect.kind == "fetch_order":
-                    await conn.execute("UPDATE outbox SET state = 'pending' WHERE id = ?", (row.id,))
-                    continue
-                event = ApprovalFailed(
-                    order_id=row.order_id, seq=row.seq, error="interrupted: outcome unknown", retryable=True
-                )
-                await self._insert(
-                    conn, NewEntry.of(event, source="recovery", received_at=now, dedup_key=f"effect:{row.id}")
-                )
-                await conn.execute("UPDATE outbox SET state = 'done', done_at = ? WHERE id = ?", (iso(now), row.id))
-        return len(rows)
+            await conn.execute("UPDATE outbox SET state = 'pending' WHERE id = ? AND state = 'started'", (outbox_id,))
 
     async def fire_due_timers(self, now: datetime) -> int:
         """Turn due timers into TimerFired journal events, exactly once each."""

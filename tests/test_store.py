@@ -173,26 +173,6 @@ async def test_timers_fire_once_and_survive_restart(tmp_path: Path) -> None:
         assert order is not None and order.phase == Phase.CHECKING
 
 
-async def test_interrupted_send_is_rechecked_not_resent(tmp_path: Path) -> None:
-    """A PUT started by a process that died becomes 'outcome unknown' and a Get order re-check."""
-    async with await Store.open(tmp_path / "db") as store:
-        processor = Processor(store, Policy())
-        await store.append(
-            [status_entry(FREE, 1), entry(IntentRecorded(order_id=OID, marketplace_order_id=MKT, source="api"))]
-        )
-        await processor.drain()
-        await answer_fetch(store, FREE, t=1)
-        await processor.drain()
-        [send] = await store.claim_effects(10)
-        assert send.effect.kind == "send_approval"
-        # the process dies here, with the PUT in flight
-        assert await store.recover_interrupted(NOW) == 1
-        await processor.drain()
-        order = await store.load_order(OID)
-        assert order is not None and order.phase == Phase.RETRY_WAIT
-        assert await store.claim_effects(10) == []  # nothing is resent blindly
-
-
 async def test_superseded_effects_are_not_performed(tmp_path: Path) -> None:
     """A cancel that arrives before a pending approval is performed withdraws it."""
     async with await Store.open(tmp_path / "db") as store:
