@@ -45,6 +45,9 @@ class Metrics:
         )
         self.alarm = Gauge("omsd_alarm", "1 while an alarm is raised", ["name"], registry=r)
         self.ready = Gauge("omsd_ready", "1 when /readyz answers 200", registry=r)
+        self.scheduled_job_failures = Counter(
+            "omsd_scheduled_job_failures", "Scheduled job runs that raised, by job", ["job"], registry=r
+        )
         for phase in Phase:
             self.orders.labels(phase=phase.value).set(0)
 
