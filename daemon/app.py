@@ -5,9 +5,11 @@ server → scheduler) and close in reverse. The HTTP server starts before VTEX's
 configuration is checked because VTEX pings the hook route when omsd creates
 the hook configuration. READY=1 goes to systemd once the database is open, the
 server bound and the configuration confirmed. The poller, the processor, the
-effect runner and the watchdog run as siblings in a TaskGroup; if one fails,
-all stop and the error surfaces (the supervisor restarts the process).
-Shutdown: stop intake first, give in-flight work `shutdown_grace_s`, then cancel.
+effect runner and the watchdog run as siblings in a TaskGroup (the effect
+runner's calls in a TaskGroup of their own); if one fails, all stop, resources
+close, one `omsd_fatal` line is logged and `run` raises DaemonFailed (`omsd run`
+exits 1 and the supervisor restarts it). Scheduled jobs are watched by
+`jobs.Jobs`. Shutdown: stop intake first, give in-flight work `shutdown_grace_s`, then cancel.
 """
 
 from __future__ import annotations
@@ -21,14 +23,13 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MISSED, JobExecutionEvent
-from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from omsd.daemon.api import ApiContext, build_app
 from omsd.daemon.effects import EffectRunner
 from omsd.daemon.errors import AuthFailed, VtexError
 from omsd.daemon.feed import FeedPoller
 from omsd.daemon.health import Health
+from omsd.daemon.jobs import Jobs
 from omsd.daemon.logs import get_logger, redact
 from omsd.daemon.metrics import Metrics
 from omsd.daemon.notify import Notifier, Progress, watchdog_loop
@@ -42,9 +43,20 @@ from omsd.state.store import Store
 
 log = get_logger("omsd.app")
 
+STATUS_EVERY_S = 10.0
+
+
+class DaemonFailed(Exception):
+    """omsd stopped on a fatal error, already logged once as `omsd_fatal`."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.error = error
+
 
 class Daemon:
-    """One running omsd. `run(stop)` returns when `stop` is set and work is drained."""
+    """One running omsd. `run(stop)` returns when `stop` is set and work is drained,
+    or raises DaemonFailed on a fatal error."""
 
     def __init__(self, settings: Settings, notifier: Notifier | None = None) -> None:
         self.settings = settings
@@ -58,6 +70,7 @@ class Daemon:
         self.poller: FeedPoller | None = None
         self.runner: EffectRunner | None = None
         self.self_check: SelfCheck | None = None
+        self.jobs: Jobs | None = None
         self.url = ""
         redact(
             settings.app_token.get_secret_value(),
@@ -66,6 +79,16 @@ class Daemon:
         )
 
     async def run(self, stop: asyncio.Event) -> None:
+        try:
+            await self._run(stop)
+        except Exception as exc:
+            # A loop or a call raised (VTEX refused the credentials, the database is
+            # unusable, a bug): resources are closed by now. One line says why.
+            error = _first_error(exc)
+            log.critical("omsd_fatal", error_type=type(error).__name__, error=str(error))
+            raise DaemonFailed(error) from exc
+
+    async def _run(self, stop: asyncio.Event) -> None:
         s = self.settings
         notify = self.notifier
         async with AsyncExitStack() as stack:
@@ -78,7 +101,7 @@ class Daemon:
             stack.push_async_callback(session.close)
             client = VtexClient(s, session, metrics=self.metrics)
             runner = EffectRunner(store, client, concurrency=s.effect_concurrency, metrics=self.metrics)
-            processor = Processor(store, s.policy(), on_effects=runner.wake.set)
+            processor = Processor(store, s.policy(), on_effects=runner.wake.set, metrics=self.metrics)
             processor.listeners.append(self._count_transition)
             runner.on_result = processor.wake.set
             self.processor, self.runner = processor, runner
@@ -112,9 +135,9 @@ class Daemon:
 
             if not await self._configure_vtex(client, stop):
                 return
-            scheduler = self._scheduler(store, processor)
-            scheduler.start()
-            stack.callback(lambda: scheduler.shutdown(wait=False) if scheduler.running else None)
+            jobs = self.jobs = self._jobs(store, processor)
+            jobs.start()
+            stack.callback(jobs.shutdown)
 
             log.info("omsd_ready", listen=self.url, db=str(s.db), account=s.account, vtex=s.base_url, source=s.source)
             notify.ready(f"ready: {s.source} source, listening on {self.url}")
@@ -144,9 +167,9 @@ class Daemon:
             delay = min(30.0, delay * 2)
         return False
 
-    def _scheduler(self, store: Store, processor: Processor) -> AsyncIOScheduler:
+    def _jobs(self, store: Store, processor: Processor) -> Jobs:
         s = self.settings
-        scheduler = AsyncIOScheduler(timezone=UTC)
+        jobs = Jobs(self.health, self.metrics, self.progress)
         self_check = self.self_check
         assert self_check is not None
 
@@ -163,18 +186,10 @@ class Daemon:
                 f"offset {processor.offset}; alarms: {alarms}"
             )
 
-        common: dict[str, Any] = {"coalesce": True, "max_instances": 1}
-        scheduler.add_job(
-            fire_timers, "interval", seconds=s.timer_tick_s, id="timers",
-            misfire_grace_time=max(1, int(s.timer_tick_s * 5)), **common,
-        )  # fmt: skip
-        scheduler.add_job(
-            self_check.run_once, "interval", seconds=s.self_check_s, id="self_check",
-            misfire_grace_time=max(1, int(s.self_check_s)), **common,
-        )  # fmt: skip
-        scheduler.add_job(report_status, "interval", seconds=10, id="status", misfire_grace_time=10, **common)
-        scheduler.add_listener(_job_listener, EVENT_JOB_ERROR | EVENT_JOB_MISSED)
-        return scheduler
+        jobs.add("timers", fire_timers, s.timer_tick_s, misfire_grace_s=s.timer_tick_s * 5)
+        jobs.add("self_check", self_check.run_once, s.self_check_s)
+        jobs.add("status", report_status, STATUS_EVERY_S)
+        return jobs
 
     def _count_transition(self, t: Transition) -> None:
         if t.to_phase == Phase.APPROVED and t.from_phase != Phase.APPROVED:
@@ -229,11 +244,11 @@ async def _wait_until(task: asyncio.Task[Any], deadline: float) -> None:
             await task
 
 
-def _job_listener(event: JobExecutionEvent) -> None:
-    if event.exception is not None:
-        log.error("scheduled_job_failed", job=event.job_id, error=repr(event.exception))
-    else:
-        log.warning("scheduled_job_missed", job=event.job_id)
+def _first_error(exc: BaseException) -> BaseException:
+    """The first error a TaskGroup collected (groups nest: a loop's own TaskGroup)."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 def _site_url(site: web.TCPSite, settings: Settings) -> str:
@@ -244,7 +259,7 @@ def _site_url(site: web.TCPSite, settings: Settings) -> str:
 
 
 async def run_until_signalled(settings: Settings) -> None:
-    """`omsd run`: until SIGTERM or SIGINT, then drain and return."""
+    """`omsd run`: until SIGTERM or SIGINT, then drain and return; DaemonFailed on a fatal error."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from omsd.daemon import intake, logs
-from omsd.daemon.errors import AuthFailed, VtexError
+from omsd.daemon.errors import VtexError
 from omsd.daemon.settings import ConfigError, Settings, load_db_path, load_local, load_policy, load_settings
 from omsd.state.events import Resync
 from omsd.state.models import Order
@@ -230,16 +230,12 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     settings = load_settings()
     logs.configure(settings.log_level, settings.log_format)
-    from omsd.daemon.app import run_until_signalled
+    from omsd.daemon.app import DaemonFailed, run_until_signalled
 
-    refused: list[BaseException] = []
     try:
         asyncio.run(run_until_signalled(settings))
-    except* AuthFailed as group:
-        refused.extend(group.exceptions)
-    if refused:
-        print(f"omsd: VTEX refused the credentials: {refused[0]}", file=sys.stderr)
-        return EXIT_FAIL
+    except DaemonFailed:
+        return EXIT_FAIL  # logged once as `omsd_fatal`
     return EXIT_OK
 
 

@@ -2,8 +2,9 @@
 
 A row is marked `started` before its call and closed in the same transaction
 that appends its result, so each result is journaled once. A row left
-`started` by a process that died is recovered at start-up (see
-`Store.recover_interrupted`).
+`started` by a process that stopped mid-call is recovered at start-up
+(`EffectRunner.recover`: the policy lives here, the store only reads and
+writes rows). A fatal error in a call ends `EffectRunner.run` with that error.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from omsd.state.models import FetchOrder, SendApproval
 from omsd.state.store import NewEntry, OutboxRow, Store
 
 log = get_logger("omsd.effects")
+
+INTERRUPTED = "interrupted: outcome unknown"
 
 Clock = Callable[[], datetime]
 
@@ -53,37 +56,50 @@ class EffectRunner:
         self.progress: Callable[[], None] = lambda: None  # called on every turn of `run`
 
     async def recover(self) -> int:
-        count = await self._store.recover_interrupted(self._clock())
-        if count:
-            log.warning("effects_recovered", count=count)
-        return count
+        """Finish what a stopped process left `started`. A Get order is simply run
+        again. An approval PUT may or may not have reached VTEX, so it is recorded as
+        failed with an unknown outcome: the machine re-checks the order with Get
+        order before any resend."""
+        rows = await self._store.started_effects()
+        for row in rows:
+            match row.effect:
+                case FetchOrder():
+                    await self._store.requeue_effect(row.id)
+                case SendApproval():
+                    failed = ApprovalFailed(order_id=row.order_id, seq=row.seq, error=INTERRUPTED, retryable=True)
+                    await self._finish(row, failed, source="recovery")
+        if rows:
+            log.warning("effects_recovered", count=len(rows))
+        return len(rows)
 
     async def run(self, stop: asyncio.Event, poll_s: float = 1.0) -> None:
-        """Claim and perform effects until `stop`; in-flight calls are awaited."""
+        """Claim and perform effects until `stop`; in-flight calls are awaited.
+
+        Every call is a task of this runner's TaskGroup, so none fails unseen: a call
+        that raises (VTEX refused the credentials, or anything unexpected) cancels the
+        others and ends `run` with its error. A row whose call did not finish stays
+        `started` and is recovered at the next start.
+        """
         running: set[asyncio.Task[None]] = set()
-        try:
+
+        def finished(task: asyncio.Task[None]) -> None:
+            running.discard(task)
+            self.wake.set()  # a free slot
+
+        async with asyncio.TaskGroup() as calls:
             while not stop.is_set():
                 self.progress()
                 self.wake.clear()
                 free = self._concurrency - len(running)
                 rows = await self._store.claim_effects(free, now=self._clock()) if free > 0 else []
                 for row in rows:
-                    task = asyncio.create_task(self._perform(row), name=f"effect-{row.id}")
+                    task = calls.create_task(self._perform(row), name=f"effect-{row.id}")
                     running.add(task)
-                    task.add_done_callback(running.discard)
+                    task.add_done_callback(finished)
                 if rows and len(running) < self._concurrency:
                     continue
                 # Woken by the processor (new effects) or by a finished call (a free slot).
                 await wait_any(self.wake, stop, within_s=poll_s)
-        finally:
-            if running:
-                await asyncio.gather(*running, return_exceptions=True)
-
-    async def run_once(self) -> int:
-        """Claim and perform what is pending now (for tests and the CLI)."""
-        rows = await self._store.claim_effects(self._concurrency, now=self._clock())
-        await asyncio.gather(*(self._perform(r) for r in rows))
-        return len(rows)
 
     async def _perform(self, row: OutboxRow) -> None:
         async with self._slots:
@@ -94,13 +110,22 @@ class EffectRunner:
                     result = await self._fetch(effect)
                 case SendApproval():
                     result = await self._send(effect)
-            entry = NewEntry.of(result, source="effect", received_at=self._clock(), dedup_key=f"effect:{row.id}")
-            try:
-                await asyncio.shield(self._store.finish_effect(row.id, entry, now=entry.received_at))
-            finally:
-                self.wake.set()
-            if self.on_result is not None:
-                self.on_result()
+            await self._finish(row, result, source="effect")
+        if self.on_result is not None:
+            self.on_result()
+
+    async def _finish(self, row: OutboxRow, result: Event, *, source: str) -> None:
+        """Journal the result (once: its dedup key is the row's) and close the row.
+        The result is decided, so the write completes even when this task is
+        cancelled meanwhile; the cancellation then goes on."""
+        now = self._clock()
+        entry = NewEntry.of(result, source=source, received_at=now, dedup_key=f"effect:{row.id}")
+        write = asyncio.ensure_future(self._store.finish_effect(row.id, entry, now=now))
+        try:
+            await asyncio.shield(write)
+        except asyncio.CancelledError:
+            await asyncio.wait([write])
+            raise
 
     async def _fetch(self, effect: FetchOrder) -> Event:
         try:

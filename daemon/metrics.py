@@ -50,6 +50,9 @@ class Metrics:
             "Journal rows the processor could not read (omsd journal --unreadable)",
             registry=r,
         )
+        self.scheduled_job_failures = Counter(
+            "omsd_scheduled_job_failures", "Scheduled job runs that raised, by job", ["job"], registry=r
+        )
         for phase in Phase:
             self.orders.labels(phase=phase.value).set(0)
 

@@ -12,12 +12,15 @@ import contextlib
 import os
 import socket
 import time
+from collections import deque
 from collections.abc import Callable
 
 from omsd.daemon.logs import get_logger
 from omsd.daemon.settings import systemd_environment
 
 log = get_logger("omsd.notify")
+
+SENT_KEPT = 64  # messages `Notifier.sent` remembers, for tests and debugging
 
 
 class Notifier:
@@ -31,7 +34,7 @@ class Notifier:
             self._address = b"\0" + address[1:].encode() if address.startswith("@") else address
         mine = watchdog_pid is None or watchdog_pid == os.getpid()
         self.watchdog_interval_s = watchdog_usec / 2e6 if watchdog_usec and mine else None
-        self.sent: list[str] = []
+        self.sent: deque[str] = deque(maxlen=SENT_KEPT)  # the latest messages only
 
     @property
     def enabled(self) -> bool:
@@ -63,25 +66,28 @@ class Notifier:
 
 
 class Progress:
-    """Loops report progress here; the watchdog pings only while every one of them
-    reported within the watchdog window, so a stuck loop stops the pings."""
+    """Loops and scheduled jobs report progress here; the watchdog pings only while
+    every one of them reported in time, so a stuck loop or a job that stopped
+    running stops the pings."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        self._beats: dict[str, float] = {}
+        self._beats: dict[str, tuple[float, float]] = {}  # name -> (last beat, period)
 
-    def beat(self, name: str) -> Callable[[], None]:
-        """Register a loop; returns the function it calls on each turn."""
-        self._beats[name] = self._clock()
+    def beat(self, name: str, period_s: float = 0.0) -> Callable[[], None]:
+        """Register a loop (or a job that runs every `period_s`); returns the
+        function it calls on each turn."""
+        self._beats[name] = (self._clock(), period_s)
 
         def tick() -> None:
-            self._beats[name] = self._clock()
+            self._beats[name] = (self._clock(), period_s)
 
         return tick
 
     def stale(self, within_s: float) -> list[str]:
+        """Who has not reported within `within_s`, plus two of its periods for a job."""
         now = self._clock()
-        return [name for name, at in self._beats.items() if now - at > within_s]
+        return [name for name, (at, period) in self._beats.items() if now - at > within_s + 2 * period]
 
 
 async def watchdog_loop(notifier: Notifier, progress: Progress, stop: asyncio.Event) -> None:

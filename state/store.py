@@ -10,6 +10,7 @@ which is what lets the feed poller commit a handle to VTEX right after.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -21,7 +22,7 @@ from typing import Any, Self
 
 import aiosqlite
 
-from omsd.state.events import AnyEntry, ApprovalFailed, TimerFired, current_version
+from omsd.state.events import AnyEntry, TimerFired, current_version
 from omsd.state.models import EFFECT_ADAPTER, Effect, Order, is_superseded
 from omsd.state.schema import MIGRATIONS, SCHEMA_VERSION
 
@@ -213,13 +214,21 @@ class Store:
     @asynccontextmanager
     async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
         async with self._lock:
-            await self._conn.execute("BEGIN IMMEDIATE")
             try:
+                await self._conn.execute("BEGIN IMMEDIATE")
                 yield self._conn
+                await self._conn.execute("COMMIT")
             except BaseException:
-                await self._conn.execute("ROLLBACK")
+                # Cancelled or failed anywhere, BEGIN and COMMIT included: aiosqlite runs
+                # statements in order on its own thread even when the awaiting task is
+                # cancelled, so a ROLLBACK queued now (shielded, under the lock) ends
+                # whatever transaction is open; "no transaction is active" is fine.
+                await asyncio.shield(self._rollback())
                 raise
-            await self._conn.execute("COMMIT")
+
+    async def _rollback(self) -> None:
+        with contextlib.suppress(sqlite3.OperationalError):
+            await self._conn.execute("ROLLBACK")
 
     async def _all(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         async with self._lock, self._conn.execute(sql, params) as cur:
@@ -413,25 +422,15 @@ class Store:
             await conn.execute("UPDATE outbox SET state = 'done', done_at = ? WHERE id = ?", (iso(now), outbox_id))
         return appended
 
-    async def recover_interrupted(self, now: datetime) -> int:
-        """Effects started by a process that died. A Get order is simply run again; an
-        approval PUT may or may not have reached VTEX, so it is recorded as failed with
-        an unknown outcome and the machine re-checks the order before any resend."""
+    async def started_effects(self) -> list[OutboxRow]:
+        """Effects marked started and never finished (their process stopped mid-call)."""
+        rows = await self._all("SELECT * FROM outbox WHERE state = 'started' ORDER BY id")
+        return [_outbox_row(r) for r in rows]
+
+    async def requeue_effect(self, outbox_id: int) -> None:
+        """Put a started effect back to pending, to be claimed and performed again."""
         async with self._tx() as conn:
-            async with conn.execute("SELECT * FROM outbox WHERE state = 'started'") as cur:
-                rows = [_outbox_row(r) for r in await cur.fetchall()]
-            for row in rows:
-                if row.effect.kind == "fetch_order":
-                    await conn.execute("UPDATE outbox SET state = 'pending' WHERE id = ?", (row.id,))
-                    continue
-                event = ApprovalFailed(
-                    order_id=row.order_id, seq=row.seq, error="interrupted: outcome unknown", retryable=True
-                )
-                await self._insert(
-                    conn, NewEntry.of(event, source="recovery", received_at=now, dedup_key=f"effect:{row.id}")
-                )
-                await conn.execute("UPDATE outbox SET state = 'done', done_at = ? WHERE id = ?", (iso(now), row.id))
-        return len(rows)
+            await conn.execute("UPDATE outbox SET state = 'pending' WHERE id = ? AND state = 'started'", (outbox_id,))
 
     async def fire_due_timers(self, now: datetime) -> int:
         """Turn due timers into TimerFired journal events, exactly once each."""

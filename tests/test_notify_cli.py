@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from omsd.daemon.cli import main
-from omsd.daemon.notify import Notifier, Progress, watchdog_loop
+from omsd.daemon.notify import SENT_KEPT, Notifier, Progress, watchdog_loop
 from omsd.sim.server import Simulator
 from tests.conftest import free_port
 
@@ -53,7 +53,21 @@ def test_without_notify_socket_everything_is_a_no_op() -> None:
     n = Notifier(None, None)
     n.ready("x")
     n.watchdog()
-    assert not n.enabled and n.sent == [] and n.watchdog_interval_s is None
+    assert not n.enabled and not n.sent and n.watchdog_interval_s is None
+
+
+def test_sent_messages_are_bounded(tmp_path: Path) -> None:
+    """A long-running daemon remembers only the latest sd_notify messages, not all of them."""
+    path = tmp_path / "n.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        sock.setblocking(False)
+        n = Notifier(str(path), watchdog_usec=None)
+        for i in range(SENT_KEPT + 10):
+            n.status(f"turn {i}")
+            sock.recv(100)
+        assert len(n.sent) == SENT_KEPT
+        assert n.sent[-1] == f"STATUS=turn {SENT_KEPT + 9}"
 
 
 @pytest.fixture

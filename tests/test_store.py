@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 from datetime import UTC, datetime, timedelta
@@ -192,27 +193,6 @@ async def test_timers_fire_once_and_survive_restart(tmp_path: Path) -> None:
         assert order is not None and order.phase == Phase.CHECKING
 
 
-async def test_interrupted_send_is_rechecked_not_resent(tmp_path: Path) -> None:
-    """A PUT started by a process that died becomes 'outcome unknown' and a Get order re-check."""
-    async with await Store.open(tmp_path / "db") as store:
-        processor = Processor(store, Policy())
-        await store.append(
-            [status_entry(FREE, 1), entry(IntentRecorded(order_id=OID, marketplace_order_id=MKT, source="api"))],
-            now=NOW,
-        )
-        await processor.drain()
-        await answer_fetch(store, FREE, t=1)
-        await processor.drain()
-        [send] = await store.claim_effects(10, now=NOW)
-        assert send.effect.kind == "send_approval"
-        # the process dies here, with the PUT in flight
-        assert await store.recover_interrupted(NOW) == 1
-        await processor.drain()
-        order = await store.load_order(OID)
-        assert order is not None and order.phase == Phase.RETRY_WAIT
-        assert await store.claim_effects(10, now=NOW) == []  # nothing is resent blindly
-
-
 async def test_superseded_effects_are_not_performed(tmp_path: Path) -> None:
     """A cancel that arrives before a pending approval is performed withdraws it."""
     async with await Store.open(tmp_path / "db") as store:
@@ -396,3 +376,20 @@ def test_omsd_journal_unreadable_lists_them(
     assert main(["journal", "--unreadable"]) == 0
     out = capsys.readouterr().out
     assert "status_changed" in out and "version 2 is newer than this omsd reads" in out
+
+
+@pytest.mark.parametrize("steps", [0, 1, 2, 3, 4, 6, 8])
+async def test_a_cancelled_write_leaves_no_transaction_open(tmp_path: Path, steps: int) -> None:
+    """A writer cancelled anywhere inside its transaction (even while BEGIN is in flight)
+    rolls back, and the next write works: no 'transaction within a transaction'."""
+    async with await Store.open(tmp_path / "db") as store:
+        task = asyncio.create_task(store.append([status_entry(HELD, 1, "E1")], acks=["h1"], now=NOW))
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        [appended] = await store.append([status_entry(FREE, 2, "E2")], now=NOW)
+        assert appended.offset is not None
+    conn = sqlite3.connect(tmp_path / "db")
+    assert conn.execute("SELECT COUNT(*) FROM journal WHERE event_id = 'E2'").fetchone()[0] == 1

@@ -1,0 +1,110 @@
+"""Scheduled jobs (APScheduler 3.x) and their health.
+
+APScheduler swallows a job's exception, so every job is watched here. Each run,
+failed or not, is a beat for the watchdog: a job that stops running (the
+scheduler died, or a run hangs and later runs are skipped) stops the pings once
+it is two intervals overdue. Each failure is logged and counted in
+`omsd_scheduled_job_failures_total{job}`; `FAILURES_BEFORE_ALARM` failures in a
+row raise the alarm `scheduled_job_<id>`, which makes /readyz fail until the
+job succeeds again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from datetime import UTC
+
+from apscheduler.events import (
+    EVENT_JOB_ERROR,
+    EVENT_JOB_EXECUTED,
+    EVENT_JOB_MAX_INSTANCES,
+    EVENT_JOB_MISSED,
+    JobEvent,
+)
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from omsd.daemon.health import Health
+from omsd.daemon.logs import get_logger
+from omsd.daemon.metrics import Metrics
+from omsd.daemon.notify import Progress
+
+log = get_logger("omsd.jobs")
+
+FAILURES_BEFORE_ALARM = 3
+
+
+def alarm_name(job_id: str) -> str:
+    return f"scheduled_job_{job_id}"
+
+
+class Jobs:
+    """The scheduler, its jobs, and what their runs say about health."""
+
+    def __init__(
+        self,
+        health: Health,
+        metrics: Metrics,
+        progress: Progress,
+        *,
+        failures_before_alarm: int = FAILURES_BEFORE_ALARM,
+    ) -> None:
+        self.scheduler = AsyncIOScheduler(timezone=UTC)
+        self._health = health
+        self._metrics = metrics
+        self._progress = progress
+        self._threshold = failures_before_alarm
+        self._beats: dict[str, Callable[[], None]] = {}
+        self.failures: dict[str, int] = {}  # failed runs in a row, by job
+        self.scheduler.add_listener(
+            self._on_event, EVENT_JOB_EXECUTED | EVENT_JOB_ERROR | EVENT_JOB_MISSED | EVENT_JOB_MAX_INSTANCES
+        )
+
+    def add(
+        self, job_id: str, func: Callable[[], Awaitable[object]], every_s: float, misfire_grace_s: float | None = None
+    ) -> None:
+        """Run `func` every `every_s`: one run at a time, missed runs coalesced."""
+        self._beats[job_id] = self._progress.beat(f"job:{job_id}", period_s=every_s)
+        self.failures[job_id] = 0
+        self._metrics.alarm.labels(name=alarm_name(job_id)).set(0)
+        self.scheduler.add_job(
+            func,
+            "interval",
+            seconds=every_s,
+            id=job_id,
+            coalesce=True,
+            max_instances=1,
+            misfire_grace_time=max(1, int(misfire_grace_s if misfire_grace_s is not None else every_s)),
+        )
+
+    def start(self) -> None:
+        self.scheduler.start()
+
+    def shutdown(self) -> None:
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
+
+    def _on_event(self, event: JobEvent) -> None:
+        job = event.job_id
+        if event.code == EVENT_JOB_MISSED:
+            log.warning("scheduled_job_missed", job=job)
+        elif event.code == EVENT_JOB_MAX_INSTANCES:
+            log.warning("scheduled_job_skipped", job=job, reason="the previous run is still going")
+        elif event.code == EVENT_JOB_ERROR:
+            self._beats[job]()
+            self._failed(job, event.exception)
+        else:
+            self._beats[job]()
+            self._succeeded(job)
+
+    def _failed(self, job: str, exc: BaseException) -> None:
+        in_row = self.failures[job] = self.failures[job] + 1
+        self._metrics.scheduled_job_failures.labels(job=job).inc()
+        error = f"{type(exc).__name__}: {exc}"
+        log.error("scheduled_job_failed", job=job, error=error, failures_in_row=in_row)
+        if in_row >= self._threshold:
+            self._health.raise_alarm(alarm_name(job), f"{self._threshold} or more runs in a row failed; last {error}")
+
+    def _succeeded(self, job: str) -> None:
+        if self.failures[job]:
+            self.failures[job] = 0
+            self._health.clear_alarm(alarm_name(job))

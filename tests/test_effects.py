@@ -1,0 +1,346 @@
+"""The effect runner on a real store, against a recording fake VTEX client."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from omsd.daemon.effects import EffectRunner
+from omsd.daemon.errors import AuthFailed, NotFound, RateLimited, VtexRejected, VtexUnavailable
+from omsd.daemon.metrics import Metrics
+from omsd.daemon.processor import Processor
+from omsd.daemon.vtex import ApprovalResponse, FeedConfig, HookConfig, OrderSnapshot, VtexApi
+from omsd.state.events import (
+    ApprovalAnswered,
+    ApprovalFailed,
+    Event,
+    IntentRecorded,
+    OrderFetched,
+    OrderFetchFailed,
+    StatusChanged,
+)
+from omsd.state.models import Effect, FetchOrder, Inflight, Order, Policy, SendApproval
+from omsd.state.statuses import Phase
+from omsd.state.store import Batch, NewEntry, Store
+from tests.conftest import until
+from tests.machine_helpers import FREE, MKT, OID, at, fetched
+
+NOW = datetime(2026, 11, 1, 12, 30, tzinfo=UTC)
+
+Outcome = OrderSnapshot | ApprovalResponse | BaseException
+
+
+class FakeVtex:
+    """Records Get order and approval calls and answers from a script; with `gate`
+    set, calls wait on it, so a test can hold them in flight."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.orders: dict[str, Outcome] = {}
+        self.approvals: dict[str, Outcome] = {}
+        self.gate: asyncio.Event | None = None
+        self.in_flight = 0
+        self.most_in_flight = 0
+
+    async def _answer(self, call: str, key: str, script: Mapping[str, Outcome]) -> Any:
+        self.calls.append((call, key))
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+            outcome = script[key]
+        finally:
+            self.in_flight -= 1
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    async def get_order(self, order_id: str) -> OrderSnapshot:
+        answer: OrderSnapshot = await self._answer("get_order", order_id, self.orders)
+        return answer
+
+    async def approve(self, marketplace_order_id: str) -> ApprovalResponse:
+        answer: ApprovalResponse = await self._answer("approve", marketplace_order_id, self.approvals)
+        return answer
+
+    async def get_feed(self, maxlot: int) -> list[Any]:
+        raise AssertionError("the effect runner does not read the feed")
+
+    async def commit_feed(self, handles: list[str]) -> None:
+        raise AssertionError("the effect runner does not commit the feed")
+
+    async def get_feed_config(self) -> FeedConfig | None:
+        raise AssertionError("not an effect")
+
+    async def save_feed_config(self, body: Mapping[str, Any]) -> None:
+        raise AssertionError("not an effect")
+
+    async def get_hook_config(self) -> HookConfig | None:
+        raise AssertionError("not an effect")
+
+    async def save_hook_config(self, body: Mapping[str, Any]) -> None:
+        raise AssertionError("not an effect")
+
+
+def _typed(fake: FakeVtex) -> VtexApi:
+    return fake  # mypy checks the fake against the Protocol here
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    async with await Store.open(tmp_path / "omsd.db") as s:
+        yield s
+
+
+def fetch(order_id: str = OID, seq: int = 5) -> FetchOrder:
+    return FetchOrder(order_id=order_id, seq=seq, purpose="pre_approval")
+
+
+def send(order_id: str = OID, seq: int = 5, mkt: str = MKT) -> SendApproval:
+    return SendApproval(order_id=order_id, seq=seq, marketplace_order_id=mkt)
+
+
+async def queue(store: Store, *effects: Effect) -> None:
+    """Put effects in the outbox as the processor would: each order waits for its effect."""
+    orders = {
+        e.order_id: Order(
+            order_id=e.order_id,
+            inflight=Inflight(seq=e.seq, kind="fetch" if e.kind == "fetch_order" else "send", purpose="test"),
+        )
+        for e in effects
+    }
+    assert len(orders) == len(effects), "one effect per order"
+    await store.commit_batch(Batch(offset=0, effects=list(effects), orders=orders), now=NOW)
+
+
+def rows(store: Store, sql: str) -> list[sqlite3.Row]:
+    """Read the database through a second connection, as another process would."""
+    conn = sqlite3.connect(store.path)
+    conn.row_factory = sqlite3.Row
+    try:
+        return list(conn.execute(sql))
+    finally:
+        conn.close()
+
+
+def outbox(store: Store) -> dict[int, str]:
+    return {r["id"]: r["state"] for r in rows(store, "SELECT id, state FROM outbox")}
+
+
+def journaled(store: Store) -> list[sqlite3.Row]:
+    return rows(store, "SELECT kind, source, dedup_key, payload FROM journal ORDER BY offset")
+
+
+def runner(store: Store, fake: FakeVtex, **kw: Any) -> EffectRunner:
+    return EffectRunner(store, _typed(fake), clock=lambda: NOW, **kw)
+
+
+async def run_until(r: EffectRunner, done: Callable[[], bool | Awaitable[bool]], what: str) -> None:
+    """Run the runner until `done` holds, then stop it and wait for it to return."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(r.run(stop, poll_s=0.05))
+    try:
+        await until(lambda: task.done() or done(), timeout=10, what=what)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=10)
+
+
+def all_done(store: Store) -> Callable[[], bool]:
+    return lambda: all(state == "done" for state in outbox(store).values())
+
+
+def snapshot(status: str = FREE) -> OrderSnapshot:
+    return OrderSnapshot.model_validate(
+        {"orderId": OID, "status": status, "marketplaceOrderId": MKT, "lastChange": "2026-11-01T12:00:10Z"}
+    )
+
+
+def answer(code: str, http_status: int = 200) -> ApprovalResponse:
+    return ApprovalResponse(http_status=http_status, code=code, success=True, message=f"{code} message")
+
+
+SEEN: dict[str, Any] = {"order_id": OID, "seq": 5}
+CASES: list[tuple[str, Effect, Outcome, Event]] = [
+    (
+        "fetch answered",
+        fetch(),
+        snapshot(),
+        OrderFetched(**SEEN, status=FREE, marketplace_order_id=MKT, last_change=at(10), fetched_at=NOW),
+    ),
+    (
+        "fetch 404",
+        fetch(),
+        NotFound("no such order", 404),
+        OrderFetchFailed(**SEEN, error="no such order", not_found=True),
+    ),
+    ("fetch transient", fetch(), VtexUnavailable("timeout"), OrderFetchFailed(**SEEN, error="timeout", retryable=True)),
+    (
+        "put answered",
+        send(),
+        answer("SOI003"),
+        ApprovalAnswered(**SEEN, code="SOI003", http_status=200, message="SOI003 message"),
+    ),
+    ("put rate limited", send(), RateLimited("429", 5.0), ApprovalFailed(**SEEN, error="429", retryable=True)),
+    ("put transient", send(), VtexUnavailable("503"), ApprovalFailed(**SEEN, error="503", retryable=True)),
+    (
+        "put refused",
+        send(),
+        VtexRejected("400 no code", 400),
+        ApprovalFailed(**SEEN, error="400 no code", retryable=False),
+    ),
+]
+
+
+@pytest.mark.parametrize(("effect", "outcome", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+async def test_each_outcome_is_journaled_as_its_event(
+    store: Store, effect: Effect, outcome: Outcome, expected: Event
+) -> None:
+    """Each VTEX outcome of a call becomes one journal event, from source `effect`, and closes the row."""
+    fake = FakeVtex()
+    fake.orders[OID] = fake.approvals[MKT] = outcome
+    await queue(store, effect)
+    await run_until(runner(store, fake), all_done(store), "effect finished")
+    [row] = journaled(store)
+    assert row["source"] == "effect"
+    assert row["kind"] == expected.kind
+    assert type(expected).model_validate_json(row["payload"]) == expected
+    assert len(fake.calls) == 1
+
+
+async def test_refused_approval_codes_are_counted(store: Store) -> None:
+    """A PUT is counted as sent, and an answer other than SOI002/SOI003 as refused by code."""
+    fake = FakeVtex()
+    fake.approvals[MKT] = answer("EOI011", 400)
+    metrics = Metrics()
+    await queue(store, send())
+    await run_until(runner(store, fake, metrics=metrics), all_done(store), "put answered")
+    assert metrics.sample("omsd_approvals_sent_total") == 1
+    assert metrics.sample("omsd_approvals_refused_total", code="EOI011") == 1
+
+
+async def test_each_result_is_journaled_once_under_the_rows_key(store: Store) -> None:
+    """Each row's result is journaled exactly once, with dedup key `effect:<row id>`; a
+    second run performs nothing again."""
+    fake = FakeVtex()
+    fake.orders = {f"O{i}": VtexUnavailable("timeout") for i in range(3)}
+    fake.approvals[MKT] = answer("SOI003")
+    await queue(store, *(fetch(f"O{i}") for i in range(3)), send())
+    r = runner(store, fake)
+    await run_until(r, all_done(store), "all performed")
+    await run_until(r, lambda: True, "a second, idle run")
+    keys = [row["dedup_key"] for row in journaled(store)]
+    assert sorted(keys) == sorted(f"effect:{i}" for i in outbox(store))
+    assert len(fake.calls) == 4
+
+
+async def test_concurrency_bound_is_respected(store: Store) -> None:
+    """No more calls are in flight, or rows claimed, than the concurrency allows."""
+    fake = FakeVtex()
+    fake.gate = asyncio.Event()
+    fake.orders = {f"O{i}": snapshot() for i in range(5)}
+    await queue(store, *(fetch(f"O{i}") for i in range(5)))
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner(store, fake, concurrency=2).run(stop, poll_s=0.05))
+    await until(lambda: fake.in_flight == 2, what="two calls in flight")
+    assert sorted(outbox(store).values()) == ["pending", "pending", "pending", "started", "started"]
+    fake.gate.set()
+    await until(all_done(store), what="all performed")
+    stop.set()
+    await asyncio.wait_for(task, timeout=10)
+    assert fake.most_in_flight == 2 and len(fake.calls) == 5
+
+
+async def test_the_result_is_written_even_when_cancelled_during_the_write(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call whose result is decided is journaled even if the runner is cancelled while writing it."""
+    fake = FakeVtex()
+    fake.approvals[MKT] = answer("SOI003")
+    writing, release = asyncio.Event(), asyncio.Event()
+    real_finish = store.finish_effect
+
+    async def slow_finish(*args: Any, **kw: Any) -> Any:
+        writing.set()
+        await release.wait()
+        return await real_finish(*args, **kw)
+
+    monkeypatch.setattr(store, "finish_effect", slow_finish)
+    await queue(store, send())
+    task = asyncio.create_task(runner(store, fake).run(asyncio.Event(), poll_s=0.05))
+    await asyncio.wait_for(writing.wait(), timeout=10)
+    task.cancel()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert list(outbox(store).values()) == ["done"]
+    assert [row["kind"] for row in journaled(store)] == ["approval_answered"]
+
+
+@pytest.mark.parametrize(
+    ("effect", "error"),
+    [
+        (fetch(), AuthFailed("401 refused", 401)),
+        (send(), AuthFailed("403 forbidden", 403)),
+        (fetch(), RuntimeError("a bug")),
+    ],
+    ids=["get order refused", "put refused", "unexpected error"],
+)
+async def test_a_fatal_error_ends_run(store: Store, effect: Effect, error: Exception) -> None:
+    """Refused credentials (or any unexpected error) in a call end `run` with that error,
+    instead of being lost in an unread task; the row stays `started` for recovery."""
+    fake = FakeVtex()
+    fake.orders[OID] = fake.approvals[MKT] = error
+    await queue(store, effect)
+    stop = asyncio.Event()
+    with pytest.raises(ExceptionGroup) as raised:
+        await asyncio.wait_for(runner(store, fake).run(stop, poll_s=0.05), timeout=10)
+    assert raised.value.exceptions == (error,)
+    assert list(outbox(store).values()) == ["started"]
+    assert journaled(store) == []
+
+
+async def test_recovery_reruns_a_get_order_and_never_resends_a_put(store: Store) -> None:
+    """At start-up a started Get order is queued again; a started PUT is journaled as
+    failed with an unknown outcome (source `recovery`, its row's key) and not resent."""
+    await queue(store, fetch("O1"), send())
+    assert len(await store.claim_effects(10, now=NOW)) == 2  # a process claimed both, then died
+    fake = FakeVtex()
+    assert await runner(store, fake).recover() == 2
+    assert sorted(outbox(store).values()) == ["done", "pending"]
+    [row] = journaled(store)
+    assert (row["kind"], row["source"], row["dedup_key"]) == ("approval_failed", "recovery", "effect:2")
+    failed = ApprovalFailed(order_id=OID, seq=5, error="interrupted: outcome unknown", retryable=True)
+    assert ApprovalFailed.model_validate_json(row["payload"]) == failed
+    fake.orders["O1"] = snapshot()
+    await run_until(runner(store, fake), all_done(store), "the Get order run again")
+    assert fake.calls == [("get_order", "O1")]
+    assert await runner(store, fake).recover() == 0
+
+
+async def test_interrupted_send_is_rechecked_not_resent(store: Store) -> None:
+    """A PUT started by a process that died becomes 'outcome unknown' and a Get order re-check."""
+    processor = Processor(store, Policy())
+    status = StatusChanged(order_id=OID, source="feed", state=FREE, current_change=at(1))
+    intent = IntentRecorded(order_id=OID, marketplace_order_id=MKT, source="api")
+    await store.append([NewEntry.of(e, source="test", received_at=NOW) for e in (status, intent)], now=NOW)
+    await processor.drain()
+    [fetch_row] = await store.claim_effects(10, now=NOW)
+    result = fetched(FREE, seq=fetch_row.seq, t=1)
+    await store.finish_effect(fetch_row.id, NewEntry.of(result, source="effect", received_at=NOW), now=NOW)
+    await processor.drain()
+    [send_row] = await store.claim_effects(10, now=NOW)
+    assert send_row.effect.kind == "send_approval"
+    # the process dies here, with the PUT in flight
+    assert await runner(store, FakeVtex()).recover() == 1
+    await processor.drain()
+    order = await store.load_order(OID)
+    assert order is not None and order.phase == Phase.RETRY_WAIT
+    assert await store.claim_effects(10, now=NOW) == []  # nothing is resent blindly

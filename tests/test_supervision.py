@@ -1,0 +1,187 @@
+"""Nothing fails unseen: a fatal error stops omsd with one log line, and scheduled
+jobs that fail or stop running show in readiness, metrics and the watchdog."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from structlog.testing import capture_logs
+
+from omsd.daemon.app import Daemon, DaemonFailed
+from omsd.daemon.errors import AuthFailed
+from omsd.daemon.health import Health
+from omsd.daemon.jobs import Jobs
+from omsd.daemon.metrics import Metrics
+from omsd.daemon.notify import Progress
+from omsd.daemon.settings import Settings
+from omsd.sim.server import Simulator
+from tests.conftest import fast_settings, free_port, until
+from tests.test_crash import omsd_env
+from tests.test_notify_cli import FakeClock
+
+HOOK_SECRET = "hook-secret-0123456789"
+
+
+@pytest.mark.e2e
+async def test_hook_daemon_stops_when_vtex_refuses_a_get_order(sim: Simulator, tmp_path: Path) -> None:
+    """With the hook as the only source, credentials VTEX starts refusing make the
+    effect runner's Get order fail and omsd stop with one `omsd_fatal` line, not run on."""
+    settings = fast_settings(sim, tmp_path / "omsd.db", free_port(), source="hook", hook_secret=HOOK_SECRET)
+    daemon = Daemon(settings)
+    stop = asyncio.Event()
+    with capture_logs() as logged:
+        task = asyncio.create_task(daemon.run(stop))
+        try:
+            await until(lambda: daemon.ready.is_set() or task.done(), what="ready")
+            assert daemon.ready.is_set()
+            sim.app_token = "rotated-at-vtex"
+            sim.create("AF1", held=True, decision="authorize", decide_after_s=60)
+            with pytest.raises(DaemonFailed) as failed:
+                await asyncio.wait_for(asyncio.shield(task), timeout=30)
+        finally:
+            stop.set()
+            await asyncio.wait([task], timeout=30)
+    assert isinstance(failed.value.error, AuthFailed)
+    [fatal] = [e for e in logged if e["event"] == "omsd_fatal"]
+    assert fatal["error_type"] == "AuthFailed" and "401" in fatal["error"]
+    assert settings.app_token.get_secret_value() not in json.dumps(logged, default=str)
+
+
+@pytest.mark.slow
+async def test_omsd_run_exits_1_with_one_fatal_line(sim: Simulator, tmp_path: Path) -> None:
+    """`omsd run` ends a fatal error (here refused credentials) with exit code 1 and
+    exactly one `omsd_fatal` log line: no traceback, no secret."""
+    port = free_port()
+    env = omsd_env(sim, tmp_path / "omsd.db", port)
+    env["OMSD_APP_TOKEN"] = "a-token-vtex-refuses-123"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "omsd.daemon",
+        "run",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    assert proc.returncode == 1
+    lines = [json.loads(line) for line in out.decode().splitlines()]
+    [fatal] = [line for line in lines if line["event"] == "omsd_fatal"]
+    assert (fatal["level"], fatal["error_type"]) == ("critical", "AuthFailed")
+    assert "Traceback" not in out.decode() + err.decode()
+    assert env["OMSD_APP_TOKEN"] not in out.decode() + err.decode()
+
+
+@pytest.mark.e2e
+async def test_a_failing_job_makes_the_daemon_unready_until_it_recovers(
+    sim: Simulator, run_daemon: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The timers job failing run after run raises its alarm and fails /readyz; it clears when the job works again."""
+    async with run_daemon(sim) as daemon:
+
+        async def readyz() -> int:
+            async with aiohttp.ClientSession() as s, s.get(f"{daemon.url}/readyz") as resp:
+                return resp.status
+
+        await until(lambda: _is(readyz(), 200), what="ready")
+        assert daemon.store is not None
+        working = daemon.store.fire_due_timers
+
+        async def broken(now: Any) -> int:
+            raise RuntimeError("the timers table is gone")
+
+        monkeypatch.setattr(daemon.store, "fire_due_timers", broken)
+        await until(lambda: "scheduled_job_timers" in daemon.health.alarms, what="alarm raised")
+        assert await readyz() == 503
+        assert daemon.metrics.sample("omsd_scheduled_job_failures_total", job="timers") >= 3
+        monkeypatch.setattr(daemon.store, "fire_due_timers", working)
+        await until(lambda: "scheduled_job_timers" not in daemon.health.alarms, what="alarm cleared")
+        await until(lambda: _is(readyz(), 200), what="ready again")
+
+
+async def _is(status: Any, expected: int) -> bool:
+    return bool(await status == expected)
+
+
+def _health() -> Health:
+    settings = Settings(
+        account="acme",
+        app_key="vtexappkey-acme-X",
+        app_token="secret-token",
+        connector_name="c",
+        connector_endpoint="https://omsd.example.com",
+    )
+    health = Health(settings, Metrics())
+    health.feed_config_ok = True
+    health.poll_ok()
+    return health
+
+
+def alarm_gauge(health: Health) -> float | None:
+    return health.metrics.registry.get_sample_value("omsd_alarm", {"name": "scheduled_job_flaky"})
+
+
+async def test_a_job_that_keeps_failing_raises_an_alarm_until_it_succeeds() -> None:
+    """N failed runs in a row: counted, alarm raised, not ready; one success clears it."""
+    health = _health()
+    jobs = Jobs(health, health.metrics, Progress(), failures_before_alarm=3)
+    state = {"failing": True, "runs": 0}
+
+    async def flaky() -> None:
+        state["runs"] += 1
+        if state["failing"]:
+            raise RuntimeError("boom")
+
+    jobs.add("flaky", flaky, every_s=0.02)
+    assert health.problems(db_writable=True) == []
+    jobs.start()
+    try:
+        await until(lambda: "scheduled_job_flaky" in health.alarms, what="alarm raised")
+        assert jobs.failures["flaky"] >= 3
+        assert health.metrics.sample("omsd_scheduled_job_failures_total", job="flaky") >= 3
+        assert alarm_gauge(health) == 1
+        [problem] = health.problems(db_writable=True)
+        assert problem.startswith("alarm scheduled_job_flaky:") and "RuntimeError: boom" in problem
+        assert health.metrics.sample("omsd_ready") == 0
+        state["failing"] = False
+        await until(lambda: "scheduled_job_flaky" not in health.alarms, what="alarm cleared")
+        assert health.problems(db_writable=True) == []
+        assert alarm_gauge(health) == 0
+    finally:
+        jobs.shutdown()
+
+
+async def test_a_job_that_stops_running_is_stale_for_the_watchdog() -> None:
+    """A job whose run hangs stops beating; once two intervals plus the window have
+    passed the watchdog sees it stale, and fresh again when it completes."""
+    health = _health()
+    clock = FakeClock()
+    progress = Progress(clock)
+    jobs = Jobs(health, health.metrics, progress)
+    runs: list[asyncio.Event] = []
+    release = asyncio.Event()
+
+    async def job() -> None:
+        started = asyncio.Event()
+        runs.append(started)
+        started.set()
+        if len(runs) >= 2:
+            await release.wait()  # the second run hangs
+
+    jobs.add("stuck", job, every_s=0.02)
+    jobs.start()
+    try:
+        await until(lambda: len(runs) >= 2, what="the hanging run started")
+        assert progress.stale(within_s=1.0) == []
+        clock.now += 1.0 + 2 * 0.02 + 0.01
+        assert progress.stale(within_s=1.0) == ["job:stuck"]
+        release.set()
+        await until(lambda: progress.stale(within_s=1.0) == [], what="fresh after the run completed")
+    finally:
+        jobs.shutdown()
