@@ -11,6 +11,8 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from hypothesis import given
+from hypothesis import strategies as st
 
 from omsd.daemon import logs
 from omsd.daemon.api import ApiContext, build_app
@@ -212,6 +214,21 @@ def test_notification_edges(before: Order, event: ResultNotified, phase: str, fe
     assert decision.order.sent == before.sent
     if not event.authenticated:
         assert decision.order.intent_source == before.intent_source
+
+
+@given(
+    phase=st.sampled_from(list(Phase)),
+    code=st.sampled_from(["SOI001", "SOI002", "SOI003", "EOI000", "EOI008", "EOI009", "EOI011", "X"]),
+    flow=st.sampled_from(["ApproveOrder", "PlaceOrder", "Unknown"]),
+)
+def test_an_unauthenticated_notification_changes_nothing(phase: Phase, code: str, flow: str) -> None:
+    """Whatever the order's phase and the code, a notification not by the secret path leaves
+    the order as it was and asks for nothing."""
+    before = order(phase.value)
+    event = ResultNotified(order_id=OID, marketplace_order_id=MKT, code=code, flow=flow, authenticated=False)
+    decision = decide(before, event, at(30))
+    assert decision.effects == ()
+    assert decision.order.model_copy(update={"updated_at": None}) == before.model_copy(update={"updated_at": None})
 
 
 def test_soi002_for_no_approval_of_omsds_never_closes_with_nothing_sent() -> None:
