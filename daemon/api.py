@@ -19,9 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from omsd.daemon import intake
 from omsd.daemon.health import Health
-from omsd.daemon.logs import get_logger
+from omsd.daemon.logs import get_logger, redact
 from omsd.daemon.metrics import CONTENT_TYPE_LATEST, Metrics
-from omsd.daemon.settings import Settings
+from omsd.daemon.settings import NOTIFY_PREFIX, Settings
 from omsd.state.codes import APPROVAL_SUCCESS
 from omsd.state.events import NotificationReceived
 from omsd.state.models import Order
@@ -225,14 +225,43 @@ async def show_order(request: web.Request) -> web.Response:
 
 
 async def notification(request: web.Request) -> web.Response:
-    """VTEX's processing-result notification (Channel Order API)."""
+    """VTEX's processing-result notification (Channel Order API), on omsd's secret path.
+
+    VTEX sends no credential; the path segment omsd put in `connectorEndpoint` is the
+    capability. A wrong one answers like an unknown route, before the body is read."""
     ctx = _ctx(request)
-    an = request.query.get("an")
+    given = request.match_info.get("key", "").encode("utf-8", "replace")
+    if not hmac.compare_digest(given, ctx.settings.notify_key.get_secret_value().encode()):
+        log.warning("notification_wrong_path", remote=request.remote)
+        raise web.HTTPNotFound()
+    return await _notification(request, authenticated=True)
+
+
+async def notification_unauthenticated(request: web.Request) -> web.Response:
+    """The bare route, served only with OMSD_NOTIFY_ALLOW_UNAUTHENTICATED: journaled for the
+    record, never acted on (no intent, no order closed)."""
+    return await _notification(request, authenticated=False)
+
+
+def _an_problem(request: web.Request, account: str) -> str | None:
+    """`?an=` must be there once and name this account (VTEX always sends it, §3.3)."""
+    given = request.query.getall("an", [])
+    if not given:
+        return "an is required (?an=ACCOUNT)"
+    if len(given) > 1:
+        return "an must be given once"
+    if given[0] != account:
+        return f"an={given[0][:60]!r} is not this account"
+    return None
+
+
+async def _notification(request: web.Request, *, authenticated: bool) -> web.Response:
+    ctx = _ctx(request)
     raw, bad = await _read_json(request, "notification")
     if bad is not None:
         return bad
-    if an is not None and an != ctx.settings.account:
-        reason = f"an={an[:60]!r} is not this account"
+    reason = _an_problem(request, ctx.settings.account)
+    if reason is not None:
         await _keep_rejected(ctx, "notification", raw, reason)
         return _error(400, reason)
     env = await _validated(ctx, ResultEnvelope, raw, "notification")
@@ -246,20 +275,25 @@ async def notification(request: web.Request) -> web.Response:
         operation_id=env.operation_id,
         message=env.message,
         account=env.account_name,
+        authenticated=authenticated,
     )
+    # An unauthenticated copy never deduplicates away the authenticated one.
     dedup = f"notification:{env.operation_id}:{env.code}" if env.operation_id else None
+    if dedup and not authenticated:
+        dedup += ":unauthenticated"
     now = datetime.now(UTC)
     [appended] = await ctx.store.append(
         [NewEntry.of(event, source="notification", received_at=now, dedup_key=dedup)], now=now
     )
     ctx.wake()
-    if not appended.duplicate and env.flow == "ApproveOrder" and env.code not in APPROVAL_SUCCESS:
+    if authenticated and not appended.duplicate and env.flow == "ApproveOrder" and env.code not in APPROVAL_SUCCESS:
         ctx.metrics.approvals_refused.labels(code=env.code).inc()
     log.info(
         "notification_received",
         marketplace_order_id=env.marketplace_order_id,
         code=env.code,
         flow=env.flow,
+        authenticated=authenticated,
         duplicate=appended.duplicate,
     )
     return web.json_response({"received": True, "duplicate": appended.duplicate})
@@ -341,10 +375,14 @@ def build_app(ctx: ApiContext) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     # VTEX's routes also under the path of OMSD_CONNECTOR_ENDPOINT / OMSD_HOOK_URL, so a
-    # proxy that forwards https://host/api/vtex/... unchanged reaches them.
+    # proxy that forwards https://host/api/vtex/... unchanged reaches them. Results come
+    # under the secret path omsd sends as connectorEndpoint; the bare route only on request.
+    redact(ctx.settings.notify_key.get_secret_value())
     prefix = urlsplit(ctx.settings.connector_endpoint).path.rstrip("/")
-    for path in {NOTIFICATION_ROUTE, prefix + NOTIFICATION_ROUTE}:
-        app.router.add_post(path, notification)
+    for base in {"", prefix}:
+        app.router.add_post(f"{base}{NOTIFY_PREFIX}/{{key}}{NOTIFICATION_ROUTE}", notification)
+        if ctx.settings.notify_allow_unauthenticated:
+            app.router.add_post(base + NOTIFICATION_ROUTE, notification_unauthenticated)
     for path in {HOOK_ROUTE, urlsplit(ctx.settings.hook_endpoint).path or HOOK_ROUTE}:
         app.router.add_post(path, hook)
     return app

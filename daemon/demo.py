@@ -223,7 +223,8 @@ async def _run(count: int, seed: int, timeout_s: float, console: Console, tmp: P
 
             async def hand_over(p: Planned) -> None:
                 async with slots:
-                    await _create(session, sim, p, settings.connector_endpoint)
+                    # The connector gives VTEX omsd's capability URL, so results reach omsd.
+                    await _create(session, sim, p, settings.notify_endpoint.get_secret_value())
                     await _intent(session, daemon.url, token, sim, p)
 
             await asyncio.gather(*(hand_over(p) for p in planned))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
+import re
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -12,6 +15,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from omsd.state.models import Policy
 from omsd.state.statuses import FILTERABLE_STATUSES
+
+NOTIFY_PREFIX = "/notify"  # connectorEndpoint = OMSD_CONNECTOR_ENDPOINT + /notify/<secret>
+NOTIFY_KEY_LABEL = b"omsd notification path v1"
+_PATH_SAFE = re.compile(r"[A-Za-z0-9._~-]+")
 
 
 class ConfigError(Exception):
@@ -90,6 +97,10 @@ class Settings(PolicySettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
 
+    # VTEX's processing results: served only under a secret path (a capability URL)
+    notify_secret: SecretStr | None = None  # default: derived from the app token
+    notify_allow_unauthenticated: bool = False  # also journal (never act on) the bare route
+
     @field_validator("connector_endpoint")
     @classmethod
     def _endpoint(cls, value: str) -> str:
@@ -112,7 +123,7 @@ class Settings(PolicySettings):
             value = [s.strip() for s in value.split(",") if s.strip()]
         return value
 
-    @field_validator("api_token", "hook_secret", mode="before")
+    @field_validator("api_token", "hook_secret", "notify_secret", mode="before")
     @classmethod
     def _token(cls, value: object) -> object:
         """Empty means unset (an empty credential file); a set token must be long enough."""
@@ -128,6 +139,14 @@ class Settings(PolicySettings):
     def _hook_url(cls, value: str | None) -> str | None:
         https = "VTEX refuses anything else; plain http only for a loopback simulator"
         return check_url(value, https=https) if value else None
+
+    @field_validator("notify_secret")
+    @classmethod
+    def _path_safe(cls, value: SecretStr | None) -> SecretStr | None:
+        """The secret becomes a URL path segment: only characters that need no escaping."""
+        if value is not None and not _PATH_SAFE.fullmatch(value.get_secret_value()):
+            raise ValueError("may only hold letters, digits and - . _ ~ (it is a URL path segment)")
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
@@ -148,6 +167,20 @@ class Settings(PolicySettings):
     @property
     def hook_endpoint(self) -> str:
         return self.hook_url or f"{self.connector_endpoint}/vtex/hook"
+
+    @property
+    def notify_key(self) -> SecretStr:
+        """The secret path segment of the notification route: OMSD_NOTIFY_SECRET, or an HMAC
+        of the app token under a fixed label (the path reveals nothing of the token)."""
+        if self.notify_secret is not None:
+            return self.notify_secret
+        token = self.app_token.get_secret_value().encode()
+        return SecretStr(hmac.new(token, NOTIFY_KEY_LABEL, hashlib.sha256).hexdigest()[:40])
+
+    @property
+    def notify_endpoint(self) -> SecretStr:
+        """The `connectorEndpoint` sent to VTEX: the capability URL, never to be logged."""
+        return SecretStr(f"{self.connector_endpoint}{NOTIFY_PREFIX}/{self.notify_key.get_secret_value()}")
 
     @property
     def queue_age_alarm(self) -> float:

@@ -375,7 +375,7 @@ class VtexClient:
             "marketplaceOrderId": marketplace_order_id,
             "marketplaceOrderStatus": "approved",
             "connectorName": self._settings.connector_name,
-            "connectorEndpoint": self._settings.connector_endpoint,
+            "connectorEndpoint": self._settings.notify_endpoint.get_secret_value(),  # the capability URL
         }
         status, answer = await self._request(
             "PUT", ORDER_STATUS, ORDER_STATUS, params={"an": self._settings.account}, body=body, idempotent=False

@@ -90,6 +90,7 @@ class ResultNotified(_Event):
     flow: str
     operation_id: str | None = None
     message: str | None = None
+    authenticated: bool = False  # came by omsd's secret notification path (version 2)
 
 
 class TimerFired(_Event):
@@ -136,6 +137,9 @@ class NotificationReceived(BaseModel):
     operation_id: str | None = None
     message: str | None = None
     account: str | None = None
+    # True only when it came by omsd's secret path; a bare-route notification (allowed for
+    # compatibility) is kept for the record but never makes an intent nor closes an order.
+    authenticated: bool = False
 
 
 class IntentReceived(BaseModel):
@@ -164,10 +168,20 @@ ENTRY_ADAPTER: TypeAdapter[Entry] = TypeAdapter(Entry)
 
 Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
 
-VERSIONS: dict[str, int] = {}
+
+def _trusted(raw: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 notifications came from an omsd that acted on every one: read them as
+    authenticated, so a replay of an old journal reaches the state that omsd reached."""
+    return {**raw, "authenticated": True}
+
+
+VERSIONS: dict[str, int] = {"notification_received": 2, "result_notified": 2}
 """The current version of a kind, where it is above 1."""
 
-UPCASTERS: dict[tuple[str, int], Upcaster] = {}
+UPCASTERS: dict[tuple[str, int], Upcaster] = {
+    ("notification_received", 1): _trusted,
+    ("result_notified", 1): _trusted,
+}
 """(kind, version) -> the function taking a raw entry of that version to the next."""
 
 

@@ -300,6 +300,10 @@ def _on_approval_failed(ctx: _Ctx, event: ApprovalFailed) -> bool:
 
 def _on_notified(ctx: _Ctx, event: ResultNotified) -> bool:
     o = ctx.order
+    if not event.authenticated:
+        # Not by omsd's secret path: anyone could have sent it. Recorded, never acted on.
+        ctx.cause(f"unauthenticated notification {event.code} recorded, not acted on")
+        return False
     _link(ctx, event.marketplace_order_id)
     if event.flow != "ApproveOrder":
         ctx.cause(f"{event.flow} result {event.code} recorded")
@@ -318,10 +322,19 @@ def _on_notified(ctx: _Ctx, event: ResultNotified) -> bool:
     if event.code == ResultCode.ENQUEUED:
         ctx.cause("notification SOI003 recorded")
         return True
-    if event.code not in (ResultCode.APPROVED, ResultCode.HELD) and o.phase not in (
-        Phase.SENDING,
-        Phase.AWAITING_RESULT,
-    ):
+    own_attempt = o.phase in (Phase.SENDING, Phase.AWAITING_RESULT)
+    if event.code == ResultCode.APPROVED and not own_attempt:
+        # No approval of omsd's is in flight (sent=0, or one already answered): this
+        # SOI002 answers someone else's. It closes nothing; VTEX's status decides.
+        if o.phase == Phase.CHECKING and o.inflight is not None:
+            ctx.cause("notification SOI002 while checking: the Get order in flight decides")
+            return True
+        ctx.settle()
+        ctx.set(await_newer_than=None)
+        ctx.goto(Phase.CHECKING, "notification SOI002 for no approval of omsd's: re-checking the order")
+        ctx.fetch("pre_approval")
+        return True
+    if event.code not in (ResultCode.APPROVED, ResultCode.HELD) and not own_attempt:
         # An error for an approval omsd is not waiting on (e.g. the answer to an
         # earlier attempt): the current attempt decides.
         ctx.cause(f"notification {event.code} for an older attempt recorded")

@@ -3,7 +3,8 @@
 The machine works per VTEX `orderId`. An approval intent or a processing-result
 notification may name only the marketplace's id: `route` turns it into an event
 for the linked order, parks the intent until Get order reveals the link, or
-records it as unrouted. `newly_linked` and `release` turn a parked intent into
+records it as unrouted. A notification that did not come by omsd's secret path is
+always unrouted: it never makes an intent nor reaches an order. `newly_linked` and `release` turn a parked intent into
 an `IntentRecorded` the moment an order learns its marketplace id.
 
 Pure: the processor looks up the linked order and the parked intents and
@@ -64,6 +65,10 @@ def route(entry: NotificationReceived | IntentReceived, linked: Order | None, pa
     """What to do with an entry, given the order linked to its marketplace id (if any)
     and whether an intent for that id is parked already."""
     mkt = entry.marketplace_order_id
+    if isinstance(entry, NotificationReceived) and not entry.authenticated:
+        # Came by the bare route (compatibility): anyone could have sent it. Kept in the
+        # journal for the record; it makes no intent and reaches no order.
+        return Unrouted(mkt, entry.code)
     if linked is not None:
         return Decide(_event_for(entry, linked.order_id))
     match entry:
@@ -86,6 +91,7 @@ def _event_for(entry: NotificationReceived | IntentReceived, order_id: str) -> R
                 flow=entry.flow,
                 operation_id=entry.operation_id,
                 message=entry.message,
+                authenticated=entry.authenticated,
             )
         case IntentReceived():
             return IntentRecorded(

@@ -89,8 +89,8 @@ def send_failed(retryable: bool = True, seq: int = 5) -> ApprovalFailed:
     return ApprovalFailed(order_id=OID, seq=seq, error="timeout", retryable=retryable)
 
 
-def notified(code: str, flow: str = "ApproveOrder") -> ResultNotified:
-    return ResultNotified(order_id=OID, marketplace_order_id=MKT, code=code, flow=flow)
+def notified(code: str, flow: str = "ApproveOrder", authenticated: bool = True) -> ResultNotified:
+    return ResultNotified(order_id=OID, marketplace_order_id=MKT, code=code, flow=flow, authenticated=authenticated)
 
 
 def timer(token: int = 5, reason: str = "retry") -> TimerFired:

@@ -22,7 +22,8 @@ from omsd.state.store import Store
 API_TOKEN = "api-token-0123456789"
 HOOK_SECRET = "hook-secret-0123456789"
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
-NOTIFY = "/order-integration/notification/processing-result"
+NOTIFY_SECRET = "notify-secret-0123456789"
+NOTIFY = f"/notify/{NOTIFY_SECRET}/order-integration/notification/processing-result"
 
 
 @dataclass
@@ -63,6 +64,7 @@ def settings(**kw: Any) -> Settings:
         "connector_endpoint": "https://omsd.example.com/api/vtex",
         "api_token": API_TOKEN,
         "hook_secret": HOOK_SECRET,
+        "notify_secret": NOTIFY_SECRET,
         "source": "both",
         "db": Path("unused.db"),
     }
@@ -297,6 +299,7 @@ def envelope(**kw: Any) -> dict[str, Any]:
 async def test_notification_is_journaled_once_per_operation(api: Api, path: str) -> None:
     """A result notification is journaled (also under the connector endpoint's path); the
     same operation and code again is a duplicate; a refused approval is counted once."""
+    path += "?an=shop"
     assert await call(api, "POST", path, envelope()) == (200, {"received": True, "duplicate": False})
     assert await call(api, "POST", path, envelope()) == (200, {"received": True, "duplicate": True})
     assert len(api.wakes) == 2
@@ -313,7 +316,7 @@ async def test_notification_for_another_account_is_400_and_kept(api: Api) -> Non
 
 async def test_notification_bad_envelope_is_400_and_kept(api: Api) -> None:
     """An envelope without its code: 400 naming the field, kept as rejected."""
-    status, body = await call(api, "POST", NOTIFY, {"marketplaceOrderId": "M-6"})
+    status, body = await call(api, "POST", NOTIFY + "?an=shop", {"marketplaceOrderId": "M-6"})
     assert (status, body) == (400, {"error": "code: Field required"})
     assert [r.reason for r in await api.rejected()] == ["code: Field required"]
 

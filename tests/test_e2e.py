@@ -195,7 +195,9 @@ async def test_bad_requests_to_our_routes_are_refused_and_kept(sim: Simulator, r
     """Bad JSON, wrong types and a wrong account get 4xx with a reason and are journaled."""
     async with run_daemon(sim) as daemon, aiohttp.ClientSession() as s:
         assert daemon.store is not None
-        notify = f"{daemon.url}/order-integration/notification/processing-result"
+        notify = (
+            daemon.settings.notify_endpoint.get_secret_value() + "/order-integration/notification/processing-result"
+        )
         auth = {"Authorization": f"Bearer {API_TOKEN}"}
         cases = [
             (s.post(notify, data="not json"), 400),

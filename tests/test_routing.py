@@ -14,8 +14,10 @@ from tests.machine_helpers import MKT, OID
 LINKED = Order(order_id=OID, marketplace_order_id=MKT)
 
 
-def note(code: str, flow: str = "ApproveOrder") -> NotificationReceived:
-    return NotificationReceived(marketplace_order_id=MKT, code=code, flow=flow, operation_id="op-1", message="m")
+def note(code: str, flow: str = "ApproveOrder", authenticated: bool = True) -> NotificationReceived:
+    return NotificationReceived(
+        marketplace_order_id=MKT, code=code, flow=flow, operation_id="op-1", message="m", authenticated=authenticated
+    )
 
 
 @dataclass
@@ -39,8 +41,15 @@ ROUTES = {
                 flow="ApproveOrder",
                 operation_id="op-1",
                 message="m",
+                authenticated=True,
             )
         ),
+    ),
+    "unauthenticated notification for a linked order reaches no order": Case(
+        note("SOI002", authenticated=False), LINKED, False, Unrouted(MKT, "SOI002")
+    ),
+    "unauthenticated EOI011 without order parks no intent": Case(
+        note("EOI011", authenticated=False), None, False, Unrouted(MKT, "EOI011")
     ),
     "linked wins over a parked intent": Case(
         IntentReceived(marketplace_order_id=MKT, source="cli"),

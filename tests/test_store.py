@@ -162,14 +162,21 @@ async def test_notification_routes_by_marketplace_id(tmp_path: Path) -> None:
         processor = Processor(store, Policy())
         await store.append(
             [
+                status_entry(HELD, 1),
                 entry(IntentRecorded(order_id=OID, marketplace_order_id=MKT, source="api")),
-                entry(NotificationReceived(marketplace_order_id=MKT, code="SOI002", flow="ApproveOrder")),
+                entry(
+                    NotificationReceived(
+                        marketplace_order_id=MKT, code="SOI002", flow="ApproveOrder", authenticated=True
+                    )
+                ),
             ],
             now=NOW,
         )
         await processor.drain()
         order = await store.load_order(OID)
-        assert order is not None and order.phase == Phase.APPROVED
+        # It reached the order: SOI002 with no approval of omsd's in flight asks Get order.
+        assert order is not None and order.phase == Phase.CHECKING and order.last_code is None
+        assert "notification SOI002 for no approval of omsd's" in (await store.history(OID))[-1].cause
 
 
 async def test_timers_fire_once_and_survive_restart(tmp_path: Path) -> None:

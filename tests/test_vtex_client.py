@@ -93,8 +93,9 @@ async def test_approval_body_and_query_follow_the_openapi_file(session: aiohttp.
         "marketplaceOrderId": "M-1",
         "marketplaceOrderStatus": "approved",
         "connectorName": "conn",
-        "connectorEndpoint": "https://omsd.example.com/vtex",
+        "connectorEndpoint": make_settings().notify_endpoint.get_secret_value(),  # the secret path
     }
+    assert json.loads(call.kwargs["data"])["connectorEndpoint"].startswith("https://omsd.example.com/vtex/notify/")
     assert call.kwargs["params"] == {"an": "shop"}
 
 
