@@ -83,7 +83,7 @@ async def test_feed_and_hook_for_the_same_change_are_one_event(sim: Simulator, r
             return len({s for s, _ in order.history})
 
         def duplicates() -> float:
-            return sum(daemon.metrics.sample("omsd_duplicates_total", source=s) for s in ("feed", "hook"))
+            return float(sum(daemon.metrics.sample("omsd_duplicates_total", source=s) for s in ("feed", "hook")))
 
         # Every change has arrived twice (once by each source) and the feed is drained;
         # without dedup the duplicates counter would never reach the number of changes.
