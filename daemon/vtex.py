@@ -3,7 +3,9 @@
 Every call carries the AppKey/AppToken pair, `Accept` and `Content-Type`
 (VTEX's OpenAPI files declare all four required on every operation). A 429
 pauses *every* call until its `Retry-After` (seconds or HTTP date; 60 s when
-absent, as VTEX's feed guide asks) and then retries, a bounded number of times.
+absent, as VTEX's feed guide asks) and then retries, a bounded number of times;
+the pause is checked after a throttle slot is granted, so no call queued in the
+throttle slips out inside it.
 Network errors, timeouts and 5xx are retried with capped backoff for idempotent
 calls only; the approval PUT is never blindly repeated (the machine re-checks
 the order with Get order instead).
@@ -258,30 +260,8 @@ class VtexClient:
         failures = 0
         limited = 0
         while True:
-            wait = self._paused_until - self._clock()
-            if wait > 0:
-                await self._sleep(wait)
-            error: str | None = None
-            status = 0
-            text = ""
-            retry_after: str | None = None
-            async with self._throttler:
-                try:
-                    async with self._session.request(
-                        method,
-                        url,
-                        params=params,
-                        data=None if body is None else json.dumps(body),
-                        headers=self._headers(),
-                        timeout=self._timeout,
-                    ) as resp:
-                        status = resp.status
-                        retry_after = resp.headers.get("Retry-After")
-                        text = await resp.text()
-                except TimeoutError:
-                    error = "timeout"
-                except aiohttp.ClientError as exc:
-                    error = type(exc).__name__
+            await self._slot()
+            status, retry_after, text, error = await self._send(method, url, params, body)
             self._metrics.on_vtex_call(method, route, error or status)
             if status == 429:
                 limited += 1
@@ -306,6 +286,36 @@ class VtexClient:
                 await self._sleep(delay)
                 continue
             return status, _json_or_none(text)
+
+    async def _send(
+        self, method: str, url: str, params: Mapping[str, str] | None, body: Any
+    ) -> tuple[int, str | None, str, str | None]:
+        """One HTTP exchange: (status, Retry-After, body text, error name); status 0 on error."""
+        try:
+            async with self._session.request(
+                method,
+                url,
+                params=params,
+                data=None if body is None else json.dumps(body),
+                headers=self._headers(),
+                timeout=self._timeout,
+            ) as resp:
+                return resp.status, resp.headers.get("Retry-After"), await resp.text(), None
+        except TimeoutError:
+            return 0, None, "", "timeout"
+        except aiohttp.ClientError as exc:
+            return 0, None, "", type(exc).__name__
+
+    async def _slot(self) -> None:
+        """Take a throttle slot outside any 429 pause. A caller queued in the throttle when
+        a 429 arrives is granted its slot inside the pause: it waits the pause out and
+        queues again, so nothing is sent before Retry-After has elapsed."""
+        while True:
+            while (wait := self._paused_until - self._clock()) > 0:
+                await self._sleep(wait)
+            async with self._throttler:  # takes a slot; leaving the block gives nothing back
+                if self._clock() >= self._paused_until:
+                    return
 
     @staticmethod
     def _raise_for(method: str, route: str, status: int, body: Any) -> None:
