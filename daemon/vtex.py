@@ -5,7 +5,8 @@ Every call carries the AppKey/AppToken pair, `Accept` and `Content-Type`
 pauses *every* call until its `Retry-After` (seconds or HTTP date; 60 s when
 absent, as VTEX's feed guide asks) and then retries, a bounded number of times;
 the pause is checked after a throttle slot is granted, so no call queued in the
-throttle slips out inside it.
+throttle slips out inside it. Each 429 also lowers the throttle's rate, which
+recovers slowly while VTEX stops refusing (daemon/ratelimit.py).
 Network errors, timeouts and 5xx are retried with capped backoff for idempotent
 calls only; the approval PUT is never blindly repeated (the machine re-checks
 the order with Get order instead).
@@ -30,6 +31,7 @@ from omsd.daemon.errors import AuthFailed, BadResponse, NotFound, RateLimited, V
 from omsd.daemon.intake import parse_time
 from omsd.daemon.logs import get_logger
 from omsd.daemon.metrics import Metrics
+from omsd.daemon.ratelimit import AdaptiveRate
 from omsd.daemon.settings import Settings
 
 log = get_logger("omsd.vtex")
@@ -221,15 +223,20 @@ class VtexClient:
         clock: Callable[[], float] = time.monotonic,
         metrics: Metrics | None = None,
         max_rate_limited: int = 5,
+        adapt: bool = True,
     ) -> None:
         self._settings = settings
         self._session = session
         self._base = settings.base_url
-        self._throttler = Throttler(rate_limit=max(1, round(settings.rate_limit_per_s)), period=1.0)
         self._sleep = sleep
         self._clock = clock
         self._paused_until = 0.0
+        self._rate = AdaptiveRate(settings.rate_limit_per_s, now=clock())
+        self._adapt = adapt
+        # asyncio-throttle reads `rate_limit` on every acquire: changing it takes effect at once.
+        self._throttler = Throttler(rate_limit=self._rate.slots, period=1.0)
         self._metrics = metrics or Metrics()
+        self._metrics.rate_effective.set(self._rate.rate)
         self._max_rate_limited = max_rate_limited
         self._timeout = aiohttp.ClientTimeout(total=settings.http_timeout_s)
 
@@ -270,7 +277,10 @@ class VtexClient:
                     wait_s = self._settings.rate_limited_wait_s
                 self._paused_until = max(self._paused_until, self._clock() + wait_s)
                 self._metrics.rate_limited_wait.inc(wait_s)
-                log.warning("vtex_rate_limited", route=route, retry_after_s=wait_s, attempt=limited)
+                self._adjust_rate(limited=True)
+                log.warning(
+                    "vtex_rate_limited", route=route, retry_after_s=wait_s, attempt=limited, rate_per_s=self._rate.rate
+                )
                 if limited > self._max_rate_limited:
                     raise RateLimited(f"{method} {route}: 429 {limited} times", wait_s)
                 continue
@@ -285,6 +295,7 @@ class VtexClient:
                 log.info("vtex_retry", route=route, error=error, attempt=failures, delay_s=delay)
                 await self._sleep(delay)
                 continue
+            self._adjust_rate(limited=False)
             return status, _json_or_none(text)
 
     async def _send(
@@ -316,6 +327,15 @@ class VtexClient:
             async with self._throttler:  # takes a slot; leaving the block gives nothing back
                 if self._clock() >= self._paused_until:
                     return
+
+    def _adjust_rate(self, *, limited: bool) -> None:
+        """Feed an answer to the adaptive rate and apply the result to the throttle."""
+        if not self._adapt:
+            return
+        now = self._clock()
+        rate = self._rate.on_429(now) if limited else self._rate.on_success(now)
+        self._throttler.rate_limit = self._rate.slots
+        self._metrics.rate_effective.set(rate)
 
     @staticmethod
     def _raise_for(method: str, route: str, status: int, body: Any) -> None:

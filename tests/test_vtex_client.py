@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 
 from omsd.daemon.errors import AuthFailed, BadResponse, NotFound, RateLimited, VtexUnavailable
+from omsd.daemon.metrics import Metrics
 from omsd.daemon.settings import Settings
 from omsd.daemon.vtex import FeedConfig, VtexClient, feed_config_body, parse_retry_after
 from tests.http_mock import aioresponses
@@ -349,3 +350,37 @@ async def test_no_request_leaves_inside_a_retry_after_window(
     [sent] = fake.limited_at
     inside = [t - sent for t in fake.arrivals if sent < t < sent + fake.retry_after_s]
     assert inside == []
+
+
+RATE = "omsd_vtex_rate_limit_effective_per_second"
+
+
+async def test_429_lowers_the_effective_rate_and_quiet_restores_it(session: aiohttp.ClientSession) -> None:
+    """A 429 cuts the throttle and the gauge to 70 %; successes after 5 quiet seconds add 5 % back."""
+    sleeps, metrics = Sleeps(), Metrics()
+    with aioresponses() as m:
+        m.get(f"{BASE}/api/oms/pvt/orders/X", status=429, headers={"Retry-After": "1"}, repeat=False)
+        m.get(f"{BASE}/api/oms/pvt/orders/X", payload={"orderId": "X"}, repeat=True)
+        c = VtexClient(make_settings(rate_limit_per_s=10), session, sleep=sleeps, clock=sleeps.clock, metrics=metrics)
+        assert metrics.sample(RATE) == 10
+        await c.get_order("X")
+        assert metrics.sample(RATE) == pytest.approx(7.0)
+        assert c._throttler.rate_limit == 7
+        sleeps.now += 5.0
+        await c.get_order("X")
+    assert metrics.sample(RATE) == pytest.approx(7.5)
+    assert c._throttler.rate_limit == 7
+
+
+async def test_without_adaptation_the_rate_stays_configured(session: aiohttp.ClientSession) -> None:
+    """adapt=False (the benchmark's baseline) still pauses on a 429 but keeps the configured rate."""
+    sleeps, metrics = Sleeps(), Metrics()
+    with aioresponses() as m:
+        m.get(f"{BASE}/api/oms/pvt/orders/X", status=429, headers={"Retry-After": "1"})
+        m.get(f"{BASE}/api/oms/pvt/orders/X", payload={"orderId": "X"})
+        c = VtexClient(
+            make_settings(rate_limit_per_s=10), session, sleep=sleeps, clock=sleeps.clock, metrics=metrics, adapt=False
+        )
+        await c.get_order("X")
+    assert sleeps.calls == [1.0]
+    assert metrics.sample(RATE) == 10 and c._throttler.rate_limit == 10
