@@ -90,6 +90,9 @@ class Settings(PolicySettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
 
+    # VTEX client, continued: 429s lower the rate below rate_limit_per_s, quiet raises it back
+    rate_adapt: bool = True
+
     @field_validator("connector_endpoint")
     @classmethod
     def _endpoint(cls, value: str) -> str:

@@ -223,7 +223,6 @@ class VtexClient:
         clock: Callable[[], float] = time.monotonic,
         metrics: Metrics | None = None,
         max_rate_limited: int = 5,
-        adapt: bool = True,
     ) -> None:
         self._settings = settings
         self._session = session
@@ -232,7 +231,7 @@ class VtexClient:
         self._clock = clock
         self._paused_until = 0.0
         self._rate = AdaptiveRate(settings.rate_limit_per_s, now=clock())
-        self._adapt = adapt
+        self._adapt = settings.rate_adapt
         # asyncio-throttle reads `rate_limit` on every acquire: changing it takes effect at once.
         self._throttler = Throttler(rate_limit=self._rate.slots, period=1.0)
         self._metrics = metrics or Metrics()

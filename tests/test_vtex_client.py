@@ -373,14 +373,13 @@ async def test_429_lowers_the_effective_rate_and_quiet_restores_it(session: aioh
 
 
 async def test_without_adaptation_the_rate_stays_configured(session: aiohttp.ClientSession) -> None:
-    """adapt=False (the benchmark's baseline) still pauses on a 429 but keeps the configured rate."""
+    """OMSD_RATE_ADAPT=false still pauses on a 429 but keeps the configured rate."""
     sleeps, metrics = Sleeps(), Metrics()
     with aioresponses() as m:
         m.get(f"{BASE}/api/oms/pvt/orders/X", status=429, headers={"Retry-After": "1"})
         m.get(f"{BASE}/api/oms/pvt/orders/X", payload={"orderId": "X"})
-        c = VtexClient(
-            make_settings(rate_limit_per_s=10), session, sleep=sleeps, clock=sleeps.clock, metrics=metrics, adapt=False
-        )
+        settings = make_settings(rate_limit_per_s=10, rate_adapt=False)
+        c = VtexClient(settings, session, sleep=sleeps, clock=sleeps.clock, metrics=metrics)
         await c.get_order("X")
     assert sleeps.calls == [1.0]
     assert metrics.sample(RATE) == 10 and c._throttler.rate_limit == 10
