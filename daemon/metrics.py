@@ -38,6 +38,11 @@ class Metrics:
             "omsd_vtex_rate_limited_wait_seconds", "Seconds paused because of 429", registry=r
         )
         self.retries = Counter("omsd_vtex_retries", "Retries of idempotent VTEX calls", registry=r)
+        self.rate_effective = Gauge(
+            "omsd_vtex_rate_limit_effective_per_second",
+            "Requests per second the VTEX client allows itself now (429s lower it, quiet raises it)",
+            registry=r,
+        )
         self.dead_letters = Counter("omsd_dead_letters", "Orders that went to the dead phase", registry=r)
         self.queue_messages = Gauge("omsd_feed_queue_messages", "Messages in VTEX's feed queue (quantity)", registry=r)
         self.queue_age = Gauge(

@@ -101,6 +101,9 @@ class Settings(PolicySettings):
     notify_secret: SecretStr | None = None  # default: derived from the app token
     notify_allow_unauthenticated: bool = False  # also journal (never act on) the bare route
 
+    # VTEX client, continued: 429s lower the rate below rate_limit_per_s, quiet raises it back
+    rate_adapt: bool = True
+
     @field_validator("connector_endpoint")
     @classmethod
     def _endpoint(cls, value: str) -> str:

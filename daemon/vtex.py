@@ -3,7 +3,10 @@
 Every call carries the AppKey/AppToken pair, `Accept` and `Content-Type`
 (VTEX's OpenAPI files declare all four required on every operation). A 429
 pauses *every* call until its `Retry-After` (seconds or HTTP date; 60 s when
-absent, as VTEX's feed guide asks) and then retries, a bounded number of times.
+absent, as VTEX's feed guide asks) and then retries, a bounded number of times;
+the pause is checked after a throttle slot is granted, so no call queued in the
+throttle slips out inside it. Each 429 also lowers the throttle's rate, which
+recovers slowly while VTEX stops refusing (daemon/ratelimit.py).
 Network errors, timeouts and 5xx are retried with capped backoff for idempotent
 calls only; the approval PUT is never blindly repeated (the machine re-checks
 the order with Get order instead).
@@ -28,6 +31,7 @@ from omsd.daemon.errors import AuthFailed, BadResponse, NotFound, RateLimited, V
 from omsd.daemon.intake import parse_time
 from omsd.daemon.logs import get_logger
 from omsd.daemon.metrics import Metrics
+from omsd.daemon.ratelimit import AdaptiveRate
 from omsd.daemon.settings import Settings
 
 log = get_logger("omsd.vtex")
@@ -212,11 +216,15 @@ class VtexClient:
         self._settings = settings
         self._session = session
         self._base = settings.base_url
-        self._throttler = Throttler(rate_limit=max(1, round(settings.rate_limit_per_s)), period=1.0)
         self._sleep = sleep
         self._clock = clock
         self._paused_until = 0.0
+        self._rate = AdaptiveRate(settings.rate_limit_per_s, now=clock())
+        self._adapt = settings.rate_adapt
+        # asyncio-throttle reads `rate_limit` on every acquire: changing it takes effect at once.
+        self._throttler = Throttler(rate_limit=self._rate.slots, period=1.0)
         self._metrics = metrics or Metrics()
+        self._metrics.rate_effective.set(self._rate.rate)
         self._max_rate_limited = max_rate_limited
         self._timeout = aiohttp.ClientTimeout(total=settings.http_timeout_s)
 
@@ -247,30 +255,8 @@ class VtexClient:
         failures = 0
         limited = 0
         while True:
-            wait = self._paused_until - self._clock()
-            if wait > 0:
-                await self._sleep(wait)
-            error: str | None = None
-            status = 0
-            text = ""
-            retry_after: str | None = None
-            async with self._throttler:
-                try:
-                    async with self._session.request(
-                        method,
-                        url,
-                        params=params,
-                        data=None if body is None else json.dumps(body),
-                        headers=self._headers(),
-                        timeout=self._timeout,
-                    ) as resp:
-                        status = resp.status
-                        retry_after = resp.headers.get("Retry-After")
-                        text = await resp.text()
-                except TimeoutError:
-                    error = "timeout"
-                except aiohttp.ClientError as exc:
-                    error = type(exc).__name__
+            await self._slot()
+            status, retry_after, text, error = await self._send(method, url, params, body)
             self._metrics.on_vtex_call(method, route, error or status)
             if status == 429:
                 limited += 1
@@ -279,7 +265,10 @@ class VtexClient:
                     wait_s = self._settings.rate_limited_wait_s
                 self._paused_until = max(self._paused_until, self._clock() + wait_s)
                 self._metrics.rate_limited_wait.inc(wait_s)
-                log.warning("vtex_rate_limited", route=route, retry_after_s=wait_s, attempt=limited)
+                self._adjust_rate(limited=True)
+                log.warning(
+                    "vtex_rate_limited", route=route, retry_after_s=wait_s, attempt=limited, rate_per_s=self._rate.rate
+                )
                 if limited > self._max_rate_limited:
                     raise RateLimited(f"{method} {route}: 429 {limited} times", wait_s)
                 continue
@@ -294,7 +283,47 @@ class VtexClient:
                 log.info("vtex_retry", route=route, error=error, attempt=failures, delay_s=delay)
                 await self._sleep(delay)
                 continue
+            self._adjust_rate(limited=False)
             return status, _json_or_none(text)
+
+    async def _send(
+        self, method: str, url: str, params: Mapping[str, str] | None, body: Any
+    ) -> tuple[int, str | None, str, str | None]:
+        """One HTTP exchange: (status, Retry-After, body text, error name); status 0 on error."""
+        try:
+            async with self._session.request(
+                method,
+                url,
+                params=params,
+                data=None if body is None else json.dumps(body),
+                headers=self._headers(),
+                timeout=self._timeout,
+            ) as resp:
+                return resp.status, resp.headers.get("Retry-After"), await resp.text(), None
+        except TimeoutError:
+            return 0, None, "", "timeout"
+        except aiohttp.ClientError as exc:
+            return 0, None, "", type(exc).__name__
+
+    async def _slot(self) -> None:
+        """Take a throttle slot outside any 429 pause. A caller queued in the throttle when
+        a 429 arrives is granted its slot inside the pause: it waits the pause out and
+        queues again, so nothing is sent before Retry-After has elapsed."""
+        while True:
+            while (wait := self._paused_until - self._clock()) > 0:
+                await self._sleep(wait)
+            async with self._throttler:  # takes a slot; leaving the block gives nothing back
+                if self._clock() >= self._paused_until:
+                    return
+
+    def _adjust_rate(self, *, limited: bool) -> None:
+        """Feed an answer to the adaptive rate and apply the result to the throttle."""
+        if not self._adapt:
+            return
+        now = self._clock()
+        rate = self._rate.on_429(now) if limited else self._rate.on_success(now)
+        self._throttler.rate_limit = self._rate.slots
+        self._metrics.rate_effective.set(rate)
 
     @staticmethod
     def _raise_for(method: str, route: str, status: int, body: Any) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -10,8 +12,10 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from omsd.daemon.errors import AuthFailed, BadResponse, NotFound, RateLimited, VtexUnavailable
+from omsd.daemon.metrics import Metrics
 from omsd.daemon.settings import Settings
 from omsd.daemon.vtex import FeedConfig, VtexClient, feed_config_body, parse_retry_after
 from tests.http_mock import aioresponses
@@ -34,11 +38,18 @@ def make_settings(**kw: Any) -> Settings:
 
 
 class Sleeps:
-    def __init__(self) -> None:
+    """A fake asyncio.sleep that records each wait and moves a fake clock by it."""
+
+    def __init__(self, now: float = 1000.0) -> None:
         self.calls: list[float] = []
+        self.now = now
 
     async def __call__(self, seconds: float) -> None:
         self.calls.append(seconds)
+        self.now += seconds
+
+    def clock(self) -> float:
+        return self.now
 
 
 @pytest.fixture
@@ -47,8 +58,11 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
         yield s
 
 
-def client(session: aiohttp.ClientSession, sleeps: Sleeps | None = None, **kw: Any) -> VtexClient:
-    return VtexClient(make_settings(**kw), session, sleep=sleeps or Sleeps())
+def client(
+    session: aiohttp.ClientSession, sleeps: Sleeps | None = None, *, max_rate_limited: int = 5, **kw: Any
+) -> VtexClient:
+    sleeps = sleeps or Sleeps()
+    return VtexClient(make_settings(**kw), session, sleep=sleeps, clock=sleeps.clock, max_rate_limited=max_rate_limited)
 
 
 def _calls(m: Any) -> list[Any]:
@@ -141,15 +155,15 @@ async def test_429_without_retry_after_waits_sixty_seconds(session: aiohttp.Clie
 async def test_429_pauses_every_call_not_just_the_limited_one(session: aiohttp.ClientSession) -> None:
     """After a 429 the next, different call also waits for the pause."""
     sleeps = Sleeps()
-    now = [1000.0]
     with aioresponses() as m:
         m.get(f"{BASE}/api/orders/feed?maxlot=10", status=429, headers={"Retry-After": "20"})
-        m.get(f"{BASE}/api/orders/feed?maxlot=10", payload=[])
         m.get(f"{BASE}/api/oms/pvt/orders/X", payload={"orderId": "X"})
-        c = VtexClient(make_settings(), session, sleep=sleeps, clock=lambda: now[0])
-        await c.get_feed(10)  # sleeps are fake: the clock has not moved
+        c = VtexClient(make_settings(), session, sleep=sleeps, clock=sleeps.clock, max_rate_limited=0)
+        with pytest.raises(RateLimited):
+            await c.get_feed(10)  # gives up at once, leaving the pause in force
+        assert sleeps.calls == []
         await c.get_order("X")
-    assert sleeps.calls == [20, 20]
+    assert sleeps.calls == [20]
 
 
 async def test_persistent_429_raises_rate_limited(session: aiohttp.ClientSession) -> None:
@@ -157,7 +171,7 @@ async def test_persistent_429_raises_rate_limited(session: aiohttp.ClientSession
     with aioresponses() as m:
         for _ in range(10):
             m.get(f"{BASE}/api/orders/feed?maxlot=10", status=429, headers={"Retry-After": "3"})
-        c = VtexClient(make_settings(), session, sleep=Sleeps(), max_rate_limited=2)
+        c = client(session, max_rate_limited=2)
         with pytest.raises(RateLimited) as err:
             await c.get_feed(10)
     assert err.value.retry_after_s == 3
@@ -288,3 +302,85 @@ def test_client_repr_and_errors_hold_no_secret() -> None:
     """Neither the client's repr nor the settings' repr shows the AppToken."""
     s = make_settings()
     assert TOKEN not in repr(s) and TOKEN not in str(s)
+
+
+class FakeVtex:
+    """A loopback VTEX whose Get order answers its first call 429 and records every arrival."""
+
+    def __init__(self, retry_after_s: int, hold_s: float) -> None:
+        self.retry_after_s = retry_after_s
+        self.hold_s = hold_s
+        self.arrivals: list[float] = []
+        self.limited_at: list[float] = []
+
+    async def order(self, request: web.Request) -> web.Response:
+        self.arrivals.append(time.monotonic())
+        if len(self.arrivals) == 1:
+            # Hold the 429 until the first burst has arrived, so every later arrival
+            # was sent by a caller that could have known about the pause.
+            await asyncio.sleep(self.hold_s)
+            self.limited_at.append(time.monotonic())
+            return web.Response(status=429, headers={"Retry-After": str(self.retry_after_s)})
+        return web.json_response({"orderId": request.match_info["order_id"]})
+
+
+@pytest.fixture
+async def fake_vtex() -> AsyncIterator[tuple[FakeVtex, str]]:
+    fake = FakeVtex(retry_after_s=1, hold_s=0.3)
+    app = web.Application()
+    app.router.add_get("/api/oms/pvt/orders/{order_id}", fake.order)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield fake, f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+async def test_no_request_leaves_inside_a_retry_after_window(
+    session: aiohttp.ClientSession, fake_vtex: tuple[FakeVtex, str]
+) -> None:
+    """Callers queued in the throttle when a 429 arrives wait out its Retry-After before sending."""
+    fake, base = fake_vtex
+    c = VtexClient(make_settings(vtex_base_url=base, rate_limit_per_s=20), session)
+    snapshots = await asyncio.gather(*(c.get_order(f"X-{i}") for i in range(50)))
+    assert {s.order_id for s in snapshots} == {f"X-{i}" for i in range(50)}
+    [sent] = fake.limited_at
+    inside = [t - sent for t in fake.arrivals if sent < t < sent + fake.retry_after_s]
+    assert inside == []
+
+
+RATE = "omsd_vtex_rate_limit_effective_per_second"
+
+
+async def test_429_lowers_the_effective_rate_and_quiet_restores_it(session: aiohttp.ClientSession) -> None:
+    """A 429 cuts the throttle and the gauge to 70 %; successes after 5 quiet seconds add 5 % back."""
+    sleeps, metrics = Sleeps(), Metrics()
+    with aioresponses() as m:
+        m.get(f"{BASE}/api/oms/pvt/orders/X", status=429, headers={"Retry-After": "1"}, repeat=False)
+        m.get(f"{BASE}/api/oms/pvt/orders/X", payload={"orderId": "X"}, repeat=True)
+        c = VtexClient(make_settings(rate_limit_per_s=10), session, sleep=sleeps, clock=sleeps.clock, metrics=metrics)
+        assert metrics.sample(RATE) == 10
+        await c.get_order("X")
+        assert metrics.sample(RATE) == pytest.approx(7.0)
+        assert c._throttler.rate_limit == 7
+        sleeps.now += 5.0
+        await c.get_order("X")
+    assert metrics.sample(RATE) == pytest.approx(7.5)
+    assert c._throttler.rate_limit == 7
+
+
+async def test_without_adaptation_the_rate_stays_configured(session: aiohttp.ClientSession) -> None:
+    """OMSD_RATE_ADAPT=false still pauses on a 429 but keeps the configured rate."""
+    sleeps, metrics = Sleeps(), Metrics()
+    with aioresponses() as m:
+        m.get(f"{BASE}/api/oms/pvt/orders/X", status=429, headers={"Retry-After": "1"})
+        m.get(f"{BASE}/api/oms/pvt/orders/X", payload={"orderId": "X"})
+        settings = make_settings(rate_limit_per_s=10, rate_adapt=False)
+        c = VtexClient(settings, session, sleep=sleeps, clock=sleeps.clock, metrics=metrics)
+        await c.get_order("X")
+    assert sleeps.calls == [1.0]
+    assert metrics.sample(RATE) == 10 and c._throttler.rate_limit == 10
