@@ -10,6 +10,8 @@ runner's calls in a TaskGroup of their own); if one fails, all stop, resources
 close, one `omsd_fatal` line is logged and `run` raises DaemonFailed (`omsd run`
 exits 1 and the supervisor restarts it). Scheduled jobs are watched by
 `jobs.Jobs`. Shutdown: stop intake first, give in-flight work `shutdown_grace_s`, then cancel.
+The HTTP server's connections are guarded (`connections.py`): a read deadline
+per request and a cap.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import aiohttp
 from aiohttp import web
 
 from omsd.daemon.api import ApiContext, build_app
+from omsd.daemon.connections import ConnectionGuard, install_accept_error_handler
 from omsd.daemon.effects import EffectRunner
 from omsd.daemon.errors import AuthFailed, VtexError
 from omsd.daemon.feed import FeedPoller
@@ -71,6 +74,7 @@ class Daemon:
         self.runner: EffectRunner | None = None
         self.self_check: SelfCheck | None = None
         self.jobs: Jobs | None = None
+        self.guard: ConnectionGuard | None = None
         self.url = ""
         redact(
             settings.app_token.get_secret_value(),
@@ -113,25 +117,7 @@ class Daemon:
             await runner.recover()
 
             notify.status("starting the HTTP server")
-            web_runner = web.AppRunner(
-                build_app(
-                    ApiContext(
-                        settings=s,
-                        store=store,
-                        processor=processor,
-                        wake=processor.wake.set,
-                        health=self.health,
-                        metrics=self.metrics,
-                    )
-                ),
-                access_log=None,
-                shutdown_timeout=2.0,
-            )
-            await web_runner.setup()
-            stack.push_async_callback(web_runner.cleanup)
-            site = web.TCPSite(web_runner, s.listen_host, s.listen_port)
-            await site.start()
-            self.url = _site_url(site, s)
+            await self._serve(stack, ApiContext(s, store, processor, processor.wake.set, self.health, self.metrics))
 
             if not await self._configure_vtex(client, stop):
                 return
@@ -144,6 +130,28 @@ class Daemon:
             self.ready.set()
             await self._loops(stop, poller, processor, runner)
             log.info("omsd_stopped", offset=processor.offset)
+
+    async def _serve(self, stack: AsyncExitStack, ctx: ApiContext) -> None:
+        """omsd's routes behind the connection guard. The listening socket is
+        asyncio's own (not aiohttp's TCPSite) so that every connection goes through
+        the guard; it closes before the runner cleans up."""
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        previous = loop.get_exception_handler()
+        install_accept_error_handler(loop)
+        stack.callback(loop.set_exception_handler, previous)
+        guard = self.guard = ConnectionGuard(
+            read_timeout_s=s.http_read_timeout_s, max_connections=s.http_max_connections
+        )
+        app = build_app(ctx)
+        app.middlewares.append(guard.middleware)
+        web_runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0, keepalive_timeout=s.http_keepalive_s)
+        await web_runner.setup()
+        stack.push_async_callback(web_runner.cleanup)
+        assert web_runner.server is not None
+        server = await loop.create_server(guard.factory(web_runner.server), s.listen_host, s.listen_port)
+        stack.push_async_callback(_close_listener, server)
+        self.url = _site_url(server, s)
 
     async def _configure_vtex(self, client: VtexClient, stop: asyncio.Event) -> bool:
         """Confirm (or create) the feed and hook configurations. Retried until it works
@@ -234,6 +242,11 @@ class Daemon:
                 await _wait_until(task, deadline)
 
 
+async def _close_listener(server: asyncio.Server) -> None:
+    server.close()
+    await server.wait_closed()
+
+
 async def _wait_until(task: asyncio.Task[Any], deadline: float) -> None:
     remaining = max(0.0, deadline - asyncio.get_running_loop().time())
     done, _ = await asyncio.wait([task], timeout=remaining)
@@ -251,9 +264,8 @@ def _first_error(exc: BaseException) -> BaseException:
     return exc
 
 
-def _site_url(site: web.TCPSite, settings: Settings) -> str:
-    server = site._server
-    sockets = getattr(server, "sockets", None) or []
+def _site_url(server: asyncio.Server, settings: Settings) -> str:
+    sockets = server.sockets
     port = sockets[0].getsockname()[1] if sockets else settings.listen_port
     return f"http://{settings.listen_host}:{port}"
 
