@@ -90,10 +90,11 @@ class Settings(PolicySettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
 
-    # HTTP server limits (slow clients, descriptors)
+    # HTTP server limits (slow clients, descriptors) and the database write probe
     http_read_timeout_s: float = Field(default=10.0, gt=0, le=300)  # headers AND body of one request
     http_keepalive_s: float = Field(default=75.0, gt=0, le=3600)  # idle between requests
     http_max_connections: int = Field(default=512, ge=1, le=60000)  # beyond: closed at once
+    store_probe_s: float = Field(default=5.0, gt=0, le=300)  # retry a refused database this often
 
     @field_validator("connector_endpoint")
     @classmethod
