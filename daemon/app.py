@@ -10,13 +10,22 @@ runner's calls in a TaskGroup of their own); if one fails, all stop, resources
 close, one `omsd_fatal` line is logged and `run` raises DaemonFailed (`omsd run`
 exits 1 and the supervisor restarts it). Scheduled jobs are watched by
 `jobs.Jobs`. Shutdown: stop intake first, give in-flight work `shutdown_grace_s`, then cancel.
+
+A database that refuses writes (disk full, read-only file, I/O error) is not
+fatal: the store reports it, `Health` raises the `database_unwritable` alarm and
+pauses intake (no feed GET; POSTs answer 503 with Retry-After), a loop whose
+write failed waits and starts again, and a probe writes every `store_probe_s`
+until a write commits, which resumes everything. The HTTP server's connections
+are guarded (`connections.py`): a read deadline per request and a cap.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import signal
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from typing import Any
@@ -25,6 +34,7 @@ import aiohttp
 from aiohttp import web
 
 from omsd.daemon.api import ApiContext, build_app
+from omsd.daemon.connections import ConnectionGuard, install_accept_error_handler
 from omsd.daemon.effects import EffectRunner
 from omsd.daemon.errors import AuthFailed, VtexError
 from omsd.daemon.feed import FeedPoller
@@ -39,7 +49,7 @@ from omsd.daemon.vtex import VtexClient
 from omsd.daemon.vtexconfig import SelfCheck, ensure_feed_config, ensure_hook_config
 from omsd.daemon.wakeup import wait_any
 from omsd.state.statuses import Phase
-from omsd.state.store import Store
+from omsd.state.store import Store, StoreUnwritable
 
 log = get_logger("omsd.app")
 
@@ -71,6 +81,8 @@ class Daemon:
         self.runner: EffectRunner | None = None
         self.self_check: SelfCheck | None = None
         self.jobs: Jobs | None = None
+        self.guard: ConnectionGuard | None = None
+        self.store_probes = 0  # turns of the store probe's loop, paused or not
         self.url = ""
         redact(
             settings.app_token.get_secret_value(),
@@ -97,6 +109,9 @@ class Daemon:
             store = await Store.open(s.db)
             stack.push_async_callback(store.close)
             self.store = store
+            store.on_unwritable = self.health.store_unwritable
+            store.on_writable = self.health.store_writable
+            await store.probe_write()
             session = aiohttp.ClientSession()
             stack.push_async_callback(session.close)
             client = VtexClient(s, session, metrics=self.metrics)
@@ -110,28 +125,11 @@ class Daemon:
             )
             self.poller = poller
             self.self_check = SelfCheck(client, s, self.health, self.metrics)
-            await runner.recover()
+            if self.health.store_ok.is_set():
+                await runner.recover()  # else the effect runner recovers when writes work again
 
             notify.status("starting the HTTP server")
-            web_runner = web.AppRunner(
-                build_app(
-                    ApiContext(
-                        settings=s,
-                        store=store,
-                        processor=processor,
-                        wake=processor.wake.set,
-                        health=self.health,
-                        metrics=self.metrics,
-                    )
-                ),
-                access_log=None,
-                shutdown_timeout=2.0,
-            )
-            await web_runner.setup()
-            stack.push_async_callback(web_runner.cleanup)
-            site = web.TCPSite(web_runner, s.listen_host, s.listen_port)
-            await site.start()
-            self.url = _site_url(site, s)
+            await self._serve(stack, ApiContext(s, store, processor, processor.wake.set, self.health, self.metrics))
 
             if not await self._configure_vtex(client, stop):
                 return
@@ -144,6 +142,51 @@ class Daemon:
             self.ready.set()
             await self._loops(stop, poller, processor, runner)
             log.info("omsd_stopped", offset=processor.offset)
+
+    async def _serve(self, stack: AsyncExitStack, ctx: ApiContext) -> None:
+        """omsd's routes behind the connection guard and the database's state. The
+        listening socket is asyncio's own (not aiohttp's TCPSite) so that every
+        connection goes through the guard; it closes before the runner cleans up."""
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        previous = loop.get_exception_handler()
+        install_accept_error_handler(loop)
+        stack.callback(loop.set_exception_handler, previous)
+        guard = self.guard = ConnectionGuard(
+            read_timeout_s=s.http_read_timeout_s, max_connections=s.http_max_connections
+        )
+        app = build_app(ctx)
+        app.middlewares.append(guard.middleware)
+        app.middlewares.append(self._store_state)
+        web_runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0, keepalive_timeout=s.http_keepalive_s)
+        await web_runner.setup()
+        stack.push_async_callback(web_runner.cleanup)
+        assert web_runner.server is not None
+        server = await loop.create_server(guard.factory(web_runner.server), s.listen_host, s.listen_port)
+        stack.push_async_callback(_close_listener, server)
+        self.url = _site_url(server, s)
+
+    @web.middleware
+    async def _store_state(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """While the database refuses writes: 503 with Retry-After for every POST (all
+        of them write), and /healthz says why. A write refused meanwhile: 503 too."""
+        problem = self.health.store_problem
+        if problem is not None and request.method == "POST":
+            return self._unavailable(problem)
+        try:
+            response = await handler(request)
+        except StoreUnwritable as exc:
+            return self._unavailable(exc.reason)
+        if problem is not None and request.path == "/healthz" and response.status == 200:
+            return web.json_response({"status": "ok", "intake": "paused", "database": problem})
+        return response
+
+    def _unavailable(self, reason: str) -> web.Response:
+        retry = str(math.ceil(self.settings.store_probe_s))
+        body = {"error": f"database not writable: {reason}"}
+        return web.json_response(body, status=503, headers={"Retry-After": retry})
 
     async def _configure_vtex(self, client: VtexClient, stop: asyncio.Event) -> bool:
         """Confirm (or create) the feed and hook configurations. Retried until it works
@@ -203,15 +246,20 @@ class Daemon:
         work_stop = asyncio.Event()
         processor.progress = self.progress.beat("processor")
         runner.progress = self.progress.beat("effect-runner")
+        resilient = self._resilient
         async with asyncio.TaskGroup() as tg:
             intake: list[asyncio.Task[None]] = []
             if self.settings.uses_feed:
-                intake.append(tg.create_task(poller.run(intake_stop), name="feed-poller"))
+                intake.append(tg.create_task(resilient(poller.run, intake_stop), name="feed-poller"))
             work = [
-                tg.create_task(processor.run(work_stop), name="processor"),
-                tg.create_task(runner.run(work_stop), name="effect-runner"),
+                tg.create_task(resilient(processor.run, work_stop, beat=processor.progress), name="processor"),
+                tg.create_task(
+                    resilient(runner.run, work_stop, beat=runner.progress, restart=runner.recover),
+                    name="effect-runner",
+                ),
             ]
             watchdog = tg.create_task(watchdog_loop(self.notifier, self.progress, work_stop), name="watchdog")
+            tg.create_task(self._probe_store(work_stop), name="store-probe")
             stopper = tg.create_task(stop.wait(), name="stop-signal")
             await asyncio.wait([stopper, *intake, *work], return_when=asyncio.FIRST_COMPLETED)
             if not stop.is_set():
@@ -233,6 +281,50 @@ class Daemon:
             for task in [*work, watchdog]:
                 await _wait_until(task, deadline)
 
+    async def _resilient(
+        self,
+        loop_: Callable[[asyncio.Event], Awaitable[None]],
+        stop: asyncio.Event,
+        *,
+        beat: Callable[[], None] = lambda: None,
+        restart: Callable[[], Awaitable[object]] | None = None,
+    ) -> None:
+        """Run `loop_(stop)`; when a write of it is refused, wait for the database
+        (beating, so the watchdog knows it is waiting, not stuck), then start it
+        again (after `restart`, e.g. recovering effects its failure left started)."""
+        health = self.health
+        starting = restart is not None and not health.store_ok.is_set()
+        while True:
+            try:
+                if starting and restart is not None:
+                    await restart()
+                await loop_(stop)
+                return
+            except* StoreUnwritable as group:
+                log.warning("loop_paused_database_unwritable", error=str(group.exceptions[0]))
+            starting = restart is not None
+            while not health.store_ok.is_set() and not stop.is_set():
+                beat()
+                await wait_any(health.store_ok, stop, within_s=self.settings.store_probe_s)
+            if stop.is_set():
+                return
+
+    async def _probe_store(self, stop: asyncio.Event) -> None:
+        """While the database refuses writes, try a real write every `store_probe_s`;
+        the first that commits clears the alarm and resumes intake."""
+        store = self.store
+        assert store is not None
+        while not stop.is_set():
+            await wait_any(stop, within_s=self.settings.store_probe_s)
+            if not self.health.store_ok.is_set():
+                await store.probe_write()
+            self.store_probes += 1
+
+
+async def _close_listener(server: asyncio.Server) -> None:
+    server.close()
+    await server.wait_closed()
+
 
 async def _wait_until(task: asyncio.Task[Any], deadline: float) -> None:
     remaining = max(0.0, deadline - asyncio.get_running_loop().time())
@@ -251,9 +343,8 @@ def _first_error(exc: BaseException) -> BaseException:
     return exc
 
 
-def _site_url(site: web.TCPSite, settings: Settings) -> str:
-    server = site._server
-    sockets = getattr(server, "sockets", None) or []
+def _site_url(server: asyncio.Server, settings: Settings) -> str:
+    sockets = server.sockets
     port = sockets[0].getsockname()[1] if sockets else settings.listen_port
     return f"http://{settings.listen_host}:{port}"
 

@@ -25,9 +25,10 @@ from omsd.daemon.settings import ConfigError, Settings, load_db_path, load_local
 from omsd.state.events import Resync
 from omsd.state.models import Order
 from omsd.state.statuses import TERMINAL_PHASES, Phase
-from omsd.state.store import NewEntry, Store, StoreError
+from omsd.state.store import NewEntry, Store, StoreError, StoreUnwritable
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
+EXIT_TEMPFAIL = 75  # sysexits EX_TEMPFAIL: the database refused writes at start-up (disk full, read-only)
 
 DESCRIPTION = """\
 omsd approves VTEX marketplace orders exactly when they leave
@@ -234,8 +235,8 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(run_until_signalled(settings))
-    except DaemonFailed:
-        return EXIT_FAIL  # logged once as `omsd_fatal`
+    except DaemonFailed as exc:  # logged once as `omsd_fatal`
+        return EXIT_TEMPFAIL if isinstance(exc.error, StoreUnwritable) else EXIT_FAIL
     return EXIT_OK
 
 

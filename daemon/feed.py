@@ -24,7 +24,7 @@ from omsd.daemon.settings import Settings
 from omsd.daemon.vtex import VtexApi
 from omsd.daemon.vtexconfig import ensure_feed_config
 from omsd.daemon.wakeup import wait_any
-from omsd.state.store import Store
+from omsd.state.store import Store, StoreUnwritable
 
 log = get_logger("omsd.feed")
 
@@ -120,6 +120,10 @@ class FeedPoller:
         short batch does not mean the queue is empty); after an empty one omsd waits
         `poll_interval_s` (which does not prove the queue empty either: polling goes on)."""
         while not stop.is_set():
+            if self._health is not None and not self._health.store_ok.is_set():
+                # The database refuses writes: read nothing VTEX would have to redeliver.
+                await wait_any(self._health.store_ok, stop, within_s=self._settings.poll_interval_s)
+                continue
             try:
                 delivered = await self.poll_once()
             except NotFound:
@@ -137,6 +141,10 @@ class FeedPoller:
             except VtexError as exc:
                 self.stats.poll_failures += 1
                 log.warning("feed_poll_failed", error=str(exc))
+                delivered = 0
+            except StoreUnwritable as exc:
+                # Nothing was stored, so no handle was recorded: VTEX redelivers the items.
+                log.warning("feed_intake_paused", error=exc.reason)
                 delivered = 0
             if delivered:
                 continue  # a short batch does not mean the queue is empty: ask again at once

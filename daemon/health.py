@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,6 +12,8 @@ from omsd.daemon.metrics import Metrics
 from omsd.daemon.settings import Settings
 
 log = get_logger("omsd.health")
+
+STORE_ALARM = "database_unwritable"
 
 
 @dataclass
@@ -24,6 +27,23 @@ class Health:
     last_push_ok: float | None = None
     last_self_check_ok: float | None = None
     alarms: dict[str, str] = field(default_factory=dict)
+    store_problem: str | None = None  # why the database refuses writes; intake waits meanwhile
+    store_ok: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.store_ok.set()
+
+    def store_unwritable(self, reason: str) -> None:
+        """The database refused a write: pause intake, raise the alarm (the probe clears it)."""
+        self.store_problem = reason
+        self.store_ok.clear()
+        self.raise_alarm(STORE_ALARM, reason)
+
+    def store_writable(self) -> None:
+        if self.store_problem is not None:
+            self.store_problem = None
+            self.clear_alarm(STORE_ALARM)
+        self.store_ok.set()
 
     def poll_ok(self) -> None:
         self.last_poll_ok = self.clock()
@@ -49,7 +69,7 @@ class Health:
         """Why omsd is not ready; empty when it is."""
         s = self.settings
         out: list[str] = []
-        if not db_writable:
+        if not db_writable and self.store_problem is None:
             out.append("database not writable")
         if s.uses_feed and not self.feed_config_ok:
             out.append("feed configuration not confirmed at VTEX")

@@ -6,7 +6,8 @@ scheduler died, or a run hangs and later runs are skipped) stops the pings once
 it is two intervals overdue. Each failure is logged and counted in
 `omsd_scheduled_job_failures_total{job}`; `FAILURES_BEFORE_ALARM` failures in a
 row raise the alarm `scheduled_job_<id>`, which makes /readyz fail until the
-job succeeds again.
+job succeeds again. A run whose write the database refused (disk full) is not
+counted: the `database_unwritable` alarm already says so.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from omsd.daemon.health import Health
 from omsd.daemon.logs import get_logger
 from omsd.daemon.metrics import Metrics
 from omsd.daemon.notify import Progress
+from omsd.state.store import StoreUnwritable
 
 log = get_logger("omsd.jobs")
 
@@ -89,6 +91,9 @@ class Jobs:
             log.warning("scheduled_job_missed", job=job)
         elif event.code == EVENT_JOB_MAX_INSTANCES:
             log.warning("scheduled_job_skipped", job=job, reason="the previous run is still going")
+        elif event.code == EVENT_JOB_ERROR and isinstance(event.exception, StoreUnwritable):
+            self._beats[job]()
+            log.warning("scheduled_job_paused", job=job, reason=event.exception.reason)
         elif event.code == EVENT_JOB_ERROR:
             self._beats[job]()
             self._failed(job, event.exception)

@@ -104,6 +104,12 @@ class Settings(PolicySettings):
     # VTEX client, continued: 429s lower the rate below rate_limit_per_s, quiet raises it back
     rate_adapt: bool = True
 
+    # HTTP server limits (slow clients, descriptors) and the database write probe
+    http_read_timeout_s: float = Field(default=10.0, gt=0, le=300)  # headers AND body of one request
+    http_keepalive_s: float = Field(default=75.0, gt=0, le=3600)  # idle between requests
+    http_max_connections: int = Field(default=512, ge=1, le=60000)  # beyond: closed at once
+    store_probe_s: float = Field(default=5.0, gt=0, le=300)  # retry a refused database this often
+
     @field_validator("connector_endpoint")
     @classmethod
     def _endpoint(cls, value: str) -> str:

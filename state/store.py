@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -29,6 +30,29 @@ from omsd.state.schema import MIGRATIONS, SCHEMA_VERSION
 
 class StoreError(Exception):
     """The database cannot be used as it is."""
+
+
+class StoreUnwritable(StoreError):
+    """The database refuses writes: the disk (or `max_page_count`) is full, the file
+    is read-only, or an I/O error. Temporary as far as omsd knows: nothing was written."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# SQLite's primary result codes that mean "cannot write now" rather than "bad SQL".
+UNWRITABLE_CODES = frozenset({sqlite3.SQLITE_FULL, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR})
+PROBE_BYTES = 8192  # more than a page: the probe needs pages of its own, as real writes do
+FILE_MODE = 0o600
+
+
+def store_error(exc: sqlite3.Error, context: str) -> StoreError:
+    """The project's error for a sqlite3 one: StoreUnwritable when the write was refused."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None and code & 0xFF in UNWRITABLE_CODES:
+        return StoreUnwritable(str(exc))
+    return StoreError(f"{context}: {exc}")
 
 
 class SchemaTooNew(StoreError):
@@ -152,14 +176,18 @@ class Store:
         self._conn = conn
         self._lock = asyncio.Lock()
         self.path = path
+        # Told when SQLite refuses a write (with why), and when a probe writes again.
+        self.on_unwritable: Callable[[str], None] | None = None
+        self.on_writable: Callable[[], None] | None = None
 
     # ---- lifecycle ---------------------------------------------------------------
     @classmethod
     async def open(cls, path: str | Path, *, migrate: bool = True) -> Self:
         path = Path(path)
         try:
+            _create_private(path)
             conn = await aiosqlite.connect(path, isolation_level=None)
-        except sqlite3.Error as exc:
+        except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open database {path}: {exc}") from exc
         conn.row_factory = sqlite3.Row
         store = cls(conn, path)
@@ -172,9 +200,10 @@ class Store:
                 raise SchemaTooNew(version, SCHEMA_VERSION)
             if migrate and version < SCHEMA_VERSION:
                 await store.migrate()
+            _tighten(path)
         except sqlite3.Error as exc:
             await conn.close()
-            raise StoreError(f"cannot use database {path}: {exc}") from exc
+            raise store_error(exc, f"cannot use database {path}") from exc
         except BaseException:
             await conn.close()
             raise
@@ -182,6 +211,16 @@ class Store:
 
     async def close(self) -> None:
         await self._conn.close()
+
+    async def set_max_pages(self, pages: int | None) -> int:
+        """Cap the database's size in pages on this connection (None: only read it).
+        Returns the current page count. For tests and operators who want headroom."""
+        async with self._lock:
+            if pages is not None:
+                await self._conn.execute(f"PRAGMA max_page_count={int(pages)}")
+            async with self._conn.execute("PRAGMA page_count") as cur:
+                row = await cur.fetchone()
+        return int(row[0]) if row else 0
 
     async def __aenter__(self) -> Self:
         return self
@@ -213,11 +252,19 @@ class Store:
 
     @asynccontextmanager
     async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One write transaction. A sqlite3 error leaves as StoreError (StoreUnwritable
+        when SQLite refused the write); nothing was written either way."""
         async with self._lock:
             try:
                 await self._conn.execute("BEGIN IMMEDIATE")
                 yield self._conn
                 await self._conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                await asyncio.shield(self._rollback())
+                error = store_error(exc, "database write failed")
+                if isinstance(error, StoreUnwritable) and self.on_unwritable is not None:
+                    self.on_unwritable(error.reason)
+                raise error from exc
             except BaseException:
                 # Cancelled or failed anywhere, BEGIN and COMMIT included: aiosqlite runs
                 # statements in order on its own thread even when the awaiting task is
@@ -231,18 +278,33 @@ class Store:
             await self._conn.execute("ROLLBACK")
 
     async def _all(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        async with self._lock, self._conn.execute(sql, params) as cur:
-            rows = await cur.fetchall()
+        try:
+            async with self._lock, self._conn.execute(sql, params) as cur:
+                rows = await cur.fetchall()
+        except sqlite3.Error as exc:
+            raise store_error(exc, "database read failed") from exc
         return list(rows)
 
-    async def writable(self) -> bool:
-        """True when a write transaction can be taken (for health checks)."""
+    async def probe_write(self) -> str | None:
+        """Write and commit for real: a row bigger than a page (so SQLite must find
+        pages for it, as real writes do), deleted in the same transaction. None when
+        the write reached the disk, else why SQLite refused it."""
         try:
             async with self._tx() as conn:
-                await conn.execute("UPDATE cursor SET name = name WHERE name = 'processor'")
-        except sqlite3.Error:
-            return False
-        return True
+                await conn.execute(
+                    "INSERT INTO feed_acks (handle, received_at, last_error) VALUES (?, '', randomblob(?))",
+                    (PROBE_HANDLE, PROBE_BYTES),
+                )
+                await conn.execute("DELETE FROM feed_acks WHERE handle = ?", (PROBE_HANDLE,))
+        except StoreError as exc:
+            return str(exc)
+        if self.on_writable is not None:
+            self.on_writable()
+        return None
+
+    async def writable(self) -> bool:
+        """True when a real write commits (for health checks)."""
+        return await self.probe_write() is None
 
     # ---- journal intake ------------------------------------------------------------
     async def append(self, entries: Sequence[NewEntry], acks: Iterable[str] = (), *, now: datetime) -> list[Appended]:
@@ -550,6 +612,30 @@ class Store:
                 "UPDATE outbox SET state = 'superseded', done_at = ? WHERE state IN ('pending', 'started')", (iso(now),)
             )
             await conn.execute("UPDATE cursor SET \"offset\" = 0 WHERE name = 'processor'")
+
+
+PROBE_HANDLE = "omsd:write-probe"  # never a VTEX handle; never committed: written and deleted at once
+
+
+def _create_private(path: Path) -> None:
+    """Create the database file 0600 whatever the umask. SQLite gives the -wal and
+    -shm files it creates later the mode of the database file."""
+    if str(path) == ":memory:" or path.exists():
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    try:
+        os.fchmod(fd, FILE_MODE)
+    finally:
+        os.close(fd)
+
+
+def _tighten(path: Path) -> None:
+    """Make the -wal and -shm files 0600 too, should they predate this omsd."""
+    for suffix in ("-wal", "-shm"):
+        side = path.with_name(path.name + suffix)
+        with contextlib.suppress(FileNotFoundError, PermissionError):
+            if side.stat().st_mode & 0o777 != FILE_MODE:
+                side.chmod(FILE_MODE)
 
 
 def _statements(script: str) -> list[str]:

@@ -29,7 +29,7 @@ from omsd.state.events import (
 from omsd.state.models import Policy
 from omsd.state.schema import MIGRATIONS, SCHEMA_VERSION
 from omsd.state.statuses import Phase
-from omsd.state.store import NewEntry, SchemaTooNew, Store
+from omsd.state.store import NewEntry, SchemaTooNew, Store, StoreError
 from tests.machine_helpers import FREE, HELD, MKT, OID, at, fetched
 
 NOW = datetime(2026, 11, 1, tzinfo=UTC)
@@ -102,7 +102,7 @@ async def test_processor_commit_is_atomic(tmp_path: Path) -> None:
         # The cursor is written last in commit_batch: everything before it is inside the transaction.
         fault.execute("CREATE TRIGGER fail BEFORE UPDATE ON cursor BEGIN SELECT RAISE(ABORT, 'disk I/O error'); END")
         fault.commit()
-        with pytest.raises(sqlite3.IntegrityError, match="disk I/O error"):
+        with pytest.raises(StoreError, match="disk I/O error"):
             await processor.run_once()
         assert await store.processor_offset() == 0
         assert await store.load_order(OID) is None

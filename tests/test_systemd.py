@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from omsd.daemon.settings import Settings
 from omsd.sim.server import Simulator
 from tests.conftest import API_TOKEN, free_port
 from tests.test_crash import omsd_env
@@ -45,6 +46,15 @@ def test_unit_exposure_is_at_most_2() -> None:
     match = re.search(r"Overall exposure level for omsd\.service: (\d+\.\d+)", proc.stdout + proc.stderr)
     assert match is not None, proc.stdout[-500:]
     assert float(match.group(1)) <= 2.0
+
+
+def test_unit_descriptor_limit_leaves_room_above_the_connection_cap() -> None:
+    """LimitNOFILE is raised well above the default cap on HTTP connections (plus the
+    database and VTEX's connections), so the cap is reached before accept() fails."""
+    match = re.search(r"^LimitNOFILE=(\d+)$", UNIT.read_text(), re.MULTILINE)
+    assert match is not None
+    cap = Settings.model_fields["http_max_connections"].default
+    assert int(match.group(1)) >= 4 * cap
 
 
 def test_unit_is_notify_type_with_watchdog_and_credentials() -> None:

@@ -1,0 +1,228 @@
+"""A full disk or a read-only database: intake pauses, nothing is lost, omsd resumes by itself."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sqlite3
+import stat
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from omsd.daemon.app import Daemon
+from omsd.daemon.health import STORE_ALARM
+from omsd.daemon.jobs import Jobs, alarm_name
+from omsd.daemon.notify import Progress
+from omsd.sim.server import Simulator
+from omsd.state.statuses import Phase
+from omsd.state.store import NewEntry, Store, StoreUnwritable
+from tests.conftest import RunDaemon, until
+from tests.test_e2e import reached
+from tests.test_supervision import _health
+
+FILLER = "x" * 3000
+
+
+async def fill(store: Store) -> None:
+    """Make the database full: cap it at its size, then write until SQLite refuses."""
+    await store.set_max_pages(await store.set_max_pages(None))
+    now = datetime.now(UTC)
+    reason = ""
+    for _ in range(10_000):
+        try:
+            await store.append([NewEntry(kind="rejected", source="api", payload=FILLER, received_at=now)], now=now)
+        except StoreUnwritable as exc:
+            reason = exc.reason
+            break
+    assert "full" in reason, "the database never filled"
+
+
+async def get(daemon: Daemon, path: str) -> tuple[int, Any, Any]:
+    async with aiohttp.ClientSession() as http, http.get(f"{daemon.url}{path}") as resp:
+        return resp.status, await resp.json(), resp.headers
+
+
+async def post(daemon: Daemon, path: str, body: Any) -> tuple[int, Any, Any]:
+    async with aiohttp.ClientSession() as http, http.post(f"{daemon.url}{path}", json=body) as resp:
+        return resp.status, await resp.json(), resp.headers
+
+
+async def test_files_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    """The database, its -wal and its -shm are 0600 even under umask 022."""
+    old = os.umask(0o022)
+    try:
+        async with await Store.open(tmp_path / "omsd.db") as store:
+            assert await store.writable()
+            modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    finally:
+        os.umask(old)
+    assert modes == {"omsd.db": 0o600, "omsd.db-wal": 0o600, "omsd.db-shm": 0o600}
+
+
+async def test_a_full_database_raises_the_stores_own_error(tmp_path: Path) -> None:
+    """A refused write is StoreUnwritable (no sqlite3 error leaves the store), the write
+    probe says why, and once there is room again the probe and writes succeed."""
+    async with await Store.open(tmp_path / "omsd.db") as store:
+        before = await store.stats()
+        await fill(store)
+        reason = await store.probe_write()
+        assert reason is not None and "full" in reason
+        assert not await store.writable()
+        await store.set_max_pages(1_000_000)
+        assert await store.probe_write() is None
+        assert (await store.stats())["acks_pending"] == before["acks_pending"]  # the probe leaves nothing
+
+
+async def test_a_read_only_database_is_unwritable_not_a_crash(tmp_path: Path) -> None:
+    """A database that refuses writes as read-only (here `PRAGMA query_only`: the tests
+    run as root, who ignores file modes) raises StoreUnwritable, not a sqlite3 error."""
+    async with await Store.open(tmp_path / "omsd.db") as store:
+        await store._conn.execute("PRAGMA query_only=1")
+        reason = await store.probe_write()
+        assert reason is not None and "readonly" in reason
+        with pytest.raises(StoreUnwritable):
+            await store.acks_done(["h"])
+
+
+async def test_full_disk_pauses_intake_and_resumes_by_itself(sim: Simulator, run_daemon: RunDaemon) -> None:
+    """Full: /readyz 503 with the reason, the alarm, no feed GET and no handle committed,
+    POSTs 503 with Retry-After, /healthz 200 with the reason. Room again: ready, the
+    order that waited in VTEX's feed is journaled and approved; nothing lost."""
+    async with run_daemon(sim, store_probe_s=0.05) as daemon:
+        store = daemon.store
+        assert store is not None
+        await fill(store)
+        status, body, _ = await get(daemon, "/readyz")
+        assert status == 503 and any(STORE_ALARM in p and "full" in p for p in body["problems"])
+        assert STORE_ALARM in daemon.health.alarms
+        gets, commits = sim.calls.get("feed_get", 0), sim.calls.get("feed_commit", 0)
+        order = sim.create("F1")
+        status, body, headers = await post(daemon, "/vtex/hook", {"hookConfig": "ping"})
+        assert status == 503 and "full" in body["error"] and headers["Retry-After"] == "1"
+        status, body, _ = await get(daemon, "/healthz")
+        assert status == 200 and "full" in body["database"]
+        probes = daemon.store_probes
+        await until(lambda: daemon.store_probes >= probes + 10, what="the probe keeps trying")
+        assert (sim.calls.get("feed_get", 0), sim.calls.get("feed_commit", 0)) == (gets, commits)
+
+        await store.set_max_pages(1_000_000)
+        await until(lambda: daemon.health.store_ok.is_set(), what="writable again")
+        assert STORE_ALARM not in daemon.health.alarms
+        await until(lambda: sim.calls.get("feed_commit", 0) > commits, what="intake resumed")
+        await until_tracked(daemon, order.order_id)
+
+
+async def until_tracked(daemon: Daemon, order_id: str) -> None:
+    """The order's release reached omsd through the feed and was applied."""
+    await until(reached(daemon, order_id, Phase.TRACKING), what="the waiting order reached omsd")
+
+
+async def test_processor_survives_a_refused_commit(
+    sim: Simulator, run_daemon: RunDaemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The processor's commit refused (disk full) does not end omsd: it raises the
+    alarm, waits for the probe, and applies the same events once writes work."""
+    async with run_daemon(sim, store_probe_s=0.05) as daemon:
+        store = daemon.store
+        assert store is not None
+        real = store.commit_batch
+        refused = asyncio.Event()
+
+        async def full_once(*args: Any, **kw: Any) -> int:
+            if not refused.is_set():
+                refused.set()
+                assert store.on_unwritable is not None
+                store.on_unwritable("database or disk is full")
+                raise StoreUnwritable("database or disk is full")
+            written: int = await real(*args, **kw)
+            return written
+
+        monkeypatch.setattr(store, "commit_batch", full_once)
+        order = sim.create("P1")
+        await until(refused.is_set, what="a commit refused")
+        await until_tracked(daemon, order.order_id)
+        assert STORE_ALARM not in daemon.health.alarms
+
+
+def test_sqlite_errors_map_by_code() -> None:
+    """SQLITE_FULL, SQLITE_READONLY and SQLITE_IOERR are unwritable; other errors are not."""
+    from omsd.state.store import StoreError, store_error
+
+    def err(code: int) -> sqlite3.OperationalError:
+        exc = sqlite3.OperationalError("x")
+        exc.sqlite_errorcode = code
+        return exc
+
+    for code in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR_WRITE):
+        assert isinstance(store_error(err(code), "w"), StoreUnwritable)
+    other = store_error(err(sqlite3.SQLITE_CONSTRAINT), "w")
+    assert isinstance(other, StoreError) and not isinstance(other, StoreUnwritable)
+
+
+async def test_a_job_refused_by_the_database_raises_no_job_alarm() -> None:
+    """A scheduled job whose write the database refuses is not a failing job: only the
+    database alarm speaks, so fixing the disk clears everything."""
+    health = _health()
+    jobs = Jobs(health, health.metrics, Progress(), failures_before_alarm=1)
+    runs: list[int] = []
+
+    async def refused() -> None:
+        runs.append(1)
+        raise StoreUnwritable("database or disk is full")
+
+    jobs.add("timers", refused, every_s=0.02)
+    jobs.start()
+    try:
+        await until(lambda: len(runs) >= 3, what="the job ran three times")
+    finally:
+        jobs.shutdown()
+    assert jobs.failures["timers"] == 0
+    assert alarm_name("timers") not in health.alarms
+
+
+@pytest.mark.parametrize(
+    ("error", "code"), [(StoreUnwritable("database or disk is full"), 75), (RuntimeError("bug"), 1)]
+)
+def test_omsd_run_exits_75_when_the_database_refuses_writes(
+    monkeypatch: pytest.MonkeyPatch, error: Exception, code: int
+) -> None:
+    """A fatal unwritable database ends `omsd run` with EX_TEMPFAIL (75), any other fatal error with 1."""
+    from omsd.daemon import app, cli
+
+    async def failing(settings: object) -> None:
+        raise app.DaemonFailed(error)
+
+    monkeypatch.setattr(cli, "load_settings", lambda: _health().settings)
+    monkeypatch.setattr(app, "run_until_signalled", failing)
+    assert cli._run(argparse.Namespace()) == code
+
+
+async def test_starting_on_a_full_disk_waits_instead_of_exiting(
+    sim: Simulator, run_daemon: RunDaemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Started on a full database, omsd serves (not ready, the reason given), reads no
+    feed, does not exit, and takes up its work once there is room."""
+    real_open = Store.open
+
+    async def open_full(path: str | Path, **kw: Any) -> Store:
+        store = await real_open(path, **kw)
+        await fill(store)
+        return store
+
+    monkeypatch.setattr(Store, "open", open_full)
+    async with run_daemon(sim, store_probe_s=0.05) as daemon:
+        store = daemon.store
+        assert store is not None
+        order = sim.create("S1")  # into the feed VTEX keeps, once omsd configured it
+        status, body, _ = await get(daemon, "/readyz")
+        assert status == 503 and any("full" in p for p in body["problems"])
+        probes = daemon.store_probes
+        await until(lambda: daemon.store_probes >= probes + 10, what="the probe keeps trying")
+        assert sim.calls.get("feed_get", 0) == 0
+        await store.set_max_pages(1_000_000)
+        await until_tracked(daemon, order.order_id)
