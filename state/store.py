@@ -183,10 +183,14 @@ class Store:
     @classmethod
     async def open_readonly(cls, path: str | Path) -> Self:
         """The database opened read-only (`mode=ro`): nothing this connection does can
-        change the file. For previews (`omsd replay --dry-run`); no migration."""
+        change the file. For previews (`omsd replay --dry-run`); no migration. Without a
+        write-ahead log beside it (no process has it open) it is read as immutable, which
+        keeps SQLite from creating an empty `-wal` file next to it."""
         path = Path(path)
+        wal = path.with_name(path.name + "-wal")
+        mode = "mode=ro" if wal.exists() else "mode=ro&immutable=1"
         try:
-            conn = await aiosqlite.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
+            conn = await aiosqlite.connect(f"{path.resolve().as_uri()}?{mode}", uri=True, isolation_level=None)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open database {path}: {exc}") from exc
         conn.row_factory = sqlite3.Row
