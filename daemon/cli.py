@@ -660,8 +660,7 @@ async def _ingest(store: Store, args: argparse.Namespace) -> int:
         store = await Store.open_copy(store.path)
     try:
         appended = await store.ingest(entries) if entries else []
-        if args.dry_run:
-            decisions = await _decisions(store)
+        decisions = await _decisions(store)  # on the scratch copy with --dry-run; applied for real without
     finally:
         if args.dry_run:
             await store.close()
@@ -678,18 +677,19 @@ async def _ingest(store: Store, args: argparse.Namespace) -> int:
     return EXIT_FAIL if bad else EXIT_OK
 
 
-async def _decisions(scratch: Store) -> list[str]:
-    """On a scratch copy: apply what is in the journal, and say what the machine decided."""
+async def _decisions(store: Store) -> list[str]:
+    """Apply what the journal holds beyond the processor's offset, as the daemon would at
+    start (the effects wait in the outbox for it), and say what the machine decided."""
     from omsd.daemon.processor import Processor, Transition
 
-    before = await scratch.outbox_states()
+    before = await store.outbox_states()
     seen: list[Transition] = []
-    processor = Processor(scratch, load_policy(), clock=_now)
+    processor = Processor(store, load_policy(), clock=_now)
     processor.listeners.append(seen.append)
     await processor.drain()
     out = [f"{t.order_id}: {t.from_phase or 'new'} -> {t.to_phase} ({t.cause})" for t in seen]
-    calls = sorted(k for k in await scratch.outbox_states() if k not in before)
-    return out + [f"{order_id}: would call effect seq {seq}" for order_id, seq in calls]
+    calls = sorted(k for k in await store.outbox_states() if k not in before)
+    return out + [f"{order_id}: will call effect seq {seq}" for order_id, seq in calls]
 
 
 def _print_ingest(report: dict[str, Any], as_json: bool) -> None:

@@ -124,7 +124,7 @@ def _corrupt(db: Path, order_id: str) -> None:
 
 
 def _phases(db: Path) -> dict[object, object]:
-    return dict(_sql(db, "SELECT order_id, phase FROM orders"))
+    return {row[0]: row[1] for row in _sql(db, "SELECT order_id, phase FROM orders")}
 
 
 @pytest.mark.parametrize("key", [OID, MKT])
