@@ -187,6 +187,7 @@ def _add_repair_commands(sub: Subparsers[argparse.ArgumentParser]) -> None:
     ing.add_argument("--strict", action="store_true", help="append nothing if any line is bad")
     ing.add_argument("--dry-run", action="store_true", help="change nothing; show what would be added and decided")
     ing.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    ing.add_argument("-v", "--verbose", action="store_true", help="log each transition as the daemon would")
 
     ex = _command(
         sub,
@@ -616,8 +617,8 @@ def _short(value: Any) -> str:
 class Meter:
     """Progress of long work on a terminal (count, rate, ETA) on stderr; silent in a pipe."""
 
-    def __init__(self, what: str, total: int, stream: TextIO | None = None) -> None:
-        self.what, self.total, self.done = what, total, 0
+    def __init__(self, what: str, total: int, stream: TextIO | None = None, every_s: float = 0.25) -> None:
+        self.what, self.total, self.done, self.every_s = what, total, 0, every_s
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.start = self.shown = time.monotonic()
@@ -625,7 +626,7 @@ class Meter:
     def __call__(self, n: int) -> None:
         self.done += n
         now = time.monotonic()
-        if not self.tty or now - self.shown < 0.25:
+        if not self.tty or now - self.shown < self.every_s:
             return
         self.shown = now
         rate = self.done / max(now - self.start, 1e-6)

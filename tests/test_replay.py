@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import io
 import json
 import sqlite3
 from pathlib import Path
 
 import pytest
 
-from omsd.daemon.cli import main
+from omsd.daemon.cli import Meter, main
 from omsd.daemon.processor import Processor
 from omsd.state.events import ApprovalAnswered, IntentReceived, IntentRecorded, StatusChanged
 from omsd.state.models import Policy
@@ -204,3 +205,26 @@ def test_dry_run_changes_nothing_and_shows_the_differences(
     assert main(["replay"]) == 0
     assert _pending_effects(db) == [(OID, 1, "fetch_order")]
     assert _phases(db) == {OID: "tracking"}
+
+
+class _Terminal(io.StringIO):
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_progress_only_on_a_terminal(tty: bool) -> None:
+    """Long work shows count, rate and ETA on a terminal, and nothing in a pipe."""
+    stream = _Terminal(tty)
+    meter = Meter("replayed", 1000, stream, every_s=0)
+    meter(400)
+    meter.close()
+    text = stream.getvalue()
+    if tty:
+        assert "replayed 400/1,000 events" in text and "/s" in text and "ETA" in text
+    else:
+        assert text == ""
