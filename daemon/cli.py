@@ -65,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_run_commands(sub)
     _add_store_commands(sub)
     _add_repair_commands(sub)
+    _add_transfer_commands(sub)
     _add_vtex_commands(sub)
     _add_tool_commands(sub)
     return p
@@ -171,6 +172,28 @@ def _add_repair_commands(sub: Subparsers[argparse.ArgumentParser]) -> None:
     rp.add_argument("--json", action="store_true", help="print the result as one JSON object")
     rp.add_argument("-v", "--verbose", action="store_true", help="log each routed event")
 
+    r = _command(
+        sub,
+        "retry",
+        _offline(_retry),
+        help="give a dead (or stuck) order another go",
+        description="Append a resync for the order: its retry budget is reset and it is re-checked with Get "
+        "order before anything is sent. Closed orders (approved, rejected) are left alone.",
+    )
+    r.add_argument("key", metavar="ORDER", nargs="?")
+    r.add_argument("--all-dead", action="store_true", help="every order in the dead phase")
+
+    _command(
+        sub,
+        "status",
+        _offline(_status),
+        help="counts by phase, offsets, backlog",
+        description="Counts by phase, journal and processor offsets, pending feed commits, timers and parked intents.",
+    )
+
+
+def _add_transfer_commands(sub: Subparsers[argparse.ArgumentParser]) -> None:
+    """Events into the journal from elsewhere, and the journal out."""
     ing = _command(
         sub,
         "ingest",
@@ -200,25 +223,6 @@ def _add_repair_commands(sub: Subparsers[argparse.ArgumentParser]) -> None:
     ex.add_argument("--order", metavar="ID", help="only this order (either id; includes entries routed to it)")
     ex.add_argument("--from-offset", type=int, default=0, metavar="N", help="only entries after offset N")
     ex.add_argument("--kind", action="append", default=[], help="only entries of this kind (repeatable)")
-
-    r = _command(
-        sub,
-        "retry",
-        _offline(_retry),
-        help="give a dead (or stuck) order another go",
-        description="Append a resync for the order: its retry budget is reset and it is re-checked with Get "
-        "order before anything is sent. Closed orders (approved, rejected) are left alone.",
-    )
-    r.add_argument("key", metavar="ORDER", nargs="?")
-    r.add_argument("--all-dead", action="store_true", help="every order in the dead phase")
-
-    _command(
-        sub,
-        "status",
-        _offline(_status),
-        help="counts by phase, offsets, backlog",
-        description="Counts by phase, journal and processor offsets, pending feed commits, timers and parked intents.",
-    )
 
 
 def _add_vtex_commands(sub: Subparsers[argparse.ArgumentParser]) -> None:
