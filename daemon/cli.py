@@ -34,6 +34,10 @@ from omsd.state.statuses import Phase
 from omsd.state.store import NewEntry, Store, StoreError
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG, EXIT_BUSY = 0, 1, 2, 3
+EXIT_CODES = (
+    "exit codes: 0 success; 1 failure (an unknown order, refused input lines, a fatal error); "
+    "2 bad configuration or usage, or no database at OMSD_DB; 3 another process owns the database"
+)
 
 DESCRIPTION = """\
 omsd approves VTEX marketplace orders exactly when they leave
@@ -75,7 +79,7 @@ def _command(
     sub: Subparsers[argparse.ArgumentParser], name: str, handler: Handler, **kw: Any
 ) -> argparse.ArgumentParser:
     """A subcommand whose parsed arguments go to `handler`."""
-    parser = sub.add_parser(name, **kw)
+    parser = sub.add_parser(name, epilog=EXIT_CODES, **kw)
     parser.set_defaults(handler=handler)
     return parser
 
