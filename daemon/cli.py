@@ -698,7 +698,7 @@ async def _decisions(store: Store) -> list[str]:
     await processor.drain()
     out = [f"{t.order_id}: {t.from_phase or 'new'} -> {t.to_phase} ({t.cause})" for t in seen]
     calls = sorted(k for k in await store.outbox_states() if k not in before)
-    return out + [f"{order_id}: will call effect seq {seq}" for order_id, seq in calls]
+    return out + [f"{order_id}: queues effect seq {seq} (a VTEX call)" for order_id, seq in calls]
 
 
 def _print_ingest(report: dict[str, Any], as_json: bool) -> None:
