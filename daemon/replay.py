@@ -92,10 +92,11 @@ async def plan(
     """What a replay would write and call. A replay of every order rebuilds the whole
     journal (up to `to_offset`) and moves the processor there; a replay of some orders
     (`order`, or those touched from `from_offset` on) rebuilds up to where the processor
-    is and leaves it there."""
+    is (a preview: up to `to_offset` when given) and leaves the processor there."""
     partial = order is not None or from_offset is not None
-    upto = await store.processor_offset() if partial else to_offset
-    rebuilt = await Processor(store, policy, emit_effects=False).rebuild(store.journal_chunks(0, upto), on_rows)
+    if to_offset is None and partial:
+        to_offset = await store.processor_offset()
+    rebuilt = await Processor(store, policy, emit_effects=False).rebuild(store.journal_chunks(0, to_offset), on_rows)
     stored = await store.orders_by_id()
     only = _selection(rebuilt, stored, order, from_offset) if partial else None
     result = Plan(rebuilt, only, None if partial else rebuilt.batch.offset)
