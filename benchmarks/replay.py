@@ -134,7 +134,7 @@ async def main(events: int, db: Path | None, profile: bool) -> None:
             elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
             if profiler:
                 profiler.disable()
-                pstats.Stats(profiler).sort_stats("cumulative").print_stats(25)
+                pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
             same = await store.orders_by_id() == stored
             summary = result.summary()
             print(
