@@ -162,7 +162,7 @@ def _add_repair_commands(sub: Subparsers[argparse.ArgumentParser]) -> None:
     rp = _command(
         sub,
         "replay",
-        _offline(_replay, lock=lambda a: not a.dry_run),
+        _offline(_replay, owns=True),
         help="rebuild order state from the journal and carry on open work",
         description="Apply the journal again to an empty state (the machine is pure: the result is the state "
         "the daemon had) and write it. Open work carries on: a Get order the outbox lost is queued again, an "
@@ -201,7 +201,7 @@ def _add_transfer_commands(sub: Subparsers[argparse.ArgumentParser]) -> None:
     ing = _command(
         sub,
         "ingest",
-        _offline(_ingest, lock=lambda a: not a.dry_run),
+        _offline(_ingest, owns=True),
         help="append captured events (feed items, hook pushes, notifications, exports)",
         description="Append events captured elsewhere: feed items as GET /api/orders/feed returns them, hook "
         "pushes (PascalCase), processing-result notifications, or journal rows as `omsd export` writes them. "
@@ -342,12 +342,11 @@ def _healthcheck_command(args: argparse.Namespace) -> int:
     return _healthcheck(load_local().listen)
 
 
-def _offline(
-    command: StoreCommand, *, create: bool = False, lock: Callable[[argparse.Namespace], bool] = lambda a: False
-) -> Handler:
+def _offline(command: StoreCommand, *, create: bool = False, owns: bool = False) -> Handler:
     """A command on the database alone. Only `create` commands may create it: every other
-    refuses to make an empty database by accident. `lock` commands own the database while
-    they work, and refuse when another process (a running daemon) owns it."""
+    refuses to make an empty database by accident. `owns` commands own the database while
+    they work and refuse when another process (a running daemon) owns it; with --dry-run
+    they open it read-only instead, so the file is left exactly as it was."""
 
     def handler(args: argparse.Namespace) -> int:
         db = load_db_path()
@@ -355,9 +354,10 @@ def _offline(
             print(f"omsd: no database at {db} (set OMSD_DB, or create one with `omsd init`)", file=sys.stderr)
             return EXIT_CONFIG
         logs.configure("info" if getattr(args, "verbose", False) else "warning", "auto", stream=sys.stderr)
+        preview = owns and args.dry_run
         try:
-            with _lock.hold(db) if lock(args) else contextlib.nullcontext():
-                return asyncio.run(_with_store(db, command, args))
+            with _lock.hold(db) if owns and not preview else contextlib.nullcontext():
+                return asyncio.run(_with_store(db, command, args, readonly=preview))
         except _lock.DatabaseBusy as exc:
             print(f"omsd: {exc}", file=sys.stderr)
             return EXIT_BUSY
@@ -454,8 +454,8 @@ async def _check(settings: Settings) -> int:
     return EXIT_OK if all(r.ok for r in results) else EXIT_FAIL
 
 
-async def _with_store(db: Path, fn: StoreCommand, args: argparse.Namespace) -> int:
-    async with await Store.open(db) as store:
+async def _with_store(db: Path, fn: StoreCommand, args: argparse.Namespace, *, readonly: bool = False) -> int:
+    async with await (Store.open_readonly(db) if readonly else Store.open(db)) as store:
         return await fn(store, args)
 
 
@@ -565,9 +565,6 @@ async def _replay(store: Store, args: argparse.Namespace) -> int:
     if partial and args.to_offset is not None and not args.dry_run:
         print("omsd: --to-offset rebuilds every order: it cannot go with --order or --from-offset", file=sys.stderr)
         return EXIT_CONFIG
-    if args.dry_run:
-        await store.close()
-        store = await Store.open_readonly(store.path)
     meter = Meter("replayed", await store.last_offset() if args.to_offset is None else args.to_offset)
     try:
         # Same policy knobs as the daemon (OMSD_MAX_ATTEMPTS etc.), so the replayed
@@ -585,8 +582,6 @@ async def _replay(store: Store, args: argparse.Namespace) -> int:
         return EXIT_FAIL
     finally:
         meter.close()
-        if args.dry_run:
-            await store.close()
     if not args.dry_run:
         await replay.apply(store, result, _now())
     _print_replay(result, args.dry_run, args.json)
@@ -664,15 +659,10 @@ async def _ingest(store: Store, args: argparse.Namespace) -> int:
         good = []
     entries = [line.entry for line in good if line.entry is not None]
     decisions: list[str] = []
-    if args.dry_run:
-        await store.close()
-        store = await Store.open_copy(store.path)
-    try:
-        appended = await store.ingest(entries) if entries else []
-        decisions = await _decisions(store)  # on the scratch copy with --dry-run; applied for real without
-    finally:
-        if args.dry_run:
-            await store.close()
+    # With --dry-run `store` is read-only: the work happens on a scratch copy in memory.
+    async with await Store.open_copy(store.path) if args.dry_run else contextlib.nullcontext(store) as target:
+        appended = await target.ingest(entries) if entries else []
+        decisions = await _decisions(target)
     dups = [line.number for line, a in zip(good, appended, strict=True) if a.duplicate]
     report = {
         "dry_run": args.dry_run,

@@ -228,3 +228,27 @@ def test_progress_only_on_a_terminal(tty: bool) -> None:
         assert "replayed 400/1,000 events" in text and "/s" in text and "ETA" in text
     else:
         assert text == ""
+
+
+@pytest.mark.parametrize("command", [["replay", "--dry-run"], ["ingest", "--dry-run", "-"]])
+def test_previews_leave_a_live_write_ahead_log_alone(
+    command: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With another connection's un-checkpointed log beside it, a preview leaves db and -wal byte-identical."""
+    db = tmp_path / "o.db"
+    monkeypatch.setenv("OMSD_DB", str(db))
+    monkeypatch.setattr(
+        "sys.stdin",
+        io.StringIO(
+            json.dumps({"orderId": "A-1", "state": "invoiced", "handle": "h", "currentChange": "2026-11-01T10:00:00Z"})
+        ),
+    )
+    asyncio.run(_two_orders(db))
+    with contextlib.closing(sqlite3.connect(db)) as holder:
+        holder.execute("PRAGMA wal_autocheckpoint=0")
+        holder.execute("UPDATE orders SET updated_at = updated_at")
+        holder.commit()
+        before = _digests(db)
+        assert set(before) == {"o.db", "o.db-wal"}
+        assert main(command) == 0
+        assert _digests(db) == before
