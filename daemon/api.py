@@ -23,9 +23,8 @@ from omsd.daemon.logs import get_logger, redact
 from omsd.daemon.metrics import CONTENT_TYPE_LATEST, Metrics
 from omsd.daemon.settings import NOTIFY_PREFIX, Settings
 from omsd.state.codes import APPROVAL_SUCCESS
-from omsd.state.events import NotificationReceived
 from omsd.state.models import Order
-from omsd.state.store import NewEntry, Store
+from omsd.state.store import Store
 
 log = get_logger("omsd.api")
 
@@ -41,20 +40,6 @@ class ApprovalRequest(BaseModel):
 
     marketplace_order_id: str = Field(alias="marketplaceOrderId", min_length=1, max_length=200)
     order_id: str | None = Field(default=None, alias="orderId", min_length=1, max_length=200)
-
-
-class ResultEnvelope(BaseModel):
-    """VTEX's processing-result envelope (Channel Order API); unknown fields ignored."""
-
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
-
-    marketplace_order_id: str = Field(alias="marketplaceOrderId", min_length=1, max_length=200)
-    code: str = Field(min_length=1, max_length=20)
-    flow: str = Field(default="Unknown", max_length=40)
-    success: bool | None = None
-    operation_id: str | None = Field(default=None, alias="operationId", max_length=100)
-    message: str | None = Field(default=None, max_length=2000)
-    account_name: str | None = Field(default=None, alias="accountName", max_length=100)
 
 
 class AppliedOffsets(Protocol):
@@ -264,27 +249,11 @@ async def _notification(request: web.Request, *, authenticated: bool) -> web.Res
     if reason is not None:
         await _keep_rejected(ctx, "notification", raw, reason)
         return _error(400, reason)
-    env = await _validated(ctx, ResultEnvelope, raw, "notification")
+    env = await _validated(ctx, intake.ResultEnvelope, raw, "notification")
     if isinstance(env, web.Response):
         return env
-    event = NotificationReceived(
-        marketplace_order_id=env.marketplace_order_id,
-        code=env.code,
-        flow=env.flow,
-        success=env.success,
-        operation_id=env.operation_id,
-        message=env.message,
-        account=env.account_name,
-        authenticated=authenticated,
-    )
-    # An unauthenticated copy never deduplicates away the authenticated one.
-    dedup = f"notification:{env.operation_id}:{env.code}" if env.operation_id else None
-    if dedup and not authenticated:
-        dedup += ":unauthenticated"
     now = datetime.now(UTC)
-    [appended] = await ctx.store.append(
-        [NewEntry.of(event, source="notification", received_at=now, dedup_key=dedup)], now=now
-    )
+    [appended] = await ctx.store.append([intake.notification_entry(env, now, authenticated=authenticated)], now=now)
     ctx.wake()
     if authenticated and not appended.duplicate and env.flow == "ApproveOrder" and env.code not in APPROVAL_SUCCESS:
         ctx.metrics.approvals_refused.labels(code=env.code).inc()

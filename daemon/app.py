@@ -33,6 +33,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from omsd.daemon import lock
 from omsd.daemon.api import ApiContext, build_app
 from omsd.daemon.connections import ConnectionGuard, install_accept_error_handler
 from omsd.daemon.effects import EffectRunner
@@ -106,6 +107,7 @@ class Daemon:
         async with AsyncExitStack() as stack:
             stack.callback(notify.stopping)
             notify.status("opening the database")
+            stack.enter_context(lock.hold(s.db))  # one process owns a database (omsd replay/ingest refuse)
             store = await Store.open(s.db)
             stack.push_async_callback(store.close)
             self.store = store

@@ -1,7 +1,10 @@
 """The `omsd` command line: run the daemon, the demo, and the operator's tools.
 
 Exit codes: 0 success; 1 runtime failure (including a demo that did not end as
-it should); 2 bad configuration or usage (one line naming the variable).
+it should, an unknown order, input lines refused by `ingest`); 2 bad configuration
+or usage (one line naming the variable), or no database at OMSD_DB for a command
+that needs one; 3 another process owns the database (`run`, `replay`, `ingest`
+refuse to work beside a running daemon; the message names its pid).
 """
 
 from __future__ import annotations
@@ -11,24 +14,32 @@ import asyncio
 import contextlib
 import json
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from rich.console import Console
 from rich.table import Table
 
-from omsd.daemon import intake, logs
+from omsd.daemon import ingest, intake, logs, replay
+from omsd.daemon import lock as _lock
 from omsd.daemon.errors import VtexError
+from omsd.daemon.ingest import KINDS
 from omsd.daemon.settings import ConfigError, Settings, load_db_path, load_local, load_policy, load_settings
 from omsd.state.events import Resync
 from omsd.state.models import Order
-from omsd.state.statuses import TERMINAL_PHASES, Phase
+from omsd.state.statuses import Phase
 from omsd.state.store import NewEntry, Store, StoreError, StoreUnwritable
 
-EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
+EXIT_OK, EXIT_FAIL, EXIT_CONFIG, EXIT_BUSY = 0, 1, 2, 3
 EXIT_TEMPFAIL = 75  # sysexits EX_TEMPFAIL: the database refused writes at start-up (disk full, read-only)
+EXIT_CODES = (
+    "exit codes: 0 success; 1 failure (an unknown order, refused input lines, a fatal error); "
+    "2 bad configuration or usage, or no database at OMSD_DB; 3 another process owns the database; "
+    "75 (omsd run) the database refused writes at start-up"
+)
 
 DESCRIPTION = """\
 omsd approves VTEX marketplace orders exactly when they leave
@@ -38,8 +49,13 @@ sends the Channel Order API approval only after Get order confirms the order is
 neither held nor canceled.
 
 Configuration comes from OMSD_* environment variables (see README.md).
-The offline commands (approve, orders, show, journal, replay, retry, status)
-need only OMSD_DB and work whether or not the daemon is running."""
+The offline commands (init, approve, orders, show, journal, replay, ingest,
+export, retry, status) need only OMSD_DB. Only `run` and `init` create a
+database. `replay` and `ingest` refuse to work beside a running daemon.
+
+Exit codes: 0 success; 1 failure (unknown order, refused input lines);
+2 bad configuration or usage, or no database at OMSD_DB; 3 another process
+(a running daemon) owns the database."""
 
 
 Handler = Callable[[argparse.Namespace], int]
@@ -55,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_run_commands(sub)
     _add_store_commands(sub)
     _add_repair_commands(sub)
+    _add_transfer_commands(sub)
     _add_vtex_commands(sub)
     _add_tool_commands(sub)
     return p
@@ -64,7 +81,7 @@ def _command(
     sub: Subparsers[argparse.ArgumentParser], name: str, handler: Handler, **kw: Any
 ) -> argparse.ArgumentParser:
     """A subcommand whose parsed arguments go to `handler`."""
-    parser = sub.add_parser(name, **kw)
+    parser = sub.add_parser(name, epilog=EXIT_CODES, **kw)
     parser.set_defaults(handler=handler)
     return parser
 
@@ -96,10 +113,19 @@ def _add_run_commands(sub: Subparsers[argparse.ArgumentParser]) -> None:
 
 def _add_store_commands(sub: Subparsers[argparse.ArgumentParser]) -> None:
     """The offline commands that record an intent or read; they need only OMSD_DB."""
+    _command(
+        sub,
+        "init",
+        _offline(_init, create=True),
+        help="create an empty database at OMSD_DB",
+        description="Create the database at OMSD_DB with the current schema (or migrate an existing one). "
+        "The other offline commands refuse a database that does not exist, so a wrong OMSD_DB is an error, "
+        "not a new empty database.",
+    )
     a = _command(
         sub,
         "approve",
-        _offline(_approve, create=True),
+        _offline(_approve),
         help="record an approval intent for a marketplace order",
         description="Record an approval intent in the journal. The running daemon sends the approval as soon "
         "as VTEX shows the order is not held (and never if it is canceled). Idempotent.",
@@ -135,15 +161,22 @@ def _add_store_commands(sub: Subparsers[argparse.ArgumentParser]) -> None:
 
 def _add_repair_commands(sub: Subparsers[argparse.ArgumentParser]) -> None:
     """The offline commands that rebuild or reopen orders."""
-    _command(
+    rp = _command(
         sub,
         "replay",
-        _offline(_replay),
-        help="rebuild all order state from the journal",
-        description="Forget every derived row (orders, timers, history, pending effects) and apply the whole "
-        "journal again. Because the machine is pure, the result is the state the daemon had; open approvals "
-        "are then re-checked with Get order. Stop the daemon first.",
+        _offline(_replay, owns=True),
+        help="rebuild order state from the journal and carry on open work",
+        description="Apply the journal again to an empty state (the machine is pure: the result is the state "
+        "the daemon had) and write it. Open work carries on: a Get order the outbox lost is queued again, an "
+        "approval whose outcome is unknown is re-checked with Get order, parked intents stay parked; an approval "
+        "the journal shows as sent and answered is never sent again. Refuses to run beside a daemon (exit 3).",
     )
+    rp.add_argument("--order", metavar="ID", help="only this order (VTEX order id or marketplace order id)")
+    rp.add_argument("--from-offset", type=int, metavar="N", help="only orders with journal entries from offset N on")
+    rp.add_argument("--to-offset", type=int, metavar="N", help="rebuild as of offset N (every order only)")
+    rp.add_argument("--dry-run", action="store_true", help="change nothing; print what would differ and be called")
+    rp.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    rp.add_argument("-v", "--verbose", action="store_true", help="log each routed event")
 
     r = _command(
         sub,
@@ -163,6 +196,39 @@ def _add_repair_commands(sub: Subparsers[argparse.ArgumentParser]) -> None:
         help="counts by phase, offsets, backlog",
         description="Counts by phase, journal and processor offsets, pending feed commits, timers and parked intents.",
     )
+
+
+def _add_transfer_commands(sub: Subparsers[argparse.ArgumentParser]) -> None:
+    """Events into the journal from elsewhere, and the journal out."""
+    ing = _command(
+        sub,
+        "ingest",
+        _offline(_ingest, owns=True),
+        help="append captured events (feed items, hook pushes, notifications, exports)",
+        description="Append events captured elsewhere: feed items as GET /api/orders/feed returns them, hook "
+        "pushes (PascalCase), processing-result notifications, or journal rows as `omsd export` writes them. "
+        "FILE (or - for stdin) is a JSON array or JSON lines; the kind is detected per item unless --kind. "
+        "Same validation and dedup as live intake; all good lines are appended in one transaction. "
+        "Exit 1 when a line was refused (with --strict nothing is appended). Refuses to run beside a daemon.",
+    )
+    ing.add_argument("file", metavar="FILE", help="a file, or - for standard input")
+    ing.add_argument("--kind", choices=KINDS, help="treat every item as this kind")
+    ing.add_argument("--strict", action="store_true", help="append nothing if any line is bad")
+    ing.add_argument("--dry-run", action="store_true", help="change nothing; show what would be added and decided")
+    ing.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    ing.add_argument("-v", "--verbose", action="store_true", help="log each transition as the daemon would")
+
+    ex = _command(
+        sub,
+        "export",
+        _offline(_export),
+        help="write the journal as JSON lines",
+        description="Write journal rows as JSON lines on stdout (kind, version, source, order id, dedup keys, "
+        "received time, payload as stored), oldest first. `omsd ingest` reads this format back.",
+    )
+    ex.add_argument("--order", metavar="ID", help="only this order (either id; includes entries routed to it)")
+    ex.add_argument("--from-offset", type=int, default=0, metavar="N", help="only entries after offset N")
+    ex.add_argument("--kind", action="append", default=[], help="only entries of this kind (repeatable)")
 
 
 def _add_vtex_commands(sub: Subparsers[argparse.ArgumentParser]) -> None:
@@ -235,7 +301,11 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(run_until_signalled(settings))
-    except DaemonFailed as exc:  # logged once as `omsd_fatal`
+    except DaemonFailed as exc:
+        if isinstance(exc.error, _lock.DatabaseBusy):
+            print(f"omsd: {exc.error}", file=sys.stderr)
+            return EXIT_BUSY
+        # logged once as `omsd_fatal`
         return EXIT_TEMPFAIL if isinstance(exc.error, StoreUnwritable) else EXIT_FAIL
     return EXIT_OK
 
@@ -275,16 +345,25 @@ def _healthcheck_command(args: argparse.Namespace) -> int:
     return _healthcheck(load_local().listen)
 
 
-def _offline(command: StoreCommand, *, create: bool = False) -> Handler:
-    """A command on the database alone. Only `create` commands may create it: reading
-    commands refuse to make an empty database by accident."""
+def _offline(command: StoreCommand, *, create: bool = False, owns: bool = False) -> Handler:
+    """A command on the database alone. Only `create` commands may create it: every other
+    refuses to make an empty database by accident. `owns` commands own the database while
+    they work and refuse when another process (a running daemon) owns it; with --dry-run
+    they open it read-only instead, so the file is left exactly as it was."""
 
     def handler(args: argparse.Namespace) -> int:
         db = load_db_path()
         if not create and not db.exists():
-            print(f"omsd: no database at {db} (set OMSD_DB)", file=sys.stderr)
+            print(f"omsd: no database at {db} (set OMSD_DB, or create one with `omsd init`)", file=sys.stderr)
             return EXIT_CONFIG
-        return asyncio.run(_with_store(db, command, args))
+        logs.configure("info" if getattr(args, "verbose", False) else "warning", "auto", stream=sys.stderr)
+        preview = owns and args.dry_run
+        try:
+            with _lock.hold(db) if owns and not preview else contextlib.nullcontext():
+                return asyncio.run(_with_store(db, command, args, readonly=preview))
+        except _lock.DatabaseBusy as exc:
+            print(f"omsd: {exc}", file=sys.stderr)
+            return EXIT_BUSY
 
     return handler
 
@@ -378,8 +457,8 @@ async def _check(settings: Settings) -> int:
     return EXIT_OK if all(r.ok for r in results) else EXIT_FAIL
 
 
-async def _with_store(db: Path, fn: StoreCommand, args: argparse.Namespace) -> int:
-    async with await Store.open(db) as store:
+async def _with_store(db: Path, fn: StoreCommand, args: argparse.Namespace, *, readonly: bool = False) -> int:
+    async with await (Store.open_readonly(db) if readonly else Store.open(db)) as store:
         return await fn(store, args)
 
 
@@ -479,21 +558,172 @@ async def _journal(store: Store, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _replay(store: Store, args: argparse.Namespace) -> int:
-    from omsd.daemon.processor import Processor
+async def _init(store: Store, args: argparse.Namespace) -> int:
+    print(f"database ready at {store.path} (schema version {await store.schema_version()})")
+    return EXIT_OK
 
-    # Same policy knobs as the daemon (OMSD_MAX_ATTEMPTS etc.), so the replayed
-    # state is the state the daemon had.
-    policy = load_policy()
-    await store.reset_derived(now=_now())
-    processor = Processor(store, policy, emit_effects=False)
-    applied = await processor.drain()
-    reopened = 0
-    for order in await store.list_orders(limit=1_000_000):
-        if order.has_intent and order.phase not in TERMINAL_PHASES:
-            await _append_resync(store, order.order_id, "replay")
-            reopened += 1
-    print(f"replayed {applied} journal entries; {reopened} open orders will be re-checked by the daemon")
+
+async def _replay(store: Store, args: argparse.Namespace) -> int:
+    partial = args.order is not None or args.from_offset is not None
+    if partial and args.to_offset is not None and not args.dry_run:
+        print("omsd: --to-offset rebuilds every order: it cannot go with --order or --from-offset", file=sys.stderr)
+        return EXIT_CONFIG
+    meter = Meter("replayed", await store.last_offset() if args.to_offset is None else args.to_offset)
+    try:
+        # Same policy knobs as the daemon (OMSD_MAX_ATTEMPTS etc.), so the replayed
+        # state is the state the daemon had.
+        result = await replay.plan(
+            store,
+            load_policy(),
+            order=args.order,
+            from_offset=args.from_offset,
+            to_offset=args.to_offset,
+            on_rows=meter,
+        )
+    except replay.UnknownOrder as exc:
+        print(f"omsd: no order {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    finally:
+        meter.close()
+    if not args.dry_run:
+        await replay.apply(store, result, _now())
+    _print_replay(result, args.dry_run, args.json)
+    return EXIT_OK
+
+
+def _print_replay(result: replay.Plan, dry_run: bool, as_json: bool) -> None:
+    shown = [o for o in result.orders if o.differences() or o.calls()]
+    summary = {**result.summary(), "dry_run": dry_run, "offset": result.rebuilt.batch.offset}
+    if as_json:
+        print(json.dumps({"summary": summary, "orders": [o.view() for o in shown]}, sort_keys=True))
+        return
+    for o in shown:
+        diffs = ", ".join(f"{k} {_short(a)} -> {_short(b)}" for k, (a, b) in o.differences().items())
+        calls = "; ".join(o.calls())
+        print(
+            f"{o.order_id}: {diffs or 'unchanged'}"
+            + (f"; {'would call' if dry_run else 'calls'}: {calls}" if calls else "")
+        )
+    verb = "would rebuild" if dry_run else "rebuilt"
+    counts = f"{summary['unchanged']} unchanged, {summary['changed']} changed"
+    print(
+        f"{verb} {summary['orders']} orders from {summary['events']} journal entries (to offset {summary['offset']}): "
+        f"{counts}, {summary['newly_actionable']} newly actionable"
+    )
+
+
+def _short(value: Any) -> str:
+    if value is None:
+        return "-"
+    if hasattr(value, "reason") and hasattr(value, "due_at"):
+        return f"{value.reason}@{value.due_at.isoformat(timespec='seconds')}"
+    return str(value)
+
+
+class Meter:
+    """Progress of long work on a terminal (count, rate, ETA) on stderr; silent in a pipe."""
+
+    def __init__(self, what: str, total: int, stream: TextIO | None = None, every_s: float = 0.25) -> None:
+        self.what, self.total, self.done, self.every_s = what, total, 0, every_s
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.start = self.shown = time.monotonic()
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if not self.tty or now - self.shown < self.every_s:
+            return
+        self.shown = now
+        rate = self.done / max(now - self.start, 1e-6)
+        eta = max(self.total - self.done, 0) / rate if rate else 0.0
+        self.stream.write(f"\r{self.what} {self.done:,}/{self.total:,} events  {rate:,.0f}/s  ETA {eta:,.0f} s  ")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty and self.shown > self.start:
+            self.stream.write("\n")
+
+
+def _read_input(name: str) -> str:
+    return sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")
+
+
+async def _ingest(store: Store, args: argparse.Namespace) -> int:
+    try:
+        text = await asyncio.to_thread(_read_input, args.file)
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"omsd: cannot read {args.file}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    lines = ingest.parse(text, args.kind, _now())
+    bad = [line for line in lines if line.entry is None]
+    good = [line for line in lines if line.entry is not None]
+    if args.strict and bad:
+        good = []
+    entries = [line.entry for line in good if line.entry is not None]
+    decisions: list[str] = []
+    # With --dry-run `store` is read-only: the work happens on a scratch copy in memory.
+    async with await Store.open_copy(store.path) if args.dry_run else contextlib.nullcontext(store) as target:
+        appended = await target.ingest(entries) if entries else []
+        decisions = await _decisions(target)
+    dups = [line.number for line, a in zip(good, appended, strict=True) if a.duplicate]
+    report = {
+        "dry_run": args.dry_run,
+        "added": len(appended) - len(dups),
+        "duplicates": dups,
+        "bad": [{"line": line.number, "reason": line.error} for line in bad],
+        "refused_all": bool(args.strict and bad),
+        "decisions": decisions,
+    }
+    _print_ingest(report, args.json)
+    return EXIT_FAIL if bad else EXIT_OK
+
+
+async def _decisions(store: Store) -> list[str]:
+    """Apply what the journal holds beyond the processor's offset, as the daemon would at
+    start (the effects wait in the outbox for it), and say what the machine decided."""
+    from omsd.daemon.processor import Processor, Transition
+
+    before = await store.outbox_states()
+    seen: list[Transition] = []
+    processor = Processor(store, load_policy(), clock=_now)
+    processor.listeners.append(seen.append)
+    await processor.drain()
+    out = [f"{t.order_id}: {t.from_phase or 'new'} -> {t.to_phase} ({t.cause})" for t in seen]
+    calls = sorted(k for k in await store.outbox_states() if k not in before)
+    return out + [f"{order_id}: queues effect seq {seq} (a VTEX call)" for order_id, seq in calls]
+
+
+def _print_ingest(report: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(report, sort_keys=True))
+        return
+    for bad in report["bad"]:
+        print(f"line {bad['line']}: {bad['reason']}", file=sys.stderr)
+    for n in report["duplicates"]:
+        print(f"line {n}: duplicate (already in the journal)")
+    for d in report["decisions"]:
+        print(f"  {d}")
+    if report["refused_all"]:
+        print(f"nothing added: {len(report['bad'])} bad line(s) and --strict", file=sys.stderr)
+        return
+    verb = "would add" if report["dry_run"] else "added"
+    print(f"{verb} {report['added']} entries; {len(report['duplicates'])} duplicates; {len(report['bad'])} bad lines")
+
+
+async def _export(store: Store, args: argparse.Namespace) -> int:
+    order_id = mkt = args.order
+    if args.order is not None and (order := await store.find_order(args.order)) is not None:
+        order_id, mkt = order.order_id, order.marketplace_order_id
+    count = 0
+    async for row in store.export_rows(
+        after=args.from_offset, order_id=order_id, marketplace_order_id=mkt, kinds=args.kind
+    ):
+        sys.stdout.write(ingest.export_line(row) + "\n")
+        count += 1
+    if args.order is not None and count == 0:
+        print(f"omsd: no order {args.order}", file=sys.stderr)
+        return EXIT_FAIL
     return EXIT_OK
 
 

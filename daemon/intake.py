@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from omsd.state.events import IntentReceived, IntentRecorded, StatusChanged
+from omsd.state.events import IntentReceived, IntentRecorded, NotificationReceived, StatusChanged
 from omsd.state.statuses import Status
 from omsd.state.store import NewEntry, iso
 
@@ -293,3 +293,38 @@ def hook_item(body: object, received_at: datetime) -> HookIntake:
         return HookIntake(ping=False, entry=rejected("hook", body, reason, received_at), reason=reason)
     entry = _status_entry(push.event("hook"), received_at)
     return HookIntake(ping=False, entry=entry, account=push.origin.account)
+
+
+class ResultEnvelope(BaseModel):
+    """VTEX's processing-result envelope (Channel Order API); unknown fields ignored."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    marketplace_order_id: str = Field(alias="marketplaceOrderId", min_length=1, max_length=200)
+    code: str = Field(min_length=1, max_length=20)
+    flow: str = Field(default="Unknown", max_length=40)
+    success: bool | None = None
+    operation_id: str | None = Field(default=None, alias="operationId", max_length=100)
+    message: str | None = Field(default=None, max_length=2000)
+    account_name: str | None = Field(default=None, alias="accountName", max_length=100)
+
+
+def notification_entry(env: ResultEnvelope, received_at: datetime, *, authenticated: bool) -> NewEntry:
+    """A processing-result notification → its journal entry; the same operation and code
+    seen twice is one event. `authenticated` says it came by omsd's capability URL (or
+    from an operator's `omsd ingest`); an unauthenticated copy is journaled but never
+    acted on, and never deduplicates away the authenticated one."""
+    event = NotificationReceived(
+        marketplace_order_id=env.marketplace_order_id,
+        code=env.code,
+        flow=env.flow,
+        success=env.success,
+        operation_id=env.operation_id,
+        message=env.message,
+        account=env.account_name,
+        authenticated=authenticated,
+    )
+    dedup = f"notification:{env.operation_id}:{env.code}" if env.operation_id else None
+    if dedup and not authenticated:
+        dedup += ":unauthenticated"
+    return NewEntry.of(event, source="notification", received_at=received_at, dedup_key=dedup)

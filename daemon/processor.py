@@ -10,7 +10,7 @@ and because `decide` is pure the outcome is the same.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -41,6 +41,18 @@ class _Run:
     batch: Batch
     orders: dict[str, Order | None] = field(default_factory=dict)
     transitions: list[Transition] = field(default_factory=list)
+    by_marketplace_id: dict[str, str] = field(default_factory=dict)  # of the orders in `orders`
+    fresh: bool = False  # a rebuild from nothing: the store's derived rows are not consulted
+    touched: dict[str, int] = field(default_factory=dict)  # order id -> last offset that applied to it
+
+
+@dataclass(slots=True)
+class Rebuilt:
+    """The derived state the journal up to `batch.offset` gives, computed in memory."""
+
+    batch: Batch
+    touched: dict[str, int]
+    applied: int
 
 
 class Processor:
@@ -102,6 +114,22 @@ class Processor:
         async with self.applied:
             self.applied.notify_all()
         return len(rows)
+
+    async def rebuild(
+        self, chunks: AsyncIterator[list[JournalRow]], on_rows: Callable[[int], None] = lambda n: None
+    ) -> Rebuilt:
+        """Apply journal rows to an empty state, all in memory (for `omsd replay`): no
+        store lookups, no effects, no per-transition log lines. Nothing is written."""
+        run = _Run(batch=Batch(offset=0), fresh=True)
+        applied = 0
+        async for rows in chunks:
+            for row in rows:
+                await self._apply_row(run, row)
+            if rows:
+                run.batch.offset = rows[-1].offset
+            applied += len(rows)
+            on_rows(len(rows))
+        return Rebuilt(run.batch, run.touched, applied)
 
     async def drain(self) -> int:
         total = 0
@@ -169,25 +197,36 @@ class Processor:
 
     async def _order(self, run: _Run, order_id: str) -> Order | None:
         if order_id not in run.orders:
-            order = await self._store.load_order(order_id)
-            run.orders[order_id] = order
-            run.batch.before[order_id] = order
+            order = None if run.fresh else await self._store.load_order(order_id)
+            self._known(run, order_id, order)
         return run.orders[order_id]
 
+    @staticmethod
+    def _known(run: _Run, order_id: str, order: Order | None) -> None:
+        run.orders[order_id] = order
+        run.batch.before[order_id] = order
+        if order is not None and order.marketplace_order_id is not None:
+            run.by_marketplace_id.setdefault(order.marketplace_order_id, order_id)
+
     async def _find_by_marketplace_id(self, run: _Run, marketplace_order_id: str) -> Order | None:
-        for order in run.orders.values():
-            if order is not None and order.marketplace_order_id == marketplace_order_id:
-                return order
+        if (order_id := run.by_marketplace_id.get(marketplace_order_id)) is not None:
+            return run.orders[order_id]
+        if run.fresh:
+            return None
         found = await self._store.order_by_marketplace_id(marketplace_order_id)
         if found is not None and found.order_id not in run.orders:
-            run.orders[found.order_id] = found
-            run.batch.before[found.order_id] = found
+            self._known(run, found.order_id, found)
         return run.orders.get(found.order_id) if found is not None else None
+
+    async def _parked(self, run: _Run, mkt: str) -> tuple[str, int] | None:
+        if (parked := run.batch.add_pending.get(mkt)) is not None or run.fresh:
+            return parked
+        return await self._store.pending_intent(mkt)
 
     async def _route(self, run: _Run, row: JournalRow, entry: NotificationReceived | IntentReceived) -> None:
         mkt = entry.marketplace_order_id
         linked = await self._find_by_marketplace_id(run, mkt)
-        parked = linked is None and (mkt in run.batch.add_pending or await self._store.pending_intent(mkt) is not None)
+        parked = linked is None and await self._parked(run, mkt) is not None
         match routing.route(entry, linked, parked):
             case routing.Decide(event=event):
                 await self._decide(run, row, event)
@@ -221,6 +260,9 @@ class Processor:
         after = decision.order
         run.orders[after.order_id] = after
         run.batch.orders[after.order_id] = after
+        run.touched[after.order_id] = row.offset
+        if after.marketplace_order_id is not None:
+            run.by_marketplace_id.setdefault(after.marketplace_order_id, after.order_id)
         if self._emit_effects:
             run.batch.effects.extend(decision.effects)
         from_phase = before.phase if before is not None else None
@@ -237,12 +279,16 @@ class Processor:
                     at=row.received_at,
                 )
             )
-            run.transitions.append(Transition(after.order_id, row.offset, from_phase, after.phase, after.status, cause))
+            if not run.fresh:
+                run.transitions.append(
+                    Transition(after.order_id, row.offset, from_phase, after.phase, after.status, cause)
+                )
         if (mkt := routing.newly_linked(before, after)) is not None:
             await self._release_parked(run, row, after.order_id, mkt)
 
     async def _release_parked(self, run: _Run, row: JournalRow, order_id: str, mkt: str) -> None:
-        parked = run.batch.add_pending.pop(mkt, None) or await self._store.pending_intent(mkt)
+        parked = await self._parked(run, mkt)
+        run.batch.add_pending.pop(mkt, None)
         if parked is None or mkt in run.batch.remove_pending:
             return
         run.batch.remove_pending.add(mkt)

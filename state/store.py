@@ -209,6 +209,44 @@ class Store:
             raise
         return store
 
+    @classmethod
+    async def open_readonly(cls, path: str | Path) -> Self:
+        """The database opened read-only (`mode=ro`): nothing this connection does can
+        change the file. For previews (`omsd replay --dry-run`); no migration. Without a
+        write-ahead log beside it (no process has it open) it is read as immutable, which
+        keeps SQLite from creating an empty `-wal` file next to it."""
+        path = Path(path)
+        wal = path.with_name(path.name + "-wal")
+        mode = "mode=ro" if wal.exists() else "mode=ro&immutable=1"
+        try:
+            conn = await aiosqlite.connect(f"{path.resolve().as_uri()}?{mode}", uri=True, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open database {path}: {exc}") from exc
+        conn.row_factory = sqlite3.Row
+        store = cls(conn, path)
+        try:
+            version = await store.schema_version()
+        except sqlite3.Error as exc:
+            await conn.close()
+            raise StoreError(f"cannot read database {path}: {exc}") from exc
+        if version != SCHEMA_VERSION:
+            await conn.close()
+            raise StoreError(f"database schema version {version} is not {SCHEMA_VERSION}: open it once without preview")
+        return store
+
+    @classmethod
+    async def open_copy(cls, path: str | Path) -> Self:
+        """An in-memory copy of the database (sqlite's backup API, the file opened
+        read-only): a scratch store for previews that write (`omsd ingest --dry-run`)."""
+        source = await cls.open_readonly(path)
+        conn = await aiosqlite.connect(":memory:", isolation_level=None)
+        try:
+            await source._conn.backup(conn)
+        finally:
+            await source.close()
+        conn.row_factory = sqlite3.Row
+        return cls(conn, Path(path))
+
     async def close(self) -> None:
         await self._conn.close()
 
@@ -599,6 +637,152 @@ class Store:
         return out
 
     # ---- repair -------------------------------------------------------------------------
+    async def journal_chunks(
+        self, after: int = 0, upto: int | None = None, size: int = 20_000
+    ) -> AsyncIterator[list[JournalRow]]:
+        """The journal after offset `after` (up to `upto`, inclusive), in offset order, `size` rows at a time."""
+        end = upto if upto is not None else await self.last_offset()
+        while after < end:
+            rows = await self._all(
+                'SELECT * FROM journal WHERE "offset" > ? AND "offset" <= ? ORDER BY "offset" LIMIT ?',
+                (after, end, size),
+            )
+            if not rows:
+                return
+            chunk = [_journal_row(r) for r in rows]
+            after = chunk[-1].offset
+            yield chunk
+
+    async def ingest(self, entries: Sequence[NewEntry]) -> list[Appended]:
+        """Append entries captured elsewhere, all or nothing. Besides the dedup keys, an
+        entry without keys that matches a journal row exactly (kind, order, time, payload)
+        is a duplicate, so ingesting the same export twice adds nothing."""
+        results: list[Appended] = []
+        async with self._tx() as conn:
+            for entry in entries:
+                if entry.dedup_key is None and entry.event_id is None:
+                    async with conn.execute(
+                        "SELECT 1 FROM journal WHERE order_id IS ? AND kind = ? AND received_at = ? AND payload = ?",
+                        (entry.order_id, entry.kind, iso(entry.received_at), entry.payload),
+                    ) as cur:
+                        if await cur.fetchone() is not None:
+                            results.append(Appended(offset=None, duplicate=True))
+                            continue
+                results.append(await self._insert(conn, entry))
+        return results
+
+    async def export_rows(
+        self,
+        *,
+        after: int = 0,
+        order_id: str | None = None,
+        marketplace_order_id: str | None = None,
+        kinds: Sequence[str] = (),
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Journal rows as stored, in offset order: all, or those of one order (by its id, or
+        routed to it by its marketplace id), of some kinds."""
+        where, params = ['"offset" > ?'], list[Any]([after])
+        if order_id is not None:
+            where.append("(order_id = ? OR (order_id IS NULL AND json_extract(payload, '$.marketplace_order_id') = ?))")
+            params += [order_id, marketplace_order_id or order_id]
+        if kinds:
+            where.append(f"kind IN ({', '.join('?' * len(kinds))})")
+            params += list(kinds)
+        while True:
+            rows = await self._all(
+                f'SELECT * FROM journal WHERE {" AND ".join(where)} ORDER BY "offset" LIMIT 5000',  # noqa: S608
+                params,
+            )
+            if not rows:
+                return
+            for r in rows:
+                yield dict(r)
+            params[0] = rows[-1]["offset"]
+
+    async def orders_by_id(self) -> dict[str, Order]:
+        rows = await self._all("SELECT data FROM orders")
+        return {o.order_id: o for o in (Order.model_validate_json(r["data"]) for r in rows)}
+
+    async def outbox_states(self) -> dict[tuple[str, int], str]:
+        """(order id, seq) -> state of every outbox row."""
+        rows = await self._all("SELECT order_id, seq, state FROM outbox")
+        return {(r["order_id"], int(r["seq"])): r["state"] for r in rows}
+
+    async def replace_derived(
+        self, batch: Batch, *, only: set[str] | None, cursor: int | None, reissue: Sequence[Effect], now: datetime
+    ) -> None:
+        """Write a rebuilt state in one transaction: every derived row (`only` None), or
+        those of the orders in `only`. Outbox rows their orders no longer wait for are
+        superseded; `reissue` effects are queued again (a superseded row becomes pending)."""
+        orders = {k: v for k, v in batch.orders.items() if only is None or k in only}
+        async with self._tx() as conn:
+            if only is None:
+                for table in ("orders", "timers", "history", "pending_intents", "unreadable"):
+                    await conn.execute(f"DELETE FROM {table}")  # noqa: S608 - fixed names
+            else:
+                for table in ("orders", "timers", "history"):
+                    await conn.executemany(f"DELETE FROM {table} WHERE order_id = ?", [(k,) for k in only])  # noqa: S608
+            await self._write_rebuilt(conn, batch, orders, only is None, now)
+            async with conn.execute(
+                "SELECT id, order_id, seq FROM outbox WHERE state IN ('pending', 'started')"
+            ) as cur:
+                stale = [
+                    (iso(now), r["id"])
+                    for r in await cur.fetchall()
+                    if (only is None or r["order_id"] in only) and is_superseded(orders.get(r["order_id"]), r["seq"])
+                ]
+            await conn.executemany("UPDATE outbox SET state = 'superseded', done_at = ? WHERE id = ?", stale)
+            await conn.executemany(
+                "INSERT INTO outbox (order_id, seq, kind, payload, created_at) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT(order_id, seq) DO UPDATE SET state = 'pending', started_at = NULL, done_at = NULL "
+                "WHERE state = 'superseded'",
+                [(e.order_id, e.seq, e.kind, e.model_dump_json(), iso(now)) for e in reissue],
+            )
+            if cursor is not None:
+                await conn.execute("UPDATE cursor SET \"offset\" = ? WHERE name = 'processor'", (cursor,))
+
+    @staticmethod
+    async def _write_rebuilt(
+        conn: aiosqlite.Connection, batch: Batch, orders: dict[str, Order], everything: bool, now: datetime
+    ) -> None:
+        await conn.executemany(
+            "INSERT INTO orders (order_id, marketplace_order_id, phase, status, data, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                (k, o.marketplace_order_id, o.phase, o.status, o.model_dump_json(), iso(o.updated_at or now))
+                for k, o in orders.items()
+            ],
+        )
+        await conn.executemany(
+            "INSERT INTO timers (order_id, token, reason, due_at) VALUES (?, ?, ?, ?)",
+            [(k, o.timer.token, o.timer.reason, iso(o.timer.due_at)) for k, o in orders.items() if o.timer is not None],
+        )
+        await conn.executemany(
+            "INSERT INTO history (order_id, journal_offset, from_phase, to_phase, status, cause, at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                (h.order_id, h.journal_offset, h.from_phase, h.to_phase, h.status, h.cause, iso(h.at))
+                for h in batch.history
+                if everything or h.order_id in orders
+            ],
+        )
+        if not everything:
+            await conn.executemany(
+                "DELETE FROM pending_intents WHERE marketplace_order_id = ?",
+                [(o.marketplace_order_id,) for o in orders.values() if o.marketplace_order_id is not None],
+            )
+            return
+        await conn.executemany(
+            "INSERT INTO pending_intents (marketplace_order_id, source, journal_offset, created_at) "
+            "VALUES (?, ?, ?, ?)",
+            [(mkt, source, offset, iso(now)) for mkt, (source, offset) in batch.add_pending.items()],
+        )
+        await conn.executemany(
+            "INSERT INTO unreadable (journal_offset, kind, order_id, error, received_at, found_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            [(u.journal_offset, u.kind, u.order_id, u.error, iso(u.received_at), iso(now)) for u in batch.unreadable],
+        )
+
     async def reset_derived(self, *, now: datetime) -> None:
         """Forget everything derived from the journal so the processor rebuilds it.
         Pending effects are superseded (at `now`): replay recomputes and re-issues what is needed."""

@@ -137,6 +137,9 @@ def test_run_with_bad_config_exits_2_with_one_line(tmp_path: Path) -> None:
         "show",
         "journal",
         "replay",
+        "ingest",
+        "export",
+        "init",
         "retry",
         "status",
         "sim",
@@ -160,6 +163,7 @@ def test_offline_commands_on_a_database(
 ) -> None:
     """approve, status, orders, show, journal, retry and replay work on a database alone."""
     monkeypatch.setenv("OMSD_DB", str(tmp_path / "o.db"))
+    assert main(["init"]) == 0
     assert main(["approve", "M-1", "--order-id", "MKP-M-1-01"]) == 0
     assert main(["replay"]) == 0
     assert main(["status"]) == 0

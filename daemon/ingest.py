@@ -1,0 +1,135 @@
+"""`omsd ingest` and `omsd export`: events captured elsewhere into the journal, and back.
+
+Input is a JSON array or JSON lines. Each item is a feed item (as `GET /api/orders/feed`
+returns it), a hook push (PascalCase), a processing-result notification, or a journal
+row as `omsd export` writes it; the kind is detected per item or forced. Feed items,
+pushes and notifications go through the live intake's own builders (same validation,
+same dedup keys); journal rows keep their kind, version, time and keys.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+from omsd.daemon import intake
+from omsd.state.events import UnreadableEntry, read_entry
+from omsd.state.store import NewEntry, from_iso
+
+Kind = Literal["feed", "hook", "notification", "journal"]
+KINDS: tuple[Kind, ...] = ("feed", "hook", "notification", "journal")
+JOURNAL_FIELDS = ("kind", "version", "source", "order_id", "dedup_key", "event_id", "payload", "reason", "received_at")
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    """One input item: its entry, or why it was refused."""
+
+    number: int  # line number (JSON lines) or item number (JSON array), from 1
+    kind: str | None
+    entry: NewEntry | None = None
+    error: str | None = None
+
+
+def items(text: str) -> list[tuple[int, Any, str | None]]:
+    """(number, item, parse error) for a JSON array or JSON lines."""
+    if text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            return [(1, None, f"not a JSON array: {exc}")]
+        return [(n, item, None) for n, item in enumerate(data, start=1)]
+    out: list[tuple[int, Any, str | None]] = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            out.append((n, json.loads(line), None))
+        except ValueError as exc:
+            out.append((n, None, f"not JSON: {exc}"))
+    return out
+
+
+def detect(item: Any) -> Kind | None:
+    """The kind an item looks like, by its keys."""
+    if not isinstance(item, dict):
+        return None
+    if {"kind", "payload", "received_at"} <= item.keys():
+        return "journal"
+    if "marketplaceOrderId" in item and "code" in item:
+        return "notification"
+    if "OrderId" in item or "Origin" in item:
+        return "hook"
+    if "orderId" in item:
+        return "feed"
+    return None
+
+
+def parse(text: str, kind: Kind | None, received_at: datetime) -> list[Line]:
+    out = []
+    for number, item, error in items(text):
+        if error is not None:
+            out.append(Line(number, None, error=error))
+            continue
+        found = kind or detect(item)
+        if found is None:
+            out.append(Line(number, None, error="kind not recognised (use --kind)"))
+            continue
+        entry, why = _entry(found, item, received_at)
+        out.append(Line(number, found, entry, why))
+    return out
+
+
+def _entry(kind: Kind, item: Any, received_at: datetime) -> tuple[NewEntry | None, str | None]:
+    match kind:
+        case "feed":
+            fed = intake.feed_item(item, received_at)
+            return (fed.entry, None) if fed.accepted else (None, fed.entry.reason)
+        case "hook":
+            pushed = intake.hook_item(item, received_at)
+            if pushed.ping:
+                return None, "a hook ping carries no order"
+            return (pushed.entry, None) if pushed.reason is None else (None, pushed.reason)
+        case "notification":
+            try:
+                env = intake.ResultEnvelope.model_validate(item)
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                return None, f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}"
+            return intake.notification_entry(env, received_at, authenticated=True), None  # the operator vouches
+        case "journal":
+            return _journal_entry(item)
+
+
+def _journal_entry(item: Any) -> tuple[NewEntry | None, str | None]:
+    if not isinstance(item, dict):
+        return None, "a journal row must be a JSON object"
+    try:
+        row = {k: item.get(k) for k in JOURNAL_FIELDS}
+        entry = NewEntry(
+            kind=str(row["kind"]),
+            source=str(row["source"] or "ingest"),
+            payload=row["payload"] if isinstance(row["payload"], str) else json.dumps(row["payload"]),
+            received_at=from_iso(str(row["received_at"])),
+            order_id=row["order_id"],
+            dedup_key=row["dedup_key"],
+            event_id=row["event_id"],
+            reason=row["reason"],
+            version=int(row["version"] or 1),
+        )
+        if entry.kind != "rejected":
+            read_entry(entry.kind, entry.version or 1, entry.payload)
+    except UnreadableEntry as exc:
+        return None, f"{item.get('kind')}: {exc}"
+    except (ValueError, TypeError) as exc:
+        return None, f"bad journal row: {exc}"
+    return entry, None
+
+
+def export_line(row: dict[str, Any]) -> str:
+    """A journal row as one JSON line (the payload as stored, so it reads back byte for byte)."""
+    return json.dumps({k: row[k] for k in ("offset", *JOURNAL_FIELDS)}, separators=(",", ":"))
