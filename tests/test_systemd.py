@@ -19,33 +19,68 @@ from omsd.sim.server import Simulator
 from tests.conftest import API_TOKEN, free_port
 from tests.test_crash import omsd_env
 
-UNIT = Path(__file__).resolve().parent.parent / "systemd" / "omsd.service"
+ROOT = Path(__file__).resolve().parent.parent
+UNIT = ROOT / "systemd" / "omsd.service"
+TEMPLATE = ROOT / "systemd" / "omsd@.service"
+UNITS = pytest.mark.parametrize("unit", [UNIT, TEMPLATE], ids=["single", "template"])
 ANALYZE = shutil.which("systemd-analyze")
 needs_analyze = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze not installed (.ci/run installs it)")
 
 
 @needs_analyze
-def test_unit_verifies(tmp_path: Path) -> None:
-    """`systemd-analyze verify` accepts the unit (ExecStart pointed at this install)."""
+@UNITS
+def test_unit_verifies(tmp_path: Path, unit: Path) -> None:
+    """`systemd-analyze verify` accepts the unit and the template (ExecStart pointed at this install)."""
     assert ANALYZE is not None
     omsd = Path(sys.executable).parent / "omsd"
-    unit = tmp_path / "omsd.service"
-    unit.write_text(UNIT.read_text().replace("/opt/omsd/.venv/bin/omsd", str(omsd)))
-    proc = subprocess.run([ANALYZE, "verify", str(unit)], capture_output=True, text=True, timeout=60, check=False)
+    name = unit.name.replace("@.", "@mystore.")
+    copy = tmp_path / name
+    copy.write_text(unit.read_text().replace("/opt/omsd/.venv/bin/omsd", str(omsd)))
+    proc = subprocess.run([ANALYZE, "verify", str(copy)], capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.strip() == ""
 
 
 @needs_analyze
-def test_unit_exposure_is_at_most_2() -> None:
-    """`systemd-analyze security --offline=true` rates the unit 2.0 or lower."""
+@UNITS
+def test_unit_exposure_is_at_most_2(unit: Path) -> None:
+    """`systemd-analyze security --offline=true` rates the unit and the template 2.0 or lower."""
     assert ANALYZE is not None
     proc = subprocess.run(
-        [ANALYZE, "security", "--offline=true", str(UNIT)], capture_output=True, text=True, timeout=60, check=False
+        [ANALYZE, "security", "--offline=true", str(unit)], capture_output=True, text=True, timeout=60, check=False
     )
-    match = re.search(r"Overall exposure level for omsd\.service: (\d+\.\d+)", proc.stdout + proc.stderr)
+    match = re.search(r"Overall exposure level for omsd\S*\.service: (\d+\.\d+)", proc.stdout + proc.stderr)
     assert match is not None, proc.stdout[-500:]
     assert float(match.group(1)) <= 2.0
+
+
+def test_units_are_rendered_from_one_source() -> None:
+    """The committed omsd.service and omsd@.service are exactly what scripts/gen-units renders."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gen-units"), "--check"], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_template_names_the_instance_everywhere_it_must() -> None:
+    """The template's environment file, credentials, state directory and database are per instance."""
+    text = TEMPLATE.read_text()
+    for line in (
+        "EnvironmentFile=/etc/omsd/%i.env",
+        "Environment=OMSD_DB=/var/lib/omsd/%i/omsd.db",
+        "StateDirectory=omsd/%i",
+        "LoadCredential=omsd_app_token:/etc/omsd/credentials/%i/app_token",
+    ):
+        assert re.search(f"^{re.escape(line)}$", text, re.MULTILINE), line
+    assert "OMSD_LISTEN" not in "".join(ln for ln in text.splitlines() if not ln.startswith("#"))
+
+
+@UNITS
+def test_unit_does_not_restart_on_a_configuration_error(unit: Path) -> None:
+    """Exit 2 (configuration) and 3 (database owned by another process) are not restarted every 5 s."""
+    match = re.search(r"^RestartPreventExitStatus=(.*)$", unit.read_text(), re.MULTILINE)
+    assert match is not None
+    assert set(match.group(1).split()) == {"2", "3"}
 
 
 def test_unit_descriptor_limit_leaves_room_above_the_connection_cap() -> None:
