@@ -316,10 +316,7 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus text, with the gauges that are read from the store refreshed first."""
     ctx = _ctx(request)
-    stats = await ctx.store.stats()
-    ctx.metrics.journal_offset.set(stats["last_offset"])
-    ctx.metrics.processor_offset.set(stats["processor_offset"])
-    ctx.metrics.set_phases(await ctx.store.phase_counts())
+    await ctx.metrics.refresh(ctx.store, ctx.settings.db)
     ctx.health.problems(await ctx.store.writable())
     body = ctx.metrics.render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,22 +1,52 @@
 """Prometheus metrics (prometheus-client), in a registry of omsd's own.
 
 Counters are incremented where things happen; gauges that mirror the database
-(offsets, orders by phase) are refreshed when /metrics is scraped.
+(offsets, orders by phase, parked intents, size, the oldest unapplied event) are
+refreshed when /metrics is scraped. Names follow Prometheus' rules: base units
+(`_seconds`, `_bytes`), `_total` on counters (prometheus-client adds it), and no
+`_created` series (they double the series count and no alert uses them).
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from omsd.state.statuses import Phase
+from omsd.state.statuses import TERMINAL_PHASES, Phase
+from omsd.state.store import Store
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+# Seconds: a VTEX call takes tens of milliseconds to the client's timeout; an
+# approval from seconds (hook) to days (an order held for manual authorization).
+CALL_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+LATENCY_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
+INTENT_BUCKETS = (1.0, 10.0, 60.0, 300.0, 3600.0, 6 * 3600.0, 86400.0, 3 * 86400.0, 7 * 86400.0)
+MAX_TRACKED = 100_000  # orders between release and PUT this process remembers
+
+
+def omsd_version() -> str:
+    try:
+        return version("omsd")
+    except PackageNotFoundError:
+        return "unknown"
+
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, monotonic: Callable[[], float] = time.monotonic) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
+        self._monotonic = monotonic
+        self._released: dict[str, float] = {}  # order id -> when it left waiting_release
+        self.build_info = Gauge("omsd_build_info", "Always 1; the running omsd's version", ["version"], registry=r)
+        self.build_info.labels(version=omsd_version()).set(1)
         self.events_in = Counter("omsd_events_in", "Events journaled, by source", ["source"], registry=r)
         self.duplicates = Counter("omsd_duplicates", "Events dropped as duplicates, by source", ["source"], registry=r)
         self.rejected = Counter("omsd_rejected_input", "Bad input kept as rejected, by source", ["source"], registry=r)
@@ -24,15 +54,46 @@ class Metrics:
         self.feed_commit_failures = Counter("omsd_feed_commit_failures", "Failed feed commit calls", registry=r)
         self.journal_offset = Gauge("omsd_journal_offset", "Highest journal offset", registry=r)
         self.processor_offset = Gauge("omsd_processor_offset", "Journal offset applied by the processor", registry=r)
+        self.oldest_unapplied = Gauge(
+            "omsd_journal_oldest_unapplied_age_seconds",
+            "Age of the oldest journal event the processor has not applied (0 when caught up)",
+            registry=r,
+        )
         self.orders = Gauge("omsd_orders", "Orders by local phase", ["phase"], registry=r)
+        self.parked_intents = Gauge(
+            "omsd_parked_intents", "Approval intents waiting for their order to be known", registry=r
+        )
+        self.database_bytes = Gauge("omsd_database_bytes", "Size of the database with its -wal file", registry=r)
         self.approvals_sent = Counter("omsd_approvals_sent", "Approval PUTs sent", registry=r)
         self.approvals_confirmed = Counter("omsd_approvals_confirmed", "Orders that reached approved", registry=r)
         self.approvals_refused = Counter(
             "omsd_approvals_refused", "Approval results other than SOI002/SOI003, by code", ["code"], registry=r
         )
+        self.release_to_approval = Histogram(
+            "omsd_release_to_approval_seconds",
+            "From the order seen free (leaving waiting_release) to the approval PUT sent",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.intent_to_approved = Histogram(
+            "omsd_intent_to_approved_seconds",
+            "From the approval intent journaled to the order confirmed approved",
+            buckets=INTENT_BUCKETS,
+            registry=r,
+        )
         self.vtex_requests = Counter(
             "omsd_vtex_requests", "HTTP calls to VTEX by route and status (or error)", ["route", "status"], registry=r
         )
+        self.vtex_duration = Histogram(
+            "omsd_vtex_request_duration_seconds",
+            "Duration of one HTTP exchange with VTEX, by route",
+            ["route"],
+            buckets=CALL_BUCKETS,
+            registry=r,
+        )
+        self._rest(r)
+
+    def _rest(self, r: CollectorRegistry) -> None:
         self.rate_limited = Counter("omsd_vtex_rate_limited", "429 answers from VTEX", registry=r)
         self.rate_limited_wait = Counter(
             "omsd_vtex_rate_limited_wait_seconds", "Seconds paused because of 429", registry=r
@@ -61,10 +122,48 @@ class Metrics:
         for phase in Phase:
             self.orders.labels(phase=phase.value).set(0)
 
-    def on_vtex_call(self, method: str, route: str, outcome: int | str) -> None:
+    def on_vtex_call(self, method: str, route: str, outcome: int | str, duration_s: float | None = None) -> None:
         self.vtex_requests.labels(route=f"{method} {route}", status=str(outcome)).inc()
+        if duration_s is not None:
+            self.vtex_duration.labels(route=f"{method} {route}").observe(duration_s)
         if outcome == 429:
             self.rate_limited.inc()
+
+    def on_transition(
+        self, order_id: str, from_phase: str | None, to_phase: str, intent_at: datetime | None, now: datetime
+    ) -> None:
+        """Counters and latencies that follow an order's phase."""
+        leaves_wait = from_phase == Phase.WAITING_RELEASE and to_phase != Phase.WAITING_RELEASE
+        if leaves_wait and len(self._released) < MAX_TRACKED:
+            self._released.setdefault(order_id, self._monotonic())
+        if to_phase in TERMINAL_PHASES:
+            self._released.pop(order_id, None)
+        if to_phase == from_phase:
+            return
+        if to_phase == Phase.APPROVED:
+            self.approvals_confirmed.inc()
+            if intent_at is not None:
+                self.intent_to_approved.observe(max(0.0, (now - intent_at).total_seconds()))
+        elif to_phase == Phase.DEAD:
+            self.dead_letters.inc()
+
+    def on_approval_sent(self, order_id: str) -> None:
+        self.approvals_sent.inc()
+        released = self._released.pop(order_id, None)
+        if released is not None:
+            self.release_to_approval.observe(max(0.0, self._monotonic() - released))
+
+    async def refresh(self, store: Store, db: Path, now: datetime | None = None) -> None:
+        """The gauges read from the database, before a scrape."""
+        stats = await store.stats()
+        self.journal_offset.set(stats["last_offset"])
+        self.processor_offset.set(stats["processor_offset"])
+        self.parked_intents.set(stats["pending_intents"])
+        self.set_phases(await store.phase_counts())
+        oldest = await store.journal_after(stats["processor_offset"], limit=1)
+        now = now or datetime.now(UTC)
+        self.oldest_unapplied.set(max(0.0, (now - oldest[0].received_at).total_seconds()) if oldest else 0)
+        self.database_bytes.set(sum(p.stat().st_size for p in (db, Path(f"{db}-wal")) if p.exists()))
 
     def set_phases(self, counts: dict[str, int]) -> None:
         for phase in Phase:

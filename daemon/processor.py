@@ -21,6 +21,7 @@ from omsd.state import routing
 from omsd.state.events import Event, IntentReceived, NotificationReceived, UnreadableEntry, read_entry
 from omsd.state.machine import decide
 from omsd.state.models import Order, Policy
+from omsd.state.statuses import Phase
 from omsd.state.store import Batch, HistoryRow, JournalRow, Store, UnreadableRow
 
 log = get_logger("omsd.processor")
@@ -34,6 +35,9 @@ class Transition:
     to_phase: str
     status: str | None
     cause: str
+    intent_at: datetime | None = None
+    code: str | None = None  # the order's last VTEX result code (EOI...), and last error
+    error: str | None = None
 
 
 @dataclass(slots=True)
@@ -109,6 +113,8 @@ class Processor:
                 status=t.status,
                 cause=t.cause,
             )
+            if t.to_phase == Phase.DEAD and t.from_phase != Phase.DEAD:
+                log.warning("order_dead", order_id=t.order_id, offset=t.offset, code=t.code, error=t.error)
             for listener in self.listeners:
                 listener(t)
         async with self.applied:
@@ -281,7 +287,17 @@ class Processor:
             )
             if not run.fresh:
                 run.transitions.append(
-                    Transition(after.order_id, row.offset, from_phase, after.phase, after.status, cause)
+                    Transition(
+                        after.order_id,
+                        row.offset,
+                        from_phase,
+                        after.phase,
+                        after.status,
+                        cause,
+                        after.intent_at,
+                        after.last_code,
+                        after.last_error,
+                    )
                 )
         if (mkt := routing.newly_linked(before, after)) is not None:
             await self._release_parked(run, row, after.order_id, mkt)

@@ -256,8 +256,9 @@ class VtexClient:
         limited = 0
         while True:
             await self._slot()
+            started = self._clock()
             status, retry_after, text, error = await self._send(method, url, params, body)
-            self._metrics.on_vtex_call(method, route, error or status)
+            self._metrics.on_vtex_call(method, route, error or status, self._clock() - started)
             if status == 429:
                 limited += 1
                 wait_s = parse_retry_after(retry_after)
@@ -273,7 +274,7 @@ class VtexClient:
                     raise RateLimited(f"{method} {route}: 429 {limited} times", wait_s)
                 continue
             if error is None and status >= 500:
-                error = f"HTTP {status}"
+                error = f"HTTP {status}{_result_code(text)}"  # EOI000 in the body says more than 500
             if error is not None:
                 failures += 1
                 if not idempotent or failures > self._settings.http_retries:
@@ -425,6 +426,13 @@ class VtexClient:
             raise BadResponse(f"PUT {ORDER_STATUS}: HTTP {status} without a result code")
         self._raise_for("PUT", ORDER_STATUS, status, answer)
         raise AssertionError("unreachable")
+
+
+def _result_code(text: str) -> str:
+    """` EOI000` when a body carries VTEX's result code, else nothing."""
+    body = _json_or_none(text)
+    code = body.get("code") if isinstance(body, dict) else None
+    return f" {code}" if isinstance(code, str) and code else ""
 
 
 def _json_or_none(text: str) -> Any:
