@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
 import signal
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -45,11 +46,10 @@ from omsd.daemon.logs import get_logger, redact
 from omsd.daemon.metrics import Metrics
 from omsd.daemon.notify import Notifier, Progress, watchdog_loop
 from omsd.daemon.processor import Processor, Transition
-from omsd.daemon.settings import Settings
+from omsd.daemon.settings import ConfigError, Settings
 from omsd.daemon.vtex import VtexClient
 from omsd.daemon.vtexconfig import SelfCheck, ensure_feed_config, ensure_hook_config
 from omsd.daemon.wakeup import wait_any
-from omsd.state.statuses import Phase
 from omsd.state.store import Store, StoreUnwritable
 
 log = get_logger("omsd.app")
@@ -107,6 +107,8 @@ class Daemon:
         async with AsyncExitStack() as stack:
             stack.callback(notify.stopping)
             notify.status("opening the database")
+            if not s.db.parent.is_dir():
+                raise ConfigError(f"OMSD_DB: the folder {s.db.parent} does not exist")
             stack.enter_context(lock.hold(s.db))  # one process owns a database (omsd replay/ingest refuse)
             store = await Store.open(s.db)
             stack.push_async_callback(store.close)
@@ -164,7 +166,12 @@ class Daemon:
         await web_runner.setup()
         stack.push_async_callback(web_runner.cleanup)
         assert web_runner.server is not None
-        server = await loop.create_server(guard.factory(web_runner.server), s.listen_host, s.listen_port)
+        try:
+            server = await loop.create_server(guard.factory(web_runner.server), s.listen_host, s.listen_port)
+        except OSError as exc:  # in use, not an address of this machine, a privileged port
+            raise ConfigError(
+                f"OMSD_LISTEN: cannot listen on {s.listen}: {os.strerror(exc.errno) if exc.errno else exc}"
+            ) from None
         stack.push_async_callback(_close_listener, server)
         self.url = _site_url(server, s)
 
@@ -237,10 +244,7 @@ class Daemon:
         return jobs
 
     def _count_transition(self, t: Transition) -> None:
-        if t.to_phase == Phase.APPROVED and t.from_phase != Phase.APPROVED:
-            self.metrics.approvals_confirmed.inc()
-        if t.to_phase == Phase.DEAD and t.from_phase != Phase.DEAD:
-            self.metrics.dead_letters.inc()
+        self.metrics.on_transition(t.order_id, t.from_phase, t.to_phase, t.intent_at, datetime.now(UTC))
 
     async def _loops(self, stop: asyncio.Event, poller: FeedPoller, processor: Processor, runner: EffectRunner) -> None:
         grace = self.settings.shutdown_grace_s

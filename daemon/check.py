@@ -29,7 +29,7 @@ async def run_checks(settings: Settings, *, bind_test: bool = True) -> list[Resu
     results = [Result("settings", True, f"account {settings.account}, source {settings.source}")]
     results.append(await _database(settings.db))
     if bind_test:
-        results.append(_listen(settings))
+        results.append(await _listen(settings))
     async with aiohttp.ClientSession() as session:
         client = VtexClient(settings, session, max_rate_limited=1)
         results.extend(await _vtex(settings, client))
@@ -58,14 +58,32 @@ async def _database(db: Path) -> Result:
     return Result("database", True, f"{db} writable, schema {version} current")
 
 
-def _listen(settings: Settings) -> Result:
+async def _listen(settings: Settings) -> Result:
     family = socket.AF_INET6 if ":" in settings.listen_host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         try:
             sock.bind((settings.listen_host, settings.listen_port))
         except OSError as exc:
-            return Result("listen address", False, f"{settings.listen}: {exc.strerror} (is omsd already running?)")
+            if await _omsd_answers(settings):
+                return Result("listen address", True, f"{settings.listen}: served by the running omsd")
+            return Result("listen address", False, f"{settings.listen}: {exc.strerror} (and not by omsd)")
     return Result("listen address", True, f"{settings.listen} is free")
+
+
+async def _omsd_answers(settings: Settings) -> bool:
+    """The address is taken by a running omsd: its /healthz answers 200 and its
+    /metrics carry omsd_build_info (another program's /healthz would not)."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(settings.listen_host, settings.listen_host)  # noqa: S104
+    base = f"http://{f'[{host}]' if ':' in host else host}:{settings.listen_port}"
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+            async with session.get(f"{base}/healthz") as health:
+                if health.status != 200:
+                    return False
+            async with session.get(f"{base}/metrics") as metrics:
+                return metrics.status == 200 and "omsd_build_info" in await metrics.text()
+    except (aiohttp.ClientError, TimeoutError):
+        return False
 
 
 async def _vtex(settings: Settings, client: VtexClient) -> list[Result]:

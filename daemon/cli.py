@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -27,7 +28,16 @@ from omsd.daemon import ingest, intake, logs, replay
 from omsd.daemon import lock as _lock
 from omsd.daemon.errors import VtexError
 from omsd.daemon.ingest import KINDS
-from omsd.daemon.settings import ConfigError, Settings, load_db_path, load_local, load_policy, load_settings
+from omsd.daemon.instance import instance_environment
+from omsd.daemon.settings import (
+    ConfigError,
+    Settings,
+    load_db_path,
+    load_local,
+    load_policy,
+    load_settings,
+    warn_unknown_variables,
+)
 from omsd.state.events import Resync
 from omsd.state.models import Order
 from omsd.state.statuses import Phase
@@ -66,6 +76,13 @@ Subparsers = argparse._SubParsersAction  # argparse names no public type for it
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="omsd", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--instance",
+        metavar="NAME",
+        help="run the command as the unit omsd@NAME sees it: settings from /etc/omsd/NAME.env, credentials "
+        "from /etc/omsd/credentials/NAME/, the database in /var/lib/omsd/NAME/ (OMSD_* variables of the "
+        "caller are ignored)",
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_run_commands(sub)
@@ -283,6 +300,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler: Handler = args.handler
     try:
+        if args.instance is not None:
+            environment = instance_environment(args.instance, os.environ)
+            os.environ.clear()
+            os.environ.update(environment)
+        warn_unknown_variables()
         return handler(args)
     except ConfigError as exc:
         print(f"omsd: configuration error: {exc}", file=sys.stderr)
@@ -302,6 +324,9 @@ def _run(args: argparse.Namespace) -> int:
     try:
         asyncio.run(run_until_signalled(settings))
     except DaemonFailed as exc:
+        if isinstance(exc.error, ConfigError):  # OMSD_LISTEN or OMSD_DB unusable: found only at start
+            print(f"omsd: configuration error: {exc.error}", file=sys.stderr)
+            return EXIT_CONFIG
         if isinstance(exc.error, _lock.DatabaseBusy):
             print(f"omsd: {exc.error}", file=sys.stderr)
             return EXIT_BUSY
@@ -375,8 +400,10 @@ async def _vtex_config(settings: Settings, kind: str, action: str, yes: bool) ->
     from omsd.daemon.vtexconfig import feed_plan, hook_plan
 
     if kind == "hook" and settings.hook_secret is None:
-        print("omsd: OMSD_HOOK_SECRET: is required to configure the hook", file=sys.stderr)
-        return EXIT_CONFIG
+        if action == "apply":
+            print("omsd: OMSD_HOOK_SECRET: is required to configure the hook", file=sys.stderr)
+            return EXIT_CONFIG
+        print("OMSD_HOOK_SECRET is not set: the hook's header is not compared")
     async with aiohttp.ClientSession() as session:
         client = VtexClient(settings, session, max_rate_limited=1)
         try:

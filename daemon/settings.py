@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import hmac
 import ipaddress
+import json
+import os
 import re
+import sys
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal, TextIO, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from omsd.state.models import Policy
 from omsd.state.statuses import FILTERABLE_STATUSES
@@ -19,6 +23,7 @@ from omsd.state.statuses import FILTERABLE_STATUSES
 NOTIFY_PREFIX = "/notify"  # connectorEndpoint = OMSD_CONNECTOR_ENDPOINT + /notify/<secret>
 NOTIFY_KEY_LABEL = b"omsd notification path v1"
 _PATH_SAFE = re.compile(r"[A-Za-z0-9._~-]+")
+_S = TypeVar("_S", bound="BaseSettings")
 
 
 class ConfigError(Exception):
@@ -75,7 +80,7 @@ class Settings(PolicySettings):
     hook_secret: SecretStr | None = None  # required with source hook/both
     poll_interval_s: float = Field(default=5.0, gt=0, le=3600)
     maxlot: int = Field(default=10, ge=1, le=10)
-    feed_statuses: tuple[str, ...] = FILTERABLE_STATUSES
+    feed_statuses: Annotated[tuple[str, ...], NoDecode] = FILTERABLE_STATUSES  # comma list or JSON list
     feed_visibility_timeout_s: int = Field(default=240, ge=10, le=43200)
     feed_retention_s: int = Field(default=345600, ge=345600, le=1209600)
 
@@ -128,8 +133,15 @@ class Settings(PolicySettings):
     @field_validator("feed_statuses", mode="before")
     @classmethod
     def _statuses(cls, value: object) -> object:
+        """`a,b` or `["a", "b"]`; every status must be one VTEX's filter accepts."""
         if isinstance(value, str):
-            value = [s.strip() for s in value.split(",") if s.strip()]
+            value = _json_list(value) if value.lstrip().startswith("[") else value.split(",")
+        if isinstance(value, list | tuple):
+            value = [s.strip() if isinstance(s, str) else s for s in value]
+            value = [s for s in value if s != ""]
+            unknown = [s for s in value if s not in FILTERABLE_STATUSES]
+            if unknown:
+                raise ValueError(f"not statuses VTEX can filter on: {', '.join(map(str, unknown))}")
         return value
 
     @field_validator("api_token", "hook_secret", "notify_secret", mode="before")
@@ -208,6 +220,13 @@ class Settings(PolicySettings):
         return int(self.listen.rpartition(":")[2])
 
 
+def _json_list(value: str) -> object:
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        raise ValueError("must be a comma-separated list or a JSON list of statuses") from None
+
+
 def check_listen(value: str) -> str:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
@@ -260,12 +279,19 @@ def load_settings(**overrides: object) -> Settings:
     directory (files named like the variable, e.g. `omsd_app_token`, as set by
     `LoadCredential=`); raise ConfigError naming the first bad variable."""
     credentials = systemd_environment().credentials_directory
+    if credentials is not None:
+        overrides = {"_secrets_dir": credentials, **overrides}
+    return _build(Settings, **overrides)
+
+
+def _build(cls: type[_S], **overrides: object) -> _S:
     try:
-        if credentials is not None:
-            return Settings(_secrets_dir=credentials, **overrides)  # type: ignore[arg-type]
-        return Settings(**overrides)  # type: ignore[arg-type]
+        return cls(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         raise ConfigError(describe(exc)) from None
+    except SettingsError as exc:  # a value pydantic-settings could not even decode
+        field = re.search(r'field "(\w+)"', str(exc))
+        raise ConfigError(f"OMSD_{field.group(1).upper() if field else '?'}: cannot be parsed") from None
 
 
 def describe(exc: ValidationError) -> str:
@@ -296,10 +322,7 @@ class LocalSettings(BaseSettings):
 
 
 def load_local() -> LocalSettings:
-    try:
-        return LocalSettings()
-    except ValidationError as exc:
-        raise ConfigError(describe(exc)) from None
+    return _build(LocalSettings)
 
 
 def load_db_path() -> Path:
@@ -307,7 +330,25 @@ def load_db_path() -> Path:
 
 
 def load_policy() -> Policy:
-    try:
-        return PolicySettings().policy()
-    except ValidationError as exc:
-        raise ConfigError(describe(exc)) from None
+    return _build(PolicySettings).policy()
+
+
+# OMSD_* variables read outside Settings: where `omsd --instance` finds an instance's files.
+OTHER_VARIABLES = frozenset({"OMSD_ETC", "OMSD_STATE_ROOT"})
+
+
+def known_variables() -> frozenset[str]:
+    return frozenset(f"OMSD_{name.upper()}" for name in Settings.model_fields) | OTHER_VARIABLES
+
+
+def warn_unknown_variables(environ: dict[str, str] | None = None, stream: TextIO | None = None) -> list[str]:
+    """One stderr line per `OMSD_*` variable no setting reads (a typo is otherwise
+    silently ignored), naming the closest known one; returns the unknown names."""
+    env = os.environ if environ is None else environ
+    known = known_variables()
+    unknown = sorted(name for name in env if name.startswith("OMSD_") and name not in known)
+    for name in unknown:
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        print(f"omsd: warning: {name} is not a setting omsd reads{hint}", file=stream or sys.stderr)
+    return unknown

@@ -67,22 +67,24 @@ def _describe_feed(body: dict[str, Any]) -> list[str]:
 
 
 def hook_plan(current: HookConfig | None, settings: Settings) -> list[str]:
-    """Differences between VTEX's hook configuration and omsd's; header values masked."""
-    want = hook_config_body(settings)
+    """Differences between VTEX's hook configuration and omsd's; header values masked.
+    Without OMSD_HOOK_SECRET (a feed-only set-up) the header is not compared."""
+    url, statuses = settings.hook_endpoint, list(settings.feed_statuses)
+    keyed = settings.hook_secret is not None
     if current is None:
         return [
             "create the hook configuration (none exists)",
-            f"  url: {want['hook']['url']}",
-            f"  headers: {settings.hook_header}: ***",
-            f"  filter: FromWorkflow, {len(want['filter']['status'])} statuses",
+            f"  url: {url}",
+            f"  headers: {settings.hook_header}: {'***' if keyed else '(OMSD_HOOK_SECRET is not set)'}",
+            f"  filter: FromWorkflow, {len(statuses)} statuses",
         ]
     changes = []
-    if current.url != want["hook"]["url"]:
-        changes.append(f"hook.url: {current.url} -> {want['hook']['url']}")
-    if current.headers != want["hook"]["headers"]:
+    if current.url != url:
+        changes.append(f"hook.url: {current.url} -> {url}")
+    if keyed and current.headers != hook_config_body(settings)["hook"]["headers"]:
         have = {k: mask(v) for k, v in current.headers.items()}
         changes.append(f"hook.headers: {have} -> {{'{settings.hook_header}': '***'}}")
-    if current.filter_type != "FromWorkflow" or set(current.statuses) != set(want["filter"]["status"]):
+    if current.filter_type != "FromWorkflow" or set(current.statuses) != set(statuses):
         changes.append("filter: replace with FromWorkflow and omsd's status list")
     return changes
 

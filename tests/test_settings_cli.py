@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,9 +14,14 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from omsd.daemon.check import run_checks
 from omsd.daemon.cli import main
-from omsd.daemon.settings import ConfigError, load_settings
+from omsd.daemon.instance import parse_environment_file
+from omsd.daemon.settings import ConfigError, Settings, load_settings, warn_unknown_variables
 from omsd.daemon.vtex import VtexClient
+from omsd.sim.server import Simulator
+from tests.conftest import RunDaemon, free_port
+from tests.test_notify_cli import run_cli, sim_env  # noqa: F401 - the fixture
 
 REQUIRED = {
     "OMSD_ACCOUNT": "shop",
@@ -207,3 +216,182 @@ def test_empty_tokens_mean_unset_and_short_ones_are_refused(env: pytest.MonkeyPa
     env.setenv("OMSD_API_TOKEN", "short")
     with pytest.raises(ConfigError, match="OMSD_API_TOKEN: Value error, must be at least 16 characters"):
         load_settings()
+
+
+# ---- settings errors: one line, exit 2 -------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def omsd(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`omsd ARGS` in a subprocess with exactly `env` (plus PATH)."""
+    return subprocess.run(
+        [sys.executable, "-m", "omsd.daemon", *args],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", **env},
+        cwd=cwd,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_feed_statuses_take_a_comma_list_or_a_json_list(env: pytest.MonkeyPatch) -> None:
+    """Both spellings the docs allow give the same statuses."""
+    env.setenv("OMSD_FEED_STATUSES", " canceled, waiting-for-manual-authorization ")
+    assert load_settings().feed_statuses == ("canceled", "waiting-for-manual-authorization")
+    env.setenv("OMSD_FEED_STATUSES", '["canceled", "waiting-for-manual-authorization"]')
+    assert load_settings().feed_statuses == ("canceled", "waiting-for-manual-authorization")
+
+
+@pytest.mark.parametrize("value", ["canceled,cancelled", '["canceled", "cancelled"]'])
+def test_feed_statuses_outside_vtexs_list_are_refused(env: pytest.MonkeyPatch, value: str) -> None:
+    """A status VTEX cannot filter on is named, in either spelling (it would replace VTEX's filter)."""
+    env.setenv("OMSD_FEED_STATUSES", value)
+    with pytest.raises(ConfigError, match=r"^OMSD_FEED_STATUSES: .*cancelled$"):
+        load_settings()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("OMSD_FEED_STATUSES", "canceled,cancelled"),
+        ("OMSD_FEED_STATUSES", '["canceled", 3'),
+        ("OMSD_DB", "{tmp}/no/such/folder/omsd.db"),
+        ("OMSD_LISTEN", "127.0.0.1:{busy}"),
+        ("OMSD_LISTEN", "192.0.2.1:8787"),
+    ],
+)
+def test_run_settings_errors_are_one_line_and_exit_2(tmp_path: Path, variable: str, value: str) -> None:
+    """`omsd run` with a bad status list, a database in a missing folder, or an address it
+    cannot listen on: one stderr line naming the variable, exit 2 (no traceback)."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        env = {
+            **{k: v for k, v in REQUIRED.items() if k != "OMSD_CONNECTOR_ENDPOINT"},
+            "OMSD_CONNECTOR_ENDPOINT": "http://127.0.0.1:9",
+            "OMSD_VTEX_BASE_URL": "http://127.0.0.1:9",
+            "OMSD_DB": str(tmp_path / "omsd.db"),
+            "OMSD_LISTEN": f"127.0.0.1:{free_port()}",
+            variable: value.format(tmp=tmp_path, busy=busy.getsockname()[1]),
+        }
+        proc = omsd("run", env=env, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    [line] = proc.stderr.splitlines()
+    assert line.startswith(f"omsd: configuration error: {variable}: ")
+
+
+def test_a_misspelled_variable_is_named_with_the_closest_setting(tmp_path: Path) -> None:
+    """An OMSD_* variable no setting reads gives one warning naming the closest known one."""
+    env = {"OMSD_DB": str(tmp_path / "o.db"), "OMSD_POLL_INTERVAL": "1", "OMSD_ETC": str(tmp_path)}
+    assert omsd("init", env=env, cwd=tmp_path).returncode == 0
+    proc = omsd("orders", env=env, cwd=tmp_path)
+    assert proc.returncode == 0
+    assert proc.stderr.splitlines() == [
+        "omsd: warning: OMSD_POLL_INTERVAL is not a setting omsd reads (did you mean OMSD_POLL_INTERVAL_S?)"
+    ]
+
+
+def test_known_variables_warn_nothing() -> None:
+    """Every setting, and the variables `--instance` reads, are known."""
+    quiet = io.StringIO()
+    known = {f"OMSD_{name.upper()}": "x" for name in Settings.model_fields} | {"OMSD_ETC": "/", "HOME": "/"}
+    assert warn_unknown_variables(known, quiet) == [] and quiet.getvalue() == ""
+
+
+async def test_hook_config_show_needs_no_hook_secret_in_feed_mode(
+    sim_env: Simulator,  # noqa: F811 - the fixture
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Feed mode without OMSD_HOOK_SECRET: `hook config show` shows VTEX's hook; apply still needs it."""
+    sim_env.hook_config = {
+        "filter": {"type": "FromWorkflow", "status": ["canceled"]},
+        "hook": {"url": "https://elsewhere.example.com/h", "headers": {"X-Omsd-Hook-Secret": "s" * 20}},
+    }
+    assert await run_cli("hook", "config", "show") == 0
+    out = capsys.readouterr().out
+    assert "hook.url: https://elsewhere.example.com/h -> https://omsd.example.com/vtex/hook" in out
+    assert "s" * 20 not in out
+    assert await run_cli("hook", "config", "apply", "--yes") == 2
+
+
+async def test_check_passes_the_listen_address_of_a_running_omsd(sim: Simulator, run_daemon: RunDaemon) -> None:
+    """`omsd check` beside the running daemon: its own address passes; one held by another program fails."""
+    async with run_daemon(sim) as daemon:
+        results = {r.name: r for r in await run_checks(daemon.settings)}
+        assert results["listen address"].ok, results["listen address"].detail
+        assert "running omsd" in results["listen address"].detail
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        settings = daemon.settings.model_copy(update={"listen": f"127.0.0.1:{other.getsockname()[1]}"})
+        results = {r.name: r for r in await run_checks(settings)}
+    assert not results["listen address"].ok
+
+
+# ---- the example environment and `omsd --instance` -------------------------------------
+
+
+def test_the_example_environment_validates_with_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """deploy/omsd.env.example plus credential files (as the unit hands them over) is a valid
+    configuration, and it sets no secret variable that would shadow a credential."""
+    example = parse_environment_file((ROOT / "deploy" / "omsd.env.example").read_text())
+    assert not {"OMSD_APP_TOKEN", "OMSD_API_TOKEN", "OMSD_HOOK_SECRET"} & set(example)
+    for key in [k for k in os.environ if k.startswith("OMSD_")]:
+        monkeypatch.delenv(key)
+    for key, value in example.items():
+        monkeypatch.setenv(key, value)
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "omsd_app_token").write_text("dummy-app-token-0123456789\n")
+    (creds / "omsd_api_token").write_text("")
+    (creds / "omsd_hook_secret").write_text("")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    settings = load_settings()
+    assert settings.app_token.get_secret_value() == "dummy-app-token-0123456789"
+    assert settings.source == "feed" and settings.hook_secret is None
+
+
+def instance_files(tmp_path: Path, sim: Simulator) -> dict[str, str]:
+    """An /etc/omsd and /var/lib/omsd for the instance `mystore`, as the docs lay them out."""
+    etc, state = tmp_path / "etc", tmp_path / "state"
+    (etc / "credentials" / "mystore").mkdir(parents=True)
+    (state / "mystore").mkdir(parents=True)  # systemd's StateDirectory=omsd/%i
+    (etc / "mystore.env").write_text(
+        f"OMSD_ACCOUNT={sim.account}\nOMSD_APP_KEY={sim.app_key}\nOMSD_CONNECTOR_NAME=c\n"
+        f"OMSD_CONNECTOR_ENDPOINT=https://omsd.example.com\nOMSD_LISTEN=127.0.0.1:{free_port()}\n"
+        f"OMSD_VTEX_BASE_URL={sim.base_url}\n# a comment\n"
+    )
+    (etc / "credentials" / "mystore" / "app_token").write_text(sim.app_token + "\n")
+    return {"OMSD_ETC": str(etc), "OMSD_STATE_ROOT": str(state), "OMSD_DB": str(tmp_path / "elsewhere.db")}
+
+
+async def test_instance_commands_see_what_the_service_sees(sim: Simulator, tmp_path: Path) -> None:
+    """The documented `omsd --instance mystore …` commands read /etc/omsd/mystore.env, the
+    instance's credentials and its database, and ignore the caller's OMSD_* variables."""
+    env = instance_files(tmp_path, sim)
+
+    async def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return await asyncio.to_thread(omsd, "--instance", "mystore", *args, env=env, cwd=tmp_path)
+
+    assert (await run("init")).returncode == 0
+    assert (tmp_path / "state" / "mystore" / "omsd.db").exists()
+    assert not (tmp_path / "elsewhere.db").exists()
+    assert (await run("approve", "MKT-9", "--order-id", "MKP-9-01")).returncode == 0
+    status = await run("status")
+    assert status.returncode == 0 and json.loads(status.stdout[status.stdout.index("{") :])["journal"] == 1
+    journal = await run("journal")
+    assert journal.returncode == 0 and "MKP-9-01" in journal.stdout
+    assert (await run("orders")).returncode == 0
+    check = await run("check")
+    assert "accepted by" in check.stdout, check.stdout + check.stderr  # the token came from the credential file
+    assert check.stderr == ""
+
+
+def test_an_unknown_instance_is_one_line_exit_2(tmp_path: Path) -> None:
+    """`--instance` naming no environment file: one line naming the file, exit 2."""
+    proc = omsd("--instance", "nosuch", "orders", env={"OMSD_ETC": str(tmp_path)}, cwd=tmp_path)
+    assert proc.returncode == 2
+    [line] = proc.stderr.splitlines()
+    assert f"{tmp_path}/nosuch.env" in line

@@ -1,0 +1,63 @@
+"""`omsd --instance NAME`: the environment the unit `omsd@NAME.service` gives omsd.
+
+The same files systemd reads (systemd/omsd@.service): the environment file
+`/etc/omsd/NAME.env`, the credentials in `/etc/omsd/credentials/NAME/`, and the
+database under the state directory `/var/lib/omsd/NAME/`. OMSD_ETC and
+OMSD_STATE_ROOT move those two roots (tests, a packaged layout).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+from omsd.daemon.settings import OTHER_VARIABLES, ConfigError
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# LoadCredential=omsd_<name>:/etc/omsd/credentials/%i/<name>, as in the unit.
+CREDENTIALS = ("app_token", "api_token", "hook_secret")
+
+
+def instance_environment(name: str, environ: Mapping[str, str]) -> dict[str, str]:
+    """`environ` without its OMSD_* variables (the service does not see the caller's),
+    plus what the unit sets: OMSD_DB under the state directory, then the environment
+    file (EnvironmentFile= overrides Environment=), then each credential the file
+    does not set (a variable wins over a credential, as in `omsd run`)."""
+    if not _NAME.fullmatch(name):
+        raise ConfigError(f"--instance: {name!r} is not an instance name (letters, digits, - _ .)")
+    etc = Path(environ.get("OMSD_ETC", "/etc/omsd"))
+    state = Path(environ.get("OMSD_STATE_ROOT", "/var/lib/omsd"))
+    env_file = etc / f"{name}.env"
+    env = {k: v for k, v in environ.items() if not k.startswith("OMSD_") or k in OTHER_VARIABLES}
+    env.pop("CREDENTIALS_DIRECTORY", None)
+    env["OMSD_DB"] = str(state / name / "omsd.db")
+    try:
+        env.update(parse_environment_file(env_file.read_text()))
+    except OSError as exc:
+        raise ConfigError(f"--instance {name}: cannot read {env_file}: {exc.strerror}") from None
+    for credential in CREDENTIALS:
+        path = etc / "credentials" / name / credential
+        variable = f"OMSD_{credential.upper()}"
+        if variable not in env and path.is_file():
+            try:
+                env[variable] = path.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"--instance {name}: cannot read {path}: {exc.strerror}") from None
+    return env
+
+
+def parse_environment_file(text: str) -> dict[str, str]:
+    """systemd's EnvironmentFile= format: KEY=VALUE lines, `#` and `;` comment lines,
+    an optionally quoted value (a `#` after a value is part of it, as in systemd)."""
+    out: dict[str, str] = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line[0] in "#;" or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        out[key.strip()] = value
+    return out
