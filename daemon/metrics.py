@@ -30,6 +30,7 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 CALL_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 LATENCY_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 INTENT_BUCKETS = (1.0, 10.0, 60.0, 300.0, 3600.0, 6 * 3600.0, 86400.0, 3 * 86400.0, 7 * 86400.0)
+HELD_REFUSAL = "EOI011"  # VTEX refused an approval because the order is held: must never happen
 MAX_TRACKED = 100_000  # orders between release and PUT this process remembers
 
 
@@ -121,6 +122,8 @@ class Metrics:
         )
         for phase in Phase:
             self.orders.labels(phase=phase.value).set(0)
+        # Exported at 0 from the start, so that increase() sees the first one (an alert).
+        self.approvals_refused.labels(code=HELD_REFUSAL)
 
     def on_vtex_call(self, method: str, route: str, outcome: int | str, duration_s: float | None = None) -> None:
         self.vtex_requests.labels(route=f"{method} {route}", status=str(outcome)).inc()

@@ -132,3 +132,9 @@ async def test_an_order_going_dead_logs_a_warning_with_vtexs_code(tmp_path: Path
     [dead] = [e for e in logged if e["event"] == "order_dead"]
     assert dead["log_level"] == "warning" and dead["order_id"] == order.order_id
     assert dead["error"].endswith("HTTP 500 EOI000"), dead
+
+
+def test_the_held_refusal_series_exists_before_the_first_one() -> None:
+    """omsd_approvals_refused_total{code="EOI011"} is exported at 0 from the start, so the
+    alert's increase() sees the very first refusal."""
+    assert 'omsd_approvals_refused_total{code="EOI011"} 0.0' in Metrics().render().decode()
