@@ -77,12 +77,19 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="omsd", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument(
+    unit = p.add_mutually_exclusive_group()
+    unit.add_argument(
         "--instance",
         metavar="NAME",
         help="run the command as the unit omsd@NAME sees it: settings from /etc/omsd/NAME.env, credentials "
         "from /etc/omsd/credentials/NAME/, the database in /var/lib/omsd/NAME/ (OMSD_* variables of the "
         "caller are ignored)",
+    )
+    unit.add_argument(
+        "--service",
+        action="store_true",
+        help="the same for the single-account unit omsd.service: /etc/omsd/omsd.env, /etc/omsd/credentials/, "
+        "/var/lib/omsd/omsd.db",
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_run_commands(sub)
@@ -300,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler: Handler = args.handler
     try:
-        if args.instance is not None:
+        if args.instance is not None or args.service:
             environment = instance_environment(args.instance, os.environ)
             os.environ.clear()
             os.environ.update(environment)

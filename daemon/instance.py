@@ -1,9 +1,11 @@
-"""`omsd --instance NAME`: the environment the unit `omsd@NAME.service` gives omsd.
+"""`omsd --instance NAME` / `omsd --service`: the environment the unit
+`omsd@NAME.service` (or the single-account `omsd.service`) gives omsd.
 
-The same files systemd reads (systemd/omsd@.service): the environment file
-`/etc/omsd/NAME.env`, the credentials in `/etc/omsd/credentials/NAME/`, and the
-database under the state directory `/var/lib/omsd/NAME/`. OMSD_ETC and
-OMSD_STATE_ROOT move those two roots (tests, a packaged layout).
+The same files systemd reads (systemd/omsd.unit.in): the environment file
+`/etc/omsd/NAME.env` (`omsd.env`), the credentials in `/etc/omsd/credentials/NAME/`
+(`/etc/omsd/credentials/`), and the database under the state directory
+`/var/lib/omsd/NAME/` (`/var/lib/omsd/`). OMSD_ETC and OMSD_STATE_ROOT move those
+two roots (tests, a packaged layout).
 """
 
 from __future__ import annotations
@@ -19,31 +21,33 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 CREDENTIALS = ("app_token", "api_token", "hook_secret")
 
 
-def instance_environment(name: str, environ: Mapping[str, str]) -> dict[str, str]:
+def instance_environment(name: str | None, environ: Mapping[str, str]) -> dict[str, str]:
     """`environ` without its OMSD_* variables (the service does not see the caller's),
     plus what the unit sets: OMSD_DB under the state directory, then the environment
     file (EnvironmentFile= overrides Environment=), then each credential the file
     does not set (a variable wins over a credential, as in `omsd run`)."""
-    if not _NAME.fullmatch(name):
+    if name is not None and not _NAME.fullmatch(name):
         raise ConfigError(f"--instance: {name!r} is not an instance name (letters, digits, - _ .)")
+    what = "--service" if name is None else f"--instance {name}"
     etc = Path(environ.get("OMSD_ETC", "/etc/omsd"))
     state = Path(environ.get("OMSD_STATE_ROOT", "/var/lib/omsd"))
-    env_file = etc / f"{name}.env"
+    env_file = etc / f"{name or 'omsd'}.env"
+    credentials = etc / "credentials" / (name or "")
     env = {k: v for k, v in environ.items() if not k.startswith("OMSD_") or k in OTHER_VARIABLES}
     env.pop("CREDENTIALS_DIRECTORY", None)
-    env["OMSD_DB"] = str(state / name / "omsd.db")
+    env["OMSD_DB"] = str(state / (name or "") / "omsd.db")
     try:
         env.update(parse_environment_file(env_file.read_text()))
     except OSError as exc:
-        raise ConfigError(f"--instance {name}: cannot read {env_file}: {exc.strerror}") from None
+        raise ConfigError(f"{what}: cannot read {env_file}: {exc.strerror}") from None
     for credential in CREDENTIALS:
-        path = etc / "credentials" / name / credential
+        path = credentials / credential
         variable = f"OMSD_{credential.upper()}"
         if variable not in env and path.is_file():
             try:
                 env[variable] = path.read_text().strip()
             except OSError as exc:
-                raise ConfigError(f"--instance {name}: cannot read {path}: {exc.strerror}") from None
+                raise ConfigError(f"{what}: cannot read {path}: {exc.strerror}") from None
     return env
 
 

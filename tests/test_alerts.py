@@ -29,7 +29,7 @@ SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), 
 def exported_names() -> set[str]:
     """Every sample name a live omsd registry can expose (histograms and labelled families
     included before their first observation)."""
-    names = set()
+    names: set[str] = set()
     for family in Metrics().registry.collect():
         names.update(family.name + suffix for suffix in SUFFIXES.get(family.type, ("",)))
     return names

@@ -97,7 +97,7 @@ async def test_a_served_approval_fills_the_histograms(sim: Simulator, run_daemon
         store = daemon.store
 
         async def parked() -> bool:
-            return (await store.stats())["pending_intents"] == 1
+            return bool((await store.stats())["pending_intents"] == 1)
 
         await until(parked)
         async with s.get(f"{daemon.url}/metrics") as resp:

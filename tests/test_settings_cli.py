@@ -16,7 +16,7 @@ import pytest
 
 from omsd.daemon.check import run_checks
 from omsd.daemon.cli import main
-from omsd.daemon.instance import parse_environment_file
+from omsd.daemon.instance import instance_environment, parse_environment_file
 from omsd.daemon.settings import ConfigError, Settings, load_settings, warn_unknown_variables
 from omsd.daemon.vtex import VtexClient
 from omsd.sim.server import Simulator
@@ -395,3 +395,19 @@ def test_an_unknown_instance_is_one_line_exit_2(tmp_path: Path) -> None:
     assert proc.returncode == 2
     [line] = proc.stderr.splitlines()
     assert f"{tmp_path}/nosuch.env" in line
+
+
+def test_service_reads_the_single_units_files(tmp_path: Path) -> None:
+    """`omsd --service` reads /etc/omsd/omsd.env, /etc/omsd/credentials/ and /var/lib/omsd/omsd.db."""
+    etc, state = tmp_path / "etc", tmp_path / "state"
+    (etc / "credentials").mkdir(parents=True)
+    state.mkdir()
+    (etc / "omsd.env").write_text("OMSD_ACCOUNT=shop\n")
+    (etc / "credentials" / "app_token").write_text("token-from-the-credential-file\n")
+    env = instance_environment(None, {"OMSD_ETC": str(etc), "OMSD_STATE_ROOT": str(state), "OMSD_ACCOUNT": "x"})
+    assert env["OMSD_ACCOUNT"] == "shop"
+    assert env["OMSD_APP_TOKEN"] == "token-from-the-credential-file"
+    assert env["OMSD_DB"] == str(state / "omsd.db")
+    proc = omsd("--service", "init", env={"OMSD_ETC": str(etc), "OMSD_STATE_ROOT": str(state)}, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (state / "omsd.db").exists()
