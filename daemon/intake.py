@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
@@ -55,11 +56,77 @@ REJECTED_BODY_MAX = 64 * 1024
 """The most of a rejected item or body kept in the journal (the rest: size and digest)."""
 
 _ID = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
-OrderId = Annotated[str, StringConstraints(strict=True, max_length=ORDER_ID_MAX, pattern=_ID)]
-MarketplaceOrderId = Annotated[str, StringConstraints(strict=True, max_length=MARKETPLACE_ORDER_ID_MAX, pattern=_ID)]
+OrderId = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=ORDER_ID_MAX, pattern=_ID)]
+MarketplaceOrderId = Annotated[
+    str, StringConstraints(strict=True, min_length=1, max_length=MARKETPLACE_ORDER_ID_MAX, pattern=_ID)
+]
 EventId = Annotated[str, StringConstraints(strict=True, max_length=EVENT_ID_MAX, pattern=r"^[A-Za-z0-9._:-]+$")]
 Handle = Annotated[str, StringConstraints(strict=True, max_length=HANDLE_MAX, pattern=r"^[!-~]+$")]
 Token = Annotated[str, StringConstraints(strict=True, max_length=TOKEN_MAX, pattern=r"^[A-Za-z0-9._-]+$")]
+
+
+MAX_DEPTH = 64
+"""The deepest nesting of arrays and objects a request body may have (VTEX's are 2 deep)."""
+
+_JSON_TOKENS = re.compile(r'"[^"\\]*+(?:\\.[^"\\]*+)*+(?:"|\\?\Z)|[\[\]{}]', re.DOTALL)
+"""A JSON string or a bracket. An unterminated string runs to the end of the text and the
+quantifiers are possessive: a match never fails after a scan, so the search stays linear."""
+
+
+class BadJson(ValueError):
+    """A request body that is not UTF-8 JSON omsd can store; the message is the reason."""
+
+
+def parse_json(data: bytes) -> Any:
+    """A request body as JSON: UTF-8 whatever the declared charset (RFC 8259), nested at
+    most MAX_DEPTH deep (checked before parsing, so the parser cannot recurse too deep),
+    without NaN/Infinity, and without lone surrogates (I-JSON, RFC 7493: they are not text)."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadJson(f"body is not UTF-8 (byte {exc.start})") from None
+    if _deeper_than(text, MAX_DEPTH):
+        raise BadJson(f"body nests deeper than {MAX_DEPTH}")
+    try:
+        value = json.loads(text, parse_constant=_no_constant)
+    except (ValueError, RecursionError):
+        raise BadJson("body is not JSON") from None
+    if not _all_text(value):
+        raise BadJson("body holds a lone surrogate (\\ud800-\\udfff), which is not text")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _deeper_than(text: str, limit: int) -> bool:
+    depth = 0
+    for match in _JSON_TOKENS.finditer(text):
+        token = match.group()
+        if token in ("[", "{"):
+            depth += 1
+            if depth > limit:
+                return True
+        elif token in ("]", "}"):
+            depth -= 1
+    return False
+
+
+def _all_text(value: Any) -> bool:
+    """True when every string (keys included) of a parsed JSON value is valid UTF-8."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if not storable(item):
+                return False
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
 
 
 class BadTime(ValueError):
