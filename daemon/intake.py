@@ -384,12 +384,13 @@ def rejected(
 ) -> NewEntry:
     """A journal row that keeps a bad item and why it was refused. The handle is left
     out of the stored item and of the dedup key: a redelivery is the same bad item.
-    An item whose JSON is longer than `limit` is kept as its head, size and digest."""
+    An item whose JSON is longer than `limit` or nests deeper than MAX_DEPTH (a reader
+    could not parse it back) is kept as its head, size and digest."""
     kept = item
     if isinstance(item, dict):
         kept = {k: v for k, v in item.items() if str(k).lower() != "handle"}
     raw = _raw(kept)
-    if len(raw) > limit:
+    if len(raw) > limit or _deeper_than(raw, MAX_DEPTH):
         raw = body_summary(raw.encode("ascii"), limit)
     return _rejected_row(source, raw, reason, received_at, _guess_order_id(kept))
 

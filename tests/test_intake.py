@@ -242,3 +242,14 @@ def test_poisoned_pushes_are_rejected() -> None:
         pushed = hook_item(body, NOW)
         assert pushed.entry is not None and pushed.entry.kind == "rejected" and pushed.reason
         assert pushed.entry.payload.encode("utf-8")
+
+
+def test_a_deep_rejected_item_is_kept_as_a_summary() -> None:
+    """A rejected item nested deeper than a JSON reader goes is kept as head, size and
+    digest, so the journal row parses back."""
+    deep: Any = "x"
+    for _ in range(900):  # json.dumps writes it; json.loads, under a test's stack, may not
+        deep = {"a": deep}
+    intake = feed_item({**GOOD, "state": deep}, NOW)
+    summary = json.loads(intake.entry.payload)
+    assert not intake.accepted and summary["size"] > 3000 and "sha256" in summary and "text" in summary
