@@ -266,7 +266,7 @@ class VtexClient:
                     ) as resp:
                         status = resp.status
                         retry_after = resp.headers.get("Retry-After")
-                        text = await resp.text()
+                        text = await resp.text(errors="replace")  # bad bytes must not end a loop
                 except TimeoutError:
                     error = "timeout"
                 except aiohttp.ClientError as exc:
@@ -403,5 +403,5 @@ def _json_or_none(text: str) -> Any:
         return None
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep to parse
         return None

@@ -176,3 +176,29 @@ async def test_a_poisoned_item_is_rejected_committed_and_the_loop_goes_on(settin
         rejected = await store.journal_tail(10, kind="rejected")
         assert [r.reason is not None for r in rejected] == [True] * 3
         assert [r.order_id for r in rejected] == ["MKP-1-01", None, None]  # only a well-formed id is kept
+
+
+@pytest.mark.parametrize(
+    "body", [b"\xff\xfe[not utf-8]", b"[" * 5000 + b"]" * 5000], ids=["not utf-8", "nested 5000 deep"]
+)
+async def test_a_poisoned_feed_response_is_no_crash(body: bytes) -> None:
+    """A feed answer that is not UTF-8 or nests too deep for the JSON parser escaped the
+    client as UnicodeDecodeError/RecursionError and would end the poller: now it reads as
+    a response without items (the poller asks again)."""
+    import aiohttp
+
+    from omsd.daemon.vtex import VtexClient
+    from tests.http_mock import aioresponses
+
+    settings = Settings(
+        account="shop", app_key="k", app_token="t", connector_name="c", connector_endpoint="https://omsd.example.com"
+    )
+    async with aiohttp.ClientSession() as session:
+        client = VtexClient(settings, session)
+        with aioresponses() as m:
+            m.get(
+                "https://shop.vtexcommercestable.com.br/api/orders/feed?maxlot=10",
+                body=body,
+                content_type="application/json",
+            )
+            assert await client.get_feed(10) == []
