@@ -22,6 +22,7 @@ from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from omsd.daemon import intake
@@ -198,15 +199,42 @@ async def _keep_rejected(request: web.Request, source: str, raw: Any, reason: st
     log.warning("request_rejected", source=source, reason=entry.reason, kept=True)
 
 
+class _Unreadable(Exception):
+    def __init__(self, status: int, answer: str, reason: str, kept: dict[str, Any]) -> None:
+        super().__init__(answer)
+        self.status, self.answer, self.reason, self.kept = status, answer, reason, kept
+
+    def response(self) -> web.Response:
+        resp = _error(self.status, self.answer)
+        if self.status == 400:
+            resp.force_close()  # the rest of a body that does not decompress cannot be parsed
+        return resp
+
+
+async def _read_bytes(request: web.Request) -> bytes:
+    """The raw body, or _Unreadable: larger than MAX_BODY, or not decodable as its Content-Encoding."""
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise _Unreadable(
+            413, f"body larger than {MAX_BODY} bytes", "body too large", {"size": request.content_length}
+        ) from None
+    except (HttpProcessingError, web.RequestPayloadError):
+        request.content.feed_eof()  # else aiohttp raises it again, with a traceback, discarding the rest
+        encoding = request.headers.get("Content-Encoding", "")[:20]
+        reason = f"body cannot be decoded as its Content-Encoding {encoding!r}"
+        raise _Unreadable(400, reason, reason, {"encoding": encoding}) from None
+
+
 async def _read_json(request: web.Request, source: str, *, keep: bool = True) -> tuple[Any, web.Response | None]:
     """The body as JSON (see intake.parse_json), or the error answer. With keep=False
     the caller decides whether the bad body is worth keeping."""
     try:
-        data = await request.read()
-    except web.HTTPRequestEntityTooLarge:
+        data = await _read_bytes(request)
+    except _Unreadable as exc:
         if keep:
-            await _keep_rejected(request, source, {"size": request.content_length}, "body too large")
-        return None, _error(413, f"body larger than {MAX_BODY} bytes")
+            await _keep_rejected(request, source, exc.kept, exc.reason)
+        return None, exc.response()
     try:
         return intake.parse_json(data), None
     except intake.BadJson as exc:
@@ -378,9 +406,9 @@ async def _hook_unauthenticated(request: web.Request) -> web.Response:
     length = request.content_length
     if length is not None and length <= PING_MAX:
         try:
-            if intake.is_ping(intake.parse_json(await request.read())):
+            if intake.is_ping(intake.parse_json(await _read_bytes(request))):
                 return web.json_response({"hookConfig": "pong"})
-        except intake.BadJson:
+        except (intake.BadJson, _Unreadable):
             pass
     log.warning("hook_unauthorized", remote=request.remote, header=ctx.settings.hook_header)
     return _error(401, f"missing or wrong {ctx.settings.hook_header} header")

@@ -485,3 +485,11 @@ async def test_authenticated_rejects_keep_their_body_up_to_64_kb(api: Api) -> No
     kept = await api.rejected()
     assert len(kept) == 25 and json.loads(kept[0].payload)["pad"] == "y" * 30_000
     assert api.ctx.metrics.sample("omsd_rejected_bodies_truncated_total", source="api") == 0
+
+
+@pytest.mark.parametrize(("path", "headers"), ROUTES, ids=ROUTE_IDS)
+async def test_a_body_that_does_not_decompress_is_400(api: Api, path: str, headers: dict[str, str]) -> None:
+    """`Content-Encoding: gzip` with bytes that are not gzip escaped as a 500 with a traceback."""
+    resp = await api.client.post(path, data=b"garbage", headers={"Content-Encoding": "gzip", **headers})
+    assert resp.status == 400 and "Content-Encoding" in (await resp.json())["error"]
+    assert (await call(api, "GET", "/healthz"))[0] == 200
