@@ -129,6 +129,8 @@ class ApiContext:
 
 ctx_key = web.AppKey("ctx", ApiContext)
 AUTHENTICATED = web.RequestKey("authenticated", bool)
+BODY_BROKEN = web.RequestKey("body_broken", bool)
+"""Set when the body did not decompress: the connection cannot carry another request."""
 """Set on a request once it proved a credential: its rejected bodies are kept whole (bounded)."""
 _Model = TypeVar("_Model", bound=BaseModel)
 _ORDER_KEY = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{intake.ORDER_ID_MAX - 1}}}")
@@ -170,7 +172,10 @@ def _ctx(request: web.Request) -> ApiContext:
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
-        return await handler(request)
+        resp = await handler(request)
+        if request.get(BODY_BROKEN):
+            resp.force_close()
+        return resp
     except web.HTTPException:
         raise
     except Exception:
@@ -205,10 +210,7 @@ class _Unreadable(Exception):
         self.status, self.answer, self.reason, self.kept = status, answer, reason, kept
 
     def response(self) -> web.Response:
-        resp = _error(self.status, self.answer)
-        if self.status == 400:
-            resp.force_close()  # the rest of a body that does not decompress cannot be parsed
-        return resp
+        return _error(self.status, self.answer)
 
 
 async def _read_bytes(request: web.Request) -> bytes:
@@ -221,6 +223,7 @@ async def _read_bytes(request: web.Request) -> bytes:
         ) from None
     except (HttpProcessingError, web.RequestPayloadError):
         request.content.feed_eof()  # else aiohttp raises it again, with a traceback, discarding the rest
+        request[BODY_BROKEN] = True
         encoding = request.headers.get("Content-Encoding", "")[:20]
         reason = f"body cannot be decoded as its Content-Encoding {encoding!r}"
         raise _Unreadable(400, reason, reason, {"encoding": encoding}) from None

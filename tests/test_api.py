@@ -493,3 +493,14 @@ async def test_a_body_that_does_not_decompress_is_400(api: Api, path: str, heade
     resp = await api.client.post(path, data=b"garbage", headers={"Content-Encoding": "gzip", **headers})
     assert resp.status == 400 and "Content-Encoding" in (await resp.json())["error"]
     assert (await call(api, "GET", "/healthz"))[0] == 200
+
+
+async def test_a_connection_whose_body_did_not_decompress_is_closed(api: Api) -> None:
+    """After a ping-sized `gzip` body that is not gzip (read without the secret) the
+    connection is closed: kept open, the next request on it never got an answer."""
+    import asyncio
+
+    resp = await api.client.post("/vtex/hook", data=b"x" * 10, headers={"Content-Encoding": "gzip"})
+    assert resp.status == 401 and resp.headers.get("Connection", "").lower() == "close"
+    followup = api.client.post("/vtex/hook", data=b"x" * 10, headers={"Content-Encoding": "gzip", **hook_headers()})
+    assert (await asyncio.wait_for(followup, timeout=20)).status == 400

@@ -2,6 +2,7 @@
 and /v1/*, with generated and mutated bodies (byte flips, deep nesting, bad encodings, huge
 numbers, surrogates, wrong types, overlong ids, odd dates).
 
+Bodies are sent plain, gzip-compressed, or claiming gzip without being it.
 Each route runs on aiohttp's test server with a real store and a real processor. For every
 input: no 5xx and no exception escapes; an accepted body re-parses into the event journaled.
 After each campaign: every journal row is valid UTF-8 and readable, and a real event sent
@@ -15,6 +16,7 @@ campaign (5 targets: 12,500 inputs) whose figures docs/benchmarks.md records.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import os
 import sqlite3
@@ -179,6 +181,16 @@ def bodies(draw: st.DrawFn, template: dict[str, Any]) -> bytes:
     return data
 
 
+def content_encoded(data: bytes, how: str) -> tuple[bytes, dict[str, str]]:
+    """The body as sent: plain, gzip-compressed, or claiming gzip without being it."""
+    if how == "gzip":
+        return gzip.compress(data), {"Content-Encoding": "gzip"}
+    if how == "not gzip":
+        return data, {"Content-Encoding": "gzip"}
+    return data, {}
+
+
+ENCODINGS = st.sampled_from(["none", "none", "none", "none", "none", "gzip", "not gzip"])
 CONTENT_TYPES = st.sampled_from(
     [
         "application/json",
@@ -200,8 +212,9 @@ class Fuzzed:
         self.ctx = ctx
         self.processor = processor
 
-    async def post(self, route: str, path: str, data: bytes, headers: dict[str, str]) -> tuple[int, Any]:
-        resp = await self.client.post(path, data=data, headers=headers)
+    async def post(self, route: str, path: str, data: bytes, headers: dict[str, str], encoding: str) -> tuple[int, Any]:
+        sent, extra = content_encoded(data, encoding)
+        resp = await self.client.post(path, data=sent, headers={**headers, **extra})
         TALLY[route]["inputs"] += 1
         TALLY[route][str(resp.status)] += 1
         assert resp.status < 500, (resp.status, await resp.text(), data[:200])
@@ -334,11 +347,11 @@ async def test_feed_items(feed_store: Store, item: Any) -> None:
 
 
 @campaign(ci_examples=50)
-@given(data=bodies(push()), content_type=CONTENT_TYPES, signed=st.booleans())
-async def test_hook_route(fuzzed: Fuzzed, data: bytes, content_type: str, signed: bool) -> None:
+@given(data=bodies(push()), content_type=CONTENT_TYPES, signed=st.booleans(), encoding=ENCODINGS)
+async def test_hook_route(fuzzed: Fuzzed, data: bytes, content_type: str, signed: bool, encoding: str) -> None:
     """No body makes the hook answer 5xx; an accepted push is the event journaled."""
     headers = {"Content-Type": content_type, **(hook_headers() if signed else {})}
-    status, answer = await fuzzed.post("hook", "/vtex/hook", data, headers)
+    status, answer = await fuzzed.post("hook", "/vtex/hook", data, headers, encoding)
     if status == 200 and answer.get("received") and not answer["duplicate"]:
         pushed = intake.hook_item(json.loads(data), NOW)
         assert pushed.entry is not None and pushed.reason is None and pushed.account == "shop"
@@ -346,11 +359,18 @@ async def test_hook_route(fuzzed: Fuzzed, data: bytes, content_type: str, signed
 
 
 @campaign(ci_examples=50)
-@given(data=bodies(envelope()), content_type=CONTENT_TYPES, an=st.none() | st.sampled_from(["shop", "other", "%FF"]))
-async def test_notification_route(fuzzed: Fuzzed, data: bytes, content_type: str, an: str | None) -> None:
+@given(
+    data=bodies(envelope()),
+    content_type=CONTENT_TYPES,
+    an=st.none() | st.sampled_from(["shop", "other", "%FF"]),
+    encoding=ENCODINGS,
+)
+async def test_notification_route(
+    fuzzed: Fuzzed, data: bytes, content_type: str, an: str | None, encoding: str
+) -> None:
     """No body makes the notification route answer 5xx; an accepted one is a valid envelope."""
     path = NOTIFY if an is None else f"{NOTIFY}?an={an}"
-    status, answer = await fuzzed.post("notification", path, data, {"Content-Type": content_type})
+    status, answer = await fuzzed.post("notification", path, data, {"Content-Type": content_type}, encoding)
     if status == 200:
         env = ResultEnvelope.model_validate(json.loads(data))
         if not answer["duplicate"]:
@@ -362,10 +382,14 @@ async def test_notification_route(fuzzed: Fuzzed, data: bytes, content_type: str
     data=bodies({"marketplaceOrderId": "M-1", "orderId": "V-1-01"}),
     content_type=CONTENT_TYPES,
     auth=st.sampled_from([AUTH, {}, {"Authorization": "Bearer x"}, {"Authorization": "Basic \\x7f"}]),
+    encoding=ENCODINGS,
 )
-async def test_v1_approvals(fuzzed: Fuzzed, data: bytes, content_type: str, auth: dict[str, str]) -> None:
+async def test_v1_approvals(
+    fuzzed: Fuzzed, data: bytes, content_type: str, auth: dict[str, str], encoding: str
+) -> None:
     """No body or header makes /v1/approvals answer 5xx; an accepted body is a valid request."""
-    status, answer = await fuzzed.post("/v1/approvals", "/v1/approvals", data, {"Content-Type": content_type, **auth})
+    headers = {"Content-Type": content_type, **auth}
+    status, answer = await fuzzed.post("/v1/approvals", "/v1/approvals", data, headers, encoding)
     if status == 202:
         req = ApprovalRequest.model_validate(json.loads(data))
         assert answer["accepted"] is True
