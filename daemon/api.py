@@ -129,9 +129,9 @@ class ApiContext:
 
 ctx_key = web.AppKey("ctx", ApiContext)
 AUTHENTICATED = web.RequestKey("authenticated", bool)
+"""Set on a request once it proved a credential: its rejected bodies are kept whole (bounded)."""
 BODY_BROKEN = web.RequestKey("body_broken", bool)
 """Set when the body did not decompress: the connection cannot carry another request."""
-"""Set on a request once it proved a credential: its rejected bodies are kept whole (bounded)."""
 _Model = TypeVar("_Model", bound=BaseModel)
 _ORDER_KEY = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{intake.ORDER_ID_MAX - 1}}}")
 
