@@ -2,19 +2,27 @@
 
 Handlers only validate and journal; they never wait on VTEX. A bad request gets
 a 4xx with the reason and is kept in the journal as `rejected`, for an operator.
+Credentials (the hook's secret header, the /v1 bearer token) are checked before
+a body is read. A rejected body from a request that proved no credential is kept
+only as its first 2 KB, size and sha256, and at most REJECT_BURST of them per
+client address (then one every 1/REJECT_PER_S seconds); the rest are counted
+(omsd_rejected_bodies_dropped_total) and dropped, so nobody fills the disk from outside.
 """
 
 from __future__ import annotations
 
 import hmac
-import json
+import re
+import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from omsd.daemon import intake
@@ -29,6 +37,15 @@ from omsd.state.store import Store
 log = get_logger("omsd.api")
 
 MAX_BODY = 64 * 1024
+PING_MAX = 256
+"""The largest body the hook reads without its secret (VTEX's ping is 22 bytes)."""
+UNAUTHENTICATED_KEEP = 2 * 1024
+"""How much of a rejected body from an unauthenticated request is kept (plus size and sha256)."""
+REJECT_BURST = 20
+REJECT_PER_S = 0.2
+REJECT_SOURCES = 1024
+REJECT_BURST_ALL = 100
+REJECT_PER_S_ALL = 1.0
 NOTIFICATION_ROUTE = "/order-integration/notification/processing-result"
 HOOK_ROUTE = "/vtex/hook"
 
@@ -38,14 +55,50 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class ApprovalRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    marketplace_order_id: str = Field(alias="marketplaceOrderId", min_length=1, max_length=200)
-    order_id: str | None = Field(default=None, alias="orderId", min_length=1, max_length=200)
+    marketplace_order_id: intake.MarketplaceOrderId = Field(alias="marketplaceOrderId")
+    order_id: intake.OrderId | None = Field(default=None, alias="orderId")
 
 
 class AppliedOffsets(Protocol):
     """What the routes need of the processor (a stub in tests)."""
 
     async def wait_for(self, offset: int, timeout_s: float) -> bool: ...
+
+
+@dataclass
+class RejectBudget:
+    """Token buckets, one per client address and one for all, that bound how many rejected
+    bodies from unauthenticated requests are written to the journal."""
+
+    burst: float = REJECT_BURST
+    per_s: float = REJECT_PER_S
+    burst_all: float = REJECT_BURST_ALL
+    per_s_all: float = REJECT_PER_S_ALL
+    max_sources: int = REJECT_SOURCES
+    clock: Callable[[], float] = time.monotonic
+    _buckets: OrderedDict[str, tuple[float, float]] = field(default_factory=OrderedDict)
+    _all: tuple[float, float] | None = None
+
+    def take(self, source: str) -> bool:
+        """True when a body from `source` may be stored now (and count it)."""
+        now = self.clock()
+        ok, self._buckets[source] = _bucket(self._buckets.pop(source, None), now, self.burst, self.per_s)
+        while len(self._buckets) > self.max_sources:
+            self._buckets.popitem(last=False)  # the least recently seen
+        if not ok:
+            return False
+        ok, self._all = _bucket(self._all, now, self.burst_all, self.per_s_all)
+        return ok
+
+
+def _bucket(
+    state: tuple[float, float] | None, now: float, burst: float, per_s: float
+) -> tuple[bool, tuple[float, float]]:
+    tokens, at = state or (burst, now)
+    tokens = min(burst, tokens + (now - at) * per_s)
+    if tokens >= 1:
+        return True, (tokens - 1, now)
+    return False, (tokens, now)
 
 
 @dataclass
@@ -56,10 +109,16 @@ class ApiContext:
     wake: Callable[[], None]
     health: Health
     metrics: Metrics
+    reject_budget: RejectBudget = field(default_factory=RejectBudget)
 
 
 ctx_key = web.AppKey("ctx", ApiContext)
+AUTHENTICATED = web.RequestKey("authenticated", bool)
+"""Set on a request once it proved a credential: its rejected bodies are kept whole (bounded)."""
+BODY_BROKEN = web.RequestKey("body_broken", bool)
+"""Set when the body did not decompress: the connection cannot carry another request."""
 _Model = TypeVar("_Model", bound=BaseModel)
+_ORDER_KEY = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{intake.ORDER_ID_MAX - 1}}}")
 
 
 def order_view(order: Order | None) -> dict[str, Any] | None:
@@ -98,7 +157,10 @@ def _ctx(request: web.Request) -> ApiContext:
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
-        return await handler(request)
+        resp = await handler(request)
+        if request.get(BODY_BROKEN):
+            resp.force_close()
+        return resp
     except web.HTTPException:
         raise
     except Exception:
@@ -106,38 +168,76 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return _error(500, "internal error; see omsd's log")
 
 
-async def _keep_rejected(ctx: ApiContext, source: str, raw: Any, reason: str) -> None:
-    entry = intake.rejected(source, raw, reason, datetime.now(UTC))
-    await ctx.store.append([entry], now=entry.received_at)
+async def _keep_rejected(request: web.Request, source: str, raw: Any, reason: str) -> None:
+    """Journal a rejected (parsed) body, or the raw bytes of one that did not parse."""
+    ctx = _ctx(request)
+    authenticated = bool(request.get(AUTHENTICATED))
+    if not authenticated and not ctx.reject_budget.take(request.remote or "-"):
+        ctx.metrics.rejected_dropped.labels(source=source).inc()
+        log.warning("request_rejected", source=source, reason=reason, kept=False)
+        return
+    now = datetime.now(UTC)
+    limit = intake.REJECTED_BODY_MAX if authenticated else UNAUTHENTICATED_KEEP
+    if isinstance(raw, bytes):
+        entry = intake.rejected_body(source, raw, reason, now, limit=limit)
+    else:
+        entry = intake.rejected(source, raw, reason, now, limit=limit)
+    await ctx.store.append([entry], now=now)
     ctx.metrics.rejected.labels(source=source).inc()
-    log.warning("request_rejected", source=source, reason=reason)
+    if not authenticated:
+        ctx.metrics.rejected_truncated.labels(source=source).inc()
+    log.warning("request_rejected", source=source, reason=entry.reason, kept=True)
+
+
+class _Unreadable(Exception):
+    def __init__(self, status: int, answer: str, reason: str, kept: dict[str, Any]) -> None:
+        super().__init__(answer)
+        self.status, self.answer, self.reason, self.kept = status, answer, reason, kept
+
+    def response(self) -> web.Response:
+        return _error(self.status, self.answer)
+
+
+async def _read_bytes(request: web.Request) -> bytes:
+    """The raw body, or _Unreadable: larger than MAX_BODY, or not decodable as its Content-Encoding."""
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise _Unreadable(
+            413, f"body larger than {MAX_BODY} bytes", "body too large", {"size": request.content_length}
+        ) from None
+    except (HttpProcessingError, web.RequestPayloadError):
+        request.content.feed_eof()  # else aiohttp raises it again, with a traceback, discarding the rest
+        request[BODY_BROKEN] = True
+        encoding = request.headers.get("Content-Encoding", "")[:20]
+        reason = f"body cannot be decoded as its Content-Encoding {encoding!r}"
+        raise _Unreadable(400, reason, reason, {"encoding": encoding}) from None
 
 
 async def _read_json(request: web.Request, source: str, *, keep: bool = True) -> tuple[Any, web.Response | None]:
-    """The body as JSON, or the error answer. With keep=False the caller decides
-    whether the bad body is worth keeping (an unauthenticated one is not)."""
-    ctx = _ctx(request)
+    """The body as JSON (see intake.parse_json), or the error answer. With keep=False
+    the caller decides whether the bad body is worth keeping."""
     try:
-        text = await request.text()
-    except web.HTTPRequestEntityTooLarge:
+        data = await _read_bytes(request)
+    except _Unreadable as exc:
         if keep:
-            await _keep_rejected(ctx, source, {"size": request.content_length}, "body too large")
-        return None, _error(413, f"body larger than {MAX_BODY} bytes")
+            await _keep_rejected(request, source, exc.kept, exc.reason)
+        return None, exc.response()
     try:
-        return json.loads(text), None
-    except ValueError:
+        return intake.parse_json(data), None
+    except intake.BadJson as exc:
         if keep:
-            await _keep_rejected(ctx, source, text[:2000], "body is not JSON")
-        return None, _error(400, "body is not JSON")
+            await _keep_rejected(request, source, data, str(exc))
+        return None, _error(400, str(exc))
 
 
-async def _validated(ctx: ApiContext, model: type[_Model], raw: Any, source: str) -> _Model | web.Response:
+async def _validated(request: web.Request, model: type[_Model], raw: Any, source: str) -> _Model | web.Response:
     """The body as `model`, or a 400 naming the first problem (the body kept as rejected)."""
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
         reason = _validation_reason(exc)
-        await _keep_rejected(ctx, source, raw, reason)
+        await _keep_rejected(request, source, raw, reason)
         return _error(400, reason)
 
 
@@ -154,6 +254,7 @@ def _authorized(request: web.Request, *, write: bool) -> web.Response | None:
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected.encode()):
         log.warning("api_unauthorized", path=request.path, remote=request.remote)
         return _error(401, "missing or wrong bearer token")
+    request[AUTHENTICATED] = True
     return None
 
 
@@ -162,7 +263,10 @@ def _hook_authorized(request: web.Request) -> bool:
     if settings.hook_secret is None:
         return False
     given = request.headers.get(settings.hook_header, "")
-    return hmac.compare_digest(given.encode(), settings.hook_secret.get_secret_value().encode())
+    if not hmac.compare_digest(given.encode(), settings.hook_secret.get_secret_value().encode()):
+        return False
+    request[AUTHENTICATED] = True
+    return True
 
 
 async def approvals(request: web.Request) -> web.Response:
@@ -174,7 +278,7 @@ async def approvals(request: web.Request) -> web.Response:
     raw, bad = await _read_json(request, "api")
     if bad is not None:
         return bad
-    req = await _validated(ctx, ApprovalRequest, raw, "api")
+    req = await _validated(request, ApprovalRequest, raw, "api")
     if isinstance(req, web.Response):
         return req
     now = datetime.now(UTC)
@@ -203,7 +307,10 @@ async def show_order(request: web.Request) -> web.Response:
     denied = _authorized(request, write=False)
     if denied is not None:
         return denied
-    order = await ctx.store.find_order(request.match_info["key"])
+    key = request.match_info["key"]
+    if not _ORDER_KEY.fullmatch(key):
+        return _error(400, "key is not an order id or a marketplace order id")
+    order = await ctx.store.find_order(key)
     if order is None:
         return _error(404, "no such order")
     return web.json_response(order_view(order))
@@ -219,6 +326,7 @@ async def notification(request: web.Request) -> web.Response:
     if not hmac.compare_digest(given, ctx.settings.notify_key.get_secret_value().encode()):
         log.warning("notification_wrong_path", remote=request.remote)
         raise web.HTTPNotFound()
+    request[AUTHENTICATED] = True  # its rejected bodies are kept whole (bounded)
     return await _notification(request, authenticated=True)
 
 
@@ -247,9 +355,9 @@ async def _notification(request: web.Request, *, authenticated: bool) -> web.Res
         return bad
     reason = _an_problem(request, ctx.settings.account)
     if reason is not None:
-        await _keep_rejected(ctx, "notification", raw, reason)
+        await _keep_rejected(request, "notification", raw, reason)
         return _error(400, reason)
-    env = await _validated(ctx, intake.ResultEnvelope, raw, "notification")
+    env = await _validated(request, intake.ResultEnvelope, raw, "notification")
     if isinstance(env, web.Response):
         return env
     now = datetime.now(UTC)
@@ -271,22 +379,21 @@ async def _notification(request: web.Request, *, authenticated: bool) -> web.Res
 async def hook(request: web.Request) -> web.Response:
     """VTEX's order hook. Answers within milliseconds: it only journals."""
     ctx = _ctx(request)
-    raw, bad = await _read_json(request, "hook", keep=_hook_authorized(request))
+    if not _hook_authorized(request):
+        return await _hook_unauthenticated(request)
+    raw, bad = await _read_json(request, "hook")
     if bad is not None:
         return bad
     if intake.is_ping(raw):
         return web.json_response({"hookConfig": "pong"})
-    if not _hook_authorized(request):
-        log.warning("hook_unauthorized", remote=request.remote, header=ctx.settings.hook_header)
-        return _error(401, f"missing or wrong {ctx.settings.hook_header} header")
     pushed = intake.hook_item(raw, datetime.now(UTC))
     if pushed.entry is None or pushed.reason is not None:
         reason = pushed.reason or "unreadable push"
-        await _keep_rejected(ctx, "hook", raw, reason)
+        await _keep_rejected(request, "hook", raw, reason)
         return _error(400, reason)
     if pushed.account != ctx.settings.account:
         reason = f"Origin.Account {str(pushed.account)[:60]!r} is not this account"
-        await _keep_rejected(ctx, "hook", raw, reason)
+        await _keep_rejected(request, "hook", raw, reason)
         log.warning("hook_wrong_account", remote=request.remote)
         return _error(403, reason)
     [appended] = await ctx.store.append([pushed.entry], now=pushed.entry.received_at)
@@ -297,6 +404,21 @@ async def hook(request: web.Request) -> web.Response:
         ctx.metrics.events_in.labels(source="hook").inc()
         ctx.wake()
     return web.json_response({"received": True, "duplicate": appended.duplicate})
+
+
+async def _hook_unauthenticated(request: web.Request) -> web.Response:
+    """Without the secret only VTEX's ping is answered (VTEX may send it before the
+    header is configured): a body of at most PING_MAX bytes is read, nothing is kept."""
+    ctx = _ctx(request)
+    length = request.content_length
+    if length is not None and length <= PING_MAX:
+        try:
+            if intake.is_ping(intake.parse_json(await _read_bytes(request))):
+                return web.json_response({"hookConfig": "pong"})
+        except (intake.BadJson, _Unreadable):
+            pass
+    log.warning("hook_unauthorized", remote=request.remote, header=ctx.settings.hook_header)
+    return _error(401, f"missing or wrong {ctx.settings.hook_header} header")
 
 
 async def healthz(request: web.Request) -> web.Response:

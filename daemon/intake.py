@@ -2,16 +2,31 @@
 
 Nothing here raises on bad input: a malformed item becomes a `rejected` journal
 entry that keeps the raw item and the reason, so an operator can see it, and
-the feed handle is still committed.
+the feed handle is still committed. Every entry made here can be stored: its
+texts are valid UTF-8 (a lone surrogate never reaches JSON or SQLite).
+
+Limits on what VTEX sends (VTEX documents no maximum; these are shapes seen in
+its references, with room to spare):
+- order ids (`953712004126-01`, `v52277740atmc-01`, `MKP-123456789-01`): letters,
+  digits, `.`, `_`, `-`, starting with a letter or digit, at most 128 characters
+  (an order id embeds the marketplace's id plus an affiliate prefix and suffix);
+- marketplace order ids (numeric, a UUID): the same characters, at most 100;
+- event and operation ids (hex, GUIDs): letters, digits, `.`, `_`, `:`, `-`, at most 128;
+- feed handles (a signed JWT wrapping an SQS receipt handle): printable ASCII
+  without spaces, at most 16384;
+- statuses and domains: letters, digits, `.`, `_`, `-`, at most 64;
+- change times: from 2000-01-01 to 2100-01-01 UTC (VTEX orders are of this century).
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -19,6 +34,8 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictStr,
+    StringConstraints,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
@@ -28,6 +45,89 @@ from omsd.state.events import IntentReceived, IntentRecorded, NotificationReceiv
 from omsd.state.statuses import Status
 from omsd.state.store import NewEntry, iso
 
+ORDER_ID_MAX = 128
+MARKETPLACE_ORDER_ID_MAX = 100
+EVENT_ID_MAX = 128
+HANDLE_MAX = 16384
+TOKEN_MAX = 64
+EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
+LATEST = datetime(2100, 1, 1, tzinfo=UTC)
+REJECTED_BODY_MAX = 64 * 1024
+"""The most of a rejected item or body kept in the journal (the rest: size and digest)."""
+
+_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+OrderId = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=ORDER_ID_MAX, pattern=_ID)]
+MarketplaceOrderId = Annotated[
+    str, StringConstraints(strict=True, min_length=1, max_length=MARKETPLACE_ORDER_ID_MAX, pattern=_ID)
+]
+EventId = Annotated[str, StringConstraints(strict=True, max_length=EVENT_ID_MAX, pattern=r"^[A-Za-z0-9._:-]+$")]
+Handle = Annotated[str, StringConstraints(strict=True, max_length=HANDLE_MAX, pattern=r"^[!-~]+$")]
+Token = Annotated[str, StringConstraints(strict=True, max_length=TOKEN_MAX, pattern=r"^[A-Za-z0-9._-]+$")]
+
+
+MAX_DEPTH = 64
+"""The deepest nesting of arrays and objects a request body may have (VTEX's are 2 deep)."""
+
+_JSON_TOKENS = re.compile(r'"[^"\\]*+(?:\\.[^"\\]*+)*+(?:"|\\?\Z)|[\[\]{}]', re.DOTALL)
+"""A JSON string or a bracket. An unterminated string runs to the end of the text and the
+quantifiers are possessive: a match never fails after a scan, so the search stays linear."""
+
+
+class BadJson(ValueError):
+    """A request body that is not UTF-8 JSON omsd can store; the message is the reason."""
+
+
+def parse_json(data: bytes) -> Any:
+    """A request body as JSON: UTF-8 whatever the declared charset (RFC 8259), nested at
+    most MAX_DEPTH deep (checked before parsing, so the parser cannot recurse too deep),
+    without NaN/Infinity, and without lone surrogates (I-JSON, RFC 7493: they are not text)."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadJson(f"body is not UTF-8 (byte {exc.start})") from None
+    if _deeper_than(text, MAX_DEPTH):
+        raise BadJson(f"body nests deeper than {MAX_DEPTH}")
+    try:
+        value = json.loads(text, parse_constant=_no_constant)
+    except (ValueError, RecursionError):
+        raise BadJson("body is not JSON") from None
+    if not _all_text(value):
+        raise BadJson("body holds a lone surrogate (\\ud800-\\udfff), which is not text")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _deeper_than(text: str, limit: int) -> bool:
+    depth = 0
+    for match in _JSON_TOKENS.finditer(text):
+        token = match.group()
+        if token in ("[", "{"):
+            depth += 1
+            if depth > limit:
+                return True
+        elif token in ("]", "}"):
+            depth -= 1
+    return False
+
+
+def _all_text(value: Any) -> bool:
+    """True when every string (keys included) of a parsed JSON value is valid UTF-8."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if not storable(item):
+                return False
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
+
 
 class BadTime(ValueError):
     pass
@@ -35,12 +135,32 @@ class BadTime(ValueError):
 
 def parse_time(text: str) -> datetime:
     """ISO-8601 as VTEX writes it: up to 7 fractional digits, `Z` or an offset.
-    A timestamp without a zone is taken as UTC (VTEX documents UTC)."""
+    A timestamp without a zone is taken as UTC (VTEX documents UTC). Times outside
+    EARLIEST..LATEST are refused (also those that overflow when moved to UTC)."""
     try:
         value = datetime.fromisoformat(_six_digit_fraction(text.strip()))
+        value = value.replace(tzinfo=value.tzinfo or UTC).astimezone(UTC)
+    except OverflowError:
+        raise BadTime(f"timestamp out of range: {safe_text(text[:40])!r}") from None
     except ValueError as exc:
-        raise BadTime(f"not an ISO-8601 timestamp: {text[:40]!r} ({exc})") from None
-    return value.replace(tzinfo=value.tzinfo or UTC).astimezone(UTC)
+        raise BadTime(f"not an ISO-8601 timestamp: {safe_text(text[:40])!r} ({exc})") from None
+    if not EARLIEST <= value < LATEST:
+        raise BadTime(f"timestamp out of range {EARLIEST.year}..{LATEST.year}: {safe_text(text[:40])!r}")
+    return value
+
+
+def safe_text(text: str) -> str:
+    """`text` with anything UTF-8 cannot hold (lone surrogates) written as `\\u` escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def storable(text: str) -> bool:
+    """True when `text` can be written as UTF-8 (JSON, SQLite, logs)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _six_digit_fraction(text: str) -> str:
@@ -62,6 +182,7 @@ def _vtex_time(value: object) -> datetime:
 
 
 VtexTime = Annotated[datetime, BeforeValidator(_vtex_time)]
+_ORDER_ID: TypeAdapter[str] = TypeAdapter(OrderId)
 
 
 def _present(data: object) -> object:
@@ -86,13 +207,13 @@ class _Lenient(BaseModel):
 class _StatusFields(_Lenient):
     """What a feed item and a hook push share."""
 
-    order_id: StrictStr = Field(alias="orderid")
+    order_id: OrderId = Field(alias="orderid")
     state: StrictStr
-    last_state: StrictStr | None = Field(default=None, alias="laststate")
+    last_state: Token | None = Field(default=None, alias="laststate")
     current_change: VtexTime = Field(alias="currentchange")
     last_change: VtexTime | None = Field(default=None, alias="lastchange")
-    event_id: StrictStr | None = Field(default=None, alias="eventid")
-    domain: StrictStr | None = None
+    event_id: EventId | None = Field(default=None, alias="eventid")
+    domain: Token | None = None
 
     @field_validator("state")
     @classmethod
@@ -100,7 +221,7 @@ class _StatusFields(_Lenient):
         try:
             Status(value)
         except ValueError:
-            raise ValueError(f"unknown status {value[:60]!r}") from None
+            raise ValueError(f"unknown status {safe_text(value[:60])!r}") from None
         return value
 
     def event(self, source: Literal["feed", "hook"]) -> StatusChanged:
@@ -119,11 +240,11 @@ class _StatusFields(_Lenient):
 class FeedItem(_StatusFields):
     """An item of `GET /api/orders/feed` (camelCase)."""
 
-    handle: StrictStr
+    handle: Handle
 
 
 class _Origin(_Lenient):
-    account: StrictStr
+    account: Annotated[str, StringConstraints(strict=True, max_length=TOKEN_MAX)]
 
 
 class HookPush(_StatusFields):
@@ -190,37 +311,58 @@ def status_dedup_key(order_id: str, state: str, change: datetime | None) -> str:
 
 
 def _raw(item: object) -> str:
+    """Canonical JSON, ASCII only (a lone surrogate becomes a `\\u` escape); an item
+    JSON cannot write (too deep, an int too long to print) is named by its type."""
     try:
         return json.dumps(item, sort_keys=True, separators=(",", ":"))
-    except (TypeError, ValueError):
-        return repr(item)
+    except (TypeError, ValueError, RecursionError):
+        return json.dumps({"unrepresentable": type(item).__name__})
 
 
 def feed_item(item: object, received_at: datetime) -> Intake:
-    """One feed item → an accepted StatusChanged entry, or a rejected one with its reason."""
+    """One feed item → an accepted StatusChanged entry, or a rejected one with its reason.
+    Never raises on content: whatever fails to parse, validate or serialise is rejected."""
     fields = _present(item)
     handle = fields.get("handle") if isinstance(fields, dict) else None
-    handle = handle if isinstance(handle, str) else None
+    handle = handle if _valid_handle(handle) else None
     if not isinstance(item, dict):
         reason = f"feed item must be a JSON object, got {type(item).__name__}"
         return Intake(entry=rejected("feed", item, reason, received_at), handle=None, accepted=False)
     try:
-        parsed = FeedItem.model_validate(item)
+        entry = _status_entry(FeedItem.model_validate(item).event("feed"), received_at)
     except ValidationError as exc:
         reason = _reason(exc, _FEED_NAMES)
-        return Intake(entry=rejected("feed", item, reason, received_at), handle=handle, accepted=False)
-    return Intake(entry=_status_entry(parsed.event("feed"), received_at), handle=handle, accepted=True)
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+        reason = f"unreadable feed item ({type(exc).__name__})"
+    else:
+        return Intake(entry=entry, handle=handle, accepted=True)
+    return Intake(entry=rejected("feed", item, reason, received_at), handle=handle, accepted=False)
+
+
+def _valid_handle(value: object) -> bool:
+    """A handle omsd can store and send back: what FeedItem accepts as `handle`."""
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= HANDLE_MAX
+        and value.isascii()
+        and value.isprintable()
+        and " " not in value
+    )
 
 
 def _status_entry(event: StatusChanged, received_at: datetime) -> NewEntry:
-    """Feed and hook alike: the dedup key makes the same change one event."""
-    return NewEntry.of(
+    """Feed and hook alike: the dedup key makes the same change one event. Raises
+    ValueError when the entry could not be stored as UTF-8 (never with valid ids)."""
+    entry = NewEntry.of(
         event,
         source=event.source,
         received_at=received_at,
         dedup_key=status_dedup_key(event.order_id, event.state, event.current_change),
         event_id=f"{event.source}:{event.event_id}" if event.event_id else None,
     )
+    if not all(storable(text) for text in (entry.payload, entry.dedup_key or "", entry.event_id or "")):
+        raise ValueError("entry is not valid UTF-8")
+    return entry
 
 
 def intent_entry(
@@ -237,29 +379,74 @@ def intent_entry(
     return NewEntry.of(event, source=source, received_at=received_at)
 
 
-def rejected(source: str, item: object, reason: str, received_at: datetime) -> NewEntry:
+def rejected(
+    source: str, item: object, reason: str, received_at: datetime, *, limit: int = REJECTED_BODY_MAX
+) -> NewEntry:
     """A journal row that keeps a bad item and why it was refused. The handle is left
-    out of the stored item and of the dedup key: a redelivery is the same bad item."""
+    out of the stored item and of the dedup key: a redelivery is the same bad item.
+    An item whose JSON is longer than `limit` or nests deeper than MAX_DEPTH (a reader
+    could not parse it back) is kept as its head, size and digest."""
     kept = item
     if isinstance(item, dict):
         kept = {k: v for k, v in item.items() if str(k).lower() != "handle"}
     raw = _raw(kept)
+    if len(raw) > limit or _deeper_than(raw, MAX_DEPTH):
+        raw = body_summary(raw.encode("ascii"), limit)
+    return _rejected_row(source, raw, reason, received_at, _guess_order_id(kept))
+
+
+def rejected_body(source: str, body: bytes, reason: str, received_at: datetime, *, limit: int) -> NewEntry:
+    """A journal row that keeps a request body that is not JSON (or not text): as a JSON
+    string when it is short UTF-8 text, else as its head (text or base64), size and digest."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    raw = json.dumps(text) if text is not None and len(body) <= limit else body_summary(body, limit)
+    return _rejected_row(source, raw, reason, received_at, None)
+
+
+def body_summary(body: bytes, limit: int) -> str:
+    """JSON naming `body` by size and sha256, with at most `limit` bytes of its head:
+    as `text` when that head is UTF-8, else as `base64`."""
+    head = body[: max(0, limit - 200)]
+    summary: dict[str, Any] = {
+        "size": len(body),
+        "sha256": hashlib.sha256(body).hexdigest(),
+        "truncated": len(head) < len(body),
+    }
+    for cut in range(4):  # the limit may fall inside a multi-byte character
+        try:
+            summary["text"] = head[: len(head) - cut].decode("utf-8")
+            break
+        except UnicodeDecodeError:
+            continue
+    else:
+        summary["base64"] = base64.b64encode(head[: (len(head) // 4) * 3]).decode("ascii")
+    return json.dumps(summary, sort_keys=True)
+
+
+def _rejected_row(source: str, raw: str, reason: str, received_at: datetime, order_id: str | None) -> NewEntry:
     digest = hashlib.sha256(f"{source}:{raw}".encode()).hexdigest()[:32]
     return NewEntry(
         kind="rejected",
         source=source,
         payload=raw,
         received_at=received_at,
-        reason=reason,
+        reason=safe_text(reason[:1000]),
         dedup_key=f"rejected:{digest}",
-        order_id=_guess_order_id(kept),
+        order_id=order_id,
     )
 
 
 def _guess_order_id(item: object) -> str | None:
+    """The item's order id, when it is a well-formed one (so `omsd journal --order` finds it)."""
     fields = _present(item)
     value = fields.get("orderid") if isinstance(fields, dict) else None
-    return value[:100] if isinstance(value, str) else None
+    try:
+        return _ORDER_ID.validate_python(value)
+    except ValidationError:
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,11 +475,14 @@ def hook_item(body: object, received_at: datetime) -> HookIntake:
         return HookIntake(ping=False, entry=rejected("hook", body, reason, received_at), reason=reason)
     try:
         push = HookPush.model_validate(body)
+        entry = _status_entry(push.event("hook"), received_at)
     except ValidationError as exc:
         reason = _reason(exc, _HOOK_NAMES)
-        return HookIntake(ping=False, entry=rejected("hook", body, reason, received_at), reason=reason)
-    entry = _status_entry(push.event("hook"), received_at)
-    return HookIntake(ping=False, entry=entry, account=push.origin.account)
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+        reason = f"unreadable push ({type(exc).__name__})"
+    else:
+        return HookIntake(ping=False, entry=entry, account=push.origin.account)
+    return HookIntake(ping=False, entry=rejected("hook", body, reason, received_at), reason=reason)
 
 
 class ResultEnvelope(BaseModel):
@@ -300,7 +490,7 @@ class ResultEnvelope(BaseModel):
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
-    marketplace_order_id: str = Field(alias="marketplaceOrderId", min_length=1, max_length=200)
+    marketplace_order_id: MarketplaceOrderId = Field(alias="marketplaceOrderId")
     code: str = Field(min_length=1, max_length=20)
     flow: str = Field(default="Unknown", max_length=40)
     success: bool | None = None

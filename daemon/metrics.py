@@ -51,6 +51,18 @@ class Metrics:
         self.events_in = Counter("omsd_events_in", "Events journaled, by source", ["source"], registry=r)
         self.duplicates = Counter("omsd_duplicates", "Events dropped as duplicates, by source", ["source"], registry=r)
         self.rejected = Counter("omsd_rejected_input", "Bad input kept as rejected, by source", ["source"], registry=r)
+        self.rejected_truncated = Counter(
+            "omsd_rejected_bodies_truncated",
+            "Rejected bodies of unauthenticated requests kept as head, size and sha256, by source",
+            ["source"],
+            registry=r,
+        )
+        self.rejected_dropped = Counter(
+            "omsd_rejected_bodies_dropped",
+            "Rejected bodies of unauthenticated requests not kept (over the rate per client), by source",
+            ["source"],
+            registry=r,
+        )
         self.feed_commits = Counter("omsd_feed_commits", "Feed handles committed to VTEX", registry=r)
         self.feed_commit_failures = Counter("omsd_feed_commit_failures", "Failed feed commit calls", registry=r)
         self.journal_offset = Gauge("omsd_journal_offset", "Highest journal offset", registry=r)

@@ -300,7 +300,8 @@ class VtexClient:
                 headers=self._headers(),
                 timeout=self._timeout,
             ) as resp:
-                return resp.status, resp.headers.get("Retry-After"), await resp.text(), None
+                # bad bytes must not end a loop: decode with replacement characters
+                return resp.status, resp.headers.get("Retry-After"), await resp.text(errors="replace"), None
         except TimeoutError:
             return 0, None, "", "timeout"
         except aiohttp.ClientError as exc:
@@ -440,5 +441,5 @@ def _json_or_none(text: str) -> Any:
         return None
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep to parse
         return None

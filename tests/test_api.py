@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from omsd.daemon.api import ApiContext, build_app
+from omsd.daemon.api import ApiContext, RejectBudget, build_app
 from omsd.daemon.health import Health
 from omsd.daemon.metrics import Metrics
 from omsd.daemon.processor import Processor
@@ -24,6 +24,7 @@ HOOK_SECRET = "hook-secret-0123456789"
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
 NOTIFY_SECRET = "notify-secret-0123456789"
 NOTIFY = f"/notify/{NOTIFY_SECRET}/order-integration/notification/processing-result"
+BARE_NOTIFY = "/order-integration/notification/processing-result?an=shop"  # OMSD_NOTIFY_ALLOW_UNAUTHENTICATED
 
 
 @dataclass
@@ -99,6 +100,16 @@ async def start(store: Store, s: Settings | None = None) -> Api:
 @pytest.fixture
 async def api(store: Store) -> AsyncIterator[Api]:
     a = await start(store)
+    try:
+        yield a
+    finally:
+        await a.client.close()
+
+
+@pytest.fixture
+async def bare_api(store: Store) -> AsyncIterator[Api]:
+    """The routes with the bare (unauthenticated) notification route enabled."""
+    a = await start(store, settings(notify_allow_unauthenticated=True))
     try:
         yield a
     finally:
@@ -248,10 +259,11 @@ async def test_hook_ping_needs_no_secret_and_journals_nothing(api: Api) -> None:
 
 @pytest.mark.parametrize("secret", [None, "wrong-secret-0123456789"], ids=["missing", "wrong"])
 async def test_hook_without_the_secret_is_401_and_not_kept(api: Api, secret: str | None) -> None:
-    """A push without the right secret header: 401, nothing journaled, not even bad JSON."""
+    """A push without the right secret header: 401 (bad JSON too: the secret is checked
+    before the body is read), nothing journaled."""
     status, body = await call(api, "POST", "/vtex/hook", push(), headers=hook_headers(secret))
     assert (status, body) == (401, {"error": "missing or wrong X-Omsd-Hook-Secret header"})
-    assert (await call(api, "POST", "/vtex/hook", data="{nope", headers=hook_headers(secret)))[0] == 400
+    assert (await call(api, "POST", "/vtex/hook", data="{nope", headers=hook_headers(secret)))[0] == 401
     assert await api.ctx.store.last_offset() == 0
 
 
@@ -344,3 +356,176 @@ async def test_metrics_are_prometheus_text_with_store_gauges(api: Api) -> None:
     text = await resp.text()
     assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/plain")
     assert "omsd_journal_offset 1.0" in text and 'omsd_events_in_total{source="hook"} 1.0' in text
+
+
+async def raw_call(api: Api, path: str, data: bytes, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    resp = await api.client.post(path, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    return resp.status, await resp.json()
+
+
+ROUTES = [("/v1/approvals", AUTH), ("/vtex/hook", hook_headers()), (NOTIFY, {})]
+ROUTE_IDS = ["approvals", "hook", "notification"]
+DEEP = b"[" * 5000 + b"]" * 5000
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b'{"marketplaceOrderId": "M-\xff"}', "body is not UTF-8"),
+        (b'{"marketplaceOrderId": "M-\xed\xa0\x80"}', "body is not UTF-8"),
+        (DEEP, "body nests deeper than 64"),
+        (b'{"marketplaceOrderId": "\\ud800", "OrderId": "\\udfff"}', "lone surrogate"),
+        (b'{"marketplaceOrderId": NaN}', "body is not JSON"),
+        (b'{"a": ' + b"9" * 5000 + b"}", "body is not JSON"),
+    ],
+    ids=["bad utf-8", "encoded surrogate", "deep nesting", "escaped surrogate", "NaN", "huge int"],
+)
+@pytest.mark.parametrize(("path", "headers"), ROUTES, ids=ROUTE_IDS)
+async def test_malformed_bodies_are_400_with_a_reason(
+    api: Api, path: str, headers: dict[str, str], data: bytes, reason: str
+) -> None:
+    """Bad bytes, deep nesting, surrogates, non-JSON constants: a 400 naming the problem on
+    every route (these were 500s), and whatever is kept is valid UTF-8."""
+    status, body = await raw_call(api, path, data, headers)
+    assert status == 400 and reason in body["error"]
+    for row in await api.rejected():
+        assert row.payload.encode("utf-8") and json.loads(row.payload) is not None
+
+
+@pytest.mark.parametrize(("path", "headers"), ROUTES, ids=ROUTE_IDS)
+async def test_a_declared_charset_is_ignored_json_is_utf8(api: Api, path: str, headers: dict[str, str]) -> None:
+    """An unknown or non-UTF-8 charset in Content-Type was a 500: the body is read as UTF-8."""
+    resp = await api.client.post(
+        path, data=b"{nope", headers={"Content-Type": "application/json; charset=x-no-such", **headers}
+    )
+    assert resp.status == 400 and (await resp.json())["error"] == "body is not JSON"
+
+
+async def test_an_overflowing_change_time_in_a_push_is_400(api: Api) -> None:
+    """`0001-01-01T00:00:00+14:00` overflowed when moved to UTC (a 500): now a 400, kept."""
+    status, body = await call(
+        api, "POST", "/vtex/hook", push(CurrentChange="0001-01-01T00:00:00+14:00"), headers=hook_headers()
+    )
+    assert status == 400 and "CurrentChange" in body["error"]
+    assert [r.source for r in await api.rejected()] == ["hook"]
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"marketplaceOrderId": "M" * 101},
+        {"marketplaceOrderId": "M-1", "orderId": "V" * 129},
+        {"marketplaceOrderId": "a/b"},
+    ],
+    ids=["long marketplace id", "long order id", "slash"],
+)
+async def test_approval_ids_have_a_length_and_a_charset(api: Api, payload: dict[str, str]) -> None:
+    """Ids longer than their limit or with characters outside VTEX's shapes: 400."""
+    status, _ = await call(api, "POST", "/v1/approvals", payload, headers=AUTH)
+    assert status == 400
+    assert await api.ctx.store.last_offset() == 1  # only the rejected row
+
+
+async def test_an_overlong_order_id_push_is_400_and_kept_bounded(api: Api) -> None:
+    """A 60,000-character OrderId (accepted, logged on every transition) is refused."""
+    status, body = await call(api, "POST", "/vtex/hook", push(OrderId="9" * 60_000), headers=hook_headers())
+    assert status == 400 and "OrderId" in body["error"]
+    [kept] = await api.rejected()
+    assert kept.order_id is None
+
+
+async def test_show_order_refuses_a_key_that_is_no_id(api: Api) -> None:
+    """/v1/orders/{key} with a key no order can have: 400, the store is not asked."""
+    status, body = await call(api, "GET", "/v1/orders/" + "x" * 200, headers=AUTH)
+    assert status == 400 and "not an order id" in body["error"]
+
+
+async def test_hook_reads_no_body_before_the_secret(api: Api) -> None:
+    """Without the secret only a ping-sized body is looked at: anything else is 401
+    whatever it holds (bad JSON, deep nesting), and nothing is kept."""
+    for data in (b"{nope", DEEP, json.dumps(push()).encode()):
+        assert (await raw_call(api, "/vtex/hook", data))[0] == 401
+    assert await raw_call(api, "/vtex/hook", b'{"hookConfig": "ping"}') == (200, {"hookConfig": "pong"})
+    assert await api.ctx.store.last_offset() == 0
+
+
+async def test_unauthenticated_rejects_are_kept_truncated_with_size_and_digest(bare_api: Api) -> None:
+    """A rejected notification body on the bare route (no credential) is kept as its first
+    2 KB, size and sha256 (a 60 KB body was kept whole) and counted; the reason is kept too."""
+    import hashlib
+
+    api = bare_api
+    raw = json.dumps({"marketplaceOrderId": "M-1", "pad": "x" * 60_000}).encode()
+    assert (await raw_call(api, BARE_NOTIFY, raw))[0] == 400
+    bad_utf8 = b"\xff" * 10_000
+    assert (await raw_call(api, BARE_NOTIFY, bad_utf8))[0] == 400
+    first, second = await api.rejected()
+    assert len(first.payload) < 2600 and len(second.payload) < 4000
+    summary = json.loads(second.payload)
+    assert summary["size"] == 10_000 and summary["sha256"] == hashlib.sha256(bad_utf8).hexdigest()
+    assert "base64" in summary and summary["truncated"] is True
+    assert json.loads(first.payload)["truncated"] is True and first.reason == "code: Field required"
+    assert api.ctx.metrics.sample("omsd_rejected_bodies_truncated_total", source="notification") == 2
+
+
+async def test_unauthenticated_rejects_are_rate_limited_per_client(bare_api: Api) -> None:
+    """Beyond its burst a client's rejected bodies are counted and dropped, not stored;
+    the client still gets its 400."""
+    api = bare_api
+    clock = [0.0]
+    api.ctx.reject_budget.clock = lambda: clock[0]
+    for n in range(30):
+        assert (await raw_call(api, BARE_NOTIFY, b"{nope %d" % n))[0] == 400
+    assert len(await api.rejected()) == 20
+    assert api.ctx.metrics.sample("omsd_rejected_bodies_dropped_total", source="notification") == 10
+    clock[0] += 5.0  # one more token per 5 s
+    await raw_call(api, BARE_NOTIFY, b"{nope again")
+    await raw_call(api, BARE_NOTIFY, b"{nope and again")
+    assert len(await api.rejected()) == 21
+
+
+def test_the_reject_budget_has_a_ceiling_for_all_clients() -> None:
+    """Many clients cannot add up to more than the shared bucket; forgotten clients are bounded."""
+    budget = RejectBudget(clock=lambda: 0.0, max_sources=50)
+    taken = sum(budget.take(f"10.0.{n // 250}.{n % 250}") for n in range(500))
+    assert taken == 100 and len(budget._buckets) == 50
+
+
+async def test_the_secret_notification_path_keeps_rejected_bodies_whole(api: Api) -> None:
+    """A notification on omsd's capability path is authenticated: its rejected body is kept whole."""
+    raw = json.dumps({"marketplaceOrderId": "M-1", "pad": "x" * 30_000}).encode()
+    assert (await raw_call(api, f"{NOTIFY}?an=shop", raw))[0] == 400
+    [kept] = await api.rejected()
+    assert json.loads(kept.payload)["pad"] == "x" * 30_000
+    assert api.ctx.metrics.sample("omsd_rejected_bodies_truncated_total", source="notification") == 0
+
+
+async def test_authenticated_rejects_keep_their_body_up_to_64_kb(api: Api) -> None:
+    """A rejected /v1 body (bearer token checked) is kept whole, however many."""
+    clock = [0.0]
+    api.ctx.reject_budget.clock = lambda: clock[0]
+    big = {"marketplaceOrderId": "M-1", "pad": "y" * 30_000}
+    for _ in range(25):
+        assert (await call(api, "POST", "/v1/approvals", big | {"n": _}, headers=AUTH))[0] == 400
+    kept = await api.rejected()
+    assert len(kept) == 25 and json.loads(kept[0].payload)["pad"] == "y" * 30_000
+    assert api.ctx.metrics.sample("omsd_rejected_bodies_truncated_total", source="api") == 0
+
+
+@pytest.mark.parametrize(("path", "headers"), ROUTES, ids=ROUTE_IDS)
+async def test_a_body_that_does_not_decompress_is_400(api: Api, path: str, headers: dict[str, str]) -> None:
+    """`Content-Encoding: gzip` with bytes that are not gzip escaped as a 500 with a traceback."""
+    resp = await api.client.post(path, data=b"garbage", headers={"Content-Encoding": "gzip", **headers})
+    assert resp.status == 400 and "Content-Encoding" in (await resp.json())["error"]
+    assert (await call(api, "GET", "/healthz"))[0] == 200
+
+
+async def test_a_connection_whose_body_did_not_decompress_is_closed(api: Api) -> None:
+    """After a ping-sized `gzip` body that is not gzip (read without the secret) the
+    connection is closed: kept open, the next request on it never got an answer."""
+    import asyncio
+
+    resp = await api.client.post("/vtex/hook", data=b"x" * 10, headers={"Content-Encoding": "gzip"})
+    assert resp.status == 401 and resp.headers.get("Connection", "").lower() == "close"
+    followup = api.client.post("/vtex/hook", data=b"x" * 10, headers={"Content-Encoding": "gzip", **hook_headers()})
+    assert (await asyncio.wait_for(followup, timeout=20)).status == 400

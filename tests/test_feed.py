@@ -148,3 +148,57 @@ async def test_a_short_batch_is_followed_at_once_and_an_empty_one_waits(settings
         stop.set()
         await task
     assert vtex.committed == ["h1", "h2"]
+
+
+async def test_a_poisoned_item_is_rejected_committed_and_the_loop_goes_on(settings: Settings) -> None:
+    """An overflowing date and a lone surrogate in orderId (VTEX would redeliver them on
+    every restart) become rejected entries, their handles are committed, and the poller
+    goes on to the next batch instead of ending the daemon."""
+    import asyncio
+
+    from tests.conftest import until
+
+    poison = [
+        {**ITEM, "eventId": "P1", "handle": "p1", "currentChange": "0001-01-01T00:00:00+14:00"},
+        {**ITEM, "eventId": "P2", "handle": "p2", "orderId": "MKP-\ud800-01"},
+        {**ITEM, "eventId": "P3", "handle": "p3", "orderId": "9" * 60_000},
+    ]
+    async with await Store.open(settings.db) as store:
+        vtex = FakeVtex(settings.db, [poison, [ITEM]])
+        poller = FeedPoller(store, vtex, settings)
+        stop = asyncio.Event()
+        task = asyncio.create_task(poller.run(stop))
+        await until(lambda: "h1" in vtex.committed or task.done(), timeout=10, what="the good item committed")
+        stop.set()
+        await task
+        assert vtex.committed == ["p1", "p2", "p3", "h1"]
+        assert (poller.stats.rejected, poller.stats.accepted) == (3, 1)
+        rejected = await store.journal_tail(10, kind="rejected")
+        assert [r.reason is not None for r in rejected] == [True] * 3
+        assert [r.order_id for r in rejected] == ["MKP-1-01", None, None]  # only a well-formed id is kept
+
+
+@pytest.mark.parametrize(
+    "body", [b"\xff\xfe[not utf-8]", b"[" * 5000 + b"]" * 5000], ids=["not utf-8", "nested 5000 deep"]
+)
+async def test_a_poisoned_feed_response_is_no_crash(body: bytes) -> None:
+    """A feed answer that is not UTF-8 or nests too deep for the JSON parser escaped the
+    client as UnicodeDecodeError/RecursionError and would end the poller: now it reads as
+    a response without items (the poller asks again)."""
+    import aiohttp
+
+    from omsd.daemon.vtex import VtexClient
+    from tests.http_mock import aioresponses
+
+    settings = Settings(
+        account="shop", app_key="k", app_token="t", connector_name="c", connector_endpoint="https://omsd.example.com"
+    )
+    async with aiohttp.ClientSession() as session:
+        client = VtexClient(settings, session)
+        with aioresponses() as m:
+            m.get(
+                "https://shop.vtexcommercestable.com.br/api/orders/feed?maxlot=10",
+                body=body,
+                content_type="application/json",
+            )
+            assert await client.get_feed(10) == []

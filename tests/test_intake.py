@@ -176,3 +176,80 @@ def test_fractions_beyond_microseconds_are_cut_to_six_digits() -> None:
     assert _six_digit_fraction("2019-01-31T20:09:41.8830000Z") == "2019-01-31T20:09:41.883000Z"
     assert _six_digit_fraction("2019-01-31T20:09:41.5-0300") == "2019-01-31T20:09:41.5-0300"
     assert _six_digit_fraction("2019-01-31T20:09:41Z") == "2019-01-31T20:09:41Z"
+
+
+POISON: list[tuple[str, Any, str]] = [
+    ("overflowing date", {**GOOD, "currentChange": "0001-01-01T00:00:00+14:00"}, "currentChange"),
+    ("year before 2000", {**GOOD, "currentChange": "1999-12-31T23:59:59Z"}, "out of range"),
+    ("year after 2100", {**GOOD, "lastChange": "2100-01-01T00:00:00Z"}, "out of range"),
+    ("lone surrogate in orderId", {**GOOD, "orderId": "95371\ud800-01"}, "orderId"),
+    ("lone surrogate in lastState", {**GOOD, "lastState": "\udfff"}, "lastState"),
+    ("lone surrogate in domain", {**GOOD, "domain": "Fulfil\ud800"}, "domain"),
+    ("overlong orderId", {**GOOD, "orderId": "9" * 60_000}, "orderId"),
+    ("orderId with a slash", {**GOOD, "orderId": "../feed"}, "orderId"),
+    ("orderId with a space", {**GOOD, "orderId": "1 2"}, "orderId"),
+    ("overlong eventId", {**GOOD, "eventId": "E" * 200}, "eventId"),
+    ("handle with a surrogate", {**GOOD, "handle": "h\ud800"}, "handle"),
+    ("huge number", {**GOOD, "orderId": 10**4000}, "orderId"),
+    ("nested deep", {**GOOD, "state": [[[[[]]]]] * 3}, "state"),
+]
+
+
+@pytest.mark.parametrize(("item", "reason"), [(p[1], p[2]) for p in POISON], ids=[p[0] for p in POISON])
+def test_poisoned_items_are_rejected_and_storable(item: Any, reason: str) -> None:
+    """An item that would overflow, break JSON or SQLite, or flood the logs is a rejected
+    entry naming the field, and every text of the entry is valid UTF-8."""
+    intake = feed_item(item, NOW)
+    assert not intake.accepted and intake.entry.kind == "rejected"
+    assert intake.entry.reason is not None and reason in intake.entry.reason
+    for text in (intake.entry.payload, intake.entry.reason, intake.entry.order_id, intake.entry.dedup_key):
+        assert text is None or text.encode("utf-8")
+    assert intake.entry.order_id is None or len(intake.entry.order_id) <= 128
+    assert intake.handle is None or intake.handle.encode("ascii")
+
+
+def test_an_unrepresentable_item_is_still_rejected() -> None:
+    """An item too deep to serialise is kept by its type and digest, not a crash."""
+    deep: list[Any] = []
+    for _ in range(5000):
+        deep = [deep]
+    intake = feed_item({**GOOD, "extra": deep}, NOW)
+    assert intake.accepted
+    intake = feed_item({**GOOD, "state": deep}, NOW)
+    assert not intake.accepted and intake.entry.payload.encode("utf-8")
+
+
+def test_ids_at_their_limits_are_accepted() -> None:
+    """The longest allowed ids and VTEX's id shapes pass."""
+    for order_id in ("953712004126-01", "v52277740atmc-01", "MKP-123456789-01", "A" + "1" * 127):
+        assert feed_item({**GOOD, "orderId": order_id}, NOW).accepted, order_id
+    assert feed_item({**GOOD, "handle": "eyJ." + "x" * 16_000}, NOW).accepted
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [("0001-01-01T00:00:00+14:00", "out of range"), ("9999-12-31T23:59:59-14:00", "out of range")],
+)
+def test_parse_time_refuses_overflowing_dates(text: str, reason: str) -> None:
+    """A date that overflows when converted to UTC is BadTime, never OverflowError."""
+    with pytest.raises(BadTime, match=reason):
+        parse_time(text)
+
+
+def test_poisoned_pushes_are_rejected() -> None:
+    """A push with an overflowing date or a surrogate id is a rejected entry, not an exception."""
+    for body in ({**PUSH, "CurrentChange": "0001-01-01T00:00:00+14:00"}, {**PUSH, "OrderId": "\ud800"}):
+        pushed = hook_item(body, NOW)
+        assert pushed.entry is not None and pushed.entry.kind == "rejected" and pushed.reason
+        assert pushed.entry.payload.encode("utf-8")
+
+
+def test_a_deep_rejected_item_is_kept_as_a_summary() -> None:
+    """A rejected item nested deeper than a JSON reader goes is kept as head, size and
+    digest, so the journal row parses back."""
+    deep: Any = "x"
+    for _ in range(900):  # json.dumps writes it; json.loads, under a test's stack, may not
+        deep = {"a": deep}
+    intake = feed_item({**GOOD, "state": deep}, NOW)
+    summary = json.loads(intake.entry.payload)
+    assert not intake.accepted and summary["size"] > 3000 and "sha256" in summary and "text" in summary

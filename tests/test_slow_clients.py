@@ -12,10 +12,14 @@ from structlog.testing import capture_logs
 from omsd.daemon.app import Daemon
 from omsd.daemon.connections import install_accept_error_handler
 from omsd.sim.server import Simulator
-from tests.conftest import RunDaemon, until
+from tests.conftest import API_TOKEN, RunDaemon, until
 
 HALF_HEADER = b"POST /vtex/hook HTTP/1.1\r\nHost: omsd\r\nContent-Le"
-SLOW_BODY = b"POST /vtex/hook HTTP/1.1\r\nHost: omsd\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n{"
+# An authenticated request, so the route reads its body (an unauthenticated one is refused first).
+SLOW_BODY = (
+    b"POST /v1/approvals HTTP/1.1\r\nHost: omsd\r\nAuthorization: Bearer " + API_TOKEN.encode() + b"\r\n"
+    b"Content-Type: application/json\r\nContent-Length: 500\r\n\r\n{"
+)
 PING = {"hookConfig": "ping"}
 
 
