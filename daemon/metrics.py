@@ -6,6 +6,8 @@ Counters are incremented where things happen; gauges that mirror the database
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -60,6 +62,13 @@ class Metrics:
         )
         for phase in Phase:
             self.orders.labels(phase=phase.value).set(0)
+        self.database_bytes = Gauge(
+            "omsd_database_bytes", "Size of the database on disk (file and write-ahead log)", registry=r
+        )
+
+    def watch_database(self, size: Callable[[], float]) -> None:
+        """Read the database's size (`omsd_database_bytes`) when /metrics is scraped."""
+        self.database_bytes.set_function(size)
 
     def on_vtex_call(self, method: str, route: str, outcome: int | str) -> None:
         self.vtex_requests.labels(route=f"{method} {route}", status=str(outcome)).inc()
