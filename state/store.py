@@ -953,8 +953,8 @@ class Store:
         try:
             async with self._lock:
                 before = await self._pages()
-                async with self._conn.execute("PRAGMA incremental_vacuum") as cur:
-                    await cur.fetchall()
+                # executescript steps the pragma to its end; execute() would free one page only
+                await self._conn.executescript("PRAGMA incremental_vacuum;")
                 async with self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cur:
                     await cur.fetchall()
                 after = await self._pages()

@@ -188,8 +188,9 @@ async def test_free_pages_go_back_to_the_disk(tmp_path: Path) -> None:
         await store.reclaim()
         size = retention.database_bytes(db)
         report = await retention.prune(store, 30, NOW)
-    assert report.pruned.orders == 300 and report.freed_bytes > 0
-    assert retention.database_bytes(db) < size
+    assert report.pruned.orders == 300
+    assert report.freed_bytes >= size / 5  # every free page, not one per call
+    assert retention.database_bytes(db) == size - report.freed_bytes
 
 
 # ---- the command -------------------------------------------------------------------------
