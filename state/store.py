@@ -760,8 +760,10 @@ class Store:
         routed to it by its marketplace id), of some kinds."""
         where, params = ['"offset" > ?'], list[Any]([after])
         if order_id is not None:
-            where.append("(order_id = ? OR (order_id IS NULL AND json_extract(payload, '$.marketplace_order_id') = ?))")
-            params += [order_id, marketplace_order_id or order_id]
+            # Routed rows of the routed kinds only: a rejected row's payload need not be JSON at all.
+            clause, extra = _journal_filter(order_id, marketplace_order_id or order_id, None)
+            where.append(clause.removeprefix(" AND "))
+            params += extra
         if kinds:
             where.append(f"kind IN ({', '.join('?' * len(kinds))})")
             params += list(kinds)

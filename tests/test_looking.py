@@ -118,6 +118,12 @@ def test_journal_of_one_order_with_full_payloads(db: Path, capsys: pytest.Captur
     assert [json.loads(line)["offset"] for line in out.splitlines()] == [6, 7]
 
 
+def test_export_of_one_order_beside_rejected_input(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """export --order reads past rejected rows whose body is not JSON (it once failed: malformed JSON)."""
+    out, _ = _out(capsys, "export", "--order", MKT)
+    assert [json.loads(line)["offset"] for line in out.splitlines()] == [1, 2, 3]
+
+
 def test_rejected_input_shows_its_raw_body(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A rejected row shows the body as received, with the reason."""
     out, _ = _out(capsys, "journal", "--rejected", "--json")
