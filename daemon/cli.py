@@ -74,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_run_commands(sub)
     _add_store_commands(sub)
     _add_looking_commands(sub)
+    _add_list_commands(sub)
     _add_repair_commands(sub)
     _add_retention_commands(sub)
     _add_transfer_commands(sub)
@@ -186,6 +187,9 @@ def _add_looking_commands(sub: Subparsers[argparse.ArgumentParser]) -> None:
     )
     j.epilog = f"exit codes: 0 printed (a follow ended by SIGINT/SIGTERM too); 1 {UNKNOWN}; 2 no database at OMSD_DB"
 
+
+def _add_list_commands(sub: Subparsers[argparse.ArgumentParser]) -> None:
+    """What waits for a person: parked intents and dead orders."""
     i = _command(
         sub,
         "intents",
