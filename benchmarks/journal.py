@@ -1,5 +1,7 @@
 """Throughput of the durable parts: feed intake (journal + handles, fsync per batch)
-and the processor (journal → machine → one transaction per batch).
+and the processor (journal → machine → one transaction per batch); then the size of
+the database per journal event before and after a prune (every order approved and
+quiet for longer than the retention).
 
     .venv/bin/python benchmarks/journal.py [--orders 2000] [--events-per-order 5]
 
@@ -16,6 +18,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from omsd.daemon import retention
 from omsd.daemon.intake import feed_item
 from omsd.daemon.processor import Processor
 from omsd.state.events import IntentRecorded
@@ -84,6 +87,27 @@ async def main(orders: int, per_order: int) -> None:
             size = sum(p.stat().st_size for p in Path(tmp).iterdir())
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             print(f"database: {size / 1e6:.1f} MB for {applied} events; peak RSS {rss:.0f} MB")
+            await measure_prune(store, applied, now)
+
+
+async def measure_prune(store: Store, events: int, now: datetime) -> None:
+    """Bytes per journal event before and after pruning every (approved, quiet) order."""
+    await store.reclaim()  # the write-ahead log checkpointed: the file alone holds the data
+    before = retention.database_bytes(store.path)
+    start = time.perf_counter()
+    report = await retention.prune(store, 30, now + timedelta(days=31))
+    elapsed = time.perf_counter() - start
+    after = retention.database_bytes(store.path)
+    p = report.pruned
+    print(
+        f"prune: {p.orders} orders, {p.journal_rows} journal rows into {p.orders} snapshots, {p.history_rows} history "
+        f"rows, in {elapsed:.2f} s; database {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB "
+        f"({report.freed_bytes / 1e6:.1f} MB given back)"
+    )
+    print(
+        f"bytes per journal event: {before / events:,.0f} before, {after / events:,.0f} after "
+        f"({after / max(p.orders, 1):,.0f} bytes per pruned order)"
+    )
 
 
 if __name__ == "__main__":

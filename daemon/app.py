@@ -41,7 +41,7 @@ from omsd.daemon.effects import EffectRunner
 from omsd.daemon.errors import AuthFailed, VtexError
 from omsd.daemon.feed import FeedPoller
 from omsd.daemon.health import Health
-from omsd.daemon.jobs import Jobs
+from omsd.daemon.jobs import Jobs, add_retention
 from omsd.daemon.logs import get_logger, redact
 from omsd.daemon.metrics import Metrics
 from omsd.daemon.notify import Notifier, Progress, watchdog_loop
@@ -241,6 +241,7 @@ class Daemon:
         jobs.add("timers", fire_timers, s.timer_tick_s, misfire_grace_s=s.timer_tick_s * 5)
         jobs.add("self_check", self_check.run_once, s.self_check_s)
         jobs.add("status", report_status, STATUS_EVERY_S)
+        add_retention(jobs, store, s.retention_days)
         return jobs
 
     def _count_transition(self, t: Transition) -> None:

@@ -3,8 +3,8 @@
 Exit codes: 0 success; 1 runtime failure (including a demo that did not end as
 it should, an unknown order, input lines refused by `ingest`); 2 bad configuration
 or usage (one line naming the variable), or no database at OMSD_DB for a command
-that needs one; 3 another process owns the database (`run`, `replay`, `ingest`
-refuse to work beside a running daemon; the message names its pid).
+that needs one; 3 another process owns the database (`run`, `replay`, `ingest`,
+`prune` refuse to work beside a running daemon; the message names its pid).
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -24,7 +25,7 @@ from typing import Any, TextIO
 from rich.console import Console
 from rich.table import Table
 
-from omsd.daemon import ingest, intake, logs, replay
+from omsd.daemon import ingest, intake, logs, replay, retention
 from omsd.daemon import lock as _lock
 from omsd.daemon.errors import VtexError
 from omsd.daemon.ingest import KINDS
@@ -38,10 +39,11 @@ from omsd.daemon.settings import (
     load_settings,
     warn_unknown_variables,
 )
+from omsd.daemon.wakeup import wait_any
 from omsd.state.events import Resync
 from omsd.state.models import Order
 from omsd.state.statuses import Phase
-from omsd.state.store import NewEntry, Store, StoreError, StoreUnwritable
+from omsd.state.store import HistoryRow, JournalRow, NewEntry, Store, StoreError, StoreUnwritable
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG, EXIT_BUSY = 0, 1, 2, 3
 EXIT_TEMPFAIL = 75  # sysexits EX_TEMPFAIL: the database refused writes at start-up (disk full, read-only)
@@ -59,9 +61,10 @@ sends the Channel Order API approval only after Get order confirms the order is
 neither held nor canceled.
 
 Configuration comes from OMSD_* environment variables (see README.md).
-The offline commands (init, approve, orders, show, journal, replay, ingest,
-export, retry, status) need only OMSD_DB. Only `run` and `init` create a
-database. `replay` and `ingest` refuse to work beside a running daemon.
+The offline commands (init, approve, orders, show, journal, intents, dead,
+replay, ingest, export, retry, status, prune) need only OMSD_DB. Only `run` and
+`init` create a database. `replay`, `ingest` and `prune` refuse to work beside a
+running daemon.
 
 Exit codes: 0 success; 1 failure (unknown order, refused input lines);
 2 bad configuration or usage, or no database at OMSD_DB; 3 another process
@@ -94,7 +97,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_run_commands(sub)
     _add_store_commands(sub)
+    _add_looking_commands(sub)
+    _add_list_commands(sub)
     _add_repair_commands(sub)
+    _add_retention_commands(sub)
     _add_transfer_commands(sub)
     _add_vtex_commands(sub)
     _add_tool_commands(sub)
@@ -157,30 +163,105 @@ def _add_store_commands(sub: Subparsers[argparse.ArgumentParser]) -> None:
     a.add_argument("marketplace_order_id", metavar="MARKETPLACE_ORDER_ID")
     a.add_argument("--order-id", help="the VTEX order id, when known (links the two at once)")
 
+
+def _add_looking_commands(sub: Subparsers[argparse.ArgumentParser]) -> None:
+    """The reading commands: they work beside a running daemon (they take no lock)."""
     o = _command(
-        sub, "orders", _offline(_orders), help="list orders and their phase", description="List orders, newest first."
+        sub,
+        "orders",
+        _offline(_orders),
+        help="list orders and their phase",
+        description="List orders, newest first. The title counts every matching order. In a pipe: tab-separated "
+        "lines with a header, whole values (the title goes to stderr).",
     )
     o.add_argument("--phase", choices=[ph.value for ph in Phase], help="only orders in this phase")
-    o.add_argument("--limit", type=int, default=50)
-    o.add_argument("--json", action="store_true", help="print JSON lines")
+    o.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    o.add_argument("--json", action="store_true", help="print each order's whole record as JSON lines")
+    o.epilog = "exit codes: 0 listed (also when none match); 2 no database at OMSD_DB"
 
     s = _command(
         sub,
         "show",
         _offline(_show),
         help="one order: state, history, journal",
-        description="Show one order "
-        "(by VTEX order id or marketplace order id): its state, transitions and journal entries.",
+        description="Show one order (by VTEX order id or marketplace order id): its state, transitions and journal "
+        "entries (with the intents and notifications that came under its marketplace id). A marketplace id with only "
+        "a parked intent shows that intent.",
     )
     s.add_argument("key", metavar="ORDER")
+    s.add_argument("--json", action="store_true", help="print one JSON object: order, history, journal")
+    s.epilog = f"exit codes: 0 shown; 1 {UNKNOWN}; 2 no database at OMSD_DB"
 
     j = _command(
-        sub, "journal", _offline(_journal), help="tail the journal", description="Print the last journal entries."
+        sub,
+        "journal",
+        _offline(_journal),
+        help="tail (or follow) the journal",
+        description="Print the last journal entries, or those from an offset on; --follow goes on printing new "
+        "ones until interrupted (Ctrl-C exits 0). Works beside the running daemon (read only).",
     )
-    j.add_argument("--limit", type=int, default=30)
-    j.add_argument("--order", help="only entries of this VTEX order id")
-    j.add_argument("--rejected", action="store_true", help="only rejected input, with its reason")
+    j.add_argument("--limit", type=int, default=30, help="the last this many entries (default 30)")
+    j.add_argument("--from-offset", type=int, metavar="N", help="every entry from offset N on (not only the last)")
+    j.add_argument("--order", metavar="ID", help="only this order (either id), with what came under its marketplace id")
+    j.add_argument("--rejected", action="store_true", help="only rejected input, with its reason and raw body")
     j.add_argument("--unreadable", action="store_true", help="only rows the processor could not read, with why")
+    j.add_argument("-f", "--follow", action="store_true", help="keep printing new entries until interrupted")
+    j.add_argument(
+        "--json", action="store_true", help="JSON lines with the whole payload (a rejected body as received)"
+    )
+    j.epilog = f"exit codes: 0 printed (a follow ended by SIGINT/SIGTERM too); 1 {UNKNOWN}; 2 no database at OMSD_DB"
+
+
+def _add_list_commands(sub: Subparsers[argparse.ArgumentParser]) -> None:
+    """What waits for a person: parked intents and dead orders."""
+    i = _command(
+        sub,
+        "intents",
+        _offline(_intents),
+        help="list parked intents",
+        description="Approval intents that name a marketplace order id no VTEX order is linked to yet: the "
+        "marketplace id, where the intent came from, since when, and why it waits.",
+    )
+    i.add_argument("--json", action="store_true", help="print JSON lines")
+    i.epilog = "exit codes: 0 listed (also when none are parked); 2 no database at OMSD_DB"
+
+    d = _command(
+        sub,
+        "dead",
+        _offline(_dead),
+        help="list dead orders and why",
+        description="Orders whose approval spent its retry budget: attempts, the last result code and error, "
+        "and the cause of the move to dead. `omsd retry ORDER` (or --all-dead) gives them another go.",
+    )
+    d.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    d.add_argument("--json", action="store_true", help="print JSON lines")
+    d.epilog = "exit codes: 0 listed (also when none are dead); 2 no database at OMSD_DB"
+
+
+def _add_retention_commands(sub: Subparsers[argparse.ArgumentParser]) -> None:
+    p = _command(
+        sub,
+        "prune",
+        _prune_command,
+        help="shrink the journal: quiet closed orders keep one snapshot row",
+        description="Replace the journal rows and history of every order closed (approved, rejected) or only "
+        "followed (tracking), and unchanged for DAYS, by one snapshot row each (a replay still rebuilds the same "
+        "state); remove rejected input older than DAYS; give the free pages back to the disk. Open and dead orders "
+        "are kept. The running daemon does this by itself (OMSD_RETENTION_DAYS, every 6 hours): this command owns "
+        "the database and refuses beside it.",
+    )
+    p.add_argument(
+        "--older-than", type=int, metavar="DAYS", help="quiet for this many days (default OMSD_RETENTION_DAYS, 30)"
+    )
+    p.add_argument("--dry-run", action="store_true", help="change nothing; count what would go")
+    p.add_argument("--json", action="store_true", help="print the counts as one JSON object")
+    p.epilog = (
+        "exit codes: 0 pruned (or nothing to prune); 2 no database at OMSD_DB, or no age (OMSD_RETENTION_DAYS=0 "
+        "and no --older-than); 3 another process (the daemon, which prunes by itself) owns the database"
+    )
+
+
+UNKNOWN = "no order with that id (VTEX order id or marketplace order id)"
 
 
 def _add_repair_commands(sub: Subparsers[argparse.ArgumentParser]) -> None:
@@ -208,10 +289,16 @@ def _add_repair_commands(sub: Subparsers[argparse.ArgumentParser]) -> None:
         _offline(_retry),
         help="give a dead (or stuck) order another go",
         description="Append a resync for the order: its retry budget is reset and it is re-checked with Get "
-        "order before anything is sent. Closed orders (approved, rejected) are left alone.",
+        "order before anything is sent. Closed orders (approved, rejected) and orders nobody asked to approve "
+        "are left alone, and the command says so.",
     )
     r.add_argument("key", metavar="ORDER", nargs="?")
     r.add_argument("--all-dead", action="store_true", help="every order in the dead phase")
+    r.epilog = (
+        "exit codes: 0 a resync recorded for the order (or each dead order; none dead is not an error); "
+        "1 unknown order, or nothing done (the order is closed, or has no approval intent); "
+        "2 neither ORDER nor --all-dead, or no database at OMSD_DB"
+    )
 
     _command(
         sub,
@@ -511,87 +598,6 @@ async def _approve(store: Store, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _order_row(o: Order) -> list[str]:
-    return [
-        o.order_id,
-        o.marketplace_order_id or "-",
-        o.phase.value,
-        o.status or "-",
-        "yes" if o.held else "",
-        str(o.sent),
-        o.last_code or "",
-        (o.last_error or "")[:60],
-    ]
-
-
-async def _orders(store: Store, args: argparse.Namespace) -> int:
-    orders = await store.list_orders(args.phase, args.limit)
-    if args.json:
-        for o in orders:
-            print(o.model_dump_json())
-        return EXIT_OK
-    table = Table(title=f"{len(orders)} orders")
-    for col in ("order", "marketplace id", "phase", "VTEX status", "held", "sent", "last code", "last error"):
-        table.add_column(col)
-    for o in orders:
-        table.add_row(*_order_row(o))
-    Console().print(table)
-    return EXIT_OK
-
-
-async def _show(store: Store, args: argparse.Namespace) -> int:
-    order = await store.find_order(args.key)
-    if order is None:
-        parked = await store.pending_intent(args.key)
-        if parked:
-            print(f"{args.key}: intent parked (source {parked[0]}, offset {parked[1]}); no VTEX order linked yet")
-            return EXIT_OK
-        print(f"omsd: no order {args.key}", file=sys.stderr)
-        return EXIT_FAIL
-    console = Console()
-    console.print_json(order.model_dump_json())
-    table = Table(title="transitions")
-    for col in ("offset", "at", "from", "to", "VTEX status", "cause"):
-        table.add_column(col)
-    for h in await store.history(order.order_id):
-        table.add_row(
-            str(h.journal_offset),
-            h.at.isoformat(timespec="seconds"),
-            h.from_phase or "-",
-            h.to_phase,
-            h.status or "-",
-            h.cause,
-        )
-    console.print(table)
-    await _print_journal(await store.journal_tail(50, order_id=order.order_id))
-    return EXIT_OK
-
-
-async def _print_journal(rows: list[Any]) -> None:
-    table = Table(title="journal")
-    for col in ("offset", "received", "kind", "source", "order", "reason / payload"):
-        table.add_column(col)
-    for r in rows:
-        detail = r.reason or r.payload
-        table.add_row(
-            str(r.offset),
-            r.received_at.isoformat(timespec="seconds"),
-            r.kind,
-            r.source,
-            r.order_id or "-",
-            detail[:100],
-        )
-    Console().print(table)
-
-
-async def _journal(store: Store, args: argparse.Namespace) -> int:
-    if args.unreadable:
-        return await _unreadable(store)
-    rows = await store.journal_tail(args.limit, order_id=args.order, kind="rejected" if args.rejected else None)
-    await _print_journal(rows)
-    return EXIT_OK
-
-
 async def _init(store: Store, args: argparse.Namespace) -> int:
     print(f"database ready at {store.path} (schema version {await store.schema_version()})")
     return EXIT_OK
@@ -780,14 +786,268 @@ async def _unreadable(store: Store) -> int:
     return EXIT_OK
 
 
+async def _status(store: Store, args: argparse.Namespace) -> int:
+    out = {"phases": await store.phase_counts(), "outbox": await store.outbox_counts(), **await store.stats()}
+    print(json.dumps(out, indent=2, sort_keys=True))
+    return EXIT_OK
+
+
+# ---- looking ----------------------------------------------------------------------------
+def _table(title: str, columns: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
+    """A table on a terminal (long values fold, never cut); in a pipe, tab-separated lines
+    with a header and whole values, and the title on stderr."""
+    console = Console()
+    if console.is_terminal:
+        table = Table(title=title)
+        for col in columns:
+            table.add_column(col, overflow="fold")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+        return
+    print(title, file=sys.stderr)
+    print("\t".join(columns))
+    for row in rows:
+        print("\t".join(" ".join(value.split()) for value in row))
+
+
+def _when(at: datetime | None) -> str:
+    return at.isoformat(timespec="seconds") if at is not None else "-"
+
+
+def _order_row(o: Order) -> list[str]:
+    return [
+        o.order_id,
+        o.marketplace_order_id or "-",
+        o.phase.value,
+        o.status or "-",
+        "yes" if o.held else "",
+        str(o.sent),
+        o.last_code or "",
+        o.last_error or "",
+    ]
+
+
+async def _orders(store: Store, args: argparse.Namespace) -> int:
+    orders = await store.list_orders(args.phase, args.limit)
+    if args.json:
+        for o in orders:
+            print(o.model_dump_json())
+        return EXIT_OK
+    total = await store.count_orders(args.phase)
+    title = f"{total} orders" + (f" in {args.phase}" if args.phase else "")
+    if len(orders) < total:
+        title += f", the newest {len(orders)} shown (--limit)"
+    columns = ("order", "marketplace id", "phase", "VTEX status", "held", "sent", "last code", "last error")
+    _table(title, columns, map(_order_row, orders))
+    return EXIT_OK
+
+
+def _history_view(h: HistoryRow) -> dict[str, Any]:
+    return {
+        "offset": h.journal_offset,
+        "at": h.at.isoformat(),
+        "from": h.from_phase,
+        "to": h.to_phase,
+        "status": h.status,
+        "cause": h.cause,
+    }
+
+
+def _journal_view(r: JournalRow) -> dict[str, Any]:
+    """A journal row for --json: the payload parsed, a rejected body exactly as received."""
+    payload: Any = r.payload
+    if r.kind != "rejected":
+        with contextlib.suppress(ValueError):
+            payload = json.loads(r.payload)
+    return {
+        "offset": r.offset,
+        "kind": r.kind,
+        "version": r.version,
+        "source": r.source,
+        "order_id": r.order_id,
+        "received_at": r.received_at.isoformat(),
+        "reason": r.reason,
+        "payload": payload,
+    }
+
+
+def _journal_line(r: JournalRow) -> str:
+    detail = f"{r.reason} | body: {r.payload}" if r.kind == "rejected" else r.reason or r.payload
+    return f"{r.offset}\t{_when(r.received_at)}\t{r.kind}\t{r.source}\t{r.order_id or '-'}\t{' '.join(detail.split())}"
+
+
+def _print_rows(rows: Iterable[JournalRow], as_json: bool) -> None:
+    for r in rows:
+        print(json.dumps(_journal_view(r), sort_keys=True) if as_json else _journal_line(r))
+    sys.stdout.flush()
+
+
+async def _show(store: Store, args: argparse.Namespace) -> int:
+    order = await store.find_order(args.key)
+    if order is None:
+        return await _show_parked(store, args)
+    history = await store.history(order.order_id)
+    rows = await store.journal_tail(50, order_id=order.order_id, marketplace_order_id=order.marketplace_order_id)
+    if args.json:
+        view = {
+            "order": order.model_dump(mode="json"),
+            "history": [_history_view(h) for h in history],
+            "journal": [_journal_view(r) for r in rows],
+        }
+        print(json.dumps(view, sort_keys=True))
+        return EXIT_OK
+    Console().print_json(order.model_dump_json())
+    columns = ("offset", "at", "from", "to", "VTEX status", "cause")
+    _table(
+        f"{len(history)} transitions",
+        columns,
+        (
+            [str(h.journal_offset), _when(h.at), h.from_phase or "-", h.to_phase, h.status or "-", h.cause]
+            for h in history
+        ),
+    )
+    print(f"journal (the last {len(rows)} entries: offset, received, kind, source, order, reason / payload):")
+    _print_rows(rows, as_json=False)
+    return EXIT_OK
+
+
+async def _show_parked(store: Store, args: argparse.Namespace) -> int:
+    parked = await store.pending_intent(args.key)
+    if parked is None:
+        print(f"omsd: no order {args.key}", file=sys.stderr)
+        return EXIT_FAIL
+    source, offset = parked
+    if args.json:
+        print(json.dumps({"marketplace_order_id": args.key, "parked_intent": {"source": source, "offset": offset}}))
+    else:
+        print(f"{args.key}: intent parked (source {source}, offset {offset}); no VTEX order linked yet")
+    return EXIT_OK
+
+
+async def _journal(store: Store, args: argparse.Namespace) -> int:
+    if args.unreadable:
+        return await _unreadable(store)
+    order_id = mkt = None
+    if args.order is not None:
+        order = await store.find_order(args.order)
+        if order is not None:
+            order_id, mkt = order.order_id, order.marketplace_order_id
+        elif await store.journal_tail(1, marketplace_order_id=args.order):
+            mkt = args.order  # intents or notifications for a marketplace id no order is linked to
+        else:
+            print(f"omsd: no order {args.order}", file=sys.stderr)
+            return EXIT_FAIL
+    where: dict[str, Any] = {
+        "order_id": order_id,
+        "marketplace_order_id": mkt,
+        "kind": "rejected" if args.rejected else None,
+    }
+    after = await store.last_offset()
+    if args.from_offset is None:
+        rows = await store.journal_tail(args.limit, **where)
+        _print_rows(rows, args.json)
+    else:
+        after = args.from_offset - 1
+        while rows := await store.journal_since(after, 1000, **where):
+            _print_rows(rows, args.json)
+            after = rows[-1].offset
+    if args.follow:
+        await _follow(store, max(after, rows[-1].offset if rows else after), where, args.json)
+    return EXIT_OK
+
+
+FOLLOW_POLL_S = 1.0
+
+
+async def _follow(store: Store, after: int, where: dict[str, Any], as_json: bool) -> None:
+    """Print new journal rows as the daemon writes them, until SIGINT or SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        while not stop.is_set():
+            rows = await store.journal_since(after, 1000, **where)
+            if rows:
+                _print_rows(rows, as_json)
+                after = rows[-1].offset
+                continue
+            await wait_any(stop, within_s=FOLLOW_POLL_S)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+PARKED_WHY = "no VTEX order linked to this marketplace id yet: waits for the order to appear and Get order to link it"
+
+
+async def _intents(store: Store, args: argparse.Namespace) -> int:
+    parked = await store.parked_intents()
+    if args.json:
+        for p in parked:
+            view = {
+                "marketplace_order_id": p.marketplace_order_id,
+                "source": p.source,
+                "offset": p.journal_offset,
+                "since": p.since.isoformat() if p.since else None,
+                "why": PARKED_WHY,
+            }
+            print(json.dumps(view, sort_keys=True))
+        return EXIT_OK
+    rows = ([p.marketplace_order_id, p.source, str(p.journal_offset), _when(p.since), PARKED_WHY] for p in parked)
+    _table(f"{len(parked)} parked intents", ("marketplace id", "source", "offset", "since", "why"), rows)
+    return EXIT_OK
+
+
+async def _dead(store: Store, args: argparse.Namespace) -> int:
+    orders = await store.list_orders(Phase.DEAD.value, args.limit)
+    views = []
+    for o in orders:
+        why = next((h.cause for h in reversed(await store.history(o.order_id)) if h.to_phase == Phase.DEAD), None)
+        views.append(
+            {
+                "order_id": o.order_id,
+                "marketplace_order_id": o.marketplace_order_id,
+                "since": o.updated_at.isoformat() if o.updated_at else None,
+                "attempts": o.attempts,
+                "eoi008": o.eoi008,
+                "last_code": o.last_code,
+                "last_error": o.last_error,
+                "why": why,
+            }
+        )
+    if args.json:
+        for v in views:
+            print(json.dumps(v, sort_keys=True))
+        return EXIT_OK
+    total = await store.count_orders(Phase.DEAD.value)
+    columns = ("order", "marketplace id", "since", "attempts", "last code", "last error", "why dead")
+    keys = ("order_id", "marketplace_order_id", "since", "attempts", "last_code", "last_error", "why")
+    title = f"{total} dead orders" + (f", the newest {len(orders)} shown (--limit)" if len(orders) < total else "")
+    _table(title, columns, ([str(v[k]) if v[k] is not None else "-" for k in keys] for v in views))
+    return EXIT_OK
+
+
 async def _retry(store: Store, args: argparse.Namespace) -> int:
-    targets: list[Order] = []
     if args.all_dead:
         targets = await store.list_orders(Phase.DEAD.value, limit=1_000_000)
+        if not targets:
+            print("no dead orders: nothing to retry")
+            return EXIT_OK
     elif args.key:
         order = await store.find_order(args.key)
         if order is None:
             print(f"omsd: no order {args.key}", file=sys.stderr)
+            return EXIT_FAIL
+        if order.phase in (Phase.APPROVED, Phase.REJECTED):
+            print(f"omsd: {order.order_id} is {order.phase.value}: closed, nothing to retry", file=sys.stderr)
+            return EXIT_FAIL
+        if not order.has_intent:
+            print(
+                f"omsd: {order.order_id} has no approval intent: nothing to retry (record one with `omsd approve`)",
+                file=sys.stderr,
+            )
             return EXIT_FAIL
         targets = [order]
     else:
@@ -795,14 +1055,43 @@ async def _retry(store: Store, args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     for order in targets:
         await _append_resync(store, order.order_id, "operator retry")
-    print(f"resync recorded for {len(targets)} order(s)")
+    print(f"resync recorded for {len(targets)} order(s); the running daemon re-checks them with Get order")
     return EXIT_OK
 
 
-async def _status(store: Store, args: argparse.Namespace) -> int:
-    out = {"phases": await store.phase_counts(), "outbox": await store.outbox_counts(), **await store.stats()}
-    print(json.dumps(out, indent=2, sort_keys=True))
+# ---- retention ----------------------------------------------------------------------------
+def _prune_command(args: argparse.Namespace) -> int:
+    code = _prune_offline(args)
+    if code == EXIT_BUSY:
+        print(
+            "omsd: the running daemon prunes by itself (OMSD_RETENTION_DAYS, every 6 hours); "
+            "to prune now, stop it, run `omsd prune`, start it again",
+            file=sys.stderr,
+        )
+    return code
+
+
+async def _prune(store: Store, args: argparse.Namespace) -> int:
+    days = args.older_than if args.older_than is not None else load_local().retention_days
+    if days <= 0:
+        print("omsd: retention is off (OMSD_RETENTION_DAYS=0): name the age with --older-than DAYS", file=sys.stderr)
+        return EXIT_CONFIG
+    report = await retention.prune(store, days, _now(), dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps(report.view(), sort_keys=True))
+        return EXIT_OK
+    p = report.pruned
+    verb = "would prune" if report.dry_run else "pruned"
+    print(
+        f"{verb} {p.orders} orders quiet since before {_when(report.cutoff)}: {p.journal_rows} journal rows into "
+        f"{p.orders} snapshots, {p.history_rows} history rows, {p.outbox_rows} outbox rows; "
+        f"{p.rejected_rows} rejected inputs"
+        + ("" if report.dry_run else f"; {report.freed_bytes:,} bytes given back to the disk")
+    )
     return EXIT_OK
+
+
+_prune_offline = _offline(_prune, owns=True)
 
 
 if __name__ == "__main__":

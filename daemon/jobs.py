@@ -13,7 +13,7 @@ counted: the `database_unwritable` alarm already says so.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from datetime import UTC
+from datetime import UTC, datetime
 
 from apscheduler.events import (
     EVENT_JOB_ERROR,
@@ -24,11 +24,12 @@ from apscheduler.events import (
 )
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from omsd.daemon import retention
 from omsd.daemon.health import Health
 from omsd.daemon.logs import get_logger
 from omsd.daemon.metrics import Metrics
 from omsd.daemon.notify import Progress
-from omsd.state.store import StoreUnwritable
+from omsd.state.store import Store, StoreUnwritable
 
 log = get_logger("omsd.jobs")
 
@@ -113,3 +114,16 @@ class Jobs:
         if self.failures[job]:
             self.failures[job] = 0
             self._health.clear_alarm(alarm_name(job))
+
+
+def add_retention(jobs: Jobs, store: Store, days: int, every_s: float = retention.EVERY_S) -> None:
+    """The `retention` job: prune what has been closed and quiet for `days`
+    (OMSD_RETENTION_DAYS; 0: no job). It writes through the daemon's own store, so it
+    never races the processor: each chunk of orders is one of the store's transactions."""
+    if days <= 0:
+        return
+
+    async def prune() -> None:
+        await retention.run_job(store, days, datetime.now(UTC))
+
+    jobs.add("retention", prune, every_s)

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from omsd.state.statuses import TERMINAL_PHASES, Phase
-from omsd.state.store import Store
+from omsd.state.store import Store, database_bytes
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
@@ -178,7 +178,7 @@ class Metrics:
         oldest = await store.journal_after(stats["processor_offset"], limit=1)
         now = now or datetime.now(UTC)
         self.oldest_unapplied.set(max(0.0, (now - oldest[0].received_at).total_seconds()) if oldest else 0)
-        self.database_bytes.set(sum(p.stat().st_size for p in (db, Path(f"{db}-wal")) if p.exists()))
+        self.database_bytes.set(database_bytes(db))
 
     def set_phases(self, counts: dict[str, int]) -> None:
         for phase in Phase:

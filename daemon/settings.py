@@ -30,6 +30,9 @@ class ConfigError(Exception):
     """A setting is missing or invalid; the message names the variable."""
 
 
+RETENTION_DAYS = Field(default=30, ge=0, le=36500)  # OMSD_RETENTION_DAYS (Settings and LocalSettings)
+
+
 class PolicySettings(BaseSettings):
     """The machine's time and budget knobs; `omsd replay` reads only these."""
 
@@ -114,6 +117,9 @@ class Settings(PolicySettings):
     http_keepalive_s: float = Field(default=75.0, gt=0, le=3600)  # idle between requests
     http_max_connections: int = Field(default=512, ge=1, le=60000)  # beyond: closed at once
     store_probe_s: float = Field(default=5.0, gt=0, le=300)  # retry a refused database this often
+
+    # Journal retention: closed orders quiet this long keep one snapshot row (0: never prune)
+    retention_days: int = RETENTION_DAYS
 
     @field_validator("connector_endpoint")
     @classmethod
@@ -314,6 +320,7 @@ class LocalSettings(BaseSettings):
 
     db: Path = Path("omsd.db")
     listen: str = "127.0.0.1:8787"
+    retention_days: int = RETENTION_DAYS  # `omsd prune`'s default
 
     @field_validator("listen")
     @classmethod

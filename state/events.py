@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from omsd.state.models import Order
+
 
 class _Event(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -108,6 +110,20 @@ class Resync(_Event):
     reason: str
 
 
+class OrderSnapshot(_Event):
+    """The whole state of an order whose older journal rows were pruned (`omsd prune`):
+    it stands where the order's last pruned row stood, and applying it sets the order to
+    this state. Its payload is the `Order` record: a change to `Order` that an older
+    snapshot would no longer validate against needs a version bump and an upcaster here."""
+
+    kind: Literal["order_snapshot"] = "order_snapshot"
+    order: Order
+
+
+SNAPSHOT_CAUSE = "history pruned: the order's state as of its last pruned event"
+"""The cause of the one history row a snapshot leaves (written by the prune, and by a replay)."""
+
+
 _OrderEvent = (
     StatusChanged
     | IntentRecorded
@@ -118,6 +134,7 @@ _OrderEvent = (
     | ResultNotified
     | TimerFired
     | Resync
+    | OrderSnapshot
 )
 Event = Annotated[_OrderEvent, Field(discriminator="kind")]
 
@@ -164,7 +181,8 @@ ENTRY_ADAPTER: TypeAdapter[Entry] = TypeAdapter(Entry)
 # (rows written before versions existed count as 1). When a kind's fields change,
 # bump its version here and register an upcaster that turns a raw dict of the old
 # version into one of the next; `read_entry` chains them, oldest first, before
-# validating. tests/golden/ keeps a row of every kind as each version wrote it.
+# validating. tests/golden/ keeps a row of every kind as each version wrote it
+# (a new kind starts at version 1: its golden row goes into events-v1.jsonl).
 
 Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
 

@@ -15,12 +15,14 @@ from typing import Literal, assert_never
 
 from omsd.state.codes import ResultCode
 from omsd.state.events import (
+    SNAPSHOT_CAUSE,
     ApprovalAnswered,
     ApprovalFailed,
     Event,
     IntentRecorded,
     OrderFetched,
     OrderFetchFailed,
+    OrderSnapshot,
     ResultNotified,
     Resync,
     StatusChanged,
@@ -374,6 +376,13 @@ def _on_resync(ctx: _Ctx, event: Resync) -> bool:
     return True
 
 
+def _on_snapshot(ctx: _Ctx, event: OrderSnapshot) -> bool:
+    """A pruned history: the order is what the snapshot says, nothing more to decide."""
+    ctx.order = event.order
+    ctx.cause(SNAPSHOT_CAUSE)
+    return False
+
+
 def _apply(ctx: _Ctx, event: Event) -> bool:
     """Fold the event's facts into the order. Returns True when `advance` should run."""
     match event:
@@ -395,6 +404,8 @@ def _apply(ctx: _Ctx, event: Event) -> bool:
             return _on_timer(ctx, event)
         case Resync():
             return _on_resync(ctx, event)
+        case OrderSnapshot():
+            return _on_snapshot(ctx, event)
         case _ as unreachable:
             assert_never(unreachable)
 

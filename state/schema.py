@@ -98,6 +98,21 @@ MIGRATIONS: tuple[str, ...] = (
         found_at       TEXT NOT NULL
     );
     """,
+    # 4: the entries routed by marketplace id, indexed (the pruning and `journal --order` find an
+    #    order's notifications and intents by it). Before this migration runs, the store switches
+    #    the file to incremental auto-vacuum (see VACUUM_AT) so pruned pages go back to the disk.
+    """
+    CREATE INDEX journal_routed ON journal(json_extract(payload, '$.marketplace_order_id'))
+        WHERE order_id IS NULL AND kind IN ('notification_received', 'intent_received');
+    """,
 )
+
+ROUTED_KINDS = "('notification_received', 'intent_received')"
+"""The kinds the `journal_routed` index covers: a query must name them to use it."""
+
+VACUUM_AT = 4
+"""From this version on the file is `auto_vacuum=INCREMENTAL`. The setting takes effect on
+an empty file at once, on an older one only through a VACUUM (which rewrites the file and
+cannot run inside a transaction): `Store.migrate` does it once, before migration 4."""
 
 SCHEMA_VERSION = len(MIGRATIONS)

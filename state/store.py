@@ -23,9 +23,9 @@ from typing import Any, Self
 
 import aiosqlite
 
-from omsd.state.events import AnyEntry, TimerFired, current_version
+from omsd.state.events import SNAPSHOT_CAUSE, AnyEntry, OrderSnapshot, TimerFired, current_version
 from omsd.state.models import EFFECT_ADAPTER, Effect, Order, is_superseded
-from omsd.state.schema import MIGRATIONS, SCHEMA_VERSION
+from omsd.state.schema import MIGRATIONS, ROUTED_KINDS, SCHEMA_VERSION, VACUUM_AT
 
 
 class StoreError(Exception):
@@ -157,6 +157,34 @@ class HistoryRow:
     at: datetime
 
 
+@dataclass(frozen=True, slots=True)
+class ParkedIntent:
+    """An approval intent that names a marketplace order id no VTEX order is linked to yet."""
+
+    marketplace_order_id: str
+    source: str
+    journal_offset: int
+    since: datetime | None  # when the intent was journaled (None: its row is gone)
+
+
+@dataclass(slots=True)
+class Pruned:
+    """What a prune removed (or, previewed, would remove)."""
+
+    orders: int = 0  # orders whose rows were replaced by one snapshot each
+    journal_rows: int = 0  # their journal rows removed (the snapshots not counted)
+    history_rows: int = 0
+    outbox_rows: int = 0
+    rejected_rows: int = 0
+
+    def add(self, other: Pruned) -> None:
+        self.orders += other.orders
+        self.journal_rows += other.journal_rows
+        self.history_rows += other.history_rows
+        self.outbox_rows += other.outbox_rows
+        self.rejected_rows += other.rejected_rows
+
+
 @dataclass(slots=True)
 class Batch:
     """What the processor decided for a run of journal events, committed as one unit."""
@@ -278,6 +306,8 @@ class Store:
         async with self._lock:
             current = await self.schema_version()
             for version in range(current + 1, target + 1):
+                if version == VACUUM_AT:
+                    await self._incremental_auto_vacuum()
                 await self._conn.execute("BEGIN IMMEDIATE")
                 try:
                     for statement in _statements(MIGRATIONS[version - 1]):
@@ -287,6 +317,14 @@ class Store:
                 except BaseException:
                     await self._conn.execute("ROLLBACK")
                     raise
+
+    async def _incremental_auto_vacuum(self) -> None:
+        """Switch the file to incremental auto-vacuum. Only a VACUUM makes the setting take
+        (even on a new file: WAL mode has written its header already). It rewrites the file:
+        instant on a new one; on an older one it needs free disk space the size of the
+        database, and without it fails and leaves the file as it was (at version 3)."""
+        await self._conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        await self._conn.execute("VACUUM")
 
     @asynccontextmanager
     async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -583,21 +621,60 @@ class Store:
         ]
 
     async def journal_tail(
-        self, limit: int = 50, *, order_id: str | None = None, kind: str | None = None
+        self,
+        limit: int = 50,
+        *,
+        order_id: str | None = None,
+        kind: str | None = None,
+        marketplace_order_id: str | None = None,
     ) -> list[JournalRow]:
-        where, params = [], []
-        if order_id:
-            where.append("order_id = ?")
-            params.append(order_id)
-        if kind:
-            where.append("kind = ?")
-            params.append(kind)
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        where, params = _journal_filter(order_id, marketplace_order_id, kind)
         rows = await self._all(
-            f'SELECT * FROM journal {clause} ORDER BY "offset" DESC LIMIT ?',  # noqa: S608 - fixed fragments
+            f'SELECT * FROM journal WHERE 1 {where} ORDER BY "offset" DESC LIMIT ?',  # noqa: S608 - fixed fragments
             (*params, limit),
         )
         return [_journal_row(r) for r in reversed(rows)]
+
+    async def count_orders(self, phase: str | None = None) -> int:
+        if phase:
+            rows = await self._all("SELECT COUNT(*) AS n FROM orders WHERE phase = ?", (phase,))
+        else:
+            rows = await self._all("SELECT COUNT(*) AS n FROM orders")
+        return int(rows[0]["n"])
+
+    async def journal_since(
+        self,
+        after: int,
+        limit: int = 1000,
+        *,
+        order_id: str | None = None,
+        marketplace_order_id: str | None = None,
+        kind: str | None = None,
+    ) -> list[JournalRow]:
+        """Rows after offset `after`, oldest first: all, or one order's (by its id, and the
+        intents and notifications that came under its marketplace id), of one kind."""
+        where, params = _journal_filter(order_id, marketplace_order_id, kind)
+        rows = await self._all(
+            f'SELECT * FROM journal WHERE "offset" > ? {where} ORDER BY "offset" LIMIT ?',  # noqa: S608 - fixed fragments
+            (after, *params, limit),
+        )
+        return [_journal_row(r) for r in rows]
+
+    async def parked_intents(self) -> list[ParkedIntent]:
+        """Parked intents, oldest first, with the time their journal row was received."""
+        rows = await self._all(
+            "SELECT p.marketplace_order_id, p.source, p.journal_offset, j.received_at FROM pending_intents p "
+            'LEFT JOIN journal j ON j."offset" = p.journal_offset ORDER BY p.journal_offset'
+        )
+        return [
+            ParkedIntent(
+                r["marketplace_order_id"],
+                r["source"],
+                int(r["journal_offset"]),
+                from_iso(r["received_at"]) if r["received_at"] else None,
+            )
+            for r in rows
+        ]
 
     async def pending_intents(self) -> list[tuple[str, str, int]]:
         rows = await self._all("SELECT * FROM pending_intents ORDER BY created_at")
@@ -683,8 +760,10 @@ class Store:
         routed to it by its marketplace id), of some kinds."""
         where, params = ['"offset" > ?'], list[Any]([after])
         if order_id is not None:
-            where.append("(order_id = ? OR (order_id IS NULL AND json_extract(payload, '$.marketplace_order_id') = ?))")
-            params += [order_id, marketplace_order_id or order_id]
+            # Routed rows of the routed kinds only: a rejected row's payload need not be JSON at all.
+            clause, extra = _journal_filter(order_id, marketplace_order_id or order_id, None)
+            where.append(clause.removeprefix(" AND "))
+            params += extra
         if kinds:
             where.append(f"kind IN ({', '.join('?' * len(kinds))})")
             params += list(kinds)
@@ -797,6 +876,159 @@ class Store:
             )
             await conn.execute("UPDATE cursor SET \"offset\" = 0 WHERE name = 'processor'")
 
+    # ---- retention ----------------------------------------------------------------------
+    async def prune_candidates(self, phases: Sequence[str], before: datetime) -> list[str]:
+        """Orders that a prune would reduce to a snapshot, oldest first: in one of `phases`,
+        unchanged since before `before`, waiting on nothing (no effect in flight, no timer),
+        with rows to prune (not just their snapshot), no unreadable row, no parked intent
+        and no other order on their marketplace id (its routed rows could be that order's)."""
+        marks = ", ".join("?" * len(phases))
+        rows = await self._all(
+            f"SELECT o.order_id FROM orders o WHERE o.phase IN ({marks}) AND o.updated_at < ? "  # noqa: S608
+            "AND json_extract(o.data, '$.inflight') IS NULL AND json_extract(o.data, '$.timer') IS NULL "
+            "AND NOT EXISTS (SELECT 1 FROM unreadable u WHERE u.order_id = o.order_id) "
+            "AND NOT EXISTS (SELECT 1 FROM pending_intents p WHERE p.marketplace_order_id = o.marketplace_order_id) "
+            "AND NOT EXISTS (SELECT 1 FROM orders o2 WHERE o2.marketplace_order_id = o.marketplace_order_id "
+            "AND o2.order_id != o.order_id) "
+            "AND (EXISTS (SELECT 1 FROM journal j WHERE j.order_id = o.order_id AND j.kind != 'order_snapshot') "
+            "OR (SELECT COUNT(*) FROM journal j WHERE j.order_id = o.order_id) > 1 "
+            f"OR EXISTS (SELECT 1 FROM journal j WHERE j.order_id IS NULL AND j.kind IN {ROUTED_KINDS} "
+            f"AND {ROUTED_ID} = o.marketplace_order_id)) "
+            "ORDER BY o.updated_at",
+            (*phases, iso(before)),
+        )
+        return [r["order_id"] for r in rows]
+
+    async def prune_orders(self, order_ids: Sequence[str], phases: Sequence[str], before: datetime) -> Pruned:
+        """Replace each order's journal rows (its own, and those routed to it by its
+        marketplace id) by one `order_snapshot` row at the offset of the last of them, and
+        its history by the one row that snapshot gives; drop its finished outbox rows. One
+        transaction; each order is checked again inside it (it may have moved since)."""
+        done = Pruned()
+        async with self._tx() as conn:
+            cursor = await _processor_offset(conn)
+            for order_id in order_ids:
+                marks = ", ".join("?" * len(phases))
+                async with conn.execute(
+                    f"SELECT data FROM orders WHERE order_id = ? AND phase IN ({marks}) AND updated_at < ?",  # noqa: S608
+                    (order_id, *phases, iso(before)),
+                ) as cur:
+                    row = await cur.fetchone()
+                order = Order.model_validate_json(row["data"]) if row is not None else None
+                if order is None or order.inflight is not None or order.timer is not None:
+                    continue
+                offsets = await _order_offsets(conn, order)
+                if not offsets or max(offsets) > cursor:
+                    continue  # the processor has not applied all of it yet
+                done.add(await _snapshot(conn, order, offsets))
+        return done
+
+    async def prune_preview(self, order_ids: Sequence[str], rejected_before: datetime) -> Pruned:
+        """What `prune_orders` and `prune_rejected` would remove, without writing."""
+        out = Pruned(orders=len(order_ids))
+        try:
+            async with self._lock:
+                for order_id in order_ids:
+                    order = await self._load(order_id)
+                    if order is not None:
+                        out.journal_rows += len(await _order_offsets(self._conn, order))
+                        out.history_rows += await _count(self._conn, "history", order_id)
+                        out.outbox_rows += await _count(self._conn, "outbox", order_id)
+                out.rejected_rows = await _rejected(self._conn, rejected_before, delete=False)
+        except sqlite3.Error as exc:
+            raise store_error(exc, "database read failed") from exc
+        return out
+
+    async def _load(self, order_id: str) -> Order | None:
+        async with self._conn.execute("SELECT data FROM orders WHERE order_id = ?", (order_id,)) as cur:
+            row = await cur.fetchone()
+        return Order.model_validate_json(row["data"]) if row is not None else None
+
+    async def prune_rejected(self, before: datetime) -> int:
+        """Remove rejected input received before `before`: kept for the operator, never applied."""
+        async with self._tx() as conn:
+            return await _rejected(conn, before, delete=True)
+
+    async def reclaim(self) -> int:
+        """Give free pages back to the filesystem (incremental vacuum, then a checkpoint that
+        truncates the write-ahead log). Returns the bytes the database file shrank by."""
+        try:
+            async with self._lock:
+                before = await self._pages()
+                # executescript steps the pragma to its end; execute() would free one page only
+                await self._conn.executescript("PRAGMA incremental_vacuum;")
+                async with self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cur:
+                    await cur.fetchall()
+                after = await self._pages()
+        except sqlite3.Error as exc:
+            raise store_error(exc, "database vacuum failed") from exc
+        return (before - after) * await self._page_size()
+
+    async def _pages(self) -> int:
+        async with self._conn.execute("PRAGMA page_count") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def _page_size(self) -> int:
+        async with self._conn.execute("PRAGMA page_size") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+
+async def _processor_offset(conn: aiosqlite.Connection) -> int:
+    async with conn.execute("SELECT \"offset\" FROM cursor WHERE name = 'processor'") as cur:
+        row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
+async def _order_offsets(conn: aiosqlite.Connection, order: Order) -> list[int]:
+    """The offsets of an order's journal rows: its own, and the intents and notifications
+    that came under its marketplace id (routed to it, or kept unrouted)."""
+    where, params = _journal_filter(order.order_id, order.marketplace_order_id, None)
+    async with conn.execute(f'SELECT "offset" FROM journal WHERE 1 {where}', params) as cur:  # noqa: S608
+        return [int(r[0]) for r in await cur.fetchall()]
+
+
+async def _count(conn: aiosqlite.Connection, table: str, order_id: str) -> int:
+    extra = " AND state NOT IN ('pending', 'started')" if table == "outbox" else ""
+    async with conn.execute(f"SELECT COUNT(*) FROM {table} WHERE order_id = ?{extra}", (order_id,)) as cur:  # noqa: S608
+        row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
+async def _snapshot(conn: aiosqlite.Connection, order: Order, offsets: list[int]) -> Pruned:
+    """One order's rows and history replaced by a snapshot at its last offset (the row a
+    replay applies there, and the history row it gives: see `machine._on_snapshot`)."""
+    last, at = max(offsets), order.updated_at or datetime.now(UTC)
+    history, outbox = await _count(conn, "history", order.order_id), await _count(conn, "outbox", order.order_id)
+    await conn.executemany('DELETE FROM journal WHERE "offset" = ?', [(o,) for o in offsets])
+    await conn.execute("DELETE FROM history WHERE order_id = ?", (order.order_id,))
+    await conn.execute(
+        "DELETE FROM outbox WHERE order_id = ? AND state NOT IN ('pending', 'started')", (order.order_id,)
+    )
+    snapshot = OrderSnapshot(order_id=order.order_id, order=order)
+    await conn.execute(
+        'INSERT INTO journal ("offset", kind, version, source, order_id, payload, received_at) '
+        "VALUES (?, ?, ?, 'prune', ?, ?, ?)",
+        (last, snapshot.kind, current_version(snapshot.kind), order.order_id, snapshot.model_dump_json(), iso(at)),
+    )
+    await conn.execute(
+        "INSERT INTO history (order_id, journal_offset, from_phase, to_phase, status, cause, at) "
+        "VALUES (?, ?, NULL, ?, ?, ?, ?)",
+        (order.order_id, last, order.phase, order.status, SNAPSHOT_CAUSE, iso(at)),
+    )
+    return Pruned(orders=1, journal_rows=len(offsets), history_rows=history, outbox_rows=outbox)
+
+
+async def _rejected(conn: aiosqlite.Connection, before: datetime, *, delete: bool) -> int:
+    verb = "DELETE" if delete else "SELECT COUNT(*)"
+    async with conn.execute(
+        f"{verb} FROM journal WHERE kind = 'rejected' AND received_at < ?",
+        (iso(before),),
+    ) as cur:
+        row = None if delete else await cur.fetchone()
+        return cur.rowcount if delete else int(row[0]) if row else 0
+
 
 PROBE_HANDLE = "omsd:write-probe"  # never a VTEX handle; never committed: written and deleted at once
 
@@ -820,6 +1052,27 @@ def _tighten(path: Path) -> None:
         with contextlib.suppress(FileNotFoundError, PermissionError):
             if side.stat().st_mode & 0o777 != FILE_MODE:
                 side.chmod(FILE_MODE)
+
+
+def _journal_filter(order_id: str | None, mkt: str | None, kind: str | None) -> tuple[str, list[Any]]:
+    """` AND ...` conditions (and their parameters) for one order's rows and one kind."""
+    where, params = "", list[Any]()
+    if order_id is not None and mkt is not None:
+        where += f" AND (order_id = ? OR (order_id IS NULL AND kind IN {ROUTED_KINDS} AND {ROUTED_ID} = ?))"
+        params += [order_id, mkt]
+    elif order_id is not None:
+        where += " AND order_id = ?"
+        params.append(order_id)
+    elif mkt is not None:
+        where += f" AND order_id IS NULL AND kind IN {ROUTED_KINDS} AND {ROUTED_ID} = ?"
+        params.append(mkt)
+    if kind:
+        where += " AND kind = ?"
+        params.append(kind)
+    return where, params
+
+
+ROUTED_ID = "json_extract(payload, '$.marketplace_order_id')"  # the journal_routed index's expression
 
 
 def _statements(script: str) -> list[str]:
@@ -848,3 +1101,14 @@ def _outbox_row(r: sqlite3.Row) -> OutboxRow:
         state=r["state"],
         created_at=from_iso(r["created_at"]),
     )
+
+
+def database_bytes(db: Path) -> float:
+    """The database's size on disk: the file and its write-ahead log."""
+    total = 0
+    for path in (db, db.with_name(db.name + "-wal")):
+        try:
+            total += os.stat(path).st_size
+        except OSError:
+            continue
+    return float(total)

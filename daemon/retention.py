@@ -1,0 +1,67 @@
+"""Journal retention: orders quiet for longer than the retention keep one snapshot row.
+
+An order that is closed (approved, rejected) or only followed (tracking: nobody asked
+for its approval) and has not changed for `days` has its journal rows, history and
+finished outbox rows replaced by one `order_snapshot` row holding its whole record, at
+the offset of its last row. A replay applies it as "the order is this", so the rebuilt
+state is the same as before the prune. Open orders (an approval in progress, a timer, a
+Get order in flight) are never pruned, nor `dead` ones: an operator may still retry
+them and wants their history. Rejected input older than `days` goes too. Then the free
+pages go back to the filesystem (the database is `auto_vacuum=INCREMENTAL`).
+
+The daemon runs this as its `retention` job; `omsd prune` runs it by hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from omsd.daemon.logs import get_logger
+from omsd.state.statuses import Phase
+from omsd.state.store import Pruned, Store
+
+log = get_logger("omsd.retention")
+
+PRUNABLE_PHASES: tuple[str, ...] = (Phase.APPROVED, Phase.REJECTED, Phase.TRACKING)
+EVERY_S = 6 * 3600.0  # how often the daemon's job runs
+CHUNK = 500  # orders per transaction: intake goes on between them
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    pruned: Pruned
+    cutoff: datetime
+    dry_run: bool
+    freed_bytes: int = 0
+
+    def view(self) -> dict[str, Any]:
+        return {
+            **asdict(self.pruned),
+            "cutoff": self.cutoff.isoformat(),
+            "dry_run": self.dry_run,
+            "freed_bytes": self.freed_bytes,
+        }
+
+
+async def prune(store: Store, days: float, now: datetime, *, dry_run: bool = False, chunk: int = CHUNK) -> Report:
+    """Prune what has been closed and quiet since before `now - days`."""
+    cutoff = now - timedelta(days=days)
+    candidates = await store.prune_candidates(PRUNABLE_PHASES, cutoff)
+    if dry_run:
+        return Report(await store.prune_preview(candidates, cutoff), cutoff, dry_run=True)
+    total = Pruned()
+    for start in range(0, len(candidates), chunk):
+        total.add(await store.prune_orders(candidates[start : start + chunk], PRUNABLE_PHASES, cutoff))
+        await asyncio.sleep(0)  # let intake and the processor have the store between chunks
+    total.rejected_rows = await store.prune_rejected(cutoff)
+    freed = await store.reclaim()
+    return Report(total, cutoff, dry_run=False, freed_bytes=freed)
+
+
+async def run_job(store: Store, days: float, now: datetime) -> Report:
+    report = await prune(store, days, now)
+    log.info("journal_pruned", **report.view())
+    return report
