@@ -50,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="omsd", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    p.add_argument("--version", action="version", version=f"omsd {_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_run_commands(sub)
     _add_store_commands(sub)
@@ -57,6 +58,16 @@ def _parser() -> argparse.ArgumentParser:
     _add_vtex_commands(sub)
     _add_tool_commands(sub)
     return p
+
+
+def _version() -> str:
+    """The installed package's version (the one `pip install` recorded)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("omsd")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _command(
