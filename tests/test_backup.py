@@ -6,6 +6,7 @@ import asyncio
 import json
 import shutil
 import stat
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +27,19 @@ async def _phases(store: Store) -> dict[str, str]:
 
 async def _settled(daemon: Daemon, sim: Simulator) -> dict[str, str]:
     """Three orders at rest: one approved, one rejected, one held with an intent."""
-    plan = (("B1", "authorize", 0.2, Phase.APPROVED), ("B2", "reject", 0.2, Phase.REJECTED))
-    for mkt, decision, after, _ in (*plan, ("B3", "authorize", 3600.0, None)):
+    ends = {"B1": ("authorize", 0.2, Phase.APPROVED), "B2": ("reject", 0.2, Phase.REJECTED)}
+    ends["B3"] = ("authorize", 3600.0, Phase.WAITING_RELEASE)  # decided long after the test
+    for mkt, (decision, after, phase) in ends.items():
         order = sim.create(mkt, held=True, decision=decision, decide_after_s=after)
-        await until(lambda o=order: o.status == "waiting-for-manual-authorization")
+        await until(partial(_status_is, order, "waiting-for-manual-authorization"))
         await approve(daemon, mkt, order.order_id)
-    for mkt, _, _, phase in plan:
-        oid = f"MKP-{mkt}-01"
-        await until(lambda oid=oid, phase=phase: _is(daemon, oid, phase), what=f"{mkt} {phase}")
-    await until(lambda: _is(daemon, "MKP-B3-01", Phase.WAITING_RELEASE), what="B3 waiting")
+        await until(partial(_is, daemon, order.order_id, phase), what=f"{mkt} {phase}")
     assert daemon.store is not None
     return await _phases(daemon.store)
+
+
+def _status_is(order: Any, status: str) -> bool:
+    return bool(order.status == status)
 
 
 async def _is(daemon: Daemon, order_id: str, phase: Phase) -> bool:
