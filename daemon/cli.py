@@ -80,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="omsd", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    p.add_argument("--version", action="version", version=f"omsd {_version()}")
     unit = p.add_mutually_exclusive_group()
     unit.add_argument(
         "--instance",
@@ -104,7 +105,18 @@ def _parser() -> argparse.ArgumentParser:
     _add_transfer_commands(sub)
     _add_vtex_commands(sub)
     _add_tool_commands(sub)
+    _add_backup_command(sub)
     return p
+
+
+def _version() -> str:
+    """The installed package's version (the one `pip install` recorded)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("omsd")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _command(
@@ -388,6 +400,41 @@ def _add_tool_commands(sub: Subparsers[argparse.ArgumentParser]) -> None:
     sim.add_argument("--listen", default="127.0.0.1:8788", help="HOST:PORT (default 127.0.0.1:8788)")
     sim.add_argument("--seed", type=int, default=7)
     sim.add_argument("--visibility-s", type=float, default=None, help="override the feed visibility timeout")
+
+
+def _add_backup_command(sub: Subparsers[argparse.ArgumentParser]) -> None:
+    b = _command(
+        sub,
+        "backup",
+        _backup_command,
+        help="copy the database, consistently, while the daemon runs",
+        description="Copy the database at OMSD_DB to PATH with SQLite's online backup API: the copy is the "
+        "database as of one commit, written with mode 0600 and renamed into place when whole. The daemon "
+        "keeps running. Refuses to replace an existing file unless --force. Restore: stop the daemon, copy the "
+        "backup to OMSD_DB, start it (see docs/operations.md).",
+    )
+    b.add_argument("path", metavar="PATH", type=Path, help="where to write the copy")
+    b.add_argument("--force", action="store_true", help="replace PATH if it exists")
+    b.add_argument("--json", action="store_true", help="print what was written as JSON")
+
+
+def _backup_command(args: argparse.Namespace) -> int:
+    from omsd.daemon.backup import BackupExists, backup
+
+    db = load_db_path()
+    if not db.exists():
+        print(f"omsd: no database at {db} (set OMSD_DB)", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        done = backup(db, args.path, force=args.force)
+    except BackupExists as exc:
+        print(f"omsd: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.json:
+        print(json.dumps(done.as_dict(), sort_keys=True))
+    else:
+        print(f"backed up {done.source} to {done.path}: {done.bytes} bytes, schema version {done.schema_version}")
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:

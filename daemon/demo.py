@@ -183,11 +183,15 @@ def _table(
 
 async def run_demo(count: int = 60, seed: int = 7, timeout_s: float = 180.0, console: Console | None = None) -> int:
     console = console or Console()
-    with tempfile.TemporaryDirectory(prefix="omsd-demo-") as tmp:
-        log_path = Path(tmp) / "omsd.log"
-        with log_path.open("w") as log_file:
-            logs.configure("info", "json", stream=log_file)
-            return await _run(count, seed, timeout_s, console, Path(tmp), log_path)
+    # The log lives beside, not inside, the temporary directory: the demo points the
+    # user at it, so it must outlive the database that is deleted at the end.
+    fd, name = tempfile.mkstemp(prefix="omsd-demo-", suffix=".log")
+    log_path = Path(name)
+    with tempfile.TemporaryDirectory(prefix="omsd-demo-") as tmp, open(fd, "w") as log_file:  # noqa: ASYNC230
+        logs.configure("info", "json", stream=log_file)
+        code = await _run(count, seed, timeout_s, console, Path(tmp), log_path)
+    console.print(f"log kept at {log_path}")
+    return code
 
 
 async def _run(count: int, seed: int, timeout_s: float, console: Console, tmp: Path, log_path: Path) -> int:

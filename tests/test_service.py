@@ -219,21 +219,6 @@ async def test_healthcheck_command(sim: Simulator, run_daemon: Any, monkeypatch:
     assert await asyncio.to_thread(main, ["healthcheck"]) == 1
 
 
-def test_container_file_runs_omsd_as_pid_1_without_root() -> None:
-    """Exec-form entrypoint (omsd gets SIGTERM), a non-root user, the database on a
-    volume, a health check. (No container engine runs on the development machines:
-    the image itself is built by operators; see docs/operations.md.)"""
-    from pathlib import Path
-
-    text = (Path(__file__).resolve().parent.parent / "Containerfile").read_text()
-    final = text.split("\nFROM ")[-1]
-    assert 'ENTRYPOINT ["omsd", "run"]' in final
-    assert "\nUSER omsd" in final
-    assert 'VOLUME ["/var/lib/omsd"]' in final
-    assert "HEALTHCHECK" in final and '["omsd", "healthcheck"]' in final
-    assert "python:3.11-slim" in final
-
-
 async def test_routes_follow_the_connector_endpoints_path(sim: Simulator, run_daemon: Any) -> None:
     """With OMSD_CONNECTOR_ENDPOINT=http://host:port/api/vtex, VTEX posts results to
     /api/vtex/order-integration/... and pushes to /api/vtex/vtex/hook: both are served."""
