@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -13,51 +12,14 @@ import pytest
 
 from omsd.daemon import logs
 from omsd.daemon.app import Daemon
-from omsd.daemon.settings import Settings
 from omsd.sim.faults import Faults
 from omsd.sim.server import Simulator
-
-API_TOKEN = "test-api-token-0123456789"
+from tests.helpers import fast_settings, free_port
 
 
 @pytest.fixture(autouse=True)
 def _quiet_logs() -> None:
     logs.configure("warning", "json")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def fast_settings(sim: Simulator, db: Path, port: int, **kw: Any) -> Settings:
-    values: dict[str, Any] = {
-        "account": sim.account,
-        "app_key": sim.app_key,
-        "app_token": sim.app_token,
-        "vtex_base_url": sim.base_url,
-        "db": db,
-        "connector_name": "omsd-test",
-        "connector_endpoint": f"http://127.0.0.1:{port}",
-        "listen": f"127.0.0.1:{port}",
-        "api_token": API_TOKEN,
-        "poll_interval_s": 0.05,
-        "rate_limit_per_s": 200,
-        "held_recheck_s": 30.0,
-        "confirm_timeout_s": 10.0,
-        "retry_base_s": 0.05,
-        "retry_cap_s": 0.5,
-        "eoi008_recheck_s": 0.2,
-        "timer_tick_s": 0.05,
-        "http_timeout_s": 5.0,
-        "http_retries": 3,
-        "rate_limited_wait_s": 0.2,
-        "shutdown_grace_s": 5.0,
-        "max_attempts": 20,
-    }
-    values.update(kw)
-    return Settings(**values)
 
 
 @pytest.fixture
@@ -68,9 +30,6 @@ async def sim() -> AsyncIterator[Simulator]:
         yield s
     finally:
         await s.stop()
-
-
-RunDaemon = Callable[..., Any]
 
 
 @pytest.fixture
@@ -98,16 +57,20 @@ def run_daemon(tmp_path: Path) -> Callable[..., Any]:
     return runner
 
 
-async def until(predicate: Callable[[], Awaitable[bool] | bool], timeout: float = 30.0, what: str = "") -> None:
-    """Wait for a condition to hold (checked as the system makes progress), or fail."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = predicate()
-        if isinstance(result, Awaitable):
-            result = await result
-        if result:
-            return
-        if loop.time() > deadline:
-            raise AssertionError(f"condition not reached in {timeout}s: {what}")
-        await asyncio.sleep(0.02)
+@pytest.fixture
+async def sim_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
+    sim = Simulator(seed=2)
+    await sim.start()
+    for key, value in {
+        "OMSD_ACCOUNT": sim.account,
+        "OMSD_APP_KEY": sim.app_key,
+        "OMSD_APP_TOKEN": sim.app_token,
+        "OMSD_VTEX_BASE_URL": sim.base_url,
+        "OMSD_DB": str(tmp_path / "o.db"),
+        "OMSD_CONNECTOR_NAME": "c",
+        "OMSD_CONNECTOR_ENDPOINT": "https://omsd.example.com",
+        "OMSD_LISTEN": f"127.0.0.1:{free_port()}",
+    }.items():
+        monkeypatch.setenv(key, value)
+    yield sim
+    await sim.stop()

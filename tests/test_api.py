@@ -18,13 +18,16 @@ from omsd.daemon.processor import Processor
 from omsd.daemon.settings import Settings
 from omsd.state.models import Policy
 from omsd.state.store import Store
-
-API_TOKEN = "api-token-0123456789"
-HOOK_SECRET = "hook-secret-0123456789"
-AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
-NOTIFY_SECRET = "notify-secret-0123456789"
-NOTIFY = f"/notify/{NOTIFY_SECRET}/order-integration/notification/processing-result"
-BARE_NOTIFY = "/order-integration/notification/processing-result?an=shop"  # OMSD_NOTIFY_ALLOW_UNAUTHENTICATED
+from tests.api_helpers import (
+    API_TOKEN,
+    AUTH,
+    BARE_NOTIFY,
+    NOTIFY,
+    envelope,
+    hook_headers,
+    push,
+    settings,
+)
 
 
 @dataclass
@@ -54,23 +57,6 @@ class Api:
 
     async def rejected(self) -> list[Any]:
         return await self.ctx.store.journal_tail(100, kind="rejected")
-
-
-def settings(**kw: Any) -> Settings:
-    values: dict[str, Any] = {
-        "account": "shop",
-        "app_key": "vtexappkey-shop-X",
-        "app_token": "app-token-0123456789",
-        "connector_name": "conn",
-        "connector_endpoint": "https://omsd.example.com/api/vtex",
-        "api_token": API_TOKEN,
-        "hook_secret": HOOK_SECRET,
-        "notify_secret": NOTIFY_SECRET,
-        "source": "both",
-        "db": Path("unused.db"),
-    }
-    values.update(kw)
-    return Settings(**values)
 
 
 @pytest.fixture
@@ -235,22 +221,6 @@ async def test_reads_are_open_without_a_configured_token(store: Store) -> None:
     assert status == 200 and "phases" in body and "last_offset" in body
 
 
-def push(**kw: Any) -> dict[str, Any]:
-    return {
-        "Domain": "Fulfillment",
-        "OrderId": "V-5-01",
-        "State": "ready-for-handling",
-        "LastState": "window-to-cancel",
-        "LastChange": "2019-08-14T17:11:39.2550122Z",
-        "CurrentChange": "2019-08-14T17:12:48.0965893Z",
-        "Origin": {"Account": "shop", "Key": "vtexappkey-shop-X"},
-    } | kw
-
-
-def hook_headers(secret: str | None = HOOK_SECRET) -> dict[str, str]:
-    return {"X-Omsd-Hook-Secret": secret} if secret is not None else {}
-
-
 async def test_hook_ping_needs_no_secret_and_journals_nothing(api: Api) -> None:
     """VTEX's ping is answered with pong before any authentication."""
     assert await call(api, "POST", "/vtex/hook", {"hookConfig": "ping"}) == (200, {"hookConfig": "pong"})
@@ -293,18 +263,6 @@ async def test_hook_push_is_journaled_once(api: Api) -> None:
         {"received": True, "duplicate": True},
     )
     assert len(api.wakes) == 1 and api.ctx.health.last_push_ok is not None
-
-
-def envelope(**kw: Any) -> dict[str, Any]:
-    return {
-        "marketplaceOrderId": "M-6",
-        "code": "EOI009",
-        "flow": "ApproveOrder",
-        "success": False,
-        "operationId": "op-1",
-        "message": "refused",
-        "accountName": "shop",
-    } | kw
 
 
 @pytest.mark.parametrize("path", [NOTIFY, "/api/vtex" + NOTIFY], ids=["root", "endpoint path"])

@@ -17,8 +17,7 @@ from omsd.daemon.cli import main
 from omsd.sim.server import Simulator
 from omsd.state.statuses import Phase
 from omsd.state.store import Store
-from tests.conftest import until
-from tests.test_e2e import approve, phase_of
+from tests.helpers import approve, phase_of, until
 
 
 async def _phases(store: Store) -> dict[str, str]:

@@ -4,7 +4,6 @@ on the same database: every approval is made once and nothing is sent while held
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -19,38 +18,11 @@ from omsd.sim.orders import SimOrder
 from omsd.sim.server import Simulator
 from omsd.state.statuses import Phase
 from omsd.state.store import Store
-from tests.conftest import API_TOKEN, free_port, until
+from tests.helpers import API_TOKEN, free_port, omsd_env, until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 HOOK_SECRET = "crash-test-hook-secret-42"
-
-
-def omsd_env(sim: Simulator, db: Path, port: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OMSD_")}
-    env.update(
-        {
-            "OMSD_ACCOUNT": sim.account,
-            "OMSD_APP_KEY": sim.app_key,
-            "OMSD_APP_TOKEN": sim.app_token,
-            "OMSD_VTEX_BASE_URL": sim.base_url,
-            "OMSD_DB": str(db),
-            "OMSD_CONNECTOR_NAME": "omsd-crash-test",
-            "OMSD_CONNECTOR_ENDPOINT": f"http://127.0.0.1:{port}",
-            "OMSD_LISTEN": f"127.0.0.1:{port}",
-            "OMSD_API_TOKEN": API_TOKEN,
-            "OMSD_POLL_INTERVAL_S": "0.05",
-            "OMSD_TIMER_TICK_S": "0.1",
-            "OMSD_CONFIRM_TIMEOUT_S": "1.5",
-            "OMSD_HELD_RECHECK_S": "3",
-            "OMSD_RETRY_BASE_S": "0.1",
-            "OMSD_RETRY_CAP_S": "1",
-            "OMSD_MAX_ATTEMPTS": "30",
-            "OMSD_RATE_LIMIT_PER_S": "200",
-            "OMSD_LOG_FORMAT": "json",
-        }
-    )
-    return env
 
 
 class Omsd:

@@ -21,9 +21,7 @@ from omsd.daemon.notify import Progress
 from omsd.sim.server import Simulator
 from omsd.state.statuses import Phase
 from omsd.state.store import NewEntry, Store, StoreUnwritable
-from tests.conftest import RunDaemon, until
-from tests.test_e2e import reached
-from tests.test_supervision import _health
+from tests.helpers import RunDaemon, quiet_health, reached, until
 
 FILLER = "x" * 3000
 
@@ -167,7 +165,7 @@ def test_sqlite_errors_map_by_code() -> None:
 async def test_a_job_refused_by_the_database_raises_no_job_alarm() -> None:
     """A scheduled job whose write the database refuses is not a failing job: only the
     database alarm speaks, so fixing the disk clears everything."""
-    health = _health()
+    health = quiet_health()
     jobs = Jobs(health, health.metrics, Progress(), failures_before_alarm=1)
     runs: list[int] = []
 
@@ -197,7 +195,7 @@ def test_omsd_run_exits_75_when_the_database_refuses_writes(
     async def failing(settings: object) -> None:
         raise app.DaemonFailed(error)
 
-    monkeypatch.setattr(cli, "load_settings", lambda: _health().settings)
+    monkeypatch.setattr(cli, "load_settings", lambda: quiet_health().settings)
     monkeypatch.setattr(app, "run_until_signalled", failing)
     assert cli._run(argparse.Namespace()) == code
 

@@ -8,37 +8,12 @@ from typing import Any
 import aiohttp
 import pytest
 
-from omsd.daemon.app import Daemon
 from omsd.sim.clock import vtex_time
 from omsd.sim.server import Simulator
 from omsd.state.statuses import Phase
-from tests.conftest import API_TOKEN, until
+from tests.helpers import API_TOKEN, approve, reached, until
 
 pytestmark = pytest.mark.e2e
-
-
-async def approve(daemon: Daemon, mkt: str, order_id: str | None = None, token: str = API_TOKEN) -> tuple[int, Any]:
-    body: dict[str, Any] = {"marketplaceOrderId": mkt}
-    if order_id:
-        body["orderId"] = order_id
-    async with (
-        aiohttp.ClientSession() as s,
-        s.post(f"{daemon.url}/v1/approvals", json=body, headers={"Authorization": f"Bearer {token}"}) as resp,
-    ):
-        return resp.status, await resp.json()
-
-
-async def phase_of(daemon: Daemon, order_id: str) -> str | None:
-    assert daemon.store is not None
-    order = await daemon.store.load_order(order_id)
-    return order.phase.value if order else None
-
-
-def reached(daemon: Daemon, order_id: str, phase: Phase) -> Any:
-    async def check() -> bool:
-        return await phase_of(daemon, order_id) == phase.value
-
-    return check
 
 
 async def test_feed_config_is_created_when_missing(sim: Simulator, run_daemon: Any) -> None:

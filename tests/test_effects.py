@@ -28,7 +28,7 @@ from omsd.state.events import (
 from omsd.state.models import Effect, FetchOrder, Inflight, Order, Policy, SendApproval
 from omsd.state.statuses import Phase
 from omsd.state.store import Batch, NewEntry, Store
-from tests.conftest import until
+from tests.helpers import until
 from tests.machine_helpers import FREE, MKT, OID, at, fetched
 
 NOW = datetime(2026, 11, 1, 12, 30, tzinfo=UTC)

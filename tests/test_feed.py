@@ -135,7 +135,7 @@ async def test_a_short_batch_is_followed_at_once_and_an_empty_one_waits(settings
     after an empty batch it waits poll_interval_s (an hour here) before asking again."""
     import asyncio
 
-    from tests.conftest import until
+    from tests.helpers import until
 
     slow = settings.model_copy(update={"poll_interval_s": 3600.0})
     async with await Store.open(settings.db) as store:
@@ -156,7 +156,7 @@ async def test_a_poisoned_item_is_rejected_committed_and_the_loop_goes_on(settin
     goes on to the next batch instead of ending the daemon."""
     import asyncio
 
-    from tests.conftest import until
+    from tests.helpers import until
 
     poison = [
         {**ITEM, "eventId": "P1", "handle": "p1", "currentChange": "0001-01-01T00:00:00+14:00"},

@@ -41,9 +41,9 @@ from omsd.daemon.processor import Processor
 from omsd.state.events import read_entry
 from omsd.state.models import Policy
 from omsd.state.store import Store
-from tests.conftest import until
-from tests.test_api import AUTH, NOTIFY, envelope, hook_headers, push
-from tests.test_api import settings as api_settings
+from tests.api_helpers import AUTH, NOTIFY, envelope, hook_headers, push
+from tests.api_helpers import settings as api_settings
+from tests.helpers import until
 
 EXAMPLES = int(os.environ.get("OMSD_FUZZ_EXAMPLES", "0"))
 NOW = datetime(2026, 11, 1, tzinfo=UTC)

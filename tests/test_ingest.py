@@ -15,8 +15,7 @@ import pytest
 from omsd.daemon.cli import main
 from omsd.sim.server import Simulator
 from omsd.state.statuses import Phase
-from tests.conftest import until
-from tests.test_e2e import approve, reached
+from tests.helpers import approve, reached, until
 
 FEED = {
     "orderId": "A-1",

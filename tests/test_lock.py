@@ -15,7 +15,7 @@ from omsd.daemon.app import Daemon, DaemonFailed
 from omsd.daemon.cli import EXIT_BUSY, EXIT_CONFIG, main
 from omsd.daemon.lock import DatabaseBusy, hold
 from omsd.sim.server import Simulator
-from tests.conftest import fast_settings, free_port
+from tests.helpers import fast_settings, free_port
 
 
 async def _omsd(db: Path, *args: str) -> tuple[int, str, str]:

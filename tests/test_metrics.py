@@ -14,8 +14,7 @@ from omsd.sim.faults import Faults
 from omsd.sim.server import Simulator
 from omsd.state.statuses import Phase
 from omsd.state.store import NewEntry, Store
-from tests.conftest import RunDaemon, until
-from tests.test_e2e import approve, reached
+from tests.helpers import RunDaemon, approve, reached, until
 
 
 def exposition(metrics: Metrics) -> dict[str, str]:

@@ -26,7 +26,7 @@ from omsd.state.machine import decide
 from omsd.state.models import FetchOrder, Inflight, Order
 from omsd.state.statuses import Phase
 from omsd.state.store import Store
-from tests.conftest import API_TOKEN, until
+from tests.helpers import API_TOKEN, until
 from tests.machine_helpers import MKT, OID, at, order
 
 NOTIFY = "/order-integration/notification/processing-result"

@@ -5,22 +5,12 @@ from __future__ import annotations
 import asyncio
 import socket
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from omsd.daemon.cli import main
 from omsd.daemon.notify import SENT_KEPT, Notifier, Progress, watchdog_loop
 from omsd.sim.server import Simulator
-from tests.conftest import free_port
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.helpers import FakeClock, run_cli
 
 
 async def test_watchdog_pings_only_while_loops_progress(tmp_path: Path) -> None:
@@ -68,29 +58,6 @@ def test_sent_messages_are_bounded(tmp_path: Path) -> None:
             sock.recv(100)
         assert len(n.sent) == SENT_KEPT
         assert n.sent[-1] == f"STATUS=turn {SENT_KEPT + 9}"
-
-
-@pytest.fixture
-async def sim_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
-    sim = Simulator(seed=2)
-    await sim.start()
-    for key, value in {
-        "OMSD_ACCOUNT": sim.account,
-        "OMSD_APP_KEY": sim.app_key,
-        "OMSD_APP_TOKEN": sim.app_token,
-        "OMSD_VTEX_BASE_URL": sim.base_url,
-        "OMSD_DB": str(tmp_path / "o.db"),
-        "OMSD_CONNECTOR_NAME": "c",
-        "OMSD_CONNECTOR_ENDPOINT": "https://omsd.example.com",
-        "OMSD_LISTEN": f"127.0.0.1:{free_port()}",
-    }.items():
-        monkeypatch.setenv(key, value)
-    yield sim
-    await sim.stop()
-
-
-async def run_cli(*args: str) -> int:
-    return await asyncio.to_thread(main, list(args))
 
 
 async def test_feed_config_show_then_apply(sim_env: Simulator, capsys: pytest.CaptureFixture[str]) -> None:

@@ -33,10 +33,8 @@ from omsd.state.models import Policy
 from omsd.state.schema import MIGRATIONS
 from omsd.state.statuses import Phase
 from omsd.state.store import NewEntry, Store, database_bytes
-from tests.conftest import until
+from tests.helpers import approve, quiet_health, reached, until
 from tests.machine_helpers import HELD, order
-from tests.test_e2e import approve, reached
-from tests.test_supervision import _health
 
 OLD = datetime(2026, 9, 1, tzinfo=UTC)
 NOW = datetime(2026, 11, 1, tzinfo=UTC)  # OLD is 61 days before
@@ -249,7 +247,7 @@ def test_prune_without_retention_needs_older_than(
 # ---- the daemon's job ---------------------------------------------------------------------
 async def test_the_retention_job_is_scheduled_unless_disabled(tmp_path: Path) -> None:
     """OMSD_RETENTION_DAYS > 0 schedules `retention`; 0 schedules nothing; the size gauge reads the file."""
-    health = _health()
+    health = quiet_health()
     metrics = health.metrics
     jobs = Jobs(health, metrics, Progress())
     async with await Store.open(tmp_path / "o.db") as store:

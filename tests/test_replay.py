@@ -19,7 +19,7 @@ from omsd.state.models import Policy
 from omsd.state.statuses import Phase
 from omsd.state.store import NewEntry, Store
 from tests.machine_helpers import FREE, HELD, MKT, OID
-from tests.test_store import NOW, answer_fetch, entry, status_entry
+from tests.store_helpers import NOW, answer_fetch, entry, status_entry
 
 OTHER = "MKP-999-01"
 

@@ -10,8 +10,7 @@ import pytest
 from omsd.daemon.app import Daemon
 from omsd.sim.server import Simulator
 from omsd.state.statuses import Phase
-from tests.conftest import until
-from tests.test_e2e import approve, reached
+from tests.helpers import approve, reached, until
 
 pytestmark = pytest.mark.e2e
 
@@ -210,7 +209,7 @@ async def test_healthcheck_command(sim: Simulator, run_daemon: Any, monkeypatch:
     import asyncio
 
     from omsd.daemon.cli import main
-    from tests.conftest import free_port
+    from tests.helpers import free_port
 
     async with run_daemon(sim) as daemon:
         monkeypatch.setenv("OMSD_LISTEN", daemon.settings.listen)
@@ -222,7 +221,7 @@ async def test_healthcheck_command(sim: Simulator, run_daemon: Any, monkeypatch:
 async def test_routes_follow_the_connector_endpoints_path(sim: Simulator, run_daemon: Any) -> None:
     """With OMSD_CONNECTOR_ENDPOINT=http://host:port/api/vtex, VTEX posts results to
     /api/vtex/order-integration/... and pushes to /api/vtex/vtex/hook: both are served."""
-    from tests.conftest import free_port
+    from tests.helpers import free_port
 
     port = free_port()
     async with run_daemon(

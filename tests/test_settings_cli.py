@@ -20,8 +20,7 @@ from omsd.daemon.instance import instance_environment, parse_environment_file
 from omsd.daemon.settings import ConfigError, Settings, load_settings, warn_unknown_variables
 from omsd.daemon.vtex import VtexClient
 from omsd.sim.server import Simulator
-from tests.conftest import RunDaemon, free_port
-from tests.test_notify_cli import run_cli, sim_env  # noqa: F401 - the fixture
+from tests.helpers import RunDaemon, free_port, run_cli
 
 REQUIRED = {
     "OMSD_ACCOUNT": "shop",
@@ -302,7 +301,7 @@ def test_known_variables_warn_nothing() -> None:
 
 
 async def test_hook_config_show_needs_no_hook_secret_in_feed_mode(
-    sim_env: Simulator,  # noqa: F811 - the fixture
+    sim_env: Simulator,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Feed mode without OMSD_HOOK_SECRET: `hook config show` shows VTEX's hook; apply still needs it."""

@@ -17,7 +17,7 @@ from omsd.sim.runtime import Runtime
 from omsd.sim.server import DEFAULT_APP_KEY, DEFAULT_APP_TOKEN, Simulator, serve
 from omsd.sim.statuses import FILTERABLE
 from omsd.sim.validation import validate_feed_config
-from tests.conftest import until
+from tests.helpers import until
 
 CONFIG = {
     "filter": {"type": "FromWorkflow", "status": ["waiting-for-manual-authorization", "canceled"]},

@@ -12,7 +12,7 @@ from structlog.testing import capture_logs
 from omsd.daemon.app import Daemon
 from omsd.daemon.connections import install_accept_error_handler
 from omsd.sim.server import Simulator
-from tests.conftest import API_TOKEN, RunDaemon, until
+from tests.helpers import API_TOKEN, RunDaemon, until
 
 HALF_HEADER = b"POST /vtex/hook HTTP/1.1\r\nHost: omsd\r\nContent-Le"
 # An authenticated request, so the route reads its body (an unauthenticated one is refused first).

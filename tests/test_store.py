@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 import sqlite3
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import get_args
 
@@ -22,7 +22,6 @@ from omsd.state.events import (
     IntentReceived,
     IntentRecorded,
     NotificationReceived,
-    StatusChanged,
     UnreadableEntry,
     read_entry,
 )
@@ -30,30 +29,8 @@ from omsd.state.models import Policy
 from omsd.state.schema import MIGRATIONS, SCHEMA_VERSION
 from omsd.state.statuses import Phase
 from omsd.state.store import NewEntry, SchemaTooNew, Store, StoreError
-from tests.machine_helpers import FREE, HELD, MKT, OID, at, fetched
-
-NOW = datetime(2026, 11, 1, tzinfo=UTC)
-
-
-def entry(event: AnyEntry, dedup_key: str | None = None, event_id: str | None = None) -> NewEntry:
-    return NewEntry.of(event, source="test", received_at=NOW, dedup_key=dedup_key, event_id=event_id)
-
-
-async def answer_fetch(store: Store, state: str, t: float) -> None:
-    """Play the effect runner for the one pending Get order: journal its answer."""
-    [fetch] = await store.claim_effects(10, now=NOW)
-    assert fetch.effect.kind == "fetch_order"
-    result = fetched(state, seq=fetch.seq, t=t)
-    await store.finish_effect(
-        fetch.id,
-        NewEntry(kind=result.kind, source="effect", order_id=OID, payload=result.model_dump_json(), received_at=NOW),
-        now=NOW,
-    )
-
-
-def status_entry(state: str, t: float, event_id: str | None = None) -> NewEntry:
-    ev = StatusChanged(order_id=OID, source="feed", state=state, current_change=at(t), event_id=event_id)
-    return entry(ev, dedup_key=f"status:{OID}:{state}:{t}", event_id=event_id)
+from tests.machine_helpers import FREE, HELD, MKT, OID
+from tests.store_helpers import NOW, answer_fetch, entry, status_entry
 
 
 async def test_append_is_durable_and_deduplicated(tmp_path: Path) -> None:

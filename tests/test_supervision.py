@@ -17,13 +17,9 @@ from omsd.daemon.app import Daemon, DaemonFailed
 from omsd.daemon.errors import AuthFailed
 from omsd.daemon.health import Health
 from omsd.daemon.jobs import Jobs
-from omsd.daemon.metrics import Metrics
 from omsd.daemon.notify import Progress
-from omsd.daemon.settings import Settings
 from omsd.sim.server import Simulator
-from tests.conftest import fast_settings, free_port, until
-from tests.test_crash import omsd_env
-from tests.test_notify_cli import FakeClock
+from tests.helpers import FakeClock, fast_settings, free_port, omsd_env, quiet_health, until
 
 HOOK_SECRET = "hook-secret-0123456789"
 
@@ -109,27 +105,13 @@ async def _is(status: Any, expected: int) -> bool:
     return bool(await status == expected)
 
 
-def _health() -> Health:
-    settings = Settings(
-        account="acme",
-        app_key="vtexappkey-acme-X",
-        app_token="secret-token",
-        connector_name="c",
-        connector_endpoint="https://omsd.example.com",
-    )
-    health = Health(settings, Metrics())
-    health.feed_config_ok = True
-    health.poll_ok()
-    return health
-
-
 def alarm_gauge(health: Health) -> float | None:
     return health.metrics.registry.get_sample_value("omsd_alarm", {"name": "scheduled_job_flaky"})
 
 
 async def test_a_job_that_keeps_failing_raises_an_alarm_until_it_succeeds() -> None:
     """N failed runs in a row: counted, alarm raised, not ready; one success clears it."""
-    health = _health()
+    health = quiet_health()
     jobs = Jobs(health, health.metrics, Progress(), failures_before_alarm=3)
     state = {"failing": True, "runs": 0}
 
@@ -160,7 +142,7 @@ async def test_a_job_that_keeps_failing_raises_an_alarm_until_it_succeeds() -> N
 async def test_a_job_that_stops_running_is_stale_for_the_watchdog() -> None:
     """A job whose run hangs stops beating; once two intervals plus the window have
     passed the watchdog sees it stale, and fresh again when it completes."""
-    health = _health()
+    health = quiet_health()
     clock = FakeClock()
     progress = Progress(clock)
     jobs = Jobs(health, health.metrics, progress)

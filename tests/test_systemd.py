@@ -16,8 +16,7 @@ import pytest
 
 from omsd.daemon.settings import Settings
 from omsd.sim.server import Simulator
-from tests.conftest import API_TOKEN, free_port
-from tests.test_crash import omsd_env
+from tests.helpers import API_TOKEN, free_port, omsd_env
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "omsd.service"

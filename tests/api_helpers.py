@@ -1,0 +1,70 @@
+"""Settings and bodies for tests of omsd's HTTP routes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omsd.daemon.settings import Settings
+
+API_TOKEN = "api-token-0123456789"
+
+
+HOOK_SECRET = "hook-secret-0123456789"
+
+
+AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
+
+
+NOTIFY_SECRET = "notify-secret-0123456789"
+
+
+NOTIFY = f"/notify/{NOTIFY_SECRET}/order-integration/notification/processing-result"
+
+
+BARE_NOTIFY = "/order-integration/notification/processing-result?an=shop"  # OMSD_NOTIFY_ALLOW_UNAUTHENTICATED
+
+
+def settings(**kw: Any) -> Settings:
+    values: dict[str, Any] = {
+        "account": "shop",
+        "app_key": "vtexappkey-shop-X",
+        "app_token": "app-token-0123456789",
+        "connector_name": "conn",
+        "connector_endpoint": "https://omsd.example.com/api/vtex",
+        "api_token": API_TOKEN,
+        "hook_secret": HOOK_SECRET,
+        "notify_secret": NOTIFY_SECRET,
+        "source": "both",
+        "db": Path("unused.db"),
+    }
+    values.update(kw)
+    return Settings(**values)
+
+
+def push(**kw: Any) -> dict[str, Any]:
+    return {
+        "Domain": "Fulfillment",
+        "OrderId": "V-5-01",
+        "State": "ready-for-handling",
+        "LastState": "window-to-cancel",
+        "LastChange": "2019-08-14T17:11:39.2550122Z",
+        "CurrentChange": "2019-08-14T17:12:48.0965893Z",
+        "Origin": {"Account": "shop", "Key": "vtexappkey-shop-X"},
+    } | kw
+
+
+def hook_headers(secret: str | None = HOOK_SECRET) -> dict[str, str]:
+    return {"X-Omsd-Hook-Secret": secret} if secret is not None else {}
+
+
+def envelope(**kw: Any) -> dict[str, Any]:
+    return {
+        "marketplaceOrderId": "M-6",
+        "code": "EOI009",
+        "flow": "ApproveOrder",
+        "success": False,
+        "operationId": "op-1",
+        "message": "refused",
+        "accountName": "shop",
+    } | kw

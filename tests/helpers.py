@@ -1,0 +1,152 @@
+"""Helpers the test modules share (the daemon, the CLI, waiting on conditions); fixtures live in conftest.py."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from omsd.daemon.app import Daemon
+from omsd.daemon.cli import main
+from omsd.daemon.health import Health
+from omsd.daemon.metrics import Metrics
+from omsd.daemon.settings import Settings
+from omsd.sim.server import Simulator
+from omsd.state.statuses import Phase
+
+API_TOKEN = "test-api-token-0123456789"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def fast_settings(sim: Simulator, db: Path, port: int, **kw: Any) -> Settings:
+    values: dict[str, Any] = {
+        "account": sim.account,
+        "app_key": sim.app_key,
+        "app_token": sim.app_token,
+        "vtex_base_url": sim.base_url,
+        "db": db,
+        "connector_name": "omsd-test",
+        "connector_endpoint": f"http://127.0.0.1:{port}",
+        "listen": f"127.0.0.1:{port}",
+        "api_token": API_TOKEN,
+        "poll_interval_s": 0.05,
+        "rate_limit_per_s": 200,
+        "held_recheck_s": 30.0,
+        "confirm_timeout_s": 10.0,
+        "retry_base_s": 0.05,
+        "retry_cap_s": 0.5,
+        "eoi008_recheck_s": 0.2,
+        "timer_tick_s": 0.05,
+        "http_timeout_s": 5.0,
+        "http_retries": 3,
+        "rate_limited_wait_s": 0.2,
+        "shutdown_grace_s": 5.0,
+        "max_attempts": 20,
+    }
+    values.update(kw)
+    return Settings(**values)
+
+
+RunDaemon = Callable[..., Any]
+
+
+async def until(predicate: Callable[[], Awaitable[bool] | bool], timeout: float = 30.0, what: str = "") -> None:
+    """Wait for a condition to hold (checked as the system makes progress), or fail."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = predicate()
+        if isinstance(result, Awaitable):
+            result = await result
+        if result:
+            return
+        if loop.time() > deadline:
+            raise AssertionError(f"condition not reached in {timeout}s: {what}")
+        await asyncio.sleep(0.02)
+
+
+async def approve(daemon: Daemon, mkt: str, order_id: str | None = None, token: str = API_TOKEN) -> tuple[int, Any]:
+    body: dict[str, Any] = {"marketplaceOrderId": mkt}
+    if order_id:
+        body["orderId"] = order_id
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(f"{daemon.url}/v1/approvals", json=body, headers={"Authorization": f"Bearer {token}"}) as resp,
+    ):
+        return resp.status, await resp.json()
+
+
+async def phase_of(daemon: Daemon, order_id: str) -> str | None:
+    assert daemon.store is not None
+    order = await daemon.store.load_order(order_id)
+    return order.phase.value if order else None
+
+
+def reached(daemon: Daemon, order_id: str, phase: Phase) -> Any:
+    async def check() -> bool:
+        return await phase_of(daemon, order_id) == phase.value
+
+    return check
+
+
+def omsd_env(sim: Simulator, db: Path, port: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OMSD_")}
+    env.update(
+        {
+            "OMSD_ACCOUNT": sim.account,
+            "OMSD_APP_KEY": sim.app_key,
+            "OMSD_APP_TOKEN": sim.app_token,
+            "OMSD_VTEX_BASE_URL": sim.base_url,
+            "OMSD_DB": str(db),
+            "OMSD_CONNECTOR_NAME": "omsd-crash-test",
+            "OMSD_CONNECTOR_ENDPOINT": f"http://127.0.0.1:{port}",
+            "OMSD_LISTEN": f"127.0.0.1:{port}",
+            "OMSD_API_TOKEN": API_TOKEN,
+            "OMSD_POLL_INTERVAL_S": "0.05",
+            "OMSD_TIMER_TICK_S": "0.1",
+            "OMSD_CONFIRM_TIMEOUT_S": "1.5",
+            "OMSD_HELD_RECHECK_S": "3",
+            "OMSD_RETRY_BASE_S": "0.1",
+            "OMSD_RETRY_CAP_S": "1",
+            "OMSD_MAX_ATTEMPTS": "30",
+            "OMSD_RATE_LIMIT_PER_S": "200",
+            "OMSD_LOG_FORMAT": "json",
+        }
+    )
+    return env
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def run_cli(*args: str) -> int:
+    return await asyncio.to_thread(main, list(args))
+
+
+def quiet_health() -> Health:
+    settings = Settings(
+        account="acme",
+        app_key="vtexappkey-acme-X",
+        app_token="secret-token",
+        connector_name="c",
+        connector_endpoint="https://omsd.example.com",
+    )
+    health = Health(settings, Metrics())
+    health.feed_config_ok = True
+    health.poll_ok()
+    return health

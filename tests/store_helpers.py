@@ -1,0 +1,35 @@
+"""Journal entries and effect answers for tests on a real store."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from omsd.state.events import (
+    AnyEntry,
+    StatusChanged,
+)
+from omsd.state.store import NewEntry, Store
+from tests.machine_helpers import OID, at, fetched
+
+NOW = datetime(2026, 11, 1, tzinfo=UTC)
+
+
+def entry(event: AnyEntry, dedup_key: str | None = None, event_id: str | None = None) -> NewEntry:
+    return NewEntry.of(event, source="test", received_at=NOW, dedup_key=dedup_key, event_id=event_id)
+
+
+async def answer_fetch(store: Store, state: str, t: float) -> None:
+    """Play the effect runner for the one pending Get order: journal its answer."""
+    [fetch] = await store.claim_effects(10, now=NOW)
+    assert fetch.effect.kind == "fetch_order"
+    result = fetched(state, seq=fetch.seq, t=t)
+    await store.finish_effect(
+        fetch.id,
+        NewEntry(kind=result.kind, source="effect", order_id=OID, payload=result.model_dump_json(), received_at=NOW),
+        now=NOW,
+    )
+
+
+def status_entry(state: str, t: float, event_id: str | None = None) -> NewEntry:
+    ev = StatusChanged(order_id=OID, source="feed", state=state, current_change=at(t), event_id=event_id)
+    return entry(ev, dedup_key=f"status:{OID}:{state}:{t}", event_id=event_id)
