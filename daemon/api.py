@@ -364,7 +364,7 @@ async def _notification(request: web.Request, *, authenticated: bool) -> web.Res
     [appended] = await ctx.store.append([intake.notification_entry(env, now, authenticated=authenticated)], now=now)
     ctx.wake()
     if authenticated and not appended.duplicate and env.flow == "ApproveOrder" and env.code not in APPROVAL_SUCCESS:
-        ctx.metrics.approvals_refused.labels(code=env.code).inc()
+        ctx.metrics.on_approval_refused(env.code)
     log.info(
         "notification_received",
         marketplace_order_id=env.marketplace_order_id,

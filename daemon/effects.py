@@ -161,7 +161,7 @@ class EffectRunner:
             return ApprovalFailed(order_id=effect.order_id, seq=effect.seq, error=str(exc), retryable=exc.retryable)
         log.info("approval_answered", order_id=effect.order_id, code=answer.code, http_status=answer.http_status)
         if answer.code not in APPROVAL_SUCCESS:
-            self._metrics.approvals_refused.labels(code=answer.code).inc()
+            self._metrics.on_approval_refused(answer.code)
         return ApprovalAnswered(
             order_id=effect.order_id,
             seq=effect.seq,

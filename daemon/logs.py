@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import MutableMapping
+import time
+from collections.abc import Callable, MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -61,6 +62,54 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
         logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
+    _bridge_stdlib(level)
+
+
+class _LibraryLogBridge(logging.Handler):
+    """Libraries' standard-library log records (aiohttp's server, APScheduler) as omsd's
+    own lines: one `library_log` line each, the exception as a short `error` field and
+    never a traceback, and a repeating record (same logger and message) at most once per
+    `every_s`, with the count of those held back. aiohttp logs "Unhandled exception"
+    with a traceback for some malformed requests (a body that claims gzip and is not);
+    a stranger must not be able to fill the log that way."""
+
+    def __init__(self, every_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self._every_s = every_s
+        self._clock = clock
+        self._last: dict[tuple[str, str], float] = {}
+        self._held: dict[tuple[str, str], int] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()[:300]
+            key = (record.name, message)
+            now = self._clock()
+            last = self._last.get(key)
+            if last is not None and now - last < self._every_s:
+                self._held[key] = self._held.get(key, 0) + 1
+                return
+            if len(self._last) > 1000:  # bounded whatever the messages
+                self._last.clear()
+                self._held.clear()
+            self._last[key] = now
+            fields: dict[str, Any] = {"logger": record.name, "message": message}
+            if held := self._held.pop(key, 0):
+                fields["repeated"] = held
+            if record.exc_info and record.exc_info[1] is not None:
+                exc = record.exc_info[1]
+                fields["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            structlog.get_logger("omsd.library").log(record.levelno, "library_log", **fields)
+        except Exception:  # a log line must never break the caller
+            self.handleError(record)
+
+
+def _bridge_stdlib(level: str) -> None:
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _LibraryLogBridge)]:
+        root.removeHandler(handler)
+    root.addHandler(_LibraryLogBridge())
+    root.setLevel(max(logging.getLevelNamesMapping()[level.upper()], logging.INFO))
 
 
 def get_logger(name: str) -> Any:

@@ -9,6 +9,7 @@ refreshed when /metrics is scraped. Names follow Prometheus' rules: base units
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -22,6 +23,8 @@ from omsd.state.statuses import TERMINAL_PHASES, Phase
 from omsd.state.store import Store, database_bytes
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+
+_RESULT_CODE = re.compile(r"[SE]OI[0-9]{3}")
 
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
@@ -136,6 +139,12 @@ class Metrics:
             self.orders.labels(phase=phase.value).set(0)
         # Exported at 0 from the start, so that increase() sees the first one (an alert).
         self.approvals_refused.labels(code=HELD_REFUSAL)
+
+    def on_approval_refused(self, code: str) -> None:
+        """Count a refused approval by its result code. The label takes VTEX's code shape
+        only (SOI000/EOI000), anything else counts as `other`: a label value must never
+        come unchecked from a request body (unbounded series)."""
+        self.approvals_refused.labels(code=code if _RESULT_CODE.fullmatch(code) else "other").inc()
 
     def on_vtex_call(self, method: str, route: str, outcome: int | str, duration_s: float | None = None) -> None:
         self.vtex_requests.labels(route=f"{method} {route}", status=str(outcome)).inc()

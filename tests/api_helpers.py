@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aiohttp.test_utils import TestClient, TestServer
+
+from omsd.daemon.api import ApiContext, build_app
+from omsd.daemon.health import Health
+from omsd.daemon.metrics import Metrics
+from omsd.daemon.processor import Processor
 from omsd.daemon.settings import Settings
+from omsd.state.models import Policy
+from omsd.state.store import Store
 
 API_TOKEN = "api-token-0123456789"
 
@@ -68,3 +77,50 @@ def envelope(**kw: Any) -> dict[str, Any]:
         "message": "refused",
         "accountName": "shop",
     } | kw
+
+
+@dataclass
+class StubProcessor:
+    """Records the offsets waited for; applies the journal with a real Processor when `apply`."""
+
+    store: Store
+    apply: bool = False
+    fail: bool = False
+    waited: list[int] = field(default_factory=list)
+
+    async def wait_for(self, offset: int, timeout_s: float) -> bool:
+        self.waited.append(offset)
+        if self.fail:
+            raise RuntimeError("processor broke")
+        if self.apply:
+            await Processor(self.store, Policy(), emit_effects=False).drain()
+        return self.apply
+
+
+@dataclass
+class Api:
+    client: TestClient[Any, Any]
+    ctx: ApiContext
+    stub: StubProcessor
+    wakes: list[None]
+
+    async def rejected(self) -> list[Any]:
+        return await self.ctx.store.journal_tail(100, kind="rejected")
+
+
+async def start(store: Store, s: Settings | None = None) -> Api:
+    s = s or settings()
+    metrics = Metrics()
+    stub = StubProcessor(store)
+    wakes: list[None] = []
+    ctx = ApiContext(
+        settings=s,
+        store=store,
+        processor=stub,
+        wake=lambda: wakes.append(None),
+        health=Health(s, metrics),
+        metrics=metrics,
+    )
+    client: TestClient[Any, Any] = TestClient(TestServer(build_app(ctx)))
+    await client.start_server()
+    return Api(client, ctx, stub, wakes)

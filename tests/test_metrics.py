@@ -137,3 +137,14 @@ def test_the_held_refusal_series_exists_before_the_first_one() -> None:
     """omsd_approvals_refused_total{code="EOI011"} is exported at 0 from the start, so the
     alert's increase() sees the very first refusal."""
     assert 'omsd_approvals_refused_total{code="EOI011"} 0.0' in Metrics().render().decode()
+
+
+def test_refused_codes_are_labelled_by_vtex_shape_only() -> None:
+    """A result code is a label only in VTEX's shape; anything else (a body's free text)
+    counts as `other`, so no request can create unbounded series."""
+    metrics = Metrics()
+    metrics.on_approval_refused("EOI011")
+    for junk in ("x" * 20, "EOI0111", "'; drop", "eoi011"):
+        metrics.on_approval_refused(junk)
+    assert metrics.sample("omsd_approvals_refused_total", code="EOI011") == 1
+    assert metrics.sample("omsd_approvals_refused_total", code="other") == 4
