@@ -291,9 +291,7 @@ def _add_repair_commands(sub: Subparsers[argparse.ArgumentParser]) -> None:
     rp.add_argument("--order", metavar="ID", help="only this order (VTEX order id or marketplace order id)")
     rp.add_argument("--from-offset", type=int, metavar="N", help="only orders with journal entries from offset N on")
     rp.add_argument("--to-offset", type=int, metavar="N", help="rebuild as of offset N (every order only)")
-    rp.add_argument("--dry-run", action="store_true", help="change nothing; print what would differ and be called")
-    rp.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    rp.add_argument("-v", "--verbose", action="store_true", help="log each routed event")
+    _preview_options(rp, "change nothing; print what would differ and be called", "log each routed event")
 
     r = _command(
         sub,
@@ -337,9 +335,9 @@ def _add_transfer_commands(sub: Subparsers[argparse.ArgumentParser]) -> None:
     ing.add_argument("file", metavar="FILE", help="a file, or - for standard input")
     ing.add_argument("--kind", choices=KINDS, help="treat every item as this kind")
     ing.add_argument("--strict", action="store_true", help="append nothing if any line is bad")
-    ing.add_argument("--dry-run", action="store_true", help="change nothing; show what would be added and decided")
-    ing.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    ing.add_argument("-v", "--verbose", action="store_true", help="log each transition as the daemon would")
+    _preview_options(
+        ing, "change nothing; show what would be added and decided", "log each transition as the daemon would"
+    )
 
     ex = _command(
         sub,
@@ -509,6 +507,13 @@ def _sim(args: argparse.Namespace) -> int:
 
 def _healthcheck_command(args: argparse.Namespace) -> int:
     return _healthcheck(load_local().listen)
+
+
+def _preview_options(p: argparse.ArgumentParser, dry_run: str, verbose: str) -> None:
+    """--dry-run, --json and -v, as the commands that rebuild or append state take them."""
+    p.add_argument("--dry-run", action="store_true", help=dry_run)
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument("-v", "--verbose", action="store_true", help=verbose)
 
 
 def _offline(command: StoreCommand, *, create: bool = False, owns: bool = False) -> Handler:

@@ -26,6 +26,7 @@ from omsd.state.machine import decide
 from omsd.state.models import FetchOrder, Inflight, Order
 from omsd.state.statuses import Phase
 from omsd.state.store import Store
+from tests.api_helpers import settings as api_settings
 from tests.helpers import API_TOKEN, until
 from tests.machine_helpers import MKT, OID, at, order
 
@@ -35,17 +36,9 @@ GOLDEN = Path(__file__).parent / "golden"
 
 
 def settings(**kw: Any) -> Settings:
-    values: dict[str, Any] = {
-        "account": "shop",
-        "app_key": "vtexappkey-shop-X",
-        "app_token": "app-token-0123456789",
-        "connector_name": "conn",
-        "connector_endpoint": "https://omsd.example.com/api/vtex",
-        "notify_secret": SECRET,
-        "db": Path("unused.db"),
-    }
-    values.update(kw)
-    return Settings(**values)
+    """The routes' settings in feed mode with this module's notify secret."""
+    values: dict[str, Any] = {"notify_secret": SECRET, "api_token": None, "hook_secret": None, "source": "feed"}
+    return api_settings(**(values | kw))
 
 
 class _Applied:
