@@ -18,7 +18,7 @@ from omsd.state.events import (
 )
 from omsd.state.models import Inflight, Order, Timer
 
-T0 = datetime(2026, 11, 1, 12, 0, 0, tzinfo=UTC)
+T0 = datetime(2026, 10, 31, 23, 0, 0, tzinfo=UTC)
 OID = "MKP-123-01"
 MKT = "123"
 HELD = "waiting-for-manual-authorization"

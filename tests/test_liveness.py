@@ -217,8 +217,8 @@ def _step(world: World, data: st.DataObject, slow_timers: bool) -> bool:
 def _first_phase(world: World, data: st.DataObject) -> None:
     """VTEX moves the order a few times while omsd works; any timer may fire. Now and then
     a bogus event dated far in the future shows up."""
-    intent_round = data.draw(st.integers(0, 6), label="intent round")
-    for round_ in range(data.draw(st.integers(0, 6), label="rounds")):
+    intent_round = data.draw(st.integers(0, 8), label="intent round")
+    for round_ in range(data.draw(st.integers(1, 8), label="rounds")):
         if round_ == intent_round:
             world.intent_sent = True
             world.wire.append(INTENT)
@@ -270,14 +270,14 @@ def _story(world: World) -> str:
     return "\n".join(world.trace[-40:]) + f"\norder: {world.order!r}"
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=600, deadline=None)
 @given(st.data())
 def test_a_released_order_is_approved_without_the_slow_recheck(data: st.DataObject) -> None:
     """Once VTEX releases an order for good, the approval PUT goes out without the held re-check."""
     assert _run(data, parked=False).approved
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=600, deadline=None)
 @given(st.data())
 def test_a_seen_release_is_never_parked(data: st.DataObject) -> None:
     """After omsd saw the release, the order always has a call in flight or a short timer
