@@ -43,9 +43,10 @@ class PolicySettings(BaseSettings):
     retry_base_s: float = Field(default=2.0, gt=0)
     retry_cap_s: float = Field(default=300.0, gt=0)
     max_attempts: int = Field(default=8, ge=1)
-    eoi008_recheck_s: float = Field(default=60.0, gt=0)
-    max_eoi008: int = Field(default=10, ge=0)
-    creating_patience: int = Field(default=2, ge=1, le=100)
+    eoi008_recheck_s: float = Field(default=10.0, gt=0)
+    max_eoi008: int = Field(default=60, ge=0)
+    creating_recheck_s: float = Field(default=5.0, gt=0)
+    max_clock_skew_s: float = Field(default=300.0, gt=0)
 
     def policy(self) -> Policy:
         return Policy(
@@ -56,7 +57,8 @@ class PolicySettings(BaseSettings):
             max_attempts=self.max_attempts,
             eoi008_recheck_s=self.eoi008_recheck_s,
             max_eoi008=self.max_eoi008,
-            creating_patience=self.creating_patience,
+            creating_recheck_s=self.creating_recheck_s,
+            max_clock_skew_s=self.max_clock_skew_s,
         )
 
 

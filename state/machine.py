@@ -5,12 +5,17 @@ The one rule everything else serves: a SendApproval effect is only ever emitted
 while handling the answer of omsd's own Get order, and only when the latest
 known status (by change time) is neither waiting-for-manual-authorization nor
 a cancel status, and the order was never seen `canceled`.
+
+The other rule is liveness: an order VTEX has released is approved without
+waiting for the slow held re-check. A release is read from the transition (a
+status that left the hold), not from a fixed next status; an answer older than
+what omsd already knows never decides against it (omsd checks again instead).
 """
 
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Literal, assert_never
 
 from omsd.state.codes import ResultCode
@@ -29,7 +34,7 @@ from omsd.state.events import (
     TimerFired,
 )
 from omsd.state.models import Decision, Effect, FetchOrder, Inflight, Order, Policy, SendApproval, Timer, later
-from omsd.state.statuses import HELD, TERMINAL_PHASES, Phase, Status, is_approved, is_cancel, must_wait
+from omsd.state.statuses import HELD, TERMINAL_PHASES, Phase, Status, is_approved, is_cancel, is_creating
 
 
 def parse_status(value: str | None) -> Status | None:
@@ -98,9 +103,15 @@ class _Ctx:
             raise UnsafeApproval(self.order.order_id, f"latest status {self.order.status!r} does not allow it")
         seq = self.next_seq()
         self.effects.append(SendApproval(order_id=self.order.order_id, seq=seq, marketplace_order_id=mkt))
-        self.set(inflight=Inflight(seq=seq, kind="send", purpose="approve"), sent=self.order.sent + 1)
+        self.set(
+            inflight=Inflight(seq=seq, kind="send", purpose="approve"),
+            sent=self.order.sent + 1,
+            sent_on=self.order.status_at,
+        )
 
-    def timer(self, reason: Literal["held_recheck", "confirm_timeout", "retry"], after_s: float) -> None:
+    def timer(
+        self, reason: Literal["held_recheck", "confirm_timeout", "retry", "creating_recheck"], after_s: float
+    ) -> None:
         seq = self.next_seq()
         self.set(timer=Timer(token=seq, reason=reason, due_at=later(self.now, after_s)))
 
@@ -111,32 +122,63 @@ class _Ctx:
 
 def approvable(order: Order) -> bool:
     """The order's latest known status allows an approval to be sent: never held, never
-    canceling or canceled; a creation status only once omsd has waited it out."""
+    canceling or canceled; a creation status only once it left the hold or omsd served
+    the short creation re-check."""
     status = parse_status(order.status)
-    if status is None or status == HELD or is_cancel(status) or order.canceled:
+    if status is None or status == HELD or is_cancel(status) or order.canceled or order.flagged_status:
         return False
-    return not must_wait(status) or order.creating_overdue
+    return not is_creating(status) or order.released_at is not None or order.creating_overdue
 
 
-def _observe(ctx: _Ctx, state: str | None, at: datetime | None, source: str) -> None:
-    """Record a status observation; an older one never moves the status backwards."""
+def _trusted(ctx: _Ctx, state: str, at: datetime | None, source: str) -> datetime | None:
+    """A change time too far past the event's receipt (`now`) is not trusted for ordering:
+    it would freeze the status, since every real change after it looks older."""
+    skew = ctx.policy.max_clock_skew_s
+    if at is None or at <= ctx.now + timedelta(seconds=skew):
+        return at
+    ctx.cause(f"{state} ({source}) dated {at.isoformat()}, more than {skew:g}s after its receipt: time not trusted")
+    return None
+
+
+def _observe(ctx: _Ctx, state: str | None, at: datetime | None, source: str, last_state: str | None = None) -> None:
+    """Record a status observation; an older one never moves the status backwards.
+
+    A status that becomes the latest is a release when it left the hold: its lastState is
+    the hold, or the status it replaces is, or an EOI011 made omsd wait for a newer one.
+    A feed or hook status dated too far ahead is not used for ordering: it is kept apart
+    as flagged, and no approval goes out until a Get order asked after it settles it. A
+    Get order's own time, if not trusted, is ignored (its status is taken as the latest)."""
     if state is None:
         return
+    trusted = _trusted(ctx, state, at, source)
     status = parse_status(state)
-    blocked = ctx.order.await_newer_than
-    if blocked is not None and at is not None and at > blocked and not must_wait(status):
-        ctx.set(await_newer_than=None)
-    if status == HELD and not ctx.order.held:
+    o = ctx.order
+    if status == HELD and not o.held:
         ctx.set(held=True)
-    if status == Status.CANCELED and not ctx.order.canceled:
+    if status == Status.CANCELED and not o.canceled:
         ctx.set(canceled=True)
-    current = ctx.order.status_at
-    if ctx.order.status is None or at is None or current is None or at > current:
-        if state != ctx.order.status:
-            ctx.cause(f"status {ctx.order.status or '-'} -> {state} ({source})")
-        ctx.set(status=state, status_at=at if at is not None else current, status_source=source)
-    elif state != ctx.order.status:
-        ctx.cause(f"older status {state} recorded, kept {ctx.order.status} ({source})")
+    if trusted is None and at is not None and source != "get_order":
+        if state != o.status:
+            ctx.set(flagged_status=state, flagged_seq=o.seq)
+            ctx.cause(f"{state} flagged: a Get order decides")
+        return
+    at = trusted
+    blocked = o.await_newer_than
+    unblocked = blocked is not None and at is not None and at > blocked and status != HELD
+    if unblocked:
+        ctx.set(await_newer_than=None)
+    current = o.status_at
+    if not (o.status is None or at is None or current is None or at > current):
+        if state != o.status:
+            ctx.cause(f"older status {state} recorded, kept {o.status} ({source})")
+        return
+    if state != o.status:
+        ctx.cause(f"status {o.status or '-'} -> {state} ({source})")
+    ctx.set(status=state, status_at=at or current, status_source=source)
+    if status == HELD:
+        ctx.set(released_at=None)
+    elif not is_cancel(status) and (HELD in (last_state, o.status) or unblocked):
+        ctx.set(released_at=at or ctx.now)
 
 
 def _link(ctx: _Ctx, marketplace_order_id: str | None) -> bool:
@@ -170,8 +212,19 @@ def _wait_release(ctx: _Ctx, cause: str) -> None:
 
 
 def _held_refusal(ctx: _Ctx) -> None:
-    """EOI011: VTEX holds the order. Not an error: wait for a newer release."""
-    ctx.set(eoi011=ctx.order.eoi011 + 1, last_code=ResultCode.HELD.value, held=True)
+    """EOI011: VTEX holds the order. Not an error: wait for a newer release, unless omsd
+    learnt a newer status than the one the refused PUT was decided on (VTEX may have
+    refused before that change): then check again, once per newer status."""
+    o = ctx.order
+    ctx.set(eoi011=o.eoi011 + 1, last_code=ResultCode.HELD.value, held=True)
+    status = parse_status(o.status)
+    newer = o.sent_on is not None and o.status_at is not None and o.status_at > o.sent_on
+    if newer and status != HELD:
+        ctx.settle()
+        ctx.set(await_newer_than=None)
+        ctx.goto(Phase.CHECKING, f"EOI011 for a PUT older than the known {o.status}: checking again")
+        ctx.fetch("pre_approval")
+        return
     _wait_release(ctx, "EOI011: order held, waiting for release")
 
 
@@ -213,7 +266,7 @@ def _on_code(ctx: _Ctx, code: str, where: str) -> None:
 
 
 def _on_status_changed(ctx: _Ctx, event: StatusChanged) -> bool:
-    _observe(ctx, event.state, event.current_change, event.source)
+    _observe(ctx, event.state, event.current_change, event.source, event.last_state)
     return True
 
 
@@ -238,6 +291,9 @@ def _on_intent(ctx: _Ctx, event: IntentRecorded) -> bool:
 
 def _on_fetched(ctx: _Ctx, event: OrderFetched) -> bool:
     o = ctx.order
+    if o.flagged_status is not None and event.seq > o.flagged_seq:
+        ctx.set(flagged_status=None)
+        ctx.cause(f"Get order settles the flagged {o.flagged_status}")
     at = event.last_change or event.fetched_at
     _observe(ctx, event.status, at, "get_order")
     if not _link(ctx, event.marketplace_order_id):
@@ -253,7 +309,9 @@ def _on_fetched(ctx: _Ctx, event: OrderFetched) -> bool:
     if o.inflight is not None and o.inflight.seq == event.seq:
         ctx.set(inflight=None)
         if o.has_intent and o.phase == Phase.CHECKING:
-            _after_check(ctx, event, o.inflight.purpose)
+            # Not taken as the latest status: older than (or as old as) what omsd knows.
+            stale = event.status is not None and ctx.order.status != event.status
+            _after_check(ctx, event, o.inflight.purpose, stale)
     return True
 
 
@@ -324,6 +382,11 @@ def _on_notified(ctx: _Ctx, event: ResultNotified) -> bool:
     if event.code == ResultCode.ENQUEUED:
         ctx.cause("notification SOI003 recorded")
         return True
+    if event.code == ResultCode.HELD and o.phase == Phase.SENDING:
+        # It may answer an earlier attempt; the PUT in flight gets its own answer.
+        ctx.set(held=True)
+        ctx.cause("notification EOI011 recorded while an approval PUT is in flight")
+        return True
     own_attempt = o.phase in (Phase.SENDING, Phase.AWAITING_RESULT)
     if event.code == ResultCode.APPROVED and not own_attempt:
         # No approval of omsd's is in flight (sent=0, or one already answered): this
@@ -351,6 +414,8 @@ def _on_timer(ctx: _Ctx, event: TimerFired) -> bool:
         ctx.cause(f"stale timer {event.reason} ignored")
         return False
     ctx.set(timer=None)
+    if o.timer.reason == "creating_recheck":
+        ctx.set(creating_overdue=True)
     if o.phase in (Phase.WAITING_RELEASE, Phase.RETRY_WAIT):
         ctx.set(await_newer_than=None)
         ctx.goto(Phase.CHECKING, f"timer {event.reason}: re-checking the order")
@@ -370,7 +435,7 @@ def _on_resync(ctx: _Ctx, event: Resync) -> bool:
         ctx.cause(f"resync ({event.reason}) of a closed order ignored")
         return False
     ctx.settle()
-    ctx.set(attempts=0, eoi008=0, await_newer_than=None, last_error=None)
+    ctx.set(attempts=0, eoi008=0, stale_checks=0, await_newer_than=None, last_error=None)
     ctx.goto(Phase.CHECKING, f"resync: {event.reason}")
     ctx.fetch("pre_approval")
     return True
@@ -410,31 +475,28 @@ def _apply(ctx: _Ctx, event: Event) -> bool:
             assert_never(unreachable)
 
 
-def _after_check(ctx: _Ctx, event: OrderFetched, purpose: str) -> None:
+def _after_check(ctx: _Ctx, event: OrderFetched, purpose: str, stale: bool) -> None:
     """Our own Get order came back while CHECKING: the approval is decided here."""
     o = ctx.order
     fetched = parse_status(event.status)
     if fetched is None:
         _transient(ctx, f"Get order shows unknown status {event.status!r}")
         return
-    if is_approved(parse_status(o.status)) or is_cancel(parse_status(o.status)) or o.canceled:
+    known = parse_status(o.status)
+    if is_approved(known) or is_cancel(known) or o.canceled:
         return  # advance() closes it
-    if fetched == HELD or parse_status(o.status) == HELD:
-        _wait_release(ctx, "Get order: still held")
+    if known == HELD:
+        ctx.set(stale_checks=0)
+        _wait_release(ctx, "Get order: still held" if fetched == HELD else f"Get order: {fetched}, a newer hold known")
         return
-    if must_wait(fetched) or must_wait(parse_status(o.status)):
-        checks = o.creating_checks + 1
-        ctx.set(creating_checks=checks)
-        if checks < ctx.policy.creating_patience:
-            _wait_release(ctx, f"Get order: {fetched}, not integrated yet")
-            return
-        # Creation takes seconds; an order still "being created" after a full re-check
-        # interval is waiting for something else. Approve: VTEX's answer decides.
-        ctx.set(creating_overdue=True)
-        ctx.cause(f"still {fetched} after {checks} checks: approving anyway")
-        o = ctx.order
-    if not approvable(o) or is_cancel(fetched):
-        _wait_release(ctx, "Get order: not approvable yet")
+    if stale:
+        _stale_answer(ctx, event, purpose)
+        return
+    ctx.set(stale_checks=0)
+    if not approvable(o):  # a creation status, not left from the hold, not re-checked yet
+        ctx.set(creating_checks=o.creating_checks + 1)
+        ctx.settle()
+        ctx.goto(Phase.WAITING_RELEASE, f"Get order: {fetched}, still being created: short re-check")
         return
     if o.marketplace_order_id is None:
         ctx.settle()
@@ -450,6 +512,23 @@ def _after_check(ctx: _Ctx, event: OrderFetched, purpose: str) -> None:
     ctx.goto(Phase.SENDING, f"Get order confirms {fetched}: sending approval")
     ctx.set(timer=None)
     ctx.send()
+
+
+def _stale_answer(ctx: _Ctx, event: OrderFetched, purpose: str) -> None:
+    """A Get order answer older than the status omsd knows (it left before a newer event was
+    applied) never decides against it: ask again at once, then after a growing backoff so
+    a VTEX that keeps answering stale data cannot make omsd loop hot."""
+    o = ctx.order
+    count = o.stale_checks + 1
+    ctx.set(stale_checks=count)
+    what = f"Get order shows {event.status}, older than the known {o.status}"
+    if count == 1:
+        ctx.cause(f"{what}: checking again")
+        ctx.fetch("confirm" if purpose == "confirm" else "pre_approval")
+        return
+    ctx.settle()
+    ctx.goto(Phase.RETRY_WAIT, f"{what} ({count} in a row): checking again later")
+    ctx.timer("retry", backoff_s(o.order_id, count - 1, ctx.policy))
 
 
 def _advance(ctx: _Ctx) -> None:
@@ -474,20 +553,47 @@ def _advance(ctx: _Ctx) -> None:
     if o.phase == Phase.TRACKING:
         ctx.set(phase=Phase.WAITING_RELEASE)
         o = ctx.order
+    if _check_again(o):
+        ctx.set(timer=None, await_newer_than=None)
+        ctx.goto(Phase.CHECKING, "flagged status" if o.flagged_status else "released after the PUT was decided")
+        ctx.fetch("confirm" if o.phase == Phase.AWAITING_RESULT else "pre_approval")
+        return
     if o.phase == Phase.CHECKING and o.inflight is None:
         # A check whose Get order was superseded (e.g. a link fetch finished first).
         ctx.fetch("pre_approval")
         return
-    if o.phase != Phase.WAITING_RELEASE:
-        return
-    released = not must_wait(status) and o.await_newer_than is None
-    if released and (o.inflight is None or o.inflight.kind != "send"):
+    if o.phase == Phase.WAITING_RELEASE:
+        _leave_waiting(ctx)
+
+
+def _check_again(o: Order) -> bool:
+    """A Get order is needed now: a flagged status waits for one asked after it, or the
+    order was released after the approval PUT omsd awaits was decided (VTEX may have met
+    the hold with it; once per release, as the next PUT is decided on a newer status)."""
+    if o.flagged_status is not None:
+        asked_after = o.inflight is not None and o.inflight.kind == "fetch" and o.inflight.seq > o.flagged_seq
+        return o.phase in (Phase.WAITING_RELEASE, Phase.CHECKING) and not asked_after
+    released = o.released_at is not None and o.sent_on is not None and o.released_at > o.sent_on
+    return o.phase == Phase.AWAITING_RESULT and released
+
+
+def _leave_waiting(ctx: _Ctx) -> None:
+    """WAITING_RELEASE: check now when the order may be free, else keep the right timer:
+    the short creation re-check or the slow held re-check."""
+    o = ctx.order
+    status = parse_status(o.status)
+    free = status != HELD and o.await_newer_than is None
+    sending = o.inflight is not None and o.inflight.kind == "send"
+    if not sending and free and (not is_creating(status) or approvable(o)):
         ctx.set(timer=None)
         ctx.goto(Phase.CHECKING, "not held: confirming with Get order")
         if o.inflight is None or o.inflight.purpose != "pre_approval":
             ctx.fetch("pre_approval")
         return
-    if o.timer is None or o.timer.reason != "held_recheck":
+    if free:
+        if o.timer is None or o.timer.reason != "creating_recheck":
+            ctx.timer("creating_recheck", ctx.policy.creating_recheck_s)
+    elif o.timer is None or o.timer.reason != "held_recheck":
         ctx.timer("held_recheck", ctx.policy.held_recheck_s)
 
 

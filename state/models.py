@@ -19,7 +19,7 @@ class Timer(_Frozen):
     """One pending timer per order; `token` tells a stale firing from the current one."""
 
     token: int
-    reason: Literal["held_recheck", "confirm_timeout", "retry"]
+    reason: Literal["held_recheck", "confirm_timeout", "retry", "creating_recheck"]
     due_at: AwareDatetime
 
 
@@ -37,6 +37,9 @@ class Order(_Frozen):
     status: str | None = None  # latest known VTEX status (by change time)
     status_at: AwareDatetime | None = None
     status_source: str | None = None
+    flagged_status: str | None = None  # came dated too far ahead to trust: no approval until a Get order settles it
+    flagged_seq: int = 0  # ... a Get order asked after this sequence number
+    released_at: AwareDatetime | None = None  # change time of the status that left the hold (cleared by a newer hold)
     held: bool = False  # seen in waiting-for-manual-authorization at least once
     canceled: bool = False  # seen `canceled` at least once: final in VTEX
     intent_source: str | None = None
@@ -49,9 +52,11 @@ class Order(_Frozen):
     eoi008: int = 0
     eoi011: int = 0
     sent: int = 0  # approval PUTs asked for
+    sent_on: AwareDatetime | None = None  # change time of the status the latest approval PUT was decided on
     link_checked: bool = False
     creating_checks: int = 0  # Get orders that found the order still in a creation status
-    creating_overdue: bool = False  # ... for longer than the policy's patience
+    creating_overdue: bool = False  # the short creation re-check was served: a creation status is tried
+    stale_checks: int = 0  # Get order answers in a row older than the status omsd already knew
     await_newer_than: AwareDatetime | None = None  # after EOI011: ignore releases not newer than this
     last_code: str | None = None
     last_error: str | None = None
@@ -99,9 +104,10 @@ class Policy:
     retry_base_s: float = 2.0
     retry_cap_s: float = 300.0
     max_attempts: int = 8
-    eoi008_recheck_s: float = 60.0
-    max_eoi008: int = 10
-    creating_patience: int = 2  # Get orders showing a creation status before approving anyway
+    eoi008_recheck_s: float = 10.0  # an approval sent early meets EOI008 as a matter of course: retry soon
+    max_eoi008: int = 60  # ... for 10 minutes at the default pace
+    creating_recheck_s: float = 5.0  # an order in a creation status is tried after one such wait
+    max_clock_skew_s: float = 300.0  # a change time further past its receipt is not trusted for ordering
 
 
 def later(now: datetime, seconds: float) -> datetime:

@@ -65,11 +65,11 @@ CANCEL_STATUSES: frozenset[Status] = frozenset(
     }
 )
 
-# The order is still being created or integrated in the seller's flow: an approval
-# now would only get EOI008 ("not integrated yet"), and the price-divergence hold
-# may still come. The seller's order is ready for the marketplace's approval once
-# it waits for it (`waiting-ffmt-authorization`) or has left the hold. omsd waits
-# for the next status (or the held re-check timer) before it checks again.
+# The order is still being created or integrated in the seller's flow, or (one UNCONFIRMED
+# reading of the doc) it rests in `order-accepted` while it waits for the marketplace's
+# approval. Not a reason to wait long: an approval sent too early only earns EOI008 (not
+# integrated yet) or EOI011 (held). omsd tries such an order at once when the status left
+# the hold (a release), otherwise after one short creation re-check.
 CREATING_STATUSES: frozenset[Status] = frozenset(
     {
         Status.ORDER_CREATED,
@@ -136,9 +136,8 @@ def is_cancel(status: Status | None) -> bool:
     return status is not None and status in CANCEL_STATUSES
 
 
-def must_wait(status: Status | None) -> bool:
-    """Held for manual authorization, or not integrated yet: not the moment to approve."""
-    return status is not None and (status == HELD or status in CREATING_STATUSES)
+def is_creating(status: Status | None) -> bool:
+    return status is not None and status in CREATING_STATUSES
 
 
 def is_approved(status: Status | None) -> bool:

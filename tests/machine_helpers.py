@@ -18,11 +18,12 @@ from omsd.state.events import (
 )
 from omsd.state.models import Inflight, Order, Timer
 
-T0 = datetime(2026, 11, 1, 12, 0, 0, tzinfo=UTC)
+T0 = datetime(2026, 10, 31, 23, 0, 0, tzinfo=UTC)
 OID = "MKP-123-01"
 MKT = "123"
 HELD = "waiting-for-manual-authorization"
 FREE = "waiting-ffmt-authorization"
+FAR_FUTURE = datetime(9999, 12, 31, tzinfo=UTC)  # a change time no clock skew explains
 
 
 def at(seconds: float) -> datetime:
@@ -65,6 +66,11 @@ def order(phase: str = "tracking", **kw: Any) -> Order:
 
 def status(state: str, t: float = 10, **kw: Any) -> StatusChanged:
     return StatusChanged(order_id=OID, source="feed", state=state, current_change=at(t), **kw)
+
+
+def future_status(state: str, **kw: Any) -> StatusChanged:
+    """A status event whose change time lies far in the future (a broken clock)."""
+    return StatusChanged(order_id=OID, source="hook", state=state, current_change=FAR_FUTURE, **kw)
 
 
 def intent(mkt: str | None = MKT) -> IntentRecorded:

@@ -159,7 +159,7 @@ def all_done(store: Store) -> Callable[[], bool]:
 
 def snapshot(status: str = FREE) -> OrderSnapshot:
     return OrderSnapshot.model_validate(
-        {"orderId": OID, "status": status, "marketplaceOrderId": MKT, "lastChange": "2026-11-01T12:00:10Z"}
+        {"orderId": OID, "status": status, "marketplaceOrderId": MKT, "lastChange": at(10).isoformat()}
     )
 
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from omsd.state.events import Event
 from omsd.state.machine import backoff_s, decide
-from omsd.state.models import FetchOrder, Order, Policy, SendApproval
+from omsd.state.models import FetchOrder, Order, Policy, SendApproval, Timer
 from omsd.state.statuses import CANCEL_STATUSES, HELD, Phase, Status, is_cancel
 from tests.machine_helpers import (
     FREE,
@@ -23,6 +23,7 @@ from tests.machine_helpers import (
     at,
     fetch_failed,
     fetched,
+    future_status,
     intent,
     notified,
     order,
@@ -234,21 +235,167 @@ EDGES = [
         notified("EOI011", flow="PlaceOrder"),
         "awaiting_result",
     ),
+    # A creation status used to wait a held re-check interval (10 min) per Get order, twice:
+    # sending early only costs an EOI008 (not integrated) or EOI011 (held) answer, so the
+    # order is now tried after one short creation re-check instead.
     Edge(
-        "Get order shows the order still being created: wait",
+        "Get order shows the order still being created: short re-check",
         order("checking"),
         fetched("order-accepted"),
         "waiting_release",
         [],
-        {"creating_checks": 1, "timer_reason": "held_recheck"},
+        {"creating_checks": 1, "timer_reason": "creating_recheck", "await_newer_than": None},
     ),
     Edge(
-        "still being created on the second check: approve anyway",
-        order("checking", creating_checks=1),
+        "creation re-check timer: check, then try the order",
+        order(
+            "waiting_release",
+            status="order-accepted",
+            held=False,
+            timer=Timer(token=5, reason="creating_recheck", due_at=at(5)),
+        ),
+        timer(reason="creating_recheck"),
+        "checking",
+        ["fetch:pre_approval"],
+        {"creating_overdue": True},
+    ),
+    Edge(
+        "still being created after the short re-check: approve",
+        order("checking", creating_checks=1, creating_overdue=True),
         fetched("order-accepted"),
         "sending",
         ["send"],
-        {"creating_overdue": True},
+    ),
+    Edge(
+        "intent on an order being created: short re-check",
+        order("tracking", status="order-accepted", held=False),
+        intent(),
+        "waiting_release",
+        [],
+        {"timer_reason": "creating_recheck"},
+    ),
+    Edge(
+        "a creation status left from the hold is a release: check at once",
+        order("waiting_release"),
+        status("order-accepted", 10, last_state=HELD_S),
+        "checking",
+        ["fetch:pre_approval"],
+        {"released_at": at(10)},
+    ),
+    Edge(
+        "a creation status newer than a known hold is a release",
+        order("waiting_release"),
+        status("order-accepted", 10),
+        "checking",
+        ["fetch:pre_approval"],
+        {"released_at": at(10)},
+    ),
+    Edge(
+        "Get order confirms a release into a creation status: send",
+        order("checking", status="order-accepted", status_at=at(10), released_at=at(10)),
+        fetched("order-accepted", t=10),
+        "sending",
+        ["send"],
+    ),
+    Edge(
+        "a cancel status left from the hold is no release",
+        order("waiting_release"),
+        status("cancel", 10, last_state=HELD_S),
+        "rejected",
+        [],
+        {"released_at": None},
+    ),
+    Edge(
+        "a newer hold forgets the release",
+        order("waiting_release", status="order-accepted", status_at=at(10), released_at=at(10)),
+        status(HELD_S, 20),
+        "waiting_release",
+        [],
+        {"released_at": None, "timer_reason": "held_recheck"},
+    ),
+    Edge(
+        "after EOI011 a newer creation status releases",
+        order("waiting_release", status=FREE, status_at=at(10), await_newer_than=at(10)),
+        status("order-accepted", 11),
+        "checking",
+        ["fetch:pre_approval"],
+        {"released_at": at(11)},
+    ),
+    Edge(
+        "Get order older than the known release re-checks at once",
+        order("checking", status=FREE, status_at=at(30)),
+        fetched(HELD_S, t=20),
+        "checking",
+        ["fetch:pre_approval"],
+        {"stale_checks": 1, "status": FREE},
+    ),
+    Edge(
+        "stale Get orders again: re-check after a short backoff",
+        order("checking", status=FREE, status_at=at(30), stale_checks=1),
+        fetched(HELD_S, t=20),
+        "retry_wait",
+        [],
+        {"stale_checks": 2, "timer_reason": "retry"},
+    ),
+    Edge(
+        "Get order older than a known hold still waits",
+        order("checking", status=HELD_S, status_at=at(30)),
+        fetched(FREE, t=20),
+        "waiting_release",
+        [],
+        {"timer_reason": "held_recheck"},
+    ),
+    Edge(
+        "a future-dated status is recorded but not trusted for ordering",
+        order("tracking", status=FREE, held=False),
+        future_status(HELD_S),
+        "tracking",
+        [],
+        {"status": FREE, "status_at": at(0), "flagged_status": HELD_S, "held": True},
+    ),
+    Edge(
+        "a future-dated status with an intent: Get order decides",
+        order("waiting_release", status=FREE, held=True, timer=None),
+        future_status(HELD_S),
+        "checking",
+        ["fetch:pre_approval"],
+        {"flagged_status": HELD_S},
+    ),
+    Edge(
+        "a Get order asked after a flagged status settles it",
+        order("checking", status=FREE, status_at=at(20), flagged_status=HELD_S, flagged_seq=4),
+        fetched(FREE, t=20),
+        "sending",
+        ["send"],
+        {"flagged_status": None},
+    ),
+    Edge(
+        "released after the awaited PUT was decided: check again",
+        order("awaiting_result", status=HELD_S, status_at=at(20), sent_on=at(10)),
+        status(FREE, 30, last_state=HELD_S),
+        "checking",
+        ["fetch:confirm"],
+        {"released_at": at(30)},
+    ),
+    Edge(
+        "a release the awaited PUT was decided on changes nothing",
+        order("awaiting_result", status=FREE, status_at=at(10), released_at=at(10), sent_on=at(10)),
+        status("order-accepted", 30, last_state=FREE),
+        "awaiting_result",
+    ),
+    Edge(
+        "EOI011 older than the known status: check again",
+        order("sending", status=FREE, status_at=at(30), sent_on=at(10)),
+        answered("EOI011", http_status=400),
+        "checking",
+        ["fetch:pre_approval"],
+        {"eoi011": 1},
+    ),
+    Edge(
+        "EOI011 notification while a PUT is in flight: the PUT's answer decides",
+        order("sending"),
+        notified("EOI011"),
+        "sending",
     ),
 ]
 
@@ -291,6 +438,66 @@ def test_timers_survive_as_data() -> None:
     decision = decide(order("tracking"), intent(), at(100), Policy(held_recheck_s=600))
     assert decision.order.timer is not None
     assert decision.order.timer.due_at == at(700)
+
+
+def _play(o: Order | None, *events: Event) -> tuple[Order, list[str]]:
+    """Apply events one second apart; return the order and every effect asked for."""
+    effects: list[str] = []
+    for i, event in enumerate(events):
+        d = decide(o, event, at(100 + i), POLICY)
+        o = d.order
+        effects += _effects(d.effects)
+    assert o is not None
+    return o, effects
+
+
+def test_stale_get_order_does_not_strand_a_newer_release() -> None:
+    """Held, released, re-held, released again: a Get order answered before the last release
+    (showing the re-hold) triggers a new Get order, and the approval follows at once."""
+    o, effects = _play(order("waiting_release"), status(FREE, 10, last_state=HELD_S))
+    assert effects == ["fetch:pre_approval"] and o.inflight is not None
+    first = o.inflight.seq
+    o, effects = _play(
+        o,
+        status(HELD_S, 20, last_state=FREE),
+        status(FREE, 30, last_state=HELD_S),
+        fetched(HELD_S, seq=first, t=20),
+    )
+    assert o.phase == Phase.CHECKING and effects == ["fetch:pre_approval"], o
+    assert o.inflight is not None
+    o, effects = _play(o, fetched(FREE, seq=o.inflight.seq, t=30))
+    assert o.phase == Phase.SENDING and effects == ["send"]
+
+
+def test_order_accepted_reading_is_tried_after_one_short_recheck() -> None:
+    """A never-held order resting in order-accepted gets its approval after one short wait."""
+    o, effects = _play(None, status("order-created", 1), status("order-accepted", 2, last_state="order-created"))
+    o, effects = _play(o, fetched("order-accepted", seq=1, t=2), intent())
+    assert o.phase == Phase.WAITING_RELEASE and effects == []
+    assert o.timer is not None and o.timer.reason == "creating_recheck"
+    assert o.timer.due_at == at(101 + POLICY.creating_recheck_s)
+    o, effects = _play(o, timer(o.timer.token, "creating_recheck"))
+    assert effects == ["fetch:pre_approval"] and o.inflight is not None
+    o, effects = _play(o, fetched("order-accepted", seq=o.inflight.seq, t=2))
+    assert o.phase == Phase.SENDING and effects == ["send"]
+
+
+def test_future_dated_hold_does_not_freeze_the_order() -> None:
+    """A held event dated in year 9999, then the real release: the approval is sent."""
+    o, _ = _play(order("tracking", status="order-accepted", held=False), future_status(HELD_S), intent())
+    assert o.status == "order-accepted" and o.flagged_status == HELD_S
+    assert o.inflight is not None
+    check = o.inflight.seq
+    o, effects = _play(o, status(FREE, 30, last_state=HELD_S), fetched(HELD_S, seq=check, t=25))
+    assert o.status == FREE and o.inflight is not None, o
+    o, effects = _play(o, fetched(FREE, seq=o.inflight.seq, t=30))
+    assert o.phase == Phase.SENDING and effects == ["send"]
+
+
+def test_future_dated_status_is_flagged_in_the_cause() -> None:
+    """The history says which change time was not trusted."""
+    d = decide(order("tracking"), future_status(FREE), at(100), POLICY)
+    assert "not trusted" in d.cause and "9999" in d.cause
 
 
 # ---- properties -------------------------------------------------------------------------

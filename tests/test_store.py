@@ -274,8 +274,15 @@ def test_rows_written_by_version_1_are_read(line: str) -> None:
     raw = json.loads(line)
     read = read_entry(raw["kind"], 1, line)
     assert read.kind == raw["kind"]
-    dumped = read.model_dump(mode="json")
-    assert {key: dumped[key] for key in raw} == raw
+    assert _kept(raw, read.model_dump(mode="json"))
+
+
+def _kept(written: object, read: object) -> bool:
+    """Everything the old row held reads back the same (fields added since, with their
+    defaults, may come on top, also inside nested records such as a snapshot's order)."""
+    if isinstance(written, dict) and isinstance(read, dict):
+        return all(key in read and _kept(value, read[key]) for key, value in written.items())
+    return written == read
 
 
 def test_golden_rows_cover_every_kind() -> None:
