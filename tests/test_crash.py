@@ -91,7 +91,10 @@ async def kill_on(sim: Simulator, omsd: Omsd, signal_name: str) -> None:
     """SIGKILL omsd the moment the simulator sees the next call of this kind."""
     event = sim.signal(signal_name)
     event.clear()
-    await asyncio.wait_for(event.wait(), timeout=60)
+    try:
+        await asyncio.wait_for(event.wait(), timeout=60)
+    except TimeoutError:
+        raise AssertionError(f"no {signal_name} call within 60 s (start {omsd.starts})") from None
     await omsd.kill()
 
 
@@ -115,7 +118,7 @@ async def test_sigkill_at_several_points_loses_nothing(sim: Simulator, tmp_path:
             f"K{i}",
             held=kind in (1, 2),
             decision="reject" if kind == 2 else "authorize",
-            decide_after_s=1.0 + i * 0.2,
+            decide_after_s=1.0 + i * 0.6,  # spread, so approvals are still being sent at every kill point
             flip_back=1 if kind == 3 else 0,
         )
         orders.append(order)
