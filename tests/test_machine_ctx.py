@@ -12,7 +12,19 @@ from omsd.state import machine
 from omsd.state.events import Event
 from omsd.state.machine import decide
 from omsd.state.models import Order, Policy
-from tests.machine_helpers import FREE, HELD, answered, at, fetch_failed, fetched, intent, notified, resync, status, timer
+from tests.machine_helpers import (
+    FREE,
+    HELD,
+    answered,
+    at,
+    fetch_failed,
+    fetched,
+    intent,
+    notified,
+    resync,
+    status,
+    timer,
+)
 
 POLICY = Policy(max_attempts=3, max_eoi008=2, creating_patience=2)
 STATES = st.sampled_from([HELD, FREE, "order-accepted", "ready-for-handling", "canceled", "payment-pending"])
