@@ -88,9 +88,17 @@ def _routed(note: NotificationReceived, oid: str) -> Event:
 
 
 async def generate(store: Store, events: int) -> None:
-    """Append ~`events` journal entries, orders interleaved a thousand at a time, and store
-    the state the machine reached as the derived state. Every order lives the same life
-    (the machine is driven once; the others are that journal with their own ids)."""
+    """Append ~`events` journal entries (see `append_lives`) and store the state the
+    machine reached as the derived state."""
+    orders = await append_lives(store, events)
+    total = await store.last_offset()
+    await store.replace_derived(Batch(offset=total, orders=orders), only=None, cursor=total, reissue=(), now=T0)
+
+
+async def append_lives(store: Store, events: int) -> dict[str, Order]:
+    """Append ~`events` journal entries, orders interleaved a thousand at a time; returns
+    the state the machine reaches on them. Every order lives the same life (the machine
+    is driven once; the others are that journal with their own ids)."""
     life, final = _life(0)
     template = [(NewEntry.of(e, source="bench", received_at=at), at) for e, at in life]
     orders: dict[str, Order] = {}
@@ -102,7 +110,7 @@ async def generate(store: Store, events: int) -> None:
         orders.update((f"MKP-{i}-01", Order.model_validate_json(_rename(final.model_dump_json(), i))) for i in group)
         n += 1000
         total += len(rows)
-    await store.replace_derived(Batch(offset=total, orders=orders), only=None, cursor=total, reissue=(), now=T0)
+    return orders
 
 
 def _rename(text: str, i: int) -> str:

@@ -10,15 +10,26 @@ and because `decide` is pure the outcome is the same.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import contextlib
+import gc
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+
+from pydantic import BaseModel
 
 from omsd.daemon.logs import get_logger
 from omsd.daemon.metrics import Metrics
 from omsd.daemon.wakeup import wait_any
 from omsd.state import routing
-from omsd.state.events import Event, IntentReceived, NotificationReceived, UnreadableEntry, read_entry
+from omsd.state.events import (
+    Entry,
+    Event,
+    IntentReceived,
+    NotificationReceived,
+    UnreadableEntry,
+    read_entry,
+)
 from omsd.state.machine import decide
 from omsd.state.models import Order, Policy
 from omsd.state.statuses import Phase
@@ -48,6 +59,20 @@ class _Run:
     by_marketplace_id: dict[str, str] = field(default_factory=dict)  # of the orders in `orders`
     fresh: bool = False  # a rebuild from nothing: the store's derived rows are not consulted
     touched: dict[str, int] = field(default_factory=dict)  # order id -> last offset that applied to it
+    stored: _Stored | None = None  # the store's rows for the batch, read before applying it
+
+
+@dataclass(slots=True)
+class _Stored:
+    """What the store holds for the ids a batch names, read in a few queries up front
+    (the store's derived rows change only when a batch commits). An id not asked for
+    falls back to a single lookup."""
+
+    order_ids: set[str]
+    orders: dict[str, Order]
+    marketplace_ids: set[str]
+    by_marketplace_id: dict[str, Order]
+    parked: dict[str, tuple[str, int]]
 
 
 @dataclass(slots=True)
@@ -66,6 +91,7 @@ class Processor:
         policy: Policy,
         *,
         batch_size: int = 200,
+        max_batch_size: int = 2000,
         emit_effects: bool = True,
         on_effects: Callable[[], None] | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -73,7 +99,9 @@ class Processor:
     ) -> None:
         self._store = store
         self._policy = policy
-        self._batch_size = batch_size
+        self._batch_size = batch_size  # the first batch; each full one doubles the next, up to the max
+        self._max_batch_size = max(batch_size, max_batch_size)
+        self._next_size = batch_size
         self._emit_effects = emit_effects
         self._on_effects = on_effects
         self._clock = clock
@@ -88,13 +116,17 @@ class Processor:
     async def run_once(self) -> int:
         """Apply the next batch of journal events. Returns how many rows were consumed."""
         offset = await self._store.processor_offset()
-        rows = await self._store.journal_after(offset, self._batch_size)
+        rows = await self._store.journal_after(offset, self._next_size)
+        full = len(rows) == self._next_size
+        self._next_size = min(self._next_size * 2, self._max_batch_size) if full else self._batch_size
         if not rows:
             self.offset = offset
             return 0
         run = _Run(batch=Batch(offset=rows[-1].offset))
-        for row in rows:
-            await self._apply_row(run, row)
+        entries = [(row, _read(row)) for row in rows]
+        run.stored = await self._stored(entries)
+        for row, entry in entries:
+            await self._apply_entry(run, row, entry)
         written = await self._store.commit_batch(run.batch, now=self._clock())
         self.offset = run.batch.offset
         if run.batch.unreadable:
@@ -103,8 +135,17 @@ class Processor:
                 self._metrics.journal_unreadable.inc(len(run.batch.unreadable))
         if written and self._on_effects is not None:
             self._on_effects()
-        for t in run.transitions:
-            log.info(
+        self._announce(run.transitions)
+        async with self.applied:
+            self.applied.notify_all()
+        return len(rows)
+
+    def _announce(self, transitions: list[Transition]) -> None:
+        """The canonical line per transition (after the commit: what is logged happened),
+        and the listeners. The logger is resolved once per batch, not once per line."""
+        logger = log.bind()
+        for t in transitions:
+            logger.info(
                 "order_transition",
                 order_id=t.order_id,
                 offset=t.offset,
@@ -114,12 +155,9 @@ class Processor:
                 cause=t.cause,
             )
             if t.to_phase == Phase.DEAD and t.from_phase != Phase.DEAD:
-                log.warning("order_dead", order_id=t.order_id, offset=t.offset, code=t.code, error=t.error)
+                logger.warning("order_dead", order_id=t.order_id, offset=t.offset, code=t.code, error=t.error)
             for listener in self.listeners:
                 listener(t)
-        async with self.applied:
-            self.applied.notify_all()
-        return len(rows)
 
     async def rebuild(
         self, chunks: AsyncIterator[list[JournalRow]], on_rows: Callable[[int], None] = lambda n: None
@@ -128,13 +166,14 @@ class Processor:
         store lookups, no effects, no per-transition log lines. Nothing is written."""
         run = _Run(batch=Batch(offset=0), fresh=True)
         applied = 0
-        async for rows in chunks:
-            for row in rows:
-                await self._apply_row(run, row)
-            if rows:
-                run.batch.offset = rows[-1].offset
-            applied += len(rows)
-            on_rows(len(rows))
+        with _no_cycle_collection():
+            async for rows in chunks:
+                for row in rows:
+                    await self._apply_entry(run, row, _read(row))
+                if rows:
+                    run.batch.offset = rows[-1].offset
+                applied += len(rows)
+                on_rows(len(rows))
         return Rebuilt(run.batch, run.touched, applied)
 
     async def drain(self) -> int:
@@ -167,14 +206,33 @@ class Processor:
             return False
         return True
 
+    async def _stored(self, entries: list[tuple[JournalRow, Entry | str | None]]) -> _Stored:
+        """The store's rows for every order and marketplace id the batch names, in a few queries."""
+        order_ids: set[str] = set()
+        mkts: set[str] = set()
+        for row, entry in entries:
+            if row.order_id is not None:
+                order_ids.add(row.order_id)
+            if isinstance(entry, BaseModel):
+                if (order_id := getattr(entry, "order_id", None)) is not None:
+                    order_ids.add(order_id)
+                if (mkt := getattr(entry, "marketplace_order_id", None)) is not None:
+                    mkts.add(mkt)
+        return _Stored(
+            order_ids,
+            await self._store.load_orders(order_ids),
+            mkts,
+            await self._store.orders_by_marketplace_ids(mkts),
+            await self._store.pending_intents_for(mkts),
+        )
+
     # ---- one journal row -----------------------------------------------------------------
-    async def _apply_row(self, run: _Run, row: JournalRow) -> None:
-        if row.kind == "rejected":
+    async def _apply_entry(self, run: _Run, row: JournalRow, entry: Entry | str | None) -> None:
+        """Apply one row as `_read` gave it: an entry, why it is unreadable, or None (rejected)."""
+        if entry is None:
             return
-        try:
-            entry = read_entry(row.kind, row.version, row.payload)
-        except UnreadableEntry as exc:
-            await self._unreadable(run, row, str(exc))
+        if isinstance(entry, str):
+            await self._unreadable(run, row, entry)
             return
         match entry:
             case NotificationReceived() | IntentReceived():
@@ -203,7 +261,13 @@ class Processor:
 
     async def _order(self, run: _Run, order_id: str) -> Order | None:
         if order_id not in run.orders:
-            order = None if run.fresh else await self._store.load_order(order_id)
+            stored = run.stored
+            if run.fresh:
+                order = None
+            elif stored is not None and order_id in stored.order_ids:
+                order = stored.orders.get(order_id)
+            else:
+                order = await self._store.load_order(order_id)
             self._known(run, order_id, order)
         return run.orders[order_id]
 
@@ -219,7 +283,11 @@ class Processor:
             return run.orders[order_id]
         if run.fresh:
             return None
-        found = await self._store.order_by_marketplace_id(marketplace_order_id)
+        stored = run.stored
+        if stored is not None and marketplace_order_id in stored.marketplace_ids:
+            found = stored.by_marketplace_id.get(marketplace_order_id)
+        else:
+            found = await self._store.order_by_marketplace_id(marketplace_order_id)
         if found is not None and found.order_id not in run.orders:
             self._known(run, found.order_id, found)
         return run.orders.get(found.order_id) if found is not None else None
@@ -227,6 +295,8 @@ class Processor:
     async def _parked(self, run: _Run, mkt: str) -> tuple[str, int] | None:
         if (parked := run.batch.add_pending.get(mkt)) is not None or run.fresh:
             return parked
+        if run.stored is not None and mkt in run.stored.marketplace_ids:
+            return run.stored.parked.get(mkt)
         return await self._store.pending_intent(mkt)
 
     async def _route(self, run: _Run, row: JournalRow, entry: NotificationReceived | IntentReceived) -> None:
@@ -310,3 +380,27 @@ class Processor:
         run.batch.remove_pending.add(mkt)
         log.info("intent_linked", order_id=order_id, marketplace_order_id=mkt, parked_at=parked[1])
         await self._decide(run, row, routing.release(order_id, mkt, parked[0]))
+
+
+def _read(row: JournalRow) -> Entry | str | None:
+    """The entry a row holds; why it cannot be read; None for a rejected row (kept for the record)."""
+    if row.kind == "rejected":
+        return None
+    try:
+        return read_entry(row.kind, row.version, row.payload)
+    except UnreadableEntry as exc:
+        return str(exc)
+
+
+@contextlib.contextmanager
+def _no_cycle_collection() -> Iterator[None]:
+    """Pause Python's cycle collector while a rebuild holds millions of live objects:
+    each full collection walks all of them again (docs/benchmarks.md measures it), and
+    a rebuild makes no reference cycles (reference counting frees its garbage)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from datetime import datetime, timedelta
-from typing import Literal, assert_never
+from typing import Any, Literal, assert_never
 
 from omsd.state.codes import ResultCode
 from omsd.state.events import (
@@ -64,23 +64,58 @@ def backoff_s(order_id: str, attempt: int, policy: Policy) -> float:
 
 
 class _Ctx:
-    """Mutable scratch for one decision; the result is frozen again at the end."""
+    """Mutable scratch for one decision. Changes gather in a dict over the order the
+    decision started from; `order` builds the changed Order when read (one copy, kept
+    until the next change) instead of one copy per field set, and `decide` takes the
+    last one as the result. Field reads inside the class go through `_get`."""
+
+    __slots__ = ("_base", "_built", "_changes", "causes", "effects", "now", "policy")
 
     def __init__(self, order: Order, now: datetime, policy: Policy) -> None:
-        self.order = order
+        self._base = order
+        self._changes: dict[str, Any] = {}
+        self._built: Order | None = order
         self.now = now
         self.policy = policy
         self.effects: list[Effect] = []
         self.causes: list[str] = []
 
+    @property
+    def order(self) -> Order:
+        built = self._built
+        if built is None:
+            built = self._built = self._updated(self._base, self._changes)
+        return built
+
+    @order.setter
+    def order(self, order: Order) -> None:
+        self._base, self._changes, self._built = order, {}, order
+
+    @staticmethod
+    def _updated(order: Order, changes: dict[str, Any]) -> Order:
+        """`order.model_copy(update=changes)` (no validation, the changed fields marked as
+        set) at half its cost: Order has no extra or private attributes to copy. A test
+        compares every decision with one made by `model_copy` per change."""
+        new = object.__new__(Order)
+        object.__setattr__(new, "__dict__", {**order.__dict__, **changes})
+        object.__setattr__(new, "__pydantic_fields_set__", order.__pydantic_fields_set__ | changes.keys())
+        object.__setattr__(new, "__pydantic_extra__", None)
+        object.__setattr__(new, "__pydantic_private__", None)
+        return new
+
+    def _get(self, name: str) -> Any:
+        changes = self._changes
+        return changes[name] if name in changes else getattr(self._base, name)
+
     def set(self, **changes: object) -> None:
-        self.order = self.order.model_copy(update=changes)
+        self._changes.update(changes)
+        self._built = None
 
     def cause(self, text: str) -> None:
         self.causes.append(text)
 
     def next_seq(self) -> int:
-        seq = self.order.seq + 1
+        seq: int = self._get("seq") + 1
         self.set(seq=seq)
         return seq
 
@@ -91,7 +126,7 @@ class _Ctx:
     # ---- effects -------------------------------------------------------------
     def fetch(self, purpose: Literal["link", "pre_approval", "confirm", "after_refusal"]) -> None:
         seq = self.next_seq()
-        self.effects.append(FetchOrder(order_id=self.order.order_id, seq=seq, purpose=purpose))
+        self.effects.append(FetchOrder(order_id=self._base.order_id, seq=seq, purpose=purpose))
         self.set(inflight=Inflight(seq=seq, kind="fetch", purpose=purpose))
 
     def send(self) -> None:
@@ -105,8 +140,8 @@ class _Ctx:
         self.effects.append(SendApproval(order_id=self.order.order_id, seq=seq, marketplace_order_id=mkt))
         self.set(
             inflight=Inflight(seq=seq, kind="send", purpose="approve"),
-            sent=self.order.sent + 1,
-            sent_on=self.order.status_at,
+            sent=self._get("sent") + 1,
+            sent_on=self._get("status_at"),
         )
 
     def timer(

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -472,72 +472,105 @@ class Store:
         )
         return (rows[0]["source"], int(rows[0]["journal_offset"])) if rows else None
 
+    async def load_orders(self, order_ids: Collection[str]) -> dict[str, Order]:
+        """The stored orders among `order_ids` (absent ones are left out), in one query per 500."""
+        found: dict[str, Order] = {}
+        for part in _parts(list(order_ids)):
+            sql = f"SELECT data FROM orders WHERE order_id IN ({_marks(part)})"  # noqa: S608 - placeholders only
+            rows = await self._all(sql, part)
+            found.update((o.order_id, o) for o in (Order.model_validate_json(r["data"]) for r in rows))
+        return found
+
+    async def orders_by_marketplace_ids(self, marketplace_order_ids: Collection[str]) -> dict[str, Order]:
+        """Per marketplace id, the order `order_by_marketplace_id` would return (the latest updated)."""
+        found: dict[str, Order] = {}
+        for part in _parts(list(marketplace_order_ids)):
+            rows = await self._all(
+                f"SELECT data FROM orders WHERE marketplace_order_id IN ({_marks(part)}) ORDER BY updated_at",  # noqa: S608
+                part,
+            )
+            for r in rows:  # ascending: the latest updated wins
+                order = Order.model_validate_json(r["data"])
+                found[order.marketplace_order_id or ""] = order
+        return found
+
+    async def pending_intents_for(self, marketplace_order_ids: Collection[str]) -> dict[str, tuple[str, int]]:
+        """`pending_intent` for many marketplace ids at once (those with none are left out)."""
+        found: dict[str, tuple[str, int]] = {}
+        for part in _parts(list(marketplace_order_ids)):
+            rows = await self._all(
+                f"SELECT marketplace_order_id, source, journal_offset FROM pending_intents WHERE marketplace_order_id IN ({_marks(part)})",  # noqa: S608, E501
+                part,
+            )
+            found.update((r["marketplace_order_id"], (r["source"], int(r["journal_offset"]))) for r in rows)
+        return found
+
     async def commit_batch(self, batch: Batch, *, now: datetime) -> int:
         """Write the processor's decisions and its new offset in one transaction.
         Effects already superseded (by a later event of the batch, or earlier pending
-        ones by this batch) are never performed. Returns how many effects were written."""
+        ones by this batch) are never performed. Returns how many effects were written.
+        One statement per kind of row (executemany), not one per row."""
         effects = [e for e in batch.effects if not is_superseded(batch.orders.get(e.order_id), e.seq)]
+        stamp = iso(now)
+        moved = list(batch.orders.items())
         async with self._tx() as conn:
-            for effect in effects:
-                await conn.execute(
-                    "INSERT OR IGNORE INTO outbox (order_id, seq, kind, payload, created_at) VALUES (?, ?, ?, ?, ?)",
-                    (effect.order_id, effect.seq, effect.kind, effect.model_dump_json(), iso(now)),
-                )
-            for order_id, order in batch.orders.items():
-                await conn.execute(
-                    "INSERT INTO orders (order_id, marketplace_order_id, phase, status, data, updated_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(order_id) DO UPDATE SET "
-                    "marketplace_order_id = excluded.marketplace_order_id, phase = excluded.phase, "
-                    "status = excluded.status, data = excluded.data, updated_at = excluded.updated_at",
-                    (
-                        order_id,
-                        order.marketplace_order_id,
-                        order.phase,
-                        order.status,
-                        order.model_dump_json(),
-                        iso(order.updated_at or now),
-                    ),
-                )
-                await self._supersede(conn, order, now)
-                previous = batch.before.get(order_id)
-                if previous is None or previous.timer != order.timer:
-                    await conn.execute("DELETE FROM timers WHERE order_id = ?", (order_id,))
-                    if order.timer is not None:
-                        await conn.execute(
-                            "INSERT INTO timers (order_id, token, reason, due_at) VALUES (?, ?, ?, ?)",
-                            (order_id, order.timer.token, order.timer.reason, iso(order.timer.due_at)),
-                        )
-            for h in batch.history:
-                await conn.execute(
-                    "INSERT INTO history (order_id, journal_offset, from_phase, to_phase, status, cause, at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (h.order_id, h.journal_offset, h.from_phase, h.to_phase, h.status, h.cause, iso(h.at)),
-                )
-            for mkt, (source, offset) in batch.add_pending.items():
-                await conn.execute(
-                    "INSERT OR IGNORE INTO pending_intents (marketplace_order_id, source, journal_offset, created_at) "
-                    "VALUES (?, ?, ?, ?)",
-                    (mkt, source, offset, iso(now)),
-                )
-            for mkt in batch.remove_pending:
-                await conn.execute("DELETE FROM pending_intents WHERE marketplace_order_id = ?", (mkt,))
+            await conn.executemany(
+                "INSERT OR IGNORE INTO outbox (order_id, seq, kind, payload, created_at) VALUES (?, ?, ?, ?, ?)",
+                [(e.order_id, e.seq, e.kind, e.model_dump_json(), stamp) for e in effects],
+            )
+            await conn.executemany(
+                "INSERT INTO orders (order_id, marketplace_order_id, phase, status, data, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(order_id) DO UPDATE SET "
+                "marketplace_order_id = excluded.marketplace_order_id, phase = excluded.phase, "
+                "status = excluded.status, data = excluded.data, updated_at = excluded.updated_at",
+                [
+                    (k, o.marketplace_order_id, o.phase, o.status, o.model_dump_json(), iso(o.updated_at or now))
+                    for k, o in moved
+                ],
+            )
+            await self._supersede_all(conn, dict(moved), stamp)
+            retimed = [(k, o) for k, o in moved if (p := batch.before.get(k)) is None or p.timer != o.timer]
+            await conn.executemany("DELETE FROM timers WHERE order_id = ?", [(k,) for k, _ in retimed])
+            await conn.executemany(
+                "INSERT INTO timers (order_id, token, reason, due_at) VALUES (?, ?, ?, ?)",
+                [(k, o.timer.token, o.timer.reason, iso(o.timer.due_at)) for k, o in retimed if o.timer is not None],
+            )
+            await conn.executemany(
+                "INSERT INTO history (order_id, journal_offset, from_phase, to_phase, status, cause, at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (h.order_id, h.journal_offset, h.from_phase, h.to_phase, h.status, h.cause, iso(h.at))
+                    for h in batch.history
+                ],
+            )
+            await conn.executemany(
+                "INSERT OR IGNORE INTO pending_intents (marketplace_order_id, source, journal_offset, created_at) "
+                "VALUES (?, ?, ?, ?)",
+                [(mkt, source, offset, stamp) for mkt, (source, offset) in batch.add_pending.items()],
+            )
+            await conn.executemany(
+                "DELETE FROM pending_intents WHERE marketplace_order_id = ?", [(m,) for m in batch.remove_pending]
+            )
             await conn.executemany(
                 "INSERT OR REPLACE INTO unreadable (journal_offset, kind, order_id, error, received_at, found_at) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
-                [
-                    (u.journal_offset, u.kind, u.order_id, u.error, iso(u.received_at), iso(now))
-                    for u in batch.unreadable
-                ],
+                [(u.journal_offset, u.kind, u.order_id, u.error, iso(u.received_at), stamp) for u in batch.unreadable],
             )
             await conn.execute("UPDATE cursor SET \"offset\" = ? WHERE name = 'processor'", (batch.offset,))
         return len(effects)
 
     @staticmethod
-    async def _supersede(conn: aiosqlite.Connection, order: Order, now: datetime) -> None:
-        async with conn.execute(
-            "SELECT id, seq FROM outbox WHERE order_id = ? AND state = 'pending'", (order.order_id,)
-        ) as cur:
-            stale = [(iso(now), r["id"]) for r in await cur.fetchall() if is_superseded(order, r["seq"])]
+    async def _supersede_all(conn: aiosqlite.Connection, orders: dict[str, Order], stamp: str) -> None:
+        """Mark the pending effects these orders no longer wait for as superseded."""
+        stale: list[tuple[str, int]] = []
+        for part in _parts(list(orders)):
+            async with conn.execute(
+                f"SELECT id, order_id, seq FROM outbox WHERE order_id IN ({_marks(part)}) AND state = 'pending'",  # noqa: S608
+                part,
+            ) as cur:
+                stale += [
+                    (stamp, r["id"]) for r in await cur.fetchall() if is_superseded(orders[r["order_id"]], r["seq"])
+                ]
         await conn.executemany("UPDATE outbox SET state = 'superseded', done_at = ? WHERE id = ?", stale)
 
     # ---- effects ----------------------------------------------------------------------
@@ -1077,6 +1110,15 @@ ROUTED_ID = "json_extract(payload, '$.marketplace_order_id')"  # the journal_rou
 
 def _statements(script: str) -> list[str]:
     return [s.strip() for s in script.split(";") if s.strip()]
+
+
+def _parts(items: list[str], size: int = 500) -> list[list[str]]:
+    """`items` in slices small enough for one statement's parameters."""
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _marks(items: Sequence[object]) -> str:
+    return ", ".join("?" * len(items))
 
 
 def _journal_row(r: sqlite3.Row) -> JournalRow:
