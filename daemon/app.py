@@ -29,6 +29,7 @@ from omsd.daemon.effects import EffectRunner
 from omsd.daemon.errors import AuthFailed, VtexError
 from omsd.daemon.feed import FeedPoller
 from omsd.daemon.health import Health
+from omsd.daemon.jobs import ParkedIntents, resync_waiting
 from omsd.daemon.logs import get_logger, redact
 from omsd.daemon.metrics import Metrics
 from omsd.daemon.notify import Notifier, Progress, watchdog_loop
@@ -87,6 +88,12 @@ class Daemon:
             )
             self.poller = poller
             self.self_check = SelfCheck(client, s, self.health, self.metrics)
+
+            async def config_recreated(reason: str) -> None:
+                if await resync_waiting(store, self.metrics, reason, datetime.now(UTC)):
+                    processor.wake.set()
+
+            self.self_check.on_recreated = poller.on_config_recreated = config_recreated
             await runner.recover()
 
             notify.status("starting the HTTP server")
@@ -171,6 +178,18 @@ class Daemon:
         scheduler.add_job(
             self_check.run_once, "interval", seconds=s.self_check_s, id="self_check",
             misfire_grace_time=max(1, int(s.self_check_s)), **common,
+        )  # fmt: skip
+        if s.source == "hook":  # no feed as a safety net: notice a deleted hook sooner while intents wait
+            scheduler.add_job(
+                self_check.run_if_waiting, "interval", seconds=s.waiting_self_check_s, id="waiting_self_check",
+                args=[store.intents_waiting], misfire_grace_time=max(1, int(s.waiting_self_check_s)), **common,
+            )  # fmt: skip
+        parked = ParkedIntents(
+            store, self.metrics, processor.wake.set, ttl_s=s.parked_intent_ttl_s, lookups_per_run=s.link_lookups_per_run
+        )
+        scheduler.add_job(
+            parked.run_once, "interval", seconds=s.link_interval_s, id="parked_intents",
+            misfire_grace_time=max(1, int(s.link_interval_s * 5)), **common,
         )  # fmt: skip
         scheduler.add_job(report_status, "interval", seconds=10, id="status", misfire_grace_time=10, **common)
         scheduler.add_listener(_job_listener, EVENT_JOB_ERROR | EVENT_JOB_MISSED)

@@ -50,6 +50,15 @@ class Metrics:
             "Journal rows the processor could not read (omsd journal --unreadable)",
             registry=r,
         )
+        self.intents_expired = Counter(
+            "omsd_intents_expired", "Parked intents dropped after OMSD_PARKED_INTENT_TTL_S unlinked", registry=r
+        )
+        self.link_lookups = Counter(
+            "omsd_link_lookups", "Get orders asked to link a parked intent's marketplace id", registry=r
+        )
+        self.config_resyncs = Counter(
+            "omsd_config_resyncs", "Orders re-checked because a feed or hook configuration was recreated", registry=r
+        )
         for phase in Phase:
             self.orders.labels(phase=phase.value).set(0)
 

@@ -18,7 +18,14 @@ from omsd.daemon.logs import get_logger
 from omsd.daemon.metrics import Metrics
 from omsd.daemon.wakeup import wait_any
 from omsd.state import routing
-from omsd.state.events import Event, IntentReceived, NotificationReceived, UnreadableEntry, read_entry
+from omsd.state.events import (
+    Event,
+    IntentExpired,
+    IntentReceived,
+    NotificationReceived,
+    UnreadableEntry,
+    read_entry,
+)
 from omsd.state.machine import decide
 from omsd.state.models import Order, Policy
 from omsd.state.store import Batch, HistoryRow, JournalRow, Store, UnreadableRow
@@ -41,6 +48,7 @@ class _Run:
     batch: Batch
     orders: dict[str, Order | None] = field(default_factory=dict)
     transitions: list[Transition] = field(default_factory=list)
+    expired: int = 0
 
 
 class Processor:
@@ -63,6 +71,7 @@ class Processor:
         self._clock = clock
         self._metrics = metrics
         self.unreadable = 0  # journal rows this process found unreadable (omsd_journal_unreadable_total)
+        self.expired = 0  # parked intents this process dropped as expired (omsd_intents_expired_total)
         self.wake = asyncio.Event()
         self.applied = asyncio.Condition()
         self.offset = 0
@@ -85,6 +94,10 @@ class Processor:
             self.unreadable += len(run.batch.unreadable)
             if self._metrics is not None:
                 self._metrics.journal_unreadable.inc(len(run.batch.unreadable))
+        if run.expired:
+            self.expired += run.expired
+            if self._metrics is not None:
+                self._metrics.intents_expired.inc(run.expired)
         if written and self._on_effects is not None:
             self._on_effects()
         for t in run.transitions:
@@ -145,6 +158,8 @@ class Processor:
         match entry:
             case NotificationReceived() | IntentReceived():
                 await self._route(run, row, entry)
+            case IntentExpired():
+                await self._expire(run, entry)
             case _:
                 await self._decide(run, row, entry)
 
@@ -199,6 +214,19 @@ class Processor:
                 pass
             case routing.Unrouted(code=code):
                 log.info("notification_unrouted", offset=row.offset, marketplace_order_id=mkt, code=code)
+
+    async def _expire(self, run: _Run, entry: IntentExpired) -> None:
+        """Drop the parked intent the entry names, unless it was linked (or parked anew) since."""
+        mkt = entry.marketplace_order_id
+        parked = None if mkt in run.batch.remove_pending else run.batch.add_pending.get(mkt)
+        if parked is None and mkt not in run.batch.remove_pending:
+            parked = await self._store.pending_intent(mkt)
+        if parked is None or parked[1] != entry.parked_offset:
+            return
+        run.batch.add_pending.pop(mkt, None)
+        run.batch.remove_pending.add(mkt)
+        run.expired += 1
+        log.warning("intent_expired", marketplace_order_id=mkt, parked_at=entry.parked_offset, ttl_s=entry.ttl_s)
 
     async def _decide(self, run: _Run, row: JournalRow, event: Event) -> None:
         before = await self._order(run, event.order_id)

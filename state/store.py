@@ -24,6 +24,7 @@ import aiosqlite
 from omsd.state.events import AnyEntry, ApprovalFailed, TimerFired, current_version
 from omsd.state.models import EFFECT_ADAPTER, Effect, Order, is_superseded
 from omsd.state.schema import MIGRATIONS, SCHEMA_VERSION
+from omsd.state.statuses import APPROVED_STATUSES, CANCEL_STATUSES, HELD, Phase
 
 
 class StoreError(Exception):
@@ -499,6 +500,51 @@ class Store:
             (*params, limit),
         )
         return [_journal_row(r) for r in reversed(rows)]
+
+    async def link_candidates(self, limit: int) -> list[tuple[str, int]]:
+        """Orders worth a lazy link lookup while intents wait parked, as (order_id, seq):
+        no intent, marketplace id unknown, not looked up yet, no call in flight, and a known
+        status that may still need an approval. Those whose VTEX id contains a parked marketplace id
+        come first (VTEX's ids are usually derived from it, doc §3.6; a guess only, Get order
+        decides), then held ones, then the newest. None while no intent is parked."""
+        closed = sorted(s.value for s in CANCEL_STATUSES | APPROVED_STATUSES)
+        marks = ", ".join("?" * len(closed))
+        rows = await self._all(
+            "SELECT order_id, json_extract(data, '$.seq') AS seq FROM orders o "  # noqa: S608 - fixed fragments
+            "WHERE EXISTS (SELECT 1 FROM pending_intents) AND phase = 'tracking' "
+            "AND marketplace_order_id IS NULL AND json_extract(data, '$.link_checked') = 0 "
+            "AND json_extract(data, '$.inflight') IS NULL "
+            f"AND status IS NOT NULL AND status NOT IN ({marks}) "
+            "ORDER BY EXISTS (SELECT 1 FROM pending_intents p WHERE instr(o.order_id, p.marketplace_order_id) > 0) "
+            "DESC, status = ? DESC, updated_at DESC LIMIT ?",
+            (*closed, HELD.value, limit),
+        )
+        return [(r["order_id"], int(r["seq"])) for r in rows]
+
+    async def parked_before(self, cutoff: datetime) -> list[tuple[str, int]]:
+        """Parked intents whose journal entry was received before `cutoff`, as
+        (marketplace_order_id, journal_offset): the journal's time, so a replay agrees."""
+        rows = await self._all(
+            "SELECT p.marketplace_order_id, p.journal_offset FROM pending_intents p JOIN journal j "
+            'ON j."offset" = p.journal_offset WHERE j.received_at < ? ORDER BY p.journal_offset',
+            (iso(cutoff),),
+        )
+        return [(r["marketplace_order_id"], int(r["journal_offset"])) for r in rows]
+
+    async def waiting_with_intent(self) -> list[str]:
+        """Orders with an intent waiting for a status event (waiting_release), oldest first."""
+        rows = await self._all(
+            "SELECT order_id FROM orders WHERE phase = ? ORDER BY updated_at", (Phase.WAITING_RELEASE.value,)
+        )
+        return [r["order_id"] for r in rows]
+
+    async def intents_waiting(self) -> int:
+        """Intents that wait for an event: orders in waiting_release plus parked intents."""
+        rows = await self._all(
+            "SELECT (SELECT COUNT(*) FROM orders WHERE phase = ?) + (SELECT COUNT(*) FROM pending_intents) AS n",
+            (Phase.WAITING_RELEASE.value,),
+        )
+        return int(rows[0]["n"])
 
     async def pending_intents(self) -> list[tuple[str, str, int]]:
         rows = await self._all("SELECT * FROM pending_intents ORDER BY created_at")
