@@ -86,6 +86,8 @@ class ParkedIntents:
         last = await self._store.last_offset()
         if self._idle_at == last:
             return []  # nothing happened since no candidate was left: spare the query
+        if await self._store.link_lookups_in_flight():
+            return []  # one wave at a time: the likeliest candidates' answers come first
         candidates = await self._store.link_candidates(limit)
         self._idle_at = last if not candidates else None
         return [

@@ -521,6 +521,14 @@ class Store:
         )
         return [(r["order_id"], int(r["seq"])) for r in rows]
 
+    async def link_lookups_in_flight(self) -> int:
+        """Link Get orders asked and not answered yet (pending or started in the outbox)."""
+        rows = await self._all(
+            "SELECT COUNT(*) AS n FROM outbox WHERE state IN ('pending', 'started') "
+            "AND kind = 'fetch_order' AND json_extract(payload, '$.purpose') = 'link'"
+        )
+        return int(rows[0]["n"])
+
     async def parked_before(self, cutoff: datetime) -> list[tuple[str, int]]:
         """Parked intents whose journal entry was received before `cutoff`, as
         (marketplace_order_id, journal_offset): the journal's time, so a replay agrees."""
