@@ -3,10 +3,12 @@ end to end against the simulator."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 
+from omsd.daemon.app import Daemon
 from omsd.sim.server import Simulator
 from omsd.state.statuses import HELD, Phase
 from tests.conftest import until
@@ -14,6 +16,13 @@ from tests.test_e2e import approve, phase_of, reached
 from tests.test_service import hooked
 
 pytestmark = pytest.mark.e2e
+
+
+def tracked(daemon: Daemon, order_id: str) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return await phase_of(daemon, order_id) is not None
+
+    return check
 
 
 def get_orders(sim: Simulator) -> int:
@@ -25,7 +34,7 @@ async def test_orders_nobody_asked_for_cost_no_get_order(sim: Simulator, run_dae
     async with run_daemon(sim, link_interval_s=0.05) as daemon:
         orders = [sim.create(f"N{i}", held=True, decision=None) for i in range(5)]
         for order in orders:
-            await until(lambda o=order: phase_of(daemon, o.order_id), what="order tracked")  # type: ignore[misc]
+            await until(tracked(daemon, order.order_id), what="order tracked")
         await until(lambda: not sim.queue.messages, what="feed drained")
         assert daemon.processor is not None
         await daemon.processor.drain()
@@ -40,15 +49,15 @@ async def test_intent_for_an_order_already_tracked_is_linked_and_approved(sim: S
         order = sim.create("T1", held=True, decision=None)
         for o in [*others, order]:
             await until(lambda o=o: o.status == HELD, what="held")  # type: ignore[misc]
-            await until(lambda o=o: phase_of(daemon, o.order_id), what="tracked")  # type: ignore[misc]
+            await until(tracked(daemon, o.order_id), what="tracked")
         status, body = await approve(daemon, "T1")
         assert status == 202 and body["waitingForLink"] is True
         await until(reached(daemon, order.order_id, Phase.WAITING_RELEASE), what="linked")
         sim.authorize(order.order_id)
         await until(reached(daemon, order.order_id, Phase.APPROVED), what="approved")
         assert daemon.store is not None
-        looked_up = [o for o in others if (await daemon.store.load_order(o.order_id)).link_checked]  # type: ignore[union-attr]
-    assert looked_up == []
+        rows = [await daemon.store.load_order(o.order_id) for o in others]
+    assert [r.order_id for r in rows if r is None or r.link_checked] == []
     assert (order.puts, order.approvals_applied, order.puts_while_held) == (1, 1, 0)
 
 
@@ -79,7 +88,7 @@ async def test_intents_for_orders_that_never_appear_cost_no_get_order(sim: Simul
         assert daemon.store is not None
         store = daemon.store
         order = sim.create("R1", held=True, decision=None)
-        await until(lambda: phase_of(daemon, order.order_id), what="tracked")
+        await until(tracked(daemon, order.order_id), what="tracked")
         for i in range(50):
             assert (await approve(daemon, f"GHOST{i}"))[1]["waitingForLink"] is True
         await until(
