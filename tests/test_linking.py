@@ -106,3 +106,18 @@ async def test_intents_for_orders_that_never_appear_cost_no_get_order(sim: Simul
 async def order_linked(daemon: Any, order_id: str) -> bool:
     found = await daemon.store.load_order(order_id)
     return found is not None and found.marketplace_order_id is not None
+
+
+async def test_released_order_is_approved_once_a_deleted_feed_is_recreated(sim: Simulator, run_daemon: Any) -> None:
+    """Feed only: VTEX deleted the feed configuration and queued nothing of the release; the
+    poller's 404 recreates it and the waiting order is re-checked at once."""
+    async with run_daemon(sim, self_check_s=3600, held_recheck_s=3600) as daemon:
+        order = sim.create("D2", held=True, decision=None)
+        await until(lambda: order.status == HELD, what="held")
+        await approve(daemon, "D2", order.order_id)
+        await until(reached(daemon, order.order_id, Phase.WAITING_RELEASE), what="omsd waits")
+        sim.feed_config = None  # VTEX deleted it after inactivity
+        sim.authorize(order.order_id)
+        await until(reached(daemon, order.order_id, Phase.APPROVED), what="approved after the feed came back")
+        assert sim.feed_config is not None
+    assert (order.puts, order.approvals_applied, order.puts_while_held) == (1, 1, 0)
