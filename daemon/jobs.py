@@ -51,7 +51,7 @@ class ParkedIntents:
         self._metrics = metrics
         self._wake = wake
         self._clock = clock
-        self._idle_at: int | None = None  # journal offset at which no candidate was left
+        self._idle_at: int | None = None  # processor offset at which no candidate was left
 
     async def run_once(self) -> int:
         """Append due expiries and up to `OMSD_LINK_LOOKUPS_PER_RUN` lookups. Returns rows added."""
@@ -83,13 +83,13 @@ class ParkedIntents:
         limit = self._lookups_per_run
         if limit == 0:
             return []
-        last = await self._store.last_offset()
-        if self._idle_at == last:
-            return []  # nothing happened since no candidate was left: spare the query
+        applied = await self._store.processor_offset()
+        if self._idle_at == applied:
+            return []  # the orders table has not changed since no candidate was left: spare the query
         if await self._store.link_lookups_in_flight():
             return []  # one wave at a time: the likeliest candidates' answers come first
         candidates = await self._store.link_candidates(limit)
-        self._idle_at = last if not candidates else None
+        self._idle_at = applied if not candidates else None
         return [
             NewEntry.of(
                 Resync(order_id=order_id, reason="link lookup for a parked intent"),

@@ -179,6 +179,21 @@ async def test_no_lookup_without_a_parked_intent(tmp_path: Path) -> None:
         assert await store.outbox_counts() == {}
 
 
+async def test_lookup_job_sees_orders_the_processor_applied_after_an_idle_run(tmp_path: Path) -> None:
+    """A run that found no candidate (the order's event not applied yet) does not blind the next
+    run once the processor has applied it."""
+    async with await Store.open(tmp_path / "db") as store:
+        processor = Processor(store, Policy())
+        await store.append([entry(IntentReceived(marketplace_order_id=MKT, source="api"))], now=NOW)
+        await processor.drain()
+        job = parked_job(store)
+        await store.append([status_entry(HELD, 1)], now=NOW)
+        assert await job.run_once() == 0  # not applied yet
+        assert await job.run_once() == 0
+        await processor.drain()
+        assert await job.run_once() == 1
+
+
 async def test_link_candidates_prefer_the_derived_id_and_skip_closed_orders(tmp_path: Path) -> None:
     """Lookups go first to the order whose VTEX id contains the parked marketplace id, never to
     closed orders, orders with a known marketplace id, or more than the bound per run."""
