@@ -202,13 +202,15 @@ class Processor:
     async def _route(self, run: _Run, row: JournalRow, entry: NotificationReceived | IntentReceived) -> None:
         mkt = entry.marketplace_order_id
         linked = await self._find_by_marketplace_id(run, mkt)
-        parked = linked is None and (mkt in run.batch.add_pending or await self._store.pending_intent(mkt) is not None)
+        parked = linked is None and (
+            mkt in run.batch.add_pending
+            or (mkt not in run.batch.remove_pending and await self._store.pending_intent(mkt) is not None)
+        )
         match routing.route(entry, linked, parked):
             case routing.Decide(event=event):
                 await self._decide(run, row, event)
             case routing.Park(marketplace_order_id=mkt, source=source):
                 run.batch.add_pending[mkt] = (source, row.offset)
-                run.batch.remove_pending.discard(mkt)
                 log.info("intent_parked", marketplace_order_id=mkt, source=source, offset=row.offset)
             case routing.AlreadyParked():
                 pass

@@ -367,14 +367,14 @@ class Store:
                     "VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (h.order_id, h.journal_offset, h.from_phase, h.to_phase, h.status, h.cause, iso(h.at)),
                 )
+            for mkt in batch.remove_pending:  # first: an intent may expire and be parked anew in one batch
+                await conn.execute("DELETE FROM pending_intents WHERE marketplace_order_id = ?", (mkt,))
             for mkt, (source, offset) in batch.add_pending.items():
                 await conn.execute(
                     "INSERT OR IGNORE INTO pending_intents (marketplace_order_id, source, journal_offset, created_at) "
                     "VALUES (?, ?, ?, ?)",
                     (mkt, source, offset, iso(now)),
                 )
-            for mkt in batch.remove_pending:
-                await conn.execute("DELETE FROM pending_intents WHERE marketplace_order_id = ?", (mkt,))
             await conn.executemany(
                 "INSERT OR REPLACE INTO unreadable (journal_offset, kind, order_id, error, received_at, found_at) "
                 "VALUES (?, ?, ?, ?, ?, ?)",

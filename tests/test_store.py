@@ -232,6 +232,22 @@ async def test_parked_intent_expires_with_a_record(tmp_path: Path) -> None:
         assert await store.pending_intents() == []
 
 
+async def test_intent_parked_anew_in_the_batch_of_an_expiry_is_kept(tmp_path: Path) -> None:
+    """An intent sent again right after its predecessor expired is parked with its own offset."""
+    async with await Store.open(tmp_path / "db") as store:
+        [parked] = await store.append([entry(IntentReceived(marketplace_order_id=MKT, source="api"))], now=NOW)
+        await Processor(store, Policy()).drain()
+        [_, again] = await store.append(
+            [
+                entry(IntentExpired(marketplace_order_id=MKT, parked_offset=parked.offset or 0, ttl_s=1.0)),
+                entry(IntentReceived(marketplace_order_id=MKT, source="cli")),
+            ],
+            now=NOW,
+        )
+        await Processor(store, Policy()).drain()
+        assert await store.pending_intents() == [(MKT, "cli", again.offset)]
+
+
 async def test_expiry_leaves_a_linked_intent_alone(tmp_path: Path) -> None:
     """An expiry that arrives after the intent was linked (or parked anew) changes nothing."""
     async with await Store.open(tmp_path / "db") as store:
