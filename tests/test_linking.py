@@ -121,3 +121,26 @@ async def test_released_order_is_approved_once_a_deleted_feed_is_recreated(sim: 
         await until(reached(daemon, order.order_id, Phase.APPROVED), what="approved after the feed came back")
         assert sim.feed_config is not None
     assert (order.puts, order.approvals_applied, order.puts_while_held) == (1, 1, 0)
+
+
+async def test_self_check_that_recreates_the_feed_rechecks_waiting_orders(sim: Simulator, run_daemon: Any) -> None:
+    """The scheduled self-check, finding the feed configuration gone, re-checks every order
+    waiting for a release (and only those)."""
+    async with run_daemon(sim, **hooked(source="both", poll_interval_s=3600, self_check_s=3600)) as daemon:
+        assert daemon.self_check is not None and daemon.store is not None
+        order = sim.create("S1", held=True, decision=None)
+        idle = sim.create("S2", held=True, decision=None)
+        await until(lambda: order.status == HELD and idle.status == HELD, what="held")
+        await approve(daemon, "S1", order.order_id)
+        await until(reached(daemon, order.order_id, Phase.WAITING_RELEASE), what="omsd waits")
+        sim.feed_config = None
+        await daemon.self_check.run_once()
+        assert sim.feed_config is not None
+        store = daemon.store
+
+        async def rechecked() -> bool:
+            causes = [h.cause for h in await store.history(order.order_id)]
+            return any("resync: feed configuration recreated" in c for c in causes)
+
+        await until(rechecked, what="the waiting order re-checked")
+        assert daemon.metrics.sample("omsd_config_resyncs_total") == 1
