@@ -98,6 +98,11 @@ MIGRATIONS: tuple[str, ...] = (
         found_at       TEXT NOT NULL
     );
     """,
+    # 4: orders not linked to a marketplace id and without intent, by status: the lazy link
+    #    lookup reads only those in a status that may still need an approval.
+    """
+    CREATE INDEX orders_unlinked ON orders(status) WHERE marketplace_order_id IS NULL AND phase = 'tracking';
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -24,7 +24,7 @@ import aiosqlite
 from omsd.state.events import AnyEntry, ApprovalFailed, TimerFired, current_version
 from omsd.state.models import EFFECT_ADAPTER, Effect, Order, is_superseded
 from omsd.state.schema import MIGRATIONS, SCHEMA_VERSION
-from omsd.state.statuses import APPROVED_STATUSES, CANCEL_STATUSES, HELD, Phase
+from omsd.state.statuses import APPROVED_STATUSES, CANCEL_STATUSES, HELD, Phase, Status
 
 
 class StoreError(Exception):
@@ -504,22 +504,26 @@ class Store:
     async def link_candidates(self, limit: int) -> list[tuple[str, int]]:
         """Orders worth a lazy link lookup while intents wait parked, as (order_id, seq):
         no intent, marketplace id unknown, not looked up yet, no call in flight, and a known
-        status that may still need an approval. Those whose VTEX id contains a parked marketplace id
-        come first (VTEX's ids are usually derived from it, doc §3.6; a guess only, Get order
-        decides), then held ones, then the newest. None while no intent is parked."""
-        closed = sorted(s.value for s in CANCEL_STATUSES | APPROVED_STATUSES)
-        marks = ", ".join("?" * len(closed))
+        status that may still need an approval (index `orders_unlinked`). Those whose VTEX id
+        is `{affiliate}-{a parked marketplace id}-{n}` come first (VTEX's ids usually are,
+        doc §3.6; a guess only, Get order decides), then held ones, then the newest. None
+        while no intent is parked."""
+        parked = {
+            r["marketplace_order_id"] for r in await self._all("SELECT marketplace_order_id FROM pending_intents")
+        }
+        if not parked or limit <= 0:
+            return []
+        marks = ", ".join("?" * len(_LINKABLE))
         rows = await self._all(
-            "SELECT order_id, json_extract(data, '$.seq') AS seq FROM orders o "  # noqa: S608 - fixed fragments
-            "WHERE EXISTS (SELECT 1 FROM pending_intents) AND phase = 'tracking' "
-            "AND marketplace_order_id IS NULL AND json_extract(data, '$.link_checked') = 0 "
-            "AND json_extract(data, '$.inflight') IS NULL "
-            f"AND status IS NOT NULL AND status NOT IN ({marks}) "
-            "ORDER BY EXISTS (SELECT 1 FROM pending_intents p WHERE instr(o.order_id, p.marketplace_order_id) > 0) "
-            "DESC, status = ? DESC, updated_at DESC LIMIT ?",
-            (*closed, HELD.value, limit),
+            "SELECT order_id, status, updated_at, json_extract(data, '$.seq') AS seq "  # noqa: S608 - fixed fragments
+            "FROM orders INDEXED BY orders_unlinked "
+            f"WHERE marketplace_order_id IS NULL AND phase = 'tracking' AND status IN ({marks}) "
+            "AND json_extract(data, '$.link_checked') = 0 AND json_extract(data, '$.inflight') IS NULL",
+            _LINKABLE,
         )
-        return [(r["order_id"], int(r["seq"])) for r in rows]
+        rows.sort(key=lambda r: r["updated_at"], reverse=True)
+        rows.sort(key=lambda r: (_derived_marketplace_id(r["order_id"]) not in parked, r["status"] != HELD.value))
+        return [(r["order_id"], int(r["seq"])) for r in rows[:limit]]
 
     async def link_lookups_in_flight(self) -> int:
         """Link Get orders asked and not answered yet (pending or started in the outbox)."""
@@ -605,6 +609,17 @@ class Store:
                 "UPDATE outbox SET state = 'superseded', done_at = ? WHERE state IN ('pending', 'started')", (iso(now),)
             )
             await conn.execute("UPDATE cursor SET \"offset\" = 0 WHERE name = 'processor'")
+
+
+# Statuses in which an order may still need an approval: neither canceling nor past approval.
+_LINKABLE: tuple[str, ...] = tuple(sorted(s.value for s in Status if s not in CANCEL_STATUSES | APPROVED_STATUSES))
+
+
+def _derived_marketplace_id(order_id: str) -> str | None:
+    """`MKP-123-01` -> `123`: the marketplace id VTEX's examples derive the order id from."""
+    head, sep, rest = order_id.partition("-")
+    middle, sep2, _ = rest.rpartition("-")
+    return middle if sep and sep2 and head and middle else None
 
 
 def _statements(script: str) -> list[str]:
