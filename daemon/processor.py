@@ -220,7 +220,7 @@ class Processor:
     async def _expire(self, run: _Run, entry: IntentExpired) -> None:
         """Drop the parked intent the entry names, unless it was linked (or parked anew) since."""
         mkt = entry.marketplace_order_id
-        parked = None if mkt in run.batch.remove_pending else run.batch.add_pending.get(mkt)
+        parked = run.batch.add_pending.get(mkt)  # removals are written first: this one would stay
         if parked is None and mkt not in run.batch.remove_pending:
             parked = await self._store.pending_intent(mkt)
         if parked is None or parked[1] != entry.parked_offset:
