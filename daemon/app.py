@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import os
 import signal
@@ -42,6 +43,7 @@ from omsd.daemon.errors import AuthFailed, VtexError
 from omsd.daemon.feed import FeedPoller
 from omsd.daemon.health import Health
 from omsd.daemon.jobs import Jobs, add_retention
+from omsd.daemon.linking import ParkedIntents, resync_waiting
 from omsd.daemon.logs import get_logger, redact
 from omsd.daemon.metrics import Metrics
 from omsd.daemon.notify import Notifier, Progress, watchdog_loop
@@ -129,6 +131,12 @@ class Daemon:
             )
             self.poller = poller
             self.self_check = SelfCheck(client, s, self.health, self.metrics)
+
+            async def config_recreated(reason: str) -> None:
+                if await resync_waiting(store, self.metrics, reason, datetime.now(UTC)):
+                    processor.wake.set()
+
+            self.self_check.on_recreated = poller.on_config_recreated = config_recreated
             if self.health.store_ok.is_set():
                 await runner.recover()  # else the effect runner recovers when writes work again
 
@@ -240,6 +248,16 @@ class Daemon:
 
         jobs.add("timers", fire_timers, s.timer_tick_s, misfire_grace_s=s.timer_tick_s * 5)
         jobs.add("self_check", self_check.run_once, s.self_check_s)
+        if s.source == "hook":  # no feed as a safety net: notice a deleted hook sooner while intents wait
+            jobs.add(
+                "waiting_self_check",
+                functools.partial(self_check.run_if_waiting, store.intents_waiting),
+                s.waiting_self_check_s,
+            )
+        parked = ParkedIntents(
+            store, self.metrics, processor.wake.set, ttl_s=s.parked_intent_ttl_s, lookups_per_run=s.link_lookups_per_run
+        )
+        jobs.add("parked_intents", parked.run_once, s.link_interval_s, misfire_grace_s=s.link_interval_s * 5)
         jobs.add("status", report_status, STATUS_EVERY_S)
         add_retention(jobs, store, s.retention_days)
         return jobs

@@ -11,7 +11,7 @@ so the handle is dropped and dedup absorbs the redelivery.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -61,6 +61,7 @@ class FeedPoller:
         self._metrics = metrics or Metrics()
         self._health = health
         self.stats = FeedStats()
+        self.on_config_recreated: Callable[[str], Awaitable[None]] | None = None
 
     async def poll_once(self) -> int:
         """One round: flush old commits, read a batch, journal it, commit it.
@@ -131,7 +132,8 @@ class FeedPoller:
                 if self._health is not None:
                     self._health.feed_config_ok = False
                 try:
-                    await ensure_feed_config(self._vtex, self._settings, self._health)
+                    if await ensure_feed_config(self._vtex, self._settings, self._health) and self.on_config_recreated:
+                        await self.on_config_recreated("feed configuration recreated")
                 except AuthFailed:
                     raise
                 except VtexError as exc:

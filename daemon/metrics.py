@@ -135,6 +135,15 @@ class Metrics:
         self.scheduled_job_failures = Counter(
             "omsd_scheduled_job_failures", "Scheduled job runs that raised, by job", ["job"], registry=r
         )
+        self.intents_expired = Counter(
+            "omsd_intents_expired", "Parked intents dropped after OMSD_PARKED_INTENT_TTL_S unlinked", registry=r
+        )
+        self.link_lookups = Counter(
+            "omsd_link_lookups", "Get orders asked to link a parked intent's marketplace id", registry=r
+        )
+        self.config_resyncs = Counter(
+            "omsd_config_resyncs", "Orders re-checked because a feed or hook configuration was recreated", registry=r
+        )
         for phase in Phase:
             self.orders.labels(phase=phase.value).set(0)
         # Exported at 0 from the start, so that increase() sees the first one (an alert).

@@ -25,6 +25,7 @@ from omsd.state import routing
 from omsd.state.events import (
     Entry,
     Event,
+    IntentExpired,
     IntentReceived,
     NotificationReceived,
     UnreadableEntry,
@@ -60,6 +61,7 @@ class _Run:
     fresh: bool = False  # a rebuild from nothing: the store's derived rows are not consulted
     touched: dict[str, int] = field(default_factory=dict)  # order id -> last offset that applied to it
     stored: _Stored | None = None  # the store's rows for the batch, read before applying it
+    expired: int = 0  # parked intents dropped as expired
 
 
 @dataclass(slots=True)
@@ -107,6 +109,7 @@ class Processor:
         self._clock = clock
         self._metrics = metrics
         self.unreadable = 0  # journal rows this process found unreadable (omsd_journal_unreadable_total)
+        self.expired = 0  # parked intents this process dropped as expired (omsd_intents_expired_total)
         self.wake = asyncio.Event()
         self.applied = asyncio.Condition()
         self.offset = 0
@@ -133,6 +136,10 @@ class Processor:
             self.unreadable += len(run.batch.unreadable)
             if self._metrics is not None:
                 self._metrics.journal_unreadable.inc(len(run.batch.unreadable))
+        if run.expired:
+            self.expired += run.expired
+            if self._metrics is not None:
+                self._metrics.intents_expired.inc(run.expired)
         if written and self._on_effects is not None:
             self._on_effects()
         self._announce(run.transitions)
@@ -237,6 +244,8 @@ class Processor:
         match entry:
             case NotificationReceived() | IntentReceived():
                 await self._route(run, row, entry)
+            case IntentExpired():
+                await self._expire(run, entry)
             case _:
                 await self._decide(run, row, entry)
 
@@ -293,8 +302,11 @@ class Processor:
         return run.orders.get(found.order_id) if found is not None else None
 
     async def _parked(self, run: _Run, mkt: str) -> tuple[str, int] | None:
+        """The intent parked for this marketplace id, as of this point of the batch."""
         if (parked := run.batch.add_pending.get(mkt)) is not None or run.fresh:
             return parked
+        if mkt in run.batch.remove_pending:  # released or expired earlier in this batch
+            return None
         if run.stored is not None and mkt in run.stored.marketplace_ids:
             return run.stored.parked.get(mkt)
         return await self._store.pending_intent(mkt)
@@ -308,12 +320,22 @@ class Processor:
                 await self._decide(run, row, event)
             case routing.Park(marketplace_order_id=mkt, source=source):
                 run.batch.add_pending[mkt] = (source, row.offset)
-                run.batch.remove_pending.discard(mkt)
                 log.info("intent_parked", marketplace_order_id=mkt, source=source, offset=row.offset)
             case routing.AlreadyParked():
                 pass
             case routing.Unrouted(code=code):
                 log.info("notification_unrouted", offset=row.offset, marketplace_order_id=mkt, code=code)
+
+    async def _expire(self, run: _Run, entry: IntentExpired) -> None:
+        """Drop the parked intent the entry names, unless it was linked (or parked anew) since."""
+        mkt = entry.marketplace_order_id
+        parked = await self._parked(run, mkt)  # removals are written first: one parked anew stays
+        if parked is None or parked[1] != entry.parked_offset:
+            return
+        run.batch.add_pending.pop(mkt, None)
+        run.batch.remove_pending.add(mkt)
+        run.expired += 1
+        log.warning("intent_expired", marketplace_order_id=mkt, parked_at=entry.parked_offset, ttl_s=entry.ttl_s)
 
     async def _decide(self, run: _Run, row: JournalRow, event: Event) -> None:
         before = await self._order(run, event.order_id)

@@ -123,6 +123,12 @@ class Settings(PolicySettings):
     # Journal retention: closed orders quiet this long keep one snapshot row (0: never prune)
     retention_days: int = RETENTION_DAYS
 
+    # Intents that name only a marketplace id (parked until an order is linked to it)
+    link_interval_s: float = Field(default=2.0, gt=0, le=3600)  # how often the lookup job runs
+    link_lookups_per_run: int = Field(default=5, ge=0, le=1000)  # Get orders (lowest priority) per run
+    parked_intent_ttl_s: float = Field(default=604800.0, gt=0)  # 7 days, see docs/vtex-decisions.md
+    waiting_self_check_s: float = Field(default=30.0, ge=1, le=86400)  # hook mode, while intents wait
+
     @field_validator("connector_endpoint")
     @classmethod
     def _endpoint(cls, value: str) -> str:

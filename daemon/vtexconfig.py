@@ -4,6 +4,7 @@ VTEX deletes them after inactivity and watches the feed queue's age."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from omsd.daemon.errors import AuthFailed, VtexError
@@ -130,6 +131,17 @@ class SelfCheck:
         self._settings = settings
         self._health = health
         self._metrics = metrics
+        # Called when a configuration VTEX had deleted was recreated (events were lost meanwhile).
+        self.on_recreated: Callable[[str], Awaitable[None]] | None = None
+
+    async def recreated(self, what: str) -> None:
+        if self.on_recreated is not None:
+            await self.on_recreated(f"{what} configuration recreated")
+
+    async def run_if_waiting(self, waiting: Callable[[], Awaitable[int]]) -> None:
+        """The hook-only check run more often: only while intents wait for events."""
+        if await waiting():
+            await self.run_once()
 
     async def run_once(self) -> None:
         s = self._settings
@@ -138,6 +150,7 @@ class SelfCheck:
                 await self._check_feed()
             if s.uses_hook and await ensure_hook_config(self._vtex, s, self._health):
                 log.warning("hook_config_recreated", reason="VTEX had no hook configuration")
+                await self.recreated("hook")
             self._health.clear_alarm("vtex_auth")
         except AuthFailed as exc:
             self._health.raise_alarm("vtex_auth", str(exc))
@@ -154,6 +167,7 @@ class SelfCheck:
             await self._vtex.save_feed_config(feed_config_body(self._settings))
             self._health.feed_config_ok = True
             log.warning("feed_config_recreated", reason="VTEX had no feed configuration")
+            await self.recreated("feed")
             return
         self._health.feed_config_ok = True
         quantity, age = config.quantity, config.oldest_age_s

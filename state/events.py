@@ -169,7 +169,19 @@ class IntentReceived(BaseModel):
     source: Literal["api", "cli", "notification"]
 
 
-AnyEntry = _OrderEvent | NotificationReceived | IntentReceived
+class IntentExpired(BaseModel):
+    """A parked intent (journal row `parked_offset`) waited `ttl_s` and no order was linked
+    to its marketplace id: the processor drops it. The row is the operator's record."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["intent_expired"] = "intent_expired"
+    marketplace_order_id: str
+    parked_offset: int
+    ttl_s: float
+
+
+AnyEntry = _OrderEvent | NotificationReceived | IntentReceived | IntentExpired
 Entry = Annotated[AnyEntry, Field(discriminator="kind")]
 """Anything the journal holds as accepted: machine events plus entries still to be routed."""
 

@@ -352,7 +352,8 @@ def _on_fetched(ctx: _Ctx, event: OrderFetched) -> bool:
 
 def _on_fetch_failed(ctx: _Ctx, event: OrderFetchFailed) -> bool:
     o = ctx.order
-    ctx.set(link_checked=True)
+    if event.not_found or not event.retryable:
+        ctx.set(link_checked=True)  # a transient failure leaves the link to be looked up again
     if o.inflight is None or o.inflight.seq != event.seq:
         ctx.cause(f"stale Get order failure recorded: {event.error}")
         return False
@@ -464,6 +465,12 @@ def _on_timer(ctx: _Ctx, event: TimerFired) -> bool:
 def _on_resync(ctx: _Ctx, event: Resync) -> bool:
     o = ctx.order
     if not o.has_intent:
+        if o.status is not None and o.marketplace_order_id is None and o.inflight is None:
+            # Lazy linking: an intent naming only a marketplace id is parked and this
+            # order may be the one; Get order tells its marketplaceOrderId.
+            ctx.cause(f"resync ({event.reason}): Get order to learn the marketplaceOrderId")
+            ctx.fetch("link")
+            return False
         ctx.cause(f"resync ({event.reason}) of an order without intent")
         return False
     if o.phase in (Phase.APPROVED, Phase.REJECTED):
@@ -571,10 +578,7 @@ def _advance(ctx: _Ctx) -> None:
     o = ctx.order
     status = parse_status(o.status)
     if not o.has_intent:
-        if o.marketplace_order_id is None and not o.link_checked and o.inflight is None:
-            ctx.cause("first sight: Get order to learn the marketplaceOrderId")
-            ctx.fetch("link")
-        return
+        return  # no Get order just to link ids: linking is lazy (see `_on_resync`)
     if o.phase in TERMINAL_PHASES:
         return
     if is_cancel(status) or o.canceled:

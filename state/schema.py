@@ -105,6 +105,11 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX journal_routed ON journal(json_extract(payload, '$.marketplace_order_id'))
         WHERE order_id IS NULL AND kind IN ('notification_received', 'intent_received');
     """,
+    # 5: orders not linked to a marketplace id and without intent, by status: the lazy link
+    #    lookup reads only those in a status that may still need an approval.
+    """
+    CREATE INDEX orders_unlinked ON orders(status) WHERE marketplace_order_id IS NULL AND phase = 'tracking';
+    """,
 )
 
 ROUTED_KINDS = "('notification_received', 'intent_received')"

@@ -26,6 +26,7 @@ import aiosqlite
 from omsd.state.events import SNAPSHOT_CAUSE, AnyEntry, OrderSnapshot, TimerFired, current_version
 from omsd.state.models import EFFECT_ADAPTER, Effect, Order, is_superseded
 from omsd.state.schema import MIGRATIONS, ROUTED_KINDS, SCHEMA_VERSION, VACUUM_AT
+from omsd.state.statuses import APPROVED_STATUSES, CANCEL_STATUSES, HELD, Phase, Status
 
 
 class StoreError(Exception):
@@ -543,13 +544,14 @@ class Store:
                     for h in batch.history
                 ],
             )
+            # first: an intent may expire and be parked anew in one batch
+            await conn.executemany(
+                "DELETE FROM pending_intents WHERE marketplace_order_id = ?", [(m,) for m in batch.remove_pending]
+            )
             await conn.executemany(
                 "INSERT OR IGNORE INTO pending_intents (marketplace_order_id, source, journal_offset, created_at) "
                 "VALUES (?, ?, ?, ?)",
                 [(mkt, source, offset, stamp) for mkt, (source, offset) in batch.add_pending.items()],
-            )
-            await conn.executemany(
-                "DELETE FROM pending_intents WHERE marketplace_order_id = ?", [(m,) for m in batch.remove_pending]
             )
             await conn.executemany(
                 "INSERT OR REPLACE INTO unreadable (journal_offset, kind, order_id, error, received_at, found_at) "
@@ -708,6 +710,63 @@ class Store:
             )
             for r in rows
         ]
+
+    async def link_candidates(self, limit: int) -> list[tuple[str, int]]:
+        """Orders worth a lazy link lookup while intents wait parked, as (order_id, seq):
+        no intent, marketplace id unknown, not looked up yet, no call in flight, and a known
+        status that may still need an approval (index `orders_unlinked`). Those whose VTEX id
+        is `{affiliate}-{a parked marketplace id}-{n}` come first (VTEX's ids usually are,
+        doc §3.6; a guess only, Get order decides), then held ones, then the newest. None
+        while no intent is parked."""
+        parked = {
+            r["marketplace_order_id"] for r in await self._all("SELECT marketplace_order_id FROM pending_intents")
+        }
+        if not parked or limit <= 0:
+            return []
+        marks = ", ".join("?" * len(_LINKABLE))
+        rows = await self._all(
+            "SELECT order_id, status, updated_at, json_extract(data, '$.seq') AS seq "  # noqa: S608 - fixed fragments
+            "FROM orders INDEXED BY orders_unlinked "
+            f"WHERE marketplace_order_id IS NULL AND phase = 'tracking' AND status IN ({marks}) "
+            "AND json_extract(data, '$.link_checked') = 0 AND json_extract(data, '$.inflight') IS NULL",
+            _LINKABLE,
+        )
+        rows.sort(key=lambda r: r["updated_at"], reverse=True)
+        rows.sort(key=lambda r: (_derived_marketplace_id(r["order_id"]) not in parked, r["status"] != HELD.value))
+        return [(r["order_id"], int(r["seq"])) for r in rows[:limit]]
+
+    async def link_lookups_in_flight(self) -> int:
+        """Link Get orders asked and not answered yet (pending or started in the outbox)."""
+        rows = await self._all(
+            "SELECT COUNT(*) AS n FROM outbox WHERE state IN ('pending', 'started') "
+            "AND kind = 'fetch_order' AND json_extract(payload, '$.purpose') = 'link'"
+        )
+        return int(rows[0]["n"])
+
+    async def parked_before(self, cutoff: datetime) -> list[tuple[str, int]]:
+        """Parked intents whose journal entry was received before `cutoff`, as
+        (marketplace_order_id, journal_offset): the journal's time, so a replay agrees."""
+        rows = await self._all(
+            "SELECT p.marketplace_order_id, p.journal_offset FROM pending_intents p JOIN journal j "
+            'ON j."offset" = p.journal_offset WHERE j.received_at < ? ORDER BY p.journal_offset',
+            (iso(cutoff),),
+        )
+        return [(r["marketplace_order_id"], int(r["journal_offset"])) for r in rows]
+
+    async def waiting_with_intent(self) -> list[str]:
+        """Orders with an intent waiting for a status event (waiting_release), oldest first."""
+        rows = await self._all(
+            "SELECT order_id FROM orders WHERE phase = ? ORDER BY updated_at", (Phase.WAITING_RELEASE.value,)
+        )
+        return [r["order_id"] for r in rows]
+
+    async def intents_waiting(self) -> int:
+        """Intents that wait for an event: orders in waiting_release plus parked intents."""
+        rows = await self._all(
+            "SELECT (SELECT COUNT(*) FROM orders WHERE phase = ?) + (SELECT COUNT(*) FROM pending_intents) AS n",
+            (Phase.WAITING_RELEASE.value,),
+        )
+        return int(rows[0]["n"])
 
     async def pending_intents(self) -> list[tuple[str, str, int]]:
         rows = await self._all("SELECT * FROM pending_intents ORDER BY created_at")
@@ -1106,6 +1165,17 @@ def _journal_filter(order_id: str | None, mkt: str | None, kind: str | None) -> 
 
 
 ROUTED_ID = "json_extract(payload, '$.marketplace_order_id')"  # the journal_routed index's expression
+
+
+# Statuses in which an order may still need an approval: neither canceling nor past approval.
+_LINKABLE: tuple[str, ...] = tuple(sorted(s.value for s in Status if s not in CANCEL_STATUSES | APPROVED_STATUSES))
+
+
+def _derived_marketplace_id(order_id: str) -> str | None:
+    """`MKP-123-01` -> `123`: the marketplace id VTEX's examples derive the order id from."""
+    head, sep, rest = order_id.partition("-")
+    middle, sep2, _ = rest.rpartition("-")
+    return middle if sep and sep2 and head and middle else None
 
 
 def _statements(script: str) -> list[str]:

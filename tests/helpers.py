@@ -20,6 +20,7 @@ from omsd.sim.server import Simulator
 from omsd.state.statuses import Phase
 
 API_TOKEN = "test-api-token-0123456789"
+HOOK_SECRET = "hook-secret-0123456789"
 
 
 def free_port() -> int:
@@ -150,3 +151,7 @@ def quiet_health() -> Health:
     health.feed_config_ok = True
     health.poll_ok()
     return health
+
+
+def hooked(**kw: Any) -> dict[str, Any]:
+    return {"source": "hook", "hook_secret": HOOK_SECRET, **kw}

@@ -134,7 +134,8 @@ def test_dry_run_adds_nothing_and_shows_decisions(db: Path, tmp_path: Path, caps
     assert code == 0 and report["dry_run"] is True and report["added"] == 1
     decisions = report["decisions"]
     assert any(d.startswith("A-1: new -> tracking") for d in decisions)  # type: ignore[attr-defined]
-    assert "A-1: queues effect seq 1 (a VTEX call)" in decisions  # type: ignore[operator]
+    # An order nobody asked to approve costs no VTEX call (ids are linked lazily).
+    assert not any("queues effect" in d for d in decisions)  # type: ignore[attr-defined]
     assert _journal(db) == []
 
 

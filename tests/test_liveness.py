@@ -150,7 +150,11 @@ class World:
         sync = "SOI003" if enqueue else code
         self.wire.append(ApprovalAnswered(order_id=OID, seq=effect.seq, code=sync, http_status=200))
         if enqueue:
-            self.wire.append(ResultNotified(order_id=OID, marketplace_order_id=MKT, code=code, flow="ApproveOrder"))
+            self.wire.append(
+                ResultNotified(
+                    order_id=OID, marketplace_order_id=MKT, code=code, flow="ApproveOrder", authenticated=True
+                )
+            )
 
     def timer_delay_s(self) -> float | None:
         timer = self.order.timer if self.order else None

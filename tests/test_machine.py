@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from omsd.state.events import Event
 from omsd.state.machine import backoff_s, decide
-from omsd.state.models import FetchOrder, Order, Policy, SendApproval, Timer
+from omsd.state.models import FetchOrder, Inflight, Order, Policy, SendApproval, Timer
 from omsd.state.statuses import CANCEL_STATUSES, HELD, Phase, Status, is_cancel
 from tests.machine_helpers import (
     FREE,
@@ -55,7 +55,36 @@ def _effects(effects: tuple[Any, ...]) -> list[str]:
 
 
 EDGES = [
-    Edge("first sight fetches the link", None, status("order-created"), "tracking", ["fetch:link"]),
+    Edge("first sight asks no Get order", None, status("order-created"), "tracking", []),
+    Edge("first sight of a held order asks no Get order", None, status(HELD_S), "tracking", [], {"held": True}),
+    Edge(
+        "resync of an unlinked order looks the link up",
+        order("tracking", marketplace_order_id=None, link_checked=False),
+        resync(),
+        "tracking",
+        ["fetch:link"],
+    ),
+    Edge(
+        "resync of an unlinked order with a lookup in flight asks no second one",
+        order("tracking", marketplace_order_id=None, inflight=Inflight(seq=5, kind="fetch", purpose="link")),
+        resync(),
+        "tracking",
+    ),
+    Edge("resync of a linked order without intent does nothing", order("tracking"), resync(), "tracking"),
+    Edge("resync of an order never seen asks nothing", None, resync(), "tracking"),
+    Edge(
+        "a transient link failure leaves the link to look up again",
+        order(
+            "tracking",
+            marketplace_order_id=None,
+            link_checked=False,
+            inflight=Inflight(seq=5, kind="fetch", purpose="link"),
+        ),
+        fetch_failed(5),
+        "tracking",
+        [],
+        {"link_checked": False, "inflight": None},
+    ),
     Edge(
         "tracking records held",
         order("tracking", status=FREE, held=False),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +22,11 @@ from omsd.daemon.health import Health
 from omsd.daemon.metrics import Metrics
 from omsd.daemon.settings import Settings
 from omsd.sim.server import Simulator
-from omsd.state.events import NotificationReceived, ResultNotified, read_entry
+from omsd.state.events import NotificationReceived, ResultNotified, Resync, read_entry
 from omsd.state.machine import decide
 from omsd.state.models import FetchOrder, Inflight, Order
 from omsd.state.statuses import Phase
-from omsd.state.store import Store
+from omsd.state.store import NewEntry, Store
 from tests.api_helpers import settings as api_settings
 from tests.helpers import API_TOKEN, until
 from tests.machine_helpers import MKT, OID, at, order
@@ -268,6 +269,10 @@ async def approve(url: str, mkt: str, order_id: str) -> None:
         assert resp.status == 202
 
 
+async def _tracked(daemon: Any, order_id: str) -> bool:
+    return await load(daemon, order_id) is not None
+
+
 async def load(daemon: Any, order_id: str) -> Order | None:
     order: Order | None = await daemon.store.load_order(order_id)
     return order
@@ -279,6 +284,13 @@ async def test_forged_eoi011_on_the_bare_route_never_approves(sim: Simulator, ru
     async with run_daemon(sim, notify_allow_unauthenticated=True) as daemon:
         order_ = sim.create("F1", held=True, decision=None)
         await until(lambda: order_.status == "waiting-for-manual-authorization")
+        # Ids are linked lazily; an operator's resync of the tracked order links it.
+        await until(lambda: _tracked(daemon, order_.order_id), what="omsd tracks the order")
+        now = datetime.now(UTC)
+        await daemon.store.append(
+            [NewEntry.of(Resync(order_id=order_.order_id, reason="link"), source="operator", received_at=now)], now=now
+        )
+        daemon.processor.wake.set()
         await until(lambda: _linked(daemon, order_.order_id), what="omsd links the order")
         assert await post(daemon.url + NOTIFY, envelope("EOI011", "F1"), sim.account) == 200
         assert await post(daemon.url + NOTIFY, envelope("EOI011", "F-unknown"), sim.account) == 200

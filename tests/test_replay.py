@@ -14,7 +14,7 @@ import pytest
 
 from omsd.daemon.cli import Meter, main
 from omsd.daemon.processor import Processor
-from omsd.state.events import ApprovalAnswered, IntentReceived, IntentRecorded, StatusChanged
+from omsd.state.events import ApprovalAnswered, IntentReceived, IntentRecorded, Resync, StatusChanged
 from omsd.state.models import Policy
 from omsd.state.statuses import Phase
 from omsd.state.store import NewEntry, Store
@@ -27,8 +27,10 @@ OTHER = "MKP-999-01"
 async def _linking_order(db: Path) -> None:
     """An order whose link lookup (Get order) is pending, with an intent parked on its marketplace id."""
     async with await Store.open(db) as store:
+        # Ids are linked lazily: the parked-intents job asks for the lookup with a resync.
+        lookup = entry(Resync(order_id=OID, reason="link lookup for a parked intent"))
         await store.append(
-            [entry(IntentReceived(marketplace_order_id=MKT, source="api")), status_entry(HELD, 1)], now=NOW
+            [entry(IntentReceived(marketplace_order_id=MKT, source="api")), status_entry(HELD, 1), lookup], now=NOW
         )
         await Processor(store, Policy()).drain()
         assert [p[0] for p in await store.pending_intents()] == [MKT]
@@ -189,7 +191,7 @@ def test_dry_run_changes_nothing_and_shows_the_differences(
     assert _digests(db) == before
     report = json.loads(capsys.readouterr().out)
     assert report["summary"] | {"offset": 0} == {
-        "events": 2,
+        "events": 3,
         "orders": 1,
         "unchanged": 0,
         "changed": 1,

@@ -10,15 +10,9 @@ import pytest
 from omsd.daemon.app import Daemon
 from omsd.sim.server import Simulator
 from omsd.state.statuses import Phase
-from tests.helpers import approve, reached, until
+from tests.helpers import HOOK_SECRET, approve, hooked, reached, until
 
 pytestmark = pytest.mark.e2e
-
-HOOK_SECRET = "hook-secret-0123456789"
-
-
-def hooked(**kw: Any) -> dict[str, Any]:
-    return {"source": "hook", "hook_secret": HOOK_SECRET, **kw}
 
 
 async def post_hook(daemon: Daemon, body: Any, secret: str | None = HOOK_SECRET, raw: str | None = None) -> Any:

@@ -13,15 +13,18 @@ from typing import get_args
 import pytest
 
 from omsd.daemon.cli import main
+from omsd.daemon.linking import ParkedIntents
 from omsd.daemon.metrics import Metrics
 from omsd.daemon.processor import Processor
 from omsd.state.events import (
     UPCASTERS,
     VERSIONS,
     AnyEntry,
+    IntentExpired,
     IntentReceived,
     IntentRecorded,
     NotificationReceived,
+    StatusChanged,
     UnreadableEntry,
     read_entry,
 )
@@ -29,7 +32,7 @@ from omsd.state.models import Policy
 from omsd.state.schema import MIGRATIONS, SCHEMA_VERSION
 from omsd.state.statuses import Phase
 from omsd.state.store import NewEntry, SchemaTooNew, Store, StoreError
-from tests.machine_helpers import FREE, HELD, MKT, OID
+from tests.machine_helpers import FREE, HELD, MKT, OID, at
 from tests.store_helpers import NOW, answer_fetch, entry, status_entry
 
 
@@ -117,8 +120,14 @@ async def test_replay_rebuilds_the_same_state(tmp_path: Path) -> None:
         assert await store.outbox_counts() == {"done": 1, "superseded": 1}
 
 
+def parked_job(store: Store, metrics: Metrics | None = None, **kw: object) -> ParkedIntents:
+    options: dict[str, object] = {"ttl_s": 3600.0, "lookups_per_run": 5, "clock": lambda: NOW}
+    options.update(kw)
+    return ParkedIntents(store, metrics or Metrics(), lambda: None, **options)  # type: ignore[arg-type]
+
+
 async def test_intent_by_marketplace_id_is_parked_until_linked(tmp_path: Path) -> None:
-    """An intent naming only the marketplace id waits for Get order to link it, then applies."""
+    """An intent naming only the marketplace id waits parked; the lookup job's Get order links it, then it applies."""
     async with await Store.open(tmp_path / "db") as store:
         processor = Processor(store, Policy())
         await store.append([entry(IntentReceived(marketplace_order_id=MKT, source="api"))], now=NOW)
@@ -126,11 +135,114 @@ async def test_intent_by_marketplace_id_is_parked_until_linked(tmp_path: Path) -
         assert [p[0] for p in await store.pending_intents()] == [MKT]
         await store.append([status_entry(HELD, 1)], now=NOW)
         await processor.drain()
-        await answer_fetch(store, HELD, t=1)  # the first-sight Get order links the ids
+        assert await store.outbox_counts() == {}  # first sight asks no Get order
+        metrics = Metrics()
+        assert await parked_job(store, metrics).run_once() == 1
+        assert await parked_job(store, metrics).run_once() == 0  # the same lookup is not asked twice
+        await processor.drain()
+        await answer_fetch(store, HELD, t=1)  # the lookup links the ids
         await processor.drain()
         order = await store.load_order(OID)
         assert order is not None and order.has_intent and order.phase == Phase.WAITING_RELEASE
         assert await store.pending_intents() == []
+        assert metrics.sample("omsd_link_lookups_total") == 1
+
+
+async def test_no_lookup_without_a_parked_intent(tmp_path: Path) -> None:
+    """Orders seen in the feed cost no Get order while no intent is parked."""
+    async with await Store.open(tmp_path / "db") as store:
+        await store.append([status_entry(HELD, 1)], now=NOW)
+        await Processor(store, Policy()).drain()
+        assert await store.link_candidates(10) == []
+        assert await parked_job(store).run_once() == 0
+        assert await store.outbox_counts() == {}
+
+
+async def test_lookup_job_sees_orders_the_processor_applied_after_an_idle_run(tmp_path: Path) -> None:
+    """A run that found no candidate (the order's event not applied yet) does not blind the next
+    run once the processor has applied it."""
+    async with await Store.open(tmp_path / "db") as store:
+        processor = Processor(store, Policy())
+        await store.append([entry(IntentReceived(marketplace_order_id=MKT, source="api"))], now=NOW)
+        await processor.drain()
+        job = parked_job(store)
+        await store.append([status_entry(HELD, 1)], now=NOW)
+        assert await job.run_once() == 0  # not applied yet
+        assert await job.run_once() == 0
+        await processor.drain()
+        assert await job.run_once() == 1
+
+
+async def test_link_candidates_prefer_the_derived_id_and_skip_closed_orders(tmp_path: Path) -> None:
+    """Lookups go first to the order whose VTEX id contains the parked marketplace id, never to
+    closed orders, orders with a known marketplace id, or more than the bound per run."""
+    async with await Store.open(tmp_path / "db") as store:
+        entries = [entry(IntentReceived(marketplace_order_id="777", source="api"))]
+        for i, (oid, state) in enumerate(
+            [("A-1-01", HELD), ("B-2-01", "invoiced"), ("GHB-777-01", FREE), ("C-3-01", "canceled"), ("D-4-01", HELD)]
+        ):
+            ev = StatusChanged(order_id=oid, source="feed", state=state, current_change=at(i))
+            entries.append(entry(ev, dedup_key=f"s:{oid}"))
+        entries.append(entry(IntentRecorded(order_id="D-4-01", marketplace_order_id="444", source="api")))
+        await store.append(entries, now=NOW)
+        await Processor(store, Policy()).drain()
+        assert [oid for oid, _ in await store.link_candidates(10)] == ["GHB-777-01", "A-1-01"]
+        assert [oid for oid, _ in await store.link_candidates(1)] == ["GHB-777-01"]
+
+
+async def test_parked_intent_expires_with_a_record(tmp_path: Path) -> None:
+    """An intent parked longer than its time to live is dropped, journaled as intent_expired and counted;
+    a replay of the journal agrees."""
+    async with await Store.open(tmp_path / "db") as store:
+        processor = Processor(store, Policy(), metrics=(metrics := Metrics()))
+        await store.append([entry(IntentReceived(marketplace_order_id=MKT, source="api"))], now=NOW)
+        await processor.drain()
+        early = parked_job(store, ttl_s=60.0, clock=lambda: NOW + timedelta(seconds=59))
+        assert await early.run_once() == 0
+        late = parked_job(store, ttl_s=60.0, clock=lambda: NOW + timedelta(seconds=61))
+        assert await late.run_once() == 1
+        await processor.drain()
+        assert await store.pending_intents() == []
+        assert [r.kind for r in await store.journal_tail(1)] == ["intent_expired"]
+        assert metrics.sample("omsd_intents_expired_total") == 1
+        assert await late.run_once() == 0
+        await store.reset_derived(now=NOW)
+        await Processor(store, Policy()).drain()
+        assert await store.pending_intents() == []
+
+
+async def test_intent_parked_anew_in_the_batch_of_an_expiry_is_kept(tmp_path: Path) -> None:
+    """An intent sent again right after its predecessor expired is parked with its own offset."""
+    async with await Store.open(tmp_path / "db") as store:
+        [parked] = await store.append([entry(IntentReceived(marketplace_order_id=MKT, source="api"))], now=NOW)
+        await Processor(store, Policy()).drain()
+        [_, again] = await store.append(
+            [
+                entry(IntentExpired(marketplace_order_id=MKT, parked_offset=parked.offset or 0, ttl_s=1.0)),
+                entry(IntentReceived(marketplace_order_id=MKT, source="cli")),
+            ],
+            now=NOW,
+        )
+        await Processor(store, Policy()).drain()
+        assert await store.pending_intents() == [(MKT, "cli", again.offset)]
+
+
+async def test_expiry_leaves_a_linked_intent_alone(tmp_path: Path) -> None:
+    """An expiry that arrives after the intent was linked (or parked anew) changes nothing."""
+    async with await Store.open(tmp_path / "db") as store:
+        processor = Processor(store, Policy())
+        [parked] = await store.append([entry(IntentReceived(marketplace_order_id=MKT, source="api"))], now=NOW)
+        await store.append(
+            [
+                entry(IntentRecorded(order_id=OID, marketplace_order_id=MKT, source="api")),
+                entry(IntentExpired(marketplace_order_id=MKT, parked_offset=parked.offset or 0, ttl_s=1.0)),
+            ],
+            now=NOW,
+        )
+        await processor.drain()
+        order = await store.load_order(OID)
+        assert order is not None and order.has_intent and await store.pending_intents() == []
+        assert processor.expired == 0
 
 
 async def test_notification_routes_by_marketplace_id(tmp_path: Path) -> None:

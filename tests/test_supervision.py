@@ -19,7 +19,7 @@ from omsd.daemon.health import Health
 from omsd.daemon.jobs import Jobs
 from omsd.daemon.notify import Progress
 from omsd.sim.server import Simulator
-from tests.helpers import FakeClock, fast_settings, free_port, omsd_env, quiet_health, until
+from tests.helpers import FakeClock, approve, fast_settings, free_port, omsd_env, quiet_health, until
 
 HOOK_SECRET = "hook-secret-0123456789"
 
@@ -37,7 +37,8 @@ async def test_hook_daemon_stops_when_vtex_refuses_a_get_order(sim: Simulator, t
             await until(lambda: daemon.ready.is_set() or task.done(), what="ready")
             assert daemon.ready.is_set()
             sim.app_token = "rotated-at-vtex"
-            sim.create("AF1", held=True, decision="authorize", decide_after_s=60)
+            order = sim.create("AF1", held=False)
+            await approve(daemon, order.marketplace_order_id, order.order_id)  # omsd checks it with Get order
             with pytest.raises(DaemonFailed) as failed:
                 await asyncio.wait_for(asyncio.shield(task), timeout=30)
         finally:
