@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from omsd.daemon.budget import Priority
 from omsd.daemon.errors import VtexUnavailable
 from omsd.daemon.feed import FeedPoller
 from omsd.daemon.settings import Settings
@@ -65,7 +66,7 @@ class FakeVtex:
     async def save_hook_config(self, body: Any) -> None:
         raise NotImplementedError
 
-    async def get_order(self, order_id: str) -> OrderSnapshot:
+    async def get_order(self, order_id: str, *, priority: Priority = Priority.BACKGROUND) -> OrderSnapshot:
         raise NotImplementedError
 
     async def approve(self, marketplace_order_id: str) -> ApprovalResponse:
