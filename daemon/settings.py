@@ -121,6 +121,9 @@ class Settings(PolicySettings):
     # Journal retention: closed orders quiet this long keep one snapshot row (0: never prune)
     retention_days: int = RETENTION_DAYS
 
+    # Feed intake: GETs in flight at once while a backlog drains (docs/operations.md, "Request budget")
+    feed_concurrency: int = Field(default=8, ge=1, le=32)
+
     @field_validator("connector_endpoint")
     @classmethod
     def _endpoint(cls, value: str) -> str:
