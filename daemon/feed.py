@@ -9,8 +9,9 @@ so the handle is dropped and dedup absorbs the redelivery.
 
 Intake is pipelined: `feed_concurrency` readers keep GETs in flight while one
 writer journals whatever batches have arrived in one transaction (a group commit:
-one fsync for several batches) and commits their handles, up to `COMMIT_MAX` per
-POST. The feed is an SQS-like queue: concurrent GETs receive different messages,
+one fsync for several batches) and a committer commits the durable handles, up to
+`COMMIT_MAX` per POST and `COMMITS_IN_FLIGHT` POSTs at once, while the writer
+journals the next batches. The feed is an SQS-like queue: concurrent GETs receive different messages,
 and an occasional message delivered to two of them is absorbed by dedup. Only the
 first reader polls an idle feed; the others join while it finds items, so an idle
 feed costs one GET per poll interval, as before.
@@ -40,6 +41,11 @@ log = get_logger("omsd.feed")
 # VTEX publishes no maximum number of handles per commit (../shared/vtex/README.md §1.3);
 # 100 is ten full batches, a request body of a few kilobytes.
 COMMIT_MAX = 100
+# Batches read but not yet journaled. While the database is busy (the processor and the
+# effect runner write to it too) readers go on filling this, and the writer journals it
+# all in its next transaction: the slower each fsync, the more it carries.
+QUEUED_BATCHES = 32
+COMMITS_IN_FLIGHT = 4
 _DONE = object()  # a reader's last word to the writer
 
 
@@ -120,42 +126,52 @@ class FeedPoller:
             self._on_journal()
 
     async def flush_commits(self) -> None:
-        """Commit every durable handle not yet committed, up to COMMIT_MAX per request."""
-        while handles := await self._store.pending_acks(limit=COMMIT_MAX):
-            try:
-                await self._vtex.commit_feed(handles)
-            except VtexError as exc:
-                self.stats.commit_failures += 1
-                self._metrics.feed_commit_failures.inc()
-                cutoff = self._clock() - timedelta(seconds=self._settings.feed_visibility_timeout_s)
-                dropped = await self._store.acks_failed(handles, str(exc), drop_before=cutoff)
-                log.warning("feed_commit_failed", handles=len(handles), error=str(exc), dropped=dropped)
+        """Commit every durable handle not yet committed: up to COMMIT_MAX per request,
+        COMMITS_IN_FLIGHT requests at once. A failure stops the round (retried later)."""
+        while handles := await self._store.pending_acks(limit=COMMIT_MAX * COMMITS_IN_FLIGHT):
+            chunks = [handles[i : i + COMMIT_MAX] for i in range(0, len(handles), COMMIT_MAX)]
+            if not all(await asyncio.gather(*(self._commit(chunk) for chunk in chunks))):
                 return
-            await self._store.acks_done(handles)
-            self.stats.commits += len(handles)
-            self._metrics.feed_commits.inc(len(handles))
+
+    async def _commit(self, handles: list[str]) -> bool:
+        try:
+            await self._vtex.commit_feed(handles)
+        except VtexError as exc:
+            self.stats.commit_failures += 1
+            self._metrics.feed_commit_failures.inc()
+            cutoff = self._clock() - timedelta(seconds=self._settings.feed_visibility_timeout_s)
+            dropped = await self._store.acks_failed(handles, str(exc), drop_before=cutoff)
+            log.warning("feed_commit_failed", handles=len(handles), error=str(exc), dropped=dropped)
+            return False
+        await self._store.acks_done(handles)
+        self.stats.commits += len(handles)
+        self._metrics.feed_commits.inc(len(handles))
+        return True
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Read with `feed_concurrency` readers and journal and commit here until `stop`.
+        """Read with `feed_concurrency` readers, journal here, commit in a task, until `stop`.
         Any non-empty batch is followed at once by another (a short batch does not mean
         the queue is empty); after an empty one the first reader waits `poll_interval_s`
         (which does not prove the queue empty either: polling goes on)."""
-        batches: asyncio.Queue[object] = asyncio.Queue(maxsize=self._settings.feed_concurrency)
-        finding = asyncio.Event()
-        readers = [
+        batches: asyncio.Queue[object] = asyncio.Queue(maxsize=QUEUED_BATCHES)
+        finding, journaled, written = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        tasks = [
             asyncio.create_task(self._reader(n, stop, batches, finding), name=f"feed-reader-{n}")
             for n in range(self._settings.feed_concurrency)
         ]
+        tasks.append(asyncio.create_task(self._committer(journaled, written, batches), name="feed-committer"))
         try:
-            await self._writer(batches, len(readers))
+            await self._writer(batches, self._settings.feed_concurrency, journaled)
+            written.set()
+            await tasks[-1]
         finally:
-            for task in readers:
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*readers, return_exceptions=True)
-        await self.flush_commits()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _writer(self, batches: asyncio.Queue[object], readers: int) -> None:
-        """Journal what the readers deliver, several batches per transaction, then commit."""
+    async def _writer(self, batches: asyncio.Queue[object], readers: int, journaled: asyncio.Event) -> None:
+        """Journal what the readers deliver, every batch waiting in one transaction, until
+        every reader is done; raise what a reader or the committer raised."""
         while readers:
             got = [await batches.get()]
             while not batches.empty():
@@ -173,7 +189,26 @@ class FeedPoller:
                 # Nothing was stored, so no handle was recorded: VTEX redelivers the items.
                 log.warning("feed_intake_paused", error=exc.reason)
                 continue
-            await self.flush_commits()
+            journaled.set()
+
+    async def _committer(self, journaled: asyncio.Event, written: asyncio.Event, out: asyncio.Queue[object]) -> None:
+        """Commit durable handles as they are journaled (and retry failed ones every poll
+        interval), while the writer journals the next batches; a last round once it is done."""
+        try:
+            while True:
+                await wait_any(journaled, written, within_s=self._settings.poll_interval_s)
+                journaled.clear()
+                last = written.is_set()
+                try:
+                    await self.flush_commits()
+                except StoreUnwritable as exc:
+                    log.warning("feed_commit_paused", error=exc.reason)
+                if last:
+                    return
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            await out.put(exc)
 
     async def _reader(self, n: int, stop: asyncio.Event, out: asyncio.Queue[object], finding: asyncio.Event) -> None:
         """Reader `n`: GET batches and hand them to the writer. Reader 0 polls an idle feed
