@@ -282,3 +282,17 @@ async def test_a_fatal_error_in_a_reader_ends_the_loop(settings: Settings) -> No
     async with await Store.open(settings.db) as store:
         with pytest.raises(AuthFailed):
             await asyncio.wait_for(FeedPoller(store, Refusing(settings.db, []), settings).run(asyncio.Event()), 10)
+
+
+async def test_a_failed_commit_is_retried_while_the_feed_is_idle(settings: Settings) -> None:
+    """In the running loop, a handle whose commit failed is committed again though no new item arrives."""
+    quick = settings.model_copy(update={"poll_interval_s": 0.05})
+    async with await Store.open(settings.db) as store:
+        vtex = FakeVtex(settings.db, [[ITEM]])
+        vtex.fail_commits = 1
+        stop = asyncio.Event()
+        task = asyncio.create_task(FeedPoller(store, vtex, quick).run(stop))
+        await until(lambda: vtex.committed == ["h1"] or task.done(), timeout=10, what="the retried commit")
+        stop.set()
+        await task
+        assert await store.pending_acks() == []
