@@ -88,7 +88,7 @@ class Settings(PolicySettings):
     feed_retention_s: int = Field(default=345600, ge=345600, le=1209600)
 
     # VTEX client
-    rate_limit_per_s: float = Field(default=10.0, gt=0, le=1000)
+    rate_limit_per_s: float = Field(default=50.0, gt=0, le=1000)  # docs/operations.md, "Request budget"
     http_timeout_s: float = Field(default=15.0, gt=0, le=300)
     http_retries: int = Field(default=3, ge=0, le=10)
     rate_limited_wait_s: float = Field(default=60.0, ge=0, le=3600)
