@@ -208,6 +208,8 @@ class FeedPoller:
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
+            if written.is_set():
+                raise  # the writer is done: run() awaits this task and sees it
             await out.put(exc)
 
     async def _reader(self, n: int, stop: asyncio.Event, out: asyncio.Queue[object], finding: asyncio.Event) -> None:
