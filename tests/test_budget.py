@@ -155,7 +155,7 @@ async def test_an_approval_goes_before_a_queued_backlog(recorder: tuple[Recorder
     rec, base = recorder
     async with aiohttp.ClientSession() as session:
         c = VtexClient(make_settings(vtex_base_url=base, rate_limit_per_s=2, rate_adapt=False), session)
-        backlog = [asyncio.create_task(c.get_order(f"B-{n}")) for n in range(12)]
+        backlog = [asyncio.create_task(c.get_order(f"B-{n}")) for n in range(40)]
         await until(lambda: len(rec.arrivals) >= 2, what="the first second's slots used")
         queued = len(rec.arrivals)
         put = asyncio.create_task(c.approve("M-1"))
