@@ -81,6 +81,7 @@ class FeedPoller:
         self._metrics = metrics or Metrics()
         self._health = health
         self.stats = FeedStats()
+        self._recreating = asyncio.Lock()
 
     async def poll_once(self) -> int:
         """One round: flush old commits, read a batch, journal it, commit it.
@@ -248,7 +249,8 @@ class FeedPoller:
             if self._health is not None:
                 self._health.feed_config_ok = False
             try:
-                await ensure_feed_config(self._vtex, self._settings, self._health)
+                async with self._recreating:  # one reader recreates it; the others then find it
+                    await ensure_feed_config(self._vtex, self._settings, self._health)
             except AuthFailed:
                 raise
             except VtexError as exc:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from omsd.daemon.budget import Priority
-from omsd.daemon.errors import AuthFailed, VtexUnavailable
+from omsd.daemon.errors import AuthFailed, NotFound, VtexUnavailable
 from omsd.daemon.feed import FeedPoller
 from omsd.daemon.settings import Settings
 from omsd.daemon.vtex import ApprovalResponse, FeedConfig, HookConfig, OrderSnapshot
@@ -42,6 +42,7 @@ class FakeVtex:
         self.config: FeedConfig | None = None
         self.saved: list[dict[str, Any]] = []
         self.polls = 0
+        self.config_reads = 0
 
     async def get_feed(self, maxlot: int) -> list[Any]:
         self.polls += 1
@@ -296,3 +297,34 @@ async def test_a_failed_commit_is_retried_while_the_feed_is_idle(settings: Setti
         stop.set()
         await task
         assert await store.pending_acks() == []
+
+
+async def test_readers_that_all_find_the_feed_missing_recreate_it_once(settings: Settings) -> None:
+    """Four readers answered 404 at once: the configuration is POSTed once, the others find it."""
+
+    class Missing(FakeVtex):
+        async def get_feed(self, maxlot: int) -> list[Any]:
+            self.polls += 1
+            await asyncio.sleep(0)  # let every reader ask before anyone recreates
+            if self.config is None:
+                raise NotFound("GET /api/orders/feed: HTTP 404", 404, None)
+            return []
+
+        async def get_feed_config(self) -> FeedConfig | None:
+            self.config_reads += 1
+            return self.config
+
+        async def save_feed_config(self, body: Any) -> None:
+            await asyncio.sleep(0)
+            self.saved.append(dict(body))
+            self.config = FeedConfig(raw=dict(body))
+
+    four = settings.model_copy(update={"poll_interval_s": 3600.0, "feed_concurrency": 4})
+    async with await Store.open(settings.db) as store:
+        vtex = Missing(settings.db, [])
+        stop = asyncio.Event()
+        task = asyncio.create_task(FeedPoller(store, vtex, four).run(stop))
+        await until(lambda: vtex.config_reads >= 4 or task.done(), timeout=10, what="every reader checked the config")
+        stop.set()
+        await task
+    assert len(vtex.saved) == 1
