@@ -13,6 +13,7 @@ import asyncio
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+from omsd.daemon.budget import Priority
 from omsd.daemon.errors import AuthFailed, NotFound, RateLimited, VtexError
 from omsd.daemon.logs import get_logger
 from omsd.daemon.metrics import Metrics
@@ -26,6 +27,14 @@ from omsd.state.store import NewEntry, OutboxRow, Store
 log = get_logger("omsd.effects")
 
 INTERRUPTED = "interrupted: outcome unknown"
+# A Get order right before an approval (or after a refusal, to decide on the next one)
+# is as urgent as the approval itself; linking ids and confirmation checks can wait.
+FETCH_PRIORITY: dict[str, Priority] = {
+    "pre_approval": Priority.APPROVAL,
+    "after_refusal": Priority.APPROVAL,
+    "link": Priority.BACKGROUND,
+    "confirm": Priority.BACKGROUND,
+}
 
 Clock = Callable[[], datetime]
 
@@ -129,7 +138,7 @@ class EffectRunner:
 
     async def _fetch(self, effect: FetchOrder) -> Event:
         try:
-            snap = await self._vtex.get_order(effect.order_id)
+            snap = await self._vtex.get_order(effect.order_id, priority=FETCH_PRIORITY[effect.purpose])
         except NotFound as exc:
             return OrderFetchFailed(order_id=effect.order_id, seq=effect.seq, error=str(exc), not_found=True)
         except AuthFailed:

@@ -90,7 +90,7 @@ class Settings(PolicySettings):
     feed_retention_s: int = Field(default=345600, ge=345600, le=1209600)
 
     # VTEX client
-    rate_limit_per_s: float = Field(default=10.0, gt=0, le=1000)
+    rate_limit_per_s: float = Field(default=50.0, gt=0, le=1000)  # docs/operations.md, "Request budget"
     http_timeout_s: float = Field(default=15.0, gt=0, le=300)
     http_retries: int = Field(default=3, ge=0, le=10)
     rate_limited_wait_s: float = Field(default=60.0, ge=0, le=3600)
@@ -128,6 +128,9 @@ class Settings(PolicySettings):
     link_lookups_per_run: int = Field(default=5, ge=0, le=1000)  # Get orders (lowest priority) per run
     parked_intent_ttl_s: float = Field(default=604800.0, gt=0)  # 7 days, see docs/vtex-decisions.md
     waiting_self_check_s: float = Field(default=30.0, ge=1, le=86400)  # hook mode, while intents wait
+
+    # Feed intake: GETs in flight at once while a backlog drains (docs/operations.md, "Request budget")
+    feed_concurrency: int = Field(default=8, ge=1, le=32)
 
     @field_validator("connector_endpoint")
     @classmethod

@@ -7,6 +7,9 @@ absent, as VTEX's feed guide asks) and then retries, a bounded number of times;
 the pause is checked after a throttle slot is granted, so no call queued in the
 throttle slips out inside it. Each 429 also lowers the throttle's rate, which
 recovers slowly while VTEX stops refusing (daemon/ratelimit.py).
+Every call names a priority class; under a saturated budget the gate in front of
+the throttle serves commits, then approvals, then feed reads, then the rest, with
+a minimum share for the last two (daemon/budget.py).
 Network errors, timeouts and 5xx are retried with capped backoff for idempotent
 calls only; the approval PUT is never blindly repeated (the machine re-checks
 the order with Get order instead).
@@ -27,6 +30,7 @@ import aiohttp
 from asyncio_throttle.throttler import Throttler
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from omsd.daemon.budget import Priority, PriorityGate
 from omsd.daemon.errors import AuthFailed, BadResponse, NotFound, RateLimited, VtexRejected, VtexUnavailable
 from omsd.daemon.intake import parse_time
 from omsd.daemon.logs import get_logger
@@ -198,7 +202,7 @@ class VtexApi(Protocol):
     async def save_feed_config(self, body: Mapping[str, Any]) -> None: ...
     async def get_hook_config(self) -> HookConfig | None: ...
     async def save_hook_config(self, body: Mapping[str, Any]) -> None: ...
-    async def get_order(self, order_id: str) -> OrderSnapshot: ...
+    async def get_order(self, order_id: str, *, priority: Priority = Priority.BACKGROUND) -> OrderSnapshot: ...
     async def approve(self, marketplace_order_id: str) -> ApprovalResponse: ...
 
 
@@ -223,6 +227,7 @@ class VtexClient:
         self._adapt = settings.rate_adapt
         # asyncio-throttle reads `rate_limit` on every acquire: changing it takes effect at once.
         self._throttler = Throttler(rate_limit=self._rate.slots, period=1.0)
+        self._gate = PriorityGate()
         self._metrics = metrics or Metrics()
         self._metrics.rate_effective.set(self._rate.rate)
         self._max_rate_limited = max_rate_limited
@@ -248,6 +253,7 @@ class VtexClient:
         params: Mapping[str, str] | None = None,
         body: Any = None,
         idempotent: bool,
+        priority: Priority,
     ) -> tuple[int, Any]:
         """One logical call. Returns (status, parsed JSON or None) for any status < 500
         except 429; raises VtexUnavailable or RateLimited otherwise."""
@@ -255,7 +261,7 @@ class VtexClient:
         failures = 0
         limited = 0
         while True:
-            await self._slot()
+            await self._slot(priority)
             started = self._clock()
             status, retry_after, text, error = await self._send(method, url, params, body)
             self._metrics.on_vtex_call(method, route, error or status, self._clock() - started)
@@ -307,16 +313,19 @@ class VtexClient:
         except aiohttp.ClientError as exc:
             return 0, None, "", type(exc).__name__
 
-    async def _slot(self) -> None:
-        """Take a throttle slot outside any 429 pause. A caller queued in the throttle when
-        a 429 arrives is granted its slot inside the pause: it waits the pause out and
-        queues again, so nothing is sent before Retry-After has elapsed."""
-        while True:
-            while (wait := self._paused_until - self._clock()) > 0:
-                await self._sleep(wait)
-            async with self._throttler:  # takes a slot; leaving the block gives nothing back
-                if self._clock() >= self._paused_until:
-                    return
+    async def _slot(self, priority: Priority) -> None:
+        """Take a throttle slot outside any 429 pause, in priority order. One caller at a
+        time passes the gate to the throttle, so the gate, not the throttle's queue,
+        decides who goes next. A slot granted inside a pause that began while the caller
+        waited is not used: the pause is waited out and a slot taken again, so nothing
+        is sent before Retry-After has elapsed."""
+        async with self._gate.turn(priority):
+            while True:
+                while (wait := self._paused_until - self._clock()) > 0:
+                    await self._sleep(wait)
+                async with self._throttler:  # takes a slot; leaving the block gives nothing back
+                    if self._clock() >= self._paused_until:
+                        return
 
     def _adjust_rate(self, *, limited: bool) -> None:
         """Feed an answer to the adaptive rate and apply the result to the throttle."""
@@ -338,10 +347,11 @@ class VtexClient:
         raise VtexRejected(message, status, code)
 
     # ---- feed ---------------------------------------------------------------------------
-    async def get_feed(self, maxlot: int) -> list[Any]:
+    async def get_feed(self, maxlot: int, *, priority: Priority = Priority.INTAKE) -> list[Any]:
         if not 1 <= maxlot <= 10:
             raise ValueError("maxlot must be within 1..10")
-        status, body = await self._request("GET", FEED, FEED, params={"maxlot": str(maxlot)}, idempotent=True)
+        params = {"maxlot": str(maxlot)}
+        status, body = await self._request("GET", FEED, FEED, params=params, idempotent=True, priority=priority)
         if status != 200:
             self._raise_for("GET", FEED, status, body)
         if body is None:
@@ -350,16 +360,17 @@ class VtexClient:
             raise BadResponse(f"GET {FEED}: expected a JSON array")
         return body
 
-    async def commit_feed(self, handles: list[str]) -> None:
+    async def commit_feed(self, handles: list[str], *, priority: Priority = Priority.COMMIT) -> None:
         if not handles:
             return
-        status, body = await self._request("POST", FEED, FEED, body={"handles": handles}, idempotent=True)
+        payload = {"handles": handles}
+        status, body = await self._request("POST", FEED, FEED, body=payload, idempotent=True, priority=priority)
         if not 200 <= status < 300:
             self._raise_for("POST", FEED, status, body)
 
     async def _get_config(self, route: str) -> dict[str, Any] | None:
         """A configuration object, or None when VTEX has none (404, or an empty 200)."""
-        status, body = await self._request("GET", route, route, idempotent=True)
+        status, body = await self._request("GET", route, route, idempotent=True, priority=Priority.BACKGROUND)
         if status == 404 or (status == 200 and not body):
             return None
         if status != 200:
@@ -369,7 +380,9 @@ class VtexClient:
         return body
 
     async def _save_config(self, route: str, body: Mapping[str, Any]) -> None:
-        status, answer = await self._request("POST", route, route, body=dict(body), idempotent=True)
+        status, answer = await self._request(
+            "POST", route, route, body=dict(body), idempotent=True, priority=Priority.BACKGROUND
+        )
         if not 200 <= status < 300:
             self._raise_for("POST", route, status, answer)
 
@@ -389,9 +402,10 @@ class VtexClient:
         await self._save_config(HOOK_CONFIG, body)
 
     # ---- orders -------------------------------------------------------------------------
-    async def get_order(self, order_id: str) -> OrderSnapshot:
+    async def get_order(self, order_id: str, *, priority: Priority = Priority.BACKGROUND) -> OrderSnapshot:
+        """Priority: APPROVAL right before an approval, BACKGROUND for what can wait."""
         path = ORDER.format(order_id=quote(order_id, safe=""))
-        status, body = await self._request("GET", ORDER, path, idempotent=True)
+        status, body = await self._request("GET", ORDER, path, idempotent=True, priority=priority)
         if status != 200:
             self._raise_for("GET", ORDER, status, body)
         try:
@@ -399,7 +413,7 @@ class VtexClient:
         except ValidationError as exc:
             raise BadResponse(f"GET {ORDER}: unreadable order ({exc.error_count()} errors)") from None
 
-    async def approve(self, marketplace_order_id: str) -> ApprovalResponse:
+    async def approve(self, marketplace_order_id: str, *, priority: Priority = Priority.APPROVAL) -> ApprovalResponse:
         """PUT marketplaceOrderStatus=approved. A result code in the body is an answer,
         whatever the HTTP status; without one, 4xx raises VtexRejected."""
         body = {
@@ -409,7 +423,13 @@ class VtexClient:
             "connectorEndpoint": self._settings.notify_endpoint.get_secret_value(),  # the capability URL
         }
         status, answer = await self._request(
-            "PUT", ORDER_STATUS, ORDER_STATUS, params={"an": self._settings.account}, body=body, idempotent=False
+            "PUT",
+            ORDER_STATUS,
+            ORDER_STATUS,
+            params={"an": self._settings.account},
+            body=body,
+            idempotent=False,
+            priority=priority,
         )
         code = answer.get("code") if isinstance(answer, dict) else None
         if isinstance(code, str) and code:

@@ -155,3 +155,20 @@ def quiet_health() -> Health:
 
 def hooked(**kw: Any) -> dict[str, Any]:
     return {"source": "hook", "hook_secret": HOOK_SECRET, **kw}
+
+
+VTEX_TOKEN = "app-token-secret-value-123"
+
+
+def make_settings(**kw: Any) -> Settings:
+    """Settings for tests of the VTEX client alone."""
+    values: dict[str, Any] = {
+        "account": "shop",
+        "app_key": "vtexappkey-shop-ABC",
+        "app_token": VTEX_TOKEN,
+        "connector_name": "conn",
+        "connector_endpoint": "https://omsd.example.com/vtex",
+        "http_retries": 2,
+    }
+    values.update(kw)
+    return Settings(**values)

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from omsd.daemon.budget import Priority
 from omsd.daemon.effects import EffectRunner
 from omsd.daemon.errors import AuthFailed, NotFound, RateLimited, VtexRejected, VtexUnavailable
 from omsd.daemon.metrics import Metrics
@@ -62,7 +63,7 @@ class FakeVtex:
             raise outcome
         return outcome
 
-    async def get_order(self, order_id: str) -> OrderSnapshot:
+    async def get_order(self, order_id: str, *, priority: Priority = Priority.BACKGROUND) -> OrderSnapshot:
         answer: OrderSnapshot = await self._answer("get_order", order_id, self.orders)
         return answer
 

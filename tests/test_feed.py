@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from omsd.daemon.errors import VtexUnavailable
+from omsd.daemon.budget import Priority
+from omsd.daemon.errors import AuthFailed, NotFound, VtexUnavailable
 from omsd.daemon.feed import FeedPoller
 from omsd.daemon.settings import Settings
 from omsd.daemon.vtex import ApprovalResponse, FeedConfig, HookConfig, OrderSnapshot
 from omsd.daemon.vtexconfig import ensure_feed_config
 from omsd.state.store import Store
+from tests.helpers import until
 
 ITEM = {
     "eventId": "E1",
@@ -39,6 +42,7 @@ class FakeVtex:
         self.config: FeedConfig | None = None
         self.saved: list[dict[str, Any]] = []
         self.polls = 0
+        self.config_reads = 0
 
     async def get_feed(self, maxlot: int) -> list[Any]:
         self.polls += 1
@@ -65,7 +69,7 @@ class FakeVtex:
     async def save_hook_config(self, body: Any) -> None:
         raise NotImplementedError
 
-    async def get_order(self, order_id: str) -> OrderSnapshot:
+    async def get_order(self, order_id: str, *, priority: Priority = Priority.BACKGROUND) -> OrderSnapshot:
         raise NotImplementedError
 
     async def approve(self, marketplace_order_id: str) -> ApprovalResponse:
@@ -137,7 +141,7 @@ async def test_a_short_batch_is_followed_at_once_and_an_empty_one_waits(settings
 
     from tests.helpers import until
 
-    slow = settings.model_copy(update={"poll_interval_s": 3600.0})
+    slow = settings.model_copy(update={"poll_interval_s": 3600.0, "feed_concurrency": 1})
     async with await Store.open(settings.db) as store:
         vtex = FakeVtex(settings.db, [[ITEM], [{**ITEM, "eventId": "E2", "handle": "h2", "state": "canceled"}]])
         stop = asyncio.Event()
@@ -202,3 +206,125 @@ async def test_a_poisoned_feed_response_is_no_crash(body: bytes) -> None:
                 content_type="application/json",
             )
             assert await client.get_feed(10) == []
+
+
+def batch(first: int, size: int = 10) -> list[Any]:
+    return [
+        {**ITEM, "eventId": f"E{n}", "handle": f"h{n}", "orderId": f"MKP-{n}-01"} for n in range(first, first + size)
+    ]
+
+
+class ConcurrentFeed(FakeVtex):
+    """Holds every non-empty GET until `width` GETs are in flight at once; records commit sizes."""
+
+    def __init__(self, db: Path, batches: list[list[Any]], width: int) -> None:
+        super().__init__(db, batches)
+        self.width = width
+        self.in_flight = 0
+        self.all_in = asyncio.Event()
+        self.commit_sizes: list[int] = []
+
+    async def get_feed(self, maxlot: int) -> list[Any]:
+        self.polls += 1
+        if not self.batches:
+            return []
+        items = self.batches.pop(0)
+        self.in_flight += 1
+        if self.in_flight >= self.width:
+            self.all_in.set()
+        await self.all_in.wait()
+        return items
+
+    async def commit_feed(self, handles: list[str]) -> None:
+        self.commit_sizes.append(len(handles))
+        await super().commit_feed(handles)
+
+
+async def test_concurrent_reads_are_journaled_in_one_transaction_and_committed_in_one_request(
+    settings: Settings,
+) -> None:
+    """Three GETs are in flight at once; their 30 items reach the database together, and only
+    then are all 30 handles committed in a single POST."""
+    three = settings.model_copy(update={"poll_interval_s": 3600.0, "feed_concurrency": 3})
+    async with await Store.open(settings.db) as store:
+        vtex = ConcurrentFeed(settings.db, [batch(0), batch(10), batch(20)], width=3)
+        stop = asyncio.Event()
+        task = asyncio.create_task(FeedPoller(store, vtex, three).run(stop))
+        await until(lambda: len(vtex.committed) == 30 or task.done(), timeout=10, what="30 handles committed")
+        stop.set()
+        await task
+    assert vtex.commit_sizes == [30]
+    assert vtex.durable_at_commit == [30]
+
+
+async def test_every_commit_follows_the_durability_of_its_items_under_concurrency(settings: Settings) -> None:
+    """With four readers and many batches, each commit finds at least every handle committed so
+    far, itself included, already journaled; no commit carries more than 100 handles."""
+    four = settings.model_copy(update={"poll_interval_s": 3600.0, "feed_concurrency": 4})
+    async with await Store.open(settings.db) as store:
+        vtex = ConcurrentFeed(settings.db, [batch(n * 10) for n in range(40)], width=1)
+        stop = asyncio.Event()
+        task = asyncio.create_task(FeedPoller(store, vtex, four).run(stop))
+        await until(lambda: len(vtex.committed) == 400 or task.done(), timeout=20, what="400 handles committed")
+        stop.set()
+        await task
+    totals = [sum(vtex.commit_sizes[: i + 1]) for i in range(len(vtex.commit_sizes))]
+    assert all(durable >= total for durable, total in zip(vtex.durable_at_commit, totals, strict=True))
+    assert max(vtex.commit_sizes) <= 100 and sorted(vtex.committed) == sorted(f"h{n}" for n in range(400))
+
+
+async def test_a_fatal_error_in_a_reader_ends_the_loop(settings: Settings) -> None:
+    """AuthFailed in any reader ends run() with that error (the supervisor restarts omsd)."""
+
+    class Refusing(FakeVtex):
+        async def get_feed(self, maxlot: int) -> list[Any]:
+            raise AuthFailed("GET /api/orders/feed: HTTP 401", 401, None)
+
+    async with await Store.open(settings.db) as store:
+        with pytest.raises(AuthFailed):
+            await asyncio.wait_for(FeedPoller(store, Refusing(settings.db, []), settings).run(asyncio.Event()), 10)
+
+
+async def test_a_failed_commit_is_retried_while_the_feed_is_idle(settings: Settings) -> None:
+    """In the running loop, a handle whose commit failed is committed again though no new item arrives."""
+    quick = settings.model_copy(update={"poll_interval_s": 0.05})
+    async with await Store.open(settings.db) as store:
+        vtex = FakeVtex(settings.db, [[ITEM]])
+        vtex.fail_commits = 1
+        stop = asyncio.Event()
+        task = asyncio.create_task(FeedPoller(store, vtex, quick).run(stop))
+        await until(lambda: vtex.committed == ["h1"] or task.done(), timeout=10, what="the retried commit")
+        stop.set()
+        await task
+        assert await store.pending_acks() == []
+
+
+async def test_readers_that_all_find_the_feed_missing_recreate_it_once(settings: Settings) -> None:
+    """Four readers answered 404 at once: the configuration is POSTed once, the others find it."""
+
+    class Missing(FakeVtex):
+        async def get_feed(self, maxlot: int) -> list[Any]:
+            self.polls += 1
+            await asyncio.sleep(0)  # let every reader ask before anyone recreates
+            if self.config is None:
+                raise NotFound("GET /api/orders/feed: HTTP 404", 404, None)
+            return []
+
+        async def get_feed_config(self) -> FeedConfig | None:
+            self.config_reads += 1
+            return self.config
+
+        async def save_feed_config(self, body: Any) -> None:
+            await asyncio.sleep(0)
+            self.saved.append(dict(body))
+            self.config = FeedConfig(raw=dict(body))
+
+    four = settings.model_copy(update={"poll_interval_s": 3600.0, "feed_concurrency": 4})
+    async with await Store.open(settings.db) as store:
+        vtex = Missing(settings.db, [])
+        stop = asyncio.Event()
+        task = asyncio.create_task(FeedPoller(store, vtex, four).run(stop))
+        await until(lambda: vtex.config_reads >= 4 or task.done(), timeout=10, what="every reader checked the config")
+        stop.set()
+        await task
+    assert len(vtex.saved) == 1

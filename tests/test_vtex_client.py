@@ -16,25 +16,12 @@ from aiohttp import web
 
 from omsd.daemon.errors import AuthFailed, BadResponse, NotFound, RateLimited, VtexUnavailable
 from omsd.daemon.metrics import Metrics
-from omsd.daemon.settings import Settings
 from omsd.daemon.vtex import FeedConfig, VtexClient, feed_config_body, parse_retry_after
+from tests.helpers import VTEX_TOKEN, make_settings
 from tests.http_mock import aioresponses
 
 BASE = "https://shop.vtexcommercestable.com.br"
-TOKEN = "app-token-secret-value-123"
-
-
-def make_settings(**kw: Any) -> Settings:
-    values: dict[str, Any] = {
-        "account": "shop",
-        "app_key": "vtexappkey-shop-ABC",
-        "app_token": TOKEN,
-        "connector_name": "conn",
-        "connector_endpoint": "https://omsd.example.com/vtex",
-        "http_retries": 2,
-    }
-    values.update(kw)
-    return Settings(**values)
+TOKEN = VTEX_TOKEN
 
 
 class Sleeps:
