@@ -83,7 +83,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def settings_for(sim: Simulator, db: Path, source: str) -> Settings:
+def settings_for(sim: Simulator, db: Path, source: str, rate_adapt: bool) -> Settings:
     port = free_port()
     return Settings(
         account=sim.account,
@@ -98,6 +98,7 @@ def settings_for(sim: Simulator, db: Path, source: str) -> Settings:
         source=source,
         hook_secret="bench-hook-secret-0123456789" if source == "hook" else None,
         log_level="error",
+        rate_adapt=rate_adapt,
     )
 
 
@@ -227,7 +228,7 @@ async def one_run(args: argparse.Namespace, source: str, faults: Faults, label: 
     sim = Simulator(seed=run, faults=faults)
     await sim.start()
     with tempfile.TemporaryDirectory() as tmp:
-        daemon, stop, task = await start_daemon(settings_for(sim, Path(tmp) / "omsd.db", source))
+        daemon, stop, task = await start_daemon(settings_for(sim, Path(tmp) / "omsd.db", source, args.rate_adapt))
         t0 = time.monotonic()
         try:
             driven = await drive(args, sim, daemon.url, run)
@@ -269,7 +270,8 @@ async def main(args: argparse.Namespace) -> None:
     runs: list[tuple[str, Faults, str]] = [
         (source, make(), label)
         for source in args.sources
-        for make, label in ((no_faults, "no faults"), (fault_mix, "fault mix"))
+        for key, make, label in (("none", no_faults, "no faults"), ("mix", fault_mix, "fault mix"))
+        if key in args.faults
     ]
     results: list[Result] = []
     for n, (source, faults, label) in enumerate(runs, 1):
@@ -288,6 +290,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--arrival", type=float, default=50.0, help="orders arrive over this many seconds (0: at once)")
     p.add_argument("--spread", type=float, default=10.0, help="a held order is released 1 to 1 + this s after its hold")
     p.add_argument("--timeout", type=float, default=30.0, help="a run gives up this long after the last intent")
+    p.add_argument("--faults", nargs="+", default=["none", "mix"], choices=["none", "mix"])
+    p.add_argument("--rate-adapt", action=argparse.BooleanOptionalAction, default=True, help="OMSD_RATE_ADAPT")
     p.add_argument("--sources", nargs="+", default=["hook", "feed"], choices=["hook", "feed"])
     return p.parse_args(argv)
 

@@ -12,7 +12,8 @@ when it exists.
 Then `omsd run` (a subprocess, default settings: feed source polled every 5 s)
 runs against the simulator on loopback (in this process), once on an empty
 database (the baseline) and once on the generated one; after /readyz answers 200
-and `--settle` more seconds, VmRSS and VmHWM are read from /proc/<pid>/status.
+and `--settle` more seconds, VmRSS and VmHWM are read from /proc/<pid>/status, and
+again after one /metrics scrape (whose gauges are read from the store).
 """
 
 from __future__ import annotations
@@ -126,6 +127,9 @@ async def measure(db: Path, settle: float, log: Path) -> dict[str, float]:
             at_ready = memory(proc.pid)
             await asyncio.sleep(settle)
             settled = memory(proc.pid)
+            async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+                await resp.read()  # refreshes the gauges read from the store (phase counts, offsets)
+            scraped = memory(proc.pid)
             cpu = sum(int(x) for x in Path(f"/proc/{proc.pid}/stat").read_text().split()[13:15])
         finally:
             proc.terminate()
@@ -136,6 +140,8 @@ async def measure(db: Path, settle: float, log: Path) -> dict[str, float]:
         "rss_ready_kb": at_ready["VmRSS"],
         "rss_kb": settled["VmRSS"],
         "hwm_kb": settled["VmHWM"],
+        "rss_scraped_kb": scraped["VmRSS"],
+        "hwm_scraped_kb": scraped["VmHWM"],
         "cpu_s": cpu / os.sysconf("SC_CLK_TCK"),
     }
 
@@ -149,6 +155,8 @@ def report(runs: dict[str, dict[str, float]]) -> None:
         ("VmRSS at ready (MiB)", "rss_ready_kb", 1024.0, "{:.1f}"),
         ("VmRSS, ready + settle (MiB)", "rss_kb", 1024.0, "{:.1f}"),
         ("VmHWM, peak (MiB)", "hwm_kb", 1024.0, "{:.1f}"),
+        ("VmRSS after a /metrics scrape (MiB)", "rss_scraped_kb", 1024.0, "{:.1f}"),
+        ("VmHWM after the scrape (MiB)", "hwm_scraped_kb", 1024.0, "{:.1f}"),
         ("CPU from start (s)", "cpu_s", 1.0, "{:.1f}"),
     ]
     for label, key, scale, fmt in rows:
