@@ -83,7 +83,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def settings_for(sim: Simulator, db: Path, source: str, rate_adapt: bool) -> Settings:
+def settings_for(sim: Simulator, db: Path, source: str, args: argparse.Namespace) -> Settings:
     port = free_port()
     return Settings(
         account=sim.account,
@@ -98,7 +98,8 @@ def settings_for(sim: Simulator, db: Path, source: str, rate_adapt: bool) -> Set
         source=source,
         hook_secret="bench-hook-secret-0123456789" if source == "hook" else None,
         log_level="error",
-        rate_adapt=rate_adapt,
+        rate_adapt=args.rate_adapt,
+        rate_limit_per_s=args.rate,
     )
 
 
@@ -228,7 +229,7 @@ async def one_run(args: argparse.Namespace, source: str, faults: Faults, label: 
     sim = Simulator(seed=run, faults=faults)
     await sim.start()
     with tempfile.TemporaryDirectory() as tmp:
-        daemon, stop, task = await start_daemon(settings_for(sim, Path(tmp) / "omsd.db", source, args.rate_adapt))
+        daemon, stop, task = await start_daemon(settings_for(sim, Path(tmp) / "omsd.db", source, args))
         t0 = time.monotonic()
         try:
             driven = await drive(args, sim, daemon.url, run)
@@ -292,6 +293,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=30.0, help="a run gives up this long after the last intent")
     p.add_argument("--faults", nargs="+", default=["none", "mix"], choices=["none", "mix"])
     p.add_argument("--rate-adapt", action=argparse.BooleanOptionalAction, default=True, help="OMSD_RATE_ADAPT")
+    p.add_argument("--rate", type=float, default=10.0, help="OMSD_RATE_LIMIT_PER_S (the default: 10)")
     p.add_argument("--sources", nargs="+", default=["hook", "feed"], choices=["hook", "feed"])
     return p.parse_args(argv)
 
