@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -86,6 +87,7 @@ class Channel:
             self._rt.spawn(self._notify(endpoint, mkt, "EOI008"))
             return web.json_response(envelope(mkt, "SOI003"))
         order.puts += 1
+        order.put_at.append(datetime.now(UTC))
         flipped = self._flip_back(order)
         if order.status == HELD:
             if not flipped:

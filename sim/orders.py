@@ -41,6 +41,7 @@ class SimOrder:
     history: list[tuple[str, str]] = field(default_factory=list)
     puts: int = 0
     puts_while_held: int = 0
+    put_at: list[datetime] = field(default_factory=list)  # when each approval PUT reached the handler
     approvals_applied: int = 0
     was_held: bool = False
     authorized: bool = False  # the seller accepted the price divergence

@@ -1,0 +1,302 @@
+"""Release → approval PUT latency, with the hook and with the feed, without and with faults.
+
+    .venv/bin/python benchmarks/latency.py [--orders 100] [--free 20] [--arrival 50] [--spread 10] [--timeout 30]
+
+Each run starts the simulator on loopback and a real omsd in this process (the
+Settings' defaults: feed polled every 5 s, 10 requests/s, adaptive rate), with
+`OMSD_SOURCE=hook` (and a hook secret) or `OMSD_SOURCE=feed`, once with no
+faults and once with the fault mix. Orders arrive at random times over
+`--arrival` s: `--orders` of them are created held, each gets its intent
+(`POST /v1/approvals` with both ids) at once, and the simulated seller releases
+it 1 to 1 + `--spread` s after the hold; `--free` more are never held and their
+intent is sent once the order waits for the marketplace's approval (intent → PUT).
+
+Per held order: release (the simulator's status change out of
+waiting-for-manual-authorization) → the first approval PUT reaching the
+simulator's handler (after its added latency; a PUT refused with 429 never
+reaches it). A run ends when every order was approved, or after `--timeout` s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import aiohttp
+
+from omsd.daemon import logs
+from omsd.daemon.app import Daemon
+from omsd.daemon.settings import Settings
+from omsd.sim.faults import Faults
+from omsd.sim.orders import SimOrder
+from omsd.sim.server import Simulator
+
+API_TOKEN = "bench-api-token-0123456789"  # noqa: S105 - the benchmark's own loopback token
+HELD = "waiting-for-manual-authorization"
+RELEASES = ("waiting-ffmt-authorization", "order-accepted")
+
+
+def fault_mix() -> Faults:
+    """50 ms per call, 2 % 429 (Retry-After: 2), 2 % 5xx, duplicates, short batches."""
+    return Faults(
+        latency_s=(0.05, 0.05),
+        rate_429=0.02,
+        retry_after_s=2.0,
+        rate_5xx=0.02,
+        duplicate_rate=0.05,
+        notification_duplicate_rate=0.05,
+        hook_duplicate_rate=0.05,
+        short_batches=True,
+    )
+
+
+def no_faults() -> Faults:
+    return Faults(short_batches=False)
+
+
+@dataclass
+class Result:
+    name: str
+    release_put: list[float]
+    intent_put_held: list[float]
+    intent_put_free: list[float]
+    approved: int
+    orders: int
+    puts_while_held: int
+    applied_more_than_once: int
+    rate_limited: int
+    calls: str
+    seconds: float
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def settings_for(sim: Simulator, db: Path, source: str, args: argparse.Namespace) -> Settings:
+    port = free_port()
+    return Settings(
+        account=sim.account,
+        app_key=sim.app_key,
+        app_token=sim.app_token,
+        vtex_base_url=sim.base_url,
+        db=db,
+        connector_name="omsd-bench",
+        connector_endpoint=f"http://127.0.0.1:{port}",
+        listen=f"127.0.0.1:{port}",
+        api_token=API_TOKEN,
+        source=source,
+        hook_secret="bench-hook-secret-0123456789" if source == "hook" else None,
+        log_level="error",
+        rate_adapt=args.rate_adapt,
+        rate_limit_per_s=args.rate,
+    )
+
+
+def parse_vtex(text: str) -> datetime:
+    return datetime.strptime(text[:26], "%Y-%m-%dT%H:%M:%S.%f").replace(tzinfo=UTC)
+
+
+def release_time(order: SimOrder) -> datetime | None:
+    """When the order left waiting-for-manual-authorization for a release status."""
+    for (status, _), (after, at) in zip(order.history, order.history[1:], strict=False):
+        if status == HELD and after in RELEASES:
+            return parse_vtex(at)
+    return None
+
+
+async def send_intent(http: aiohttp.ClientSession, url: str, order: SimOrder) -> datetime:
+    body = {"marketplaceOrderId": order.marketplace_order_id, "orderId": order.order_id}
+    sent = datetime.now(UTC)
+    headers = {"Authorization": f"Bearer {API_TOKEN}"}
+    async with http.post(f"{url}/v1/approvals", json=body, headers=headers) as resp:
+        if resp.status >= 300:
+            raise RuntimeError(f"intent refused: {resp.status} {await resp.text()}")
+    return sent
+
+
+async def intents_when_released(
+    http: aiohttp.ClientSession, url: str, free: list[SimOrder], total: int, sent: dict[str, datetime]
+) -> None:
+    """Send each free order's intent once it waits for the marketplace's approval."""
+    done = 0
+    while done < total:
+        for order in free:
+            if order.order_id not in sent and order.status == order.release_status:
+                sent[order.order_id] = await send_intent(http, url, order)
+                done += 1
+        await asyncio.sleep(0.01)
+
+
+def seconds(a: datetime, b: datetime) -> float:
+    return (b - a).total_seconds()
+
+
+def measure(name: str, sim: Simulator, held: list[SimOrder], free: list[SimOrder], sent: dict[str, datetime]) -> Result:
+    release_put, intent_held, intent_free = [], [], []
+    for order in held:
+        released = release_time(order)
+        if order.put_at and released is not None:
+            release_put.append(seconds(released, order.put_at[0]))
+            intent_held.append(seconds(sent[order.order_id], order.put_at[0]))
+    for order in free:
+        if order.put_at:
+            intent_free.append(seconds(sent[order.order_id], order.put_at[0]))
+    everyone = held + free
+    return Result(
+        name=name,
+        release_put=release_put,
+        intent_put_held=intent_held,
+        intent_put_free=intent_free,
+        approved=sum(1 for o in everyone if o.approvals_applied >= 1),
+        orders=len(everyone),
+        puts_while_held=sum(o.puts_while_held for o in everyone),
+        applied_more_than_once=sum(1 for o in everyone if o.approvals_applied > 1),
+        rate_limited=sim.rate_limited,
+        calls=f"{sim.calls.get('get_order', 0)} / {sim.calls.get('put', 0)}",
+        seconds=0.0,
+    )
+
+
+async def start_daemon(settings: Settings) -> tuple[Daemon, asyncio.Event, asyncio.Task[None]]:
+    daemon = Daemon(settings)
+    stop = asyncio.Event()
+    task = asyncio.create_task(daemon.run(stop))
+    ready = asyncio.create_task(daemon.ready.wait())
+    done, _ = await asyncio.wait([task, ready], timeout=30, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        ready.cancel()
+        task.result()
+    if not daemon.ready.is_set():
+        raise RuntimeError("omsd did not become ready")
+    return daemon, stop, task
+
+
+@dataclass
+class Driven:
+    held: list[SimOrder]
+    free: list[SimOrder]
+    sent: dict[str, datetime]  # order id → when its intent was sent
+
+
+async def arrive(
+    args: argparse.Namespace, sim: Simulator, http: aiohttp.ClientSession, url: str, run: int, into: Driven
+) -> None:
+    """Create the orders at their arrival times; a held order's intent goes at once."""
+    rng = random.Random(run)
+    kinds = ["held"] * args.orders + ["free"] * args.free
+    arrivals = sorted((rng.uniform(0, args.arrival), kind, i) for i, kind in enumerate(kinds))
+    t0 = time.monotonic()
+    for at, kind, i in arrivals:
+        await asyncio.sleep(max(0.0, t0 + at - time.monotonic()))
+        if kind == "free":
+            into.free.append(sim.create(f"F{run}-{i:05d}"))
+            continue
+        order = sim.create(f"H{run}-{i:05d}", held=True, decide_after_s=1 + rng.uniform(0, args.spread))
+        into.held.append(order)
+        into.sent[order.order_id] = await send_intent(http, url, order)
+
+
+async def drive(args: argparse.Namespace, sim: Simulator, url: str, run: int) -> Driven:
+    driven = Driven([], [], {})
+    async with aiohttp.ClientSession() as http:
+        await asyncio.wait_for(
+            asyncio.gather(
+                arrive(args, sim, http, url, run, driven),
+                intents_when_released(http, url, driven.free, args.free, driven.sent),
+            ),
+            args.arrival + args.timeout,
+        )
+    everyone = driven.held + driven.free
+    for _ in range(round(args.timeout * 10)):
+        if all(o.approvals_applied for o in everyone):
+            break
+        await asyncio.sleep(0.1)
+    return driven
+
+
+async def one_run(args: argparse.Namespace, source: str, faults: Faults, label: str, run: int) -> Result:
+    sim = Simulator(seed=run, faults=faults)
+    await sim.start()
+    with tempfile.TemporaryDirectory() as tmp:
+        daemon, stop, task = await start_daemon(settings_for(sim, Path(tmp) / "omsd.db", source, args))
+        t0 = time.monotonic()
+        try:
+            driven = await drive(args, sim, daemon.url, run)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, timeout=30)
+            await sim.stop()
+    result = measure(f"{source}, {label}", sim, driven.held, driven.free, driven.sent)
+    result.seconds = time.monotonic() - t0
+    return result
+
+
+def pct(values: list[float], q: float) -> str:
+    if not values:
+        return "—"
+    ordered = sorted(values)
+    return f"{ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] * 1000:,.0f}"
+
+
+def table(results: list[Result]) -> str:
+    head = (
+        "| run | release → PUT p50 / p99 / max (ms) | intent → PUT p50, intent after release (ms) "
+        "| intent → PUT p50, intent while held (ms) | approved | PUTs while held | applied twice | 429s "
+        "| Get orders / PUTs | wall (s) |"
+    )
+    lines = [head, "|" + "---|" * 10]
+    for r in results:
+        rp = r.release_put
+        lines.append(
+            f"| {r.name} | {pct(rp, 0.5)} / {pct(rp, 0.99)} / {pct(rp, 1.0)} | {pct(r.intent_put_free, 0.5)} "
+            f"| {pct(r.intent_put_held, 0.5)} | {r.approved}/{r.orders} | {r.puts_while_held} "
+            f"| {r.applied_more_than_once} | {r.rate_limited} | {r.calls} | {r.seconds:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+async def main(args: argparse.Namespace) -> None:
+    logs.configure("error", "json")
+    runs: list[tuple[str, Faults, str]] = [
+        (source, make(), label)
+        for source in args.sources
+        for key, make, label in (("none", no_faults, "no faults"), ("mix", fault_mix, "fault mix"))
+        if key in args.faults
+    ]
+    results: list[Result] = []
+    for n, (source, faults, label) in enumerate(runs, 1):
+        results.append(await one_run(args, source, faults, label, n))
+        print(table(results[-1:]).splitlines()[-1], flush=True)
+    print(f"\nload average {os.getloadavg()}\n")
+    print(table(results))
+    if any(r.puts_while_held for r in results):
+        print("\nAPPROVALS WERE SENT WHILE HELD")
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--orders", type=int, default=100, help="held orders per run")
+    p.add_argument("--free", type=int, default=20, help="orders never held, intent after release")
+    p.add_argument("--arrival", type=float, default=50.0, help="orders arrive over this many seconds (0: at once)")
+    p.add_argument("--spread", type=float, default=10.0, help="a held order is released 1 to 1 + this s after its hold")
+    p.add_argument("--timeout", type=float, default=30.0, help="a run gives up this long after the last intent")
+    p.add_argument("--faults", nargs="+", default=["none", "mix"], choices=["none", "mix"])
+    p.add_argument("--rate-adapt", action=argparse.BooleanOptionalAction, default=True, help="OMSD_RATE_ADAPT")
+    p.add_argument("--rate", type=float, default=10.0, help="OMSD_RATE_LIMIT_PER_S (the default: 10)")
+    p.add_argument("--sources", nargs="+", default=["hook", "feed"], choices=["hook", "feed"])
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(parse()))
