@@ -227,7 +227,13 @@ class FeedPoller:
                 if items:
                     finding.set()
                     await out.put(items)
-                    continue  # a short batch does not mean the queue is empty: ask again at once
+                    if n == 0 or len(items) >= self._settings.maxlot:
+                        # A short batch does not mean the queue is empty: ask again at once. Only
+                        # full batches (a backlog) keep the other readers going: on a trickle they
+                        # would spend the request budget on near-empty GETs, ahead of approvals.
+                        continue
+                    await wait_any(stop, within_s=self._settings.poll_interval_s)
+                    continue
                 finding.clear()
                 if n == 0:
                     await wait_any(stop, within_s=self._settings.poll_interval_s)
