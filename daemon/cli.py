@@ -453,6 +453,18 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAIL
     except KeyboardInterrupt:
         return EXIT_FAIL
+    except BrokenPipeError:
+        return _reader_gone()
+
+
+def _reader_gone() -> int:
+    """Whoever read our output went away (`omsd journal --follow | head`): what they wanted
+    was printed, so end quietly with 0; stdout goes to /dev/null so the flush at exit
+    does not raise again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_OK
 
 
 def _run(args: argparse.Namespace) -> int:

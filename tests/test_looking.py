@@ -219,3 +219,34 @@ def test_each_command_documents_its_exit_codes(command: str, capsys: pytest.Capt
         main([command, "--help"])
     assert exc.value.code == 0
     assert "exit codes: 0" in capsys.readouterr().out
+
+
+def test_journal_follow_into_a_closed_pipe_ends_quietly(db: Path) -> None:
+    """`omsd journal --follow | head -1`: once the reader goes away the command ends, exit 0, no traceback."""
+    env = {**os.environ, "OMSD_DB": str(db)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "omsd.daemon", "journal", "--follow", "--json", "--limit", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        assert json.loads(proc.stdout.readline())["offset"] == 7
+        proc.stdout.close()  # the reader goes away, like `head -1`
+        with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+            for n in range(3):
+                conn.execute(
+                    "INSERT INTO journal (kind, source, payload, reason, received_at) "
+                    f"VALUES ('rejected', 'hook', 'later {n}', 'r', '2026-11-01T00:00:00+00:00')"
+                )
+        assert proc.wait(timeout=30) == 0
+        err = proc.stderr.read()
+        assert "Traceback" not in err and "BrokenPipe" not in err, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
