@@ -387,14 +387,47 @@ class Store:
     async def append(self, entries: Sequence[NewEntry], acks: Iterable[str] = (), *, now: datetime) -> list[Appended]:
         """Append entries (duplicates by dedup key or event id are skipped) and record
         feed handles to commit (received `now`), all in one durable transaction."""
-        results: list[Appended] = []
         async with self._tx() as conn:
-            for entry in entries:
-                results.append(await self._insert(conn, entry))
+            results = await self._insert_many(conn, entries)
             await conn.executemany(
                 "INSERT OR IGNORE INTO feed_acks (handle, received_at) VALUES (?, ?)",
                 [(handle, iso(now)) for handle in acks],
             )
+        return results
+
+    @staticmethod
+    async def _insert_many(conn: aiosqlite.Connection, entries: Sequence[NewEntry]) -> list[Appended]:
+        """`_insert` for many entries in a few statements (one lookup of the keys already
+        journaled per chunk, one INSERT for all new rows): a group commit of hundreds of
+        feed items costs a handful of trips to the database thread, not two per item.
+        Same outcome as inserting one by one: an entry is a duplicate when its dedup key
+        or its event id is journaled already, or came earlier in the same call."""
+        seen_keys, seen_ids = await _journaled_keys(conn, entries)
+        fresh: list[NewEntry] = []
+        fresh_at: list[int] = []
+        for n, entry in enumerate(entries):
+            if entry.dedup_key in seen_keys or entry.event_id in seen_ids:
+                continue
+            if entry.dedup_key is not None:
+                seen_keys.add(entry.dedup_key)
+            if entry.event_id is not None:
+                seen_ids.add(entry.event_id)
+            fresh.append(entry)
+            fresh_at.append(n)
+        results = [Appended(offset=None, duplicate=True) for _ in entries]
+        if not fresh:
+            return results
+        async with conn.execute('SELECT COALESCE(MAX("offset"), 0) FROM journal') as cur:
+            before = int((await cur.fetchone())[0])  # type: ignore[index]
+        await conn.executemany(_INSERT_JOURNAL, [_journal_values(e) for e in fresh])
+        # The only writer, inside its transaction: the new rows are the ones past `before`,
+        # their offsets rising in the order they were inserted.
+        async with conn.execute('SELECT "offset" FROM journal WHERE "offset" > ? ORDER BY "offset"', (before,)) as cur:
+            offsets = [int(r[0]) for r in await cur.fetchall()]
+        if len(offsets) != len(fresh):
+            raise StoreError(f"journal append: {len(fresh)} rows inserted, {len(offsets)} found")
+        for n, offset in zip(fresh_at, offsets, strict=True):
+            results[n] = Appended(offset=offset, duplicate=False)
         return results
 
     @staticmethod
@@ -406,21 +439,7 @@ class Store:
             ) as cur:
                 if await cur.fetchone() is not None:
                     return Appended(offset=None, duplicate=True)
-        cur = await conn.execute(
-            "INSERT INTO journal (kind, version, source, order_id, dedup_key, event_id, payload, reason, received_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                entry.kind,
-                entry.version or current_version(entry.kind),
-                entry.source,
-                entry.order_id,
-                entry.dedup_key,
-                entry.event_id,
-                entry.payload,
-                entry.reason,
-                iso(entry.received_at),
-            ),
-        )
+        cur = await conn.execute(_INSERT_JOURNAL, _journal_values(entry))
         return Appended(offset=cur.lastrowid, duplicate=False)
 
     async def pending_acks(self, limit: int = 100) -> list[str]:
@@ -1224,3 +1243,39 @@ def database_bytes(db: Path) -> float:
         except OSError:
             continue
     return float(total)
+
+
+_INSERT_JOURNAL = (
+    "INSERT INTO journal (kind, version, source, order_id, dedup_key, event_id, payload, reason, received_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_KEYS_PER_LOOKUP = 400  # two parameters per key: well under SQLite's limit of 32,766
+
+
+def _journal_values(entry: NewEntry) -> tuple[object, ...]:
+    return (
+        entry.kind,
+        entry.version or current_version(entry.kind),
+        entry.source,
+        entry.order_id,
+        entry.dedup_key,
+        entry.event_id,
+        entry.payload,
+        entry.reason,
+        iso(entry.received_at),
+    )
+
+
+async def _journaled_keys(conn: aiosqlite.Connection, entries: Sequence[NewEntry]) -> tuple[set[str], set[str]]:
+    """The dedup keys and the event ids among `entries` that the journal holds already."""
+    keys = sorted({e.dedup_key for e in entries if e.dedup_key is not None})
+    ids = sorted({e.event_id for e in entries if e.event_id is not None})
+    found_keys: set[str] = set()
+    found_ids: set[str] = set()
+    for column, wanted, found in (("dedup_key", keys, found_keys), ("event_id", ids, found_ids)):
+        for start in range(0, len(wanted), _KEYS_PER_LOOKUP):
+            chunk = wanted[start : start + _KEYS_PER_LOOKUP]
+            marks = ", ".join("?" * len(chunk))
+            async with conn.execute(f"SELECT {column} FROM journal WHERE {column} IN ({marks})", chunk) as cur:  # noqa: S608
+                found.update(str(r[0]) for r in await cur.fetchall())
+    return found_keys, found_ids

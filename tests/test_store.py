@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import get_args
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from omsd.daemon.cli import main
 from omsd.daemon.linking import ParkedIntents
@@ -47,6 +49,47 @@ async def test_append_is_durable_and_deduplicated(tmp_path: Path) -> None:
     conn = sqlite3.connect(tmp_path / "db")
     assert conn.execute("SELECT COUNT(*) FROM journal").fetchone()[0] == 1
     assert {r[0] for r in conn.execute("SELECT handle FROM feed_acks")} == {"h1", "h2"}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    calls=st.lists(
+        st.lists(st.tuples(st.sampled_from([None, "k1", "k2", "k3"]), st.sampled_from([None, "e1", "e2"])), max_size=6),
+        min_size=1,
+        max_size=4,
+    )
+)
+async def test_appending_many_at_once_is_appending_one_by_one(
+    tmp_path_factory: pytest.TempPathFactory, calls: list[list[tuple[str | None, str | None]]]
+) -> None:
+    """A group commit skips exactly the entries one-by-one appends would skip (a dedup key or event
+    id journaled already, or earlier in the same call) and gives each new row its own offset."""
+    db = tmp_path_factory.mktemp("many") / "db"
+    keys: set[str] = set()
+    ids: set[str] = set()
+    async with await Store.open(db) as store:
+        for n, call in enumerate(calls):
+            entries = [
+                NewEntry(
+                    kind="rejected",
+                    source="test",
+                    payload=f"{n}.{i}",
+                    reason="r",
+                    received_at=NOW,
+                    dedup_key=k,
+                    event_id=e,
+                )
+                for i, (k, e) in enumerate(call)
+            ]
+            results = await store.append(entries, now=NOW)
+            for new, (k, e), got in zip(entries, call, results, strict=True):
+                expect_duplicate = k in keys or e in ids
+                assert got.duplicate is expect_duplicate, (call, k, e)
+                if not expect_duplicate:
+                    keys.update(x for x in (k,) if x is not None)
+                    ids.update(x for x in (e,) if x is not None)
+                    row = (await store.journal_since(got.offset - 1, 1))[0]  # type: ignore[operator]
+                    assert (row.offset, row.payload) == (got.offset, new.payload)
 
 
 async def test_crash_between_journal_write_and_processor_commit(tmp_path: Path) -> None:
