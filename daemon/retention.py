@@ -15,6 +15,7 @@ The daemon runs this as its `retention` job; `omsd prune` runs it by hand.
 from __future__ import annotations
 
 import asyncio
+from contextlib import aclosing
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -49,13 +50,17 @@ class Report:
 async def prune(store: Store, days: float, now: datetime, *, dry_run: bool = False, chunk: int = CHUNK) -> Report:
     """Prune what has been closed and quiet since before `now - days`."""
     cutoff = now - timedelta(days=days)
-    candidates = await store.prune_candidates(PRUNABLE_PHASES, cutoff)
-    if dry_run:
-        return Report(await store.prune_preview(candidates, cutoff), cutoff, dry_run=True)
     total = Pruned()
-    for start in range(0, len(candidates), chunk):
-        total.add(await store.prune_orders(candidates[start : start + chunk], PRUNABLE_PHASES, cutoff))
-        await asyncio.sleep(0)  # let intake and the processor have the store between chunks
+    async with aclosing(store.prune_candidates(PRUNABLE_PHASES, cutoff, page=chunk)) as pages:
+        async for order_ids in pages:
+            if dry_run:
+                total.add(await store.prune_preview(order_ids))
+            else:
+                total.add(await store.prune_orders(order_ids, PRUNABLE_PHASES, cutoff))
+            await asyncio.sleep(0)  # let intake and the processor have the store between chunks
+    if dry_run:
+        total.rejected_rows = await store.count_rejected(cutoff)
+        return Report(total, cutoff, dry_run=True)
     total.rejected_rows = await store.prune_rejected(cutoff)
     freed = await store.reclaim()
     return Report(total, cutoff, dry_run=False, freed_bytes=freed)

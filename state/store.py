@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -988,13 +988,18 @@ class Store:
             await conn.execute("UPDATE cursor SET \"offset\" = 0 WHERE name = 'processor'")
 
     # ---- retention ----------------------------------------------------------------------
-    async def prune_candidates(self, phases: Sequence[str], before: datetime) -> list[str]:
-        """Orders that a prune would reduce to a snapshot, oldest first: in one of `phases`,
-        unchanged since before `before`, waiting on nothing (no effect in flight, no timer),
-        with rows to prune (not just their snapshot), no unreadable row, no parked intent
-        and no other order on their marketplace id (its routed rows could be that order's)."""
+    async def prune_candidates(
+        self, phases: Sequence[str], before: datetime, *, page: int = 500
+    ) -> AsyncGenerator[list[str], None]:
+        """Orders that a prune would reduce to a snapshot, oldest first, `page` at a time:
+        in one of `phases`, unchanged since before `before`, waiting on nothing (no effect
+        in flight, no timer), with rows to prune (not just their snapshot), no unreadable
+        row, no parked intent and no other order on their marketplace id (its routed rows
+        could be that order's). The list is taken once, into a temporary table, and read
+        from there a page at a time: a first prune of a million quiet orders does not hold
+        a million ids in memory (nor scan the orders once per page)."""
         marks = ", ".join("?" * len(phases))
-        rows = await self._all(
+        select = (
             f"SELECT o.order_id FROM orders o WHERE o.phase IN ({marks}) AND o.updated_at < ? "  # noqa: S608
             "AND json_extract(o.data, '$.inflight') IS NULL AND json_extract(o.data, '$.timer') IS NULL "
             "AND NOT EXISTS (SELECT 1 FROM unreadable u WHERE u.order_id = o.order_id) "
@@ -1005,10 +1010,26 @@ class Store:
             "OR (SELECT COUNT(*) FROM journal j WHERE j.order_id = o.order_id) > 1 "
             f"OR EXISTS (SELECT 1 FROM journal j WHERE j.order_id IS NULL AND j.kind IN {ROUTED_KINDS} "
             f"AND {ROUTED_ID} = o.marketplace_order_id)) "
-            "ORDER BY o.updated_at",
-            (*phases, iso(before)),
+            "ORDER BY o.updated_at"
         )
-        return [r["order_id"] for r in rows]
+        params = (*phases, iso(before))
+        try:
+            async with self._lock:
+                await self._conn.execute("DROP TABLE IF EXISTS temp.prune_candidates")
+                await self._conn.execute(f"CREATE TEMP TABLE prune_candidates AS {select}", params)
+            last = 0
+            while rows := await self._all(
+                "SELECT rowid, order_id FROM temp.prune_candidates WHERE rowid > ? ORDER BY rowid LIMIT ?",
+                (last, page),
+            ):
+                last = int(rows[-1]["rowid"])
+                yield [r["order_id"] for r in rows]
+        except sqlite3.Error as exc:
+            raise store_error(exc, "database read failed") from exc
+        finally:
+            async with self._lock:
+                with contextlib.suppress(sqlite3.Error):
+                    await self._conn.execute("DROP TABLE IF EXISTS temp.prune_candidates")
 
     async def prune_orders(self, order_ids: Sequence[str], phases: Sequence[str], before: datetime) -> Pruned:
         """Replace each order's journal rows (its own, and those routed to it by its
@@ -1034,8 +1055,8 @@ class Store:
                 done.add(await _snapshot(conn, order, offsets))
         return done
 
-    async def prune_preview(self, order_ids: Sequence[str], rejected_before: datetime) -> Pruned:
-        """What `prune_orders` and `prune_rejected` would remove, without writing."""
+    async def prune_preview(self, order_ids: Sequence[str]) -> Pruned:
+        """What `prune_orders` would remove, without writing."""
         out = Pruned(orders=len(order_ids))
         try:
             async with self._lock:
@@ -1045,10 +1066,17 @@ class Store:
                         out.journal_rows += len(await _order_offsets(self._conn, order))
                         out.history_rows += await _count(self._conn, "history", order_id)
                         out.outbox_rows += await _count(self._conn, "outbox", order_id)
-                out.rejected_rows = await _rejected(self._conn, rejected_before, delete=False)
         except sqlite3.Error as exc:
             raise store_error(exc, "database read failed") from exc
         return out
+
+    async def count_rejected(self, before: datetime) -> int:
+        """What `prune_rejected` would remove, without writing."""
+        try:
+            async with self._lock:
+                return await _rejected(self._conn, before, delete=False)
+        except sqlite3.Error as exc:
+            raise store_error(exc, "database read failed") from exc
 
     async def _load(self, order_id: str) -> Order | None:
         async with self._conn.execute("SELECT data FROM orders WHERE order_id = ?", (order_id,)) as cur:

@@ -139,6 +139,21 @@ async def test_prune_then_replay_gives_the_same_state(tmp_path: Path) -> None:
     assert _state(db) == pruned
 
 
+@pytest.mark.parametrize("dry_run", [False, True])
+async def test_a_prune_goes_through_its_candidates_a_page_at_a_time(tmp_path: Path, dry_run: bool) -> None:
+    """Pages of one order (fewer than the candidates) prune, or preview, exactly what one page does."""
+    whole, paged = tmp_path / "whole.db", tmp_path / "paged.db"
+    reports = []
+    for db, chunk in ((whole, 500), (paged, 1)):
+        async with await Store.open(db) as store:
+            await _journal(store)
+            reports.append(await retention.prune(store, 30, NOW, dry_run=dry_run, chunk=chunk))
+    assert reports[0].pruned == reports[1].pruned and reports[1].pruned.orders == 3
+    assert _state(whole) == _state(paged)
+    journal = 'SELECT "offset", kind, order_id, payload FROM journal ORDER BY "offset"'
+    assert _rows(whole, journal) == _rows(paged, journal)
+
+
 async def test_events_after_a_prune_apply_on_the_snapshot(tmp_path: Path) -> None:
     """A status change for a pruned order applies to its snapshot, live and in a replay alike."""
     db = tmp_path / "o.db"
