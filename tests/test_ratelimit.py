@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import bisect
+import itertools
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from omsd.daemon.ratelimit import AdaptiveRate
+from omsd.daemon.ratelimit import SPREAD, AdaptiveRate, SendWindows
 
 
 def test_starts_at_the_configured_rate() -> None:
@@ -119,3 +122,54 @@ def test_rate_stays_within_floor_and_ceiling(ceiling: float, floor: float, steps
         assert min(floor, ceiling) <= r.rate <= ceiling
         assert (after <= before) if limited else (after >= before)
         assert 1 <= r.slots <= ceiling_slots
+
+
+# ---- send windows ---------------------------------------------------------------------------
+
+
+def send_times(windows: SendWindows, arrivals: list[float], per_s: list[int] | None = None) -> list[float]:
+    """When calls that ask at `arrivals` leave, one at a time, on a fake clock; `per_s[i]`
+    (when given) is the allowance set just before call i asks (an AIMD change)."""
+    now, out = 0.0, []
+    for i, at in enumerate(arrivals):
+        if per_s is not None:
+            windows.per_s = per_s[i]
+        now = max(now, at)
+        while (wait := windows.wait_s(now)) > 0:
+            now += wait
+        windows.take(now)
+        out.append(now)
+    return out
+
+
+def busiest(times: list[float], period: float) -> int:
+    """The most calls in any half-open window [t, t + period) (to within a nanosecond)."""
+    return max((bisect.bisect_left(times, t + period - 1e-9) - i for i, t in enumerate(times)), default=0)
+
+
+@pytest.mark.parametrize(("per_s", "per_burst"), [(1, 1), (8, 1), (10, 1), (15, 2), (20, 2), (100, 10), (101, 11)])
+def test_a_backlog_leaves_evenly_at_the_full_rate(per_s: int, per_burst: int) -> None:
+    """Calls all waiting at once leave `per_s` a second, at most a tenth (rounded up) per 100 ms."""
+    windows = SendWindows(per_s)
+    assert windows.per_burst == per_burst
+    times = send_times(windows, [0.0] * (per_s * 5))
+    assert busiest(times, 1.0) == per_s
+    assert busiest(times, 0.1) == per_burst
+    assert times[-1] < 5.0  # the whole budget is used: five seconds' worth within five seconds
+
+
+@given(
+    per_s=st.lists(st.integers(min_value=1, max_value=120), min_size=1, max_size=5),
+    gaps=st.lists(st.floats(min_value=0, max_value=0.3), min_size=1, max_size=400),
+)
+def test_no_window_holds_more_than_its_allowance(per_s: list[int], gaps: list[float]) -> None:
+    """Whatever the arrivals and however the allowance changes (AIMD), each call leaves when the
+    second before it holds fewer calls than the allowance, and the 100 ms before it fewer than a tenth."""
+    arrivals = list(itertools.accumulate(gaps))
+    allowance = [per_s[i * len(per_s) // len(arrivals)] for i in range(len(arrivals))]
+    times = send_times(SendWindows(allowance[0]), arrivals, allowance)
+    assert all(t >= at for t, at in zip(times, arrivals, strict=True))
+    for i, t in enumerate(times):
+        for period, allowed in ((1.0, allowance[i]), (0.1, -(-allowance[i] // SPREAD))):
+            before = i - bisect.bisect_right(times, t - period + 1e-9, hi=i)
+            assert before < allowed
