@@ -385,11 +385,12 @@ async def test_no_request_leaves_inside_a_retry_after_window(
 RATE = "omsd_vtex_rate_limit_effective_per_second"
 
 
-async def test_429_lowers_the_effective_rate_and_quiet_restores_it(session: aiohttp.ClientSession) -> None:
-    """A 429 cuts the send windows and the gauge to 70 %; successes after 5 quiet seconds add 5 % back."""
+async def test_429s_in_a_row_lower_the_effective_rate_and_quiet_restores_it(session: aiohttp.ClientSession) -> None:
+    """Three 429s in a row cut the send windows and the gauge to 70 %; 5 s later a success adds 5 % back."""
     sleeps, metrics = Sleeps(), Metrics()
     with aioresponses() as m:
-        m.get(f"{BASE}/api/oms/pvt/orders/X", status=429, headers={"Retry-After": "1"}, repeat=False)
+        for _ in range(3):
+            m.get(f"{BASE}/api/oms/pvt/orders/X", status=429, headers={"Retry-After": "1"})
         m.get(f"{BASE}/api/oms/pvt/orders/X", payload={"orderId": "X"}, repeat=True)
         c = VtexClient(make_settings(rate_limit_per_s=10), session, sleep=sleeps, clock=sleeps.clock, metrics=metrics)
         assert metrics.sample(RATE) == 10
@@ -402,16 +403,29 @@ async def test_429_lowers_the_effective_rate_and_quiet_restores_it(session: aioh
     assert c._windows.per_s == 7
 
 
-async def test_without_adaptation_the_rate_stays_configured(session: aiohttp.ClientSession) -> None:
-    """OMSD_RATE_ADAPT=false still pauses on a 429 but keeps the configured rate."""
+async def test_a_lone_429_pauses_but_keeps_the_rate(session: aiohttp.ClientSession) -> None:
+    """One 429 among successes is waited out but shows no limit: the rate stays configured."""
     sleeps, metrics = Sleeps(), Metrics()
     with aioresponses() as m:
         m.get(f"{BASE}/api/oms/pvt/orders/X", status=429, headers={"Retry-After": "1"})
         m.get(f"{BASE}/api/oms/pvt/orders/X", payload={"orderId": "X"})
+        c = VtexClient(make_settings(rate_limit_per_s=10), session, sleep=sleeps, clock=sleeps.clock, metrics=metrics)
+        await c.get_order("X")
+    assert sleeps.calls == [1.0]
+    assert metrics.sample(RATE) == 10 and c._windows.per_s == 10
+
+
+async def test_without_adaptation_the_rate_stays_configured(session: aiohttp.ClientSession) -> None:
+    """OMSD_RATE_ADAPT=false still pauses on 429s but keeps the configured rate, even for 429s in a row."""
+    sleeps, metrics = Sleeps(), Metrics()
+    with aioresponses() as m:
+        for _ in range(3):
+            m.get(f"{BASE}/api/oms/pvt/orders/X", status=429, headers={"Retry-After": "1"})
+        m.get(f"{BASE}/api/oms/pvt/orders/X", payload={"orderId": "X"})
         settings = make_settings(rate_limit_per_s=10, rate_adapt=False)
         c = VtexClient(settings, session, sleep=sleeps, clock=sleeps.clock, metrics=metrics)
         await c.get_order("X")
-    assert sleeps.calls == [1.0]
+    assert sleeps.calls == [1.0, 1.0, 1.0]
     assert metrics.sample(RATE) == 10 and c._windows.per_s == 10
 
 
