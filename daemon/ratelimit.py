@@ -14,7 +14,10 @@ limit is below the ceiling sees its few 429s a minute, not a dozen.
 
 `SendWindows` spreads the budget: no one-second window holds more than the rate's
 slots, and no 100 ms window more than a tenth of them (rounded up), so calls
-leave evenly instead of a second's worth at once.
+leave evenly instead of a second's worth at once. The windows are 5 % longer at
+the sender, so that calls that reach VTEX a little sooner or later than they left
+(event-loop and network jitter, up to 50 ms) still fit its one-second windows;
+the cost is 5 % of the budget.
 
 Pure: the caller passes the time in, so a fake clock drives both in tests.
 """
@@ -25,6 +28,7 @@ import math
 from collections import deque
 
 SPREAD = 10  # a one-second budget is spent over this many equal slices
+MARGIN = 0.05  # the sender's windows are this much longer (1.05 s, 105 ms): see SendWindows
 _EPSILON_S = 1e-9  # a wait this short is none (float sums of a fake clock must not loop)
 
 
@@ -109,8 +113,8 @@ class AdaptiveRate:
 
 
 class SendWindows:
-    """When the next call may leave: no one-second window (half-open, at the sender)
-    holds more than `per_s` calls, no 100 ms window more than `per_burst`.
+    """When the next call may leave: no 1.05 s window (half-open, at the sender) holds
+    more than `per_s` calls, no 105 ms window more than `per_burst` (`MARGIN`).
 
     The caller asks `wait_s(now)`, waits that long, asks again (the answer is 0 once
     it may go) and records the send with `take(now)`; one caller at a time.
@@ -135,10 +139,11 @@ class SendWindows:
 
     def wait_s(self, now: float) -> float:
         """Seconds until a call may leave (0: now)."""
-        while self._sent and self._sent[0] <= now - 1.0:
+        second = 1.0 + MARGIN
+        while self._sent and self._sent[0] <= now - second:
             self._sent.popleft()  # outside every window that ends after now
         wait = 0.0
-        for allowed, period in ((self.per_s, 1.0), (self.per_burst, 1.0 / SPREAD)):
+        for allowed, period in ((self.per_s, second), (self.per_burst, second / SPREAD)):
             if len(self._sent) >= allowed:
                 # the window ending now holds `allowed` calls: wait until the oldest of them leaves it
                 wait = max(wait, self._sent[-allowed] + period - now)

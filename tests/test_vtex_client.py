@@ -17,6 +17,7 @@ from aiohttp import web
 from omsd.daemon.budget import Priority
 from omsd.daemon.errors import AuthFailed, BadResponse, NotFound, RateLimited, VtexUnavailable
 from omsd.daemon.metrics import Metrics
+from omsd.daemon.ratelimit import MARGIN
 from omsd.daemon.vtex import FeedConfig, VtexClient, feed_config_body, parse_retry_after
 from tests.helpers import VTEX_TOKEN, make_settings, until
 from tests.http_mock import aioresponses
@@ -454,4 +455,4 @@ async def test_many_callers_never_exceed_a_window(session: aiohttp.ClientSession
     assert len(times) == rate * 5
     assert busiest(times, 1.0) == rate
     assert busiest(times, 0.1) == rate // 10
-    assert max(times) - min(times) < 5.0  # five seconds' worth within five seconds
+    assert max(times) - min(times) < 5.0 * (1 + MARGIN)  # five seconds' worth, but for the margin
