@@ -12,7 +12,7 @@ Calls leave evenly: no one-second window holds more than the rate, no 100 ms
 window more than a tenth of it; 429s that show a limit lower the rate, which
 recovers slowly once they stop (daemon/ratelimit.py).
 Every call names a priority class; under a saturated budget the gate in front of
-the throttle serves commits, then approvals, then feed reads, then the rest, with
+the send windows serves commits, then approvals, then feed reads, then the rest, with
 a minimum share for the last two (daemon/budget.py).
 Network errors, timeouts and 5xx are retried with capped backoff for idempotent
 calls only; the approval PUT is never blindly repeated (the machine re-checks
