@@ -1,6 +1,6 @@
 """How omsd's VTEX client settles when the account's real limit is below its configured rate.
 
-    .venv/bin/python benchmarks/rate_adapt.py [--seconds 30] [--limit 8] [--rate 10] [--workers 20]
+    .venv/bin/python benchmarks/rate_adapt.py [--seconds 180] [--settle 60] [--limit 8] [--rate 10] [--workers 20]
 
 A loopback fake VTEX allows `--limit` Get order calls per one-second window and
 answers 429 with `Retry-After` (whole seconds to the window's end) beyond. omsd's
@@ -10,7 +10,10 @@ and once enabled.
 Prints, per 5 s, the 429s and the effective rate of each run side by side, then
 a summary: 429s per minute, successful calls per second, and requests that
 reached the server inside a Retry-After window it had announced (more than
-50 ms after the 429 was sent, so requests already in flight do not count).
+50 ms after the 429 was sent, so requests already in flight do not count); and
+the same rates once settled, after the first `--settle` seconds. The adaptive
+rate probes a limit it found slowly (a step per 30 s near it), so a run shorter
+than a couple of minutes shows mostly the first search for the limit.
 """
 
 from __future__ import annotations
@@ -112,7 +115,7 @@ def per_bucket(times: list[float], bucket_s: int, buckets: int) -> list[int]:
     return counts
 
 
-def report(seconds: float, base: Run, adapt: Run, bucket_s: int = 5) -> None:
+def report(seconds: float, settle: float, base: Run, adapt: Run, bucket_s: int = 5) -> None:
     buckets = math.ceil(seconds / bucket_s)
     b429, a429 = per_bucket(base.fake.limited, bucket_s, buckets), per_bucket(adapt.fake.limited, bucket_s, buckets)
     print(f"{'t (s)':>8} | {'baseline 429s':>13} {'rate/s':>7} | {'adaptive 429s':>13} {'rate/s':>7}")
@@ -128,21 +131,28 @@ def report(seconds: float, base: Run, adapt: Run, bucket_s: int = 5) -> None:
             f"{name:>8}: {len(f.limited) * 60 / seconds:6.1f} 429s/min  {len(f.ok) / seconds:5.2f} ok calls/s  "
             f"{f.early} requests inside an announced Retry-After window"
         )
+    if 0 < settle < seconds:
+        span = seconds - settle
+        for name, run in (("baseline", base), ("adaptive", adapt)):
+            limited = sum(1 for t in run.fake.limited if t >= settle)
+            ok = sum(1 for t in run.fake.ok if t >= settle)
+            print(f"{name:>8}, after {settle:g} s: {limited * 60 / span:6.1f} 429s/min  {ok / span:5.2f} ok calls/s")
 
 
-async def main(seconds: float, limit: int, rate: float, workers: int) -> None:
+async def main(seconds: float, settle: float, limit: int, rate: float, workers: int) -> None:
     logs.configure("error", "json")
     base = await one_run(seconds, limit, rate, workers, adapt=False)
     adapt = await one_run(seconds, limit, rate, workers, adapt=True)
     print(f"fake VTEX allows {limit} calls per 1-s window; client configured for {rate:g}/s, {workers} callers\n")
-    report(seconds, base, adapt)
+    report(seconds, settle, base, adapt)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--seconds", type=float, default=180.0)
+    parser.add_argument("--settle", type=float, default=60.0, help="also report the rates after this many seconds")
     parser.add_argument("--limit", type=int, default=8)
     parser.add_argument("--rate", type=float, default=10.0)
     parser.add_argument("--workers", type=int, default=20)
     args = parser.parse_args()
-    asyncio.run(main(args.seconds, args.limit, args.rate, args.workers))
+    asyncio.run(main(args.seconds, args.settle, args.limit, args.rate, args.workers))

@@ -1,16 +1,35 @@
-"""The effective request rate: additive increase, multiplicative decrease (AIMD).
+"""The request rate: how fast (AIMD) and how evenly (send windows) calls leave.
 
 `OMSD_RATE_LIMIT_PER_S` is a ceiling, not a promise: VTEX does not disclose its
-limits and an account's may be lower. Every 429 VTEX answers cuts the rate
-(×`decrease`); each `quiet_s` without one gives back `increase` of the ceiling.
-The rate never rises above the ceiling and never falls below the floor.
+limits and an account's may be lower. `AdaptiveRate` cuts the rate (×`decrease`)
+when the 429s it sees show a limit, not on every 429: VTEX (and the simulator's
+fault mix) also answers 429 now and then at any rate, and cutting for those keeps
+the rate low for nothing. A limit shows as a share of 429s among the recent
+answers well above such noise (more than `limit_share` of the last `window`), or
+as `consecutive` 429s in a row (a burst over a limit). Each `quiet_s` without a
+cut, while the recent answers show no limit, gives back `increase` of the ceiling;
+from 90 % of the rate where the last limit showed, each step takes `near_factor`
+times as long: the limit is probed slowly where it was found, so an account whose
+limit is below the ceiling sees its few 429s a minute, not a dozen.
 
-Pure: the caller passes the time in, so a fake clock drives it in tests.
+`SendWindows` spreads the budget: no one-second window holds more than the rate's
+slots, and no 100 ms window more than a tenth of them (rounded up), so calls
+leave evenly instead of a second's worth at once. The windows are 5 % longer at
+the sender, so that calls that reach VTEX a little sooner or later than they left
+(event-loop and network jitter, up to 50 ms) still fit its one-second windows;
+the cost is 5 % of the budget.
+
+Pure: the caller passes the time in, so a fake clock drives both in tests.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
+
+SPREAD = 10  # a one-second budget is spent over this many equal slices
+MARGIN = 0.05  # the sender's windows are this much longer (1.05 s, 105 ms): see SendWindows
+_EPSILON_S = 1e-9  # a wait this short is none (float sums of a fake clock must not loop)
 
 
 class AdaptiveRate:
@@ -25,32 +44,61 @@ class AdaptiveRate:
         increase: float = 0.05,
         quiet_s: float = 5.0,
         cooldown_s: float = 1.0,
+        window: int = 100,
+        limit_share: float = 0.07,
+        consecutive: int = 3,
+        near_factor: float = 6.0,
         now: float = 0.0,
     ) -> None:
         if ceiling <= 0 or floor <= 0 or not 0 < decrease <= 1 or increase < 0 or quiet_s <= 0 or cooldown_s < 0:
             raise ValueError("ceiling, floor and quiet_s must be positive, decrease within (0, 1], increase >= 0")
+        if window < 1 or not 0 < limit_share < 1 or consecutive < 1 or near_factor < 1:
+            raise ValueError("window and consecutive must be positive, limit_share within (0, 1), near_factor >= 1")
         self.ceiling = ceiling
         self.floor = min(floor, ceiling)
         self.decrease = decrease
         self.step = increase * ceiling
         self.quiet_s = quiet_s
         self.cooldown_s = cooldown_s
+        self.consecutive = consecutive
+        self.near_factor = near_factor
         self.rate = ceiling
+        self._cut_from = math.inf  # the rate when the last limit showed
+        # a cut needs more than this many 429s among the last `window` answers
+        self._cut_above = math.floor(limit_share * window)
+        self._recent: deque[bool] = deque(maxlen=window)  # True: a 429
+        self._run = 0  # 429s in a row
         self._last_change = now
         self._last_cut: float | None = None
 
+    @property
+    def limited_recently(self) -> int:
+        """429s among the recent answers counted as evidence."""
+        return sum(self._recent)
+
     def on_429(self, now: float) -> float:
-        """VTEX refused a call: cut the rate. 429s within `cooldown_s` of the last cut
-        are one event (a burst in flight when the limit was hit), cut once."""
-        if self._last_cut is None or now - self._last_cut >= self.cooldown_s:
+        """VTEX refused a call: cut the rate if the recent answers show a limit. 429s
+        within `cooldown_s` of a cut answer calls sent before it: not new evidence."""
+        if self._last_cut is not None and now - self._last_cut < self.cooldown_s:
+            return self.rate
+        self._recent.append(True)
+        self._run += 1
+        if self._run >= self.consecutive or self.limited_recently > self._cut_above:
+            self._cut_from = self.rate
             self.rate = max(self.floor, self.rate * self.decrease)
-            self._last_cut = now
-        self._last_change = now
+            self._last_cut = self._last_change = now
+            self._recent.clear()  # the next cut needs evidence gathered at the new rate
+            self._run = 0
         return self.rate
 
     def on_success(self, now: float) -> float:
-        """A call went through: after `quiet_s` without a 429 (or a raise), raise one step."""
-        if self.rate < self.ceiling and now - self._last_change >= self.quiet_s:
+        """A call went through: after `quiet_s` without a cut (or a raise), raise one step,
+        unless the recent answers already lean towards a limit (half the cut's share)."""
+        self._recent.append(False)
+        self._run = 0
+        leaning = 2 * self.limited_recently > self._cut_above
+        quiet_s = self.quiet_s * (self.near_factor if self.rate >= 0.9 * self._cut_from else 1.0)
+        if self.rate < self.ceiling and now - self._last_change >= quiet_s and not leaning:
             self.rate = min(self.ceiling, self.rate + self.step)
             self._last_change = now
         return self.rate
@@ -62,3 +110,45 @@ class AdaptiveRate:
         if self.rate >= self.ceiling:
             return max(1, round(self.ceiling))
         return max(1, math.floor(self.rate + 1e-9))
+
+
+class SendWindows:
+    """When the next call may leave: no 1.05 s window (half-open, at the sender) holds
+    more than `per_s` calls, no 105 ms window more than `per_burst` (`MARGIN`).
+
+    The caller asks `wait_s(now)`, waits that long, asks again (the answer is 0 once
+    it may go) and records the send with `take(now)`; one caller at a time.
+
+    This replaces asyncio-throttle's `Throttler`: two of them chained (1 s and 100 ms)
+    record a call in each window at a different instant (the second after the first
+    one's wait), so one of the two windows can hold a call over its allowance; the
+    library reads `time.monotonic` itself, so no fake clock can drive it; and its
+    waiters poll every 10 ms instead of sleeping until the slot frees. One log of
+    send times checked against both windows has none of these faults.
+    """
+
+    def __init__(self, per_s: int) -> None:
+        if per_s < 1:
+            raise ValueError("per_s must be at least 1")
+        self.per_s = per_s
+        self._sent: deque[float] = deque()
+
+    @property
+    def per_burst(self) -> int:
+        return max(1, math.ceil(self.per_s / SPREAD))
+
+    def wait_s(self, now: float) -> float:
+        """Seconds until a call may leave (0: now)."""
+        second = 1.0 + MARGIN
+        while self._sent and self._sent[0] <= now - second:
+            self._sent.popleft()  # outside every window that ends after now
+        wait = 0.0
+        for allowed, period in ((self.per_s, second), (self.per_burst, second / SPREAD)):
+            if len(self._sent) >= allowed:
+                # the window ending now holds `allowed` calls: wait until the oldest of them leaves it
+                wait = max(wait, self._sent[-allowed] + period - now)
+        return wait if wait > _EPSILON_S else 0.0
+
+    def take(self, now: float) -> None:
+        """A call leaves now."""
+        self._sent.append(now)

@@ -113,6 +113,8 @@ class Settings(PolicySettings):
 
     # VTEX client, continued: 429s lower the rate below rate_limit_per_s, quiet raises it back
     rate_adapt: bool = True
+    # what a 429 pauses until its Retry-After: the same VTEX operation, or every call (docs/vtex-decisions.md)
+    retry_after_scope: Literal["route", "account"] = "route"
 
     # HTTP server limits (slow clients, descriptors) and the database write probe
     http_read_timeout_s: float = Field(default=10.0, gt=0, le=300)  # headers AND body of one request

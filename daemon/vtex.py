@@ -2,13 +2,17 @@
 
 Every call carries the AppKey/AppToken pair, `Accept` and `Content-Type`
 (VTEX's OpenAPI files declare all four required on every operation). A 429
-pauses *every* call until its `Retry-After` (seconds or HTTP date; 60 s when
-absent, as VTEX's feed guide asks) and then retries, a bounded number of times;
-the pause is checked after a throttle slot is granted, so no call queued in the
-throttle slips out inside it. Each 429 also lowers the throttle's rate, which
-recovers slowly while VTEX stops refusing (daemon/ratelimit.py).
+pauses the calls in its scope until its `Retry-After` (seconds or HTTP date; 60 s
+when absent, as VTEX's feed guide asks) and then retries, a bounded number of
+times. The scope is `OMSD_RETRY_AFTER_SCOPE`: `route` (the default) pauses the
+calls to the same VTEX operation (the feed's GET and commit are one), `account`
+pauses every call (docs/vtex-decisions.md). The pause is checked after a send
+slot is granted, so no call queued for a slot slips out inside it.
+Calls leave evenly: no one-second window holds more than the rate, no 100 ms
+window more than a tenth of it; 429s that show a limit lower the rate, which
+recovers slowly once they stop (daemon/ratelimit.py).
 Every call names a priority class; under a saturated budget the gate in front of
-the throttle serves commits, then approvals, then feed reads, then the rest, with
+the send windows serves commits, then approvals, then feed reads, then the rest, with
 a minimum share for the last two (daemon/budget.py).
 Network errors, timeouts and 5xx are retried with capped backoff for idempotent
 calls only; the approval PUT is never blindly repeated (the machine re-checks
@@ -27,7 +31,6 @@ from typing import Any, Protocol
 from urllib.parse import quote
 
 import aiohttp
-from asyncio_throttle.throttler import Throttler
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from omsd.daemon.budget import Priority, PriorityGate
@@ -35,7 +38,7 @@ from omsd.daemon.errors import AuthFailed, BadResponse, NotFound, RateLimited, V
 from omsd.daemon.intake import parse_time
 from omsd.daemon.logs import get_logger
 from omsd.daemon.metrics import Metrics
-from omsd.daemon.ratelimit import AdaptiveRate
+from omsd.daemon.ratelimit import AdaptiveRate, SendWindows
 from omsd.daemon.settings import Settings
 
 log = get_logger("omsd.vtex")
@@ -222,11 +225,10 @@ class VtexClient:
         self._base = settings.base_url
         self._sleep = sleep
         self._clock = clock
-        self._paused_until = 0.0
+        self._paused_until: dict[str, float] = {}  # scope → end of its Retry-After pause
         self._rate = AdaptiveRate(settings.rate_limit_per_s, now=clock())
         self._adapt = settings.rate_adapt
-        # asyncio-throttle reads `rate_limit` on every acquire: changing it takes effect at once.
-        self._throttler = Throttler(rate_limit=self._rate.slots, period=1.0)
+        self._windows = SendWindows(self._rate.slots)
         self._gate = PriorityGate()
         self._metrics = metrics or Metrics()
         self._metrics.rate_effective.set(self._rate.rate)
@@ -258,10 +260,11 @@ class VtexClient:
         """One logical call. Returns (status, parsed JSON or None) for any status < 500
         except 429; raises VtexUnavailable or RateLimited otherwise."""
         url = self._base + path
+        scope = self._scope(route)
         failures = 0
         limited = 0
         while True:
-            await self._slot(priority)
+            await self._slot(priority, scope)
             started = self._clock()
             status, retry_after, text, error = await self._send(method, url, params, body)
             self._metrics.on_vtex_call(method, route, error or status, self._clock() - started)
@@ -270,11 +273,16 @@ class VtexClient:
                 wait_s = parse_retry_after(retry_after)
                 if wait_s is None:
                     wait_s = self._settings.rate_limited_wait_s
-                self._paused_until = max(self._paused_until, self._clock() + wait_s)
+                self._paused_until[scope] = max(self._paused_until.get(scope, 0.0), self._clock() + wait_s)
                 self._metrics.rate_limited_wait.inc(wait_s)
                 self._adjust_rate(limited=True)
                 log.warning(
-                    "vtex_rate_limited", route=route, retry_after_s=wait_s, attempt=limited, rate_per_s=self._rate.rate
+                    "vtex_rate_limited",
+                    route=route,
+                    scope=scope,
+                    retry_after_s=wait_s,
+                    attempt=limited,
+                    rate_per_s=self._rate.rate,
                 )
                 if limited > self._max_rate_limited:
                     raise RateLimited(f"{method} {route}: 429 {limited} times", wait_s)
@@ -313,27 +321,37 @@ class VtexClient:
         except aiohttp.ClientError as exc:
             return 0, None, "", type(exc).__name__
 
-    async def _slot(self, priority: Priority) -> None:
-        """Take a throttle slot outside any 429 pause, in priority order. One caller at a
-        time passes the gate to the throttle, so the gate, not the throttle's queue,
-        decides who goes next. A slot granted inside a pause that began while the caller
-        waited is not used: the pause is waited out and a slot taken again, so nothing
-        is sent before Retry-After has elapsed."""
-        async with self._gate.turn(priority):
-            while True:
-                while (wait := self._paused_until - self._clock()) > 0:
+    def _scope(self, route: str) -> str:
+        """What a 429 on `route` pauses: that VTEX operation, or the whole account."""
+        return route if self._settings.retry_after_scope == "route" else "account"
+
+    def _paused(self, scope: str) -> bool:
+        return self._clock() < self._paused_until.get(scope, 0.0)
+
+    async def _slot(self, priority: Priority, scope: str) -> None:
+        """Take a send slot outside any 429 pause of `scope`, in priority order. One caller
+        at a time passes the gate to the send windows, so the gate decides who goes next;
+        a caller waits out its scope's pause before queueing at the gate, so a paused
+        route holds up no other. A caller whose scope is paused while it waits at the
+        gate takes no slot: it leaves the gate, waits the pause out and queues again, so
+        nothing is sent before Retry-After has elapsed."""
+        while True:
+            while (wait := self._paused_until.get(scope, 0.0) - self._clock()) > 0:
+                await self._sleep(wait)
+            async with self._gate.turn(priority):
+                while not self._paused(scope) and (wait := self._windows.wait_s(self._clock())) > 0:
                     await self._sleep(wait)
-                async with self._throttler:  # takes a slot; leaving the block gives nothing back
-                    if self._clock() >= self._paused_until:
-                        return
+                if not self._paused(scope):
+                    self._windows.take(self._clock())
+                    return
 
     def _adjust_rate(self, *, limited: bool) -> None:
-        """Feed an answer to the adaptive rate and apply the result to the throttle."""
+        """Feed an answer to the adaptive rate and apply the result to the send windows."""
         if not self._adapt:
             return
         now = self._clock()
         rate = self._rate.on_429(now) if limited else self._rate.on_success(now)
-        self._throttler.rate_limit = self._rate.slots
+        self._windows.per_s = self._rate.slots
         self._metrics.rate_effective.set(rate)
 
     @staticmethod

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
@@ -39,6 +40,37 @@ class Faults:
     hook_without_current_change: bool = False  # §2.3: pushes shaped like the guide's example
 
 
+@dataclass
+class RetryAfterWindows:
+    """The Retry-After windows the simulator announced, and the requests that arrived
+    inside one: for the same route (VTEX's documented minimum: limits are "per IP,
+    account, route") and for the account as a whole (the feed guide's "stop sending
+    requests"). A route is a path template (`/api/orders/feed` for both the feed's GET
+    and its commit). A request arriving within `in_flight_s` of the 429's departure may
+    have left the client before the client read it: not counted."""
+
+    in_flight_s: float = 0.05
+    announced: list[tuple[str, float, float]] = field(default_factory=list)  # (route, 429 sent, window end)
+    inside_route: int = 0
+    inside_account: int = 0
+
+    def announce(self, route: str, seconds: float, now: float) -> None:
+        self.announced.append((route, now, now + seconds))
+
+    def arrived(self, route: str, now: float) -> None:
+        """Count a request arriving now against the windows still open."""
+        self.announced = [w for w in self.announced if w[2] > now]
+        inside = [r for r, sent, _ in self.announced if sent + self.in_flight_s < now]
+        self.inside_account += bool(inside)
+        self.inside_route += route in inside
+
+
+def route_of(request: web.Request) -> str:
+    """The route a request was matched to (its path template), or its path."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else request.path
+
+
 class FaultInjector:
     """Applies `Faults` to every `/api/` request before the route sees it."""
 
@@ -46,30 +78,36 @@ class FaultInjector:
         self.faults = faults
         self._rng = rng
         self.rate_limited = 0
+        self.windows = RetryAfterWindows()
 
     def _chance(self, rate: float) -> bool:
         return bool(rate) and self._rng.random() < rate
 
-    def too_many_requests(self) -> web.Response:
+    def too_many_requests(self, route: str = "") -> web.Response:
         f = self.faults
         self.rate_limited += 1
         headers = {}
         if f.retry_after == "seconds":
-            headers["Retry-After"] = str(int(f.retry_after_s) if f.retry_after_s >= 1 else f.retry_after_s)
+            seconds = int(f.retry_after_s) if f.retry_after_s >= 1 else f.retry_after_s
+            headers["Retry-After"] = str(seconds)
+            self.windows.announce(route, seconds, time.monotonic())
         elif f.retry_after == "date":
-            headers["Retry-After"] = format_datetime(
-                datetime.now(UTC) + timedelta(seconds=f.retry_after_s), usegmt=True
-            )
+            now = datetime.now(UTC)
+            until = (now + timedelta(seconds=f.retry_after_s)).replace(microsecond=0)  # what the header can say
+            headers["Retry-After"] = format_datetime(until, usegmt=True)
+            self.windows.announce(route, (until - now).total_seconds(), time.monotonic())
         return web.json_response({"error": "Too Many Requests"}, status=429, headers=headers)
 
     async def apply(self, request: web.Request, handler: Handler) -> web.StreamResponse | None:
         """A faulty answer for this request, or None to let it through."""
         f = self.faults
+        route = route_of(request)
+        self.windows.arrived(route, time.monotonic())
         lo, hi = f.latency_s
         if hi > 0:
             await asyncio.sleep(self._rng.uniform(lo, hi))
         if self._chance(f.rate_429):
-            return self.too_many_requests()
+            return self.too_many_requests(route)
         if self._chance(f.rate_drop):
             if request.method == "PUT" and self._rng.random() < 0.5:
                 await handler(request)  # processed, but the answer is lost

@@ -109,6 +109,13 @@ class Simulator:
         return self.injector.rate_limited
 
     @property
+    def inside_retry_after(self) -> dict[str, int]:
+        """Requests that arrived inside a Retry-After window announced for their own route,
+        and inside one announced for any route (sim/faults.py, RetryAfterWindows)."""
+        w = self.injector.windows
+        return {"route": w.inside_route, "account": w.inside_account}
+
+    @property
     def hook_pushes(self) -> list[dict[str, Any]]:
         return self.hook.pushes
 
@@ -289,6 +296,7 @@ class Simulator:
             "eoi011": sum(1 for n in notified if n.get("code") == "EOI011") + self.channel.eoi011_sync_answers,
             "notification_failures": self.channel.notification_failures,
             "rate_limited": self.rate_limited,
+            "inside_retry_after": self.inside_retry_after,
             "hook_pushes": len(self.hook.pushes),
             "hook_pushes_lost": self.hook.pushes_lost,
             "protocol_errors": list(self.protocol_errors),

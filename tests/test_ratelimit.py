@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import bisect
+import itertools
+import random
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from omsd.daemon.ratelimit import AdaptiveRate
+from omsd.daemon.ratelimit import MARGIN, SPREAD, AdaptiveRate, SendWindows
 
 
 def test_starts_at_the_configured_rate() -> None:
@@ -15,26 +19,72 @@ def test_starts_at_the_configured_rate() -> None:
     assert r.rate == 10.0 and r.slots == 10
 
 
-def test_a_429_cuts_the_rate_multiplicatively() -> None:
-    """Each 429 (outside the cooldown) multiplies the rate by `decrease`."""
+def test_a_lone_429_does_not_cut() -> None:
+    """A 429 among successes shows no limit: the rate stays where it was."""
+    r = AdaptiveRate(10.0)
+    r.on_success(0.5)
+    assert r.on_429(1.0) == 10.0
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_fewer_than_three_429s_in_a_row_do_not_cut(n: int) -> None:
+    """One or two 429s in a row, then a success, leave the rate alone."""
+    r = AdaptiveRate(10.0)
+    for t in range(n):
+        r.on_429(float(t))
+    r.on_success(5.0)
+    assert r.rate == 10.0
+
+
+def test_three_429s_in_a_row_cut_the_rate_multiplicatively() -> None:
+    """Three 429s in a row show a limit: the rate is multiplied by `decrease`, and again for the next three."""
     r = AdaptiveRate(10.0, decrease=0.7)
-    assert r.on_429(1.0) == pytest.approx(7.0)
-    assert r.on_429(2.0) == pytest.approx(4.9)
+    assert [r.on_429(t) for t in (1.0, 1.1, 1.2)] == [10.0, 10.0, pytest.approx(7.0)]
+    assert [r.on_429(t) for t in (3.0, 3.1, 3.2)] == [pytest.approx(7.0), pytest.approx(7.0), pytest.approx(4.9)]
     assert r.slots == 4
 
 
-def test_429s_within_the_cooldown_cut_once() -> None:
-    """A burst of 429s answered together is one event: one cut, not one per request."""
+@pytest.mark.parametrize(
+    ("limited", "cut"),
+    [
+        (7, False),  # 7 % of the last 100: random 429s can do that now and then
+        (8, True),  # more than 7 %: a limit
+    ],
+)
+def test_a_share_of_429s_over_7_percent_of_the_last_100_cuts(limited: int, cut: bool) -> None:
+    """429s spread among successes (never two in a row) cut once they are more than 7 % of the last 100 answers."""
+    r = AdaptiveRate(10.0, quiet_s=1000.0)
+    for n in range(100 - 2 * limited):
+        r.on_success(n * 0.01)
+    for n in range(limited):
+        r.on_success(10.0 + n)
+        r.on_429(10.5 + n)
+    assert r.rate == (pytest.approx(7.0) if cut else 10.0)
+
+
+def test_answers_older_than_the_window_are_forgotten() -> None:
+    """Eight 429s spread over more than 100 answers never cut: the oldest leave the window first."""
+    r = AdaptiveRate(10.0, quiet_s=1000.0)
+    for n in range(8):
+        for k in range(14):
+            r.on_success(n + k * 0.01)
+        r.on_429(n + 0.5)
+    assert r.rate == 10.0
+
+
+def test_429s_within_the_cooldown_of_a_cut_are_not_evidence() -> None:
+    """429s answering calls sent before a cut (within `cooldown_s`) do not cut again."""
     r = AdaptiveRate(10.0, decrease=0.7, cooldown_s=1.0)
-    for t in (5.0, 5.1, 5.5, 5.99):
+    for t in (5.0, 5.1, 5.2, 5.5, 5.6, 5.7, 5.99):
         r.on_429(t)
     assert r.rate == pytest.approx(7.0)
+    assert r.limited_recently == 0
 
 
 def test_the_rate_never_falls_below_the_floor() -> None:
     """However many 429s come, the rate stays at the floor."""
     r = AdaptiveRate(10.0, floor=1.0)
-    for t in range(100):
+    for t in range(300):
         r.on_429(float(t))
     assert r.rate == 1.0 and r.slots == 1
 
@@ -42,36 +92,55 @@ def test_the_rate_never_falls_below_the_floor() -> None:
 def test_a_floor_above_the_ceiling_is_the_ceiling() -> None:
     """A configured rate below the default floor is never raised by it."""
     r = AdaptiveRate(0.5, floor=1.0)
-    assert r.on_429(1.0) == 0.5
+    assert [r.on_429(t) for t in (1.0, 2.0, 3.0)][-1] == 0.5
+
+
+def cut_at(t: float) -> AdaptiveRate:
+    """A rate of 10/s cut once to 7 by three 429s in a row ending at `t`."""
+    r = AdaptiveRate(10.0, decrease=0.7, increase=0.05, quiet_s=5.0, near_factor=4.0)
+    for dt in (0.2, 0.1, 0.0):
+        r.on_429(t - dt)
+    assert r.rate == pytest.approx(7.0)
+    return r
 
 
 @pytest.mark.parametrize(
     ("successes_at", "expected"),
     [
         ([], 7.0),  # no traffic: no recovery
-        ([1.5, 3.0, 5.9], 7.0),  # less than quiet_s since the 429
+        ([1.5, 3.0, 5.9], 7.0),  # less than quiet_s since the cut
         ([6.0], 7.5),  # one quiet period: one step (5 % of 10)
         ([6.0, 6.5, 10.9], 7.5),  # the next step needs another quiet period
         ([6.0, 11.0], 8.0),
-        ([6.0, 11.0, 16.0, 21.0, 26.0, 31.0, 36.0, 41.0], 10.0),  # never above the ceiling
+        ([6.0, 11.0, 16.0, 21.0], 9.0),
+        ([6.0, 11.0, 16.0, 21.0, 26.0], 9.0),  # from 90 % of the rate of the last cut, 4 x quiet_s a step
+        ([6.0, 11.0, 16.0, 21.0, 41.0], 9.5),
+        ([6.0, 11.0, 16.0, 21.0, 41.0, 61.0, 81.0, 101.0], 10.0),  # never above the ceiling
     ],
 )
 def test_recovery_is_additive_after_quiet(successes_at: list[float], expected: float) -> None:
-    """After a 429 the rate climbs by `increase` x ceiling per `quiet_s` of successes without a 429."""
-    r = AdaptiveRate(10.0, decrease=0.7, increase=0.05, quiet_s=5.0)
-    r.on_429(1.0)
+    """After a cut the rate climbs by `increase` x ceiling per `quiet_s` without a cut, slower near where it was cut."""
+    r = cut_at(1.0)
     for t in successes_at:
         r.on_success(t)
     assert r.rate == pytest.approx(expected)
 
 
-def test_a_429_restarts_the_quiet_period() -> None:
-    """Recovery waits quiet_s after the latest 429, even one inside the cooldown."""
-    r = AdaptiveRate(10.0, quiet_s=5.0, cooldown_s=1.0)
-    r.on_429(1.0)
-    r.on_429(1.5)  # same event: no second cut
-    r.on_success(6.2)  # 5.2 s after the first 429, 4.7 s after the latest
-    assert r.rate == pytest.approx(7.0)
+def test_a_lone_429_does_not_stop_recovery() -> None:
+    """Recovery goes on through a random 429: only a cut restarts the quiet period."""
+    r = cut_at(1.0)
+    r.on_success(2.0)
+    r.on_429(4.0)
+    assert r.on_success(6.0) == pytest.approx(7.5)
+
+
+def test_recovery_waits_while_429s_lean_towards_a_limit() -> None:
+    """With 429s at half the cut's share of the recent answers, the rate does not climb further."""
+    r = cut_at(1.0)
+    for n in range(4):
+        r.on_success(2.0 + n)
+        r.on_429(2.5 + n)
+    assert r.on_success(8.0) == pytest.approx(7.0)
 
 
 @pytest.mark.parametrize(("rate", "slots"), [(10.0, 10), (9.99, 9), (7.0, 7), (6.93, 6), (1.0, 1)])
@@ -88,13 +157,26 @@ def test_the_ceiling_rounds_as_the_configured_rate_always_has() -> None:
     assert AdaptiveRate(0.4).slots == 1
 
 
-@pytest.mark.parametrize("kwargs", [{"ceiling": 0}, {"floor": 0}, {"decrease": 0}, {"decrease": 1.5}, {"quiet_s": 0}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"ceiling": 0},
+        {"floor": 0},
+        {"decrease": 0},
+        {"decrease": 1.5},
+        {"quiet_s": 0},
+        {"window": 0},
+        {"limit_share": 0},
+        {"limit_share": 1},
+        {"consecutive": 0},
+    ],
+)
 def test_nonsense_parameters_are_refused(kwargs: dict[str, float]) -> None:
-    """A rate that could reach zero or grow on a 429 is refused at construction."""
+    """A rate that could reach zero, grow on a 429 or never see a limit is refused at construction."""
     values = {"ceiling": 10.0} | kwargs
     ceiling = values.pop("ceiling")
     with pytest.raises(ValueError, match="positive"):
-        AdaptiveRate(ceiling, **values)
+        AdaptiveRate(ceiling, **values)  # type: ignore[arg-type]
 
 
 events = st.lists(st.tuples(st.booleans(), st.floats(min_value=0, max_value=30)), max_size=200)
@@ -119,3 +201,86 @@ def test_rate_stays_within_floor_and_ceiling(ceiling: float, floor: float, steps
         assert min(floor, ceiling) <= r.rate <= ceiling
         assert (after <= before) if limited else (after >= before)
         assert 1 <= r.slots <= ceiling_slots
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_random_429s_at_steady_traffic_barely_move_the_rate(seed: int) -> None:
+    """2 % of answers 429 at random, 50 calls/s for ten minutes: the rate stays within a few % of the ceiling."""
+    rng = random.Random(seed)
+    r = AdaptiveRate(50.0)
+    rates = []
+    for n in range(50 * 600):
+        now = n / 50
+        rates.append(r.on_429(now) if rng.random() < 0.02 else r.on_success(now))
+    assert sum(rates) / len(rates) >= 0.97 * 50.0
+    assert min(rates) >= 0.7 * 50.0 - 1e-9  # at most one cut at a time, recovered before the next
+
+
+def test_a_limit_below_the_rate_is_found_and_held_under() -> None:
+    """An account that allows 8 calls per second, asked 10 (the rest 429): once settled, fewer
+    than ten 429s a minute, and at least 7 of the 8 calls a second go through."""
+    r = AdaptiveRate(10.0)
+    limited, ok = 0, 0
+    for second in range(400):
+        calls = r.slots
+        for n in range(calls):
+            now = second + n / calls
+            if n >= 8:
+                limited += second >= 100
+                r.on_429(now)
+            else:
+                ok += second >= 100
+                r.on_success(now)
+    assert limited < 10 * 300 / 60
+    assert ok >= 7 * 300
+
+
+# ---- send windows ---------------------------------------------------------------------------
+
+
+def send_times(windows: SendWindows, arrivals: list[float], per_s: list[int] | None = None) -> list[float]:
+    """When calls that ask at `arrivals` leave, one at a time, on a fake clock; `per_s[i]`
+    (when given) is the allowance set just before call i asks (an AIMD change)."""
+    now, out = 0.0, []
+    for i, at in enumerate(arrivals):
+        if per_s is not None:
+            windows.per_s = per_s[i]
+        now = max(now, at)
+        while (wait := windows.wait_s(now)) > 0:
+            now += wait
+        windows.take(now)
+        out.append(now)
+    return out
+
+
+def busiest(times: list[float], period: float) -> int:
+    """The most calls in any half-open window [t, t + period) (to within a nanosecond)."""
+    return max((bisect.bisect_left(times, t + period - 1e-9) - i for i, t in enumerate(times)), default=0)
+
+
+@pytest.mark.parametrize(("per_s", "per_burst"), [(1, 1), (8, 1), (10, 1), (15, 2), (20, 2), (100, 10), (101, 11)])
+def test_a_backlog_leaves_evenly_at_the_full_rate(per_s: int, per_burst: int) -> None:
+    """Calls all waiting at once leave `per_s` a second, at most a tenth (rounded up) per 100 ms."""
+    windows = SendWindows(per_s)
+    assert windows.per_burst == per_burst
+    times = send_times(windows, [0.0] * (per_s * 5))
+    assert busiest(times, 1.0) == per_s
+    assert busiest(times, 0.1) == per_burst
+    assert times[-1] < 5.0 * (1 + MARGIN)  # the budget is used, but for the margin
+
+
+@given(
+    per_s=st.lists(st.integers(min_value=1, max_value=120), min_size=1, max_size=5),
+    gaps=st.lists(st.floats(min_value=0, max_value=0.3), min_size=1, max_size=400),
+)
+def test_no_window_holds_more_than_its_allowance(per_s: list[int], gaps: list[float]) -> None:
+    """Whatever the arrivals and however the allowance changes (AIMD), each call leaves when the
+    1.05 s before it hold fewer calls than the allowance, and the 105 ms before it fewer than a tenth."""
+    arrivals = list(itertools.accumulate(gaps))
+    allowance = [per_s[i * len(per_s) // len(arrivals)] for i in range(len(arrivals))]
+    times = send_times(SendWindows(allowance[0]), arrivals, allowance)
+    assert all(t >= at for t, at in zip(times, arrivals, strict=True))
+    for i, t in enumerate(times):
+        for period, allowed in ((1.0 + MARGIN, allowance[i]), ((1.0 + MARGIN) / SPREAD, -(-allowance[i] // SPREAD))):
+            before = i - bisect.bisect_right(times, t - period + 1e-9, hi=i)
+            assert before < allowed

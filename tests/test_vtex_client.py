@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import re
-import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
@@ -14,10 +14,12 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from omsd.daemon.budget import Priority
 from omsd.daemon.errors import AuthFailed, BadResponse, NotFound, RateLimited, VtexUnavailable
 from omsd.daemon.metrics import Metrics
+from omsd.daemon.ratelimit import MARGIN
 from omsd.daemon.vtex import FeedConfig, VtexClient, feed_config_body, parse_retry_after
-from tests.helpers import VTEX_TOKEN, make_settings
+from tests.helpers import VTEX_TOKEN, make_settings, until
 from tests.http_mock import aioresponses
 
 BASE = "https://shop.vtexcommercestable.com.br"
@@ -139,17 +141,34 @@ async def test_429_without_retry_after_waits_sixty_seconds(session: aiohttp.Clie
     assert sleeps.calls == [pytest.approx(60, abs=0.5)]
 
 
-async def test_429_pauses_every_call_not_just_the_limited_one(session: aiohttp.ClientSession) -> None:
-    """After a 429 the next, different call also waits for the pause."""
+@pytest.mark.parametrize(("scope", "waits"), [("account", [20]), ("route", [])])
+async def test_a_429_pauses_other_operations_only_in_account_scope(
+    session: aiohttp.ClientSession, scope: str, waits: list[float]
+) -> None:
+    """After a 429 on the feed, Get order waits for the pause under `account`, not under `route`."""
     sleeps = Sleeps()
     with aioresponses() as m:
         m.get(f"{BASE}/api/orders/feed?maxlot=10", status=429, headers={"Retry-After": "20"})
         m.get(f"{BASE}/api/oms/pvt/orders/X", payload={"orderId": "X"})
-        c = VtexClient(make_settings(), session, sleep=sleeps, clock=sleeps.clock, max_rate_limited=0)
+        settings = make_settings(retry_after_scope=scope)
+        c = VtexClient(settings, session, sleep=sleeps, clock=sleeps.clock, max_rate_limited=0)
         with pytest.raises(RateLimited):
             await c.get_feed(10)  # gives up at once, leaving the pause in force
         assert sleeps.calls == []
         await c.get_order("X")
+    assert sleeps.calls == waits
+
+
+async def test_a_429_on_the_feed_read_pauses_the_feed_commit(session: aiohttp.ClientSession) -> None:
+    """In `route` scope the feed's GET and its commit are one operation: a 429 on one pauses the other."""
+    sleeps = Sleeps()
+    with aioresponses() as m:
+        m.get(f"{BASE}/api/orders/feed?maxlot=10", status=429, headers={"Retry-After": "20"})
+        m.post(f"{BASE}/api/orders/feed", status=200)
+        c = VtexClient(make_settings(), session, sleep=sleeps, clock=sleeps.clock, max_rate_limited=0)
+        with pytest.raises(RateLimited):
+            await c.get_feed(10)
+        await c.commit_feed(["h1"])
     assert sleeps.calls == [20]
 
 
@@ -292,30 +311,47 @@ def test_client_repr_and_errors_hold_no_secret() -> None:
 
 
 class FakeVtex:
-    """A loopback VTEX whose Get order answers its first call 429 and records every arrival."""
+    """A loopback VTEX whose Get order answers its first call 429 (held for a while, so
+    more calls are in flight meanwhile); the feed GET always answers."""
 
     def __init__(self, retry_after_s: int, hold_s: float) -> None:
         self.retry_after_s = retry_after_s
         self.hold_s = hold_s
-        self.arrivals: list[float] = []
-        self.limited_at: list[float] = []
+        self.orders = 0
 
     async def order(self, request: web.Request) -> web.Response:
-        self.arrivals.append(time.monotonic())
-        if len(self.arrivals) == 1:
-            # Hold the 429 until the first burst has arrived, so every later arrival
-            # was sent by a caller that could have known about the pause.
+        self.orders += 1
+        if self.orders == 1:
             await asyncio.sleep(self.hold_s)
-            self.limited_at.append(time.monotonic())
             return web.Response(status=429, headers={"Retry-After": str(self.retry_after_s)})
         return web.json_response({"orderId": request.match_info["order_id"]})
+
+    async def feed(self, request: web.Request) -> web.Response:
+        return web.json_response([])
+
+
+class RecordingClient(VtexClient):
+    """The real client, noting when each exchange left and when a 429 came back."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.sent: list[tuple[float, str]] = []
+        self.limited_at: list[float] = []
+
+    async def _send(self, method: str, url: str, params: Any, body: Any) -> tuple[int, str | None, str, str | None]:
+        self.sent.append((self._clock(), "feed" if url.endswith("/feed") else "order"))
+        answer = await super()._send(method, url, params, body)
+        if answer[0] == 429:
+            self.limited_at.append(self._clock())
+        return answer
 
 
 @pytest.fixture
 async def fake_vtex() -> AsyncIterator[tuple[FakeVtex, str]]:
-    fake = FakeVtex(retry_after_s=1, hold_s=0.3)
+    fake = FakeVtex(retry_after_s=2, hold_s=0.3)
     app = web.Application()
     app.router.add_get("/api/oms/pvt/orders/{order_id}", fake.order)
+    app.router.add_get("/api/orders/feed", fake.feed)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -327,47 +363,96 @@ async def fake_vtex() -> AsyncIterator[tuple[FakeVtex, str]]:
         await runner.cleanup()
 
 
+@pytest.mark.parametrize("scope", ["route", "account"])
 async def test_no_request_leaves_inside_a_retry_after_window(
-    session: aiohttp.ClientSession, fake_vtex: tuple[FakeVtex, str]
+    session: aiohttp.ClientSession, fake_vtex: tuple[FakeVtex, str], scope: str
 ) -> None:
-    """Callers queued in the throttle when a 429 arrives wait out its Retry-After before sending."""
+    """Callers queued for a slot when a 429 on Get order comes back send no Get order before
+    its Retry-After has elapsed; a feed GET asked meanwhile goes at once under `route` and
+    waits too under `account`."""
     fake, base = fake_vtex
-    c = VtexClient(make_settings(vtex_base_url=base, rate_limit_per_s=20), session)
-    snapshots = await asyncio.gather(*(c.get_order(f"X-{i}") for i in range(50)))
-    assert {s.order_id for s in snapshots} == {f"X-{i}" for i in range(50)}
-    [sent] = fake.limited_at
-    inside = [t - sent for t in fake.arrivals if sent < t < sent + fake.retry_after_s]
-    assert inside == []
+    settings = make_settings(vtex_base_url=base, rate_limit_per_s=20, retry_after_scope=scope)
+    c = RecordingClient(settings, session)
+    orders = asyncio.gather(*(c.get_order(f"X-{i}") for i in range(50)))
+    await until(lambda: bool(c.limited_at), what="the 429")
+    feeds = await asyncio.gather(*(c.get_feed(10) for _ in range(3)))
+    snapshots = await orders
+    assert {s.order_id for s in snapshots} == {f"X-{i}" for i in range(50)} and feeds == [[], [], []]
+    [limited] = c.limited_at
+    inside = [kind for t, kind in c.sent if limited < t < limited + fake.retry_after_s]
+    assert inside == (["feed"] * 3 if scope == "route" else [])
 
 
 RATE = "omsd_vtex_rate_limit_effective_per_second"
 
 
-async def test_429_lowers_the_effective_rate_and_quiet_restores_it(session: aiohttp.ClientSession) -> None:
-    """A 429 cuts the throttle and the gauge to 70 %; successes after 5 quiet seconds add 5 % back."""
+async def test_429s_in_a_row_lower_the_effective_rate_and_quiet_restores_it(session: aiohttp.ClientSession) -> None:
+    """Three 429s in a row cut the send windows and the gauge to 70 %; 5 s later a success adds 5 % back."""
     sleeps, metrics = Sleeps(), Metrics()
     with aioresponses() as m:
-        m.get(f"{BASE}/api/oms/pvt/orders/X", status=429, headers={"Retry-After": "1"}, repeat=False)
+        for _ in range(3):
+            m.get(f"{BASE}/api/oms/pvt/orders/X", status=429, headers={"Retry-After": "1"})
         m.get(f"{BASE}/api/oms/pvt/orders/X", payload={"orderId": "X"}, repeat=True)
         c = VtexClient(make_settings(rate_limit_per_s=10), session, sleep=sleeps, clock=sleeps.clock, metrics=metrics)
         assert metrics.sample(RATE) == 10
         await c.get_order("X")
         assert metrics.sample(RATE) == pytest.approx(7.0)
-        assert c._throttler.rate_limit == 7
+        assert (c._windows.per_s, c._windows.per_burst) == (7, 1)
         sleeps.now += 5.0
         await c.get_order("X")
     assert metrics.sample(RATE) == pytest.approx(7.5)
-    assert c._throttler.rate_limit == 7
+    assert c._windows.per_s == 7
 
 
-async def test_without_adaptation_the_rate_stays_configured(session: aiohttp.ClientSession) -> None:
-    """OMSD_RATE_ADAPT=false still pauses on a 429 but keeps the configured rate."""
+async def test_a_lone_429_pauses_but_keeps_the_rate(session: aiohttp.ClientSession) -> None:
+    """One 429 among successes is waited out but shows no limit: the rate stays configured."""
     sleeps, metrics = Sleeps(), Metrics()
     with aioresponses() as m:
         m.get(f"{BASE}/api/oms/pvt/orders/X", status=429, headers={"Retry-After": "1"})
         m.get(f"{BASE}/api/oms/pvt/orders/X", payload={"orderId": "X"})
+        c = VtexClient(make_settings(rate_limit_per_s=10), session, sleep=sleeps, clock=sleeps.clock, metrics=metrics)
+        await c.get_order("X")
+    assert sleeps.calls == [1.0]
+    assert metrics.sample(RATE) == 10 and c._windows.per_s == 10
+
+
+async def test_without_adaptation_the_rate_stays_configured(session: aiohttp.ClientSession) -> None:
+    """OMSD_RATE_ADAPT=false still pauses on 429s but keeps the configured rate, even for 429s in a row."""
+    sleeps, metrics = Sleeps(), Metrics()
+    with aioresponses() as m:
+        for _ in range(3):
+            m.get(f"{BASE}/api/oms/pvt/orders/X", status=429, headers={"Retry-After": "1"})
+        m.get(f"{BASE}/api/oms/pvt/orders/X", payload={"orderId": "X"})
         settings = make_settings(rate_limit_per_s=10, rate_adapt=False)
         c = VtexClient(settings, session, sleep=sleeps, clock=sleeps.clock, metrics=metrics)
         await c.get_order("X")
-    assert sleeps.calls == [1.0]
-    assert metrics.sample(RATE) == 10 and c._throttler.rate_limit == 10
+    assert sleeps.calls == [1.0, 1.0, 1.0]
+    assert metrics.sample(RATE) == 10 and c._windows.per_s == 10
+
+
+def busiest(times: list[float], period: float) -> int:
+    """The most calls in any half-open window [t, t + period) (to within a nanosecond)."""
+    times = sorted(times)
+    return max((bisect.bisect_left(times, t + period - 1e-9) - i for i, t in enumerate(times)), default=0)
+
+
+@pytest.mark.parametrize("rate", [20, 100])
+async def test_many_callers_never_exceed_a_window(session: aiohttp.ClientSession, rate: int) -> None:
+    """Many concurrent callers of every class: no 1 s window holds more than the rate, no 100 ms
+    window more than a tenth of it, and the calls still use the whole rate."""
+    sleeps = Sleeps()
+    with aioresponses() as m:
+        m.get(re.compile(rf"{BASE}/api/oms/pvt/orders/.*"), payload={"orderId": "X"}, repeat=True)
+        m.get(f"{BASE}/api/orders/feed?maxlot=10", payload=[], repeat=True)
+        m.post(f"{BASE}/api/orders/feed", status=200, repeat=True)
+        c = RecordingClient(make_settings(rate_limit_per_s=rate), session, sleep=sleeps, clock=sleeps.clock)
+        calls: list[Coroutine[Any, Any, object]] = [
+            c.get_order(f"X-{n}", priority=Priority(n % 4)) for n in range(rate * 3)
+        ]
+        calls += [c.get_feed(10) for _ in range(rate)] + [c.commit_feed(["h"]) for _ in range(rate)]
+        await asyncio.gather(*calls)
+    times = [t for t, _ in c.sent]
+    assert len(times) == rate * 5
+    assert busiest(times, 1.0) == rate
+    assert busiest(times, 0.1) == rate // 10
+    assert max(times) - min(times) < 5.0 * (1 + MARGIN)  # five seconds' worth, but for the margin
