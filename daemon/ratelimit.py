@@ -1,4 +1,4 @@
-"""The request rate: how fast (AIMD) and how evenly (send windows) calls leave.
+"""The request rate: how fast (AIMD) and how evenly (`spread`) calls leave.
 
 `OMSD_RATE_LIMIT_PER_S` is a ceiling, not a promise: VTEX does not disclose its
 limits and an account's may be lower. `AdaptiveRate` cuts the rate (×`decrease`)
@@ -12,12 +12,10 @@ from 90 % of the rate where the last limit showed, each step takes `near_factor`
 times as long: the limit is probed slowly where it was found, so an account whose
 limit is below the ceiling sees its few 429s a minute, not a dozen.
 
-`SendWindows` spreads the budget: no one-second window holds more than the rate's
-slots, and no 100 ms window more than a tenth of them (rounded up), so calls
-leave evenly instead of a second's worth at once. The windows are 5 % longer at
-the sender, so that calls that reach VTEX a little sooner or later than they left
-(event-loop and network jitter, up to 50 ms) still fit its one-second windows;
-the cost is 5 % of the budget.
+`spread` turns the rate's slots into asyncio-throttle's sliding window so that
+calls leave evenly, at most a tenth of a second's budget at once, instead of a
+second's worth at once; no one-second window (5 % longer at the sender) holds
+more than the slots.
 
 Pure: the caller passes the time in, so a fake clock drives both in tests.
 """
@@ -27,9 +25,8 @@ from __future__ import annotations
 import math
 from collections import deque
 
-SPREAD = 10  # a one-second budget is spent over this many equal slices
-MARGIN = 0.05  # the sender's windows are this much longer (1.05 s, 105 ms): see SendWindows
-_EPSILON_S = 1e-9  # a wait this short is none (float sums of a fake clock must not loop)
+SPREAD = 10  # at most this share (a tenth) of a second's budget leaves at once
+MARGIN = 0.05  # the sender's one-second windows are this much longer (1.05 s): see spread
 
 
 class AdaptiveRate:
@@ -112,43 +109,24 @@ class AdaptiveRate:
         return max(1, math.floor(self.rate + 1e-9))
 
 
-class SendWindows:
-    """When the next call may leave: no 1.05 s window (half-open, at the sender) holds
-    more than `per_s` calls, no 105 ms window more than `per_burst` (`MARGIN`).
+def spread(per_s: int) -> tuple[int, float]:
+    """The sliding window that spends `per_s` calls a second evenly: (calls, seconds).
 
-    The caller asks `wait_s(now)`, waits that long, asks again (the answer is 0 once
-    it may go) and records the send with `take(now)`; one caller at a time.
+    asyncio-throttle's `Throttler(calls, period=seconds)` lets no window of `seconds`
+    hold more than `calls`. The budget is cut into `m = per_s // calls` such windows
+    per 1.05 s, `calls` at most a tenth of it: any window of 1.05 s is covered by m
+    of them, so it holds at most calls × m ≤ per_s; at most a tenth of the budget
+    leaves at once, and what leaves is spread over the second. `calls` is the largest
+    that wastes less than 5 % of the budget to rounding (2 for 32, not 3: 3 × 10 is 30).
 
-    This replaces asyncio-throttle's `Throttler`: two of them chained (1 s and 100 ms)
-    record a call in each window at a different instant (the second after the first
-    one's wait), so one of the two windows can hold a call over its allowance; the
-    library reads `time.monotonic` itself, so no fake clock can drive it; and its
-    waiters poll every 10 ms instead of sleeping until the slot frees. One log of
-    send times checked against both windows has none of these faults.
+    The windows are 5 % longer at the sender (`MARGIN`) so that calls that reach VTEX
+    a little sooner or later than they left (event-loop and network jitter, up to
+    50 ms) still fit its one-second windows. One window, not two chained throttlers
+    (1 s and 100 ms), so no call is counted at two different instants.
     """
-
-    def __init__(self, per_s: int) -> None:
-        if per_s < 1:
-            raise ValueError("per_s must be at least 1")
-        self.per_s = per_s
-        self._sent: deque[float] = deque()
-
-    @property
-    def per_burst(self) -> int:
-        return max(1, math.ceil(self.per_s / SPREAD))
-
-    def wait_s(self, now: float) -> float:
-        """Seconds until a call may leave (0: now)."""
-        second = 1.0 + MARGIN
-        while self._sent and self._sent[0] <= now - second:
-            self._sent.popleft()  # outside every window that ends after now
-        wait = 0.0
-        for allowed, period in ((self.per_s, second), (self.per_burst, second / SPREAD)):
-            if len(self._sent) >= allowed:
-                # the window ending now holds `allowed` calls: wait until the oldest of them leaves it
-                wait = max(wait, self._sent[-allowed] + period - now)
-        return wait if wait > _EPSILON_S else 0.0
-
-    def take(self, now: float) -> None:
-        """A call leaves now."""
-        self._sent.append(now)
+    if per_s < 1:
+        raise ValueError("per_s must be at least 1")
+    # the most calls per window (the fewest wake-ups while the throttle is full) that waste
+    # less than 5 % of the budget to rounding; one call per window wastes nothing
+    calls = next(k for k in range(max(1, per_s // SPREAD), 0, -1) if k * (per_s // k) >= 0.95 * per_s)
+    return calls, (1.0 + MARGIN) / (per_s // calls)

@@ -8,11 +8,11 @@ times. The scope is `OMSD_RETRY_AFTER_SCOPE`: `route` (the default) pauses the
 calls to the same VTEX operation (the feed's GET and commit are one), `account`
 pauses every call (docs/vtex-decisions.md). The pause is checked after a send
 slot is granted, so no call queued for a slot slips out inside it.
-Calls leave evenly: no one-second window holds more than the rate, no 100 ms
-window more than a tenth of it; 429s that show a limit lower the rate, which
-recovers slowly once they stop (daemon/ratelimit.py).
+Calls leave evenly through asyncio-throttle's sliding window: no one-second window
+holds more than the rate, and at most a tenth of it leaves at once; 429s that show
+a limit lower the rate, which recovers slowly once they stop (daemon/ratelimit.py).
 Every call names a priority class; under a saturated budget the gate in front of
-the send windows serves commits, then approvals, then feed reads, then the rest, with
+the throttle serves commits, then approvals, then feed reads, then the rest, with
 a minimum share for the last two (daemon/budget.py).
 Network errors, timeouts and 5xx are retried with capped backoff for idempotent
 calls only; the approval PUT is never blindly repeated (the machine re-checks
@@ -31,6 +31,7 @@ from typing import Any, Protocol
 from urllib.parse import quote
 
 import aiohttp
+from asyncio_throttle.throttler import Throttler
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from omsd.daemon.budget import Priority, PriorityGate
@@ -38,7 +39,7 @@ from omsd.daemon.errors import AuthFailed, BadResponse, NotFound, RateLimited, V
 from omsd.daemon.intake import parse_time
 from omsd.daemon.logs import get_logger
 from omsd.daemon.metrics import Metrics
-from omsd.daemon.ratelimit import AdaptiveRate, SendWindows
+from omsd.daemon.ratelimit import AdaptiveRate, spread
 from omsd.daemon.settings import Settings
 
 log = get_logger("omsd.vtex")
@@ -228,7 +229,9 @@ class VtexClient:
         self._paused_until: dict[str, float] = {}  # scope → end of its Retry-After pause
         self._rate = AdaptiveRate(settings.rate_limit_per_s, now=clock())
         self._adapt = settings.rate_adapt
-        self._windows = SendWindows(self._rate.slots)
+        # asyncio-throttle reads `rate_limit` and `period` on every acquire: a new rate applies at once.
+        self._throttler = Throttler(rate_limit=1, period=1.0)
+        self._spread(self._rate.slots)
         self._gate = PriorityGate()
         self._metrics = metrics or Metrics()
         self._metrics.rate_effective.set(self._rate.rate)
@@ -329,29 +332,34 @@ class VtexClient:
         return self._clock() < self._paused_until.get(scope, 0.0)
 
     async def _slot(self, priority: Priority, scope: str) -> None:
-        """Take a send slot outside any 429 pause of `scope`, in priority order. One caller
-        at a time passes the gate to the send windows, so the gate decides who goes next;
-        a caller waits out its scope's pause before queueing at the gate, so a paused
-        route holds up no other. A caller whose scope is paused while it waits at the
-        gate takes no slot: it leaves the gate, waits the pause out and queues again, so
-        nothing is sent before Retry-After has elapsed."""
+        """Take a throttle slot outside any 429 pause of `scope`, in priority order. One
+        caller at a time passes the gate to the throttle, so the gate decides who goes
+        next; a caller waits out its scope's pause before queueing at the gate, so a
+        paused route holds up no other. A slot granted inside a pause that began while
+        the caller waited is not used: the caller leaves the gate, waits the pause out and
+        queues again, so nothing is sent before Retry-After has elapsed."""
         while True:
             while (wait := self._paused_until.get(scope, 0.0) - self._clock()) > 0:
                 await self._sleep(wait)
-            async with self._gate.turn(priority):
-                while not self._paused(scope) and (wait := self._windows.wait_s(self._clock())) > 0:
-                    await self._sleep(wait)
+            # the throttle takes a slot; leaving the block gives nothing back
+            async with self._gate.turn(priority), self._throttler:
                 if not self._paused(scope):
-                    self._windows.take(self._clock())
                     return
 
+    def _spread(self, slots: int) -> None:
+        """Spend `slots` calls a second evenly (daemon/ratelimit.py `spread`)."""
+        calls, period = spread(slots)
+        self._throttler.rate_limit, self._throttler.period = calls, period
+        # asyncio-throttle polls while its window is full: often enough to waste little of it
+        self._throttler.retry_interval = period / 50
+
     def _adjust_rate(self, *, limited: bool) -> None:
-        """Feed an answer to the adaptive rate and apply the result to the send windows."""
+        """Feed an answer to the adaptive rate and apply the result to the throttle."""
         if not self._adapt:
             return
         now = self._clock()
         rate = self._rate.on_429(now) if limited else self._rate.on_success(now)
-        self._windows.per_s = self._rate.slots
+        self._spread(self._rate.slots)
         self._metrics.rate_effective.set(rate)
 
     @staticmethod

@@ -7,10 +7,12 @@ import itertools
 import random
 
 import pytest
-from hypothesis import given
+from asyncio_throttle import throttler as throttler_module
+from asyncio_throttle.throttler import Throttler
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from omsd.daemon.ratelimit import MARGIN, SPREAD, AdaptiveRate, SendWindows
+from omsd.daemon.ratelimit import MARGIN, SPREAD, AdaptiveRate, spread
 
 
 def test_starts_at_the_configured_rate() -> None:
@@ -235,21 +237,38 @@ def test_a_limit_below_the_rate_is_found_and_held_under() -> None:
     assert ok >= 7 * 300
 
 
-# ---- send windows ---------------------------------------------------------------------------
+# ---- spreading the budget over asyncio-throttle's sliding window ------------------------------
 
 
-def send_times(windows: SendWindows, arrivals: list[float], per_s: list[int] | None = None) -> list[float]:
-    """When calls that ask at `arrivals` leave, one at a time, on a fake clock; `per_s[i]`
-    (when given) is the allowance set just before call i asks (an AIMD change)."""
-    now, out = 0.0, []
-    for i, at in enumerate(arrivals):
-        if per_s is not None:
-            windows.per_s = per_s[i]
-        now = max(now, at)
-        while (wait := windows.wait_s(now)) > 0:
-            now += wait
-        windows.take(now)
-        out.append(now)
+class FakeTime:
+    """The `time` and `asyncio` asyncio-throttle's Throttler reads, on a fake clock."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+async def send_times(arrivals: list[float], per_s: list[int]) -> list[float]:
+    """When calls that ask at `arrivals` leave, one at a time, through a Throttler set as the
+    client sets it (`VtexClient._spread`); `per_s[i]` is the allowance just before call i asks."""
+    fake = FakeTime()
+    throttler = Throttler(rate_limit=1, period=1.0)
+    out = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(throttler_module, "time", fake)
+        mp.setattr(throttler_module, "asyncio", fake)
+        for at, allowed in zip(arrivals, per_s, strict=True):
+            throttler.rate_limit, throttler.period = spread(allowed)
+            throttler.retry_interval = throttler.period / 50
+            fake.now = max(fake.now, at)
+            async with throttler:
+                pass
+            out.append(fake.now)
     return out
 
 
@@ -258,29 +277,43 @@ def busiest(times: list[float], period: float) -> int:
     return max((bisect.bisect_left(times, t + period - 1e-9) - i for i, t in enumerate(times)), default=0)
 
 
-@pytest.mark.parametrize(("per_s", "per_burst"), [(1, 1), (8, 1), (10, 1), (15, 2), (20, 2), (100, 10), (101, 11)])
-def test_a_backlog_leaves_evenly_at_the_full_rate(per_s: int, per_burst: int) -> None:
-    """Calls all waiting at once leave `per_s` a second, at most a tenth (rounded up) per 100 ms."""
-    windows = SendWindows(per_s)
-    assert windows.per_burst == per_burst
-    times = send_times(windows, [0.0] * (per_s * 5))
-    assert busiest(times, 1.0) == per_s
-    assert busiest(times, 0.1) == per_burst
-    assert times[-1] < 5.0 * (1 + MARGIN)  # the budget is used, but for the margin
+@pytest.mark.parametrize("per_s", range(1, 201))
+def test_the_spread_never_allows_more_than_the_budget(per_s: int) -> None:
+    """A 1.05 s window covered by the throttle's windows holds at most the budget, at most a tenth
+    of it leaves at once, and rounding leaves at most 5 % of it unused."""
+    calls, period = spread(per_s)
+    windows = round((1.0 + MARGIN) / period)
+    assert windows * period == pytest.approx(1.0 + MARGIN)
+    assert calls * windows <= per_s and calls <= max(1, per_s // SPREAD)
+    assert calls * windows >= 0.95 * per_s
 
 
+@pytest.mark.parametrize("per_s", [1, 8, 10, 15, 20, 50, 100, 101])
+async def test_a_backlog_leaves_evenly_at_the_full_rate(per_s: int) -> None:
+    """Calls all waiting at once leave at most `per_s` a second, at most a tenth (rounded up) per
+    100 ms, and use the budget but for the margin and the rounding."""
+    times = await send_times([0.0] * (per_s * 5), [per_s] * (per_s * 5))
+    calls, period = spread(per_s)
+    assert busiest(times, 1.0) <= per_s
+    assert busiest(times, 0.1) <= -(-per_s // SPREAD)
+    assert times[-1] < 5.0 * (1 + MARGIN) * 1.03 * per_s / (calls * round((1 + MARGIN) / period))
+
+
+@settings(max_examples=60, deadline=None)
 @given(
     per_s=st.lists(st.integers(min_value=1, max_value=120), min_size=1, max_size=5),
-    gaps=st.lists(st.floats(min_value=0, max_value=0.3), min_size=1, max_size=400),
+    gaps=st.lists(st.floats(min_value=0, max_value=0.3), min_size=1, max_size=300),
 )
-def test_no_window_holds_more_than_its_allowance(per_s: list[int], gaps: list[float]) -> None:
-    """Whatever the arrivals and however the allowance changes (AIMD), each call leaves when the
-    1.05 s before it hold fewer calls than the allowance, and the 105 ms before it fewer than a tenth."""
+async def test_no_window_holds_more_than_its_allowance(per_s: list[int], gaps: list[float]) -> None:
+    """Whatever the arrivals and however the allowance changes (AIMD), no call leaves before it
+    asked, no 1.05 s window holds more calls than the largest allowance in force during it, and
+    no 105 ms window more than a tenth of it (rounded up)."""
     arrivals = list(itertools.accumulate(gaps))
     allowance = [per_s[i * len(per_s) // len(arrivals)] for i in range(len(arrivals))]
-    times = send_times(SendWindows(allowance[0]), arrivals, allowance)
+    times = await send_times(arrivals, allowance)
     assert all(t >= at for t, at in zip(times, arrivals, strict=True))
     for i, t in enumerate(times):
-        for period, allowed in ((1.0 + MARGIN, allowance[i]), ((1.0 + MARGIN) / SPREAD, -(-allowance[i] // SPREAD))):
-            before = i - bisect.bisect_right(times, t - period + 1e-9, hi=i)
-            assert before < allowed
+        for period, share in ((1.0 + MARGIN, 1), ((1.0 + MARGIN) / SPREAD, SPREAD)):
+            first = bisect.bisect_right(times, t - period + 1e-9, hi=i)
+            allowed = max(allowance[first : i + 1])
+            assert i + 1 - first <= -(-allowed // share)
