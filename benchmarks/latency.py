@@ -31,6 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
+import latency_trace  # beside this script (run as a script, its folder is on the path)
 
 from omsd.daemon import logs
 from omsd.daemon.app import Daemon
@@ -228,7 +229,8 @@ async def drive(args: argparse.Namespace, sim: Simulator, url: str, run: int) ->
 async def one_run(args: argparse.Namespace, source: str, faults: Faults, label: str, run: int) -> Result:
     sim = Simulator(seed=run, faults=faults)
     await sim.start()
-    with tempfile.TemporaryDirectory() as tmp:
+    trace = latency_trace.Trace()
+    with tempfile.TemporaryDirectory() as tmp, latency_trace.tracing(trace, enabled=args.trace):
         daemon, stop, task = await start_daemon(settings_for(sim, Path(tmp) / "omsd.db", source, args))
         t0 = time.monotonic()
         try:
@@ -239,6 +241,11 @@ async def one_run(args: argparse.Namespace, source: str, faults: Faults, label: 
             await sim.stop()
     result = measure(f"{source}, {label}", sim, driven.held, driven.free, driven.sent)
     result.seconds = time.monotonic() - t0
+    if args.trace:
+        print(
+            f"\n{source}, {label}: where the time goes\n{latency_trace.for_run(trace, driven.held, release_time)}\n",
+            flush=True,
+        )
     return result
 
 
@@ -294,6 +301,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--faults", nargs="+", default=["none", "mix"], choices=["none", "mix"])
     p.add_argument("--rate-adapt", action=argparse.BooleanOptionalAction, default=True, help="OMSD_RATE_ADAPT")
     p.add_argument("--rate", type=float, default=10.0, help="OMSD_RATE_LIMIT_PER_S (the default: 10)")
+    p.add_argument("--trace", action="store_true", help="time each step of each held order (latency_trace.py)")
     p.add_argument("--sources", nargs="+", default=["hook", "feed"], choices=["hook", "feed"])
     return p.parse_args(argv)
 
