@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/latency.py [--orders 100] [--free 20] [--arrival 50] [--spread 10] [--timeout 30]
 
 Each run starts the simulator on loopback and a real omsd in this process (the
-Settings' defaults: feed polled every 5 s, 10 requests/s, adaptive rate), with
+Settings' defaults: feed polled every 5 s, 50 requests/s, adaptive rate), with
 `OMSD_SOURCE=hook` (and a hook secret) or `OMSD_SOURCE=feed`, once with no
 faults and once with the fault mix. Orders arrive at random times over
 `--arrival` s: `--orders` of them are created held, each gets its intent
@@ -86,6 +86,7 @@ def free_port() -> int:
 
 def settings_for(sim: Simulator, db: Path, source: str, args: argparse.Namespace) -> Settings:
     port = free_port()
+    budget = {} if args.rate is None else {"rate_limit_per_s": args.rate}
     return Settings(
         account=sim.account,
         app_key=sim.app_key,
@@ -100,7 +101,7 @@ def settings_for(sim: Simulator, db: Path, source: str, args: argparse.Namespace
         hook_secret="bench-hook-secret-0123456789" if source == "hook" else None,
         log_level="error",
         rate_adapt=args.rate_adapt,
-        rate_limit_per_s=args.rate,
+        **budget,
     )
 
 
@@ -300,7 +301,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=30.0, help="a run gives up this long after the last intent")
     p.add_argument("--faults", nargs="+", default=["none", "mix"], choices=["none", "mix"])
     p.add_argument("--rate-adapt", action=argparse.BooleanOptionalAction, default=True, help="OMSD_RATE_ADAPT")
-    p.add_argument("--rate", type=float, default=10.0, help="OMSD_RATE_LIMIT_PER_S (the default: 10)")
+    p.add_argument("--rate", type=float, help="OMSD_RATE_LIMIT_PER_S (default: the Settings' default)")
     p.add_argument("--trace", action="store_true", help="time each step of each held order (latency_trace.py)")
     p.add_argument("--sources", nargs="+", default=["hook", "feed"], choices=["hook", "feed"])
     return p.parse_args(argv)
