@@ -385,13 +385,26 @@ def _on_approval_failed(ctx: _Ctx, event: ApprovalFailed) -> bool:
         ctx.cause(f"late approval failure recorded: {event.error}")
         return False
     ctx.set(inflight=None)
-    if event.retryable:
+    if event.retryable and o.attempts == 0:
+        _unknown_outcome(ctx, event.error)
+    elif event.retryable:
         _transient(ctx, event.error)
     else:
         ctx.settle()
         ctx.set(last_error=event.error)
         ctx.goto(Phase.DEAD, f"approval refused: {event.error}")
     return False
+
+
+def _unknown_outcome(ctx: _Ctx, error: str) -> None:
+    """The first PUT failure since the last enqueued approval (5xx, timeout, lost answer):
+    VTEX may or may not have taken it. Check at once with Get order, which decides (an
+    order that moved on closes, one still free is sent again, a held one waits): waiting
+    first only delays the approval. A second failure in a row backs off (`_transient`)."""
+    ctx.set(attempts=1, last_error=error)
+    ctx.settle()
+    ctx.goto(Phase.CHECKING, f"approval PUT failed ({error}), outcome unknown: checking with Get order at once")
+    ctx.fetch("pre_approval")
 
 
 def _on_notified(ctx: _Ctx, event: ResultNotified) -> bool:
