@@ -59,6 +59,13 @@ def fault_mix() -> Faults:
     )
 
 
+def mix_without_429() -> Faults:
+    """The fault mix without its 429s: what 5xx, duplicates and short batches cost alone."""
+    faults = fault_mix()
+    faults.rate_429 = 0.0
+    return faults
+
+
 def no_faults() -> Faults:
     return Faults(short_batches=False)
 
@@ -279,7 +286,11 @@ async def main(args: argparse.Namespace) -> None:
     runs: list[tuple[str, Faults, str]] = [
         (source, make(), label)
         for source in args.sources
-        for key, make, label in (("none", no_faults, "no faults"), ("mix", fault_mix, "fault mix"))
+        for key, make, label in (
+            ("none", no_faults, "no faults"),
+            ("mix", fault_mix, "fault mix"),
+            ("mix-no429", mix_without_429, "fault mix without 429s"),
+        )
         if key in args.faults
     ]
     results: list[Result] = []
@@ -299,7 +310,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--arrival", type=float, default=50.0, help="orders arrive over this many seconds (0: at once)")
     p.add_argument("--spread", type=float, default=10.0, help="a held order is released 1 to 1 + this s after its hold")
     p.add_argument("--timeout", type=float, default=30.0, help="a run gives up this long after the last intent")
-    p.add_argument("--faults", nargs="+", default=["none", "mix"], choices=["none", "mix"])
+    p.add_argument("--faults", nargs="+", default=["none", "mix"], choices=["none", "mix", "mix-no429"])
     p.add_argument("--rate-adapt", action=argparse.BooleanOptionalAction, default=True, help="OMSD_RATE_ADAPT")
     p.add_argument("--rate", type=float, help="OMSD_RATE_LIMIT_PER_S (default: the Settings' default)")
     p.add_argument("--trace", action="store_true", help="time each step of each held order (latency_trace.py)")
