@@ -343,5 +343,6 @@ async def test_interrupted_send_is_rechecked_not_resent(store: Store) -> None:
     assert await runner(store, FakeVtex()).recover() == 1
     await processor.drain()
     order = await store.load_order(OID)
-    assert order is not None and order.phase == Phase.RETRY_WAIT
-    assert await store.claim_effects(10, now=NOW) == []  # nothing is resent blindly
+    assert order is not None and order.phase == Phase.CHECKING
+    [recheck] = await store.claim_effects(10, now=NOW)  # nothing is resent blindly: a Get order first
+    assert recheck.effect.kind == "fetch_order"
