@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/latency.py [--orders 100] [--free 20] [--arrival 50] [--spread 10] [--timeout 30]
 
 Each run starts the simulator on loopback and a real omsd in this process (the
-Settings' defaults: feed polled every 5 s, 10 requests/s, adaptive rate), with
+Settings' defaults: feed polled every 5 s, 50 requests/s, adaptive rate), with
 `OMSD_SOURCE=hook` (and a hook secret) or `OMSD_SOURCE=feed`, once with no
 faults and once with the fault mix. Orders arrive at random times over
 `--arrival` s: `--orders` of them are created held, each gets its intent
@@ -31,6 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
+import latency_trace  # beside this script (run as a script, its folder is on the path)
 
 from omsd.daemon import logs
 from omsd.daemon.app import Daemon
@@ -56,6 +57,13 @@ def fault_mix() -> Faults:
         hook_duplicate_rate=0.05,
         short_batches=True,
     )
+
+
+def mix_without_429() -> Faults:
+    """The fault mix without its 429s: what 5xx, duplicates and short batches cost alone."""
+    faults = fault_mix()
+    faults.rate_429 = 0.0
+    return faults
 
 
 def no_faults() -> Faults:
@@ -85,6 +93,7 @@ def free_port() -> int:
 
 def settings_for(sim: Simulator, db: Path, source: str, args: argparse.Namespace) -> Settings:
     port = free_port()
+    budget = {} if args.rate is None else {"rate_limit_per_s": args.rate}
     return Settings(
         account=sim.account,
         app_key=sim.app_key,
@@ -99,7 +108,7 @@ def settings_for(sim: Simulator, db: Path, source: str, args: argparse.Namespace
         hook_secret="bench-hook-secret-0123456789" if source == "hook" else None,
         log_level="error",
         rate_adapt=args.rate_adapt,
-        rate_limit_per_s=args.rate,
+        **budget,
     )
 
 
@@ -228,7 +237,8 @@ async def drive(args: argparse.Namespace, sim: Simulator, url: str, run: int) ->
 async def one_run(args: argparse.Namespace, source: str, faults: Faults, label: str, run: int) -> Result:
     sim = Simulator(seed=run, faults=faults)
     await sim.start()
-    with tempfile.TemporaryDirectory() as tmp:
+    trace = latency_trace.Trace()
+    with tempfile.TemporaryDirectory() as tmp, latency_trace.tracing(trace, enabled=args.trace):
         daemon, stop, task = await start_daemon(settings_for(sim, Path(tmp) / "omsd.db", source, args))
         t0 = time.monotonic()
         try:
@@ -239,6 +249,11 @@ async def one_run(args: argparse.Namespace, source: str, faults: Faults, label: 
             await sim.stop()
     result = measure(f"{source}, {label}", sim, driven.held, driven.free, driven.sent)
     result.seconds = time.monotonic() - t0
+    if args.trace:
+        print(
+            f"\n{source}, {label}: where the time goes\n{latency_trace.for_run(trace, driven.held, release_time)}\n",
+            flush=True,
+        )
     return result
 
 
@@ -271,7 +286,11 @@ async def main(args: argparse.Namespace) -> None:
     runs: list[tuple[str, Faults, str]] = [
         (source, make(), label)
         for source in args.sources
-        for key, make, label in (("none", no_faults, "no faults"), ("mix", fault_mix, "fault mix"))
+        for key, make, label in (
+            ("none", no_faults, "no faults"),
+            ("mix", fault_mix, "fault mix"),
+            ("mix-no429", mix_without_429, "fault mix without 429s"),
+        )
         if key in args.faults
     ]
     results: list[Result] = []
@@ -291,9 +310,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--arrival", type=float, default=50.0, help="orders arrive over this many seconds (0: at once)")
     p.add_argument("--spread", type=float, default=10.0, help="a held order is released 1 to 1 + this s after its hold")
     p.add_argument("--timeout", type=float, default=30.0, help="a run gives up this long after the last intent")
-    p.add_argument("--faults", nargs="+", default=["none", "mix"], choices=["none", "mix"])
+    p.add_argument("--faults", nargs="+", default=["none", "mix"], choices=["none", "mix", "mix-no429"])
     p.add_argument("--rate-adapt", action=argparse.BooleanOptionalAction, default=True, help="OMSD_RATE_ADAPT")
-    p.add_argument("--rate", type=float, default=10.0, help="OMSD_RATE_LIMIT_PER_S (the default: 10)")
+    p.add_argument("--rate", type=float, help="OMSD_RATE_LIMIT_PER_S (default: the Settings' default)")
+    p.add_argument("--trace", action="store_true", help="time each step of each held order (latency_trace.py)")
     p.add_argument("--sources", nargs="+", default=["hook", "feed"], choices=["hook", "feed"])
     return p.parse_args(argv)
 

@@ -51,7 +51,7 @@ from omsd.daemon.processor import Processor, Transition
 from omsd.daemon.settings import ConfigError, Settings
 from omsd.daemon.vtex import VtexClient
 from omsd.daemon.vtexconfig import SelfCheck, ensure_feed_config, ensure_hook_config
-from omsd.daemon.wakeup import wait_any
+from omsd.daemon.wakeup import Alarm, wait_any
 from omsd.state.store import Store, StoreUnwritable
 
 log = get_logger("omsd.app")
@@ -86,6 +86,7 @@ class Daemon:
         self.jobs: Jobs | None = None
         self.guard: ConnectionGuard | None = None
         self.store_probes = 0  # turns of the store probe's loop, paused or not
+        self.alarm = Alarm()  # fires timers when due; the `timers` job's tick is the safety net
         self.url = ""
         redact(
             settings.app_token.get_secret_value(),
@@ -122,7 +123,9 @@ class Daemon:
             stack.push_async_callback(session.close)
             client = VtexClient(s, session, metrics=self.metrics)
             runner = EffectRunner(store, client, concurrency=s.effect_concurrency, metrics=self.metrics)
-            processor = Processor(store, s.policy(), on_effects=runner.wake.set, metrics=self.metrics)
+            processor = Processor(
+                store, s.policy(), on_effects=runner.wake.set, on_timer=self.alarm.set_at, metrics=self.metrics
+            )
             processor.listeners.append(self._count_transition)
             runner.on_result = processor.wake.set
             self.processor, self.runner = processor, runner
@@ -233,10 +236,6 @@ class Daemon:
         self_check = self.self_check
         assert self_check is not None
 
-        async def fire_timers() -> None:
-            if await store.fire_due_timers(datetime.now(UTC)):
-                processor.wake.set()
-
         async def report_status() -> None:
             counts = await store.phase_counts()
             open_ = sum(n for phase, n in counts.items() if phase not in ("tracking", "approved", "rejected", "dead"))
@@ -246,7 +245,7 @@ class Daemon:
                 f"offset {processor.offset}; alarms: {alarms}"
             )
 
-        jobs.add("timers", fire_timers, s.timer_tick_s, misfire_grace_s=s.timer_tick_s * 5)
+        jobs.add("timers", self._fire_timers, s.timer_tick_s, misfire_grace_s=s.timer_tick_s * 5)
         jobs.add("self_check", self_check.run_once, s.self_check_s)
         if s.source == "hook":  # no feed as a safety net: notice a deleted hook sooner while intents wait
             jobs.add(
@@ -261,6 +260,26 @@ class Daemon:
         jobs.add("status", report_status, STATUS_EVERY_S)
         add_retention(jobs, store, s.retention_days)
         return jobs
+
+    async def _fire_timers(self) -> None:
+        """Turn due timers into events, then set the alarm for the next one (it holds only
+        the earliest it was told of). Run by the alarm when a timer is due, and by the
+        `timers` job every `timer_tick_s` as a safety net."""
+        store, processor = self.store, self.processor
+        assert store is not None
+        assert processor is not None
+        if await store.fire_due_timers(datetime.now(UTC)):
+            processor.wake.set()
+        if (due := await store.next_timer_due()) is not None:
+            self.alarm.set_at(due)
+
+    async def _alarm_fired(self) -> None:
+        """The alarm's firing. A failure (the database refusing writes, a bug) is logged
+        and left to the `timers` job, which tries again on its tick and is supervised."""
+        try:
+            await self._fire_timers()
+        except Exception as exc:
+            log.warning("timer_alarm_failed", error_type=type(exc).__name__, error=str(exc))
 
     def _count_transition(self, t: Transition) -> None:
         self.metrics.on_transition(t.order_id, t.from_phase, t.to_phase, t.intent_at, datetime.now(UTC))
@@ -285,6 +304,10 @@ class Daemon:
             ]
             watchdog = tg.create_task(watchdog_loop(self.notifier, self.progress, work_stop), name="watchdog")
             tg.create_task(self._probe_store(work_stop), name="store-probe")
+            self.alarm.set_at(datetime.now(UTC))  # timers left by the last run: fire the due, then the next
+            tg.create_task(
+                resilient(functools.partial(self.alarm.run, self._fire_timers), work_stop), name="timer-alarm"
+            )
             stopper = tg.create_task(stop.wait(), name="stop-signal")
             await asyncio.wait([stopper, *intake, *work], return_when=asyncio.FIRST_COMPLETED)
             if not stop.is_set():

@@ -161,7 +161,7 @@ class EffectRunner:
         try:
             answer = await self._vtex.approve(effect.marketplace_order_id)
         except RateLimited as exc:
-            # Refused before processing: safe to retry, and the machine backs off.
+            # Refused before processing: safe to retry (a Get order decides first; the client keeps the pause).
             return ApprovalFailed(order_id=effect.order_id, seq=effect.seq, error=str(exc), retryable=True)
         except AuthFailed:
             raise  # fatal: the row stays `started` and is recovered as "outcome unknown"

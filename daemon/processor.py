@@ -96,6 +96,7 @@ class Processor:
         max_batch_size: int = 2000,
         emit_effects: bool = True,
         on_effects: Callable[[], None] | None = None,
+        on_timer: Callable[[datetime], None] | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         metrics: Metrics | None = None,
     ) -> None:
@@ -106,6 +107,7 @@ class Processor:
         self._next_size = batch_size
         self._emit_effects = emit_effects
         self._on_effects = on_effects
+        self._on_timer = on_timer  # told the earliest timer each batch set, to fire it when due
         self._clock = clock
         self._metrics = metrics
         self.unreadable = 0  # journal rows this process found unreadable (omsd_journal_unreadable_total)
@@ -142,6 +144,8 @@ class Processor:
                 self._metrics.intents_expired.inc(run.expired)
         if written and self._on_effects is not None:
             self._on_effects()
+        if self._on_timer is not None and (dues := [o.timer.due_at for o in run.batch.orders.values() if o.timer]):
+            self._on_timer(min(dues))
         self._announce(run.transitions)
         async with self.applied:
             self.applied.notify_all()

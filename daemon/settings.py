@@ -101,7 +101,7 @@ class Settings(PolicySettings):
     ready_stale_s: float = Field(default=120.0, gt=0)
 
     # Runtime
-    effect_concurrency: int = Field(default=4, ge=1, le=64)
+    effect_concurrency: int = Field(default=32, ge=1, le=64)  # calls claimed at once, most waiting for the budget
     timer_tick_s: float = Field(default=1.0, gt=0, le=60)
     shutdown_grace_s: float = Field(default=10.0, ge=0, le=600)
     log_level: Literal["debug", "info", "warning", "error"] = "info"

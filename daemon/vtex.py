@@ -43,6 +43,7 @@ from omsd.daemon.ratelimit import AdaptiveRate, spread
 from omsd.daemon.settings import Settings
 
 log = get_logger("omsd.vtex")
+FIRST_RETRY_S = 0.1  # an idempotent call answered 5xx (or lost) is tried again this soon, once
 
 FEED = "/api/orders/feed"
 FEED_CONFIG = "/api/orders/feed/config"
@@ -296,7 +297,9 @@ class VtexClient:
                 failures += 1
                 if not idempotent or failures > self._settings.http_retries:
                     raise VtexUnavailable(f"{method} {route}: {error}")
-                delay = min(30.0, 0.5 * 2 ** (failures - 1))
+                # The first retry is prompt (a lone 5xx is the common case and an approval may
+                # wait on this call); later ones back off as before.
+                delay = FIRST_RETRY_S if failures == 1 else min(30.0, 0.5 * 2 ** (failures - 1))
                 self._metrics.retries.inc()
                 log.info("vtex_retry", route=route, error=error, attempt=failures, delay_s=delay)
                 await self._sleep(delay)

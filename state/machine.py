@@ -385,13 +385,26 @@ def _on_approval_failed(ctx: _Ctx, event: ApprovalFailed) -> bool:
         ctx.cause(f"late approval failure recorded: {event.error}")
         return False
     ctx.set(inflight=None)
-    if event.retryable:
+    if event.retryable and o.attempts == 0:
+        _unknown_outcome(ctx, event.error)
+    elif event.retryable:
         _transient(ctx, event.error)
     else:
         ctx.settle()
         ctx.set(last_error=event.error)
         ctx.goto(Phase.DEAD, f"approval refused: {event.error}")
     return False
+
+
+def _unknown_outcome(ctx: _Ctx, error: str) -> None:
+    """The first PUT failure since the last enqueued approval (5xx, timeout, lost answer):
+    VTEX may or may not have taken it. Check at once with Get order, which decides (an
+    order that moved on closes, one still free is sent again, a held one waits): waiting
+    first only delays the approval. A second failure in a row backs off (`_transient`)."""
+    ctx.set(attempts=1, last_error=error)
+    ctx.settle()
+    ctx.goto(Phase.CHECKING, f"approval PUT failed ({error}), outcome unknown: checking with Get order at once")
+    ctx.fetch("pre_approval")
 
 
 def _on_notified(ctx: _Ctx, event: ResultNotified) -> bool:
@@ -594,8 +607,9 @@ def _advance(ctx: _Ctx) -> None:
         o = ctx.order
     if _check_again(o):
         ctx.set(timer=None, await_newer_than=None)
-        ctx.goto(Phase.CHECKING, "flagged status" if o.flagged_status else "released after the PUT was decided")
-        ctx.fetch("confirm" if o.phase == Phase.AWAITING_RESULT else "pre_approval")
+        awaiting = o.phase == Phase.AWAITING_RESULT
+        ctx.goto(Phase.CHECKING, "released after the PUT was decided" if awaiting else "flagged status")
+        ctx.fetch("confirm" if awaiting else "pre_approval")
         return
     if o.phase == Phase.CHECKING and o.inflight is None:
         # A check whose Get order was superseded (e.g. a link fetch finished first).
@@ -609,9 +623,9 @@ def _check_again(o: Order) -> bool:
     """A Get order is needed now: a flagged status waits for one asked after it, or the
     order was released after the approval PUT omsd awaits was decided (VTEX may have met
     the hold with it; once per release, as the next PUT is decided on a newer status)."""
-    if o.flagged_status is not None:
+    if o.flagged_status is not None and o.phase in (Phase.WAITING_RELEASE, Phase.CHECKING):
         asked_after = o.inflight is not None and o.inflight.kind == "fetch" and o.inflight.seq > o.flagged_seq
-        return o.phase in (Phase.WAITING_RELEASE, Phase.CHECKING) and not asked_after
+        return not asked_after
     released = o.released_at is not None and o.sent_on is not None and o.released_at > o.sent_on
     return o.phase == Phase.AWAITING_RESULT and released
 

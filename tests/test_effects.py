@@ -16,6 +16,7 @@ from omsd.daemon.effects import EffectRunner
 from omsd.daemon.errors import AuthFailed, NotFound, RateLimited, VtexRejected, VtexUnavailable
 from omsd.daemon.metrics import Metrics
 from omsd.daemon.processor import Processor
+from omsd.daemon.settings import Settings
 from omsd.daemon.vtex import ApprovalResponse, FeedConfig, HookConfig, OrderSnapshot, VtexApi
 from omsd.state.events import (
     ApprovalAnswered,
@@ -343,5 +344,32 @@ async def test_interrupted_send_is_rechecked_not_resent(store: Store) -> None:
     assert await runner(store, FakeVtex()).recover() == 1
     await processor.drain()
     order = await store.load_order(OID)
-    assert order is not None and order.phase == Phase.RETRY_WAIT
-    assert await store.claim_effects(10, now=NOW) == []  # nothing is resent blindly
+    assert order is not None and order.phase == Phase.CHECKING
+    [recheck] = await store.claim_effects(10, now=NOW)  # nothing is resent blindly: a Get order first
+    assert recheck.effect.kind == "fetch_order"
+
+
+async def test_default_concurrency_lets_an_approval_pass_get_orders_waiting_for_the_budget(store: Store) -> None:
+    """With the default OMSD_EFFECT_CONCURRENCY, an approval queued behind 16 Get orders that
+    wait (e.g. out a 429 pause on their route) is still claimed and sent."""
+    fake = FakeVtex()
+    blocked = asyncio.Event()
+    fake.orders = {f"O{i}": snapshot() for i in range(16)}
+    fake.approvals[MKT] = answer("SOI003")
+    original = fake.get_order
+
+    async def waiting_get_order(order_id: str, *, priority: Priority = Priority.BACKGROUND) -> OrderSnapshot:
+        await blocked.wait()
+        return await original(order_id, priority=priority)
+
+    fake.get_order = waiting_get_order  # type: ignore[method-assign]
+    await queue(store, *(fetch(f"O{i}") for i in range(16)), send())
+    stop = asyncio.Event()
+    concurrency = Settings.model_fields["effect_concurrency"].default
+    task = asyncio.create_task(runner(store, fake, concurrency=concurrency).run(stop, poll_s=0.05))
+    try:
+        await until(lambda: ("approve", MKT) in fake.calls, what="the approval sent while Get orders wait")
+    finally:
+        blocked.set()
+        stop.set()
+        await asyncio.wait_for(task, timeout=10)

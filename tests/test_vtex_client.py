@@ -197,6 +197,16 @@ async def test_5xx_is_retried_with_backoff_for_idempotent_calls(session: aiohttp
     assert len(sleeps.calls) == 2 and sleeps.calls[1] > sleeps.calls[0]
 
 
+async def test_first_5xx_retry_is_prompt(session: aiohttp.ClientSession) -> None:
+    """A Get order answered 5xx once is tried again within 0.1 s, not after half a second."""
+    sleeps = Sleeps()
+    with aioresponses() as m:
+        m.get(f"{BASE}/api/oms/pvt/orders/X", status=503)
+        m.get(f"{BASE}/api/oms/pvt/orders/X", payload={"orderId": "X", "status": "handling"})
+        await client(session, sleeps).get_order("X")
+    assert len(sleeps.calls) == 1 and sleeps.calls[0] <= 0.1
+
+
 async def test_5xx_beyond_the_budget_raises_unavailable(session: aiohttp.ClientSession) -> None:
     """Retries are bounded."""
     with aioresponses() as m:
