@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/latency.py [--orders 100] [--free 20] [--arrival 50] [--spread 10] [--timeout 30]
 
 Each run starts the simulator on loopback and a real omsd in this process (the
-Settings' defaults: feed polled every 5 s, 10 requests/s, adaptive rate), with
+Settings' defaults, feed polled every 5 s and adaptive rate, but 10 requests/s
+unless `--rate` says otherwise: omsd's own default is now 50), with
 `OMSD_SOURCE=hook` (and a hook secret) or `OMSD_SOURCE=feed`, once with no
 faults and once with the fault mix. Orders arrive at random times over
 `--arrival` s: `--orders` of them are created held, each gets its intent
@@ -15,6 +16,13 @@ Per held order: release (the simulator's status change out of
 waiting-for-manual-authorization) → the first approval PUT reaching the
 simulator's handler (after its added latency; a PUT refused with 429 never
 reaches it). A run ends when every order was approved, or after `--timeout` s.
+
+`--trace` also times each stage per order (p50 / p99 / max of each), to tell where
+the time goes: the release → the feed GET that delivered it (at the simulator) →
+journaled → applied by the processor → the Get order call started (effect runner) →
+the Get order at the simulator (budget wait + latency) → the PUT call started → the
+PUT at the simulator; for an order never held, its intent → applied → the same
+stages. It also counts feed GETs and how many came back empty.
 """
 
 from __future__ import annotations
@@ -26,9 +34,11 @@ import random
 import socket
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -168,6 +178,154 @@ def measure(name: str, sim: Simulator, held: list[SimOrder], free: list[SimOrder
     )
 
 
+def _first_after(times: list[float], t: float | None) -> float | None:
+    if t is None:
+        return None
+    return min((x for x in times if x >= t), default=None)
+
+
+@dataclass
+class Tracer:
+    """When each stage happened (epoch seconds), per order: `--trace`."""
+
+    delivered: dict[tuple[str, str], float] = field(default_factory=dict)  # (order id, state): first GET with it
+    journaled: dict[tuple[str, str], float] = field(default_factory=dict)
+    applied: dict[str, list[tuple[float, str, str | None]]] = field(default_factory=dict)  # (when, phase, status)
+    get_started: dict[str, list[float]] = field(default_factory=dict)  # omsd's Get order call entered
+    get_at_sim: dict[str, list[float]] = field(default_factory=dict)
+    put_started: dict[str, list[float]] = field(default_factory=dict)  # by marketplace order id
+    feed_gets: list[tuple[float, int]] = field(default_factory=list)  # each GET at the simulator: when, items
+    slot_waits: dict[str, list[float]] = field(default_factory=dict)  # by priority class: waits for a request slot
+
+    def install(self, sim: Simulator) -> None:
+        """Wrap the simulator's feed receive and Get order route (before `sim.start`)."""
+        receive, get_order = sim.feed.queue.receive, sim._get_order
+
+        def traced_receive(maxlot: int, **kw: Any) -> list[dict[str, Any]]:
+            items = receive(maxlot, **kw)
+            now = time.time()
+            self.feed_gets.append((now, len(items)))
+            for item in items:
+                self.delivered.setdefault((item["orderId"], item["state"]), now)
+            return items
+
+        async def traced_get_order(request: Any) -> Any:
+            self.get_at_sim.setdefault(request.match_info["order_id"], []).append(time.time())
+            return await get_order(request)
+
+        sim.feed.queue.receive = traced_receive  # type: ignore[method-assign]
+        sim._get_order = traced_get_order  # type: ignore[method-assign]
+
+    def attach(self, daemon: Daemon) -> None:
+        """Wrap omsd's journal write, its VTEX calls, and listen to its transitions."""
+        assert daemon.poller is not None
+        assert daemon.processor is not None
+        assert daemon.runner is not None
+        poller, client = daemon.poller, daemon.runner._vtex
+        journal, get_order, approve = poller._journal, client.get_order, client.approve
+
+        async def traced_journal(batches: list[list[Any]]) -> Any:
+            result = await journal(batches)
+            now = time.time()
+            for item in (i for items in batches for i in items if isinstance(i, dict)):
+                self.journaled.setdefault((str(item.get("orderId")), str(item.get("state"))), now)
+            return result
+
+        def started(into: dict[str, list[float]], call: Callable[..., Any]) -> Callable[..., Any]:
+            async def traced(key: str, **kw: Any) -> Any:
+                into.setdefault(key, []).append(time.time())
+                return await call(key, **kw)
+
+            return traced
+
+        slot = client._slot
+
+        async def traced_slot(priority: Any) -> None:
+            t = time.time()
+            await slot(priority)
+            self.slot_waits.setdefault(priority.name, []).append(time.time() - t)
+
+        client._slot = traced_slot  # type: ignore[method-assign]
+        poller._journal = traced_journal  # type: ignore[method-assign]
+        client.get_order = started(self.get_started, get_order)  # type: ignore[method-assign]
+        client.approve = started(self.put_started, approve)  # type: ignore[method-assign]
+        daemon.processor.listeners.append(
+            lambda t: self.applied.setdefault(t.order_id, []).append((time.time(), t.to_phase, t.status))
+        )
+
+    def stages(self, order: SimOrder, start: float | None, seen: float | None) -> list[float | None]:
+        """From `start`, when the order was applied (`seen`: its event was journaled), its Get
+        order call started, reached the simulator, its PUT call started, reached it."""
+        applied = [t for t, _, _ in self.applied.get(order.order_id, [])]
+        a = _first_after(applied, seen)
+        g0 = _first_after(self.get_started.get(order.order_id, []), a)
+        g1 = _first_after(self.get_at_sim.get(order.order_id, []), g0)
+        p0 = _first_after(self.put_started.get(order.marketplace_order_id, []), g1)
+        p1 = order.put_at[0].timestamp() if order.put_at else None
+        return [start, a, g0, g1, p0, p1]
+
+    def report(self, held: list[SimOrder], free: list[SimOrder], sent: dict[str, datetime]) -> str:
+        waits = ", ".join(
+            f"{k} {len(v)} calls, p50 {pct(v, 0.5)} p99 {pct(v, 0.99)}" for k, v in sorted(self.slot_waits.items())
+        )
+        out = [self._gets(), f"waits for a request slot (ms) by class: {waits}"]
+        names = ["release → GET (sim)", "GET → journaled", "journaled → applied", *TAIL]
+        rows = []
+        for order in held:
+            released = release_time(order)
+            if released is None:
+                continue
+            key = (order.order_id, order.release_status)
+            got, journaled = self.delivered.get(key), self.journaled.get(key)
+            rows.append([released.timestamp(), got, *self.stages(order, journaled, journaled)])
+        out.append(_stage_table("held orders: release → PUT", names, rows))
+        rows = []
+        for order in free:
+            if order.order_id in sent:
+                t = sent[order.order_id].timestamp()
+                rows.append(self.stages(order, t, t))
+        out.append(_stage_table("never-held orders: intent → PUT", ["intent → applied", *TAIL], rows))
+        out.append(self._intent_phases(free, sent))
+        return "\n\n".join(out)
+
+    def _gets(self) -> str:
+        if not self.feed_gets:
+            return "feed GETs: none"
+        span = self.feed_gets[-1][0] - self.feed_gets[0][0] or 1.0
+        empty = sum(1 for _, n in self.feed_gets if n == 0)
+        items = sum(n for _, n in self.feed_gets)
+        return (
+            f"feed GETs: {len(self.feed_gets)} ({len(self.feed_gets) / span:.1f}/s), {empty} empty, "
+            f"{items} items ({items / max(1, len(self.feed_gets) - empty):.1f} per non-empty GET)"
+        )
+
+    def _intent_phases(self, free: list[SimOrder], sent: dict[str, datetime]) -> str:
+        """What applying a never-held order's intent led to, and what omsd knew of it then."""
+        counts: dict[str, int] = {}
+        for order in free:
+            t = sent.get(order.order_id)
+            after = [x for x in self.applied.get(order.order_id, []) if t is not None and x[0] >= t.timestamp()]
+            if after:
+                _, phase, status = after[0]
+                counts[f"{phase} (status {status})"] = counts.get(f"{phase} (status {status})", 0) + 1
+        return "never-held orders, first transition after the intent: " + ", ".join(
+            f"{k}: {v}" for k, v in sorted(counts.items())
+        )
+
+
+TAIL = ["applied → Get order call", "Get order call → at sim", "Get at sim → PUT call", "PUT call → at sim"]
+
+
+def _stage_table(title: str, names: list[str], rows: list[list[float | None]]) -> str:
+    """p50 / p99 / max of each stage (ms) over the rows that reached it, and the total."""
+    lines = [f"{title} ({len(rows)} orders)", "| stage | n | p50 | p99 | max |", "|---|---|---|---|---|"]
+    for i, name in enumerate([*names, "total"]):
+        a, b = (0, -1) if name == "total" else (i, i + 1)
+        spans = [r[b] - r[a] for r in rows if r[a] is not None and r[b] is not None]  # type: ignore[operator]
+        lines.append(f"| {name} | {len(spans)} | {pct(spans, 0.5)} | {pct(spans, 0.99)} | {pct(spans, 1.0)} |")
+    return "\n".join(lines)
+
+
 async def start_daemon(settings: Settings) -> tuple[Daemon, asyncio.Event, asyncio.Task[None]]:
     daemon = Daemon(settings)
     stop = asyncio.Event()
@@ -227,9 +385,14 @@ async def drive(args: argparse.Namespace, sim: Simulator, url: str, run: int) ->
 
 async def one_run(args: argparse.Namespace, source: str, faults: Faults, label: str, run: int) -> Result:
     sim = Simulator(seed=run, faults=faults)
+    tracer = Tracer() if args.trace else None
+    if tracer is not None:
+        tracer.install(sim)
     await sim.start()
     with tempfile.TemporaryDirectory() as tmp:
         daemon, stop, task = await start_daemon(settings_for(sim, Path(tmp) / "omsd.db", source, args))
+        if tracer is not None:
+            tracer.attach(daemon)
         t0 = time.monotonic()
         try:
             driven = await drive(args, sim, daemon.url, run)
@@ -239,6 +402,10 @@ async def one_run(args: argparse.Namespace, source: str, faults: Faults, label: 
             await sim.stop()
     result = measure(f"{source}, {label}", sim, driven.held, driven.free, driven.sent)
     result.seconds = time.monotonic() - t0
+    if tracer is not None:
+        calls = ", ".join(f"{k} {v}" for k, v in sorted(sim.calls.items()))
+        print(f"\n## {result.name}: where the time goes\n\ncalls at the simulator: {calls}")
+        print(f"{tracer.report(driven.held, driven.free, driven.sent)}\n")
     return result
 
 
@@ -293,8 +460,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=30.0, help="a run gives up this long after the last intent")
     p.add_argument("--faults", nargs="+", default=["none", "mix"], choices=["none", "mix"])
     p.add_argument("--rate-adapt", action=argparse.BooleanOptionalAction, default=True, help="OMSD_RATE_ADAPT")
-    p.add_argument("--rate", type=float, default=10.0, help="OMSD_RATE_LIMIT_PER_S (the default: 10)")
+    p.add_argument("--rate", type=float, default=10.0, help="OMSD_RATE_LIMIT_PER_S (10 here; omsd's default is 50)")
     p.add_argument("--sources", nargs="+", default=["hook", "feed"], choices=["hook", "feed"])
+    p.add_argument("--trace", action="store_true", help="time each stage per order (see above)")
     return p.parse_args(argv)
 
 
