@@ -609,11 +609,13 @@ def _check_again(o: Order) -> bool:
     """A Get order is needed now: a flagged status waits for one asked after it, or the
     order was released after the approval PUT omsd awaits was decided (VTEX may have met
     the hold with it; once per release, as the next PUT is decided on a newer status)."""
+    released = o.released_at is not None and o.sent_on is not None and o.released_at > o.sent_on
+    if o.phase == Phase.AWAITING_RESULT and released:
+        return True  # whether or not a flagged status waits too: this Get order settles it
     if o.flagged_status is not None:
         asked_after = o.inflight is not None and o.inflight.kind == "fetch" and o.inflight.seq > o.flagged_seq
         return o.phase in (Phase.WAITING_RELEASE, Phase.CHECKING) and not asked_after
-    released = o.released_at is not None and o.sent_on is not None and o.released_at > o.sent_on
-    return o.phase == Phase.AWAITING_RESULT and released
+    return False
 
 
 def _leave_waiting(ctx: _Ctx) -> None:

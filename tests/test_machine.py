@@ -416,6 +416,16 @@ EDGES = [
         ["fetch:confirm"],
         {"released_at": at(30)},
     ),
+    # Found by the liveness property: a far-future status flagged meanwhile made the
+    # release wait for the confirm timeout (120 s) instead of a Get order.
+    Edge(
+        "released after the awaited PUT was decided, a flagged status pending: check again",
+        order("awaiting_result", status=HELD_S, status_at=at(20), sent_on=at(10), flagged_status=HELD_S, flagged_seq=5),
+        status(FREE, 30, last_state=HELD_S),
+        "checking",
+        ["fetch:confirm"],
+        {"released_at": at(30)},
+    ),
     Edge(
         "a release the awaited PUT was decided on changes nothing",
         order("awaiting_result", status=FREE, status_at=at(10), released_at=at(10), sent_on=at(10)),
