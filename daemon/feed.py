@@ -72,6 +72,11 @@ class _Pipeline:
     commit_now: asyncio.Event = field(default_factory=asyncio.Event)  # a POST's worth waits, or a round ended
     written: asyncio.Event = field(default_factory=asyncio.Event)  # the writer is done: one last commit round
     unflushed: int = 0  # handles journaled since the last commit round began
+    journaling: bool = False  # the writer is writing batches (their handles are not counted yet)
+
+    def waiting(self) -> bool:
+        """Handles journaled, or about to be, that no commit round has taken yet."""
+        return bool(self.unflushed) or self.journaling or not self.batches.empty()
 
 
 @dataclass(slots=True)
@@ -205,12 +210,15 @@ class FeedPoller:
             ready = [item for item in got if isinstance(item, list)]
             if not ready:
                 continue
+            p.journaling = True
             try:
                 p.unflushed += await self._journal(ready)
             except StoreUnwritable as exc:
                 # Nothing was stored, so no handle was recorded: VTEX redelivers the items.
                 log.warning("feed_intake_paused", error=exc.reason)
                 continue
+            finally:
+                p.journaling = False
             p.journaled.set()
             if p.unflushed >= COMMIT_MAX:
                 p.commit_now.set()
@@ -275,7 +283,7 @@ class FeedPoller:
                 await wait_any(p.stop, within_s=RECHECK_S)
                 continue
             rechecks = s.feed_empty_rechecks
-            if p.unflushed or not p.batches.empty():
+            if p.waiting():
                 p.commit_now.set()
             await wait_any(p.stop, within_s=s.poll_interval_s)
 

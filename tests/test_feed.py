@@ -544,3 +544,43 @@ async def test_a_full_post_of_handles_is_committed_without_waiting_for_the_round
         stop.set()
         await task
     assert vtex.durable_at_commit == [100]
+
+
+async def test_a_round_that_ends_while_its_last_batch_is_being_written_still_commits_it(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The round ends (empty answer) while the writer is still journaling its last batch:
+    that batch's handles are committed as the round's, not left for the commit linger."""
+    monkeypatch.setattr(feed, "COMMIT_LINGER_S", 3600.0)
+    quiet = settings.model_copy(update={"poll_interval_s": 3600.0, "feed_concurrency": 1, "feed_empty_rechecks": 0})
+    writing, round_over = asyncio.Event(), asyncio.Event()
+
+    class WhileWriting(FakeVtex):
+        answered_empty = False
+
+        async def get_feed(self, maxlot: int) -> list[Any]:
+            self.polls += 1
+            if self.polls == 1:
+                return [ITEM]
+            await writing.wait()  # the empty answer comes while the item is being journaled
+            self.answered_empty = True  # the reader ends its round in this same step
+            return []
+
+    async with await Store.open(settings.db) as store:
+        append = store.append
+
+        async def slow_append(*args: Any, **kw: Any) -> Any:
+            writing.set()
+            await round_over.wait()
+            return await append(*args, **kw)
+
+        monkeypatch.setattr(store, "append", slow_append)
+        vtex = WhileWriting(settings.db, [])
+        stop = asyncio.Event()
+        task = asyncio.create_task(FeedPoller(store, vtex, quiet).run(stop))
+        await until(lambda: vtex.answered_empty or task.done(), timeout=10, what="the round's end")
+        round_over.set()
+        await until(lambda: vtex.committed == ["h1"] or task.done(), timeout=10, what="the handle committed")
+        stop.set()
+        await task
+    assert vtex.committed == ["h1"]
