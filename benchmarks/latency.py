@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import random
 import socket
@@ -194,17 +195,20 @@ class Tracer:
     get_started: dict[str, list[float]] = field(default_factory=dict)  # omsd's Get order call entered
     get_at_sim: dict[str, list[float]] = field(default_factory=dict)
     put_started: dict[str, list[float]] = field(default_factory=dict)  # by marketplace order id
-    feed_gets: list[tuple[float, int]] = field(default_factory=list)  # each GET at the simulator: when, items
+    feed_gets: list[tuple[float, int, int]] = field(default_factory=list)  # each GET at the sim: when, items, visible
     slot_waits: dict[str, list[float]] = field(default_factory=dict)  # by priority class: waits for a request slot
 
     def install(self, sim: Simulator) -> None:
         """Wrap the simulator's feed receive and Get order route (before `sim.start`)."""
-        receive, get_order = sim.feed.queue.receive, sim._get_order
+        queue = sim.feed.queue
+        receive, get_order = queue.receive, sim._get_order
 
         def traced_receive(maxlot: int, **kw: Any) -> list[dict[str, Any]]:
+            at = queue._clock()
+            visible = sum(1 for m in queue.messages.values() if m.visible_at <= at)
             items = receive(maxlot, **kw)
             now = time.time()
-            self.feed_gets.append((now, len(items)))
+            self.feed_gets.append((now, len(items), visible))
             for item in items:
                 self.delivered.setdefault((item["orderId"], item["state"]), now)
             return items
@@ -291,12 +295,17 @@ class Tracer:
     def _gets(self) -> str:
         if not self.feed_gets:
             return "feed GETs: none"
-        span = self.feed_gets[-1][0] - self.feed_gets[0][0] or 1.0
-        empty = sum(1 for _, n in self.feed_gets if n == 0)
-        items = sum(n for _, n in self.feed_gets)
+        gets = self.feed_gets
+        span = gets[-1][0] - gets[0][0] or 1.0
+        empty = sum(1 for _, n, _ in gets if n == 0)
+        false_empty = sum(1 for _, n, v in gets if n == 0 and v > 0)
+        # an empty answer while items were visible, and no GET for a second after it
+        left = sum(1 for (t, n, v), (t2, _, _) in itertools.pairwise(gets) if n == 0 and v and t2 - t > 1)
+        items = sum(n for _, n, _ in gets)
         return (
-            f"feed GETs: {len(self.feed_gets)} ({len(self.feed_gets) / span:.1f}/s), {empty} empty, "
-            f"{items} items ({items / max(1, len(self.feed_gets) - empty):.1f} per non-empty GET)"
+            f"feed GETs: {len(gets)} ({len(gets) / span:.1f}/s), {empty} empty ({false_empty} while items were "
+            f"visible; {left} of those ended a round), {items} items ({items / max(1, len(gets) - empty):.1f} "
+            "per non-empty GET)"
         )
 
     def _intent_phases(self, free: list[SimOrder], sent: dict[str, datetime]) -> str:

@@ -18,8 +18,9 @@ The first reader polls in rounds (`_lead`); the others read only while batches c
 back full, i.e. while a backlog drains (`_helper`). A round ends when an empty answer
 is confirmed: SQS short polling samples some of its servers, so an empty answer can
 come while items wait, and asking again finds them; an empty answer is asked again
-after `RECHECK_S`, up to `feed_empty_rechecks` times a round. An idle feed costs
-1 + `feed_empty_rechecks` GETs per `poll_interval_s` (docs/design.md, "Feed polling").
+after `RECHECK_S`, up to `feed_empty_rechecks` times in a row and `ROUND_RECHECKS`
+times a round. An idle feed costs 1 + `feed_empty_rechecks` GETs per
+`poll_interval_s` (docs/design.md, "Feed polling").
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ COMMITS_IN_FLIGHT = 4
 # An empty answer is asked again this soon (AWS: a repeated short-poll receive samples other
 # servers and returns the messages an empty one missed).
 RECHECK_S = 0.1
+# At most this many rechecks in a polling round (a full batch gives them back): on a trickle a
+# recheck mostly finds the events that arrived since, and must not keep the reader asking.
+ROUND_RECHECKS = 10
 # Journaled handles wait this long at most for more to join their POST, unless a POST's
 # worth waits or the first reader's round ends: one commit per round, not one per GET, also
 # when a saturated budget makes GETs slow. Far inside the visibility timeout (at least 10 s).
@@ -263,26 +267,29 @@ class FeedPoller:
     async def _lead(self, p: _Pipeline) -> None:
         """The first reader polls in rounds. A non-empty answer is followed at once (a short
         batch does not mean the queue is empty). An empty one is asked again after RECHECK_S,
-        up to `feed_empty_rechecks` times a round, whatever those find, so a trickle cannot
-        keep it asking; a full batch (a backlog) gives them back. An empty answer with none
-        left ends the round: its handles are committed and the reader sleeps `poll_interval_s`."""
+        up to `feed_empty_rechecks` times in a row, and ROUND_RECHECKS times a round in all,
+        so a trickle cannot keep it asking; a full batch (a backlog) gives those back. An
+        empty answer with no recheck left ends the round: its handles are committed and the
+        reader sleeps `poll_interval_s`."""
         s = self._settings
-        rechecks = s.feed_empty_rechecks
+        in_a_row = in_round = 0
         while not p.stop.is_set():
             if await self._paused(p.stop):
                 continue
             items = await self._read()
             if items:
+                in_a_row = 0
                 if len(items) >= s.maxlot:
-                    rechecks = s.feed_empty_rechecks
+                    in_round = 0
                 await self._hand_over(p, items)
                 continue
             p.backlog.clear()
-            if rechecks > 0:
-                rechecks -= 1
+            if in_a_row < s.feed_empty_rechecks and in_round < ROUND_RECHECKS:
+                in_a_row += 1
+                in_round += 1
                 await wait_any(p.stop, within_s=RECHECK_S)
                 continue
-            rechecks = s.feed_empty_rechecks
+            in_a_row = in_round = 0
             if p.waiting():
                 p.commit_now.set()
             await wait_any(p.stop, within_s=s.poll_interval_s)

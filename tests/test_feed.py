@@ -454,34 +454,52 @@ async def test_an_idle_feed_is_asked_k_more_times_then_once_per_interval(
     assert vtex.polls == len(waits)
 
 
-async def test_rechecks_are_counted_per_round_so_a_trickle_cannot_keep_the_reader_busy(
+async def test_any_answer_with_items_gives_the_rechecks_in_a_row_back(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A recheck that finds an item is followed at once, but it does not earn a new recheck:
-    after K rechecks in a round (whatever they found) the next empty answer ends the round."""
+    """Mid-drain, SQS answers empty now and then while items wait: each empty answer gets its
+    K rechecks again after any answer with items, so one round drains it all; only K + 1
+    empty answers in a row end the round."""
     quiet = settings.model_copy(update={"poll_interval_s": 3600.0, "feed_concurrency": 1, "feed_empty_rechecks": 2})
     one = [batch(n, size=1) for n in range(3)]
     async with await Store.open(settings.db) as store:
-        # item, empty, (recheck) item, empty, (recheck) item, empty: the round ends
+        # item, empty, item, empty, item, empty, then empty for good
         vtex = Sampling(settings.db, [one[0], [], one[1], [], one[2], []])
         stop = asyncio.Event()
-        waits = lead_waits(monkeypatch, stop, limit=3)
+        waits = lead_waits(monkeypatch, stop, limit=5)
         await asyncio.wait_for(FeedPoller(store, vtex, quiet).run(stop), 10)
-    assert waits == [feed.RECHECK_S, feed.RECHECK_S, 3600.0]
-    assert vtex.polls == 6
+    assert waits == [feed.RECHECK_S] * 4 + [3600.0]
+    assert vtex.polls == 8
+
+
+async def test_a_round_makes_a_bounded_number_of_rechecks_so_a_trickle_cannot_keep_the_reader_busy(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a trickle each recheck finds the one event that arrived since; after ROUND_RECHECKS
+    of them the next empty answer ends the round (the reader sleeps the poll interval)."""
+    quiet = settings.model_copy(update={"poll_interval_s": 3600.0, "feed_concurrency": 1, "feed_empty_rechecks": 2})
+    trickle = [answer for n in range(feed.ROUND_RECHECKS + 2) for answer in (batch(n, size=1), [])]
+    async with await Store.open(settings.db) as store:
+        vtex = Sampling(settings.db, trickle)
+        stop = asyncio.Event()
+        waits = lead_waits(monkeypatch, stop, limit=feed.ROUND_RECHECKS + 1)
+        await asyncio.wait_for(FeedPoller(store, vtex, quiet).run(stop), 10)
+    assert waits == [feed.RECHECK_S] * feed.ROUND_RECHECKS + [3600.0]
+    assert vtex.polls == 2 * (feed.ROUND_RECHECKS + 1)
 
 
 async def test_a_full_batch_gives_the_rechecks_back(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
-    """While a backlog drains (full batches), an empty answer is a sample, not the end: each
-    full batch restores the K rechecks, so a drain with scattered empty answers goes on."""
+    """While a backlog drains (full batches), an empty answer is a sample, not the end: a full
+    batch restores the round's rechecks, so a long drain with scattered empty answers goes on."""
     quiet = settings.model_copy(update={"poll_interval_s": 3600.0, "feed_concurrency": 1, "feed_empty_rechecks": 1})
+    drain = [answer for n in range(feed.ROUND_RECHECKS + 2) for answer in (batch(n * 10), [])]
     async with await Store.open(settings.db) as store:
-        vtex = Sampling(settings.db, [batch(0), [], batch(10), [], batch(20), [], []])
+        vtex = Sampling(settings.db, drain)
         stop = asyncio.Event()
-        waits = lead_waits(monkeypatch, stop, limit=4)
+        waits = lead_waits(monkeypatch, stop, limit=feed.ROUND_RECHECKS + 3)
         await asyncio.wait_for(FeedPoller(store, vtex, quiet).run(stop), 10)
-    assert waits == [feed.RECHECK_S, feed.RECHECK_S, feed.RECHECK_S, 3600.0]
-    assert len(vtex.committed) == 30
+    assert waits == [feed.RECHECK_S] * (feed.ROUND_RECHECKS + 2) + [3600.0]
+    assert len(vtex.committed) == 10 * (feed.ROUND_RECHECKS + 2)
 
 
 class OneAtATime(Sampling):
