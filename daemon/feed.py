@@ -55,9 +55,10 @@ COMMITS_IN_FLIGHT = 4
 # An empty answer is asked again this soon (AWS: a repeated short-poll receive samples other
 # servers and returns the messages an empty one missed).
 RECHECK_S = 0.1
-# At most this many rechecks in a polling round (a full batch gives them back): on a trickle a
-# recheck mostly finds the events that arrived since, and must not keep the reader asking.
-ROUND_RECHECKS = 10
+# At most this many rechecks in a polling round (or `feed_empty_rechecks`, if more; a full batch
+# gives them back): on a trickle a recheck mostly finds the events that arrived since, and must
+# not keep the reader asking.
+ROUND_RECHECKS = 4
 # Journaled handles wait this long at most for more to join their POST, unless a POST's
 # worth waits or the first reader's round ends: one commit per round, not one per GET, also
 # when a saturated budget makes GETs slow. Far inside the visibility timeout (at least 10 s).
@@ -284,7 +285,7 @@ class FeedPoller:
                 await self._hand_over(p, items)
                 continue
             p.backlog.clear()
-            if in_a_row < s.feed_empty_rechecks and in_round < ROUND_RECHECKS:
+            if in_a_row < s.feed_empty_rechecks and in_round < max(ROUND_RECHECKS, s.feed_empty_rechecks):
                 in_a_row += 1
                 in_round += 1
                 await wait_any(p.stop, within_s=RECHECK_S)
