@@ -15,8 +15,8 @@ journals the next batches. The feed is an SQS-like queue: concurrent GETs receiv
 and an occasional message delivered to two of them is absorbed by dedup.
 
 The first reader polls in rounds (`_lead`); the others read only while batches come
-back full, i.e. while a backlog drains (`_helper`). A round ends when an empty answer
-is confirmed: SQS short polling samples some of its servers, so an empty answer can
+back full, i.e. while a backlog drains, one more for each full batch (`_helper`). A
+round ends when an empty answer is confirmed: SQS short polling samples some of its servers, so an empty answer can
 come while items wait, and asking again finds them; an empty answer is asked again
 after `RECHECK_S`, up to `feed_empty_rechecks` times in a row and `ROUND_RECHECKS`
 times a round. An idle feed costs 1 + `feed_empty_rechecks` GETs per
@@ -72,12 +72,25 @@ class _Pipeline:
 
     stop: asyncio.Event
     batches: asyncio.Queue[object]
-    backlog: asyncio.Event = field(default_factory=asyncio.Event)  # the last batch was full: all readers read
+    go: list[asyncio.Event] = field(default_factory=list)  # one per other reader: set while it should read
+    wanted: int = 0  # other readers asked to read: one more per full batch, none after a short one
     journaled: asyncio.Event = field(default_factory=asyncio.Event)  # handles journaled since the last commit round
     commit_now: asyncio.Event = field(default_factory=asyncio.Event)  # a POST's worth waits, or a round ended
     written: asyncio.Event = field(default_factory=asyncio.Event)  # the writer is done: one last commit round
     unflushed: int = 0  # handles journaled since the last commit round began
     journaling: bool = False  # the writer is writing batches (their handles are not counted yet)
+
+    def full_batch(self) -> None:
+        """A full batch: one more reader joins (a backlog ramps up to every reader)."""
+        self.wanted = min(self.wanted + 1, len(self.go))
+        for go in self.go[: self.wanted]:
+            go.set()
+
+    def short_batch(self) -> None:
+        """A short or empty batch: the other readers stop after their GET in flight."""
+        self.wanted = 0
+        for go in self.go:
+            go.clear()
 
     def waiting(self) -> bool:
         """Handles journaled, or about to be, that no commit round has taken yet."""
@@ -188,8 +201,8 @@ class FeedPoller:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Read with `feed_concurrency` readers, journal here, commit in a task, until `stop`."""
-        p = _Pipeline(stop, asyncio.Queue(maxsize=QUEUED_BATCHES))
         readers = self._settings.feed_concurrency
+        p = _Pipeline(stop, asyncio.Queue(maxsize=QUEUED_BATCHES), go=[asyncio.Event() for _ in range(readers - 1)])
         tasks = [asyncio.create_task(self._reader(n, p), name=f"feed-reader-{n}") for n in range(readers)]
         tasks.append(asyncio.create_task(self._committer(p), name="feed-committer"))
         try:
@@ -257,7 +270,7 @@ class FeedPoller:
     async def _reader(self, n: int, p: _Pipeline) -> None:
         """Reader `n`: GET batches and hand them to the writer (`_lead` or `_helper`)."""
         try:
-            await (self._lead(p) if n == 0 else self._helper(p))
+            await (self._lead(p) if n == 0 else self._helper(p, p.go[n - 1]))
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # AuthFailed and the unforeseen end the daemon's loop
@@ -284,7 +297,7 @@ class FeedPoller:
                     in_round = 0
                 await self._hand_over(p, items)
                 continue
-            p.backlog.clear()
+            p.short_batch()
             if in_a_row < s.feed_empty_rechecks and in_round < max(ROUND_RECHECKS, s.feed_empty_rechecks):
                 in_a_row += 1
                 in_round += 1
@@ -295,25 +308,25 @@ class FeedPoller:
                 p.commit_now.set()
             await wait_any(p.stop, within_s=s.poll_interval_s)
 
-    async def _helper(self, p: _Pipeline) -> None:
-        """The other readers read only while batches come back full (a backlog drains); on a
-        trickle or an idle feed they wait and cost nothing."""
+    async def _helper(self, p: _Pipeline, go: asyncio.Event) -> None:
+        """The other readers read only while batches come back full (a backlog drains), one
+        more for each full batch; on a trickle or an idle feed they wait and cost nothing."""
         while not p.stop.is_set():
-            await wait_any(p.backlog, p.stop, within_s=3600.0)
-            if not p.backlog.is_set() or await self._paused(p.stop):
+            await wait_any(go, p.stop, within_s=3600.0)
+            if not go.is_set() or await self._paused(p.stop):
                 continue
             items = await self._read()
             if items:
                 await self._hand_over(p, items)
             else:
-                p.backlog.clear()
+                p.short_batch()
 
     async def _hand_over(self, p: _Pipeline, items: list[Any]) -> None:
-        """Give a batch to the writer; a full one says a backlog waits (every reader reads)."""
+        """Give a batch to the writer; a full one says a backlog may wait (one more reader)."""
         if len(items) >= self._settings.maxlot:
-            p.backlog.set()
+            p.full_batch()
         else:
-            p.backlog.clear()
+            p.short_batch()
         await p.batches.put(items)
 
     async def _paused(self, stop: asyncio.Event) -> bool:

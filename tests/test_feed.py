@@ -248,24 +248,25 @@ class ConcurrentFeed(FakeVtex):
 async def test_concurrent_reads_are_journaled_in_one_transaction_and_committed_in_one_request(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A full batch brings the other readers in: three GETs are then in flight at once (the fake
-    answers none before), the four batches reach the database in at most two transactions, and
-    once the round ends all 40 handles are committed in a single POST, after they are durable."""
+    """Each full batch brings one more reader in: after two, three GETs are in flight at once
+    (the fake answers none of them before), the five batches reach the database in at most
+    three transactions, and once the round ends all 50 handles are committed in a single POST,
+    after they are durable."""
     monkeypatch.setattr(feed, "COMMIT_LINGER_S", 3600.0)
     three = settings.model_copy(update={"poll_interval_s": 3600.0, "feed_concurrency": 3})
     ticks = iter(range(1000))
     clock = lambda: datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=next(ticks))  # noqa: E731
     async with await Store.open(settings.db) as store:
-        vtex = ConcurrentFeed(settings.db, [batch(0), batch(10), batch(20), batch(30)], width=3, alone=1)
+        vtex = ConcurrentFeed(settings.db, [batch(n * 10) for n in range(5)], width=3, alone=2)
         stop = asyncio.Event()
         task = asyncio.create_task(FeedPoller(store, vtex, three, clock=clock).run(stop))
-        await until(lambda: len(vtex.committed) == 40 or task.done(), timeout=10, what="40 handles committed")
+        await until(lambda: len(vtex.committed) == 50 or task.done(), timeout=10, what="50 handles committed")
         stop.set()
         await task
         rows = await store.journal_after(0, 100)
-    assert len(rows) == 40 and len({row.received_at for row in rows}) <= 2  # a transaction, a receipt time
-    assert vtex.commit_sizes == [40]
-    assert vtex.durable_at_commit == [40]
+    assert len(rows) == 50 and len({row.received_at for row in rows}) <= 3  # a transaction, a receipt time
+    assert vtex.commit_sizes == [50]
+    assert vtex.durable_at_commit == [50]
 
 
 async def test_every_commit_follows_the_durability_of_its_items_under_concurrency(settings: Settings) -> None:
@@ -315,13 +316,13 @@ async def test_readers_that_all_find_the_feed_missing_recreate_it_once(settings:
     POSTed once, the others find it."""
 
     class Missing(FakeVtex):
-        """A backlog (one full batch), then the configuration is gone for four GETs at once."""
+        """A backlog (three full batches), then the configuration is gone for four GETs at once."""
 
         async def get_feed(self, maxlot: int) -> list[Any]:
             self.polls += 1
-            if self.polls == 1:
-                return batch(0)  # a full batch: every reader reads
-            if self.polls > 5:
+            if self.polls <= 3:
+                return batch(self.polls * 10)  # full batches: one more reader each
+            if self.polls > 7:
                 return []
             self.in_flight += 1
             await until(lambda: self.in_flight >= 4, timeout=10, what="four GETs in flight")
@@ -602,3 +603,33 @@ async def test_a_round_that_ends_while_its_last_batch_is_being_written_still_com
         stop.set()
         await task
     assert vtex.committed == ["h1"]
+
+
+async def test_one_full_batch_brings_in_one_more_reader_not_all(settings: Settings) -> None:
+    """A full batch may be all there was (a trickle that piled up over a poll interval): it
+    brings in one more reader, not every reader (which cost seven GETs, mostly empty, per
+    round on a saturated budget); each further full batch brings in one more."""
+    eight = settings.model_copy(update={"poll_interval_s": 3600.0, "feed_concurrency": 8})
+
+    class OneFull(FakeVtex):
+        def __init__(self, db: Path) -> None:
+            super().__init__(db, [])
+            self.readers: set[str] = set()
+
+        async def get_feed(self, maxlot: int) -> list[Any]:
+            self.polls += 1
+            task = asyncio.current_task()
+            self.readers.add(task.get_name() if task is not None else "?")
+            first = self.polls == 1
+            await asyncio.sleep(0.01)  # a GET takes time: readers woken meanwhile ask too
+            return batch(0) if first else []
+
+    async with await Store.open(settings.db) as store:
+        vtex = OneFull(settings.db)
+        stop = asyncio.Event()
+        task = asyncio.create_task(FeedPoller(store, vtex, eight).run(stop))
+        await until(lambda: (vtex.polls >= 5 and len(vtex.committed) == 10) or task.done(), timeout=10, what="a round")
+        stop.set()
+        await task
+    assert vtex.readers == {"feed-reader-0", "feed-reader-1"}
+    assert vtex.polls == 5  # the full batch, an empty answer and 2 rechecks; one GET of the reader it brought in
