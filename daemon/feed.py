@@ -12,16 +12,22 @@ writer journals whatever batches have arrived in one transaction (a group commit
 one fsync for several batches) and a committer commits the durable handles, up to
 `COMMIT_MAX` per POST and `COMMITS_IN_FLIGHT` POSTs at once, while the writer
 journals the next batches. The feed is an SQS-like queue: concurrent GETs receive different messages,
-and an occasional message delivered to two of them is absorbed by dedup. Only the
-first reader polls an idle feed; the others join while it finds items, so an idle
-feed costs one GET per poll interval, as before.
+and an occasional message delivered to two of them is absorbed by dedup.
+
+The first reader polls in rounds (`_lead`); the others read only while batches come
+back full, i.e. while a backlog drains, one more for each full batch (`_helper`). A
+round ends when an empty answer is confirmed: SQS short polling samples some of its servers, so an empty answer can
+come while items wait, and asking again finds them; an empty answer is asked again
+after `RECHECK_S`, up to `feed_empty_rechecks` times in a row and `ROUND_RECHECKS`
+times a round. An idle feed costs 1 + `feed_empty_rechecks` GETs per
+`poll_interval_s` (docs/design.md, "Feed polling").
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -46,7 +52,49 @@ COMMIT_MAX = 100
 # all in its next transaction: the slower each fsync, the more it carries.
 QUEUED_BATCHES = 32
 COMMITS_IN_FLIGHT = 4
+# An empty answer is asked again this soon (AWS: a repeated short-poll receive samples other
+# servers and returns the messages an empty one missed).
+RECHECK_S = 0.1
+# At most this many rechecks in a polling round (or `feed_empty_rechecks`, if more; a full batch
+# gives them back): on a trickle a recheck mostly finds the events that arrived since, and must
+# not keep the reader asking.
+ROUND_RECHECKS = 4
+# Journaled handles wait this long at most for more to join their POST, unless a POST's
+# worth waits or the first reader's round ends: one commit per round, not one per GET, also
+# when a saturated budget makes GETs slow. Far inside the visibility timeout (at least 10 s).
+COMMIT_LINGER_S = 5.0
 _DONE = object()  # a reader's last word to the writer
+
+
+@dataclass(slots=True)
+class _Pipeline:
+    """What the readers, the writer and the committer of one `run` share."""
+
+    stop: asyncio.Event
+    batches: asyncio.Queue[object]
+    go: list[asyncio.Event] = field(default_factory=list)  # one per other reader: set while it should read
+    wanted: int = 0  # other readers asked to read: one more per full batch, none after a short one
+    journaled: asyncio.Event = field(default_factory=asyncio.Event)  # handles journaled since the last commit round
+    commit_now: asyncio.Event = field(default_factory=asyncio.Event)  # a POST's worth waits, or a round ended
+    written: asyncio.Event = field(default_factory=asyncio.Event)  # the writer is done: one last commit round
+    unflushed: int = 0  # handles journaled since the last commit round began
+    journaling: bool = False  # the writer is writing batches (their handles are not counted yet)
+
+    def full_batch(self) -> None:
+        """A full batch: one more reader joins (a backlog ramps up to every reader)."""
+        self.wanted = min(self.wanted + 1, len(self.go))
+        for go in self.go[: self.wanted]:
+            go.set()
+
+    def short_batch(self) -> None:
+        """A short or empty batch: the other readers stop after their GET in flight."""
+        self.wanted = 0
+        for go in self.go:
+            go.clear()
+
+    def waiting(self) -> bool:
+        """Handles journaled, or about to be, that no commit round has taken yet."""
+        return bool(self.unflushed) or self.journaling or not self.batches.empty()
 
 
 @dataclass(slots=True)
@@ -105,13 +153,13 @@ class FeedPoller:
         if self._health is not None:
             self._health.poll_ok()
 
-    async def _journal(self, batches: list[list[Any]]) -> None:
-        """Journal the items of several batches, and their handles, in one durable transaction."""
+    async def _journal(self, batches: list[list[Any]]) -> int:
+        """Journal the items of several batches, and their handles, in one durable transaction.
+        Returns how many handles are now waiting to be committed."""
         now = self._clock()
         intakes = [intake.feed_item(item, now) for items in batches for item in items]
-        results = await self._store.append(
-            [i.entry for i in intakes], acks=[i.handle for i in intakes if i.handle is not None], now=now
-        )
+        acks = [i.handle for i in intakes if i.handle is not None]
+        results = await self._store.append([i.entry for i in intakes], acks=acks, now=now)
         for item, result in zip(intakes, results, strict=True):
             if result.duplicate:
                 self.stats.duplicates += 1
@@ -126,6 +174,7 @@ class FeedPoller:
         self.stats.items += len(intakes)
         if self._on_journal is not None and any(not r.duplicate for r in results):
             self._on_journal()
+        return len(acks)
 
     async def flush_commits(self) -> None:
         """Commit every durable handle not yet committed: up to COMMIT_MAX per request,
@@ -151,33 +200,27 @@ class FeedPoller:
         return True
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Read with `feed_concurrency` readers, journal here, commit in a task, until `stop`.
-        Any non-empty batch is followed at once by another (a short batch does not mean
-        the queue is empty); after an empty one the first reader waits `poll_interval_s`
-        (which does not prove the queue empty either: polling goes on)."""
-        batches: asyncio.Queue[object] = asyncio.Queue(maxsize=QUEUED_BATCHES)
-        finding, journaled, written = asyncio.Event(), asyncio.Event(), asyncio.Event()
-        tasks = [
-            asyncio.create_task(self._reader(n, stop, batches, finding), name=f"feed-reader-{n}")
-            for n in range(self._settings.feed_concurrency)
-        ]
-        tasks.append(asyncio.create_task(self._committer(journaled, written, batches), name="feed-committer"))
+        """Read with `feed_concurrency` readers, journal here, commit in a task, until `stop`."""
+        readers = self._settings.feed_concurrency
+        p = _Pipeline(stop, asyncio.Queue(maxsize=QUEUED_BATCHES), go=[asyncio.Event() for _ in range(readers - 1)])
+        tasks = [asyncio.create_task(self._reader(n, p), name=f"feed-reader-{n}") for n in range(readers)]
+        tasks.append(asyncio.create_task(self._committer(p), name="feed-committer"))
         try:
-            await self._writer(batches, self._settings.feed_concurrency, journaled)
-            written.set()
+            await self._writer(p, readers)
+            p.written.set()
             await tasks[-1]
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _writer(self, batches: asyncio.Queue[object], readers: int, journaled: asyncio.Event) -> None:
+    async def _writer(self, p: _Pipeline, readers: int) -> None:
         """Journal what the readers deliver, every batch waiting in one transaction, until
         every reader is done; raise what a reader or the committer raised."""
         while readers:
-            got = [await batches.get()]
-            while not batches.empty():
-                got.append(batches.get_nowait())
+            got = [await p.batches.get()]
+            while not p.batches.empty():
+                got.append(p.batches.get_nowait())
             for item in got:
                 if isinstance(item, BaseException):
                     raise item
@@ -185,22 +228,32 @@ class FeedPoller:
             ready = [item for item in got if isinstance(item, list)]
             if not ready:
                 continue
+            p.journaling = True
             try:
-                await self._journal(ready)
+                p.unflushed += await self._journal(ready)
             except StoreUnwritable as exc:
                 # Nothing was stored, so no handle was recorded: VTEX redelivers the items.
                 log.warning("feed_intake_paused", error=exc.reason)
                 continue
-            journaled.set()
+            finally:
+                p.journaling = False
+            p.journaled.set()
+            if p.unflushed >= COMMIT_MAX:
+                p.commit_now.set()
 
-    async def _committer(self, journaled: asyncio.Event, written: asyncio.Event, out: asyncio.Queue[object]) -> None:
-        """Commit durable handles as they are journaled (and retry failed ones every poll
-        interval), while the writer journals the next batches; a last round once it is done."""
+    async def _committer(self, p: _Pipeline) -> None:
+        """Commit durable handles once they are journaled (and retry failed ones every poll
+        interval), while the writer journals the next batches; a last round once it is done.
+        Journaled handles wait up to COMMIT_LINGER_S for more to join their POST."""
         try:
             while True:
-                await wait_any(journaled, written, within_s=self._settings.poll_interval_s)
-                journaled.clear()
-                last = written.is_set()
+                await wait_any(p.journaled, p.written, within_s=self._settings.poll_interval_s)
+                if p.journaled.is_set():
+                    await wait_any(p.commit_now, p.written, within_s=COMMIT_LINGER_S)
+                p.journaled.clear()
+                p.commit_now.clear()
+                p.unflushed = 0
+                last = p.written.is_set()
                 try:
                     await self.flush_commits()
                 except StoreUnwritable as exc:
@@ -210,41 +263,79 @@ class FeedPoller:
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
-            if written.is_set():
+            if p.written.is_set():
                 raise  # the writer is done: run() awaits this task and sees it
-            await out.put(exc)
+            await p.batches.put(exc)
 
-    async def _reader(self, n: int, stop: asyncio.Event, out: asyncio.Queue[object], finding: asyncio.Event) -> None:
-        """Reader `n`: GET batches and hand them to the writer. Reader 0 polls an idle feed
-        every `poll_interval_s`; the others wait until some reader finds items again."""
+    async def _reader(self, n: int, p: _Pipeline) -> None:
+        """Reader `n`: GET batches and hand them to the writer (`_lead` or `_helper`)."""
         try:
-            while not stop.is_set():
-                if self._health is not None and not self._health.store_ok.is_set():
-                    # The database refuses writes: read nothing VTEX would have to redeliver.
-                    await wait_any(self._health.store_ok, stop, within_s=self._settings.poll_interval_s)
-                    continue
-                items = await self._read()
-                if items:
-                    finding.set()
-                    await out.put(items)
-                    if n == 0 or len(items) >= self._settings.maxlot:
-                        # A short batch does not mean the queue is empty: ask again at once. Only
-                        # full batches (a backlog) keep the other readers going: on a trickle they
-                        # would spend the request budget on near-empty GETs, ahead of approvals.
-                        continue
-                    await wait_any(stop, within_s=self._settings.poll_interval_s)
-                    continue
-                finding.clear()
-                if n == 0:
-                    await wait_any(stop, within_s=self._settings.poll_interval_s)
-                else:
-                    await wait_any(finding, stop, within_s=3600.0)  # woken by reader 0's finds
+            await (self._lead(p) if n == 0 else self._helper(p, p.go[n - 1]))
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # AuthFailed and the unforeseen end the daemon's loop
-            await out.put(exc)
+            await p.batches.put(exc)
             return
-        await out.put(_DONE)
+        await p.batches.put(_DONE)
+
+    async def _lead(self, p: _Pipeline) -> None:
+        """The first reader polls in rounds. A non-empty answer is followed at once (a short
+        batch does not mean the queue is empty). An empty one is asked again after RECHECK_S,
+        up to `feed_empty_rechecks` times in a row, and ROUND_RECHECKS times a round in all,
+        so a trickle cannot keep it asking; a full batch (a backlog) gives those back. An
+        empty answer with no recheck left ends the round: its handles are committed and the
+        reader sleeps `poll_interval_s`."""
+        s = self._settings
+        in_a_row = in_round = 0
+        while not p.stop.is_set():
+            if await self._paused(p.stop):
+                continue
+            items = await self._read()
+            if items:
+                in_a_row = 0
+                if len(items) >= s.maxlot:
+                    in_round = 0
+                await self._hand_over(p, items)
+                continue
+            p.short_batch()
+            if in_a_row < s.feed_empty_rechecks and in_round < max(ROUND_RECHECKS, s.feed_empty_rechecks):
+                in_a_row += 1
+                in_round += 1
+                await wait_any(p.stop, within_s=RECHECK_S)
+                continue
+            in_a_row = in_round = 0
+            if p.waiting():
+                p.commit_now.set()
+            await wait_any(p.stop, within_s=s.poll_interval_s)
+
+    async def _helper(self, p: _Pipeline, go: asyncio.Event) -> None:
+        """The other readers read only while batches come back full (a backlog drains), one
+        more for each full batch; on a trickle or an idle feed they wait and cost nothing."""
+        while not p.stop.is_set():
+            await wait_any(go, p.stop, within_s=3600.0)
+            if not go.is_set() or await self._paused(p.stop):
+                continue
+            items = await self._read()
+            if items:
+                await self._hand_over(p, items)
+            else:
+                p.short_batch()
+
+    async def _hand_over(self, p: _Pipeline, items: list[Any]) -> None:
+        """Give a batch to the writer; a full one says a backlog may wait (one more reader)."""
+        if len(items) >= self._settings.maxlot:
+            p.full_batch()
+        else:
+            p.short_batch()
+        await p.batches.put(items)
+
+    async def _paused(self, stop: asyncio.Event) -> bool:
+        """While the database refuses writes, read nothing VTEX would have to redeliver:
+        wait (up to a poll interval) and say so."""
+        if self._health is None or self._health.store_ok.is_set():
+            return False
+        await wait_any(self._health.store_ok, stop, within_s=self._settings.poll_interval_s)
+        return True
 
     async def _read(self) -> list[Any]:
         """One GET; a missing configuration is recreated, a failure reads as nothing."""

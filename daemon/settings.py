@@ -133,6 +133,9 @@ class Settings(PolicySettings):
 
     # Feed intake: GETs in flight at once while a backlog drains (docs/operations.md, "Request budget")
     feed_concurrency: int = Field(default=8, ge=1, le=32)
+    # An empty feed answer is asked again up to this many times in a row (~100 ms apart) before
+    # the poll interval's sleep: SQS short polling may answer empty while items wait (docs/design.md)
+    feed_empty_rechecks: int = Field(default=2, ge=0, le=10)
 
     @field_validator("connector_endpoint")
     @classmethod

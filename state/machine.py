@@ -632,12 +632,13 @@ def _check_again(o: Order) -> bool:
 
 def _leave_waiting(ctx: _Ctx) -> None:
     """WAITING_RELEASE: check now when the order may be free, else keep the right timer:
-    the short creation re-check or the slow held re-check."""
+    the short creation re-check or the slow held re-check. A creation status no Get order
+    has confirmed yet is checked at once: the feed lags VTEX by up to a poll interval."""
     o = ctx.order
     status = parse_status(o.status)
     free = status != HELD and o.await_newer_than is None
     sending = o.inflight is not None and o.inflight.kind == "send"
-    if not sending and free and (not is_creating(status) or approvable(o)):
+    if not sending and free and (not is_creating(status) or approvable(o) or o.creating_checks == 0):
         ctx.set(timer=None)
         ctx.goto(Phase.CHECKING, "not held: confirming with Get order")
         if o.inflight is None or o.inflight.purpose != "pre_approval":

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from omsd.daemon import feed
 from omsd.daemon.budget import Priority
 from omsd.daemon.errors import AuthFailed, NotFound, VtexUnavailable
 from omsd.daemon.feed import FeedPoller
 from omsd.daemon.settings import Settings
 from omsd.daemon.vtex import ApprovalResponse, FeedConfig, HookConfig, OrderSnapshot
 from omsd.daemon.vtexconfig import ensure_feed_config
+from omsd.daemon.wakeup import wait_any
 from omsd.state.store import Store
 from tests.helpers import until
 
@@ -43,6 +46,7 @@ class FakeVtex:
         self.saved: list[dict[str, Any]] = []
         self.polls = 0
         self.config_reads = 0
+        self.in_flight = 0
 
     async def get_feed(self, maxlot: int) -> list[Any]:
         self.polls += 1
@@ -136,12 +140,8 @@ async def test_missing_feed_config_is_created_from_settings(settings: Settings) 
 
 async def test_a_short_batch_is_followed_at_once_and_an_empty_one_waits(settings: Settings) -> None:
     """One item (of maxlot 10) does not mean the queue is empty: omsd asks again at once;
-    after an empty batch it waits poll_interval_s (an hour here) before asking again."""
-    import asyncio
-
-    from tests.helpers import until
-
-    slow = settings.model_copy(update={"poll_interval_s": 3600.0, "feed_concurrency": 1})
+    after an empty batch (no rechecks here) it waits poll_interval_s (an hour) before asking again."""
+    slow = settings.model_copy(update={"poll_interval_s": 3600.0, "feed_concurrency": 1, "feed_empty_rechecks": 0})
     async with await Store.open(settings.db) as store:
         vtex = FakeVtex(settings.db, [[ITEM], [{**ITEM, "eventId": "E2", "handle": "h2", "state": "canceled"}]])
         stop = asyncio.Event()
@@ -215,11 +215,13 @@ def batch(first: int, size: int = 10) -> list[Any]:
 
 
 class ConcurrentFeed(FakeVtex):
-    """Holds every non-empty GET until `width` GETs are in flight at once; records commit sizes."""
+    """Answers the first `alone` batches at once, then holds every non-empty GET until `width`
+    GETs are in flight at once; records commit sizes."""
 
-    def __init__(self, db: Path, batches: list[list[Any]], width: int) -> None:
+    def __init__(self, db: Path, batches: list[list[Any]], width: int, alone: int = 0) -> None:
         super().__init__(db, batches)
         self.width = width
+        self.alone = alone
         self.in_flight = 0
         self.all_in = asyncio.Event()
         self.commit_sizes: list[int] = []
@@ -229,6 +231,9 @@ class ConcurrentFeed(FakeVtex):
         if not self.batches:
             return []
         items = self.batches.pop(0)
+        if self.alone > 0:
+            self.alone -= 1
+            return items
         self.in_flight += 1
         if self.in_flight >= self.width:
             self.all_in.set()
@@ -241,20 +246,27 @@ class ConcurrentFeed(FakeVtex):
 
 
 async def test_concurrent_reads_are_journaled_in_one_transaction_and_committed_in_one_request(
-    settings: Settings,
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Three GETs are in flight at once; their 30 items reach the database together, and only
-    then are all 30 handles committed in a single POST."""
+    """Each full batch brings one more reader in: after two, three GETs are in flight at once
+    (the fake answers none of them before), the five batches reach the database in at most
+    three transactions, and once the round ends all 50 handles are committed in a single POST,
+    after they are durable."""
+    monkeypatch.setattr(feed, "COMMIT_LINGER_S", 3600.0)
     three = settings.model_copy(update={"poll_interval_s": 3600.0, "feed_concurrency": 3})
+    ticks = iter(range(1000))
+    clock = lambda: datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=next(ticks))  # noqa: E731
     async with await Store.open(settings.db) as store:
-        vtex = ConcurrentFeed(settings.db, [batch(0), batch(10), batch(20)], width=3)
+        vtex = ConcurrentFeed(settings.db, [batch(n * 10) for n in range(5)], width=3, alone=2)
         stop = asyncio.Event()
-        task = asyncio.create_task(FeedPoller(store, vtex, three).run(stop))
-        await until(lambda: len(vtex.committed) == 30 or task.done(), timeout=10, what="30 handles committed")
+        task = asyncio.create_task(FeedPoller(store, vtex, three, clock=clock).run(stop))
+        await until(lambda: len(vtex.committed) == 50 or task.done(), timeout=10, what="50 handles committed")
         stop.set()
         await task
-    assert vtex.commit_sizes == [30]
-    assert vtex.durable_at_commit == [30]
+        rows = await store.journal_after(0, 100)
+    assert len(rows) == 50 and len({row.received_at for row in rows}) <= 3  # a transaction, a receipt time
+    assert vtex.commit_sizes == [50]
+    assert vtex.durable_at_commit == [50]
 
 
 async def test_every_commit_follows_the_durability_of_its_items_under_concurrency(settings: Settings) -> None:
@@ -300,15 +312,21 @@ async def test_a_failed_commit_is_retried_while_the_feed_is_idle(settings: Setti
 
 
 async def test_readers_that_all_find_the_feed_missing_recreate_it_once(settings: Settings) -> None:
-    """Four readers answered 404 at once: the configuration is POSTed once, the others find it."""
+    """Four readers (a backlog brought them in) answered 404 at once: the configuration is
+    POSTed once, the others find it."""
 
     class Missing(FakeVtex):
+        """A backlog (three full batches), then the configuration is gone for four GETs at once."""
+
         async def get_feed(self, maxlot: int) -> list[Any]:
             self.polls += 1
-            await asyncio.sleep(0)  # let every reader ask before anyone recreates
-            if self.config is None:
-                raise NotFound("GET /api/orders/feed: HTTP 404", 404, None)
-            return []
+            if self.polls <= 3:
+                return batch(self.polls * 10)  # full batches: one more reader each
+            if self.polls > 7:
+                return []
+            self.in_flight += 1
+            await until(lambda: self.in_flight >= 4, timeout=10, what="four GETs in flight")
+            raise NotFound("GET /api/orders/feed: HTTP 404", 404, None)  # answered before any recreation
 
         async def get_feed_config(self) -> FeedConfig | None:
             self.config_reads += 1
@@ -356,9 +374,10 @@ class TrickleFeed(FakeVtex):
 
 
 async def test_on_a_trickle_only_one_reader_keeps_polling(settings: Settings) -> None:
-    """Short batches keep the first reader asking at once, but not the others: on a trickle
+    """Short batches keep the first reader asking, and never wake the others: on a trickle
     eight readers spun on near-empty GETs and spent the request budget ahead of approvals
-    (release → PUT p50 10.4 s against 5.8 s). Full batches (a backlog) still use them all."""
+    (release → PUT p50 10.4 s against 5.8 s; then woken by every find, 108 of 226 GETs came
+    back empty). Only full batches (a backlog) bring the other readers in."""
     eight = settings.model_copy(update={"poll_interval_s": 3600.0, "feed_concurrency": 8})
     async with await Store.open(settings.db) as store:
         vtex = TrickleFeed(settings.db, items=200)
@@ -367,4 +386,250 @@ async def test_on_a_trickle_only_one_reader_keeps_polling(settings: Settings) ->
         await until(lambda: len(vtex.committed) == 200 or task.done(), timeout=20, what="200 handles committed")
         stop.set()
         await task
-    assert max(vtex.overlap[-100:]) == 1  # one GET at a time once the trickle is established
+    assert max(vtex.overlap) == 1  # one GET at a time, from the start
+
+
+class Sampling(FakeVtex):
+    """An SQS short poll: `answers` in order (an empty one while items wait, as SQS may give),
+    then nothing; records each GET and, per GET, how many handles were committed before it."""
+
+    def __init__(self, db: Path, answers: list[list[Any]]) -> None:
+        super().__init__(db, answers)
+        self.committed_before: list[int] = []
+
+    async def get_feed(self, maxlot: int) -> list[Any]:
+        self.committed_before.append(len(self.committed))
+        return await super().get_feed(maxlot)
+
+
+def lead_waits(monkeypatch: pytest.MonkeyPatch, stop: asyncio.Event, limit: int) -> list[float]:
+    """Record how long the first reader waits each time (its waits include `stop`), without
+    waiting; `stop` is set after `limit` of them. The committer's waits pass through."""
+    waits: list[float] = []
+    real = wait_any
+
+    async def recorded(*events: asyncio.Event, within_s: float) -> None:
+        if stop not in events:
+            await real(*events, within_s=within_s)
+            return
+        waits.append(within_s)
+        if len(waits) >= limit:
+            stop.set()
+        await asyncio.sleep(0)
+
+    monkeypatch.setattr(feed, "wait_any", recorded)
+    return waits
+
+
+async def test_an_empty_answer_is_asked_again_soon_and_finds_what_was_waiting(settings: Settings) -> None:
+    """SQS short polling may answer empty while messages wait; asked again ~100 ms later it
+    returns them: the item is journaled and committed without waiting the poll interval (an hour)."""
+    slow = settings.model_copy(update={"poll_interval_s": 3600.0, "feed_concurrency": 1})
+    async with await Store.open(settings.db) as store:
+        vtex = Sampling(settings.db, [[], [ITEM]])
+        stop = asyncio.Event()
+        task = asyncio.create_task(FeedPoller(store, vtex, slow).run(stop))
+        await until(lambda: vtex.committed == ["h1"] or task.done(), timeout=10, what="the item behind an empty GET")
+        stop.set()
+        await task
+    assert vtex.committed == ["h1"]
+
+
+@pytest.mark.parametrize("rechecks", [0, 2, 3])
+async def test_an_idle_feed_is_asked_k_more_times_then_once_per_interval(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, rechecks: int
+) -> None:
+    """An empty answer is confirmed by OMSD_FEED_EMPTY_RECHECKS more GETs, each after ~100 ms;
+    then the first reader sleeps the poll interval, and the next round does the same: an idle
+    feed costs 1 + K GETs per poll interval."""
+    quiet = settings.model_copy(
+        update={"poll_interval_s": 3600.0, "feed_concurrency": 1, "feed_empty_rechecks": rechecks}
+    )
+    async with await Store.open(settings.db) as store:
+        vtex = Sampling(settings.db, [])
+        stop = asyncio.Event()
+        waits = lead_waits(monkeypatch, stop, limit=2 * (rechecks + 1))
+        await asyncio.wait_for(FeedPoller(store, vtex, quiet).run(stop), 10)
+    round_ = [feed.RECHECK_S] * rechecks + [3600.0]
+    assert waits == round_ * 2
+    assert vtex.polls == len(waits)
+
+
+async def test_any_answer_with_items_gives_the_rechecks_in_a_row_back(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mid-drain, SQS answers empty now and then while items wait: each empty answer gets its
+    K rechecks again after any answer with items, so one round drains it all; only K + 1
+    empty answers in a row end the round."""
+    quiet = settings.model_copy(update={"poll_interval_s": 3600.0, "feed_concurrency": 1, "feed_empty_rechecks": 2})
+    one = [batch(n, size=1) for n in range(3)]
+    async with await Store.open(settings.db) as store:
+        # item, empty, item, empty, item, empty, then empty for good
+        vtex = Sampling(settings.db, [one[0], [], one[1], [], one[2], []])
+        stop = asyncio.Event()
+        waits = lead_waits(monkeypatch, stop, limit=5)
+        await asyncio.wait_for(FeedPoller(store, vtex, quiet).run(stop), 10)
+    assert waits == [feed.RECHECK_S] * 4 + [3600.0]
+    assert vtex.polls == 8
+
+
+async def test_a_round_makes_a_bounded_number_of_rechecks_so_a_trickle_cannot_keep_the_reader_busy(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a trickle each recheck finds the one event that arrived since; after ROUND_RECHECKS
+    of them the next empty answer ends the round (the reader sleeps the poll interval)."""
+    quiet = settings.model_copy(update={"poll_interval_s": 3600.0, "feed_concurrency": 1, "feed_empty_rechecks": 2})
+    trickle = [answer for n in range(feed.ROUND_RECHECKS + 2) for answer in (batch(n, size=1), [])]
+    async with await Store.open(settings.db) as store:
+        vtex = Sampling(settings.db, trickle)
+        stop = asyncio.Event()
+        waits = lead_waits(monkeypatch, stop, limit=feed.ROUND_RECHECKS + 1)
+        await asyncio.wait_for(FeedPoller(store, vtex, quiet).run(stop), 10)
+    assert waits == [feed.RECHECK_S] * feed.ROUND_RECHECKS + [3600.0]
+    assert vtex.polls == 2 * (feed.ROUND_RECHECKS + 1)
+
+
+async def test_a_full_batch_gives_the_rechecks_back(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a backlog drains (full batches), an empty answer is a sample, not the end: a full
+    batch restores the round's rechecks, so a long drain with scattered empty answers goes on."""
+    quiet = settings.model_copy(update={"poll_interval_s": 3600.0, "feed_concurrency": 1, "feed_empty_rechecks": 1})
+    drain = [answer for n in range(feed.ROUND_RECHECKS + 2) for answer in (batch(n * 10), [])]
+    async with await Store.open(settings.db) as store:
+        vtex = Sampling(settings.db, drain)
+        stop = asyncio.Event()
+        waits = lead_waits(monkeypatch, stop, limit=feed.ROUND_RECHECKS + 3)
+        await asyncio.wait_for(FeedPoller(store, vtex, quiet).run(stop), 10)
+    assert waits == [feed.RECHECK_S] * (feed.ROUND_RECHECKS + 2) + [3600.0]
+    assert len(vtex.committed) == 10 * (feed.ROUND_RECHECKS + 2)
+
+
+class OneAtATime(Sampling):
+    """Answers GETs only once every item given so far is journaled, so each batch gets a
+    transaction of its own; `gate` (if set) decides when the GET after `answers` returns."""
+
+    def __init__(self, db: Path, answers: list[list[Any]], gate: Any = None) -> None:
+        super().__init__(db, answers)
+        self.given = 0
+        self.gate = gate
+
+    def journaled(self) -> int:
+        conn = sqlite3.connect(self.db)
+        try:
+            return int(conn.execute("SELECT COUNT(*) FROM journal").fetchone()[0])
+        finally:
+            conn.close()
+
+    async def get_feed(self, maxlot: int) -> list[Any]:
+        await until(lambda: self.journaled() >= self.given, timeout=10, what="the last batch journaled")
+        if not self.batches and self.gate is not None:
+            await until(self.gate, timeout=10, what="the GET's gate")
+        items = await super().get_feed(maxlot)
+        self.given += len(items)
+        return items
+
+
+async def test_the_handles_of_a_round_are_committed_in_one_post_when_it_ends(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three short batches journaled one by one are committed together once the round ends
+    (the feed confirmed empty), not one POST per batch: on a trickle commits would cost as
+    many requests as GETs."""
+    monkeypatch.setattr(feed, "COMMIT_LINGER_S", 3600.0)
+    quiet = settings.model_copy(update={"poll_interval_s": 3600.0, "feed_concurrency": 1, "feed_empty_rechecks": 1})
+    one = [batch(n, size=1) for n in range(3)]
+    async with await Store.open(settings.db) as store:
+        vtex = OneAtATime(settings.db, one)
+        stop = asyncio.Event()
+        task = asyncio.create_task(FeedPoller(store, vtex, quiet).run(stop))
+        await until(lambda: len(vtex.committed) == 3 or task.done(), timeout=10, what="three handles committed")
+        stop.set()
+        await task
+    assert vtex.durable_at_commit == [3]
+
+
+async def test_a_full_post_of_handles_is_committed_without_waiting_for_the_round(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once 100 handles (one POST's worth) wait, they are committed at once, while the
+    round goes on: a backlog's handles do not wait for its end."""
+    monkeypatch.setattr(feed, "COMMIT_LINGER_S", 3600.0)
+    quiet = settings.model_copy(update={"poll_interval_s": 3600.0, "feed_concurrency": 1})
+    async with await Store.open(settings.db) as store:
+        vtex = OneAtATime(settings.db, [batch(n * 10) for n in range(10)])
+        vtex.gate = lambda: len(vtex.committed) >= 100  # the round goes on until they are committed
+        stop = asyncio.Event()
+        task = asyncio.create_task(FeedPoller(store, vtex, quiet).run(stop))
+        await until(lambda: len(vtex.committed) == 100 or task.done(), timeout=10, what="100 handles committed")
+        stop.set()
+        await task
+    assert vtex.durable_at_commit == [100]
+
+
+async def test_a_round_that_ends_while_its_last_batch_is_being_written_still_commits_it(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The round ends (empty answer) while the writer is still journaling its last batch:
+    that batch's handles are committed as the round's, not left for the commit linger."""
+    monkeypatch.setattr(feed, "COMMIT_LINGER_S", 3600.0)
+    quiet = settings.model_copy(update={"poll_interval_s": 3600.0, "feed_concurrency": 1, "feed_empty_rechecks": 0})
+    writing, round_over = asyncio.Event(), asyncio.Event()
+
+    class WhileWriting(FakeVtex):
+        answered_empty = False
+
+        async def get_feed(self, maxlot: int) -> list[Any]:
+            self.polls += 1
+            if self.polls == 1:
+                return [ITEM]
+            await writing.wait()  # the empty answer comes while the item is being journaled
+            self.answered_empty = True  # the reader ends its round in this same step
+            return []
+
+    async with await Store.open(settings.db) as store:
+        append = store.append
+
+        async def slow_append(*args: Any, **kw: Any) -> Any:
+            writing.set()
+            await round_over.wait()
+            return await append(*args, **kw)
+
+        monkeypatch.setattr(store, "append", slow_append)
+        vtex = WhileWriting(settings.db, [])
+        stop = asyncio.Event()
+        task = asyncio.create_task(FeedPoller(store, vtex, quiet).run(stop))
+        await until(lambda: vtex.answered_empty or task.done(), timeout=10, what="the round's end")
+        round_over.set()
+        await until(lambda: vtex.committed == ["h1"] or task.done(), timeout=10, what="the handle committed")
+        stop.set()
+        await task
+    assert vtex.committed == ["h1"]
+
+
+async def test_one_full_batch_brings_in_one_more_reader_not_all(settings: Settings) -> None:
+    """A full batch may be all there was (a trickle that piled up over a poll interval): it
+    brings in one more reader, not every reader (which cost seven GETs, mostly empty, per
+    round on a saturated budget); each further full batch brings in one more."""
+    eight = settings.model_copy(update={"poll_interval_s": 3600.0, "feed_concurrency": 8})
+
+    class OneFull(FakeVtex):
+        def __init__(self, db: Path) -> None:
+            super().__init__(db, [])
+            self.readers: set[str] = set()
+
+        async def get_feed(self, maxlot: int) -> list[Any]:
+            self.polls += 1
+            task = asyncio.current_task()
+            self.readers.add(task.get_name() if task is not None else "?")
+            first = self.polls == 1
+            await asyncio.sleep(0.01)  # a GET takes time: readers woken meanwhile ask too
+            return batch(0) if first else []
+
+    async with await Store.open(settings.db) as store:
+        vtex = OneFull(settings.db)
+        stop = asyncio.Event()
+        task = asyncio.create_task(FeedPoller(store, vtex, eight).run(stop))
+        await until(lambda: (vtex.polls >= 5 and len(vtex.committed) == 10) or task.done(), timeout=10, what="a round")
+        stop.set()
+        await task
+    assert vtex.readers == {"feed-reader-0", "feed-reader-1"}
+    assert vtex.polls == 5  # the full batch, an empty answer and 2 rechecks; one GET of the reader it brought in

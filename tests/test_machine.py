@@ -303,9 +303,19 @@ EDGES = [
         "sending",
         ["send"],
     ),
+    # The status omsd knows may be behind VTEX's (the feed lags up to a poll interval):
+    # one Get order at once, before the short re-check, so an order already past its
+    # creation is approved at once (was: intent → PUT after the 5 s re-check).
     Edge(
-        "intent on an order being created: short re-check",
+        "intent on an order being created: Get order at once",
         order("tracking", status="order-accepted", held=False),
+        intent(),
+        "checking",
+        ["fetch:pre_approval"],
+    ),
+    Edge(
+        "intent on an order a Get order found being created: short re-check",
+        order("tracking", status="order-accepted", held=False, creating_checks=1),
         intent(),
         "waiting_release",
         [],
@@ -414,6 +424,16 @@ EDGES = [
         ["fetch:confirm"],
         {"released_at": at(30)},
     ),
+    # Found by the liveness property: a far-future status flagged meanwhile made the
+    # release wait for the confirm timeout (120 s) instead of a Get order.
+    Edge(
+        "released after the awaited PUT was decided, a flagged status pending: check again",
+        order("awaiting_result", status=HELD_S, status_at=at(20), sent_on=at(10), flagged_status=HELD_S, flagged_seq=5),
+        status(FREE, 30, last_state=HELD_S),
+        "checking",
+        ["fetch:confirm"],
+        {"released_at": at(30)},
+    ),
     Edge(
         "released after the awaited PUT was decided, a flagged status pending: check again",
         order("awaiting_result", status=HELD_S, status_at=at(20), sent_on=at(10), flagged_status=HELD_S, flagged_seq=3),
@@ -515,12 +535,15 @@ def test_stale_get_order_does_not_strand_a_newer_release() -> None:
 
 
 def test_order_accepted_reading_is_tried_after_one_short_recheck() -> None:
-    """A never-held order resting in order-accepted gets its approval after one short wait."""
+    """A never-held order resting in order-accepted gets its approval after one Get order
+    and one short wait."""
     o, effects = _play(None, status("order-created", 1), status("order-accepted", 2, last_state="order-created"))
     o, effects = _play(o, fetched("order-accepted", seq=1, t=2), intent())
+    assert o.phase == Phase.CHECKING and effects == ["fetch:pre_approval"] and o.inflight is not None
+    o, effects = _play(o, fetched("order-accepted", seq=o.inflight.seq, t=2))
     assert o.phase == Phase.WAITING_RELEASE and effects == []
     assert o.timer is not None and o.timer.reason == "creating_recheck"
-    assert o.timer.due_at == at(101 + POLICY.creating_recheck_s)
+    assert o.timer.due_at == at(100 + POLICY.creating_recheck_s)
     o, effects = _play(o, timer(o.timer.token, "creating_recheck"))
     assert effects == ["fetch:pre_approval"] and o.inflight is not None
     o, effects = _play(o, fetched("order-accepted", seq=o.inflight.seq, t=2))
