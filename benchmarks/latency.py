@@ -81,6 +81,7 @@ class Result:
     puts_while_held: int
     applied_more_than_once: int
     rate_limited: int
+    inside_retry_after: str  # requests inside an announced window: its own route / any route
     calls: str
     seconds: float
 
@@ -172,6 +173,7 @@ def measure(name: str, sim: Simulator, held: list[SimOrder], free: list[SimOrder
         puts_while_held=sum(o.puts_while_held for o in everyone),
         applied_more_than_once=sum(1 for o in everyone if o.approvals_applied > 1),
         rate_limited=sim.rate_limited,
+        inside_retry_after="{route} / {account}".format(**sim.inside_retry_after),
         calls=f"{sim.calls.get('get_order', 0)} / {sim.calls.get('put', 0)}",
         seconds=0.0,
     )
@@ -268,15 +270,15 @@ def table(results: list[Result]) -> str:
     head = (
         "| run | release → PUT p50 / p99 / max (ms) | intent → PUT p50, intent after release (ms) "
         "| intent → PUT p50, intent while held (ms) | approved | PUTs while held | applied twice | 429s "
-        "| Get orders / PUTs | wall (s) |"
+        "| inside a Retry-After window: same route / any route | Get orders / PUTs | wall (s) |"
     )
-    lines = [head, "|" + "---|" * 10]
+    lines = [head, "|" + "---|" * 11]
     for r in results:
         rp = r.release_put
         lines.append(
             f"| {r.name} | {pct(rp, 0.5)} / {pct(rp, 0.99)} / {pct(rp, 1.0)} | {pct(r.intent_put_free, 0.5)} "
             f"| {pct(r.intent_put_held, 0.5)} | {r.approved}/{r.orders} | {r.puts_while_held} "
-            f"| {r.applied_more_than_once} | {r.rate_limited} | {r.calls} | {r.seconds:.1f} |"
+            f"| {r.applied_more_than_once} | {r.rate_limited} | {r.inside_retry_after} | {r.calls} | {r.seconds:.1f} |"
         )
     return "\n".join(lines)
 
