@@ -176,10 +176,17 @@ class FeedPoller:
             self._on_journal()
         return len(acks)
 
-    async def flush_commits(self) -> None:
+    async def flush_commits(self, *, everything: bool = True) -> None:
         """Commit every durable handle not yet committed: up to COMMIT_MAX per request,
-        COMMITS_IN_FLIGHT requests at once. A failure stops the round (retried later)."""
+        COMMITS_IN_FLIGHT requests at once. A failure stops the round (retried later).
+        Not `everything`: after the first requests, only full ones go on; handles journaled
+        while they were in flight wait for the committer's next round, so a slow budget
+        does not turn into one commit per batch (at 20 calls/s: 1,677 commits for 2,002 GETs)."""
+        first = True
         while handles := await self._store.pending_acks(limit=COMMIT_MAX * COMMITS_IN_FLIGHT):
+            if not (first or everything) and len(handles) < COMMIT_MAX:
+                return
+            first = False
             chunks = [handles[i : i + COMMIT_MAX] for i in range(0, len(handles), COMMIT_MAX)]
             if not all(await asyncio.gather(*(self._commit(chunk) for chunk in chunks))):
                 return
@@ -255,7 +262,7 @@ class FeedPoller:
                 p.unflushed = 0
                 last = p.written.is_set()
                 try:
-                    await self.flush_commits()
+                    await self.flush_commits(everything=last)
                 except StoreUnwritable as exc:
                     log.warning("feed_commit_paused", error=exc.reason)
                 if last:

@@ -633,3 +633,24 @@ async def test_one_full_batch_brings_in_one_more_reader_not_all(settings: Settin
         await task
     assert vtex.readers == {"feed-reader-0", "feed-reader-1"}
     assert vtex.polls == 5  # the full batch, an empty answer and 2 rechecks; one GET of the reader it brought in
+
+
+@pytest.mark.parametrize("everything", [False, True])
+async def test_handles_journaled_during_a_commit_wait_for_the_next_round(settings: Settings, everything: bool) -> None:
+    """A commit round sends what was pending when it began; handles journaled while its POST
+    was in flight (fewer than a POST's worth) wait for the next round, unless it is the last."""
+    async with await Store.open(settings.db) as store:
+        poller = FeedPoller(store, FakeVtex(settings.db, []), settings)
+        await poller._journal([batch(n * 10) for n in range(10)])
+
+        class Meanwhile(FakeVtex):
+            async def commit_feed(self, handles: list[str]) -> None:
+                await super().commit_feed(handles)
+                if len(self.committed) == 100:
+                    await poller._journal([batch(1000)])  # a batch journaled while the POST was out
+
+        vtex = Meanwhile(settings.db, [])
+        poller._vtex = vtex
+        await poller.flush_commits(everything=everything)
+        assert len(vtex.committed) == (110 if everything else 100)
+        assert len(await store.pending_acks()) == (0 if everything else 10)
