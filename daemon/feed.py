@@ -291,12 +291,15 @@ class FeedPoller:
         up to `feed_empty_rechecks` times in a row, and ROUND_RECHECKS times a round in all,
         so a trickle cannot keep it asking; a full batch (a backlog) gives those back. An
         empty answer with no recheck left ends the round: its handles are committed and the
-        reader sleeps `poll_interval_s`."""
+        reader sleeps until `poll_interval_s` after the round began, so rounds start every
+        `poll_interval_s` (rechecks do not stretch the interval an event may wait)."""
         s = self._settings
         in_a_row = in_round = 0
+        began: datetime | None = None
         while not p.stop.is_set():
             if await self._paused(p.stop):
                 continue
+            began = began or self._clock()
             items = await self._read()
             if items:
                 in_a_row = 0
@@ -313,7 +316,9 @@ class FeedPoller:
             in_a_row = in_round = 0
             if p.waiting():
                 p.commit_now.set()
-            await wait_any(p.stop, within_s=s.poll_interval_s)
+            spent = (self._clock() - began).total_seconds()
+            began = None
+            await wait_any(p.stop, within_s=min(s.poll_interval_s, max(0.0, s.poll_interval_s - spent)))
 
     async def _helper(self, p: _Pipeline, go: asyncio.Event) -> None:
         """The other readers read only while batches come back full (a backlog drains), one

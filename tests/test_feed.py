@@ -402,9 +402,27 @@ class Sampling(FakeVtex):
         return await super().get_feed(maxlot)
 
 
-def lead_waits(monkeypatch: pytest.MonkeyPatch, stop: asyncio.Event, limit: int) -> list[float]:
+# The first reader's sleep at a round's end: the poll interval (an hour here) less the round's
+# own real time, a few milliseconds.
+ROUND_END = pytest.approx(3600.0, abs=1.0)
+
+
+class FakeClock:
+    """The poller's clock, moved only by the first reader's recorded waits."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2026, 11, 1, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def lead_waits(
+    monkeypatch: pytest.MonkeyPatch, stop: asyncio.Event, limit: int, clock: FakeClock | None = None
+) -> list[float]:
     """Record how long the first reader waits each time (its waits include `stop`), without
-    waiting; `stop` is set after `limit` of them. The committer's waits pass through."""
+    waiting (but moving `clock`, when given, by each wait); `stop` is set after `limit` of
+    them. The committer's waits pass through."""
     waits: list[float] = []
     real = wait_any
 
@@ -413,6 +431,8 @@ def lead_waits(monkeypatch: pytest.MonkeyPatch, stop: asyncio.Event, limit: int)
             await real(*events, within_s=within_s)
             return
         waits.append(within_s)
+        if clock is not None:
+            clock.now += timedelta(seconds=within_s)
         if len(waits) >= limit:
             stop.set()
         await asyncio.sleep(0)
@@ -447,10 +467,11 @@ async def test_an_idle_feed_is_asked_k_more_times_then_once_per_interval(
     )
     async with await Store.open(settings.db) as store:
         vtex = Sampling(settings.db, [])
-        stop = asyncio.Event()
-        waits = lead_waits(monkeypatch, stop, limit=2 * (rechecks + 1))
-        await asyncio.wait_for(FeedPoller(store, vtex, quiet).run(stop), 10)
-    round_ = [feed.RECHECK_S] * rechecks + [3600.0]
+        stop, clock = asyncio.Event(), FakeClock()
+        waits = lead_waits(monkeypatch, stop, limit=2 * (rechecks + 1), clock=clock)
+        await asyncio.wait_for(FeedPoller(store, vtex, quiet, clock=clock).run(stop), 10)
+    # rounds start an interval apart: the sleep is what the rechecks left of it
+    round_ = [feed.RECHECK_S] * rechecks + [pytest.approx(3600.0 - rechecks * feed.RECHECK_S)]
     assert waits == round_ * 2
     assert vtex.polls == len(waits)
 
@@ -469,7 +490,7 @@ async def test_any_answer_with_items_gives_the_rechecks_in_a_row_back(
         stop = asyncio.Event()
         waits = lead_waits(monkeypatch, stop, limit=5)
         await asyncio.wait_for(FeedPoller(store, vtex, quiet).run(stop), 10)
-    assert waits == [feed.RECHECK_S] * 4 + [3600.0]
+    assert waits == [feed.RECHECK_S] * 4 + [ROUND_END]
     assert vtex.polls == 8
 
 
@@ -485,7 +506,7 @@ async def test_a_round_makes_a_bounded_number_of_rechecks_so_a_trickle_cannot_ke
         stop = asyncio.Event()
         waits = lead_waits(monkeypatch, stop, limit=feed.ROUND_RECHECKS + 1)
         await asyncio.wait_for(FeedPoller(store, vtex, quiet).run(stop), 10)
-    assert waits == [feed.RECHECK_S] * feed.ROUND_RECHECKS + [3600.0]
+    assert waits == [feed.RECHECK_S] * feed.ROUND_RECHECKS + [ROUND_END]
     assert vtex.polls == 2 * (feed.ROUND_RECHECKS + 1)
 
 
@@ -499,7 +520,7 @@ async def test_a_full_batch_gives_the_rechecks_back(settings: Settings, monkeypa
         stop = asyncio.Event()
         waits = lead_waits(monkeypatch, stop, limit=feed.ROUND_RECHECKS + 3)
         await asyncio.wait_for(FeedPoller(store, vtex, quiet).run(stop), 10)
-    assert waits == [feed.RECHECK_S] * (feed.ROUND_RECHECKS + 2) + [3600.0]
+    assert waits == [feed.RECHECK_S] * (feed.ROUND_RECHECKS + 2) + [ROUND_END]
     assert len(vtex.committed) == 10 * (feed.ROUND_RECHECKS + 2)
 
 
