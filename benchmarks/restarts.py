@@ -27,7 +27,6 @@ import asyncio
 import os
 import random
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -35,34 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+from latency import fault_mix, free_port, no_faults  # beside this script
 
-from omsd.sim.faults import Faults
 from omsd.sim.orders import SimOrder
 from omsd.sim.server import Simulator
 
 API_TOKEN = "bench-api-token-0123456789"  # noqa: S105 - the benchmark's own loopback token
 CANCELED = "canceled"
-
-
-def faults(kind: str) -> Faults:
-    if kind == "none":
-        return Faults(short_batches=False)
-    return Faults(
-        latency_s=(0.05, 0.05),
-        rate_429=0.02,
-        retry_after_s=2.0,
-        rate_5xx=0.02,
-        duplicate_rate=0.05,
-        notification_duplicate_rate=0.05,
-        hook_duplicate_rate=0.05,
-        short_batches=True,
-    )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def omsd_env(sim: Simulator, db: Path, port: int, source: str) -> dict[str, str]:
@@ -201,7 +179,7 @@ def report(sim: Simulator, orders: Orders, restarts: int, omsd: Omsd, seconds: f
 
 
 async def main(args: argparse.Namespace) -> None:
-    sim = Simulator(seed=args.seed, faults=faults(args.faults))
+    sim = Simulator(seed=args.seed, faults=fault_mix() if args.faults == "mix" else no_faults())
     await sim.start()
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
