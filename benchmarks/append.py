@@ -7,7 +7,7 @@ one durable transaction, and prints the median and p90 time per group: first as
 `Store.append` does it, then, as the baseline in the same run, the way it was done
 before (two statements per item: a dedup lookup, then the insert). The feed writer
 journals everything its readers delivered since its last transaction as one group
-(daemon/feed.py), ~32 batches of 10 under a backlog.
+(daemon/intake/feed.py), ~32 batches of 10 under a backlog.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from itertools import count
 from pathlib import Path
 
-from omsd.daemon.intake import feed_item
+from omsd.daemon.intake.entries import feed_item
 from omsd.state.store import NewEntry, Store
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)

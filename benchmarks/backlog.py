@@ -42,11 +42,11 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from omsd.daemon import logs
 from omsd.daemon.app import Daemon
-from omsd.daemon.feed import FeedPoller
-from omsd.daemon.settings import Settings
-from omsd.daemon.vtex import VtexClient
+from omsd.daemon.config.settings import Settings
+from omsd.daemon.intake.feed import FeedPoller
+from omsd.daemon.ops import logs
+from omsd.daemon.vtex.client import VtexClient
 from omsd.sim.faults import Faults, Handler
 from omsd.sim.feed import FeedQueue
 from omsd.sim.server import DEFAULT_APP_KEY, DEFAULT_APP_TOKEN, Simulator

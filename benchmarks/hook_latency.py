@@ -19,9 +19,9 @@ from pathlib import Path
 
 import aiohttp
 
-from omsd.daemon import logs
 from omsd.daemon.app import Daemon
-from omsd.daemon.settings import Settings
+from omsd.daemon.config.settings import Settings
+from omsd.daemon.ops import logs
 from omsd.sim.server import Simulator
 
 

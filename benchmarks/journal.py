@@ -18,9 +18,9 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from omsd.daemon import retention
-from omsd.daemon.intake import feed_item
-from omsd.daemon.processor import Processor
+from omsd.daemon.intake.entries import feed_item
+from omsd.daemon.ops import retention
+from omsd.daemon.pipeline.processor import Processor
 from omsd.state.events import IntentRecorded
 from omsd.state.models import Policy
 from omsd.state.store import NewEntry, Store, database_bytes
@@ -115,7 +115,7 @@ if __name__ == "__main__":
     parser.add_argument("--orders", type=int, default=2000)
     parser.add_argument("--events-per-order", type=int, default=5)
     args = parser.parse_args()
-    from omsd.daemon import logs
+    from omsd.daemon.ops import logs
 
     logs.configure("warning", "json")
     asyncio.run(main(args.orders, args.events_per_order))

@@ -33,9 +33,9 @@ from pathlib import Path
 import aiohttp
 import latency_trace  # beside this script (run as a script, its folder is on the path)
 
-from omsd.daemon import logs
 from omsd.daemon.app import Daemon
-from omsd.daemon.settings import Settings
+from omsd.daemon.config.settings import Settings
+from omsd.daemon.ops import logs
 from omsd.sim.faults import Faults
 from omsd.sim.orders import SimOrder
 from omsd.sim.server import Simulator

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-from omsd.daemon.vtex import VtexClient
+from omsd.daemon.vtex.client import VtexClient
 from omsd.state.store import Store
 
 _order: contextvars.ContextVar[str | None] = contextvars.ContextVar("trace_order", default=None)

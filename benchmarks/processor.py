@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from replay import append_lives
 
-from omsd.daemon.processor import Processor
+from omsd.daemon.pipeline.processor import Processor
 from omsd.state.models import Policy
 from omsd.state.store import Store
 
@@ -70,7 +70,7 @@ if __name__ == "__main__":
     parser.add_argument("--profile", action="store_true", help="print the top of a cProfile of the drain")
     parser.add_argument("--log-level", default="info", help="the daemon's log level (lines go to /dev/null)")
     args = parser.parse_args()
-    from omsd.daemon import logs
+    from omsd.daemon.ops import logs
 
     logs.configure(args.log_level, "json", open(os.devnull, "w"))  # noqa: SIM115 - open for the whole run
     asyncio.run(main(args.events, args.batch_size, args.profile))

@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
-from omsd.daemon import logs
-from omsd.daemon.errors import RateLimited
-from omsd.daemon.metrics import Metrics
-from omsd.daemon.settings import Settings
-from omsd.daemon.vtex import VtexClient
+from omsd.daemon.config.settings import Settings
+from omsd.daemon.ops import logs
+from omsd.daemon.ops.metrics import Metrics
+from omsd.daemon.vtex.client import VtexClient
+from omsd.daemon.vtex.errors import RateLimited
 
 IN_FLIGHT_S = 0.05
 

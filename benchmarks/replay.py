@@ -26,7 +26,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from omsd.daemon import replay
+from omsd.daemon.tools import replay
 from omsd.state.codes import ResultCode
 from omsd.state.events import (
     AnyEntry,
@@ -165,7 +165,7 @@ if __name__ == "__main__":
     parser.add_argument("--db", type=Path, help="keep the generated journal here (reused when it exists)")
     parser.add_argument("--profile", action="store_true", help="print the top of a cProfile of the replay")
     args = parser.parse_args()
-    from omsd.daemon import logs
+    from omsd.daemon.ops import logs
 
     logs.configure("warning", "json")
     asyncio.run(main(args.events, args.db, args.profile))

@@ -1,3 +1,3 @@
-from omsd.daemon.cli import main
+from .cli import main
 
 raise SystemExit(main())

@@ -35,24 +35,25 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from omsd.daemon import lock
-from omsd.daemon.api import ApiContext, build_app
-from omsd.daemon.connections import ConnectionGuard, install_accept_error_handler
-from omsd.daemon.effects import EffectRunner
-from omsd.daemon.errors import AuthFailed, VtexError
-from omsd.daemon.feed import FeedPoller
-from omsd.daemon.health import Health
-from omsd.daemon.jobs import Jobs, add_retention
-from omsd.daemon.linking import ParkedIntents, resync_waiting
-from omsd.daemon.logs import get_logger, redact
-from omsd.daemon.metrics import Metrics
-from omsd.daemon.notify import Notifier, Progress, watchdog_loop
-from omsd.daemon.processor import Processor, Transition
-from omsd.daemon.settings import ConfigError, Settings
-from omsd.daemon.vtex import VtexClient
-from omsd.daemon.vtexconfig import SelfCheck, ensure_feed_config, ensure_hook_config
-from omsd.daemon.wakeup import Alarm, wait_any
 from omsd.state.store import Store, StoreUnwritable
+
+from .config.settings import ConfigError, Settings
+from .http.guard import ConnectionGuard, install_accept_error_handler
+from .http.routes import ApiContext, build_app
+from .intake.feed import FeedPoller
+from .ops import lock
+from .ops.health import Health
+from .ops.jobs import Jobs, add_retention
+from .ops.logs import get_logger, redact
+from .ops.metrics import Metrics
+from .ops.notify import Notifier, Progress, watchdog_loop
+from .ops.waiting import Alarm, wait_any
+from .pipeline.effects import EffectRunner
+from .pipeline.linking import ParkedIntents, resync_waiting
+from .pipeline.processor import Processor, Transition
+from .vtex.client import VtexClient
+from .vtex.configuration import SelfCheck, ensure_feed_config, ensure_hook_config
+from .vtex.errors import AuthFailed, VtexError
 
 log = get_logger("omsd.app")
 

@@ -11,11 +11,11 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from omsd.sim.faults import FaultInjector, Faults
-from omsd.sim.orders import Orders, SimOrder
-from omsd.sim.runtime import Runtime
-from omsd.sim.statuses import HELD, can_hold
-from omsd.sim.validation import validate_status_update
+from .faults import FaultInjector, Faults
+from .orders import Orders, SimOrder
+from .runtime import Runtime
+from .statuses import HELD, can_hold
+from .validation import validate_status_update
 
 NOTIFY_PATH = "/order-integration/notification/processing-result"  # §3.3
 NOTIFY_ATTEMPTS = 6  # §3.3: VTEX's retry policy for notifications is UNCONFIRMED

@@ -12,11 +12,11 @@ from typing import Any
 
 from aiohttp import web
 
-from omsd.sim.clock import vtex_time
-from omsd.sim.faults import Faults
-from omsd.sim.orders import Change
-from omsd.sim.runtime import Runtime
-from omsd.sim.validation import RETENTION_MIN_S, check_maxlot, validate_feed_config
+from .clock import vtex_time
+from .faults import Faults
+from .orders import Change
+from .runtime import Runtime
+from .validation import RETENTION_MIN_S, check_maxlot, validate_feed_config
 
 
 @dataclass

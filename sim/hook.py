@@ -10,12 +10,12 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from omsd.sim.clock import vtex_time
-from omsd.sim.faults import Faults
-from omsd.sim.feed import in_filter
-from omsd.sim.orders import Change
-from omsd.sim.runtime import Runtime
-from omsd.sim.validation import validate_hook_config
+from .clock import vtex_time
+from .faults import Faults
+from .feed import in_filter
+from .orders import Change
+from .runtime import Runtime
+from .validation import validate_hook_config
 
 PUSH_ATTEMPTS = 8  # §2.4 documents 100 attempts over 4 days; a test run needs far fewer
 PING = {"hookConfig": "ping"}  # §2.2

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from omsd.sim.clock import Clock, vtex_time
-from omsd.sim.runtime import Runtime
-from omsd.sim.statuses import (
+from .clock import Clock, vtex_time
+from .runtime import Runtime
+from .statuses import (
     APPROVABLE,
     CANCELING,
     FINAL,

@@ -15,15 +15,15 @@ from typing import Any
 
 from aiohttp import web
 
-from omsd.sim.channel import Channel
-from omsd.sim.clock import vtex_time
-from omsd.sim.faults import FaultInjector, Faults, Handler
-from omsd.sim.feed import Feed, FeedQueue
-from omsd.sim.hook import Hook
-from omsd.sim.orders import Orders, SimOrder
-from omsd.sim.runtime import Runtime
-from omsd.sim.statuses import can_cancel, is_completed
-from omsd.sim.validation import check_credentials, check_json_headers
+from .channel import Channel
+from .clock import vtex_time
+from .faults import FaultInjector, Faults, Handler
+from .feed import Feed, FeedQueue
+from .hook import Hook
+from .orders import Orders, SimOrder
+from .runtime import Runtime
+from .statuses import can_cancel, is_completed
+from .validation import check_credentials, check_json_headers
 
 DEFAULT_APP_KEY = "vtexappkey-simstore-SIM"
 DEFAULT_APP_TOKEN = "sim-app-token-please-rotate"  # noqa: S105 - the simulator's own fake credential

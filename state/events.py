@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from omsd.state.models import Order
+from .models import Order
 
 
 class _Event(BaseModel):

@@ -18,8 +18,8 @@ import hashlib
 from datetime import datetime, timedelta
 from typing import Any, Literal, assert_never
 
-from omsd.state.codes import ResultCode
-from omsd.state.events import (
+from .codes import ResultCode
+from .events import (
     SNAPSHOT_CAUSE,
     ApprovalAnswered,
     ApprovalFailed,
@@ -33,8 +33,8 @@ from omsd.state.events import (
     StatusChanged,
     TimerFired,
 )
-from omsd.state.models import Decision, Effect, FetchOrder, Inflight, Order, Policy, SendApproval, Timer, later
-from omsd.state.statuses import HELD, TERMINAL_PHASES, Phase, Status, is_approved, is_cancel, is_creating
+from .models import Decision, Effect, FetchOrder, Inflight, Order, Policy, SendApproval, Timer, later
+from .statuses import HELD, TERMINAL_PHASES, Phase, Status, is_approved, is_cancel, is_creating
 
 
 def parse_status(value: str | None) -> Status | None:

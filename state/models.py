@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter
 
-from omsd.state.statuses import Phase
+from .statuses import Phase
 
 
 class _Frozen(BaseModel):

@@ -16,9 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from omsd.state.codes import ResultCode
-from omsd.state.events import IntentReceived, IntentRecorded, NotificationReceived, ResultNotified
-from omsd.state.models import Order
+from .codes import ResultCode
+from .events import IntentReceived, IntentRecorded, NotificationReceived, ResultNotified
+from .models import Order
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,11 +8,11 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient, TestServer
 
-from omsd.daemon.api import ApiContext, build_app
-from omsd.daemon.health import Health
-from omsd.daemon.metrics import Metrics
-from omsd.daemon.processor import Processor
-from omsd.daemon.settings import Settings
+from omsd.daemon.config.settings import Settings
+from omsd.daemon.http.routes import ApiContext, build_app
+from omsd.daemon.ops.health import Health
+from omsd.daemon.ops.metrics import Metrics
+from omsd.daemon.pipeline.processor import Processor
 from omsd.state.models import Policy
 from omsd.state.store import Store
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from omsd.daemon import logs
 from omsd.daemon.app import Daemon
+from omsd.daemon.ops import logs
 from omsd.sim.faults import Faults
 from omsd.sim.server import Simulator
 from tests.helpers import fast_settings, free_port

@@ -12,10 +12,10 @@ from typing import Any
 import aiohttp
 
 from omsd.daemon.app import Daemon
-from omsd.daemon.cli import main
-from omsd.daemon.health import Health
-from omsd.daemon.metrics import Metrics
-from omsd.daemon.settings import Settings
+from omsd.daemon.cli.commands import main
+from omsd.daemon.config.settings import Settings
+from omsd.daemon.ops.health import Health
+from omsd.daemon.ops.metrics import Metrics
 from omsd.sim.server import Simulator
 from omsd.state.statuses import Phase
 

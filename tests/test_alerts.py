@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from omsd.daemon.metrics import Metrics
+from omsd.daemon.ops.metrics import Metrics
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 RULES = DEPLOY / "prometheus" / "omsd-rules.yml"

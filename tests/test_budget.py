@@ -10,9 +10,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from omsd.daemon.budget import Arbiter, Priority, PriorityGate
-from omsd.daemon.effects import FETCH_PRIORITY
-from omsd.daemon.vtex import VtexClient
+from omsd.daemon.pipeline.effects import FETCH_PRIORITY
+from omsd.daemon.vtex.budget import Arbiter, Priority, PriorityGate
+from omsd.daemon.vtex.client import VtexClient
 from tests.helpers import make_settings, until
 
 C, A, IN, B = Priority.COMMIT, Priority.APPROVAL, Priority.INTAKE, Priority.BACKGROUND

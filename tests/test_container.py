@@ -71,7 +71,7 @@ def test_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]) 
     """`omsd --version` prints `omsd <version>` from the installed package and exits 0."""
     from importlib.metadata import version
 
-    from omsd.daemon.cli import main
+    from omsd.daemon.cli.commands import main
 
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])
@@ -81,7 +81,7 @@ def test_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]) 
 
 async def test_demo_keeps_the_log_it_points_at() -> None:
     """The log path the demo prints still exists, with the daemon's JSON lines, after it ends."""
-    from omsd.daemon.demo import run_demo
+    from omsd.daemon.tools.demo import run_demo
 
     out = StringIO()
     assert await run_demo(4, console=Console(file=out, width=200)) == 0

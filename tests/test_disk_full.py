@@ -15,9 +15,9 @@ import aiohttp
 import pytest
 
 from omsd.daemon.app import Daemon
-from omsd.daemon.health import STORE_ALARM
-from omsd.daemon.jobs import Jobs, alarm_name
-from omsd.daemon.notify import Progress
+from omsd.daemon.ops.health import STORE_ALARM
+from omsd.daemon.ops.jobs import Jobs, alarm_name
+from omsd.daemon.ops.notify import Progress
 from omsd.sim.server import Simulator
 from omsd.state.statuses import Phase
 from omsd.state.store import NewEntry, Store, StoreUnwritable
@@ -190,7 +190,8 @@ def test_omsd_run_exits_75_when_the_database_refuses_writes(
     monkeypatch: pytest.MonkeyPatch, error: Exception, code: int
 ) -> None:
     """A fatal unwritable database ends `omsd run` with EX_TEMPFAIL (75), any other fatal error with 1."""
-    from omsd.daemon import app, cli
+    from omsd.daemon import app
+    from omsd.daemon.cli import commands as cli
 
     async def failing(settings: object) -> None:
         raise app.DaemonFailed(error)

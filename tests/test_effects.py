@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 
-from omsd.daemon.budget import Priority
-from omsd.daemon.effects import EffectRunner
-from omsd.daemon.errors import AuthFailed, NotFound, RateLimited, VtexRejected, VtexUnavailable
-from omsd.daemon.metrics import Metrics
-from omsd.daemon.processor import Processor
-from omsd.daemon.settings import Settings
-from omsd.daemon.vtex import ApprovalResponse, FeedConfig, HookConfig, OrderSnapshot, VtexApi
+from omsd.daemon.config.settings import Settings
+from omsd.daemon.ops.metrics import Metrics
+from omsd.daemon.pipeline.effects import EffectRunner
+from omsd.daemon.pipeline.processor import Processor
+from omsd.daemon.vtex.budget import Priority
+from omsd.daemon.vtex.client import ApprovalResponse, FeedConfig, HookConfig, OrderSnapshot, VtexApi
+from omsd.daemon.vtex.errors import AuthFailed, NotFound, RateLimited, VtexRejected, VtexUnavailable
 from omsd.state.events import (
     ApprovalAnswered,
     ApprovalFailed,

@@ -10,14 +10,14 @@ from typing import Any
 
 import pytest
 
-from omsd.daemon import feed
-from omsd.daemon.budget import Priority
-from omsd.daemon.errors import AuthFailed, NotFound, VtexUnavailable
-from omsd.daemon.feed import FeedPoller
-from omsd.daemon.settings import Settings
-from omsd.daemon.vtex import ApprovalResponse, FeedConfig, HookConfig, OrderSnapshot
-from omsd.daemon.vtexconfig import ensure_feed_config
-from omsd.daemon.wakeup import wait_any
+from omsd.daemon.config.settings import Settings
+from omsd.daemon.intake import feed
+from omsd.daemon.intake.feed import FeedPoller
+from omsd.daemon.ops.waiting import wait_any
+from omsd.daemon.vtex.budget import Priority
+from omsd.daemon.vtex.client import ApprovalResponse, FeedConfig, HookConfig, OrderSnapshot
+from omsd.daemon.vtex.configuration import ensure_feed_config
+from omsd.daemon.vtex.errors import AuthFailed, NotFound, VtexUnavailable
 from omsd.state.store import Store
 from tests.helpers import until
 
@@ -191,7 +191,7 @@ async def test_a_poisoned_feed_response_is_no_crash(body: bytes) -> None:
     a response without items (the poller asks again)."""
     import aiohttp
 
-    from omsd.daemon.vtex import VtexClient
+    from omsd.daemon.vtex.client import VtexClient
     from tests.http_mock import aioresponses
 
     settings = Settings(

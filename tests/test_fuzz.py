@@ -32,12 +32,12 @@ from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from omsd.daemon import intake
-from omsd.daemon.api import ApiContext, ApprovalRequest, build_app
-from omsd.daemon.feed import FeedPoller
-from omsd.daemon.health import Health
-from omsd.daemon.metrics import Metrics
-from omsd.daemon.processor import Processor
+from omsd.daemon.http.routes import ApiContext, ApprovalRequest, build_app
+from omsd.daemon.intake import entries as intake
+from omsd.daemon.intake.feed import FeedPoller
+from omsd.daemon.ops.health import Health
+from omsd.daemon.ops.metrics import Metrics
+from omsd.daemon.pipeline.processor import Processor
 from omsd.state.events import read_entry
 from omsd.state.models import Policy
 from omsd.state.store import Store

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import aiohttp
 
-from omsd.daemon import logs
+from omsd.daemon.ops import logs
 from omsd.state.store import Store
 from tests.api_helpers import start
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from omsd.daemon import lock
-from omsd.daemon.cli import main
-from omsd.daemon.processor import Processor
+from omsd.daemon.cli.commands import main
+from omsd.daemon.ops import lock
+from omsd.daemon.pipeline.processor import Processor
 from omsd.state.events import IntentReceived, IntentRecorded, OrderSnapshot, StatusChanged
 from omsd.state.models import Policy
 from omsd.state.store import NewEntry, Store
@@ -86,7 +86,7 @@ def test_orders_title_on_a_terminal(
     db: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """On a terminal the table's title counts every matching order."""
-    monkeypatch.setattr("omsd.daemon.cli.Console", lambda: Console(force_terminal=True, width=100))
+    monkeypatch.setattr("omsd.daemon.cli.commands.Console", lambda: Console(force_terminal=True, width=100))
     out, _ = _out(capsys, "orders", "--phase", "dead")
     assert "1 orders in dead" in out
 

@@ -9,7 +9,7 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
-from omsd.daemon.metrics import Metrics
+from omsd.daemon.ops.metrics import Metrics
 from omsd.sim.faults import Faults
 from omsd.sim.server import Simulator
 from omsd.state.statuses import Phase

@@ -15,12 +15,12 @@ from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import given
 from hypothesis import strategies as st
 
-from omsd.daemon import logs
-from omsd.daemon.api import ApiContext, build_app
-from omsd.daemon.check import run_checks
-from omsd.daemon.health import Health
-from omsd.daemon.metrics import Metrics
-from omsd.daemon.settings import Settings
+from omsd.daemon.config.settings import Settings
+from omsd.daemon.http.routes import ApiContext, build_app
+from omsd.daemon.ops import logs
+from omsd.daemon.ops.health import Health
+from omsd.daemon.ops.metrics import Metrics
+from omsd.daemon.tools.check import run_checks
 from omsd.sim.server import Simulator
 from omsd.state.events import NotificationReceived, ResultNotified, Resync, read_entry
 from omsd.state.machine import decide

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from omsd.daemon.notify import SENT_KEPT, Notifier, Progress, watchdog_loop
+from omsd.daemon.ops.notify import SENT_KEPT, Notifier, Progress, watchdog_loop
 from omsd.sim.server import Simulator
 from tests.helpers import FakeClock, run_cli
 

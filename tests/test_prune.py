@@ -13,11 +13,12 @@ from typing import Any
 
 import pytest
 
-from omsd.daemon import lock, replay, retention
-from omsd.daemon.cli import main
-from omsd.daemon.jobs import Jobs, add_retention
-from omsd.daemon.notify import Progress
-from omsd.daemon.processor import Processor
+from omsd.daemon.cli.commands import main
+from omsd.daemon.ops import lock, retention
+from omsd.daemon.ops.jobs import Jobs, add_retention
+from omsd.daemon.ops.notify import Progress
+from omsd.daemon.pipeline.processor import Processor
+from omsd.daemon.tools import replay
 from omsd.sim.server import Simulator
 from omsd.state.events import (
     SNAPSHOT_CAUSE,
@@ -30,9 +31,9 @@ from omsd.state.events import (
 )
 from omsd.state.machine import decide
 from omsd.state.models import Policy
-from omsd.state.schema import MIGRATIONS
 from omsd.state.statuses import Phase
 from omsd.state.store import NewEntry, Store, database_bytes
+from omsd.state.store.schema import MIGRATIONS
 from tests.helpers import approve, quiet_health, reached, until
 from tests.machine_helpers import HELD, order
 
@@ -215,7 +216,7 @@ async def test_free_pages_go_back_to_the_disk(tmp_path: Path) -> None:
 def old_db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     db = tmp_path / "o.db"
     monkeypatch.setenv("OMSD_DB", str(db))
-    monkeypatch.setattr("omsd.daemon.cli._now", lambda: NOW)
+    monkeypatch.setattr("omsd.daemon.cli.commands._now", lambda: NOW)
 
     async def build() -> None:
         async with await Store.open(db) as store:

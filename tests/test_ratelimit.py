@@ -12,7 +12,7 @@ from asyncio_throttle.throttler import Throttler
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from omsd.daemon.ratelimit import MARGIN, SPREAD, AdaptiveRate, spread
+from omsd.daemon.vtex.rate import MARGIN, SPREAD, AdaptiveRate, spread
 
 
 def test_starts_at_the_configured_rate() -> None:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from omsd.daemon.cli import Meter, main
-from omsd.daemon.processor import Processor
+from omsd.daemon.cli.commands import Meter, main
+from omsd.daemon.pipeline.processor import Processor
 from omsd.state.events import ApprovalAnswered, IntentReceived, IntentRecorded, Resync, StatusChanged
 from omsd.state.models import Policy
 from omsd.state.statuses import Phase

@@ -14,11 +14,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from omsd.daemon.check import run_checks
-from omsd.daemon.cli import main
-from omsd.daemon.instance import instance_environment, parse_environment_file
-from omsd.daemon.settings import ConfigError, Settings, load_settings, warn_unknown_variables
-from omsd.daemon.vtex import VtexClient
+from omsd.daemon.cli.commands import main
+from omsd.daemon.config.instance import instance_environment, parse_environment_file
+from omsd.daemon.config.settings import ConfigError, Settings, load_settings, warn_unknown_variables
+from omsd.daemon.tools.check import run_checks
+from omsd.daemon.vtex.client import VtexClient
 from omsd.sim.server import Simulator
 from tests.helpers import RunDaemon, free_port, run_cli
 

@@ -10,7 +10,7 @@ import aiohttp
 from structlog.testing import capture_logs
 
 from omsd.daemon.app import Daemon
-from omsd.daemon.connections import install_accept_error_handler
+from omsd.daemon.http.guard import install_accept_error_handler
 from omsd.sim.server import Simulator
 from tests.helpers import API_TOKEN, RunDaemon, until
 

@@ -14,10 +14,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from omsd.daemon.cli import main
-from omsd.daemon.linking import ParkedIntents
-from omsd.daemon.metrics import Metrics
-from omsd.daemon.processor import Processor
+from omsd.daemon.cli.commands import main
+from omsd.daemon.ops.metrics import Metrics
+from omsd.daemon.pipeline.linking import ParkedIntents
+from omsd.daemon.pipeline.processor import Processor
 from omsd.state.events import (
     UPCASTERS,
     VERSIONS,
@@ -31,9 +31,9 @@ from omsd.state.events import (
     read_entry,
 )
 from omsd.state.models import Policy
-from omsd.state.schema import MIGRATIONS, SCHEMA_VERSION
 from omsd.state.statuses import Phase
 from omsd.state.store import NewEntry, SchemaTooNew, Store, StoreError
+from omsd.state.store.schema import MIGRATIONS, SCHEMA_VERSION
 from tests.machine_helpers import FREE, HELD, MKT, OID, at
 from tests.store_helpers import NOW, answer_fetch, entry, status_entry
 
@@ -404,7 +404,7 @@ async def test_an_event_the_machine_cannot_apply_is_skipped_and_recorded(
             raise RuntimeError("boom")
         return real(order, event, now, policy)  # type: ignore[arg-type]
 
-    monkeypatch.setattr("omsd.daemon.processor.decide", flaky)
+    monkeypatch.setattr("omsd.daemon.pipeline.processor.decide", flaky)
     async with await Store.open(tmp_path / "db") as store:
         await store.append([status_entry(HELD, 1), status_entry("handling", 2), status_entry("canceled", 3)], now=NOW)
         processor = Processor(store, Policy())

@@ -14,10 +14,10 @@ import pytest
 from structlog.testing import capture_logs
 
 from omsd.daemon.app import Daemon, DaemonFailed
-from omsd.daemon.errors import AuthFailed
-from omsd.daemon.health import Health
-from omsd.daemon.jobs import Jobs
-from omsd.daemon.notify import Progress
+from omsd.daemon.ops.health import Health
+from omsd.daemon.ops.jobs import Jobs
+from omsd.daemon.ops.notify import Progress
+from omsd.daemon.vtex.errors import AuthFailed
 from omsd.sim.server import Simulator
 from tests.helpers import FakeClock, approve, fast_settings, free_port, omsd_env, quiet_health, until
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from omsd.daemon.settings import Settings
+from omsd.daemon.config.settings import Settings
 from omsd.sim.server import Simulator
 from tests.helpers import API_TOKEN, free_port, omsd_env
 

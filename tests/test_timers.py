@@ -6,7 +6,7 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from omsd.daemon.wakeup import Alarm
+from omsd.daemon.ops.waiting import Alarm
 from omsd.sim.server import Simulator
 from omsd.state.statuses import Phase
 from tests.helpers import approve, reached, until

@@ -16,11 +16,11 @@ import pytest
 from aiohttp import web
 from asyncio_throttle import throttler as throttler_module
 
-from omsd.daemon.budget import Priority
-from omsd.daemon.errors import AuthFailed, BadResponse, NotFound, RateLimited, VtexUnavailable
-from omsd.daemon.metrics import Metrics
-from omsd.daemon.ratelimit import MARGIN, spread
-from omsd.daemon.vtex import FeedConfig, VtexClient, feed_config_body, parse_retry_after
+from omsd.daemon.ops.metrics import Metrics
+from omsd.daemon.vtex.budget import Priority
+from omsd.daemon.vtex.client import FeedConfig, VtexClient, feed_config_body, parse_retry_after
+from omsd.daemon.vtex.errors import AuthFailed, BadResponse, NotFound, RateLimited, VtexUnavailable
+from omsd.daemon.vtex.rate import MARGIN, spread
 from tests.helpers import VTEX_TOKEN, make_settings, until
 from tests.http_mock import aioresponses
 

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import aiohttp
 
-from omsd.daemon.errors import AuthFailed, VtexError
-from omsd.daemon.settings import Settings
-from omsd.daemon.vtex import VtexClient
-from omsd.daemon.vtexconfig import hook_plan, missing_statuses
-from omsd.state.schema import SCHEMA_VERSION
 from omsd.state.store import Store, StoreError
+from omsd.state.store.schema import SCHEMA_VERSION
+
+from ..config.settings import Settings
+from ..vtex.client import VtexClient
+from ..vtex.configuration import hook_plan, missing_statuses
+from ..vtex.errors import AuthFailed, VtexError
 
 
 @dataclass(frozen=True)

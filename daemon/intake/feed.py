@@ -31,16 +31,17 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from omsd.daemon import intake
-from omsd.daemon.errors import AuthFailed, NotFound, VtexError
-from omsd.daemon.health import Health
-from omsd.daemon.logs import get_logger
-from omsd.daemon.metrics import Metrics
-from omsd.daemon.settings import Settings
-from omsd.daemon.vtex import VtexApi
-from omsd.daemon.vtexconfig import ensure_feed_config
-from omsd.daemon.wakeup import wait_any
 from omsd.state.store import Store, StoreUnwritable
+
+from ..config.settings import Settings
+from ..ops.health import Health
+from ..ops.logs import get_logger
+from ..ops.metrics import Metrics
+from ..ops.waiting import wait_any
+from ..vtex.client import VtexApi
+from ..vtex.configuration import ensure_feed_config
+from ..vtex.errors import AuthFailed, NotFound, VtexError
+from . import entries as intake
 
 log = get_logger("omsd.feed")
 

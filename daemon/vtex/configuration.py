@@ -7,12 +7,12 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from omsd.daemon.errors import AuthFailed, VtexError
-from omsd.daemon.health import Health
-from omsd.daemon.logs import get_logger
-from omsd.daemon.metrics import Metrics
-from omsd.daemon.settings import Settings
-from omsd.daemon.vtex import FeedConfig, HookConfig, VtexApi, feed_config_body, hook_config_body
+from ..config.settings import Settings
+from ..ops.health import Health
+from ..ops.logs import get_logger
+from ..ops.metrics import Metrics
+from .client import FeedConfig, HookConfig, VtexApi, feed_config_body, hook_config_body
+from .errors import AuthFailed, VtexError
 
 log = get_logger("omsd.vtexconfig")
 

@@ -10,10 +10,10 @@ pauses every call (docs/vtex-decisions.md). The pause is checked after a send
 slot is granted, so no call queued for a slot slips out inside it.
 Calls leave evenly through asyncio-throttle's sliding window: no one-second window
 holds more than the rate, and at most a tenth of it leaves at once; 429s that show
-a limit lower the rate, which recovers slowly once they stop (daemon/ratelimit.py).
+a limit lower the rate, which recovers slowly once they stop (daemon/vtex/rate.py).
 Every call names a priority class; under a saturated budget the gate in front of
 the throttle serves commits, then approvals, then feed reads, then the rest, with
-a minimum share for the last two (daemon/budget.py).
+a minimum share for the last two (daemon/vtex/budget.py).
 Network errors, timeouts and 5xx are retried with capped backoff for idempotent
 calls only; the approval PUT is never blindly repeated (the machine re-checks
 the order with Get order instead).
@@ -34,13 +34,13 @@ import aiohttp
 from asyncio_throttle.throttler import Throttler
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from omsd.daemon.budget import Priority, PriorityGate
-from omsd.daemon.errors import AuthFailed, BadResponse, NotFound, RateLimited, VtexRejected, VtexUnavailable
-from omsd.daemon.intake import parse_time
-from omsd.daemon.logs import get_logger
-from omsd.daemon.metrics import Metrics
-from omsd.daemon.ratelimit import AdaptiveRate, spread
-from omsd.daemon.settings import Settings
+from ..config.settings import Settings
+from ..intake.entries import parse_time
+from ..ops.logs import get_logger
+from ..ops.metrics import Metrics
+from .budget import Priority, PriorityGate
+from .errors import AuthFailed, BadResponse, NotFound, RateLimited, VtexRejected, VtexUnavailable
+from .rate import AdaptiveRate, spread
 
 log = get_logger("omsd.vtex")
 FIRST_RETRY_S = 0.1  # an idempotent call answered 5xx (or lost) is tried again this soon, once
@@ -350,7 +350,7 @@ class VtexClient:
                     return
 
     def _spread(self, slots: int) -> None:
-        """Spend `slots` calls a second evenly (daemon/ratelimit.py `spread`)."""
+        """Spend `slots` calls a second evenly (daemon/vtex/rate.py `spread`)."""
         calls, period = spread(slots)
         self._throttler.rate_limit, self._throttler.period = calls, period
         # asyncio-throttle polls while its window is full: often enough to waste little of it

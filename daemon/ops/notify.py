@@ -15,8 +15,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from omsd.daemon.logs import get_logger
-from omsd.daemon.settings import systemd_environment
+from ..config.settings import systemd_environment
+from .logs import get_logger
 
 log = get_logger("omsd.notify")
 

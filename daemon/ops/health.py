@@ -7,9 +7,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from omsd.daemon.logs import get_logger
-from omsd.daemon.metrics import Metrics
-from omsd.daemon.settings import Settings
+from ..config.settings import Settings
+from .logs import get_logger
+from .metrics import Metrics
 
 log = get_logger("omsd.health")
 

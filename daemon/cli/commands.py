@@ -25,12 +25,13 @@ from typing import Any, TextIO
 from rich.console import Console
 from rich.table import Table
 
-from omsd.daemon import ingest, intake, logs, replay, retention
-from omsd.daemon import lock as _lock
-from omsd.daemon.errors import VtexError
-from omsd.daemon.ingest import KINDS
-from omsd.daemon.instance import instance_environment
-from omsd.daemon.settings import (
+from omsd.state.events import Resync
+from omsd.state.models import Order
+from omsd.state.statuses import Phase
+from omsd.state.store import HistoryRow, JournalRow, NewEntry, Store, StoreError, StoreUnwritable
+
+from ..config.instance import instance_environment
+from ..config.settings import (
     ConfigError,
     Settings,
     load_db_path,
@@ -39,11 +40,13 @@ from omsd.daemon.settings import (
     load_settings,
     warn_unknown_variables,
 )
-from omsd.daemon.wakeup import wait_any
-from omsd.state.events import Resync
-from omsd.state.models import Order
-from omsd.state.statuses import Phase
-from omsd.state.store import HistoryRow, JournalRow, NewEntry, Store, StoreError, StoreUnwritable
+from ..intake import entries as intake
+from ..ops import lock as _lock
+from ..ops import logs, retention
+from ..ops.waiting import wait_any
+from ..tools import ingest, replay
+from ..tools.ingest import KINDS
+from ..vtex.errors import VtexError
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG, EXIT_BUSY = 0, 1, 2, 3
 EXIT_TEMPFAIL = 75  # sysexits EX_TEMPFAIL: the database refused writes at start-up (disk full, read-only)
@@ -417,7 +420,7 @@ def _add_backup_command(sub: Subparsers[argparse.ArgumentParser]) -> None:
 
 
 def _backup_command(args: argparse.Namespace) -> int:
-    from omsd.daemon.backup import BackupExists, backup
+    from ..tools.backup import BackupExists, backup
 
     db = load_db_path()
     if not db.exists():
@@ -470,7 +473,7 @@ def _reader_gone() -> int:
 def _run(args: argparse.Namespace) -> int:
     settings = load_settings()
     logs.configure(settings.log_level, settings.log_format)
-    from omsd.daemon.app import DaemonFailed, run_until_signalled
+    from ..app import DaemonFailed, run_until_signalled
 
     try:
         asyncio.run(run_until_signalled(settings))
@@ -499,7 +502,7 @@ def _check_command(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from omsd.daemon.demo import run_demo
+    from ..tools.demo import run_demo
 
     if args.orders < 4:
         print("omsd: --orders must be at least 4", file=sys.stderr)
@@ -554,8 +557,8 @@ def _offline(command: StoreCommand, *, create: bool = False, owns: bool = False)
 async def _vtex_config(settings: Settings, kind: str, action: str, yes: bool) -> int:
     import aiohttp
 
-    from omsd.daemon.vtex import VtexClient, feed_config_body, hook_config_body
-    from omsd.daemon.vtexconfig import feed_plan, hook_plan
+    from ..vtex.client import VtexClient, feed_config_body, hook_config_body
+    from ..vtex.configuration import feed_plan, hook_plan
 
     if kind == "hook" and settings.hook_secret is None:
         if action == "apply":
@@ -630,7 +633,7 @@ def _masked(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _check(settings: Settings) -> int:
-    from omsd.daemon.check import run_checks
+    from ..tools.check import run_checks
 
     results = await run_checks(settings)
     table = Table(title="omsd check")
@@ -786,7 +789,7 @@ async def _ingest(store: Store, args: argparse.Namespace) -> int:
 async def _decisions(store: Store) -> list[str]:
     """Apply what the journal holds beyond the processor's offset, as the daemon would at
     start (the effects wait in the outbox for it), and say what the machine decided."""
-    from omsd.daemon.processor import Processor, Transition
+    from ..pipeline.processor import Processor, Transition
 
     before = await store.outbox_states()
     seen: list[Transition] = []

@@ -26,12 +26,13 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from omsd.daemon import logs
-from omsd.daemon.app import Daemon
-from omsd.daemon.settings import Settings
 from omsd.sim.faults import Faults
 from omsd.sim.server import Simulator
 from omsd.state.statuses import Phase
+
+from ..app import Daemon
+from ..config.settings import Settings
+from ..ops import logs
 
 
 @dataclass(frozen=True)

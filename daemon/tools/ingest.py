@@ -16,9 +16,10 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from omsd.daemon import intake
 from omsd.state.events import UnreadableEntry, read_entry
 from omsd.state.store import NewEntry, from_iso
+
+from ..intake import entries as intake
 
 Kind = Literal["feed", "hook", "notification", "journal"]
 KINDS: tuple[Kind, ...] = ("feed", "hook", "notification", "journal")

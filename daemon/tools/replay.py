@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from omsd.daemon.processor import Processor, Rebuilt
 from omsd.state.events import Resync
 from omsd.state.models import Effect, FetchOrder, Order, Policy
 from omsd.state.statuses import TERMINAL_PHASES
 from omsd.state.store import NewEntry, Store
+
+from ..pipeline.processor import Processor, Rebuilt
 
 COMPARED = ("phase", "status", "intent_source", "timer")
 

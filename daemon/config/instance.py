@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-from omsd.daemon.settings import OTHER_VARIABLES, ConfigError
+from .settings import OTHER_VARIABLES, ConfigError
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 # LoadCredential=omsd_<name>:/etc/omsd/credentials/%i/<name>, as in the unit.

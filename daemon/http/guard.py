@@ -27,8 +27,8 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from omsd.daemon.errors import OmsdError
-from omsd.daemon.logs import get_logger
+from ..ops.logs import get_logger
+from ..vtex.errors import OmsdError
 
 log = get_logger("omsd.connections")
 

@@ -24,12 +24,13 @@ from apscheduler.events import (
 )
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from omsd.daemon import retention
-from omsd.daemon.health import Health
-from omsd.daemon.logs import get_logger
-from omsd.daemon.metrics import Metrics
-from omsd.daemon.notify import Progress
 from omsd.state.store import Store, StoreUnwritable
+
+from . import retention
+from .health import Health
+from .logs import get_logger
+from .metrics import Metrics
+from .notify import Progress
 
 log = get_logger("omsd.jobs")
 

@@ -19,10 +19,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
-from omsd.daemon.logs import get_logger
-from omsd.daemon.metrics import Metrics
 from omsd.state.events import IntentExpired, Resync
 from omsd.state.store import NewEntry, Store
+
+from ..ops.logs import get_logger
+from ..ops.metrics import Metrics
 
 log = get_logger("omsd.jobs")
 

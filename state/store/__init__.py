@@ -23,10 +23,10 @@ from typing import Any, Self
 
 import aiosqlite
 
-from omsd.state.events import SNAPSHOT_CAUSE, AnyEntry, OrderSnapshot, TimerFired, current_version
-from omsd.state.models import EFFECT_ADAPTER, Effect, Order, is_superseded
-from omsd.state.schema import MIGRATIONS, ROUTED_KINDS, SCHEMA_VERSION, VACUUM_AT
-from omsd.state.statuses import APPROVED_STATUSES, CANCEL_STATUSES, HELD, Phase, Status
+from ..events import SNAPSHOT_CAUSE, AnyEntry, OrderSnapshot, TimerFired, current_version
+from ..models import EFFECT_ADAPTER, Effect, Order, is_superseded
+from ..statuses import APPROVED_STATUSES, CANCEL_STATUSES, HELD, Phase, Status
+from .schema import MIGRATIONS, ROUTED_KINDS, SCHEMA_VERSION, VACUUM_AT
 
 
 class StoreError(Exception):

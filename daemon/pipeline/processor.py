@@ -18,9 +18,6 @@ from datetime import UTC, datetime
 
 from pydantic import BaseModel
 
-from omsd.daemon.logs import get_logger
-from omsd.daemon.metrics import Metrics
-from omsd.daemon.wakeup import wait_any
 from omsd.state import routing
 from omsd.state.events import (
     Entry,
@@ -35,6 +32,10 @@ from omsd.state.machine import decide
 from omsd.state.models import Order, Policy
 from omsd.state.statuses import Phase
 from omsd.state.store import Batch, HistoryRow, JournalRow, Store, UnreadableRow
+
+from ..ops.logs import get_logger
+from ..ops.metrics import Metrics
+from ..ops.waiting import wait_any
 
 log = get_logger("omsd.processor")
 

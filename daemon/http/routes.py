@@ -25,14 +25,15 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from omsd.daemon import intake
-from omsd.daemon.health import Health
-from omsd.daemon.logs import get_logger, redact
-from omsd.daemon.metrics import CONTENT_TYPE_LATEST, Metrics
-from omsd.daemon.settings import NOTIFY_PREFIX, Settings
 from omsd.state.codes import APPROVAL_SUCCESS
 from omsd.state.models import Order
 from omsd.state.store import Store
+
+from ..config.settings import NOTIFY_PREFIX, Settings
+from ..intake import entries as intake
+from ..ops.health import Health
+from ..ops.logs import get_logger, redact
+from ..ops.metrics import CONTENT_TYPE_LATEST, Metrics
 
 log = get_logger("omsd.api")
 

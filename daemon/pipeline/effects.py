@@ -13,16 +13,17 @@ import asyncio
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from omsd.daemon.budget import Priority
-from omsd.daemon.errors import AuthFailed, NotFound, RateLimited, VtexError
-from omsd.daemon.logs import get_logger
-from omsd.daemon.metrics import Metrics
-from omsd.daemon.vtex import VtexApi
-from omsd.daemon.wakeup import wait_any
 from omsd.state.codes import APPROVAL_SUCCESS
 from omsd.state.events import ApprovalAnswered, ApprovalFailed, Event, OrderFetched, OrderFetchFailed
 from omsd.state.models import FetchOrder, SendApproval
 from omsd.state.store import NewEntry, OutboxRow, Store
+
+from ..ops.logs import get_logger
+from ..ops.metrics import Metrics
+from ..ops.waiting import wait_any
+from ..vtex.budget import Priority
+from ..vtex.client import VtexApi
+from ..vtex.errors import AuthFailed, NotFound, RateLimited, VtexError
 
 log = get_logger("omsd.effects")
 

@@ -20,9 +20,10 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from omsd.daemon.logs import get_logger
 from omsd.state.statuses import Phase
 from omsd.state.store import Pruned, Store
+
+from .logs import get_logger
 
 log = get_logger("omsd.retention")
 
