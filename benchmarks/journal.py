@@ -57,8 +57,10 @@ async def main(orders: int, per_order: int) -> None:
             start = time.perf_counter()
             for i in range(0, len(items), 10):
                 batch = [feed_item(item, now) for item in items[i : i + 10]]
-                await store.append([b.entry for b in batch], acks=[b.handle for b in batch if b.handle], now=now)
-                await store.acks_done([b.handle for b in batch if b.handle])
+                await store.journal.append(
+                    [b.entry for b in batch], acks=[b.handle for b in batch if b.handle], now=now
+                )
+                await store.journal.acks_done([b.handle for b in batch if b.handle])
             elapsed = time.perf_counter() - start
             print(
                 f"feed intake: {len(items)} items in batches of 10, journal+handles fsynced, then acked: "
@@ -67,7 +69,7 @@ async def main(orders: int, per_order: int) -> None:
             intents = [
                 IntentRecorded(order_id=f"MKP-{o}-01", marketplace_order_id=str(o), source="api") for o in range(orders)
             ]
-            await store.append(
+            await store.journal.append(
                 [
                     NewEntry(
                         kind=e.kind, source="bench", order_id=e.order_id, payload=e.model_dump_json(), received_at=now
@@ -92,7 +94,7 @@ async def main(orders: int, per_order: int) -> None:
 
 async def measure_prune(store: Store, events: int, now: datetime) -> None:
     """Bytes per journal event before and after pruning every (approved, quiet) order."""
-    await store.reclaim()  # the write-ahead log checkpointed: the file alone holds the data
+    await store.retention.reclaim()  # the write-ahead log checkpointed: the file alone holds the data
     before = database_bytes(store.path)
     start = time.perf_counter()
     report = await retention.prune(store, 30, now + timedelta(days=31))

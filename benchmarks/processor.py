@@ -37,7 +37,7 @@ async def main(events: int, batch_size: int | None, profile: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         async with await Store.open(Path(tmp) / "bench.db") as store:
             expected = await append_lives(store, events)
-            total = await store.last_offset()
+            total = await store.journal.last_offset()
             processor = Processor(store, Policy(), **({"batch_size": batch_size} if batch_size else {}))
             profiler = cProfile.Profile() if profile else None
             start, cpu = time.perf_counter(), time.process_time()
@@ -49,7 +49,7 @@ async def main(events: int, batch_size: int | None, profile: bool) -> None:
             elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
             if profiler:
                 pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
-            same = await store.orders_by_id() == expected
+            same = await store.read.orders_by_id() == expected
             print(
                 f"processor: {applied:,} of {total:,} journal events, {len(expected):,} orders, in {elapsed:.2f} s: "
                 f"{applied / elapsed:,.0f} events/s; CPU {cpu:.2f} s = {cpu * 1e6 / applied:,.0f} us per event"

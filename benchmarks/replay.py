@@ -91,8 +91,8 @@ async def generate(store: Store, events: int) -> None:
     """Append ~`events` journal entries (see `append_lives`) and store the state the
     machine reached as the derived state."""
     orders = await append_lives(store, events)
-    total = await store.last_offset()
-    await store.replace_derived(Batch(offset=total, orders=orders), only=None, cursor=total, reissue=(), now=T0)
+    total = await store.journal.last_offset()
+    await store.derived.replace(Batch(offset=total, orders=orders), only=None, cursor=total, reissue=(), now=T0)
 
 
 async def append_lives(store: Store, events: int) -> dict[str, Order]:
@@ -106,7 +106,7 @@ async def append_lives(store: Store, events: int) -> dict[str, Order]:
     while total < events:
         group = range(n, n + 1000)
         rows = [_renamed(entry, i) for entry, _ in template for i in group]
-        await store.append(rows, now=T0)
+        await store.journal.append(rows, now=T0)
         orders.update((f"MKP-{i}-01", Order.model_validate_json(_rename(final.model_dump_json(), i))) for i in group)
         n += 1000
         total += len(rows)
@@ -126,12 +126,12 @@ async def main(events: int, db: Path | None, profile: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = db or Path(tmp) / "replay.db"
         async with await Store.open(path) as store:
-            if await store.last_offset() == 0:
+            if await store.journal.last_offset() == 0:
                 start = time.perf_counter()
                 await generate(store, events)
-                print(f"generated {await store.last_offset():,} events in {time.perf_counter() - start:.1f} s")
-            stored = await store.orders_by_id()
-            total = await store.last_offset()
+                print(f"generated {await store.journal.last_offset():,} events in {time.perf_counter() - start:.1f} s")
+            stored = await store.read.orders_by_id()
+            total = await store.journal.last_offset()
             profiler = cProfile.Profile() if profile else None
             start, cpu = time.perf_counter(), time.process_time()
             if profiler:
@@ -143,7 +143,7 @@ async def main(events: int, db: Path | None, profile: bool) -> None:
             if profiler:
                 profiler.disable()
                 pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
-            same = await store.orders_by_id() == stored
+            same = await store.read.orders_by_id() == stored
             summary = result.summary()
             print(
                 f"replay: {total:,} events, {len(stored):,} orders: rebuilt in memory in {rebuilt_s:.1f} s, "

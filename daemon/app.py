@@ -35,6 +35,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from omsd.state.batch import Transition
 from omsd.state.store import Store, StoreUnwritable
 
 from .config.settings import ConfigError, Settings
@@ -50,7 +51,7 @@ from .ops.notify import Notifier, Progress, watchdog_loop
 from .ops.waiting import Alarm, wait_any
 from .pipeline.effects import EffectRunner
 from .pipeline.linking import ParkedIntents, resync_waiting
-from .pipeline.processor import Processor, Transition
+from .pipeline.processor import Processor
 from .vtex.client import VtexClient
 from .vtex.configuration import SelfCheck, ensure_feed_config, ensure_hook_config
 from .vtex.errors import AuthFailed, VtexError
@@ -117,9 +118,9 @@ class Daemon:
             store = await Store.open(s.db)
             stack.push_async_callback(store.close)
             self.store = store
-            store.on_unwritable = self.health.store_unwritable
-            store.on_writable = self.health.store_writable
-            await store.probe_write()
+            store.db.on_unwritable = self.health.store_unwritable
+            store.db.on_writable = self.health.store_writable
+            await store.db.probe_write()
             session = aiohttp.ClientSession()
             stack.push_async_callback(session.close)
             client = VtexClient(s, session, metrics=self.metrics)
@@ -238,7 +239,7 @@ class Daemon:
         assert self_check is not None
 
         async def report_status() -> None:
-            counts = await store.phase_counts()
+            counts = await store.read.phase_counts()
             open_ = sum(n for phase, n in counts.items() if phase not in ("tracking", "approved", "rejected", "dead"))
             alarms = ", ".join(sorted(self.health.alarms)) or "none"
             self.notifier.status(
@@ -251,7 +252,7 @@ class Daemon:
         if s.source == "hook":  # no feed as a safety net: notice a deleted hook sooner while intents wait
             jobs.add(
                 "waiting_self_check",
-                functools.partial(self_check.run_if_waiting, store.intents_waiting),
+                functools.partial(self_check.run_if_waiting, store.read.intents_waiting),
                 s.waiting_self_check_s,
             )
         parked = ParkedIntents(
@@ -269,9 +270,9 @@ class Daemon:
         store, processor = self.store, self.processor
         assert store is not None
         assert processor is not None
-        if await store.fire_due_timers(datetime.now(UTC)):
+        if await store.outbox.fire_due_timers(datetime.now(UTC)):
             processor.wake.set()
-        if (due := await store.next_timer_due()) is not None:
+        if (due := await store.outbox.next_timer_due()) is not None:
             self.alarm.set_at(due)
 
     async def _alarm_fired(self) -> None:
@@ -366,7 +367,7 @@ class Daemon:
         while not stop.is_set():
             await wait_any(stop, within_s=self.settings.store_probe_s)
             if not self.health.store_ok.is_set():
-                await store.probe_write()
+                await store.db.probe_write()
             self.store_probes += 1
 
 

@@ -112,3 +112,11 @@ def release(order_id: str, marketplace_order_id: str, parked_source: str) -> Int
     """The parked intent, applied to the order now linked to its marketplace id."""
     source = _RELEASED_AS.get(parked_source, "link")
     return IntentRecorded(order_id=order_id, marketplace_order_id=marketplace_order_id, source=source)
+
+
+def derived_marketplace_id(order_id: str) -> str | None:
+    """`MKP-123-01` -> `123`: the marketplace id VTEX's ids usually derive from (doc §3.6).
+    A guess only: Get order tells the real one."""
+    head, sep, rest = order_id.partition("-")
+    middle, sep2, _ = rest.rpartition("-")
+    return middle if sep and sep2 and head and middle else None

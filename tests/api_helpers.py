@@ -93,7 +93,7 @@ class StubProcessor:
         if self.fail:
             raise RuntimeError("processor broke")
         if self.apply:
-            await Processor(self.store, Policy(), emit_effects=False).drain()
+            await Processor(self.store, Policy()).drain()
         return self.apply
 
 
@@ -105,7 +105,7 @@ class Api:
     wakes: list[None]
 
     async def rejected(self) -> list[Any]:
-        return await self.ctx.store.journal_tail(100, kind="rejected")
+        return await self.ctx.store.journal.tail(100, kind="rejected")
 
 
 async def start(store: Store, s: Settings | None = None) -> Api:

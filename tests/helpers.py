@@ -89,7 +89,7 @@ async def approve(daemon: Daemon, mkt: str, order_id: str | None = None, token: 
 
 async def phase_of(daemon: Daemon, order_id: str) -> str | None:
     assert daemon.store is not None
-    order = await daemon.store.load_order(order_id)
+    order = await daemon.store.read.load_order(order_id)
     return order.phase.value if order else None
 
 

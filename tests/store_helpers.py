@@ -20,10 +20,10 @@ def entry(event: AnyEntry, dedup_key: str | None = None, event_id: str | None = 
 
 async def answer_fetch(store: Store, state: str, t: float) -> None:
     """Play the effect runner for the one pending Get order: journal its answer."""
-    [fetch] = await store.claim_effects(10, now=NOW)
+    [fetch] = await store.outbox.claim(10, now=NOW)
     assert fetch.effect.kind == "fetch_order"
     result = fetched(state, seq=fetch.seq, t=t)
-    await store.finish_effect(
+    await store.outbox.finish(
         fetch.id,
         NewEntry(kind=result.kind, source="effect", order_id=OID, payload=result.model_dump_json(), received_at=NOW),
         now=NOW,

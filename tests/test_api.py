@@ -64,7 +64,7 @@ async def test_approvals_need_the_bearer_token(api: Api, headers: dict[str, str]
     """Without the right bearer token: 401, and the body is neither read nor kept."""
     status, body = await call(api, "POST", "/v1/approvals", {"marketplaceOrderId": "M-1"}, headers=headers)
     assert (status, body) == (401, {"error": "missing or wrong bearer token"})
-    assert await api.ctx.store.last_offset() == 0
+    assert await api.ctx.store.journal.last_offset() == 0
 
 
 async def test_approvals_are_refused_without_a_configured_token(store: Store) -> None:
@@ -101,7 +101,7 @@ async def test_approvals_bad_fields_are_400_and_kept(api: Api, payload: Any, rea
     assert (status, body) == (400, {"error": reason})
     [kept] = await api.rejected()
     assert kept.reason == reason
-    assert await api.ctx.store.last_offset() == 1 and api.wakes == []
+    assert await api.ctx.store.journal.last_offset() == 1 and api.wakes == []
 
 
 async def test_an_accepted_intent_without_order_id_waits_for_its_link(api: Api) -> None:
@@ -172,7 +172,7 @@ async def test_reads_are_open_without_a_configured_token(store: Store) -> None:
 async def test_hook_ping_needs_no_secret_and_journals_nothing(api: Api) -> None:
     """VTEX's ping is answered with pong before any authentication."""
     assert await call(api, "POST", "/vtex/hook", {"hookConfig": "ping"}) == (200, {"hookConfig": "pong"})
-    assert await api.ctx.store.last_offset() == 0
+    assert await api.ctx.store.journal.last_offset() == 0
 
 
 @pytest.mark.parametrize("secret", [None, "wrong-secret-0123456789"], ids=["missing", "wrong"])
@@ -182,7 +182,7 @@ async def test_hook_without_the_secret_is_401_and_not_kept(api: Api, secret: str
     status, body = await call(api, "POST", "/vtex/hook", push(), headers=hook_headers(secret))
     assert (status, body) == (401, {"error": "missing or wrong X-Omsd-Hook-Secret header"})
     assert (await call(api, "POST", "/vtex/hook", data="{nope", headers=hook_headers(secret)))[0] == 401
-    assert await api.ctx.store.last_offset() == 0
+    assert await api.ctx.store.journal.last_offset() == 0
 
 
 async def test_hook_bad_bodies_are_400_and_kept(api: Api) -> None:
@@ -329,7 +329,7 @@ async def test_approval_ids_have_a_length_and_a_charset(api: Api, payload: dict[
     """Ids longer than their limit or with characters outside VTEX's shapes: 400."""
     status, _ = await call(api, "POST", "/v1/approvals", payload, headers=AUTH)
     assert status == 400
-    assert await api.ctx.store.last_offset() == 1  # only the rejected row
+    assert await api.ctx.store.journal.last_offset() == 1  # only the rejected row
 
 
 async def test_an_overlong_order_id_push_is_400_and_kept_bounded(api: Api) -> None:
@@ -352,7 +352,7 @@ async def test_hook_reads_no_body_before_the_secret(api: Api) -> None:
     for data in (b"{nope", DEEP, json.dumps(push()).encode()):
         assert (await raw_call(api, "/vtex/hook", data))[0] == 401
     assert await raw_call(api, "/vtex/hook", b'{"hookConfig": "ping"}') == (200, {"hookConfig": "pong"})
-    assert await api.ctx.store.last_offset() == 0
+    assert await api.ctx.store.journal.last_offset() == 0
 
 
 async def test_unauthenticated_rejects_are_kept_truncated_with_size_and_digest(bare_api: Api) -> None:

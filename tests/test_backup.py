@@ -21,7 +21,7 @@ from tests.helpers import approve, phase_of, until
 
 
 async def _phases(store: Store) -> dict[str, str]:
-    return {o.order_id: o.phase.value for o in await store.list_orders(limit=1000)}
+    return {o.order_id: o.phase.value for o in await store.read.list_orders(limit=1000)}
 
 
 async def _settled(daemon: Daemon, sim: Simulator) -> dict[str, str]:
@@ -90,7 +90,7 @@ async def test_backup_refuses_to_replace_a_file_unless_forced(
     assert capsys.readouterr().err.count("\n") == 1
     assert main(["backup", str(dest), "--force"]) == 0
     async with await Store.open(dest, migrate=False) as store:
-        assert await store.stats()  # a database, not the old file
+        assert await store.read.stats()  # a database, not the old file
 
 
 async def test_backup_json_says_what_it_wrote(
@@ -103,7 +103,7 @@ async def test_backup_json_says_what_it_wrote(
     assert main(["backup", str(dest), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     async with await Store.open(db) as store:
-        version = await store.schema_version()
+        version = await store.db.schema_version()
     assert out["source"] == str(db) and out["path"] == str(dest)
     assert out["bytes"] == dest.stat().st_size and out["schema_version"] == version
 

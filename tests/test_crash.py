@@ -100,7 +100,7 @@ async def kill_on(sim: Simulator, omsd: Omsd, signal_name: str) -> None:
 
 async def final_phases(db: Path) -> dict[str, str]:
     async with await Store.open(db) as store:
-        return {o.order_id: o.phase.value for o in await store.list_orders(limit=1000)}
+        return {o.order_id: o.phase.value for o in await store.read.list_orders(limit=1000)}
 
 
 async def test_sigkill_at_several_points_loses_nothing(sim: Simulator, tmp_path: Path) -> None:

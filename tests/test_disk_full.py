@@ -28,12 +28,14 @@ FILLER = "x" * 3000
 
 async def fill(store: Store) -> None:
     """Make the database full: cap it at its size, then write until SQLite refuses."""
-    await store.set_max_pages(await store.set_max_pages(None))
+    await store.db.set_max_pages(await store.db.set_max_pages(None))
     now = datetime.now(UTC)
     reason = ""
     for _ in range(10_000):
         try:
-            await store.append([NewEntry(kind="rejected", source="api", payload=FILLER, received_at=now)], now=now)
+            await store.journal.append(
+                [NewEntry(kind="rejected", source="api", payload=FILLER, received_at=now)], now=now
+            )
         except StoreUnwritable as exc:
             reason = exc.reason
             break
@@ -55,7 +57,7 @@ async def test_files_are_private_whatever_the_umask(tmp_path: Path) -> None:
     old = os.umask(0o022)
     try:
         async with await Store.open(tmp_path / "omsd.db") as store:
-            assert await store.writable()
+            assert await store.db.writable()
             modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
     finally:
         os.umask(old)
@@ -66,25 +68,25 @@ async def test_a_full_database_raises_the_stores_own_error(tmp_path: Path) -> No
     """A refused write is StoreUnwritable (no sqlite3 error leaves the store), the write
     probe says why, and once there is room again the probe and writes succeed."""
     async with await Store.open(tmp_path / "omsd.db") as store:
-        before = await store.stats()
+        before = await store.read.stats()
         await fill(store)
-        reason = await store.probe_write()
+        reason = await store.db.probe_write()
         assert reason is not None and "full" in reason
-        assert not await store.writable()
-        await store.set_max_pages(1_000_000)
-        assert await store.probe_write() is None
-        assert (await store.stats())["acks_pending"] == before["acks_pending"]  # the probe leaves nothing
+        assert not await store.db.writable()
+        await store.db.set_max_pages(1_000_000)
+        assert await store.db.probe_write() is None
+        assert (await store.read.stats())["acks_pending"] == before["acks_pending"]  # the probe leaves nothing
 
 
 async def test_a_read_only_database_is_unwritable_not_a_crash(tmp_path: Path) -> None:
     """A database that refuses writes as read-only (here `PRAGMA query_only`: the tests
     run as root, who ignores file modes) raises StoreUnwritable, not a sqlite3 error."""
     async with await Store.open(tmp_path / "omsd.db") as store:
-        await store._conn.execute("PRAGMA query_only=1")
-        reason = await store.probe_write()
+        await store.db.conn.execute("PRAGMA query_only=1")
+        reason = await store.db.probe_write()
         assert reason is not None and "readonly" in reason
         with pytest.raises(StoreUnwritable):
-            await store.acks_done(["h"])
+            await store.journal.acks_done(["h"])
 
 
 async def test_full_disk_pauses_intake_and_resumes_by_itself(sim: Simulator, run_daemon: RunDaemon) -> None:
@@ -108,7 +110,7 @@ async def test_full_disk_pauses_intake_and_resumes_by_itself(sim: Simulator, run
         await until(lambda: daemon.store_probes >= probes + 10, what="the probe keeps trying")
         assert (sim.calls.get("feed_get", 0), sim.calls.get("feed_commit", 0)) == (gets, commits)
 
-        await store.set_max_pages(1_000_000)
+        await store.db.set_max_pages(1_000_000)
         await until(lambda: daemon.health.store_ok.is_set(), what="writable again")
         assert STORE_ALARM not in daemon.health.alarms
         await until(lambda: sim.calls.get("feed_commit", 0) > commits, what="intake resumed")
@@ -128,19 +130,18 @@ async def test_processor_survives_a_refused_commit(
     async with run_daemon(sim, store_probe_s=0.05) as daemon:
         store = daemon.store
         assert store is not None
-        real = store.commit_batch
+        real = store.derived.commit
         refused = asyncio.Event()
 
-        async def full_once(*args: Any, **kw: Any) -> int:
+        async def full_once(*args: Any, **kw: Any) -> None:
             if not refused.is_set():
                 refused.set()
-                assert store.on_unwritable is not None
-                store.on_unwritable("database or disk is full")
+                assert store.db.on_unwritable is not None
+                store.db.on_unwritable("database or disk is full")
                 raise StoreUnwritable("database or disk is full")
-            written: int = await real(*args, **kw)
-            return written
+            await real(*args, **kw)
 
-        monkeypatch.setattr(store, "commit_batch", full_once)
+        monkeypatch.setattr(store.derived, "commit", full_once)
         order = sim.create("P1")
         await until(refused.is_set, what="a commit refused")
         await until_tracked(daemon, order.order_id)
@@ -149,7 +150,7 @@ async def test_processor_survives_a_refused_commit(
 
 def test_sqlite_errors_map_by_code() -> None:
     """SQLITE_FULL, SQLITE_READONLY and SQLITE_IOERR are unwritable; other errors are not."""
-    from omsd.state.store import StoreError, store_error
+    from omsd.state.store.db import StoreError, store_error
 
     def err(code: int) -> sqlite3.OperationalError:
         exc = sqlite3.OperationalError("x")
@@ -223,5 +224,5 @@ async def test_starting_on_a_full_disk_waits_instead_of_exiting(
         probes = daemon.store_probes
         await until(lambda: daemon.store_probes >= probes + 10, what="the probe keeps trying")
         assert sim.calls.get("feed_get", 0) == 0
-        await store.set_max_pages(1_000_000)
+        await store.db.set_max_pages(1_000_000)
         await until_tracked(daemon, order.order_id)

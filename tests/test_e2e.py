@@ -72,7 +72,7 @@ async def test_eoi011_when_the_order_flips_back_to_held(sim: Simulator, run_daem
         await approve(daemon, "F1", order.order_id)
         await until(reached(daemon, order.order_id, Phase.APPROVED), what="approved after flip")
         assert daemon.store is not None
-        stored = await daemon.store.load_order(order.order_id)
+        stored = await daemon.store.read.load_order(order.order_id)
     assert stored is not None and stored.eoi011 == 1
     assert (order.puts, order.approvals_applied, order.puts_while_held) == (2, 1, 0)
 
@@ -112,9 +112,9 @@ async def test_duplicates_redeliveries_and_out_of_order_events(sim: Simulator, r
             }
         )
         await until(lambda: not sim.queue.messages, what="feed drained")
-        stored = await daemon.store.load_order(order.order_id)
+        stored = await daemon.store.read.load_order(order.order_id)
         assert stored is not None and stored.status != "waiting-for-manual-authorization"
-        journal = await daemon.store.journal_tail(1000, order_id=order.order_id, kind="status_changed")
+        journal = await daemon.store.journal.tail(1000, order_id=order.order_id, kind="status_changed")
         changes = {(json.loads(r.payload)["state"], json.loads(r.payload)["current_change"]) for r in journal}
         assert len(journal) == len(changes)  # one row per distinct change
         assert daemon.poller.stats.duplicates > 0
@@ -155,7 +155,7 @@ async def test_malformed_feed_items_are_kept_committed_and_skipped(sim: Simulato
     async with run_daemon(sim) as daemon:
         assert daemon.store is not None
         await until(lambda: not sim.queue.messages, what="every item committed")
-        rows = await daemon.store.journal_tail(100, kind="rejected")
+        rows = await daemon.store.journal.tail(100, kind="rejected")
         reasons = " | ".join(r.reason or "" for r in rows)
         assert len(rows) == 5
         for fragment in ("missing field orderId", "unknown status", "currentChange", "orderId must be a string"):
@@ -186,7 +186,7 @@ async def test_bad_requests_to_our_routes_are_refused_and_kept(sim: Simulator, r
             async with request as resp:
                 assert resp.status == expected
                 assert "error" in await resp.json()
-        rows = await daemon.store.journal_tail(100, kind="rejected")
+        rows = await daemon.store.journal.tail(100, kind="rejected")
         assert len(rows) == len(cases)
         async with s.post(notify, data="x" * 100_000) as resp:
             assert resp.status == 413
@@ -198,7 +198,7 @@ async def test_api_requires_the_bearer_token(sim: Simulator, run_daemon: Any) ->
     """No token or a wrong token: 401; nothing is journaled."""
     async with run_daemon(sim) as daemon:
         assert daemon.store is not None
-        before = await daemon.store.last_offset()
+        before = await daemon.store.journal.last_offset()
         status, _ = await approve(daemon, "Z1", token="wrong")
         assert status == 401
         async with (
@@ -206,7 +206,7 @@ async def test_api_requires_the_bearer_token(sim: Simulator, run_daemon: Any) ->
             s.post(f"{daemon.url}/v1/approvals", json={"marketplaceOrderId": "Z1"}) as resp,
         ):
             assert resp.status == 401
-        assert await daemon.store.last_offset() == before
+        assert await daemon.store.journal.last_offset() == before
 
 
 async def test_api_writes_refused_without_configured_token(sim: Simulator, run_daemon: Any) -> None:

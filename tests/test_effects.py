@@ -119,7 +119,7 @@ async def queue(store: Store, *effects: Effect) -> None:
         for e in effects
     }
     assert len(orders) == len(effects), "one effect per order"
-    await store.commit_batch(Batch(offset=0, effects=list(effects), orders=orders), now=NOW)
+    await store.derived.commit(Batch(offset=0, effects=list(effects), orders=orders), now=NOW)
 
 
 def rows(store: Store, sql: str) -> list[sqlite3.Row]:
@@ -267,14 +267,14 @@ async def test_the_result_is_written_even_when_cancelled_during_the_write(
     fake = FakeVtex()
     fake.approvals[MKT] = answer("SOI003")
     writing, release = asyncio.Event(), asyncio.Event()
-    real_finish = store.finish_effect
+    real_finish = store.outbox.finish
 
     async def slow_finish(*args: Any, **kw: Any) -> Any:
         writing.set()
         await release.wait()
         return await real_finish(*args, **kw)
 
-    monkeypatch.setattr(store, "finish_effect", slow_finish)
+    monkeypatch.setattr(store.outbox, "finish", slow_finish)
     await queue(store, send())
     task = asyncio.create_task(runner(store, fake).run(asyncio.Event(), poll_s=0.05))
     await asyncio.wait_for(writing.wait(), timeout=10)
@@ -313,7 +313,7 @@ async def test_recovery_reruns_a_get_order_and_never_resends_a_put(store: Store)
     """At start-up a started Get order is queued again; a started PUT is journaled as
     failed with an unknown outcome (source `recovery`, its row's key) and not resent."""
     await queue(store, fetch("O1"), send())
-    assert len(await store.claim_effects(10, now=NOW)) == 2  # a process claimed both, then died
+    assert len(await store.outbox.claim(10, now=NOW)) == 2  # a process claimed both, then died
     fake = FakeVtex()
     assert await runner(store, fake).recover() == 2
     assert sorted(outbox(store).values()) == ["done", "pending"]
@@ -332,20 +332,20 @@ async def test_interrupted_send_is_rechecked_not_resent(store: Store) -> None:
     processor = Processor(store, Policy())
     status = StatusChanged(order_id=OID, source="feed", state=FREE, current_change=at(1))
     intent = IntentRecorded(order_id=OID, marketplace_order_id=MKT, source="api")
-    await store.append([NewEntry.of(e, source="test", received_at=NOW) for e in (status, intent)], now=NOW)
+    await store.journal.append([NewEntry.of(e, source="test", received_at=NOW) for e in (status, intent)], now=NOW)
     await processor.drain()
-    [fetch_row] = await store.claim_effects(10, now=NOW)
+    [fetch_row] = await store.outbox.claim(10, now=NOW)
     result = fetched(FREE, seq=fetch_row.seq, t=1)
-    await store.finish_effect(fetch_row.id, NewEntry.of(result, source="effect", received_at=NOW), now=NOW)
+    await store.outbox.finish(fetch_row.id, NewEntry.of(result, source="effect", received_at=NOW), now=NOW)
     await processor.drain()
-    [send_row] = await store.claim_effects(10, now=NOW)
+    [send_row] = await store.outbox.claim(10, now=NOW)
     assert send_row.effect.kind == "send_approval"
     # the process dies here, with the PUT in flight
     assert await runner(store, FakeVtex()).recover() == 1
     await processor.drain()
-    order = await store.load_order(OID)
+    order = await store.read.load_order(OID)
     assert order is not None and order.phase == Phase.CHECKING
-    [recheck] = await store.claim_effects(10, now=NOW)  # nothing is resent blindly: a Get order first
+    [recheck] = await store.outbox.claim(10, now=NOW)  # nothing is resent blindly: a Get order first
     assert recheck.effect.kind == "fetch_order"
 
 

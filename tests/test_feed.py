@@ -111,7 +111,7 @@ async def test_duplicates_and_rejected_items_are_committed_too(settings: Setting
         await poller.poll_once()
         assert vtex.committed == ["h1", "h1-again", "bad"]
         assert (poller.stats.accepted, poller.stats.duplicates, poller.stats.rejected) == (1, 1, 1)
-        assert await store.last_offset() == 2
+        assert await store.journal.last_offset() == 2
 
 
 async def test_a_failed_commit_is_retried_next_round(settings: Settings) -> None:
@@ -121,9 +121,9 @@ async def test_a_failed_commit_is_retried_next_round(settings: Settings) -> None
         vtex.fail_commits = 1
         poller = FeedPoller(store, vtex, settings)
         await poller.poll_once()
-        assert vtex.committed == [] and await store.pending_acks() == ["h1"]
+        assert vtex.committed == [] and await store.journal.pending_acks() == ["h1"]
         await poller.poll_once()
-        assert vtex.committed == ["h1"] and await store.pending_acks() == []
+        assert vtex.committed == ["h1"] and await store.journal.pending_acks() == []
 
 
 async def test_missing_feed_config_is_created_from_settings(settings: Settings) -> None:
@@ -177,7 +177,7 @@ async def test_a_poisoned_item_is_rejected_committed_and_the_loop_goes_on(settin
         await task
         assert vtex.committed == ["p1", "p2", "p3", "h1"]
         assert (poller.stats.rejected, poller.stats.accepted) == (3, 1)
-        rejected = await store.journal_tail(10, kind="rejected")
+        rejected = await store.journal.tail(10, kind="rejected")
         assert [r.reason is not None for r in rejected] == [True] * 3
         assert [r.order_id for r in rejected] == ["MKP-1-01", None, None]  # only a well-formed id is kept
 
@@ -263,7 +263,7 @@ async def test_concurrent_reads_are_journaled_in_one_transaction_and_committed_i
         await until(lambda: len(vtex.committed) == 50 or task.done(), timeout=10, what="50 handles committed")
         stop.set()
         await task
-        rows = await store.journal_after(0, 100)
+        rows = await store.journal.after(0, 100)
     assert len(rows) == 50 and len({row.received_at for row in rows}) <= 3  # a transaction, a receipt time
     assert vtex.commit_sizes == [50]
     assert vtex.durable_at_commit == [50]
@@ -308,7 +308,7 @@ async def test_a_failed_commit_is_retried_while_the_feed_is_idle(settings: Setti
         await until(lambda: vtex.committed == ["h1"] or task.done(), timeout=10, what="the retried commit")
         stop.set()
         await task
-        assert await store.pending_acks() == []
+        assert await store.journal.pending_acks() == []
 
 
 async def test_readers_that_all_find_the_feed_missing_recreate_it_once(settings: Settings) -> None:
@@ -607,14 +607,14 @@ async def test_a_round_that_ends_while_its_last_batch_is_being_written_still_com
             return []
 
     async with await Store.open(settings.db) as store:
-        append = store.append
+        append = store.journal.append
 
         async def slow_append(*args: Any, **kw: Any) -> Any:
             writing.set()
             await round_over.wait()
             return await append(*args, **kw)
 
-        monkeypatch.setattr(store, "append", slow_append)
+        monkeypatch.setattr(store.journal, "append", slow_append)
         vtex = WhileWriting(settings.db, [])
         stop = asyncio.Event()
         task = asyncio.create_task(FeedPoller(store, vtex, quiet).run(stop))
@@ -674,4 +674,4 @@ async def test_handles_journaled_during_a_commit_wait_for_the_next_round(setting
         poller._vtex = vtex
         await poller.flush_commits(everything=everything)
         assert len(vtex.committed) == (110 if everything else 100)
-        assert len(await store.pending_acks()) == (0 if everything else 10)
+        assert len(await store.journal.pending_acks()) == (0 if everything else 10)

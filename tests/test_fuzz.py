@@ -227,7 +227,7 @@ async def fuzzed(tmp_path: Path) -> AsyncIterator[Fuzzed]:
     async with await Store.open(tmp_path / "fuzz.db") as store:
         metrics = Metrics()
         s = api_settings()
-        processor = Processor(store, Policy(), emit_effects=False, metrics=metrics)
+        processor = Processor(store, Policy(), metrics=metrics)
         stop = asyncio.Event()
         task = asyncio.create_task(processor.run(stop, poll_s=0.05))
         ctx = ApiContext(
@@ -257,7 +257,7 @@ async def still_applies_real_events(client: TestClient[Any, Any], store: Store, 
     assert resp.status == 200 and not task.done()
 
     async def applied() -> bool:
-        order = await store.load_order(order_id)
+        order = await store.read.load_order(order_id)
         return order is not None and order.status == "ready-for-handling"
 
     await until(applied, timeout=20, what="a real push applied after the campaign")

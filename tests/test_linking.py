@@ -54,7 +54,7 @@ async def test_intent_for_an_order_already_tracked_is_linked_and_approved(sim: S
         sim.authorize(order.order_id)
         await until(reached(daemon, order.order_id, Phase.APPROVED), what="approved")
         assert daemon.store is not None
-        rows = [await daemon.store.load_order(o.order_id) for o in others]
+        rows = [await daemon.store.read.load_order(o.order_id) for o in others]
     assert [r.order_id for r in rows if r is None or r.link_checked] == []
     assert (order.puts, order.approvals_applied, order.puts_while_held) == (1, 1, 0)
 
@@ -96,13 +96,13 @@ async def test_intents_for_orders_that_never_appear_cost_no_get_order(sim: Simul
         await approve(daemon, "R1", order.order_id)
         sim.authorize(order.order_id)
         await until(reached(daemon, order.order_id, Phase.APPROVED), what="approved")
-        assert len(await store.pending_intents()) == 50
+        assert len(await store.read.pending_intents()) == 50
     assert daemon.metrics.sample("omsd_link_lookups_total") == 1
     assert order.approvals_applied == 1
 
 
 async def order_linked(daemon: Any, order_id: str) -> bool:
-    found = await daemon.store.load_order(order_id)
+    found = await daemon.store.read.load_order(order_id)
     return found is not None and found.marketplace_order_id is not None
 
 
@@ -137,7 +137,7 @@ async def test_self_check_that_recreates_the_feed_rechecks_waiting_orders(sim: S
         store = daemon.store
 
         async def rechecked() -> bool:
-            causes = [h.cause for h in await store.history(order.order_id)]
+            causes = [h.cause for h in await store.read.history(order.order_id)]
             return any("resync: feed configuration recreated" in c for c in causes)
 
         await until(rechecked, what="the waiting order re-checked")

@@ -41,7 +41,7 @@ async def _build(db: Path) -> None:
         dead = order("dead").model_copy(
             update={"order_id": "D-1", "marketplace_order_id": "4", "attempts": 8, "last_code": "EOI009"}
         )
-        await store.append(
+        await store.journal.append(
             [
                 _entry(IntentReceived(marketplace_order_id=MKT, source="api")),
                 _entry(held, dedup_key="s1"),
@@ -198,9 +198,9 @@ def test_retry_says_when_it_does_nothing(db: Path, capsys: pytest.CaptureFixture
 async def _close(db: Path) -> None:
     async with await Store.open(db) as store:
         await Processor(store, Policy()).drain()  # the resync: D-1 checking
-        await store.append([_entry(StatusChanged(order_id="D-1", source="feed", state="invoiced"))], now=NOW)
+        await store.journal.append([_entry(StatusChanged(order_id="D-1", source="feed", state="invoiced"))], now=NOW)
         await Processor(store, Policy()).drain()
-        assert (await store.load_order("D-1")).phase == "approved"  # type: ignore[union-attr]
+        assert (await store.read.load_order("D-1")).phase == "approved"  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize(

@@ -77,7 +77,7 @@ async def test_scrape_gauges_read_the_database(tmp_path: Path) -> None:
         await metrics.refresh(store, db, now)
         assert metrics.sample("omsd_journal_oldest_unapplied_age_seconds") == 0
         entry = NewEntry(kind="intent", source="api", payload="{}", received_at=now - timedelta(seconds=42))
-        await store.append([entry], now=now)
+        await store.journal.append([entry], now=now)
         await metrics.refresh(store, db, now)
     assert metrics.sample("omsd_journal_oldest_unapplied_age_seconds") == 42
     assert metrics.sample("omsd_database_bytes") > 4096
@@ -96,7 +96,7 @@ async def test_a_served_approval_fills_the_histograms(sim: Simulator, run_daemon
         store = daemon.store
 
         async def parked() -> bool:
-            return bool((await store.stats())["pending_intents"] == 1)
+            return bool((await store.read.stats())["pending_intents"] == 1)
 
         await until(parked)
         async with s.get(f"{daemon.url}/metrics") as resp:

@@ -77,7 +77,7 @@ def envelope(code: str = "EOI011", mkt: str = "M-9", **kw: Any) -> dict[str, Any
 
 async def accepted(store: Any) -> list[dict[str, Any]]:
     """The notifications journaled as accepted (rejected rows left out)."""
-    rows = await store.journal_tail(100)
+    rows = await store.journal.tail(100)
     return [json.loads(r.payload) for r in rows if r.kind == "notification_received"]
 
 
@@ -89,7 +89,7 @@ async def test_bare_route_is_404_and_journals_nothing(store: Any, path: str) -> 
     try:
         resp = await client.post(path, params={"an": "shop"}, json=envelope())
         assert resp.status == 404
-        assert await store.last_offset() == 0
+        assert await store.journal.last_offset() == 0
     finally:
         await client.close()
 
@@ -101,7 +101,7 @@ async def test_wrong_secret_path_is_404_and_journals_nothing(store: Any, key: st
     try:
         resp = await client.post(f"/api/vtex/notify/{key}{NOTIFY}", params={"an": "shop"}, json=envelope())
         assert resp.status == 404
-        assert await store.last_offset() == 0
+        assert await store.journal.last_offset() == 0
     finally:
         await client.close()
 
@@ -274,7 +274,7 @@ async def _tracked(daemon: Any, order_id: str) -> bool:
 
 
 async def load(daemon: Any, order_id: str) -> Order | None:
-    order: Order | None = await daemon.store.load_order(order_id)
+    order: Order | None = await daemon.store.read.load_order(order_id)
     return order
 
 
@@ -287,7 +287,7 @@ async def test_forged_eoi011_on_the_bare_route_never_approves(sim: Simulator, ru
         # Ids are linked lazily; an operator's resync of the tracked order links it.
         await until(lambda: _tracked(daemon, order_.order_id), what="omsd tracks the order")
         now = datetime.now(UTC)
-        await daemon.store.append(
+        await daemon.store.journal.append(
             [NewEntry.of(Resync(order_id=order_.order_id, reason="link"), source="operator", received_at=now)], now=now
         )
         daemon.processor.wake.set()
@@ -299,7 +299,7 @@ async def test_forged_eoi011_on_the_bare_route_never_approves(sim: Simulator, ru
         await until(lambda: _status_is_not_held(daemon, order_.order_id), what="omsd sees the release")
         current = await load(daemon, order_.order_id)
         assert current is not None and not current.has_intent and current.phase == Phase.TRACKING
-        assert await daemon.store.pending_intents() == []
+        assert await daemon.store.read.pending_intents() == []
     assert sim.calls.get("put", 0) == 0
 
 
@@ -382,4 +382,4 @@ async def _phase(daemon: Any, order_id: str, phase: Phase) -> bool:
 
 
 async def _offset_applied(daemon: Any) -> bool:
-    return bool(daemon.processor.offset >= await daemon.store.last_offset())
+    return bool(daemon.processor.offset >= await daemon.store.journal.last_offset())

@@ -55,12 +55,12 @@ async def _approved_by_marketplace_id(store: Store, oid: str, mkt: str, when: da
     """An intent by marketplace id (parked), the order seen held and linked by Get order
     (the intent released), a notification under the marketplace id, then handling."""
     t = [when + timedelta(seconds=s) for s in range(5)]
-    await store.append([_entry(IntentReceived(marketplace_order_id=mkt, source="api"), t[0])], now=t[0])
-    await store.append([_status(oid, HELD, t[1])], now=t[1])
+    await store.journal.append([_entry(IntentReceived(marketplace_order_id=mkt, source="api"), t[0])], now=t[0])
+    await store.journal.append([_status(oid, HELD, t[1])], now=t[1])
     await Processor(store, Policy()).drain()
     fetched = OrderFetched(order_id=oid, seq=1, status=HELD, marketplace_order_id=mkt, fetched_at=t[2])
     note = NotificationReceived(marketplace_order_id=mkt, code="EOI011", flow="ApproveOrder", authenticated=True)
-    await store.append([_entry(fetched, t[2]), _entry(note, t[3]), _status(oid, HANDLING, t[4])], now=t[4])
+    await store.journal.append([_entry(fetched, t[2]), _entry(note, t[3]), _status(oid, HANDLING, t[4])], now=t[4])
     await Processor(store, Policy()).drain()
 
 
@@ -71,7 +71,7 @@ async def _journal(store: Store) -> None:
     await _approved_by_marketplace_id(store, "NEW-1", "9", NOW - timedelta(days=2))
     intent = IntentRecorded(order_id="R-1", marketplace_order_id="2", source="cli")
     open_intent = IntentRecorded(order_id="O-1", marketplace_order_id="3", source="cli")
-    await store.append(
+    await store.journal.append(
         [
             _status("R-1", HELD, OLD),
             _entry(intent, OLD),
@@ -89,7 +89,7 @@ async def _journal(store: Store) -> None:
     )
     await Processor(store, Policy()).drain()
     dead = order("dead").model_copy(update={"order_id": "D-1", "marketplace_order_id": "4", "updated_at": OLD})
-    await store.append([_entry(OrderSnapshot(order_id="D-1", order=dead), OLD)], now=OLD)
+    await store.journal.append([_entry(OrderSnapshot(order_id="D-1", order=dead), OLD)], now=OLD)
     await Processor(store, Policy()).drain()
 
 
@@ -124,9 +124,9 @@ async def test_prune_then_replay_gives_the_same_state(tmp_path: Path) -> None:
     db = tmp_path / "o.db"
     async with await Store.open(db) as store:
         await _journal(store)
-        before = await store.orders_by_id()
+        before = await store.read.orders_by_id()
         report = await retention.prune(store, 30, NOW)
-        assert await store.orders_by_id() == before
+        assert await store.read.orders_by_id() == before
     assert report.pruned.orders == 3  # A-1, R-1, T-1
     assert report.pruned.rejected_rows == 1
     for oid in ("A-1", "R-1", "T-1"):
@@ -161,9 +161,9 @@ async def test_events_after_a_prune_apply_on_the_snapshot(tmp_path: Path) -> Non
     async with await Store.open(db) as store:
         await _journal(store)
         await retention.prune(store, 30, NOW)
-        await store.append([_status("A-1", "invoiced", NOW)], now=NOW)
+        await store.journal.append([_status("A-1", "invoiced", NOW)], now=NOW)
         await Processor(store, Policy()).drain()
-        assert (await store.load_order("A-1")).status == "invoiced"  # type: ignore[union-attr]
+        assert (await store.read.load_order("A-1")).status == "invoiced"  # type: ignore[union-attr]
     live = _state(db)
     await _replay(db)
     assert _state(db) == live
@@ -199,7 +199,7 @@ async def test_free_pages_go_back_to_the_disk(tmp_path: Path) -> None:
         assert _rows(db, "PRAGMA auto_vacuum") == [(2,)]
         for n in range(300):
             await _approved_by_marketplace_id(store, f"A-{n}", str(n), OLD)
-        await store.reclaim()
+        await store.retention.reclaim()
         size = database_bytes(db)
         report = await retention.prune(store, 30, NOW)
         after = database_bytes(db)

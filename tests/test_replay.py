@@ -29,12 +29,12 @@ async def _linking_order(db: Path) -> None:
     async with await Store.open(db) as store:
         # Ids are linked lazily: the parked-intents job asks for the lookup with a resync.
         lookup = entry(Resync(order_id=OID, reason="link lookup for a parked intent"))
-        await store.append(
+        await store.journal.append(
             [entry(IntentReceived(marketplace_order_id=MKT, source="api")), status_entry(HELD, 1), lookup], now=NOW
         )
         await Processor(store, Policy()).drain()
-        assert [p[0] for p in await store.pending_intents()] == [MKT]
-        assert await store.outbox_counts() == {"pending": 1}
+        assert [p[0] for p in await store.read.pending_intents()] == [MKT]
+        assert await store.outbox.counts() == {"pending": 1}
 
 
 def _pending_effects(db: Path) -> list[tuple[str, int, str]]:
@@ -52,9 +52,9 @@ async def test_replay_keeps_a_pending_link_lookup(tmp_path: Path, monkeypatch: p
     async with await Store.open(db) as store:
         await answer_fetch(store, FREE, t=2)
         await Processor(store, Policy()).drain()
-        order = await store.load_order(OID)
+        order = await store.read.load_order(OID)
         assert order is not None and order.has_intent and order.phase == Phase.CHECKING
-        assert await store.pending_intents() == []
+        assert await store.read.pending_intents() == []
 
 
 def _sql(db: Path, sql: str, *params: object) -> list[tuple[object, ...]]:
@@ -66,22 +66,22 @@ async def _sending_order(db: Path) -> None:
     """OID held, intent, released, checked: its approval PUT is queued (seq 2)."""
     async with await Store.open(db) as store:
         intent = IntentRecorded(order_id=OID, marketplace_order_id=MKT, source="api")
-        await store.append([status_entry(HELD, 1), entry(intent), status_entry(FREE, 2)], now=NOW)
+        await store.journal.append([status_entry(HELD, 1), entry(intent), status_entry(FREE, 2)], now=NOW)
         processor = Processor(store, Policy())
         await processor.drain()
         await answer_fetch(store, FREE, t=2)
         await processor.drain()
-        assert (await store.load_order(OID)).phase == Phase.SENDING  # type: ignore[union-attr]
+        assert (await store.read.load_order(OID)).phase == Phase.SENDING  # type: ignore[union-attr]
 
 
 async def _answer_send(db: Path) -> None:
     async with await Store.open(db) as store:
-        [send] = await store.claim_effects(10, now=NOW)
+        [send] = await store.outbox.claim(10, now=NOW)
         assert send.effect.kind == "send_approval"
         answer = ApprovalAnswered(order_id=OID, seq=send.seq, code="SOI003", http_status=200)
-        await store.finish_effect(send.id, NewEntry.of(answer, source="effect", received_at=NOW), now=NOW)
+        await store.outbox.finish(send.id, NewEntry.of(answer, source="effect", received_at=NOW), now=NOW)
         await Processor(store, Policy()).drain()
-        assert (await store.load_order(OID)).phase == Phase.AWAITING_RESULT  # type: ignore[union-attr]
+        assert (await store.read.load_order(OID)).phase == Phase.AWAITING_RESULT  # type: ignore[union-attr]
 
 
 async def test_an_answered_approval_is_never_sent_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -118,7 +118,7 @@ async def _two_orders(db: Path) -> None:
     async with await Store.open(db) as store:
         intent = IntentRecorded(order_id=OID, marketplace_order_id=MKT, source="api")
         other = StatusChanged(order_id=OTHER, source="feed", state=FREE, current_change=NOW)
-        await store.append([status_entry(HELD, 1), entry(intent), entry(other)], now=NOW)
+        await store.journal.append([status_entry(HELD, 1), entry(intent), entry(other)], now=NOW)
         await Processor(store, Policy()).drain()
 
 

@@ -81,7 +81,7 @@ async def test_feed_and_hook_for_the_same_change_are_one_event(sim: Simulator, r
         # Every change has arrived twice (once by each source) and the feed is drained;
         # without dedup the duplicates counter would never reach the number of changes.
         await until(lambda: not sim.queue.messages and duplicates() >= changes(), what="each change seen twice")
-        rows = await daemon.store.journal_tail(1000, order_id=order.order_id, kind="status_changed")
+        rows = await daemon.store.journal.tail(1000, order_id=order.order_id, kind="status_changed")
         assert len(rows) == changes()  # one row per change although each came twice
         assert {r.source for r in rows} <= {"feed", "hook"}
 
@@ -101,12 +101,12 @@ async def test_hook_ping_authentication_and_bad_bodies(sim: Simulator, run_daemo
     account: 403, kept. Bad bodies: 400, kept, never reach the machine. Huge: 413."""
     async with run_daemon(sim, **hooked()) as daemon:
         assert daemon.store is not None
-        start = await daemon.store.last_offset()
+        start = await daemon.store.journal.last_offset()
         assert (await post_hook(daemon, {"hookConfig": "ping"}, secret=None))[0] == 200
-        assert await daemon.store.last_offset() == start
+        assert await daemon.store.journal.last_offset() == start
         assert (await post_hook(daemon, push(), secret="wrong"))[0] == 401
         assert (await post_hook(daemon, push(), secret=None))[0] == 401
-        assert await daemon.store.last_offset() == start
+        assert await daemon.store.journal.last_offset() == start
         assert (await post_hook(daemon, push(account="someone-else")))[0] == 403
         bad = [
             push(State="teleported"),
@@ -120,10 +120,10 @@ async def test_hook_ping_authentication_and_bad_bodies(sim: Simulator, run_daemo
             assert status == 400 and answer["error"]
         assert (await post_hook(daemon, None, raw="{not json"))[0] == 400
         assert (await post_hook(daemon, None, raw="x" * 100_000))[0] == 413
-        rejected = await daemon.store.journal_tail(100, kind="rejected")
+        rejected = await daemon.store.journal.tail(100, kind="rejected")
         assert len(rejected) == 1 + len(bad) + 2
         assert all(r.source == "hook" for r in rejected)
-        assert await daemon.store.list_orders() == []
+        assert await daemon.store.read.list_orders() == []
         status, answer = await post_hook(daemon, push())
         assert status == 200 and answer == {"received": True, "duplicate": False}
         assert (await post_hook(daemon, {k.lower(): v for k, v in push().items()}))[1]["duplicate"] is True

@@ -41,9 +41,9 @@ from tests.store_helpers import NOW, answer_fetch, entry, status_entry
 async def test_append_is_durable_and_deduplicated(tmp_path: Path) -> None:
     """An entry is on disk when append returns; the same dedup key or event id is skipped."""
     async with await Store.open(tmp_path / "db") as store:
-        first = await store.append([status_entry(HELD, 1, "E1")], acks=["h1"], now=NOW)
-        again = await store.append([status_entry(HELD, 1, "E1")], acks=["h2"], now=NOW)
-        other_id_same_change = await store.append([status_entry(HELD, 1, "E9")], now=NOW)
+        first = await store.journal.append([status_entry(HELD, 1, "E1")], acks=["h1"], now=NOW)
+        again = await store.journal.append([status_entry(HELD, 1, "E1")], acks=["h2"], now=NOW)
+        other_id_same_change = await store.journal.append([status_entry(HELD, 1, "E9")], now=NOW)
         assert not first[0].duplicate and again[0].duplicate and other_id_same_change[0].duplicate
     # A separate connection (another process) sees the rows and both handles to commit.
     conn = sqlite3.connect(tmp_path / "db")
@@ -81,14 +81,14 @@ async def test_appending_many_at_once_is_appending_one_by_one(
                 )
                 for i, (k, e) in enumerate(call)
             ]
-            results = await store.append(entries, now=NOW)
+            results = await store.journal.append(entries, now=NOW)
             for new, (k, e), got in zip(entries, call, results, strict=True):
                 expect_duplicate = k in keys or e in ids
                 assert got.duplicate is expect_duplicate, (call, k, e)
                 if not expect_duplicate:
                     keys.update(x for x in (k,) if x is not None)
                     ids.update(x for x in (e,) if x is not None)
-                    row = (await store.journal_since(got.offset - 1, 1))[0]  # type: ignore[operator]
+                    row = (await store.journal.since(got.offset - 1, 1))[0]  # type: ignore[operator]
                     assert (row.offset, row.payload) == (got.offset, new.payload)
 
 
@@ -96,18 +96,18 @@ async def test_crash_between_journal_write_and_processor_commit(tmp_path: Path) 
     """Events journaled but not yet applied are applied after a restart, once."""
     db = tmp_path / "db"
     async with await Store.open(db) as store:
-        await store.append(
+        await store.journal.append(
             [status_entry(HELD, 1), entry(IntentRecorded(order_id=OID, marketplace_order_id=MKT, source="api"))],
             now=NOW,
         )
-        assert await store.processor_offset() == 0
+        assert await store.read.processor_offset() == 0
         # "crash": the process ends here, before the processor ran.
     async with await Store.open(db) as store:
         processor = Processor(store, Policy())
         assert await processor.drain() == 2
-        order = await store.load_order(OID)
+        order = await store.read.load_order(OID)
         assert order is not None and order.phase == Phase.WAITING_RELEASE
-        assert await store.processor_offset() == 2
+        assert await store.read.processor_offset() == 2
         assert await processor.drain() == 0  # nothing applied twice
 
 
@@ -116,7 +116,7 @@ async def test_processor_commit_is_atomic(tmp_path: Path) -> None:
     outbox, history nor offset move; once the fault is gone the same batch applies."""
     db = tmp_path / "db"
     async with await Store.open(db) as store:
-        await store.append(
+        await store.journal.append(
             [status_entry(FREE, 1), entry(IntentRecorded(order_id=OID, marketplace_order_id=MKT, source="api"))],
             now=NOW,
         )
@@ -127,22 +127,22 @@ async def test_processor_commit_is_atomic(tmp_path: Path) -> None:
         fault.commit()
         with pytest.raises(StoreError, match="disk I/O error"):
             await processor.run_once()
-        assert await store.processor_offset() == 0
-        assert await store.load_order(OID) is None
-        assert await store.outbox_counts() == {}
-        assert await store.history(OID) == []
+        assert await store.read.processor_offset() == 0
+        assert await store.read.load_order(OID) is None
+        assert await store.outbox.counts() == {}
+        assert await store.read.history(OID) == []
         fault.execute("DROP TRIGGER fail")
         fault.commit()
         fault.close()
         await processor.drain()
-        assert (await store.load_order(OID)).phase == Phase.CHECKING  # type: ignore[union-attr]
-        assert await store.outbox_counts() == {"pending": 1}
+        assert (await store.read.load_order(OID)).phase == Phase.CHECKING  # type: ignore[union-attr]
+        assert await store.outbox.counts() == {"pending": 1}
 
 
 async def test_replay_rebuilds_the_same_state(tmp_path: Path) -> None:
     """Resetting derived state and applying the journal again gives identical order rows."""
     async with await Store.open(tmp_path / "db") as store:
-        await store.append(
+        await store.journal.append(
             [
                 status_entry(HELD, 1),
                 entry(IntentRecorded(order_id=OID, marketplace_order_id=MKT, source="api")),
@@ -154,13 +154,13 @@ async def test_replay_rebuilds_the_same_state(tmp_path: Path) -> None:
         await processor.drain()
         await answer_fetch(store, FREE, t=2)
         await processor.drain()
-        before = await store.load_order(OID)
+        before = await store.read.load_order(OID)
         assert before is not None and before.phase == Phase.SENDING
-        await store.reset_derived(now=NOW)
-        assert await store.load_order(OID) is None
-        await Processor(store, Policy(), emit_effects=False).drain()
-        assert await store.load_order(OID) == before
-        assert await store.outbox_counts() == {"done": 1, "superseded": 1}
+        await store.derived.reset(now=NOW)
+        assert await store.read.load_order(OID) is None
+        await Processor(store, Policy()).drain()
+        assert await store.read.load_order(OID) == before
+        assert await store.outbox.counts() == {"done": 1, "superseded": 1}
 
 
 def parked_job(store: Store, metrics: Metrics | None = None, **kw: object) -> ParkedIntents:
@@ -173,32 +173,32 @@ async def test_intent_by_marketplace_id_is_parked_until_linked(tmp_path: Path) -
     """An intent naming only the marketplace id waits parked; the lookup job's Get order links it, then it applies."""
     async with await Store.open(tmp_path / "db") as store:
         processor = Processor(store, Policy())
-        await store.append([entry(IntentReceived(marketplace_order_id=MKT, source="api"))], now=NOW)
+        await store.journal.append([entry(IntentReceived(marketplace_order_id=MKT, source="api"))], now=NOW)
         await processor.drain()
-        assert [p[0] for p in await store.pending_intents()] == [MKT]
-        await store.append([status_entry(HELD, 1)], now=NOW)
+        assert [p[0] for p in await store.read.pending_intents()] == [MKT]
+        await store.journal.append([status_entry(HELD, 1)], now=NOW)
         await processor.drain()
-        assert await store.outbox_counts() == {}  # first sight asks no Get order
+        assert await store.outbox.counts() == {}  # first sight asks no Get order
         metrics = Metrics()
         assert await parked_job(store, metrics).run_once() == 1
         assert await parked_job(store, metrics).run_once() == 0  # the same lookup is not asked twice
         await processor.drain()
         await answer_fetch(store, HELD, t=1)  # the lookup links the ids
         await processor.drain()
-        order = await store.load_order(OID)
+        order = await store.read.load_order(OID)
         assert order is not None and order.has_intent and order.phase == Phase.WAITING_RELEASE
-        assert await store.pending_intents() == []
+        assert await store.read.pending_intents() == []
         assert metrics.sample("omsd_link_lookups_total") == 1
 
 
 async def test_no_lookup_without_a_parked_intent(tmp_path: Path) -> None:
     """Orders seen in the feed cost no Get order while no intent is parked."""
     async with await Store.open(tmp_path / "db") as store:
-        await store.append([status_entry(HELD, 1)], now=NOW)
+        await store.journal.append([status_entry(HELD, 1)], now=NOW)
         await Processor(store, Policy()).drain()
-        assert await store.link_candidates(10) == []
+        assert await store.read.link_candidates(10) == []
         assert await parked_job(store).run_once() == 0
-        assert await store.outbox_counts() == {}
+        assert await store.outbox.counts() == {}
 
 
 async def test_lookup_job_sees_orders_the_processor_applied_after_an_idle_run(tmp_path: Path) -> None:
@@ -206,10 +206,10 @@ async def test_lookup_job_sees_orders_the_processor_applied_after_an_idle_run(tm
     run once the processor has applied it."""
     async with await Store.open(tmp_path / "db") as store:
         processor = Processor(store, Policy())
-        await store.append([entry(IntentReceived(marketplace_order_id=MKT, source="api"))], now=NOW)
+        await store.journal.append([entry(IntentReceived(marketplace_order_id=MKT, source="api"))], now=NOW)
         await processor.drain()
         job = parked_job(store)
-        await store.append([status_entry(HELD, 1)], now=NOW)
+        await store.journal.append([status_entry(HELD, 1)], now=NOW)
         assert await job.run_once() == 0  # not applied yet
         assert await job.run_once() == 0
         await processor.drain()
@@ -227,10 +227,10 @@ async def test_link_candidates_prefer_the_derived_id_and_skip_closed_orders(tmp_
             ev = StatusChanged(order_id=oid, source="feed", state=state, current_change=at(i))
             entries.append(entry(ev, dedup_key=f"s:{oid}"))
         entries.append(entry(IntentRecorded(order_id="D-4-01", marketplace_order_id="444", source="api")))
-        await store.append(entries, now=NOW)
+        await store.journal.append(entries, now=NOW)
         await Processor(store, Policy()).drain()
-        assert [oid for oid, _ in await store.link_candidates(10)] == ["GHB-777-01", "A-1-01"]
-        assert [oid for oid, _ in await store.link_candidates(1)] == ["GHB-777-01"]
+        assert [oid for oid, _ in await store.read.link_candidates(10)] == ["GHB-777-01", "A-1-01"]
+        assert [oid for oid, _ in await store.read.link_candidates(1)] == ["GHB-777-01"]
 
 
 async def test_parked_intent_expires_with_a_record(tmp_path: Path) -> None:
@@ -238,28 +238,28 @@ async def test_parked_intent_expires_with_a_record(tmp_path: Path) -> None:
     a replay of the journal agrees."""
     async with await Store.open(tmp_path / "db") as store:
         processor = Processor(store, Policy(), metrics=(metrics := Metrics()))
-        await store.append([entry(IntentReceived(marketplace_order_id=MKT, source="api"))], now=NOW)
+        await store.journal.append([entry(IntentReceived(marketplace_order_id=MKT, source="api"))], now=NOW)
         await processor.drain()
         early = parked_job(store, ttl_s=60.0, clock=lambda: NOW + timedelta(seconds=59))
         assert await early.run_once() == 0
         late = parked_job(store, ttl_s=60.0, clock=lambda: NOW + timedelta(seconds=61))
         assert await late.run_once() == 1
         await processor.drain()
-        assert await store.pending_intents() == []
-        assert [r.kind for r in await store.journal_tail(1)] == ["intent_expired"]
+        assert await store.read.pending_intents() == []
+        assert [r.kind for r in await store.journal.tail(1)] == ["intent_expired"]
         assert metrics.sample("omsd_intents_expired_total") == 1
         assert await late.run_once() == 0
-        await store.reset_derived(now=NOW)
+        await store.derived.reset(now=NOW)
         await Processor(store, Policy()).drain()
-        assert await store.pending_intents() == []
+        assert await store.read.pending_intents() == []
 
 
 async def test_intent_parked_anew_in_the_batch_of_an_expiry_is_kept(tmp_path: Path) -> None:
     """An intent sent again right after its predecessor expired is parked with its own offset."""
     async with await Store.open(tmp_path / "db") as store:
-        [parked] = await store.append([entry(IntentReceived(marketplace_order_id=MKT, source="api"))], now=NOW)
+        [parked] = await store.journal.append([entry(IntentReceived(marketplace_order_id=MKT, source="api"))], now=NOW)
         await Processor(store, Policy()).drain()
-        [_, again] = await store.append(
+        [_, again] = await store.journal.append(
             [
                 entry(IntentExpired(marketplace_order_id=MKT, parked_offset=parked.offset or 0, ttl_s=1.0)),
                 entry(IntentReceived(marketplace_order_id=MKT, source="cli")),
@@ -267,15 +267,16 @@ async def test_intent_parked_anew_in_the_batch_of_an_expiry_is_kept(tmp_path: Pa
             now=NOW,
         )
         await Processor(store, Policy()).drain()
-        assert await store.pending_intents() == [(MKT, "cli", again.offset)]
+        assert await store.read.pending_intents() == [(MKT, "cli", again.offset)]
 
 
 async def test_expiry_leaves_a_linked_intent_alone(tmp_path: Path) -> None:
     """An expiry that arrives after the intent was linked (or parked anew) changes nothing."""
     async with await Store.open(tmp_path / "db") as store:
-        processor = Processor(store, Policy())
-        [parked] = await store.append([entry(IntentReceived(marketplace_order_id=MKT, source="api"))], now=NOW)
-        await store.append(
+        metrics = Metrics()
+        processor = Processor(store, Policy(), metrics=metrics)
+        [parked] = await store.journal.append([entry(IntentReceived(marketplace_order_id=MKT, source="api"))], now=NOW)
+        await store.journal.append(
             [
                 entry(IntentRecorded(order_id=OID, marketplace_order_id=MKT, source="api")),
                 entry(IntentExpired(marketplace_order_id=MKT, parked_offset=parked.offset or 0, ttl_s=1.0)),
@@ -283,16 +284,16 @@ async def test_expiry_leaves_a_linked_intent_alone(tmp_path: Path) -> None:
             now=NOW,
         )
         await processor.drain()
-        order = await store.load_order(OID)
-        assert order is not None and order.has_intent and await store.pending_intents() == []
-        assert processor.expired == 0
+        order = await store.read.load_order(OID)
+        assert order is not None and order.has_intent and await store.read.pending_intents() == []
+        assert metrics.sample("omsd_intents_expired_total") == 0
 
 
 async def test_notification_routes_by_marketplace_id(tmp_path: Path) -> None:
     """A result notification reaches the order whose marketplace id it names."""
     async with await Store.open(tmp_path / "db") as store:
         processor = Processor(store, Policy())
-        await store.append(
+        await store.journal.append(
             [
                 status_entry(HELD, 1),
                 entry(IntentRecorded(order_id=OID, marketplace_order_id=MKT, source="api")),
@@ -305,30 +306,30 @@ async def test_notification_routes_by_marketplace_id(tmp_path: Path) -> None:
             now=NOW,
         )
         await processor.drain()
-        order = await store.load_order(OID)
+        order = await store.read.load_order(OID)
         # It reached the order: SOI002 with no approval of omsd's in flight asks Get order.
         assert order is not None and order.phase == Phase.CHECKING and order.last_code is None
-        assert "notification SOI002 for no approval of omsd's" in (await store.history(OID))[-1].cause
+        assert "notification SOI002 for no approval of omsd's" in (await store.read.history(OID))[-1].cause
 
 
 async def test_timers_fire_once_and_survive_restart(tmp_path: Path) -> None:
     """A stored timer survives a restart and becomes exactly one TimerFired event."""
     db = tmp_path / "db"
     async with await Store.open(db) as store:
-        await store.append(
+        await store.journal.append(
             [status_entry(HELD, 1), entry(IntentRecorded(order_id=OID, marketplace_order_id=MKT, source="api"))],
             now=NOW,
         )
         await Processor(store, Policy(held_recheck_s=60)).drain()
-        due = await store.next_timer_due()
+        due = await store.outbox.next_timer_due()
         assert due is not None
     async with await Store.open(db) as store:
-        assert await store.fire_due_timers(due - timedelta(seconds=1)) == 0
-        assert await store.fire_due_timers(due) == 1
-        assert await store.fire_due_timers(due + timedelta(seconds=5)) == 0
+        assert await store.outbox.fire_due_timers(due - timedelta(seconds=1)) == 0
+        assert await store.outbox.fire_due_timers(due) == 1
+        assert await store.outbox.fire_due_timers(due + timedelta(seconds=5)) == 0
         processor = Processor(store, Policy(held_recheck_s=60))
         await processor.drain()
-        order = await store.load_order(OID)
+        order = await store.read.load_order(OID)
         assert order is not None and order.phase == Phase.CHECKING
 
 
@@ -336,16 +337,16 @@ async def test_superseded_effects_are_not_performed(tmp_path: Path) -> None:
     """A cancel that arrives before a pending approval is performed withdraws it."""
     async with await Store.open(tmp_path / "db") as store:
         processor = Processor(store, Policy())
-        await store.append(
+        await store.journal.append(
             [status_entry(FREE, 1), entry(IntentRecorded(order_id=OID, marketplace_order_id=MKT, source="api"))],
             now=NOW,
         )
         await processor.drain()
         await answer_fetch(store, FREE, t=1)
-        await store.append([status_entry("canceled", 5)], now=NOW)
+        await store.journal.append([status_entry("canceled", 5)], now=NOW)
         await processor.drain()  # both the answer (→ send) and the cancel in one batch
-        assert await store.claim_effects(10, now=NOW) == []
-        assert (await store.load_order(OID)).phase == Phase.REJECTED  # type: ignore[union-attr]
+        assert await store.outbox.claim(10, now=NOW) == []
+        assert (await store.read.load_order(OID)).phase == Phase.REJECTED  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize("start", range(SCHEMA_VERSION))
@@ -364,11 +365,11 @@ async def test_migrations_from_every_old_version(tmp_path: Path, start: int) -> 
     conn.commit()
     conn.close()
     async with await Store.open(db) as store:
-        assert await store.schema_version() == SCHEMA_VERSION
-        assert await store.last_offset() == (1 if start >= 1 else 0)
-        assert [r.version for r in await store.journal_tail()] == ([1] if start >= 1 else [])
-        assert await store.history(OID) == []
-        assert await store.unreadable_rows() == []
+        assert await store.db.schema_version() == SCHEMA_VERSION
+        assert await store.journal.last_offset() == (1 if start >= 1 else 0)
+        assert [r.version for r in await store.journal.tail()] == ([1] if start >= 1 else [])
+        assert await store.read.history(OID) == []
+        assert await store.read.unreadable_rows() == []
 
 
 async def test_newer_schema_is_refused(tmp_path: Path) -> None:
@@ -385,11 +386,11 @@ async def test_failed_acks_are_dropped_after_visibility_timeout(tmp_path: Path) 
     """Handles whose commit keeps failing are kept for retry, then dropped once VTEX has
     made their items visible again (the redelivery is deduplicated)."""
     async with await Store.open(tmp_path / "db") as store:
-        await store.append([], acks=["h1"], now=NOW)
-        assert await store.acks_failed(["h1"], "503", drop_before=NOW - timedelta(seconds=240)) == 0
-        assert await store.pending_acks() == ["h1"]
-        assert await store.acks_failed(["h1"], "503", drop_before=NOW + timedelta(seconds=1)) == 1
-        assert await store.pending_acks() == []
+        await store.journal.append([], acks=["h1"], now=NOW)
+        assert await store.journal.acks_failed(["h1"], "503", drop_before=NOW - timedelta(seconds=240)) == 0
+        assert await store.journal.pending_acks() == ["h1"]
+        assert await store.journal.acks_failed(["h1"], "503", drop_before=NOW + timedelta(seconds=1)) == 1
+        assert await store.journal.pending_acks() == []
 
 
 async def test_an_event_the_machine_cannot_apply_is_skipped_and_recorded(
@@ -404,14 +405,16 @@ async def test_an_event_the_machine_cannot_apply_is_skipped_and_recorded(
             raise RuntimeError("boom")
         return real(order, event, now, policy)  # type: ignore[arg-type]
 
-    monkeypatch.setattr("omsd.daemon.pipeline.processor.decide", flaky)
+    monkeypatch.setattr("omsd.state.apply.decide", flaky)
     async with await Store.open(tmp_path / "db") as store:
-        await store.append([status_entry(HELD, 1), status_entry("handling", 2), status_entry("canceled", 3)], now=NOW)
+        await store.journal.append(
+            [status_entry(HELD, 1), status_entry("handling", 2), status_entry("canceled", 3)], now=NOW
+        )
         processor = Processor(store, Policy())
         assert await processor.drain() == 3
-        order = await store.load_order(OID)
+        order = await store.read.load_order(OID)
         assert order is not None and order.status == "canceled"
-        causes = [h.cause for h in await store.history(OID)]
+        causes = [h.cause for h in await store.read.history(OID)]
         assert any("not applied: RuntimeError: boom" in c for c in causes)
 
 
@@ -454,12 +457,14 @@ async def test_old_version_is_upcast_before_it_is_read(tmp_path: Path, monkeypat
     )
     old = json.dumps({"kind": "resync", "order_id": OID, "why": "operator check"})
     async with await Store.open(tmp_path / "db") as store:
-        await store.append(
+        await store.journal.append(
             [NewEntry(kind="resync", source="operator", order_id=OID, payload=old, received_at=NOW, version=1)], now=NOW
         )
         await Processor(store, Policy()).drain()
-        assert await store.unreadable_rows() == []
-        assert [h.cause for h in await store.history(OID)] == ["resync (operator check) of an order without intent"]
+        assert await store.read.unreadable_rows() == []
+        assert [h.cause for h in await store.read.history(OID)] == [
+            "resync (operator check) of an order without intent"
+        ]
 
 
 def test_a_version_newer_than_known_is_unreadable() -> None:
@@ -485,7 +490,7 @@ async def journal_with_unreadable_row(db: Path, version: int, payload: dict[str,
         version=version,
     )
     async with await Store.open(db) as store:
-        await store.append([status_entry(HELD, 1), bad, status_entry("canceled", 3)], now=NOW)
+        await store.journal.append([status_entry(HELD, 1), bad, status_entry("canceled", 3)], now=NOW)
         metrics = Metrics()
         processor = Processor(store, Policy(), metrics=metrics)
         assert await processor.drain() == 3
@@ -498,17 +503,16 @@ async def test_an_unreadable_row_is_recorded_counted_and_listed(
 ) -> None:
     """An unreadable row is never skipped silently: the order's history names it, the
     processor and the metric count it, the store lists it; later rows still apply."""
-    processor, metrics = await journal_with_unreadable_row(tmp_path / "db", version, payload)
-    assert processor.unreadable == 1
+    _, metrics = await journal_with_unreadable_row(tmp_path / "db", version, payload)
     assert metrics.sample("omsd_journal_unreadable_total") == 1
     async with await Store.open(tmp_path / "db") as store:
-        order = await store.load_order(OID)
+        order = await store.read.load_order(OID)
         assert order is not None and order.status == "canceled"
-        [row] = await store.unreadable_rows()
+        [row] = await store.read.unreadable_rows()
         assert (row.journal_offset, row.kind, row.order_id) == (2, "status_changed", OID)
-        causes = [h.cause for h in await store.history(OID)]
+        causes = [h.cause for h in await store.read.history(OID)]
         assert any(c.startswith(f"journal row 2 unreadable: {row.error}") for c in causes)
-        assert (await store.stats())["unreadable"] == 1
+        assert (await store.read.stats())["unreadable"] == 1
 
 
 def test_omsd_journal_unreadable_lists_them(
@@ -529,13 +533,13 @@ async def test_a_cancelled_write_leaves_no_transaction_open(tmp_path: Path, step
     """A writer cancelled anywhere inside its transaction (even while BEGIN is in flight)
     rolls back, and the next write works: no 'transaction within a transaction'."""
     async with await Store.open(tmp_path / "db") as store:
-        task = asyncio.create_task(store.append([status_entry(HELD, 1, "E1")], acks=["h1"], now=NOW))
+        task = asyncio.create_task(store.journal.append([status_entry(HELD, 1, "E1")], acks=["h1"], now=NOW))
         for _ in range(steps):
             await asyncio.sleep(0)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        [appended] = await store.append([status_entry(FREE, 2, "E2")], now=NOW)
+        [appended] = await store.journal.append([status_entry(FREE, 2, "E2")], now=NOW)
         assert appended.offset is not None
     conn = sqlite3.connect(tmp_path / "db")
     assert conn.execute("SELECT COUNT(*) FROM journal WHERE event_id = 'E2'").fetchone()[0] == 1

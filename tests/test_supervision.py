@@ -88,16 +88,16 @@ async def test_a_failing_job_makes_the_daemon_unready_until_it_recovers(
 
         await until(lambda: _is(readyz(), 200), what="ready")
         assert daemon.store is not None
-        working = daemon.store.fire_due_timers
+        working = daemon.store.outbox.fire_due_timers
 
         async def broken(now: Any) -> int:
             raise RuntimeError("the timers table is gone")
 
-        monkeypatch.setattr(daemon.store, "fire_due_timers", broken)
+        monkeypatch.setattr(daemon.store.outbox, "fire_due_timers", broken)
         await until(lambda: "scheduled_job_timers" in daemon.health.alarms, what="alarm raised")
         assert await readyz() == 503
         assert daemon.metrics.sample("omsd_scheduled_job_failures_total", job="timers") >= 3
-        monkeypatch.setattr(daemon.store, "fire_due_timers", working)
+        monkeypatch.setattr(daemon.store.outbox, "fire_due_timers", working)
         await until(lambda: "scheduled_job_timers" not in daemon.health.alarms, what="alarm cleared")
         await until(lambda: _is(readyz(), 200), what="ready again")
 

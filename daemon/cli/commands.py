@@ -660,13 +660,13 @@ async def _approve(store: Store, args: argparse.Namespace) -> int:
         print("omsd: MARKETPLACE_ORDER_ID must not be empty", file=sys.stderr)
         return EXIT_CONFIG
     now = _now()
-    [appended] = await store.append([intake.intent_entry(mkt, args.order_id, "cli", now)], now=now)
+    [appended] = await store.journal.append([intake.intent_entry(mkt, args.order_id, "cli", now)], now=now)
     print(f"intent recorded at journal offset {appended.offset}; the running daemon will act on it")
     return EXIT_OK
 
 
 async def _init(store: Store, args: argparse.Namespace) -> int:
-    print(f"database ready at {store.path} (schema version {await store.schema_version()})")
+    print(f"database ready at {store.path} (schema version {await store.db.schema_version()})")
     return EXIT_OK
 
 
@@ -675,7 +675,7 @@ async def _replay(store: Store, args: argparse.Namespace) -> int:
     if partial and args.to_offset is not None and not args.dry_run:
         print("omsd: --to-offset rebuilds every order: it cannot go with --order or --from-offset", file=sys.stderr)
         return EXIT_CONFIG
-    meter = Meter("replayed", await store.last_offset() if args.to_offset is None else args.to_offset)
+    meter = Meter("replayed", await store.journal.last_offset() if args.to_offset is None else args.to_offset)
     try:
         # Same policy knobs as the daemon (OMSD_MAX_ATTEMPTS etc.), so the replayed
         # state is the state the daemon had.
@@ -771,7 +771,7 @@ async def _ingest(store: Store, args: argparse.Namespace) -> int:
     decisions: list[str] = []
     # With --dry-run `store` is read-only: the work happens on a scratch copy in memory.
     async with await Store.open_copy(store.path) if args.dry_run else contextlib.nullcontext(store) as target:
-        appended = await target.ingest(entries) if entries else []
+        appended = await target.journal.ingest(entries) if entries else []
         decisions = await _decisions(target)
     dups = [line.number for line, a in zip(good, appended, strict=True) if a.duplicate]
     report = {
@@ -789,15 +789,17 @@ async def _ingest(store: Store, args: argparse.Namespace) -> int:
 async def _decisions(store: Store) -> list[str]:
     """Apply what the journal holds beyond the processor's offset, as the daemon would at
     start (the effects wait in the outbox for it), and say what the machine decided."""
-    from ..pipeline.processor import Processor, Transition
+    from omsd.state.batch import Transition
 
-    before = await store.outbox_states()
+    from ..pipeline.processor import Processor
+
+    before = await store.outbox.states()
     seen: list[Transition] = []
     processor = Processor(store, load_policy(), clock=_now)
     processor.listeners.append(seen.append)
     await processor.drain()
     out = [f"{t.order_id}: {t.from_phase or 'new'} -> {t.to_phase} ({t.cause})" for t in seen]
-    calls = sorted(k for k in await store.outbox_states() if k not in before)
+    calls = sorted(k for k in await store.outbox.states() if k not in before)
     return out + [f"{order_id}: queues effect seq {seq} (a VTEX call)" for order_id, seq in calls]
 
 
@@ -820,10 +822,10 @@ def _print_ingest(report: dict[str, Any], as_json: bool) -> None:
 
 async def _export(store: Store, args: argparse.Namespace) -> int:
     order_id = mkt = args.order
-    if args.order is not None and (order := await store.find_order(args.order)) is not None:
+    if args.order is not None and (order := await store.read.find_order(args.order)) is not None:
         order_id, mkt = order.order_id, order.marketplace_order_id
     count = 0
-    async for row in store.export_rows(
+    async for row in store.journal.export(
         after=args.from_offset, order_id=order_id, marketplace_order_id=mkt, kinds=args.kind
     ):
         sys.stdout.write(ingest.export_line(row) + "\n")
@@ -836,7 +838,7 @@ async def _export(store: Store, args: argparse.Namespace) -> int:
 
 async def _append_resync(store: Store, order_id: str, reason: str) -> None:
     now = _now()
-    await store.append(
+    await store.journal.append(
         [NewEntry.of(Resync(order_id=order_id, reason=reason), source="operator", received_at=now)], now=now
     )
 
@@ -845,7 +847,7 @@ async def _unreadable(store: Store) -> int:
     table = Table(title="unreadable journal rows")
     for col in ("offset", "received", "kind", "order", "error"):
         table.add_column(col)
-    for u in await store.unreadable_rows():
+    for u in await store.read.unreadable_rows():
         table.add_row(
             str(u.journal_offset), u.received_at.isoformat(timespec="seconds"), u.kind, u.order_id or "-", u.error
         )
@@ -854,7 +856,7 @@ async def _unreadable(store: Store) -> int:
 
 
 async def _status(store: Store, args: argparse.Namespace) -> int:
-    out = {"phases": await store.phase_counts(), "outbox": await store.outbox_counts(), **await store.stats()}
+    out = {"phases": await store.read.phase_counts(), "outbox": await store.outbox.counts(), **await store.read.stats()}
     print(json.dumps(out, indent=2, sort_keys=True))
     return EXIT_OK
 
@@ -896,12 +898,12 @@ def _order_row(o: Order) -> list[str]:
 
 
 async def _orders(store: Store, args: argparse.Namespace) -> int:
-    orders = await store.list_orders(args.phase, args.limit)
+    orders = await store.read.list_orders(args.phase, args.limit)
     if args.json:
         for o in orders:
             print(o.model_dump_json())
         return EXIT_OK
-    total = await store.count_orders(args.phase)
+    total = await store.read.count_orders(args.phase)
     title = f"{total} orders" + (f" in {args.phase}" if args.phase else "")
     if len(orders) < total:
         title += f", the newest {len(orders)} shown (--limit)"
@@ -951,11 +953,11 @@ def _print_rows(rows: Iterable[JournalRow], as_json: bool) -> None:
 
 
 async def _show(store: Store, args: argparse.Namespace) -> int:
-    order = await store.find_order(args.key)
+    order = await store.read.find_order(args.key)
     if order is None:
         return await _show_parked(store, args)
-    history = await store.history(order.order_id)
-    rows = await store.journal_tail(50, order_id=order.order_id, marketplace_order_id=order.marketplace_order_id)
+    history = await store.read.history(order.order_id)
+    rows = await store.journal.tail(50, order_id=order.order_id, marketplace_order_id=order.marketplace_order_id)
     if args.json:
         view = {
             "order": order.model_dump(mode="json"),
@@ -980,7 +982,7 @@ async def _show(store: Store, args: argparse.Namespace) -> int:
 
 
 async def _show_parked(store: Store, args: argparse.Namespace) -> int:
-    parked = await store.pending_intent(args.key)
+    parked = await store.read.pending_intent(args.key)
     if parked is None:
         print(f"omsd: no order {args.key}", file=sys.stderr)
         return EXIT_FAIL
@@ -997,10 +999,10 @@ async def _journal(store: Store, args: argparse.Namespace) -> int:
         return await _unreadable(store)
     order_id = mkt = None
     if args.order is not None:
-        order = await store.find_order(args.order)
+        order = await store.read.find_order(args.order)
         if order is not None:
             order_id, mkt = order.order_id, order.marketplace_order_id
-        elif await store.journal_tail(1, marketplace_order_id=args.order):
+        elif await store.journal.tail(1, marketplace_order_id=args.order):
             mkt = args.order  # intents or notifications for a marketplace id no order is linked to
         else:
             print(f"omsd: no order {args.order}", file=sys.stderr)
@@ -1010,13 +1012,13 @@ async def _journal(store: Store, args: argparse.Namespace) -> int:
         "marketplace_order_id": mkt,
         "kind": "rejected" if args.rejected else None,
     }
-    after = await store.last_offset()
+    after = await store.journal.last_offset()
     if args.from_offset is None:
-        rows = await store.journal_tail(args.limit, **where)
+        rows = await store.journal.tail(args.limit, **where)
         _print_rows(rows, args.json)
     else:
         after = args.from_offset - 1
-        while rows := await store.journal_since(after, 1000, **where):
+        while rows := await store.journal.since(after, 1000, **where):
             _print_rows(rows, args.json)
             after = rows[-1].offset
     if args.follow:
@@ -1035,7 +1037,7 @@ async def _follow(store: Store, after: int, where: dict[str, Any], as_json: bool
         loop.add_signal_handler(sig, stop.set)
     try:
         while not stop.is_set():
-            rows = await store.journal_since(after, 1000, **where)
+            rows = await store.journal.since(after, 1000, **where)
             if rows:
                 _print_rows(rows, as_json)
                 after = rows[-1].offset
@@ -1050,7 +1052,7 @@ PARKED_WHY = "no VTEX order linked to this marketplace id yet: waits for the ord
 
 
 async def _intents(store: Store, args: argparse.Namespace) -> int:
-    parked = await store.parked_intents()
+    parked = await store.read.parked_intents()
     if args.json:
         for p in parked:
             view = {
@@ -1068,10 +1070,10 @@ async def _intents(store: Store, args: argparse.Namespace) -> int:
 
 
 async def _dead(store: Store, args: argparse.Namespace) -> int:
-    orders = await store.list_orders(Phase.DEAD.value, args.limit)
+    orders = await store.read.list_orders(Phase.DEAD.value, args.limit)
     views = []
     for o in orders:
-        why = next((h.cause for h in reversed(await store.history(o.order_id)) if h.to_phase == Phase.DEAD), None)
+        why = next((h.cause for h in reversed(await store.read.history(o.order_id)) if h.to_phase == Phase.DEAD), None)
         views.append(
             {
                 "order_id": o.order_id,
@@ -1088,7 +1090,7 @@ async def _dead(store: Store, args: argparse.Namespace) -> int:
         for v in views:
             print(json.dumps(v, sort_keys=True))
         return EXIT_OK
-    total = await store.count_orders(Phase.DEAD.value)
+    total = await store.read.count_orders(Phase.DEAD.value)
     columns = ("order", "marketplace id", "since", "attempts", "last code", "last error", "why dead")
     keys = ("order_id", "marketplace_order_id", "since", "attempts", "last_code", "last_error", "why")
     title = f"{total} dead orders" + (f", the newest {len(orders)} shown (--limit)" if len(orders) < total else "")
@@ -1098,12 +1100,12 @@ async def _dead(store: Store, args: argparse.Namespace) -> int:
 
 async def _retry(store: Store, args: argparse.Namespace) -> int:
     if args.all_dead:
-        targets = await store.list_orders(Phase.DEAD.value, limit=1_000_000)
+        targets = await store.read.list_orders(Phase.DEAD.value, limit=1_000_000)
         if not targets:
             print("no dead orders: nothing to retry")
             return EXIT_OK
     elif args.key:
-        order = await store.find_order(args.key)
+        order = await store.read.find_order(args.key)
         if order is None:
             print(f"omsd: no order {args.key}", file=sys.stderr)
             return EXIT_FAIL

@@ -183,7 +183,7 @@ async def _keep_rejected(request: web.Request, source: str, raw: Any, reason: st
         entry = intake.rejected_body(source, raw, reason, now, limit=limit)
     else:
         entry = intake.rejected(source, raw, reason, now, limit=limit)
-    await ctx.store.append([entry], now=now)
+    await ctx.store.journal.append([entry], now=now)
     ctx.metrics.rejected.labels(source=source).inc()
     if not authenticated:
         ctx.metrics.rejected_truncated.labels(source=source).inc()
@@ -283,18 +283,18 @@ async def approvals(request: web.Request) -> web.Response:
     if isinstance(req, web.Response):
         return req
     now = datetime.now(UTC)
-    [appended] = await ctx.store.append(
+    [appended] = await ctx.store.journal.append(
         [intake.intent_entry(req.marketplace_order_id, req.order_id, "api", now)], now=now
     )
     ctx.wake()
     offset = appended.offset or 0
     applied = await ctx.processor.wait_for(offset, timeout_s=2.0)
     order = (
-        await ctx.store.load_order(req.order_id)
+        await ctx.store.read.load_order(req.order_id)
         if req.order_id
-        else await ctx.store.order_by_marketplace_id(req.marketplace_order_id)
+        else await ctx.store.read.order_by_marketplace_id(req.marketplace_order_id)
     )
-    parked = order is None and await ctx.store.pending_intent(req.marketplace_order_id) is not None
+    parked = order is None and await ctx.store.read.pending_intent(req.marketplace_order_id) is not None
     log.info("approval_intent", marketplace_order_id=req.marketplace_order_id, order_id=req.order_id, offset=offset)
     return web.json_response(
         {"accepted": True, "offset": offset, "applied": applied, "waitingForLink": parked, "order": order_view(order)},
@@ -311,7 +311,7 @@ async def show_order(request: web.Request) -> web.Response:
     key = request.match_info["key"]
     if not _ORDER_KEY.fullmatch(key):
         return _error(400, "key is not an order id or a marketplace order id")
-    order = await ctx.store.find_order(key)
+    order = await ctx.store.read.find_order(key)
     if order is None:
         return _error(404, "no such order")
     return web.json_response(order_view(order))
@@ -362,7 +362,9 @@ async def _notification(request: web.Request, *, authenticated: bool) -> web.Res
     if isinstance(env, web.Response):
         return env
     now = datetime.now(UTC)
-    [appended] = await ctx.store.append([intake.notification_entry(env, now, authenticated=authenticated)], now=now)
+    [appended] = await ctx.store.journal.append(
+        [intake.notification_entry(env, now, authenticated=authenticated)], now=now
+    )
     ctx.wake()
     if authenticated and not appended.duplicate and env.flow == "ApproveOrder" and env.code not in APPROVAL_SUCCESS:
         ctx.metrics.on_approval_refused(env.code)
@@ -397,7 +399,7 @@ async def hook(request: web.Request) -> web.Response:
         await _keep_rejected(request, "hook", raw, reason)
         log.warning("hook_wrong_account", remote=request.remote)
         return _error(403, reason)
-    [appended] = await ctx.store.append([pushed.entry], now=pushed.entry.received_at)
+    [appended] = await ctx.store.journal.append([pushed.entry], now=pushed.entry.received_at)
     ctx.health.push_ok()
     if appended.duplicate:
         ctx.metrics.duplicates.labels(source="hook").inc()
@@ -430,7 +432,7 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     """200 when nothing is wrong, else 503 with the problems."""
     ctx = _ctx(request)
-    problems = ctx.health.problems(await ctx.store.writable())
+    problems = ctx.health.problems(await ctx.store.db.writable())
     if problems:
         return web.json_response({"ready": False, "problems": problems}, status=503)
     return web.json_response({"ready": True})
@@ -440,7 +442,7 @@ async def metrics(request: web.Request) -> web.Response:
     """Prometheus text, with the gauges that are read from the store refreshed first."""
     ctx = _ctx(request)
     await ctx.metrics.refresh(ctx.store, ctx.settings.db)
-    ctx.health.problems(await ctx.store.writable())
+    ctx.health.problems(await ctx.store.db.writable())
     body = ctx.metrics.render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -451,7 +453,7 @@ async def status(request: web.Request) -> web.Response:
     denied = _authorized(request, write=False)
     if denied is not None:
         return denied
-    return web.json_response({"phases": await ctx.store.phase_counts(), **await ctx.store.stats()})
+    return web.json_response({"phases": await ctx.store.read.phase_counts(), **await ctx.store.read.stats()})
 
 
 def build_app(ctx: ApiContext) -> web.Application:

@@ -160,7 +160,7 @@ class FeedPoller:
         now = self._clock()
         intakes = [intake.feed_item(item, now) for items in batches for item in items]
         acks = [i.handle for i in intakes if i.handle is not None]
-        results = await self._store.append([i.entry for i in intakes], acks=acks, now=now)
+        results = await self._store.journal.append([i.entry for i in intakes], acks=acks, now=now)
         for item, result in zip(intakes, results, strict=True):
             if result.duplicate:
                 self.stats.duplicates += 1
@@ -184,7 +184,7 @@ class FeedPoller:
         while they were in flight wait for the committer's next round, so a slow budget
         does not turn into one commit per batch (at 20 calls/s: 1,677 commits for 2,002 GETs)."""
         first = True
-        while handles := await self._store.pending_acks(limit=COMMIT_MAX * COMMITS_IN_FLIGHT):
+        while handles := await self._store.journal.pending_acks(limit=COMMIT_MAX * COMMITS_IN_FLIGHT):
             if not (first or everything) and len(handles) < COMMIT_MAX:
                 return
             first = False
@@ -199,10 +199,10 @@ class FeedPoller:
             self.stats.commit_failures += 1
             self._metrics.feed_commit_failures.inc()
             cutoff = self._clock() - timedelta(seconds=self._settings.feed_visibility_timeout_s)
-            dropped = await self._store.acks_failed(handles, str(exc), drop_before=cutoff)
+            dropped = await self._store.journal.acks_failed(handles, str(exc), drop_before=cutoff)
             log.warning("feed_commit_failed", handles=len(handles), error=str(exc), dropped=dropped)
             return False
-        await self._store.acks_done(handles)
+        await self._store.journal.acks_done(handles)
         self.stats.commits += len(handles)
         self._metrics.feed_commits.inc(len(handles))
         return True

@@ -188,12 +188,12 @@ class Metrics:
 
     async def refresh(self, store: Store, db: Path, now: datetime | None = None) -> None:
         """The gauges read from the database, before a scrape."""
-        stats = await store.stats()
+        stats = await store.read.stats()
         self.journal_offset.set(stats["last_offset"])
         self.processor_offset.set(stats["processor_offset"])
         self.parked_intents.set(stats["pending_intents"])
-        self.set_phases(await store.phase_counts())
-        oldest = await store.journal_after(stats["processor_offset"], limit=1)
+        self.set_phases(await store.read.phase_counts())
+        oldest = await store.journal.after(stats["processor_offset"], limit=1)
         now = now or datetime.now(UTC)
         self.oldest_unapplied.set(max(0.0, (now - oldest[0].received_at).total_seconds()) if oldest else 0)
         self.database_bytes.set(database_bytes(db))

@@ -52,18 +52,18 @@ async def prune(store: Store, days: float, now: datetime, *, dry_run: bool = Fal
     """Prune what has been closed and quiet since before `now - days`."""
     cutoff = now - timedelta(days=days)
     total = Pruned()
-    async with aclosing(store.prune_candidates(PRUNABLE_PHASES, cutoff, page=chunk)) as pages:
+    async with aclosing(store.retention.candidates(PRUNABLE_PHASES, cutoff, page=chunk)) as pages:
         async for order_ids in pages:
             if dry_run:
-                total.add(await store.prune_preview(order_ids))
+                total.add(await store.retention.preview(order_ids))
             else:
-                total.add(await store.prune_orders(order_ids, PRUNABLE_PHASES, cutoff))
+                total.add(await store.retention.prune(order_ids, PRUNABLE_PHASES, cutoff))
             await asyncio.sleep(0)  # let intake and the processor have the store between chunks
     if dry_run:
-        total.rejected_rows = await store.count_rejected(cutoff)
+        total.rejected_rows = await store.retention.count_rejected(cutoff)
         return Report(total, cutoff, dry_run=True)
-    total.rejected_rows = await store.prune_rejected(cutoff)
-    freed = await store.reclaim()
+    total.rejected_rows = await store.retention.prune_rejected(cutoff)
+    freed = await store.retention.reclaim()
     return Report(total, cutoff, dry_run=False, freed_bytes=freed)
 
 

@@ -70,11 +70,11 @@ class EffectRunner:
         again. An approval PUT may or may not have reached VTEX, so it is recorded as
         failed with an unknown outcome: the machine re-checks the order with Get
         order before any resend."""
-        rows = await self._store.started_effects()
+        rows = await self._store.outbox.started()
         for row in rows:
             match row.effect:
                 case FetchOrder():
-                    await self._store.requeue_effect(row.id)
+                    await self._store.outbox.requeue(row.id)
                 case SendApproval():
                     failed = ApprovalFailed(order_id=row.order_id, seq=row.seq, error=INTERRUPTED, retryable=True)
                     await self._finish(row, failed, source="recovery")
@@ -101,7 +101,7 @@ class EffectRunner:
                 self.progress()
                 self.wake.clear()
                 free = self._concurrency - len(running)
-                rows = await self._store.claim_effects(free, now=self._clock()) if free > 0 else []
+                rows = await self._store.outbox.claim(free, now=self._clock()) if free > 0 else []
                 for row in rows:
                     task = calls.create_task(self._perform(row), name=f"effect-{row.id}")
                     running.add(task)
@@ -130,7 +130,7 @@ class EffectRunner:
         cancelled meanwhile; the cancellation then goes on."""
         now = self._clock()
         entry = NewEntry.of(result, source=source, received_at=now, dedup_key=f"effect:{row.id}")
-        write = asyncio.ensure_future(self._store.finish_effect(row.id, entry, now=now))
+        write = asyncio.ensure_future(self._store.outbox.finish(row.id, entry, now=now))
         try:
             await asyncio.shield(write)
         except asyncio.CancelledError:

@@ -66,12 +66,12 @@ class ParkedIntents:
                 received_at=now,
                 dedup_key=f"expire:{offset}",
             )
-            for mkt, offset in await self._store.parked_before(now - timedelta(seconds=ttl))
+            for mkt, offset in await self._store.read.parked_before(now - timedelta(seconds=ttl))
         ]
         lookups = await self._lookups(now)
         if not entries and not lookups:
             return 0
-        results = await self._store.append([*entries, *lookups], now=now)
+        results = await self._store.journal.append([*entries, *lookups], now=now)
         added = [not r.duplicate for r in results]
         expiries, looked_up = sum(added[: len(entries)]), sum(added[len(entries) :])
         if looked_up:
@@ -85,12 +85,12 @@ class ParkedIntents:
         limit = self._lookups_per_run
         if limit == 0:
             return []
-        applied = await self._store.processor_offset()
+        applied = await self._store.read.processor_offset()
         if self._idle_at == applied:
             return []  # the orders table has not changed since no candidate was left: spare the query
-        if await self._store.link_lookups_in_flight():
+        if await self._store.outbox.link_lookups_in_flight():
             return []  # one wave at a time: the likeliest candidates' answers come first
-        candidates = await self._store.link_candidates(limit)
+        candidates = await self._store.read.link_candidates(limit)
         self._idle_at = applied if not candidates else None
         return [
             NewEntry.of(
@@ -105,14 +105,14 @@ class ParkedIntents:
 
 async def resync_waiting(store: Store, metrics: Metrics, reason: str, now: datetime) -> int:
     """Append a Resync for every order whose intent waits for a status event. Returns how many."""
-    order_ids = await store.waiting_with_intent()
+    order_ids = await store.read.waiting_with_intent()
     if not order_ids:
         return 0
     entries = [
         NewEntry.of(Resync(order_id=order_id, reason=reason), source="self_check", received_at=now)
         for order_id in order_ids
     ]
-    await store.append(entries, now=now)
+    await store.journal.append(entries, now=now)
     metrics.config_resyncs.inc(len(entries))
     log.warning("waiting_orders_resynced", reason=reason, orders=len(entries))
     return len(entries)

@@ -48,8 +48,8 @@ async def _database(db: Path) -> Result:
     except StoreError as exc:
         return Result("database", False, str(exc))
     try:
-        version = await store.schema_version()
-        writable = await store.writable()
+        version = await store.db.schema_version()
+        writable = await store.db.writable()
     finally:
         await store.close()
     if not writable:

@@ -238,7 +238,7 @@ async def _run(count: int, seed: int, timeout_s: float, console: Console, tmp: P
             with Live(_table(planned, phases, sim, False), console=console, refresh_per_second=4) as live:
                 while loop.time() < deadline:
                     assert daemon.store is not None
-                    for order in await daemon.store.list_orders(limit=10 * count):
+                    for order in await daemon.store.read.list_orders(limit=10 * count):
                         if order.marketplace_order_id:
                             phases[order.marketplace_order_id] = order.phase.value
                     live.update(_table(planned, phases, sim, False))

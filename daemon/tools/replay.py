@@ -12,19 +12,59 @@ rebuilt with the orders, so a re-issued link lookup still releases them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import gc
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from omsd.state.apply import Applier, read
+from omsd.state.batch import Batch, JournalRow
 from omsd.state.events import Resync
 from omsd.state.models import Effect, FetchOrder, Order, Policy
 from omsd.state.statuses import TERMINAL_PHASES
 from omsd.state.store import NewEntry, Store
 
-from ..pipeline.processor import Processor, Rebuilt
-
 COMPARED = ("phase", "status", "intent_source", "timer")
+
+
+@dataclass(slots=True)
+class Rebuilt:
+    """The derived state the journal up to `batch.offset` gives, computed in memory."""
+
+    batch: Batch
+    applied: int
+
+
+async def rebuild(
+    chunks: AsyncIterator[list[JournalRow]], policy: Policy, on_rows: Callable[[int], None] = lambda n: None
+) -> Rebuilt:
+    """Apply journal rows to an empty state, all in memory (`state.apply` from an empty
+    view): no store look-ups, no effects, no transitions announced. Nothing is written."""
+    applier = Applier(policy, emit_effects=False, fresh=True)
+    applied = 0
+    with _no_cycle_collection():
+        async for rows in chunks:
+            for row in rows:
+                applier.apply(row, read(row))
+            applied += len(rows)
+            on_rows(len(rows))
+    return Rebuilt(applier.finish(), applied)
+
+
+@contextlib.contextmanager
+def _no_cycle_collection() -> Iterator[None]:
+    """Pause Python's cycle collector while a rebuild holds millions of live objects:
+    each full collection walks all of them again (docs/benchmarks.md measures it), and
+    a rebuild makes no reference cycles (reference counting frees its garbage)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 class UnknownOrder(LookupError):
@@ -96,12 +136,12 @@ async def plan(
     is (a preview: up to `to_offset` when given) and leaves the processor there."""
     partial = order is not None or from_offset is not None
     if to_offset is None and partial:
-        to_offset = await store.processor_offset()
-    rebuilt = await Processor(store, policy, emit_effects=False).rebuild(store.journal_chunks(0, to_offset), on_rows)
-    stored = await store.orders_by_id()
+        to_offset = await store.read.processor_offset()
+    rebuilt = await rebuild(store.journal.chunks(0, to_offset), policy, on_rows)
+    stored = await store.read.orders_by_id()
     only = _selection(rebuilt, stored, order, from_offset) if partial else None
     result = Plan(rebuilt, only, None if partial else rebuilt.batch.offset)
-    outbox = await store.outbox_states()
+    outbox = await store.outbox.states()
     ids = sorted(only if only is not None else set(stored) | set(rebuilt.batch.orders))
     for order_id in ids:
         result.orders.append(_order_plan(order_id, stored.get(order_id), rebuilt.batch.orders.get(order_id), outbox))
@@ -115,7 +155,7 @@ def _selection(rebuilt: Rebuilt, stored: dict[str, Order], key: str | None, from
         if not found:
             raise UnknownOrder(key)
         return found
-    return {k for k, last in rebuilt.touched.items() if last >= (from_offset or 0)}
+    return {k for k, last in rebuilt.batch.touched.items() if last >= (from_offset or 0)}
 
 
 def _order_plan(
@@ -133,7 +173,7 @@ def _order_plan(
 async def apply(store: Store, result: Plan, now: datetime) -> None:
     """Write the plan: the rebuilt rows, the outbox, and a Resync per approval to re-check."""
     reissue = [e for o in result.orders for e in o.reissue]
-    await store.replace_derived(result.rebuilt.batch, only=result.only, cursor=result.cursor, reissue=reissue, now=now)
+    await store.derived.replace(result.rebuilt.batch, only=result.only, cursor=result.cursor, reissue=reissue, now=now)
     resyncs = [
         NewEntry.of(
             Resync(order_id=o.order_id, reason="replay: approval outcome unknown"), source="operator", received_at=now
@@ -142,4 +182,4 @@ async def apply(store: Store, result: Plan, now: datetime) -> None:
         if o.recheck
     ]
     if resyncs:
-        await store.append(resyncs, now=now)
+        await store.journal.append(resyncs, now=now)

@@ -1,0 +1,258 @@
+"""Applying journal rows: routing, the machine and supersession, in one pure step.
+
+`apply(rows, view, policy) -> Batch` reads each row, routes the entries that name only a
+marketplace order id (`routing.route`), runs `decide` for each event, releases parked
+intents when an order learns its marketplace id, and keeps only the effects the orders
+still wait for. No I/O: `view` is what the store held, before the batch, for every id the
+rows name (`needs` lists them), and the store writes the returned batch in one transaction.
+
+The processor, `omsd replay` (a rebuild from an empty view, over the journal in chunks)
+and `omsd ingest --dry-run` all apply rows here, so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel
+
+from . import routing
+from .batch import Batch, HistoryRow, JournalRow, Note, Transition, UnreadableRow
+from .events import (
+    Entry,
+    Event,
+    IntentExpired,
+    IntentReceived,
+    NotificationReceived,
+    OrderSnapshot,
+    UnreadableEntry,
+    read_entry,
+)
+from .machine import decide
+from .models import Order, Policy, is_superseded
+
+CAUSE_MAX = 500  # a history cause built from an error message is cut to this
+
+
+@dataclass(frozen=True, slots=True)
+class View:
+    """What the store holds, before a batch, for the ids its rows name: the orders by id,
+    the latest updated order per marketplace id, and the parked intents (source, offset)
+    by marketplace id. An id the rows name that is absent here does not exist."""
+
+    orders: Mapping[str, Order] = field(default_factory=dict)
+    by_marketplace_id: Mapping[str, Order] = field(default_factory=dict)
+    parked: Mapping[str, tuple[str, int]] = field(default_factory=dict)
+
+
+EMPTY = View()
+
+
+def read(row: JournalRow) -> Entry | str | None:
+    """The entry a row holds; why it cannot be read; None for a rejected row (kept for the record)."""
+    if row.kind == "rejected":
+        return None
+    try:
+        return read_entry(row.kind, row.version, row.payload)
+    except UnreadableEntry as exc:
+        return str(exc)
+
+
+def needs(entries: Iterable[tuple[JournalRow, Entry | str | None]]) -> tuple[set[str], set[str]]:
+    """The order ids and the marketplace ids a run of rows names: what its `View` must cover."""
+    order_ids: set[str] = set()
+    mkts: set[str] = set()
+    for row, entry in entries:
+        if row.order_id is not None:
+            order_ids.add(row.order_id)
+        if isinstance(entry, BaseModel):
+            if (order_id := getattr(entry, "order_id", None)) is not None:
+                order_ids.add(order_id)
+            mkt = entry.order.marketplace_order_id if isinstance(entry, OrderSnapshot) else None
+            if (mkt := getattr(entry, "marketplace_order_id", mkt)) is not None:
+                mkts.add(mkt)
+    return order_ids, mkts
+
+
+class Applier:
+    """Applies rows one at a time over a view and gathers the batch. `fresh`: a rebuild from
+    nothing (`omsd replay`): the view is empty and no transition is announced."""
+
+    def __init__(self, policy: Policy, view: View = EMPTY, *, emit_effects: bool = True, fresh: bool = False) -> None:
+        self._policy = policy
+        self._view = view
+        self._emit_effects = emit_effects
+        self._fresh = fresh
+        self._orders: dict[str, Order | None] = {}  # every order the batch has looked at, as it stands now
+        self._by_mkt: dict[str, str] = {}  # marketplace id -> order id, of the orders in `_orders`
+        self.batch = Batch(offset=0)
+
+    def apply(self, row: JournalRow, entry: Entry | str | None) -> None:
+        """Apply one row as `read` gave it: an entry, why it is unreadable, or None (rejected)."""
+        self.batch.offset = row.offset
+        if entry is None:
+            return
+        if isinstance(entry, str):
+            self._unreadable(row, entry)
+            return
+        match entry:
+            case NotificationReceived() | IntentReceived():
+                self._route(row, entry)
+            case IntentExpired():
+                self._expire(entry)
+            case _:
+                self._decide(row, entry)
+
+    def finish(self) -> Batch:
+        """The batch, with only the effects the orders still wait for (an effect a later
+        event of the batch superseded is never written, let alone performed)."""
+        batch = self.batch
+        batch.effects = [e for e in batch.effects if not is_superseded(batch.orders.get(e.order_id), e.seq)]
+        return batch
+
+    # ---- lookups ---------------------------------------------------------------------------
+    def _order(self, order_id: str) -> Order | None:
+        if order_id not in self._orders:
+            self._known(order_id, self._view.orders.get(order_id))
+        return self._orders[order_id]
+
+    def _known(self, order_id: str, order: Order | None) -> None:
+        self._orders[order_id] = order
+        self.batch.before[order_id] = order
+        if order is not None and order.marketplace_order_id is not None:
+            self._by_mkt.setdefault(order.marketplace_order_id, order_id)
+
+    def _by_marketplace_id(self, mkt: str) -> Order | None:
+        if (order_id := self._by_mkt.get(mkt)) is not None:
+            return self._orders[order_id]
+        found = self._view.by_marketplace_id.get(mkt)
+        if found is None:
+            return None
+        if found.order_id not in self._orders:
+            self._known(found.order_id, found)
+        return self._orders.get(found.order_id)
+
+    def _parked(self, mkt: str) -> tuple[str, int] | None:
+        """The intent parked for this marketplace id, as of this point of the batch."""
+        if (parked := self.batch.add_pending.get(mkt)) is not None:
+            return parked
+        if mkt in self.batch.remove_pending:  # released or expired earlier in this batch
+            return None
+        return self._view.parked.get(mkt)
+
+    def _note(self, event: str, level: str = "info", **fields: object) -> None:
+        self.batch.notes.append(Note(event, level, fields))
+
+    # ---- one row ----------------------------------------------------------------------------
+    def _unreadable(self, row: JournalRow, error: str) -> None:
+        """Never skipped silently: noted, kept in `unreadable`, and written to the order's
+        history when the order is known."""
+        self._note(
+            "journal_entry_unreadable", "error", offset=row.offset, kind=row.kind, order_id=row.order_id, error=error
+        )
+        self.batch.unreadable.append(UnreadableRow(row.offset, row.kind, row.order_id, error, row.received_at))
+        order = self._order(row.order_id) if row.order_id is not None else None
+        if order is not None:
+            cause = f"journal row {row.offset} unreadable: {error}"[:CAUSE_MAX]
+            self._history(order.order_id, row, order.phase, order.phase, order.status, cause)
+
+    def _route(self, row: JournalRow, entry: NotificationReceived | IntentReceived) -> None:
+        mkt = entry.marketplace_order_id
+        linked = self._by_marketplace_id(mkt)
+        parked = linked is None and self._parked(mkt) is not None
+        match routing.route(entry, linked, parked):
+            case routing.Decide(event=event):
+                self._decide(row, event)
+            case routing.Park(marketplace_order_id=mkt, source=source):
+                self.batch.add_pending[mkt] = (source, row.offset)
+                self._note("intent_parked", marketplace_order_id=mkt, source=source, offset=row.offset)
+            case routing.AlreadyParked():
+                pass
+            case routing.Unrouted(code=code):
+                self._note("notification_unrouted", offset=row.offset, marketplace_order_id=mkt, code=code)
+
+    def _expire(self, entry: IntentExpired) -> None:
+        """Drop the parked intent the entry names, unless it was linked (or parked anew) since."""
+        mkt = entry.marketplace_order_id
+        parked = self._parked(mkt)  # removals are written first: one parked anew stays
+        if parked is None or parked[1] != entry.parked_offset:
+            return
+        self.batch.add_pending.pop(mkt, None)
+        self.batch.remove_pending.add(mkt)
+        self.batch.expired += 1
+        self._note(
+            "intent_expired", "warning", marketplace_order_id=mkt, parked_at=entry.parked_offset, ttl_s=entry.ttl_s
+        )
+
+    def _decide(self, row: JournalRow, event: Event) -> None:
+        before = self._order(event.order_id)
+        try:
+            decision = decide(before, event, row.received_at, self._policy)
+        except Exception as exc:  # a bug must not stop every other order: skip this event, loudly
+            error = f"{type(exc).__name__}: {exc}"
+            self._note(
+                "event_not_applied", "error", offset=row.offset, order_id=event.order_id, kind=event.kind, error=error
+            )
+            phase = before.phase if before else None
+            cause = f"event {event.kind} not applied: {error}"[:CAUSE_MAX]
+            self._history(event.order_id, row, phase, phase or "tracking", before.status if before else None, cause)
+            return
+        after = decision.order
+        self._orders[after.order_id] = after
+        self.batch.orders[after.order_id] = after
+        self.batch.touched[after.order_id] = row.offset
+        if after.marketplace_order_id is not None:
+            self._by_mkt.setdefault(after.marketplace_order_id, after.order_id)
+        if self._emit_effects:
+            self.batch.effects.extend(decision.effects)
+        from_phase = before.phase if before is not None else None
+        if from_phase != after.phase or (before is not None and before.status != after.status):
+            cause = decision.cause or event.kind
+            self._history(after.order_id, row, from_phase, after.phase, after.status, cause)
+            if not self._fresh:
+                self.batch.transitions.append(
+                    Transition(
+                        after.order_id,
+                        row.offset,
+                        from_phase,
+                        after.phase,
+                        after.status,
+                        cause,
+                        after.intent_at,
+                        after.last_code,
+                        after.last_error,
+                    )
+                )
+        if (mkt := routing.newly_linked(before, after)) is not None:
+            self._release_parked(row, after.order_id, mkt)
+
+    def _release_parked(self, row: JournalRow, order_id: str, mkt: str) -> None:
+        parked = self._parked(mkt)
+        self.batch.add_pending.pop(mkt, None)
+        if parked is None or mkt in self.batch.remove_pending:
+            return
+        self.batch.remove_pending.add(mkt)
+        self._note("intent_linked", order_id=order_id, marketplace_order_id=mkt, parked_at=parked[1])
+        self._decide(row, routing.release(order_id, mkt, parked[0]))
+
+    def _history(
+        self, order_id: str, row: JournalRow, from_phase: str | None, to_phase: str, status: str | None, cause: str
+    ) -> None:
+        self.batch.history.append(
+            HistoryRow(order_id, row.offset, from_phase, to_phase, status, cause, row.received_at)
+        )
+
+
+def apply(
+    rows: Iterable[tuple[JournalRow, Entry | str | None]],
+    view: View,
+    policy: Policy,
+    *,
+    emit_effects: bool = True,
+) -> Batch:
+    """Apply a run of rows (as `read` gives them) over what the store holds: the batch to write."""
+    applier = Applier(policy, view, emit_effects=emit_effects)
+    for row, entry in rows:
+        applier.apply(row, entry)
+    return applier.finish()

@@ -1,0 +1,300 @@
+"""The database: one SQLite connection, its transactions, its errors and its files.
+
+Every write is one `BEGIN IMMEDIATE` transaction under the store's lock (sqlite3's
+implicit transactions are off), so coroutines sharing the connection never join each
+other's transactions. `synchronous=FULL` in WAL mode: when a write returns, it is on
+disk, which is what lets the feed poller commit a handle to VTEX right after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, Self
+
+import aiosqlite
+
+from .schema import MIGRATIONS, SCHEMA_VERSION, VACUUM_AT
+
+
+class StoreError(Exception):
+    """The database cannot be used as it is."""
+
+
+class StoreUnwritable(StoreError):
+    """The database refuses writes: the disk (or `max_page_count`) is full, the file
+    is read-only, or an I/O error. Temporary as far as omsd knows: nothing was written."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class SchemaTooNew(StoreError):
+    def __init__(self, found: int, known: int) -> None:
+        super().__init__(f"database schema version {found} is newer than this omsd knows ({known})")
+        self.found = found
+        self.known = known
+
+
+# SQLite's primary result codes that mean "cannot write now" rather than "bad SQL".
+UNWRITABLE_CODES = frozenset({sqlite3.SQLITE_FULL, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR})
+PROBE_BYTES = 8192  # more than a page: the probe needs pages of its own, as real writes do
+PROBE_HANDLE = "omsd:write-probe"  # never a VTEX handle; never committed: written and deleted at once
+FILE_MODE = 0o600
+
+
+def store_error(exc: sqlite3.Error, context: str) -> StoreError:
+    """The project's error for a sqlite3 one: StoreUnwritable when the write was refused."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None and code & 0xFF in UNWRITABLE_CODES:
+        return StoreUnwritable(str(exc))
+    return StoreError(f"{context}: {exc}")
+
+
+class Database:
+    """The connection, its lock and its transactions; the store's parts share one."""
+
+    def __init__(self, conn: aiosqlite.Connection, path: Path) -> None:
+        self.conn = conn
+        self.lock = asyncio.Lock()
+        self.path = path
+        # Told when SQLite refuses a write (with why), and when a probe writes again.
+        self.on_unwritable: Callable[[str], None] | None = None
+        self.on_writable: Callable[[], None] | None = None
+
+    # ---- lifecycle ---------------------------------------------------------------
+    @classmethod
+    async def open(cls, path: Path, *, migrate: bool = True) -> Self:
+        try:
+            _create_private(path)
+            conn = await aiosqlite.connect(path, isolation_level=None)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open database {path}: {exc}") from exc
+        conn.row_factory = sqlite3.Row
+        db = cls(conn, path)
+        try:
+            await conn.execute("PRAGMA journal_mode=WAL")
+            await conn.execute("PRAGMA synchronous=FULL")
+            await conn.execute("PRAGMA busy_timeout=5000")
+            version = await db.schema_version()
+            if version > SCHEMA_VERSION:
+                raise SchemaTooNew(version, SCHEMA_VERSION)
+            if migrate and version < SCHEMA_VERSION:
+                await db.migrate()
+            _tighten(path)
+        except sqlite3.Error as exc:
+            await conn.close()
+            raise store_error(exc, f"cannot use database {path}") from exc
+        except BaseException:
+            await conn.close()
+            raise
+        return db
+
+    @classmethod
+    async def open_readonly(cls, path: Path) -> Self:
+        """The database opened read-only (`mode=ro`): nothing this connection does can
+        change the file. For previews (`omsd replay --dry-run`); no migration. Without a
+        write-ahead log beside it (no process has it open) it is read as immutable, which
+        keeps SQLite from creating an empty `-wal` file next to it."""
+        wal = path.with_name(path.name + "-wal")
+        mode = "mode=ro" if wal.exists() else "mode=ro&immutable=1"
+        uri = f"{path.resolve().as_uri()}?{mode}"  # noqa: ASYNC240 - once, at open
+        try:
+            conn = await aiosqlite.connect(uri, uri=True, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open database {path}: {exc}") from exc
+        conn.row_factory = sqlite3.Row
+        db = cls(conn, path)
+        try:
+            version = await db.schema_version()
+        except sqlite3.Error as exc:
+            await conn.close()
+            raise StoreError(f"cannot read database {path}: {exc}") from exc
+        if version != SCHEMA_VERSION:
+            await conn.close()
+            raise StoreError(f"database schema version {version} is not {SCHEMA_VERSION}: open it once without preview")
+        return db
+
+    @classmethod
+    async def open_copy(cls, path: Path) -> Self:
+        """An in-memory copy of the database (sqlite's backup API, the file opened
+        read-only): a scratch database for previews that write (`omsd ingest --dry-run`)."""
+        source = await cls.open_readonly(path)
+        conn = await aiosqlite.connect(":memory:", isolation_level=None)
+        try:
+            await source.conn.backup(conn)
+        finally:
+            await source.close()
+        conn.row_factory = sqlite3.Row
+        return cls(conn, path)
+
+    async def close(self) -> None:
+        await self.conn.close()
+
+    async def schema_version(self) -> int:
+        async with self.conn.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def migrate(self, target: int = SCHEMA_VERSION) -> None:
+        """Apply forward migrations up to `target`, each in its own transaction."""
+        async with self.lock:
+            current = await self.schema_version()
+            for version in range(current + 1, target + 1):
+                if version == VACUUM_AT:
+                    await self._incremental_auto_vacuum()
+                await self.conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for statement in _statements(MIGRATIONS[version - 1]):
+                        await self.conn.execute(statement)
+                    await self.conn.execute(f"PRAGMA user_version={version}")
+                    await self.conn.execute("COMMIT")
+                except BaseException:
+                    await self.conn.execute("ROLLBACK")
+                    raise
+
+    async def _incremental_auto_vacuum(self) -> None:
+        """Switch the file to incremental auto-vacuum. Only a VACUUM makes the setting take
+        (even on a new file: WAL mode has written its header already). It rewrites the file:
+        instant on a new one; on an older one it needs free disk space the size of the
+        database, and without it fails and leaves the file as it was (at version 3)."""
+        await self.conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        await self.conn.execute("VACUUM")
+
+    async def set_max_pages(self, pages: int | None) -> int:
+        """Cap the database's size in pages on this connection (None: only read it).
+        Returns the current page count. For tests and operators who want headroom."""
+        async with self.lock:
+            if pages is not None:
+                await self.conn.execute(f"PRAGMA max_page_count={int(pages)}")
+            return await self.pages()
+
+    async def pages(self) -> int:
+        async with self.conn.execute("PRAGMA page_count") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def page_size(self) -> int:
+        async with self.conn.execute("PRAGMA page_size") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    # ---- transactions ------------------------------------------------------------------
+    @asynccontextmanager
+    async def tx(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One write transaction. A sqlite3 error leaves as StoreError (StoreUnwritable
+        when SQLite refused the write); nothing was written either way."""
+        async with self.lock:
+            try:
+                await self.conn.execute("BEGIN IMMEDIATE")
+                yield self.conn
+                await self.conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                await asyncio.shield(self._rollback())
+                error = store_error(exc, "database write failed")
+                if isinstance(error, StoreUnwritable) and self.on_unwritable is not None:
+                    self.on_unwritable(error.reason)
+                raise error from exc
+            except BaseException:
+                # Cancelled or failed anywhere, BEGIN and COMMIT included: aiosqlite runs
+                # statements in order on its own thread even when the awaiting task is
+                # cancelled, so a ROLLBACK queued now (shielded, under the lock) ends
+                # whatever transaction is open; "no transaction is active" is fine.
+                await asyncio.shield(self._rollback())
+                raise
+
+    async def _rollback(self) -> None:
+        with contextlib.suppress(sqlite3.OperationalError):
+            await self.conn.execute("ROLLBACK")
+
+    @asynccontextmanager
+    async def reading(self, what: str = "database read failed") -> AsyncIterator[aiosqlite.Connection]:
+        """The connection under the lock, for reads that take several statements."""
+        try:
+            async with self.lock:
+                yield self.conn
+        except sqlite3.Error as exc:
+            raise store_error(exc, what) from exc
+
+    async def rows(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        """One read statement's rows."""
+        try:
+            async with self.lock, self.conn.execute(sql, params) as cur:
+                found = await cur.fetchall()
+        except sqlite3.Error as exc:
+            raise store_error(exc, "database read failed") from exc
+        return list(found)
+
+    # ---- health ----------------------------------------------------------------------------
+    async def probe_write(self) -> str | None:
+        """Write and commit for real: a row bigger than a page (so SQLite must find
+        pages for it, as real writes do), deleted in the same transaction. None when
+        the write reached the disk, else why SQLite refused it."""
+        try:
+            async with self.tx() as conn:
+                await conn.execute(
+                    "INSERT INTO feed_acks (handle, received_at, last_error) VALUES (?, '', randomblob(?))",
+                    (PROBE_HANDLE, PROBE_BYTES),
+                )
+                await conn.execute("DELETE FROM feed_acks WHERE handle = ?", (PROBE_HANDLE,))
+        except StoreError as exc:
+            return str(exc)
+        if self.on_writable is not None:
+            self.on_writable()
+        return None
+
+    async def writable(self) -> bool:
+        """True when a real write commits."""
+        return await self.probe_write() is None
+
+
+def _create_private(path: Path) -> None:
+    """Create the database file 0600 whatever the umask. SQLite gives the -wal and
+    -shm files it creates later the mode of the database file."""
+    if str(path) == ":memory:" or path.exists():
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    try:
+        os.fchmod(fd, FILE_MODE)
+    finally:
+        os.close(fd)
+
+
+def _tighten(path: Path) -> None:
+    """Make the -wal and -shm files 0600 too, should they predate this omsd."""
+    for suffix in ("-wal", "-shm"):
+        side = path.with_name(path.name + suffix)
+        with contextlib.suppress(FileNotFoundError, PermissionError):
+            if side.stat().st_mode & 0o777 != FILE_MODE:
+                side.chmod(FILE_MODE)
+
+
+def _statements(script: str) -> list[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]
+
+
+def database_bytes(db: Path) -> float:
+    """The database's size on disk: the file and its write-ahead log."""
+    total = 0
+    for path in (db, db.with_name(db.name + "-wal")):
+        try:
+            total += os.stat(path).st_size
+        except OSError:
+            continue
+    return float(total)
+
+
+def parts(items: list[str], size: int = 500) -> list[list[str]]:
+    """`items` in slices small enough for one statement's parameters."""
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def marks(items: Sequence[object]) -> str:
+    """`?, ?, ?`: one placeholder per item."""
+    return ", ".join("?" * len(items))

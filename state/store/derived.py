@@ -1,0 +1,143 @@
+"""The derived rows: orders, their timers, their history, parked intents, unreadable rows
+and the processor's offset. Everything here can be rebuilt from the journal (`omsd
+replay`); this module is their one writer, used by the processor's commit, by a replay's
+replace and by a reset, so the three cannot write them differently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+
+import aiosqlite
+
+from ..batch import Batch, HistoryRow, UnreadableRow
+from ..models import Effect, Order
+from . import outbox
+from .db import Database
+from .rows import iso
+
+_UPSERT_ORDER = (
+    "INSERT INTO orders (order_id, marketplace_order_id, phase, status, data, updated_at) "
+    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(order_id) DO UPDATE SET "
+    "marketplace_order_id = excluded.marketplace_order_id, phase = excluded.phase, "
+    "status = excluded.status, data = excluded.data, updated_at = excluded.updated_at"
+)
+_TABLES = ("orders", "timers", "history", "pending_intents", "unreadable")
+
+
+class Derived:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def commit(self, batch: Batch, *, now: datetime) -> None:
+        """Write the processor's batch and its new offset in one transaction: the orders,
+        their new effects (the outbox), the pending effects they no longer wait for marked
+        superseded, timers, history, parked intents, unreadable rows."""
+        stamp = iso(now)
+        orders = batch.orders
+        retimed = [k for k, o in orders.items() if (p := batch.before.get(k)) is None or p.timer != o.timer]
+        async with self._db.tx() as conn:
+            await outbox.queue(conn, batch.effects, stamp)
+            await _orders(conn, orders.values(), now)
+            await outbox.supersede(conn, batch.live(), stamp)
+            await _timers(conn, orders, retimed)
+            await write_history(conn, batch.history)
+            await _parked(conn, batch.remove_pending, batch.add_pending, stamp)
+            await _unreadable(conn, batch.unreadable, stamp)
+            await _cursor(conn, batch.offset)
+
+    async def replace(
+        self, batch: Batch, *, only: set[str] | None, cursor: int | None, reissue: Sequence[Effect], now: datetime
+    ) -> None:
+        """Write a rebuilt state in one transaction: every derived row (`only` None), or
+        those of the orders in `only`. Pending or started effects their orders no longer
+        wait for are superseded; `reissue` effects are queued again."""
+        stamp = iso(now)
+        orders = {k: v for k, v in batch.orders.items() if only is None or k in only}
+        history = [h for h in batch.history if only is None or h.order_id in orders]
+        async with self._db.tx() as conn:
+            if only is None:
+                for table in _TABLES:
+                    await conn.execute(f"DELETE FROM {table}")  # noqa: S608 - fixed names
+                await _parked(conn, (), batch.add_pending, stamp)
+                await _unreadable(conn, batch.unreadable, stamp)
+            else:
+                for table in ("orders", "timers", "history"):
+                    await conn.executemany(f"DELETE FROM {table} WHERE order_id = ?", [(k,) for k in only])  # noqa: S608
+                # the rebuilt orders are linked to these marketplace ids: nothing waits parked for them
+                await _parked(
+                    conn, {o.marketplace_order_id for o in orders.values() if o.marketplace_order_id}, {}, stamp
+                )
+            await _orders(conn, orders.values(), now)
+            await _timers(conn, orders, orders)
+            await write_history(conn, history)
+            # an effect, pending or started, that its order no longer waits for is never performed
+            keys = orders if only is None else only
+            live = {k: o.inflight.seq if (o := orders.get(k)) and o.inflight else None for k in keys}
+            await outbox.supersede(conn, live, stamp, started=True, everyone=only is None)
+            await outbox.requeue_superseded(conn, reissue, stamp)
+            if cursor is not None:
+                await _cursor(conn, cursor)
+
+    async def reset(self, *, now: datetime) -> None:
+        """Forget everything derived from the journal so the processor rebuilds it. Pending
+        and started effects are superseded: a replay recomputes and re-issues what is needed."""
+        async with self._db.tx() as conn:
+            for table in _TABLES:
+                await conn.execute(f"DELETE FROM {table}")  # noqa: S608 - fixed names
+            await outbox.supersede(conn, {}, iso(now), started=True, everyone=True)
+            await _cursor(conn, 0)
+
+
+async def _orders(conn: aiosqlite.Connection, orders: Iterable[Order], now: datetime) -> None:
+    await conn.executemany(
+        _UPSERT_ORDER,
+        [
+            (o.order_id, o.marketplace_order_id, o.phase, o.status, o.model_dump_json(), iso(o.updated_at or now))
+            for o in orders
+        ],
+    )
+
+
+async def _timers(conn: aiosqlite.Connection, orders: dict[str, Order], which: Iterable[str]) -> None:
+    """The `timers` table mirrors each order's one timer: rewrite those of `which`."""
+    keys = list(which)
+    await conn.executemany("DELETE FROM timers WHERE order_id = ?", [(k,) for k in keys])
+    await conn.executemany(
+        "INSERT INTO timers (order_id, token, reason, due_at) VALUES (?, ?, ?, ?)",
+        [(k, t.token, t.reason, iso(t.due_at)) for k in keys if (t := orders[k].timer) is not None],
+    )
+
+
+async def write_history(conn: aiosqlite.Connection, rows: Iterable[HistoryRow]) -> None:
+    """History rows, inside the caller's transaction (also the one a prune's snapshot leaves)."""
+    await conn.executemany(
+        "INSERT INTO history (order_id, journal_offset, from_phase, to_phase, status, cause, at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [(h.order_id, h.journal_offset, h.from_phase, h.to_phase, h.status, h.cause, iso(h.at)) for h in rows],
+    )
+
+
+async def _parked(
+    conn: aiosqlite.Connection, remove: Iterable[str], add: dict[str, tuple[str, int]], stamp: str
+) -> None:
+    # removals first: an intent may expire and be parked anew in one batch
+    await conn.executemany("DELETE FROM pending_intents WHERE marketplace_order_id = ?", [(m,) for m in remove])
+    await conn.executemany(
+        "INSERT OR IGNORE INTO pending_intents (marketplace_order_id, source, journal_offset, created_at) "
+        "VALUES (?, ?, ?, ?)",
+        [(mkt, source, offset, stamp) for mkt, (source, offset) in add.items()],
+    )
+
+
+async def _unreadable(conn: aiosqlite.Connection, rows: Iterable[UnreadableRow], stamp: str) -> None:
+    await conn.executemany(
+        "INSERT OR REPLACE INTO unreadable (journal_offset, kind, order_id, error, received_at, found_at) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        [(u.journal_offset, u.kind, u.order_id, u.error, iso(u.received_at), stamp) for u in rows],
+    )
+
+
+async def _cursor(conn: aiosqlite.Connection, offset: int) -> None:
+    await conn.execute("UPDATE cursor SET \"offset\" = ? WHERE name = 'processor'", (offset,))

@@ -1,0 +1,153 @@
+"""`state.apply`: routing, the machine and supersession over a run of rows, pure; one row per behaviour."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from omsd.state.apply import View, apply, needs, read
+from omsd.state.batch import Batch, JournalRow
+from omsd.state.events import (
+    AnyEntry,
+    IntentExpired,
+    IntentReceived,
+    NotificationReceived,
+    current_version,
+)
+from omsd.state.models import Order, Policy
+from tests.machine_helpers import FREE, HELD, MKT, OID, T0, fetched, intent, order, status
+
+POLICY = Policy()
+
+
+def rows(*entries: AnyEntry | str) -> list[JournalRow]:
+    """Journal rows at offsets 1, 2, ...; a string is a row that does not read (bad JSON)."""
+    out = []
+    for n, e in enumerate(entries, start=1):
+        if isinstance(e, str):
+            out.append(JournalRow(n, "status_changed", "feed", OID, e, None, T0))
+        else:
+            payload = e.model_dump_json()
+            out.append(
+                JournalRow(n, e.kind, "test", getattr(e, "order_id", None), payload, None, T0, current_version(e.kind))
+            )
+    return out
+
+
+def run(*entries: AnyEntry | str, view: View | None = None) -> Batch:
+    return apply([(r, read(r)) for r in rows(*entries)], view or View(), POLICY)
+
+
+def by_mkt(o: Order) -> View:
+    return View(orders={o.order_id: o}, by_marketplace_id={MKT: o})
+
+
+def api_intent() -> IntentReceived:
+    return IntentReceived(marketplace_order_id=MKT, source="api")
+
+
+def held_notice(authenticated: bool = True) -> NotificationReceived:
+    return NotificationReceived(
+        marketplace_order_id=MKT, code="EOI011", flow="ApproveOrder", authenticated=authenticated
+    )
+
+
+@dataclass
+class Case:
+    entries: tuple[AnyEntry | str, ...]
+    view: View = field(default_factory=View)
+    parked: dict[str, tuple[str, int]] = field(default_factory=dict)
+    removed: set[str] = field(default_factory=set)
+    phase: str | None = None  # the order's phase after the batch (None: no order written)
+    effects: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    expired: int = 0
+
+
+CASES: dict[str, Case] = {
+    "an intent by marketplace id, no order linked: parked": Case(
+        (api_intent(),), parked={MKT: ("api", 1)}, notes=("intent_parked",)
+    ),
+    "an intent by marketplace id, order linked in the view: applied to it": Case(
+        (api_intent(),), view=by_mkt(order(status=FREE, held=False)), phase="checking", effects=("fetch_order",)
+    ),
+    "an intent parked already: nothing more": Case((api_intent(),), view=View(parked={MKT: ("cli", 7)})),
+    "an intent parked earlier in the batch, then its order linked by Get order: released at once": Case(
+        (api_intent(), status(HELD, t=1), fetched(HELD, seq=0, t=2)),
+        removed={MKT},
+        phase="waiting_release",
+        notes=("intent_parked", "intent_linked"),
+    ),
+    "an authenticated EOI011 notification without order: parked as an intent": Case(
+        (held_notice(),), parked={MKT: ("notification", 1)}, notes=("intent_parked",)
+    ),
+    "an unauthenticated notification: unrouted, never an intent": Case(
+        (held_notice(authenticated=False),), notes=("notification_unrouted",)
+    ),
+    "an expiry of the parked intent: dropped": Case(
+        (IntentExpired(marketplace_order_id=MKT, parked_offset=7, ttl_s=1.0),),
+        view=View(parked={MKT: ("api", 7)}),
+        removed={MKT},
+        notes=("intent_expired",),
+        expired=1,
+    ),
+    "an expiry of an intent parked anew since: nothing": Case(
+        (IntentExpired(marketplace_order_id=MKT, parked_offset=3, ttl_s=1.0),), view=View(parked={MKT: ("api", 7)})
+    ),
+    "a Get order asked, then a cancel in the same batch: the Get order is never written": Case(
+        (status(FREE, t=1), intent(), status("canceled", t=2)), phase="rejected"
+    ),
+    "a row that does not read: noted, kept, written to the known order's history": Case(
+        ("{not json",), view=View(orders={OID: order()}), notes=("journal_entry_unreadable",)
+    ),
+}
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_apply(case: Case) -> None:
+    """Each row of the table: what the batch parks, releases, writes, asks for and notes."""
+    batch = run(*case.entries, view=case.view)
+    assert batch.add_pending == case.parked
+    assert batch.remove_pending == case.removed
+    assert (batch.orders[OID].phase if OID in batch.orders else None) == case.phase
+    assert tuple(e.kind for e in batch.effects) == case.effects
+    assert tuple(n.event for n in batch.notes) == case.notes
+    assert batch.expired == case.expired
+    assert batch.offset == len(case.entries)
+
+
+def test_a_rejected_row_is_kept_and_applies_nothing() -> None:
+    """A `rejected` journal row (bad input kept for the operator) changes no order."""
+    row = JournalRow(1, "rejected", "feed", OID, '{"raw": 1}', "bad", T0)
+    batch = apply([(row, read(row))], View(), POLICY)
+    assert batch.orders == {} and batch.history == [] and batch.unreadable == []
+
+
+def test_an_unreadable_row_goes_to_the_history_of_its_order() -> None:
+    """The order's history names the row it could not read; the batch lists it as unreadable."""
+    batch = run("{not json", view=View(orders={OID: order()}))
+    [row] = batch.unreadable
+    assert row.journal_offset == 1 and row.order_id == OID
+    [history] = batch.history
+    assert history.cause.startswith("journal row 1 unreadable")
+
+
+def test_needs_names_every_id_the_rows_name() -> None:
+    """The view must cover the order ids and marketplace ids of every row, routed ones included."""
+    entries = [(r, read(r)) for r in rows(api_intent(), status(HELD), fetched(HELD, mkt="999"))]
+    assert needs(entries) == ({OID}, {MKT, "999"})
+
+
+def test_live_names_the_effect_each_order_waits_for() -> None:
+    """`Batch.live` gives the store what to supersede: every pending effect but the one in flight."""
+    batch = run(status(FREE, t=1), intent())
+    [effect] = batch.effects
+    assert batch.live() == {OID: effect.seq}
+
+
+def test_the_same_rows_over_the_same_view_give_the_same_batch() -> None:
+    """Pure: applying twice gives equal batches (a crash before the commit changes nothing)."""
+    entries: list[Any] = [api_intent(), status(HELD, t=1), fetched(HELD, seq=0, t=2), status(FREE, t=3)]
+    assert run(*entries) == run(*entries)
