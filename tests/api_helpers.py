@@ -9,9 +9,10 @@ from typing import Any
 from aiohttp.test_utils import TestClient, TestServer
 
 from omsd.daemon.config.settings import Settings
-from omsd.daemon.http.routes import ApiContext, build_app
+from omsd.daemon.http.routes import ApiContext, AppliedOffsets, build_app
 from omsd.daemon.ops.health import Health
 from omsd.daemon.ops.metrics import Metrics
+from omsd.daemon.ops.probe import StoreProbe
 from omsd.daemon.pipeline.processor import Processor
 from omsd.state.models import Policy
 from omsd.state.store import Store
@@ -108,19 +109,27 @@ class Api:
         return await self.ctx.store.journal.tail(100, kind="rejected")
 
 
-async def start(store: Store, s: Settings | None = None) -> Api:
-    s = s or settings()
-    metrics = Metrics()
-    stub = StubProcessor(store)
-    wakes: list[None] = []
-    ctx = ApiContext(
+def api_context(
+    store: Store, s: Settings, processor: AppliedOffsets, wake: Any = None, metrics: Metrics | None = None
+) -> ApiContext:
+    """The routes' context around a real store, as the daemon builds it."""
+    metrics = metrics or Metrics()
+    return ApiContext(
         settings=s,
         store=store,
-        processor=stub,
-        wake=lambda: wakes.append(None),
+        processor=processor,
+        wake=wake or (lambda: None),
         health=Health(s, metrics),
         metrics=metrics,
+        probe=StoreProbe(store.db, metrics, every_s=s.store_probe_s),
     )
+
+
+async def start(store: Store, s: Settings | None = None) -> Api:
+    s = s or settings()
+    stub = StubProcessor(store)
+    wakes: list[None] = []
+    ctx = api_context(store, s, stub, lambda: wakes.append(None))
     client: TestClient[Any, Any] = TestClient(TestServer(build_app(ctx)))
     await client.start_server()
     return Api(client, ctx, stub, wakes)

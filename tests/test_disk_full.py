@@ -106,8 +106,8 @@ async def test_full_disk_pauses_intake_and_resumes_by_itself(sim: Simulator, run
         assert status == 503 and "full" in body["error"] and headers["Retry-After"] == "1"
         status, body, _ = await get(daemon, "/healthz")
         assert status == 200 and "full" in body["database"]
-        probes = daemon.store_probes
-        await until(lambda: daemon.store_probes >= probes + 10, what="the probe keeps trying")
+        probes = refused_probes(daemon)
+        await until(lambda: refused_probes(daemon) >= probes + 10, what="the probe keeps trying")
         assert (sim.calls.get("feed_get", 0), sim.calls.get("feed_commit", 0)) == (gets, commits)
 
         await store.db.set_max_pages(1_000_000)
@@ -198,7 +198,7 @@ def test_omsd_run_exits_75_when_the_database_refuses_writes(
         raise app.DaemonFailed(error)
 
     monkeypatch.setattr(cli, "load_settings", lambda: quiet_health().settings)
-    monkeypatch.setattr(app, "run_until_signalled", failing)
+    monkeypatch.setattr(cli, "run_until_signalled", failing)
     assert cli._run(argparse.Namespace()) == code
 
 
@@ -221,8 +221,12 @@ async def test_starting_on_a_full_disk_waits_instead_of_exiting(
         order = sim.create("S1")  # into the feed VTEX keeps, once omsd configured it
         status, body, _ = await get(daemon, "/readyz")
         assert status == 503 and any("full" in p for p in body["problems"])
-        probes = daemon.store_probes
-        await until(lambda: daemon.store_probes >= probes + 10, what="the probe keeps trying")
+        probes = refused_probes(daemon)
+        await until(lambda: refused_probes(daemon) >= probes + 10, what="the probe keeps trying")
         assert sim.calls.get("feed_get", 0) == 0
         await store.db.set_max_pages(1_000_000)
         await until_tracked(daemon, order.order_id)
+
+
+def refused_probes(daemon: Any) -> float:
+    return float(daemon.metrics.sample("omsd_store_probes_total", result="refused"))

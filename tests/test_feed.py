@@ -13,10 +13,12 @@ import pytest
 from omsd.daemon.config.settings import Settings
 from omsd.daemon.intake import feed
 from omsd.daemon.intake.feed import FeedPoller
+from omsd.daemon.ops.health import Health
+from omsd.daemon.ops.metrics import Metrics
 from omsd.daemon.ops.waiting import wait_any
 from omsd.daemon.vtex.budget import Priority
 from omsd.daemon.vtex.client import ApprovalResponse, FeedConfig, HookConfig, OrderSnapshot
-from omsd.daemon.vtex.configuration import ensure_feed_config
+from omsd.daemon.vtex.configuration import VtexSetup
 from omsd.daemon.vtex.errors import AuthFailed, NotFound, VtexUnavailable
 from omsd.state.store import Store
 from tests.helpers import until
@@ -129,13 +131,24 @@ async def test_a_failed_commit_is_retried_next_round(settings: Settings) -> None
 async def test_missing_feed_config_is_created_from_settings(settings: Settings) -> None:
     """No configuration → POST with FromWorkflow, every filterable status, 240 s, 345600 s."""
     vtex = FakeVtex(settings.db, [])
-    assert await ensure_feed_config(vtex, settings)
+    recreated: list[str] = []
+
+    async def on_recreated(reason: str) -> None:
+        recreated.append(reason)
+
+    metrics = Metrics()
+    setup = VtexSetup(vtex, settings, Health(settings, metrics), metrics, on_recreated=on_recreated)
+    assert await setup.confirm_until(asyncio.Event())
     [body] = vtex.saved
     assert body["filter"]["type"] == "FromWorkflow" and len(body["filter"]["status"]) == 30
     assert body["queue"] == {"visibilityTimeoutInSeconds": 240, "MessageRetentionPeriodInSeconds": 345600}
+    assert recreated == []  # created at start-up: nothing was missed
     vtex.config = FeedConfig(raw=body)
-    assert not await ensure_feed_config(vtex, settings)
+    await setup.check()
     assert len(vtex.saved) == 1
+    vtex.config = None
+    await setup.feed_missing()
+    assert len(vtex.saved) == 2 and recreated == ["feed configuration recreated"]
 
 
 async def test_a_short_batch_is_followed_at_once_and_an_empty_one_waits(settings: Settings) -> None:
@@ -341,7 +354,10 @@ async def test_readers_that_all_find_the_feed_missing_recreate_it_once(settings:
     async with await Store.open(settings.db) as store:
         vtex = Missing(settings.db, [])
         stop = asyncio.Event()
-        task = asyncio.create_task(FeedPoller(store, vtex, four).run(stop))
+        poller = FeedPoller(store, vtex, four)
+        metrics = Metrics()
+        poller.on_missing = VtexSetup(vtex, four, Health(four, metrics), metrics).feed_missing
+        task = asyncio.create_task(poller.run(stop))
         await until(lambda: vtex.config_reads >= 4 or task.done(), timeout=10, what="every reader checked the config")
         stop.set()
         await task

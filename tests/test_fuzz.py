@@ -35,13 +35,12 @@ from hypothesis import strategies as st
 from omsd.daemon.http.routes import ApiContext, ApprovalRequest, build_app
 from omsd.daemon.intake import entries as intake
 from omsd.daemon.intake.feed import FeedPoller
-from omsd.daemon.ops.health import Health
 from omsd.daemon.ops.metrics import Metrics
 from omsd.daemon.pipeline.processor import Processor
 from omsd.state.events import read_entry
 from omsd.state.models import Policy
 from omsd.state.store import Store
-from tests.api_helpers import AUTH, NOTIFY, envelope, hook_headers, push
+from tests.api_helpers import AUTH, NOTIFY, api_context, envelope, hook_headers, push
 from tests.api_helpers import settings as api_settings
 from tests.helpers import until
 
@@ -230,14 +229,7 @@ async def fuzzed(tmp_path: Path) -> AsyncIterator[Fuzzed]:
         processor = Processor(store, Policy(), metrics=metrics)
         stop = asyncio.Event()
         task = asyncio.create_task(processor.run(stop, poll_s=0.05))
-        ctx = ApiContext(
-            settings=s,
-            store=store,
-            processor=processor,
-            wake=processor.wake.set,
-            health=Health(s, metrics),
-            metrics=metrics,
-        )
+        ctx = api_context(store, s, processor, processor.wake.set, metrics)
         ctx.reject_budget.burst = ctx.reject_budget.burst_all = 1e9  # store every reject: more to check
         client: TestClient[Any, Any] = TestClient(TestServer(build_app(ctx)))
         await client.start_server()

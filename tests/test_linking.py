@@ -125,14 +125,14 @@ async def test_self_check_that_recreates_the_feed_rechecks_waiting_orders(sim: S
     """The scheduled self-check, finding the feed configuration gone, re-checks every order
     waiting for a release (and only those)."""
     async with run_daemon(sim, **hooked(source="both", poll_interval_s=3600, self_check_s=3600)) as daemon:
-        assert daemon.self_check is not None and daemon.store is not None
+        assert daemon.setup is not None and daemon.store is not None
         order = sim.create("S1", held=True, decision=None)
         idle = sim.create("S2", held=True, decision=None)
         await until(lambda: order.status == HELD and idle.status == HELD, what="held")
         await approve(daemon, "S1", order.order_id)
         await until(reached(daemon, order.order_id, Phase.WAITING_RELEASE), what="omsd waits")
         sim.feed_config = None
-        await daemon.self_check.run_once()
+        await daemon.setup.check()
         assert sim.feed_config is not None
         store = daemon.store
 

@@ -16,10 +16,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from omsd.daemon.config.settings import Settings
-from omsd.daemon.http.routes import ApiContext, build_app
+from omsd.daemon.http.routes import build_app
 from omsd.daemon.ops import logs
-from omsd.daemon.ops.health import Health
-from omsd.daemon.ops.metrics import Metrics
 from omsd.daemon.tools.check import run_checks
 from omsd.sim.server import Simulator
 from omsd.state.events import NotificationReceived, ResultNotified, Resync, read_entry
@@ -27,6 +25,7 @@ from omsd.state.machine import decide
 from omsd.state.models import FetchOrder, Inflight, Order
 from omsd.state.statuses import Phase
 from omsd.state.store import NewEntry, Store
+from tests.api_helpers import api_context
 from tests.api_helpers import settings as api_settings
 from tests.helpers import API_TOKEN, until
 from tests.machine_helpers import MKT, OID, at, order
@@ -48,10 +47,7 @@ class _Applied:
 
 
 async def client_for(store: Any, s: Settings) -> TestClient[Any, Any]:
-    metrics = Metrics()
-    ctx = ApiContext(
-        settings=s, store=store, processor=_Applied(), wake=lambda: None, health=Health(s, metrics), metrics=metrics
-    )
+    ctx = api_context(store, s, _Applied())
     client: TestClient[Any, Any] = TestClient(TestServer(build_app(ctx)))
     await client.start_server()
     return client

@@ -133,10 +133,10 @@ async def test_self_check_recreates_deleted_configs(sim: Simulator, run_daemon: 
     """VTEX deletes the feed and hook configurations after inactivity: the self-check
     notices and recreates both."""
     async with run_daemon(sim, **hooked(source="both")) as daemon:
-        assert daemon.self_check is not None
+        assert daemon.setup is not None
         sim.feed_config = None
         sim.hook_config = None
-        await daemon.self_check.run_once()
+        await daemon.setup.check()
         assert sim.feed_config is not None and sim.hook_config is not None
 
 
@@ -144,7 +144,7 @@ async def test_readiness_and_the_queue_age_alarm(sim: Simulator, run_daemon: Any
     """/readyz is 200 when all is well, 503 naming the alarm when the feed's oldest
     message nears the retention limit, and 200 again once it clears."""
     async with run_daemon(sim, queue_age_alarm_s=0.3) as daemon, aiohttp.ClientSession() as s:
-        assert daemon.self_check is not None
+        assert daemon.setup is not None
         async with s.get(f"{daemon.url}/readyz") as resp:
             assert resp.status == 200
         sim.faults.refuse_commits = 10_000
@@ -152,7 +152,7 @@ async def test_readiness_and_the_queue_age_alarm(sim: Simulator, run_daemon: Any
         sim.queue.visibility_timeout_s = 60
         sim.create("AGE1", held=True, decision=None)
         await until(lambda: len(sim.queue.messages) > 0 and sim.queue.oldest_age_s() > 0.4, what="old message")
-        await daemon.self_check.run_once()
+        await daemon.setup.check()
         async with s.get(f"{daemon.url}/readyz") as resp:
             body = await resp.json()
             assert resp.status == 503
@@ -163,7 +163,7 @@ async def test_readiness_and_the_queue_age_alarm(sim: Simulator, run_daemon: Any
         assert "omsd_feed_queue_messages" in text
         sim.faults.refuse_commits = 0
         sim.queue.messages.clear()
-        await daemon.self_check.run_once()
+        await daemon.setup.check()
         async with s.get(f"{daemon.url}/readyz") as resp:
             assert resp.status == 200
 

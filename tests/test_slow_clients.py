@@ -62,7 +62,7 @@ async def test_slow_headers_and_bodies_are_cut_off_while_others_are_served(
             assert await _until_closed(reader) == b""
         for reader, _ in bodies:
             assert (await _until_closed(reader)).startswith(b"HTTP/1.1 408")
-        assert daemon.guard is not None and daemon.guard.timed_out >= 55
+        assert daemon.http.guard is not None and daemon.http.guard.timed_out >= 55
         for _, writer in headers + bodies:
             writer.close()
         await _answers(daemon)
@@ -71,7 +71,7 @@ async def test_slow_headers_and_bodies_are_cut_off_while_others_are_served(
 async def test_connections_beyond_the_cap_are_closed_at_once(sim: Simulator, run_daemon: RunDaemon) -> None:
     """With the cap reached, a new connection is closed at once; a freed slot serves again."""
     async with run_daemon(sim, http_max_connections=3, http_read_timeout_s=60) as daemon:
-        guard = daemon.guard
+        guard = daemon.http.guard
         assert guard is not None
         idle = [await _open(daemon, b"") for _ in range(3)]
         await until(lambda: guard.open == 3, what="three connections open")

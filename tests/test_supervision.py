@@ -79,8 +79,9 @@ async def test_omsd_run_exits_1_with_one_fatal_line(sim: Simulator, tmp_path: Pa
 async def test_a_failing_job_makes_the_daemon_unready_until_it_recovers(
     sim: Simulator, run_daemon: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The timers job failing run after run raises its alarm and fails /readyz; it clears when the job works again."""
-    async with run_daemon(sim) as daemon:
+    """A scheduled job (the parked intents' one) failing run after run raises its alarm and
+    fails /readyz; it clears when the job works again."""
+    async with run_daemon(sim, link_interval_s=0.05) as daemon:
 
         async def readyz() -> int:
             async with aiohttp.ClientSession() as s, s.get(f"{daemon.url}/readyz") as resp:
@@ -88,18 +89,41 @@ async def test_a_failing_job_makes_the_daemon_unready_until_it_recovers(
 
         await until(lambda: _is(readyz(), 200), what="ready")
         assert daemon.store is not None
-        working = daemon.store.outbox.fire_due_timers
+        working = daemon.store.read.parked_before
 
-        async def broken(now: Any) -> int:
-            raise RuntimeError("the timers table is gone")
+        async def broken(cutoff: Any) -> list[tuple[str, int]]:
+            raise RuntimeError("the pending_intents table is gone")
 
-        monkeypatch.setattr(daemon.store.outbox, "fire_due_timers", broken)
-        await until(lambda: "scheduled_job_timers" in daemon.health.alarms, what="alarm raised")
+        monkeypatch.setattr(daemon.store.read, "parked_before", broken)
+        await until(lambda: "scheduled_job_parked_intents" in daemon.health.alarms, what="alarm raised")
         assert await readyz() == 503
-        assert daemon.metrics.sample("omsd_scheduled_job_failures_total", job="timers") >= 3
-        monkeypatch.setattr(daemon.store.outbox, "fire_due_timers", working)
-        await until(lambda: "scheduled_job_timers" not in daemon.health.alarms, what="alarm cleared")
+        assert daemon.metrics.sample("omsd_scheduled_job_failures_total", job="parked_intents") >= 3
+        monkeypatch.setattr(daemon.store.read, "parked_before", working)
+        await until(lambda: "scheduled_job_parked_intents" not in daemon.health.alarms, what="alarm cleared")
         await until(lambda: _is(readyz(), 200), what="ready again")
+
+
+async def test_a_timer_firing_that_fails_stops_the_daemon(
+    sim: Simulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The timer alarm is a supervised loop: an unexpected error in it is fatal (logged once,
+    DaemonFailed), never swallowed; the timer stays in the database for the next start."""
+
+    daemon = Daemon(fast_settings(sim, tmp_path / "omsd.db", free_port()))
+    stop = asyncio.Event()
+    task = asyncio.create_task(daemon.run(stop))
+    await until(daemon.ready.is_set, what="ready")
+    assert daemon.store is not None
+
+    async def broken(now: Any) -> int:
+        raise RuntimeError("the timers table is gone")
+
+    monkeypatch.setattr(daemon.store.outbox, "fire_due_timers", broken)
+    order = sim.create("T1", held=True, decision=None)
+    status, _ = await approve(daemon, order.marketplace_order_id, order.order_id)  # held: a re-check timer
+    assert status == 202
+    with pytest.raises(DaemonFailed, match="timers table"):
+        await asyncio.wait_for(task, timeout=60)
 
 
 async def _is(status: Any, expected: int) -> bool:

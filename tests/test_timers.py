@@ -6,7 +6,7 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from omsd.daemon.ops.waiting import Alarm
+from omsd.daemon.pipeline.timers import Alarm
 from omsd.sim.server import Simulator
 from omsd.state.statuses import Phase
 from tests.helpers import approve, reached, until
@@ -47,9 +47,9 @@ async def test_alarm_set_while_idle_wakes_it() -> None:
         await task
 
 
-async def test_a_retry_timer_fires_when_due_not_at_the_next_tick(sim: Simulator, run_daemon: Any) -> None:
-    """With the `timers` job ticking once a minute, a short re-check timer still fires when due."""
-    async with run_daemon(sim, timer_tick_s=60, eoi008_recheck_s=0.05) as daemon:
+async def test_a_retry_timer_fires_when_due(sim: Simulator, run_daemon: Any) -> None:
+    """A short re-check timer fires when due (the alarm is the only timer mechanism)."""
+    async with run_daemon(sim, eoi008_recheck_s=0.05) as daemon:
         order_id = "MKP-T1-01"  # the id the simulator will give marketplace order T1
         await approve(daemon, "T1", order_id)  # VTEX does not know it yet: Get order 404, re-check timer
         await until(reached(daemon, order_id, Phase.RETRY_WAIT), what="waiting to re-check")

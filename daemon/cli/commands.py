@@ -473,7 +473,7 @@ def _reader_gone() -> int:
 def _run(args: argparse.Namespace) -> int:
     settings = load_settings()
     logs.configure(settings.log_level, settings.log_format)
-    from ..app import DaemonFailed, run_until_signalled
+    from ..app import DaemonFailed
 
     try:
         asyncio.run(run_until_signalled(settings))
@@ -487,6 +487,21 @@ def _run(args: argparse.Namespace) -> int:
         # logged once as `omsd_fatal`
         return EXIT_TEMPFAIL if isinstance(exc.error, StoreUnwritable) else EXIT_FAIL
     return EXIT_OK
+
+
+async def run_until_signalled(settings: Settings) -> None:
+    """`omsd run`: until SIGTERM or SIGINT, then drain and return; DaemonFailed on a fatal error."""
+    from ..app import Daemon
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await Daemon(settings).run(stop)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
 
 
 def _vtex_config_command(args: argparse.Namespace) -> int:

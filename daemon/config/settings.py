@@ -102,7 +102,6 @@ class Settings(PolicySettings):
 
     # Runtime
     effect_concurrency: int = Field(default=32, ge=1, le=64)  # calls claimed at once, most waiting for the budget
-    timer_tick_s: float = Field(default=1.0, gt=0, le=60)
     shutdown_grace_s: float = Field(default=10.0, ge=0, le=600)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"

@@ -66,6 +66,15 @@ class AppliedOffsets(Protocol):
     async def wait_for(self, offset: int, timeout_s: float) -> bool: ...
 
 
+class Probe(Protocol):
+    """Whether the database takes writes (`ops.probe.StoreProbe`): `ok` is the last answer,
+    `fresh()` one at most a second old."""
+
+    ok: bool
+
+    async def fresh(self) -> bool: ...
+
+
 @dataclass
 class RejectBudget:
     """Token buckets, one per client address and one for all, that bound how many rejected
@@ -110,6 +119,7 @@ class ApiContext:
     wake: Callable[[], None]
     health: Health
     metrics: Metrics
+    probe: Probe
     reject_budget: RejectBudget = field(default_factory=RejectBudget)
 
 
@@ -430,19 +440,21 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """200 when nothing is wrong, else 503 with the problems."""
+    """200 when nothing is wrong, else 503 with the problems. Writes at most one probe a
+    second, whoever asks and however often."""
     ctx = _ctx(request)
-    problems = ctx.health.problems(await ctx.store.db.writable())
+    problems = ctx.health.problems(await ctx.probe.fresh())
+    ctx.metrics.ready.set(0 if problems else 1)
     if problems:
         return web.json_response({"ready": False, "problems": problems}, status=503)
     return web.json_response({"ready": True})
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus text, with the gauges that are read from the store refreshed first."""
+    """Prometheus text, with the gauges that are read from the store refreshed first. Reads only."""
     ctx = _ctx(request)
     await ctx.metrics.refresh(ctx.store, ctx.settings.db)
-    ctx.health.problems(await ctx.store.db.writable())
+    ctx.metrics.ready.set(0 if ctx.health.problems(ctx.probe.ok) else 1)
     body = ctx.metrics.render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

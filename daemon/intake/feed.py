@@ -39,7 +39,6 @@ from ..ops.logs import get_logger
 from ..ops.metrics import Metrics
 from ..ops.waiting import wait_any
 from ..vtex.client import VtexApi
-from ..vtex.configuration import ensure_feed_config
 from ..vtex.errors import AuthFailed, NotFound, VtexError
 from . import entries as intake
 
@@ -130,8 +129,8 @@ class FeedPoller:
         self._metrics = metrics or Metrics()
         self._health = health
         self.stats = FeedStats()
-        self.on_config_recreated: Callable[[str], Awaitable[None]] | None = None
-        self._recreating = asyncio.Lock()
+        # Told when VTEX answers 404: it has no feed configuration (deleted after inactivity).
+        self.on_missing: Callable[[], Awaitable[None]] | None = None
 
     async def poll_once(self) -> int:
         """One round: flush old commits, read a batch, journal it, commit it.
@@ -357,17 +356,8 @@ class FeedPoller:
         except NotFound:
             self.stats.poll_failures += 1
             log.error("feed_not_configured", hint="omsd recreates it")
-            if self._health is not None:
-                self._health.feed_config_ok = False
-            try:
-                async with self._recreating:  # one reader recreates it; the others then find it
-                    recreated = await ensure_feed_config(self._vtex, self._settings, self._health)
-                if recreated and self.on_config_recreated is not None:
-                    await self.on_config_recreated("feed configuration recreated")
-            except AuthFailed:
-                raise
-            except VtexError as exc:
-                log.error("feed_config_recreate_failed", error=str(exc))
+            if self.on_missing is not None:
+                await self.on_missing()
             return []
         except AuthFailed:
             raise  # fatal: the process exits non-zero and its supervisor restarts it

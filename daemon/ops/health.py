@@ -84,5 +84,4 @@ class Health:
         ):
             out.append("no push and no successful VTEX check recently")
         out.extend(f"alarm {name}: {detail}" for name, detail in sorted(self.alarms.items()))
-        self.metrics.ready.set(0 if out else 1)
         return out

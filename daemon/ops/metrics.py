@@ -141,6 +141,9 @@ class Metrics:
         self.link_lookups = Counter(
             "omsd_link_lookups", "Get orders asked to link a parked intent's marketplace id", registry=r
         )
+        self.store_probes = Counter(
+            "omsd_store_probes", "Write probes of the database, by result (ok, refused)", ["result"], registry=r
+        )
         self.config_resyncs = Counter(
             "omsd_config_resyncs", "Orders re-checked because a feed or hook configuration was recreated", registry=r
         )

@@ -103,3 +103,13 @@ async def watchdog_loop(notifier: Notifier, progress: Progress, stop: asyncio.Ev
             notifier.watchdog()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=interval)
+
+
+def status_line(counts: dict[str, int], offset: int, alarms: dict[str, str]) -> str:
+    """The STATUS= line systemd shows: approvals open and closed, the processor's offset, alarms."""
+    open_ = sum(n for phase, n in counts.items() if phase not in ("tracking", "approved", "rejected", "dead"))
+    named = ", ".join(sorted(alarms)) or "none"
+    return (
+        f"{open_} approvals open, {counts.get('approved', 0)} approved, {counts.get('dead', 0)} dead; "
+        f"offset {offset}; alarms: {named}"
+    )

@@ -92,7 +92,6 @@ def demo_settings(sim: Simulator, db: Path, port: int, api_token: str) -> Settin
         retry_base_s=0.2,
         retry_cap_s=2.0,
         eoi008_recheck_s=1.0,
-        timer_tick_s=0.2,
         http_timeout_s=5.0,
         rate_limited_wait_s=1.0,
         shutdown_grace_s=5.0,

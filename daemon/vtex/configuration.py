@@ -1,9 +1,11 @@
 """Keeping VTEX's side configured: the feed and hook configurations omsd wants, what
-differs from what VTEX has, and the scheduled self-check that recreates them when
-VTEX deletes them after inactivity and watches the feed queue's age."""
+differs from what VTEX has (for `omsd feed|hook config` and `omsd check`), and `VtexSetup`,
+the one component that creates them: at start-up, when the feed finds its configuration
+gone, and in the scheduled self-check (which also watches the feed queue's age)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -11,6 +13,7 @@ from ..config.settings import Settings
 from ..ops.health import Health
 from ..ops.logs import get_logger
 from ..ops.metrics import Metrics
+from ..ops.waiting import wait_any
 from .client import FeedConfig, HookConfig, VtexApi, feed_config_body, hook_config_body
 from .errors import AuthFailed, VtexError
 
@@ -90,67 +93,76 @@ def hook_plan(current: HookConfig | None, settings: Settings) -> list[str]:
     return changes
 
 
-async def ensure_feed_config(vtex: VtexApi, settings: Settings, health: Health | None = None) -> bool:
-    """Create the feed configuration when VTEX has none. Returns True when created."""
-    config = await vtex.get_feed_config()
-    created = False
-    if config is None:
-        await vtex.save_feed_config(feed_config_body(settings))
-        log.info("feed_config_created", statuses=len(settings.feed_statuses))
-        created = True
-    else:
-        missing = missing_statuses(config.filter_type, config.statuses)
-        if missing:
-            log.warning("feed_filter_misses_statuses", missing=missing)
-    if health is not None:
-        health.feed_config_ok = True
-    return created
+class VtexSetup:
+    """The one component that keeps VTEX's side configured. It confirms (or creates) the
+    feed and hook configurations at start-up (`confirm_until`), recreates one the moment it
+    is found missing (`feed_missing`, from the feed's 404), and checks both on a schedule
+    (`check`: also the feed queue's age). Every creation goes through `_ensure`: a
+    configuration VTEX deleted after inactivity is recreated, logged and reported once
+    (`on_recreated`: VTEX produced no events while it was gone)."""
 
-
-async def ensure_hook_config(vtex: VtexApi, settings: Settings, health: Health | None = None) -> bool:
-    """Create the hook configuration when VTEX has none (VTEX pings omsd's hook route
-    first, so the HTTP server must be up). Returns True when created."""
-    config = await vtex.get_hook_config()
-    created = False
-    if config is None:
-        await vtex.save_hook_config(hook_config_body(settings))
-        log.info("hook_config_created", url=settings.hook_endpoint)
-        created = True
-    elif changes := hook_plan(config, settings):
-        log.warning("hook_config_differs", changes=changes)
-    if health is not None:
-        health.hook_config_ok = True
-    return created
-
-
-class SelfCheck:
-    """The scheduled job: configurations still there? the feed queue not too old?"""
-
-    def __init__(self, vtex: VtexApi, settings: Settings, health: Health, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        vtex: VtexApi,
+        settings: Settings,
+        health: Health,
+        metrics: Metrics,
+        *,
+        on_recreated: Callable[[str], Awaitable[None]] | None = None,
+    ) -> None:
         self._vtex = vtex
         self._settings = settings
         self._health = health
         self._metrics = metrics
-        # Called when a configuration VTEX had deleted was recreated (events were lost meanwhile).
-        self.on_recreated: Callable[[str], Awaitable[None]] | None = None
+        self.on_recreated = on_recreated
+        self._creating = asyncio.Lock()  # one creation at a time (the feed's readers all meet the 404)
 
-    async def recreated(self, what: str) -> None:
-        if self.on_recreated is not None:
-            await self.on_recreated(f"{what} configuration recreated")
+    async def confirm_until(self, stop: asyncio.Event, notify: Callable[[str], None] = lambda text: None) -> bool:
+        """At start-up: confirm (or create) the configurations. Retried with a growing
+        delay until it works or omsd is stopped; refused credentials are fatal (AuthFailed
+        leaves). False when stopped first."""
+        delay = 1.0
+        while not stop.is_set():
+            notify("checking VTEX's configuration")
+            try:
+                if self._settings.uses_feed:
+                    await self._ensure("feed", recreating=False)
+                if self._settings.uses_hook:
+                    await self._ensure("hook", recreating=False)
+                self._health.last_self_check_ok = self._health.clock()
+                return True
+            except AuthFailed:
+                raise
+            except VtexError as exc:
+                log.warning("vtex_config_check_failed", error=str(exc), retry_in_s=delay)
+                notify(f"waiting for VTEX: {exc}")
+            await wait_any(stop, within_s=delay)
+            delay = min(30.0, delay * 2)
+        return False
 
-    async def run_if_waiting(self, waiting: Callable[[], Awaitable[int]]) -> None:
+    async def feed_missing(self) -> None:
+        """The feed answered 404: VTEX has no configuration any more. Recreate it now."""
+        self._health.feed_config_ok = False
+        try:
+            await self._ensure("feed", recreating=True)
+        except AuthFailed:
+            raise
+        except VtexError as exc:
+            log.error("feed_config_recreate_failed", error=str(exc))
+
+    async def check_if_waiting(self, waiting: Callable[[], Awaitable[int]]) -> None:
         """The hook-only check run more often: only while intents wait for events."""
         if await waiting():
-            await self.run_once()
+            await self.check()
 
-    async def run_once(self) -> None:
+    async def check(self) -> None:
+        """The scheduled self-check: both configurations still there? the feed queue not too old?"""
         s = self._settings
         try:
-            if s.uses_feed:
-                await self._check_feed()
-            if s.uses_hook and await ensure_hook_config(self._vtex, s, self._health):
-                log.warning("hook_config_recreated", reason="VTEX had no hook configuration")
-                await self.recreated("hook")
+            if s.uses_feed and (config := await self._ensure("feed", recreating=True)) is not None:
+                self._queue_age(config)
+            if s.uses_hook:
+                await self._ensure("hook", recreating=True)
             self._health.clear_alarm("vtex_auth")
         except AuthFailed as exc:
             self._health.raise_alarm("vtex_auth", str(exc))
@@ -160,16 +172,41 @@ class SelfCheck:
             return
         self._health.last_self_check_ok = self._health.clock()
 
-    async def _check_feed(self) -> None:
-        config = await self._vtex.get_feed_config()
-        if config is None:
-            self._health.feed_config_ok = False
-            await self._vtex.save_feed_config(feed_config_body(self._settings))
+    async def _ensure(self, kind: str, *, recreating: bool) -> FeedConfig | None:
+        """Create the `kind` configuration when VTEX has none; say what differs otherwise.
+        Returns the feed configuration VTEX had (None when it had none, and for the hook)."""
+        async with self._creating:
+            s = self._settings
+            feed = await self._vtex.get_feed_config() if kind == "feed" else None
+            hook = await self._vtex.get_hook_config() if kind == "hook" else None
+            if feed is None and hook is None:
+                if kind == "feed":
+                    await self._vtex.save_feed_config(feed_config_body(s))
+                else:
+                    await self._vtex.save_hook_config(hook_config_body(s))
+                self._confirmed(kind)
+                if not recreating:
+                    what = {"statuses": len(s.feed_statuses)} if kind == "feed" else {"url": s.hook_endpoint}
+                    log.info(f"{kind}_config_created", **what)
+                    return None
+                log.warning(f"{kind}_config_recreated", reason=f"VTEX had no {kind} configuration")
+                if self.on_recreated is not None:
+                    await self.on_recreated(f"{kind} configuration recreated")
+                return None
+            self._confirmed(kind)
+            if feed is not None and (missing := missing_statuses(feed.filter_type, feed.statuses)):
+                log.warning("feed_filter_misses_statuses", missing=missing)
+            if hook is not None and (changes := hook_plan(hook, s)):
+                log.warning("hook_config_differs", changes=changes)
+            return feed
+
+    def _confirmed(self, kind: str) -> None:
+        if kind == "feed":
             self._health.feed_config_ok = True
-            log.warning("feed_config_recreated", reason="VTEX had no feed configuration")
-            await self.recreated("feed")
-            return
-        self._health.feed_config_ok = True
+        else:
+            self._health.hook_config_ok = True
+
+    def _queue_age(self, config: FeedConfig) -> None:
         quantity, age = config.quantity, config.oldest_age_s
         if quantity is not None:
             self._metrics.queue_messages.set(quantity)
@@ -185,6 +222,3 @@ class SelfCheck:
             )
         else:
             self._health.clear_alarm("feed_queue_age")
-        missing = missing_statuses(config.filter_type, config.statuses)
-        if missing:
-            log.warning("feed_filter_misses_statuses", missing=missing)

@@ -1,0 +1,89 @@
+"""omsd's HTTP server: its routes behind the connection guard and the database's state.
+
+The listening socket is asyncio's own (not aiohttp's TCPSite) so that every connection
+goes through the guard (`guard.py`: read deadlines, a cap); it closes before the runner
+cleans up. While the database refuses writes every POST (all of them write) answers 503
+with Retry-After, and /healthz says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+
+from aiohttp import web
+
+from omsd.state.store import StoreUnwritable
+
+from ..config.settings import ConfigError, Settings
+from ..ops.health import Health
+from .guard import ConnectionGuard, install_accept_error_handler
+from .routes import ApiContext, build_app
+
+
+class HttpServer:
+    def __init__(self, settings: Settings, health: Health) -> None:
+        self._settings = settings
+        self._health = health
+        self.guard: ConnectionGuard | None = None
+        self.url = ""
+
+    async def start(self, stack: AsyncExitStack, ctx: ApiContext) -> str:
+        """Listen on OMSD_LISTEN until `stack` closes; returns the server's URL."""
+        s = self._settings
+        loop = asyncio.get_running_loop()
+        previous = loop.get_exception_handler()
+        install_accept_error_handler(loop)
+        stack.callback(loop.set_exception_handler, previous)
+        guard = self.guard = ConnectionGuard(
+            read_timeout_s=s.http_read_timeout_s, max_connections=s.http_max_connections
+        )
+        app = build_app(ctx)
+        app.middlewares.append(guard.middleware)
+        app.middlewares.append(self._store_state)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0, keepalive_timeout=s.http_keepalive_s)
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        assert runner.server is not None
+        try:
+            server = await loop.create_server(guard.factory(runner.server), s.listen_host, s.listen_port)
+        except OSError as exc:  # in use, not an address of this machine, a privileged port
+            raise ConfigError(
+                f"OMSD_LISTEN: cannot listen on {s.listen}: {os.strerror(exc.errno) if exc.errno else exc}"
+            ) from None
+        stack.push_async_callback(_close, server)
+        sockets = server.sockets
+        port = sockets[0].getsockname()[1] if sockets else s.listen_port
+        self.url = f"http://{s.listen_host}:{port}"
+        return self.url
+
+    @web.middleware
+    async def _store_state(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """While the database refuses writes: 503 with Retry-After for every POST, and
+        /healthz says why. A write refused meanwhile: 503 too."""
+        problem = self._health.store_problem
+        if problem is not None and request.method == "POST":
+            return self._unavailable(problem)
+        try:
+            response = await handler(request)
+        except StoreUnwritable as exc:
+            return self._unavailable(exc.reason)
+        if problem is not None and request.path == "/healthz" and response.status == 200:
+            return web.json_response({"status": "ok", "intake": "paused", "database": problem})
+        return response
+
+    def _unavailable(self, reason: str) -> web.Response:
+        retry = str(math.ceil(self._settings.store_probe_s))
+        return web.json_response(
+            {"error": f"database not writable: {reason}"}, status=503, headers={"Retry-After": retry}
+        )
+
+
+async def _close(server: asyncio.Server) -> None:
+    server.close()
+    await server.wait_closed()
