@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 
 from omsd.daemon.app import Daemon
-from omsd.daemon.cli.commands import main
+from omsd.daemon.cli import main
 from omsd.daemon.config.settings import Settings
 from omsd.daemon.ops.health import Health
 from omsd.daemon.ops.metrics import Metrics

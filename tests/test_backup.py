@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from omsd.daemon.app import Daemon
-from omsd.daemon.cli.commands import main
+from omsd.daemon.cli import main
 from omsd.sim.server import Simulator
 from omsd.state.statuses import Phase
 from omsd.state.store import Store

@@ -71,7 +71,7 @@ def test_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]) 
     """`omsd --version` prints `omsd <version>` from the installed package and exits 0."""
     from importlib.metadata import version
 
-    from omsd.daemon.cli.commands import main
+    from omsd.daemon.cli import main
 
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])

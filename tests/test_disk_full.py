@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import sqlite3
@@ -192,14 +191,15 @@ def test_omsd_run_exits_75_when_the_database_refuses_writes(
 ) -> None:
     """A fatal unwritable database ends `omsd run` with EX_TEMPFAIL (75), any other fatal error with 1."""
     from omsd.daemon import app
-    from omsd.daemon.cli import commands as cli
+    from omsd.daemon.cli import main
+    from omsd.daemon.cli import run as cli
 
     async def failing(settings: object) -> None:
         raise app.DaemonFailed(error)
 
     monkeypatch.setattr(cli, "load_settings", lambda: quiet_health().settings)
     monkeypatch.setattr(cli, "run_until_signalled", failing)
-    assert cli._run(argparse.Namespace()) == code
+    assert main(["run"]) == code
 
 
 async def test_starting_on_a_full_disk_waits_instead_of_exiting(

@@ -237,7 +237,7 @@ async def test_approvals_once_under_429_5xx_and_dropped_connections(sim: Simulat
 
 async def test_cli_approve_is_picked_up_by_the_running_daemon(sim: Simulator, run_daemon: Any, tmp_path: Any) -> None:
     """`omsd approve` writes to the journal from another connection; the daemon acts on it."""
-    from omsd.daemon.cli.commands import main
+    from omsd.daemon.cli import main
 
     db = tmp_path / "shared.db"
     async with run_daemon(sim, db=db) as daemon:

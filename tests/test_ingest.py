@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from omsd.daemon.cli.commands import main
+from omsd.daemon.cli import main
 from omsd.sim.server import Simulator
 from omsd.state.statuses import Phase
 from tests.helpers import approve, reached, until

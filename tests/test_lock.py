@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from omsd.daemon.app import Daemon, DaemonFailed
-from omsd.daemon.cli.commands import EXIT_BUSY, EXIT_CONFIG, main
+from omsd.daemon.cli import main
+from omsd.daemon.cli.common import EXIT_BUSY, EXIT_CONFIG
 from omsd.daemon.ops.lock import DatabaseBusy, hold
 from omsd.sim.server import Simulator
 from tests.helpers import fast_settings, free_port

@@ -14,9 +14,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from rich.console import Console
 
-from omsd.daemon.cli.commands import main
+from omsd.daemon.cli import main
 from omsd.daemon.ops import lock
 from omsd.daemon.pipeline.processor import Processor
 from omsd.state.events import IntentReceived, IntentRecorded, OrderSnapshot, StatusChanged
@@ -86,7 +85,8 @@ def test_orders_title_on_a_terminal(
     db: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """On a terminal the table's title counts every matching order."""
-    monkeypatch.setattr("omsd.daemon.cli.commands.Console", lambda: Console(force_terminal=True, width=100))
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # rich: a terminal, whatever stdout is
+    monkeypatch.setenv("COLUMNS", "100")
     out, _ = _out(capsys, "orders", "--phase", "dead")
     assert "1 orders in dead" in out
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from omsd.daemon.cli.commands import main
+from omsd.daemon.cli import main
 from omsd.daemon.ops import lock, retention
 from omsd.daemon.ops.jobs import Jobs, add_retention
 from omsd.daemon.ops.notify import Progress
@@ -216,7 +216,6 @@ async def test_free_pages_go_back_to_the_disk(tmp_path: Path) -> None:
 def old_db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     db = tmp_path / "o.db"
     monkeypatch.setenv("OMSD_DB", str(db))
-    monkeypatch.setattr("omsd.daemon.cli.commands._now", lambda: NOW)
 
     async def build() -> None:
         async with await Store.open(db) as store:
@@ -233,15 +232,15 @@ def _digest(db: Path) -> str:
 def test_prune_command_dry_run_then_for_real(old_db: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """--dry-run counts what would go and leaves the file byte-identical; then the prune does it."""
     before = _digest(old_db)
-    assert main(["prune", "--dry-run", "--json"]) == 0
+    assert main(["prune", "--dry-run", "--json"], clock=lambda: NOW) == 0
     preview = json.loads(capsys.readouterr().out)
     assert _digest(old_db) == before
     assert (
         preview["dry_run"] and preview["orders"] == 3 and preview["rejected_rows"] == 1
     )  # D-1 is dead, NEW-1 recent: kept
-    assert main(["prune", "--older-than", "365", "--json"]) == 0
+    assert main(["prune", "--older-than", "365", "--json"], clock=lambda: NOW) == 0
     assert json.loads(capsys.readouterr().out)["orders"] == 0
-    assert main(["prune"]) == 0
+    assert main(["prune"], clock=lambda: NOW) == 0
     out = capsys.readouterr().out
     assert "pruned 3 orders" in out and "1 rejected" in out
     assert _kinds(old_db, "T-1") == ["order_snapshot"]
@@ -250,7 +249,7 @@ def test_prune_command_dry_run_then_for_real(old_db: Path, capsys: pytest.Captur
 def test_prune_refuses_beside_the_daemon(old_db: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The command is a writer: with the database owned by a daemon it exits 3 and says the daemon prunes."""
     with lock.hold(old_db):
-        assert main(["prune"]) == 3
+        assert main(["prune"], clock=lambda: NOW) == 3
     err = capsys.readouterr().err
     assert "in use by omsd pid" in err and "OMSD_RETENTION_DAYS" in err
 
@@ -260,7 +259,7 @@ def test_prune_without_retention_needs_older_than(
 ) -> None:
     """With OMSD_RETENTION_DAYS=0 a bare `omsd prune` refuses (exit 2) instead of pruning everything."""
     monkeypatch.setenv("OMSD_RETENTION_DAYS", "0")
-    assert main(["prune"]) == 2
+    assert main(["prune"], clock=lambda: NOW) == 2
     assert "--older-than" in capsys.readouterr().err
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from omsd.daemon.cli.commands import Meter, main
+from omsd.daemon.cli import main
+from omsd.daemon.cli.render import Meter
 from omsd.daemon.pipeline.processor import Processor
 from omsd.state.events import ApprovalAnswered, IntentReceived, IntentRecorded, Resync, StatusChanged
 from omsd.state.models import Policy

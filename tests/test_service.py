@@ -204,7 +204,7 @@ async def test_healthcheck_command(sim: Simulator, run_daemon: Any, monkeypatch:
     """`omsd healthcheck` (the container's HEALTHCHECK) is 0 against a live daemon, 1 otherwise."""
     import asyncio
 
-    from omsd.daemon.cli.commands import main
+    from omsd.daemon.cli import main
     from tests.helpers import free_port
 
     async with run_daemon(sim) as daemon:

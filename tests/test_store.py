@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from omsd.daemon.cli.commands import main
+from omsd.daemon.cli import main
 from omsd.daemon.ops.metrics import Metrics
 from omsd.daemon.pipeline.linking import ParkedIntents
 from omsd.daemon.pipeline.processor import Processor

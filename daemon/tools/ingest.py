@@ -10,16 +10,20 @@ same dedup keys); journal rows keep their kind, version, time and keys.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import ValidationError
 
+from omsd.state.batch import Transition
 from omsd.state.events import UnreadableEntry, read_entry
-from omsd.state.store import NewEntry, from_iso
+from omsd.state.models import Policy
+from omsd.state.store import NewEntry, Store, from_iso
 
 from ..intake import entries as intake
+from ..pipeline.processor import Processor
 
 Kind = Literal["feed", "hook", "notification", "journal"]
 KINDS: tuple[Kind, ...] = ("feed", "hook", "notification", "journal")
@@ -134,3 +138,17 @@ def _journal_entry(item: Any) -> tuple[NewEntry | None, str | None]:
 def export_line(row: dict[str, Any]) -> str:
     """A journal row as one JSON line (the payload as stored, so it reads back byte for byte)."""
     return json.dumps({k: row[k] for k in ("offset", *JOURNAL_FIELDS)}, separators=(",", ":"))
+
+
+async def decisions(store: Store, policy: Policy, clock: Callable[[], datetime]) -> list[str]:
+    """Apply what the journal holds beyond the processor's offset, as the daemon would at
+    start (the effects wait in the outbox for it), and say what was decided: each
+    transition and each VTEX call queued. On a scratch copy for `--dry-run`."""
+    before = await store.outbox.states()
+    seen: list[Transition] = []
+    processor = Processor(store, policy, clock=clock)
+    processor.listeners.append(seen.append)
+    await processor.drain()
+    out = [f"{t.order_id}: {t.from_phase or 'new'} -> {t.to_phase} ({t.cause})" for t in seen]
+    calls = sorted(k for k in await store.outbox.states() if k not in before)
+    return out + [f"{order_id}: queues effect seq {seq} (a VTEX call)" for order_id, seq in calls]

@@ -1,0 +1,102 @@
+"""`omsd run`, `omsd demo`, `omsd sim`: the daemon, the demo, the simulator."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+
+from omsd.state.store import StoreUnwritable
+
+from ..config.settings import ConfigError, Settings, load_settings
+from ..ops import lock, logs
+from .common import EXIT_BUSY, EXIT_CONFIG, EXIT_FAIL, EXIT_OK, EXIT_TEMPFAIL, Subparsers, command
+
+
+def add(sub: Subparsers[argparse.ArgumentParser]) -> None:
+    command(
+        sub,
+        "run",
+        _run,
+        help="run the daemon until SIGTERM/SIGINT",
+        description="Run the daemon (feed poller, processor, effect runner, HTTP server, timers) until "
+        "SIGTERM or SIGINT, then stop polling, drain in-flight work within OMSD_SHUTDOWN_GRACE_S and exit 0. "
+        "Needs OMSD_ACCOUNT, OMSD_APP_KEY, OMSD_APP_TOKEN, OMSD_CONNECTOR_NAME, OMSD_CONNECTOR_ENDPOINT.",
+    )
+    d = command(
+        sub,
+        "demo",
+        _demo,
+        help="run the simulator and the daemon together on a scenario",
+        description="Start the built-in VTEX simulator and the daemon in one process on a temporary database, "
+        "run a scenario of orders (some held then authorized, some held then rejected, some put back on hold), "
+        "show live progress and a summary. Exit 0 only when every order reached the end it should.",
+    )
+    d.add_argument("--orders", type=int, default=60, help="number of orders (default 60)")
+    d.add_argument("--seed", type=int, default=7, help="simulator random seed (default 7)")
+    d.add_argument("--timeout", type=float, default=180.0, help="give up after this many seconds (default 180)")
+    sim = command(
+        sub,
+        "sim",
+        _sim,
+        help="run the VTEX simulator alone",
+        description="Run the built-in VTEX simulator (feed, Get order, Channel Order API, faults) until interrupted.",
+    )
+    sim.add_argument("--listen", default="127.0.0.1:8788", help="HOST:PORT (default 127.0.0.1:8788)")
+    sim.add_argument("--seed", type=int, default=7)
+    sim.add_argument("--visibility-s", type=float, default=None, help="override the feed visibility timeout")
+
+
+def _run(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    logs.configure(settings.log_level, settings.log_format)
+    from ..app import DaemonFailed
+
+    try:
+        asyncio.run(run_until_signalled(settings))
+    except DaemonFailed as exc:
+        if isinstance(exc.error, ConfigError):  # OMSD_LISTEN or OMSD_DB unusable: found only at start
+            print(f"omsd: configuration error: {exc.error}", file=sys.stderr)
+            return EXIT_CONFIG
+        if isinstance(exc.error, lock.DatabaseBusy):
+            print(f"omsd: {exc.error}", file=sys.stderr)
+            return EXIT_BUSY
+        # logged once as `omsd_fatal`
+        return EXIT_TEMPFAIL if isinstance(exc.error, StoreUnwritable) else EXIT_FAIL
+    return EXIT_OK
+
+
+async def run_until_signalled(settings: Settings) -> None:
+    """`omsd run`: until SIGTERM or SIGINT, then drain and return; DaemonFailed on a fatal error."""
+    from ..app import Daemon
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await Daemon(settings).run(stop)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from ..tools.demo import run_demo
+
+    if args.orders < 4:
+        print("omsd: --orders must be at least 4", file=sys.stderr)
+        return EXIT_CONFIG
+    return asyncio.run(run_demo(args.orders, args.seed, args.timeout))
+
+
+def _sim(args: argparse.Namespace) -> int:
+    from omsd.sim.server import serve
+
+    logs.configure("info", "auto")
+    host, _, port = args.listen.rpartition(":")
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(host, int(port), seed=args.seed, visibility_override_s=args.visibility_s))
+    return EXIT_OK
