@@ -22,7 +22,7 @@ from omsd.state.batch import Transition
 from omsd.state.store import Store
 
 from .config.settings import ConfigError, Settings
-from .http.routes import ApiContext
+from .http.common import ApiContext
 from .http.server import HttpServer
 from .intake.feed import FeedPoller
 from .ops import lock

@@ -9,7 +9,8 @@ from typing import Any
 from aiohttp.test_utils import TestClient, TestServer
 
 from omsd.daemon.config.settings import Settings
-from omsd.daemon.http.routes import ApiContext, AppliedOffsets, build_app
+from omsd.daemon.http.common import ApiContext, AppliedOffsets
+from omsd.daemon.http.routes import build_app
 from omsd.daemon.ops.health import Health
 from omsd.daemon.ops.metrics import Metrics
 from omsd.daemon.ops.probe import StoreProbe

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from omsd.daemon.http.routes import RejectBudget
+from omsd.daemon.http.common import RejectBudget
 from omsd.state.store import Store
 from tests.api_helpers import (
     API_TOKEN,

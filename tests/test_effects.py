@@ -16,8 +16,9 @@ from omsd.daemon.ops.metrics import Metrics
 from omsd.daemon.pipeline.effects import EffectRunner
 from omsd.daemon.pipeline.processor import Processor
 from omsd.daemon.vtex.budget import Priority
-from omsd.daemon.vtex.client import ApprovalResponse, FeedConfig, HookConfig, OrderSnapshot, VtexApi
+from omsd.daemon.vtex.client import VtexApi
 from omsd.daemon.vtex.errors import AuthFailed, NotFound, RateLimited, VtexRejected, VtexUnavailable
+from omsd.daemon.vtex.models import ApprovalResponse, FeedConfig, HookConfig, OrderSnapshot
 from omsd.state.events import (
     ApprovalAnswered,
     ApprovalFailed,

@@ -17,9 +17,9 @@ from omsd.daemon.ops.health import Health
 from omsd.daemon.ops.metrics import Metrics
 from omsd.daemon.ops.waiting import wait_any
 from omsd.daemon.vtex.budget import Priority
-from omsd.daemon.vtex.client import ApprovalResponse, FeedConfig, HookConfig, OrderSnapshot
 from omsd.daemon.vtex.configuration import VtexSetup
 from omsd.daemon.vtex.errors import AuthFailed, NotFound, VtexUnavailable
+from omsd.daemon.vtex.models import ApprovalResponse, FeedConfig, HookConfig, OrderSnapshot
 from omsd.state.store import Store
 from tests.helpers import until
 

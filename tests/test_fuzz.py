@@ -32,8 +32,10 @@ from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from omsd.daemon.http.routes import ApiContext, ApprovalRequest, build_app
-from omsd.daemon.intake import entries as intake
+from omsd.daemon.http.common import ApiContext
+from omsd.daemon.http.connector import ApprovalRequest
+from omsd.daemon.http.routes import build_app
+from omsd.daemon.intake import entries, wire
 from omsd.daemon.intake.feed import FeedPoller
 from omsd.daemon.ops.metrics import Metrics
 from omsd.daemon.pipeline.processor import Processor
@@ -328,13 +330,13 @@ async def test_feed_items(feed_store: Store, item: Any) -> None:
     vtex.items = [item]
     poller = FeedPoller(feed_store, vtex, api_settings())  # type: ignore[arg-type]
     await poller.poll_once()
-    result = intake.feed_item(item, NOW)
+    result = entries.feed_item(item, NOW)
     TALLY["feed item"]["inputs"] += 1
     TALLY["feed item"]["accepted" if result.accepted else "rejected"] += 1
     assert vtex.committed == ([result.handle] if result.handle else [])
     assert poller.stats.items == 1
     if result.accepted and poller.stats.accepted:
-        expected = intake.FeedItem.model_validate(item).event("feed").model_dump(mode="json")
+        expected = wire.FeedItem.model_validate(item).event("feed").model_dump(mode="json")
         assert last_payload(feed_store.path) == expected
 
 
@@ -345,7 +347,7 @@ async def test_hook_route(fuzzed: Fuzzed, data: bytes, content_type: str, signed
     headers = {"Content-Type": content_type, **(hook_headers() if signed else {})}
     status, answer = await fuzzed.post("hook", "/vtex/hook", data, headers, encoding)
     if status == 200 and answer.get("received") and not answer["duplicate"]:
-        pushed = intake.hook_item(json.loads(data), NOW)
+        pushed = entries.hook_item(json.loads(data), NOW)
         assert pushed.entry is not None and pushed.reason is None and pushed.account == "shop"
         assert last_payload(fuzzed.ctx.store.path) == json.loads(pushed.entry.payload)
 
@@ -364,7 +366,7 @@ async def test_notification_route(
     path = NOTIFY if an is None else f"{NOTIFY}?an={an}"
     status, answer = await fuzzed.post("notification", path, data, {"Content-Type": content_type}, encoding)
     if status == 200:
-        env = intake.ResultEnvelope.model_validate(json.loads(data))
+        env = wire.ResultEnvelope.model_validate(json.loads(data))
         if not answer["duplicate"]:
             assert last_payload(fuzzed.ctx.store.path)["marketplace_order_id"] == env.marketplace_order_id
 

@@ -8,7 +8,9 @@ from typing import Any
 
 import pytest
 
-from omsd.daemon.intake.entries import BadTime, _six_digit_fraction, feed_item, hook_item, is_ping, parse_time
+from omsd.daemon.intake.entries import feed_item, hook_item
+from omsd.daemon.intake.wire import is_ping
+from omsd.daemon.vtex.times import BadTime, _six_digit_fraction, parse_time
 
 NOW = datetime(2026, 11, 1, tzinfo=UTC)
 GOOD = {

@@ -18,8 +18,9 @@ from asyncio_throttle import throttler as throttler_module
 
 from omsd.daemon.ops.metrics import Metrics
 from omsd.daemon.vtex.budget import Priority
-from omsd.daemon.vtex.client import FeedConfig, VtexClient, feed_config_body, parse_retry_after
+from omsd.daemon.vtex.client import VtexClient, parse_retry_after
 from omsd.daemon.vtex.errors import AuthFailed, BadResponse, NotFound, RateLimited, VtexUnavailable
+from omsd.daemon.vtex.models import FeedConfig, feed_config_body
 from omsd.daemon.vtex.rate import MARGIN, spread
 from tests.helpers import VTEX_TOKEN, make_settings, until
 from tests.http_mock import aioresponses

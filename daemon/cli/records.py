@@ -7,7 +7,7 @@ import sys
 
 from omsd.state.store import Store
 
-from ..intake import entries as intake
+from ..intake import entries
 from .common import EXIT_CONFIG, EXIT_OK, Subparsers, command, offline
 
 
@@ -44,6 +44,6 @@ async def _approve(store: Store, args: argparse.Namespace) -> int:
         print("omsd: MARKETPLACE_ORDER_ID must not be empty", file=sys.stderr)
         return EXIT_CONFIG
     now = args.clock()
-    [appended] = await store.journal.append([intake.intent_entry(mkt, args.order_id, "cli", now)], now=now)
+    [appended] = await store.journal.append([entries.intent_entry(mkt, args.order_id, "cli", now)], now=now)
     print(f"intent recorded at journal offset {appended.offset}; the running daemon will act on it")
     return EXIT_OK

@@ -67,8 +67,9 @@ def _healthcheck_command(args: argparse.Namespace) -> int:
 async def _vtex_config(settings: Settings, kind: str, action: str, yes: bool) -> int:
     import aiohttp
 
-    from ..vtex.client import VtexClient, feed_config_body, hook_config_body
+    from ..vtex.client import VtexClient
     from ..vtex.configuration import feed_plan, hook_plan
+    from ..vtex.models import feed_config_body, hook_config_body
 
     if kind == "hook" and settings.hook_secret is None:
         if action == "apply":

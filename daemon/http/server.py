@@ -20,8 +20,9 @@ from omsd.state.store import StoreUnwritable
 
 from ..config.settings import ConfigError, Settings
 from ..ops.health import Health
+from .common import ApiContext
 from .guard import ConnectionGuard, install_accept_error_handler
-from .routes import ApiContext, build_app
+from .routes import build_app
 
 
 class HttpServer:

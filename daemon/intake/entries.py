@@ -1,300 +1,44 @@
-"""Turning what VTEX sends (feed items, hook pushes) into journal entries.
+"""Turning what arrives (feed items, hook pushes, notifications, intents) into journal entries.
 
-Nothing here raises on bad input: a malformed item becomes a `rejected` journal
-entry that keeps the raw item and the reason, so an operator can see it, and
-the feed handle is still committed. Every entry made here can be stored: its
-texts are valid UTF-8 (a lone surrogate never reaches JSON or SQLite).
-
-Limits on what VTEX sends (VTEX documents no maximum; these are shapes seen in
-its references, with room to spare):
-- order ids (`953712004126-01`, `v52277740atmc-01`, `MKP-123456789-01`): letters,
-  digits, `.`, `_`, `-`, starting with a letter or digit, at most 128 characters
-  (an order id embeds the marketplace's id plus an affiliate prefix and suffix);
-- marketplace order ids (numeric, a UUID): the same characters, at most 100;
-- event and operation ids (hex, GUIDs): letters, digits, `.`, `_`, `:`, `-`, at most 128;
-- feed handles (a signed JWT wrapping an SQS receipt handle): printable ASCII
-  without spaces, at most 16384;
-- statuses and domains: letters, digits, `.`, `_`, `-`, at most 64;
-- change times: from 2000-01-01 to 2100-01-01 UTC (VTEX orders are of this century).
-"""
+Nothing here raises on bad input: a malformed item becomes a `rejected` journal entry that
+keeps the raw item and the reason, so an operator can see it, and the feed handle is still
+committed. Every entry made here can be stored: its texts are valid UTF-8 (a lone surrogate
+never reaches JSON or SQLite)."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
 import json
-import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from datetime import datetime
+from typing import Any, Literal
 
 from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    StrictStr,
-    StringConstraints,
-    TypeAdapter,
     ValidationError,
-    field_validator,
-    model_validator,
 )
 
 from omsd.state.events import IntentReceived, IntentRecorded, NotificationReceived, StatusChanged
-from omsd.state.statuses import Status
 from omsd.state.store import NewEntry, iso
 
-ORDER_ID_MAX = 128
-MARKETPLACE_ORDER_ID_MAX = 100
-EVENT_ID_MAX = 128
-HANDLE_MAX = 16384
-TOKEN_MAX = 64
-EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
-LATEST = datetime(2100, 1, 1, tzinfo=UTC)
-REJECTED_BODY_MAX = 64 * 1024
-"""The most of a rejected item or body kept in the journal (the rest: size and digest)."""
-
-_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
-OrderId = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=ORDER_ID_MAX, pattern=_ID)]
-MarketplaceOrderId = Annotated[
-    str, StringConstraints(strict=True, min_length=1, max_length=MARKETPLACE_ORDER_ID_MAX, pattern=_ID)
-]
-EventId = Annotated[str, StringConstraints(strict=True, max_length=EVENT_ID_MAX, pattern=r"^[A-Za-z0-9._:-]+$")]
-Handle = Annotated[str, StringConstraints(strict=True, max_length=HANDLE_MAX, pattern=r"^[!-~]+$")]
-Token = Annotated[str, StringConstraints(strict=True, max_length=TOKEN_MAX, pattern=r"^[A-Za-z0-9._-]+$")]
-
-
-MAX_DEPTH = 64
-"""The deepest nesting of arrays and objects a request body may have (VTEX's are 2 deep)."""
-
-_JSON_TOKENS = re.compile(r'"[^"\\]*+(?:\\.[^"\\]*+)*+(?:"|\\?\Z)|[\[\]{}]', re.DOTALL)
-"""A JSON string or a bracket. An unterminated string runs to the end of the text and the
-quantifiers are possessive: a match never fails after a scan, so the search stays linear."""
-
-
-class BadJson(ValueError):
-    """A request body that is not UTF-8 JSON omsd can store; the message is the reason."""
-
-
-def parse_json(data: bytes) -> Any:
-    """A request body as JSON: UTF-8 whatever the declared charset (RFC 8259), nested at
-    most MAX_DEPTH deep (checked before parsing, so the parser cannot recurse too deep),
-    without NaN/Infinity, and without lone surrogates (I-JSON, RFC 7493: they are not text)."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise BadJson(f"body is not UTF-8 (byte {exc.start})") from None
-    if _deeper_than(text, MAX_DEPTH):
-        raise BadJson(f"body nests deeper than {MAX_DEPTH}")
-    try:
-        value = json.loads(text, parse_constant=_no_constant)
-    except (ValueError, RecursionError):
-        raise BadJson("body is not JSON") from None
-    if not _all_text(value):
-        raise BadJson("body holds a lone surrogate (\\ud800-\\udfff), which is not text")
-    return value
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _deeper_than(text: str, limit: int) -> bool:
-    depth = 0
-    for match in _JSON_TOKENS.finditer(text):
-        token = match.group()
-        if token in ("[", "{"):
-            depth += 1
-            if depth > limit:
-                return True
-        elif token in ("]", "}"):
-            depth -= 1
-    return False
-
-
-def _all_text(value: Any) -> bool:
-    """True when every string (keys included) of a parsed JSON value is valid UTF-8."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            if not storable(item):
-                return False
-        elif isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return True
-
-
-class BadTime(ValueError):
-    pass
-
-
-def parse_time(text: str) -> datetime:
-    """ISO-8601 as VTEX writes it: up to 7 fractional digits, `Z` or an offset.
-    A timestamp without a zone is taken as UTC (VTEX documents UTC). Times outside
-    EARLIEST..LATEST are refused (also those that overflow when moved to UTC)."""
-    try:
-        value = datetime.fromisoformat(_six_digit_fraction(text.strip()))
-        value = value.replace(tzinfo=value.tzinfo or UTC).astimezone(UTC)
-    except OverflowError:
-        raise BadTime(f"timestamp out of range: {safe_text(text[:40])!r}") from None
-    except ValueError as exc:
-        raise BadTime(f"not an ISO-8601 timestamp: {safe_text(text[:40])!r} ({exc})") from None
-    if not EARLIEST <= value < LATEST:
-        raise BadTime(f"timestamp out of range {EARLIEST.year}..{LATEST.year}: {safe_text(text[:40])!r}")
-    return value
-
-
-def safe_text(text: str) -> str:
-    """`text` with anything UTF-8 cannot hold (lone surrogates) written as `\\u` escapes."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def storable(text: str) -> bool:
-    """True when `text` can be written as UTF-8 (JSON, SQLite, logs)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _six_digit_fraction(text: str) -> str:
-    """VTEX writes 7 fractional digits (`...41.8830000Z`); datetime takes at most 6."""
-    head, dot, rest = text.partition(".")
-    if not dot:
-        return text
-    digits = len(rest) - len(rest.lstrip("0123456789"))
-    return f"{head}.{rest[: min(digits, 6)]}{rest[digits:]}"
-
-
-def _vtex_time(value: object) -> datetime:
-    if not isinstance(value, str):
-        raise ValueError(f"must be a string, got {type(value).__name__}")
-    try:
-        return parse_time(value)
-    except BadTime as exc:
-        raise ValueError(str(exc)) from None
-
-
-VtexTime = Annotated[datetime, BeforeValidator(_vtex_time)]
-_ORDER_ID: TypeAdapter[str] = TypeAdapter(OrderId)
-
-
-def _present(data: object) -> object:
-    """A JSON object with lower-case keys and without empty values; anything else as is."""
-    if isinstance(data, dict):
-        return {str(k).lower(): v for k, v in data.items() if v is not None and v != ""}
-    return data
-
-
-class _Lenient(BaseModel):
-    """Keys read case-insensitively (the feed writes camelCase, the hook PascalCase);
-    an empty or null value counts as absent; unknown keys are ignored."""
-
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _lower_keys(cls, data: object) -> object:
-        return _present(data)
-
-
-class _StatusFields(_Lenient):
-    """What a feed item and a hook push share."""
-
-    order_id: OrderId = Field(alias="orderid")
-    state: StrictStr
-    last_state: Token | None = Field(default=None, alias="laststate")
-    current_change: VtexTime = Field(alias="currentchange")
-    last_change: VtexTime | None = Field(default=None, alias="lastchange")
-    event_id: EventId | None = Field(default=None, alias="eventid")
-    domain: Token | None = None
-
-    @field_validator("state")
-    @classmethod
-    def _known_status(cls, value: str) -> str:
-        try:
-            Status(value)
-        except ValueError:
-            raise ValueError(f"unknown status {safe_text(value[:60])!r}") from None
-        return value
-
-    def event(self, source: Literal["feed", "hook"]) -> StatusChanged:
-        return StatusChanged(
-            order_id=self.order_id,
-            source=source,
-            state=self.state,
-            last_state=self.last_state,
-            current_change=self.current_change,
-            last_change=self.last_change,
-            event_id=self.event_id,
-            domain=self.domain,
-        )
-
-
-class FeedItem(_StatusFields):
-    """An item of `GET /api/orders/feed` (camelCase)."""
-
-    handle: Handle
-
-
-class _Origin(_Lenient):
-    account: Annotated[str, StringConstraints(strict=True, max_length=TOKEN_MAX)]
-
-
-class HookPush(_StatusFields):
-    """A push to omsd's hook route (PascalCase). When `CurrentChange` is absent (VTEX's
-    guide shows pushes without it), `LastChange` is taken as the change time."""
-
-    origin: _Origin
-
-    @model_validator(mode="before")
-    @classmethod
-    def _change_time(cls, data: object) -> object:
-        data = _present(data)
-        if isinstance(data, dict) and "currentchange" not in data:
-            if "lastchange" not in data:
-                raise ValueError("missing field CurrentChange (and LastChange)")
-            return {**data, "currentchange": data["lastchange"]}
-        return data
-
-
-# Field names as VTEX spells them, for the reasons: camelCase in the feed, PascalCase in pushes.
-_VTEX_NAMES = (
-    "orderId",
-    "state",
-    "lastState",
-    "currentChange",
-    "lastChange",
-    "eventId",
-    "domain",
-    "handle",
-    "origin",
-    "account",
+from .jsonsafe import MAX_DEPTH, deeper_than, safe_text, storable
+from .wire import (
+    FEED_NAMES,
+    HANDLE_MAX,
+    HOOK_NAMES,
+    ORDER_ID,
+    FeedItem,
+    HookPush,
+    ResultEnvelope,
+    is_ping,
+    present,
+    reason_of,
 )
-_FEED_NAMES = {name.lower(): name for name in _VTEX_NAMES}
-_HOOK_NAMES = {name.lower(): name[0].upper() + name[1:] for name in _VTEX_NAMES}
+
+REJECTED_BODY_MAX = 64 * 1024
 
 
-def _reason(exc: ValidationError, names: dict[str, str]) -> str:
-    """The first problem, naming the field as VTEX spells it."""
-    err = exc.errors()[0]
-    field = ".".join(names.get(str(part), str(part)) for part in err.get("loc", ()))
-    message = str(err.get("msg", "invalid")).removeprefix("Value error, ")
-    if not field:
-        return message
-    if err["type"] == "missing":
-        return f"missing field {field}"
-    if err["type"] == "string_type":
-        return f"field {field} must be a string, got {type(err.get('input')).__name__}"
-    if err["type"] == "model_type":
-        return f"field {field} must be an object, got {type(err.get('input')).__name__}"
-    return f"field {field}: {message}"
+"""The most of a rejected item or body kept in the journal (the rest: size and digest)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,7 +66,7 @@ def _raw(item: object) -> str:
 def feed_item(item: object, received_at: datetime) -> Intake:
     """One feed item → an accepted StatusChanged entry, or a rejected one with its reason.
     Never raises on content: whatever fails to parse, validate or serialise is rejected."""
-    fields = _present(item)
+    fields = present(item)
     handle = fields.get("handle") if isinstance(fields, dict) else None
     handle = handle if _valid_handle(handle) else None
     if not isinstance(item, dict):
@@ -331,7 +75,7 @@ def feed_item(item: object, received_at: datetime) -> Intake:
     try:
         entry = _status_entry(FeedItem.model_validate(item).event("feed"), received_at)
     except ValidationError as exc:
-        reason = _reason(exc, _FEED_NAMES)
+        reason = reason_of(exc, FEED_NAMES)
     except (ValueError, TypeError, OverflowError, RecursionError) as exc:
         reason = f"unreadable feed item ({type(exc).__name__})"
     else:
@@ -390,7 +134,7 @@ def rejected(
     if isinstance(item, dict):
         kept = {k: v for k, v in item.items() if str(k).lower() != "handle"}
     raw = _raw(kept)
-    if len(raw) > limit or _deeper_than(raw, MAX_DEPTH):
+    if len(raw) > limit or deeper_than(raw, MAX_DEPTH):
         raw = body_summary(raw.encode("ascii"), limit)
     return _rejected_row(source, raw, reason, received_at, _guess_order_id(kept))
 
@@ -441,10 +185,10 @@ def _rejected_row(source: str, raw: str, reason: str, received_at: datetime, ord
 
 def _guess_order_id(item: object) -> str | None:
     """The item's order id, when it is a well-formed one (so `omsd journal --order` finds it)."""
-    fields = _present(item)
+    fields = present(item)
     value = fields.get("orderid") if isinstance(fields, dict) else None
     try:
-        return _ORDER_ID.validate_python(value)
+        return ORDER_ID.validate_python(value)
     except ValidationError:
         return None
 
@@ -459,12 +203,6 @@ class HookIntake:
     account: str | None = None
 
 
-def is_ping(body: object) -> bool:
-    """VTEX's `{"hookConfig": "ping"}` probe (any casing), which carries no order."""
-    fields = _present(body)
-    return isinstance(fields, dict) and "hookconfig" in fields and "orderid" not in fields
-
-
 def hook_item(body: object, received_at: datetime) -> HookIntake:
     """One push → an accepted StatusChanged entry, or a rejected entry with its reason.
     The dedup key is the feed's, so the same change seen by feed and hook is one event."""
@@ -477,26 +215,12 @@ def hook_item(body: object, received_at: datetime) -> HookIntake:
         push = HookPush.model_validate(body)
         entry = _status_entry(push.event("hook"), received_at)
     except ValidationError as exc:
-        reason = _reason(exc, _HOOK_NAMES)
+        reason = reason_of(exc, HOOK_NAMES)
     except (ValueError, TypeError, OverflowError, RecursionError) as exc:
         reason = f"unreadable push ({type(exc).__name__})"
     else:
         return HookIntake(ping=False, entry=entry, account=push.origin.account)
     return HookIntake(ping=False, entry=rejected("hook", body, reason, received_at), reason=reason)
-
-
-class ResultEnvelope(BaseModel):
-    """VTEX's processing-result envelope (Channel Order API); unknown fields ignored."""
-
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
-
-    marketplace_order_id: MarketplaceOrderId = Field(alias="marketplaceOrderId")
-    code: str = Field(min_length=1, max_length=20)
-    flow: str = Field(default="Unknown", max_length=40)
-    success: bool | None = None
-    operation_id: str | None = Field(default=None, alias="operationId", max_length=100)
-    message: str | None = Field(default=None, max_length=2000)
-    account_name: str | None = Field(default=None, alias="accountName", max_length=100)
 
 
 def notification_entry(env: ResultEnvelope, received_at: datetime, *, authenticated: bool) -> NewEntry:

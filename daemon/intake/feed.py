@@ -40,7 +40,7 @@ from ..ops.metrics import Metrics
 from ..ops.waiting import wait_any
 from ..vtex.client import VtexApi
 from ..vtex.errors import AuthFailed, NotFound, VtexError
-from . import entries as intake
+from . import entries
 
 log = get_logger("omsd.feed")
 
@@ -157,7 +157,7 @@ class FeedPoller:
         """Journal the items of several batches, and their handles, in one durable transaction.
         Returns how many handles are now waiting to be committed."""
         now = self._clock()
-        intakes = [intake.feed_item(item, now) for items in batches for item in items]
+        intakes = [entries.feed_item(item, now) for items in batches for item in items]
         acks = [i.handle for i in intakes if i.handle is not None]
         results = await self._store.journal.append([i.entry for i in intakes], acks=acks, now=now)
         for item, result in zip(intakes, results, strict=True):

@@ -22,7 +22,7 @@ from omsd.state.events import UnreadableEntry, read_entry
 from omsd.state.models import Policy
 from omsd.state.store import NewEntry, Store, from_iso
 
-from ..intake import entries as intake
+from ..intake import entries, wire
 from ..pipeline.processor import Processor
 
 Kind = Literal["feed", "hook", "notification", "journal"]
@@ -92,20 +92,20 @@ def parse(text: str, kind: Kind | None, received_at: datetime) -> list[Line]:
 def _entry(kind: Kind, item: Any, received_at: datetime) -> tuple[NewEntry | None, str | None]:
     match kind:
         case "feed":
-            fed = intake.feed_item(item, received_at)
+            fed = entries.feed_item(item, received_at)
             return (fed.entry, None) if fed.accepted else (None, fed.entry.reason)
         case "hook":
-            pushed = intake.hook_item(item, received_at)
+            pushed = entries.hook_item(item, received_at)
             if pushed.ping:
                 return None, "a hook ping carries no order"
             return (pushed.entry, None) if pushed.reason is None else (None, pushed.reason)
         case "notification":
             try:
-                env = intake.ResultEnvelope.model_validate(item)
+                env = wire.ResultEnvelope.model_validate(item)
             except ValidationError as exc:
                 err = exc.errors()[0]
                 return None, f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}"
-            return intake.notification_entry(env, received_at, authenticated=True), None  # the operator vouches
+            return entries.notification_entry(env, received_at, authenticated=True), None  # the operator vouches
         case "journal":
             return _journal_entry(item)
 

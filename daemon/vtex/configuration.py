@@ -14,8 +14,9 @@ from ..ops.health import Health
 from ..ops.logs import get_logger
 from ..ops.metrics import Metrics
 from ..ops.waiting import wait_any
-from .client import FeedConfig, HookConfig, VtexApi, feed_config_body, hook_config_body
+from .client import VtexApi
 from .errors import AuthFailed, VtexError
+from .models import FeedConfig, HookConfig, feed_config_body, hook_config_body
 
 log = get_logger("omsd.vtexconfig")
 
