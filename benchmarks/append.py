@@ -22,6 +22,7 @@ from pathlib import Path
 
 from omsd.daemon.intake.entries import feed_item
 from omsd.state.store import NewEntry, Store
+from omsd.state.store.journal import insert
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -48,7 +49,7 @@ async def _one_by_one(store: Store, entries: list[NewEntry], handles: list[str],
     """The previous `append`: a lookup and an insert per entry, in one transaction."""
     async with store.db.tx() as conn:  # the store's own transaction, as append uses it
         for entry in entries:
-            await Store._insert(conn, entry)
+            await insert(conn, entry)
         await conn.executemany(
             "INSERT OR IGNORE INTO feed_acks (handle, received_at) VALUES (?, ?)",
             [(h, now.isoformat()) for h in handles],

@@ -24,7 +24,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from omsd.daemon.vtex.client import VtexClient
-from omsd.state.store import Store
+from omsd.state.store.derived import Derived
+from omsd.state.store.journal import Journal
+from omsd.state.store.outbox import Outbox
 
 _order: contextvars.ContextVar[str | None] = contextvars.ContextVar("trace_order", default=None)
 
@@ -64,7 +66,7 @@ def tracing(trace: Trace, *, enabled: bool = True) -> Iterator[Trace]:
         return
 
     def append(original: Any) -> Any:
-        async def wrapper(self: Store, entries: Any, *args: Any, **kwargs: Any) -> Any:
+        async def wrapper(self: Any, entries: Any, *args: Any, **kwargs: Any) -> Any:
             result = await original(self, entries, *args, **kwargs)
             for e in entries:
                 if e.source in ("hook", "feed", "api"):
@@ -75,7 +77,7 @@ def tracing(trace: Trace, *, enabled: bool = True) -> Iterator[Trace]:
         return wrapper
 
     def commit_batch(original: Any) -> Any:
-        async def wrapper(self: Store, batch: Any, *args: Any, **kwargs: Any) -> Any:
+        async def wrapper(self: Any, batch: Any, *args: Any, **kwargs: Any) -> Any:
             result = await original(self, batch, *args, **kwargs)
             at = _now()
             for h in batch.history:
@@ -91,7 +93,7 @@ def tracing(trace: Trace, *, enabled: bool = True) -> Iterator[Trace]:
         return wrapper
 
     def claim(original: Any) -> Any:
-        async def wrapper(self: Store, *args: Any, **kwargs: Any) -> Any:
+        async def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
             rows = await original(self, *args, **kwargs)
             for r in rows:
                 trace.mark(r.order_id, f"effect claimed: {r.effect.kind}")
@@ -100,7 +102,7 @@ def tracing(trace: Trace, *, enabled: bool = True) -> Iterator[Trace]:
         return wrapper
 
     def finish(original: Any) -> Any:
-        async def wrapper(self: Store, outbox_id: int, result: Any, *args: Any, **kwargs: Any) -> Any:
+        async def wrapper(self: Any, outbox_id: int, result: Any, *args: Any, **kwargs: Any) -> Any:
             appended = await original(self, outbox_id, result, *args, **kwargs)
             trace.mark(result.order_id, f"result journaled: {result.kind}")
             return appended
@@ -108,8 +110,8 @@ def tracing(trace: Trace, *, enabled: bool = True) -> Iterator[Trace]:
         return wrapper
 
     def fire(original: Any) -> Any:
-        async def wrapper(self: Store, now: datetime) -> Any:
-            rows = await self._all("SELECT order_id, reason FROM timers WHERE due_at <= ?", (now.isoformat(),))
+        async def wrapper(self: Any, now: datetime) -> Any:
+            rows = await self._db.rows("SELECT order_id, reason FROM timers WHERE due_at <= ?", (now.isoformat(),))
             n = await original(self, now)
             for r in rows:
                 trace.mark(r["order_id"], f"timer fired: {r['reason']}")
@@ -153,11 +155,11 @@ def tracing(trace: Trace, *, enabled: bool = True) -> Iterator[Trace]:
 
         return wrapper
 
-    _wrap(Store, "append", append, saved)
-    _wrap(Store, "commit_batch", commit_batch, saved)
-    _wrap(Store, "claim_effects", claim, saved)
-    _wrap(Store, "finish_effect", finish, saved)
-    _wrap(Store, "fire_due_timers", fire, saved)
+    _wrap(Journal, "append", append, saved)
+    _wrap(Derived, "commit", commit_batch, saved)
+    _wrap(Outbox, "claim", claim, saved)
+    _wrap(Outbox, "finish", finish, saved)
+    _wrap(Outbox, "fire_due_timers", fire, saved)
     _wrap(VtexClient, "get_order", get_order, saved)
     _wrap(VtexClient, "approve", approve, saved)
     _wrap(VtexClient, "_send", send, saved)

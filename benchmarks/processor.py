@@ -38,7 +38,7 @@ async def main(events: int, batch_size: int | None, profile: bool) -> None:
         async with await Store.open(Path(tmp) / "bench.db") as store:
             expected = await append_lives(store, events)
             total = await store.journal.last_offset()
-            processor = Processor(store, Policy(), **({"batch_size": batch_size} if batch_size else {}))
+            processor = Processor(store, Policy(), batch_size=batch_size) if batch_size else Processor(store, Policy())
             profiler = cProfile.Profile() if profile else None
             start, cpu = time.perf_counter(), time.process_time()
             if profiler:
