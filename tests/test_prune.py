@@ -204,7 +204,7 @@ async def test_free_pages_go_back_to_the_disk(tmp_path: Path) -> None:
         report = await retention.prune(store, 30, NOW)
         after = database_bytes(db)
     assert report.pruned.orders == 300
-    assert report.freed_bytes >= size / 5  # every free page, not one per call
+    assert report.freed_bytes >= size / 8  # every free page, not one per call (one page is 4 KB of ~1 MB)
     # The prune writes its snapshot rows first (which may take a page or two), then every
     # free page goes back: no free page is left, and the file shrank by what reclaim freed.
     assert _rows(db, "PRAGMA freelist_count") == [(0,)]

@@ -110,6 +110,41 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX orders_unlinked ON orders(status) WHERE marketplace_order_id IS NULL AND phase = 'tracking';
     """,
+    # 6: the outcome stream (facts for the connector, derived from the journal in the processor's
+    #    transaction; `seq` gap-free as readers see it, `id` stable) and its relay: one cursor per
+    #    endpoint, and the deliveries taken from the stream and not yet acknowledged.
+    """
+    CREATE TABLE outcomes (
+        seq                  INTEGER PRIMARY KEY AUTOINCREMENT,
+        id                   TEXT NOT NULL UNIQUE,
+        type                 TEXT NOT NULL,
+        occurred_at          TEXT NOT NULL,
+        order_id             TEXT,
+        marketplace_order_id TEXT,
+        journal_offset       INTEGER NOT NULL,
+        data                 TEXT NOT NULL
+    );
+    CREATE INDEX outcomes_order ON outcomes(order_id, seq);
+    CREATE INDEX outcomes_marketplace ON outcomes(marketplace_order_id, seq);
+    CREATE INDEX outcomes_time ON outcomes(occurred_at);
+    CREATE TABLE relay_endpoints (
+        name            TEXT PRIMARY KEY,
+        seq             INTEGER NOT NULL,
+        disabled_at     TEXT,
+        disabled_reason TEXT
+    );
+    CREATE TABLE relay_deliveries (
+        endpoint   TEXT NOT NULL,
+        seq        INTEGER NOT NULL,
+        order_key  TEXT NOT NULL,
+        attempts   INTEGER NOT NULL DEFAULT 0,
+        next_at    TEXT NOT NULL,
+        last_error TEXT,
+        state      TEXT NOT NULL DEFAULT 'pending',
+        PRIMARY KEY (endpoint, seq)
+    );
+    CREATE INDEX relay_due ON relay_deliveries(endpoint, state, next_at);
+    """,
 )
 
 ROUTED_KINDS = "('notification_received', 'intent_received')"
