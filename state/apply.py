@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 
-from . import routing
+from . import outcomes, routing
 from .batch import Batch, HistoryRow, JournalRow, Note, Transition, UnreadableRow
 from .events import (
     Entry,
@@ -100,7 +100,7 @@ class Applier:
             case NotificationReceived() | IntentReceived():
                 self._route(row, entry)
             case IntentExpired():
-                self._expire(entry)
+                self._expire(row, entry)
             case _:
                 self._decide(row, entry)
 
@@ -144,6 +144,12 @@ class Applier:
     def _note(self, event: str, level: str = "info", **fields: object) -> None:
         self.batch.notes.append(Note(event, level, fields))
 
+    def _outcome(self, fact: outcomes.Outcome) -> None:
+        """Outcomes are for the live stream: a rebuild (`fresh`) derives none (the stream keeps
+        what it said; deriving again would give the same ids)."""
+        if not self._fresh:
+            self.batch.outcomes.append(fact)
+
     # ---- one row ----------------------------------------------------------------------------
     def _unreadable(self, row: JournalRow, error: str) -> None:
         """Never skipped silently: noted, kept in `unreadable`, and written to the order's
@@ -161,31 +167,49 @@ class Applier:
         mkt = entry.marketplace_order_id
         linked = self._by_marketplace_id(mkt)
         parked = linked is None and self._parked(mkt) is not None
+        if isinstance(entry, NotificationReceived) and entry.authenticated:  # VTEX's word first, then omsd's
+            order_id = linked.order_id if linked is not None else None
+            self._outcome(outcomes.processing_result(entry, order_id, row.offset, row.received_at))
         match routing.route(entry, linked, parked):
             case routing.Decide(event=event):
                 self._decide(row, event)
             case routing.Park(marketplace_order_id=mkt, source=source):
                 self.batch.add_pending[mkt] = (source, row.offset)
                 self._note("intent_parked", marketplace_order_id=mkt, source=source, offset=row.offset)
+                at = row.received_at
+                self._outcome(
+                    outcomes.outcome(outcomes.INTENT_ACCEPTED, row.offset, at, None, mkt, source=source, parked=True)
+                )
             case routing.AlreadyParked():
                 pass
             case routing.Unrouted(code=code):
                 self._note("notification_unrouted", offset=row.offset, marketplace_order_id=mkt, code=code)
 
-    def _expire(self, entry: IntentExpired) -> None:
+    def _expire(self, row: JournalRow, entry: IntentExpired) -> None:
         """Drop the parked intent the entry names, unless it was linked (or parked anew) since."""
-        mkt = entry.marketplace_order_id
+        mkt, offset, at = entry.marketplace_order_id, row.offset, row.received_at
         parked = self._parked(mkt)  # removals are written first: one parked anew stays
         if parked is None or parked[1] != entry.parked_offset:
             return
         self.batch.add_pending.pop(mkt, None)
         self.batch.remove_pending.add(mkt)
         self.batch.expired += 1
+        self._outcome(
+            outcomes.outcome(
+                outcomes.INTENT_EXPIRED,
+                offset,
+                at,
+                None,
+                mkt,
+                ttl_s=entry.ttl_s,
+                parked_offset=entry.parked_offset,
+            )
+        )
         self._note(
             "intent_expired", "warning", marketplace_order_id=mkt, parked_at=entry.parked_offset, ttl_s=entry.ttl_s
         )
 
-    def _decide(self, row: JournalRow, event: Event) -> None:
+    def _decide(self, row: JournalRow, event: Event, *, released: bool = False) -> None:
         before = self._order(event.order_id)
         try:
             decision = decide(before, event, row.received_at, self._policy)
@@ -206,6 +230,8 @@ class Applier:
             self._by_mkt.setdefault(after.marketplace_order_id, after.order_id)
         if self._emit_effects:
             self.batch.effects.extend(decision.effects)
+        for fact in outcomes.of_decision(before, after, event, row.offset, row.received_at, released=released):
+            self._outcome(fact)
         from_phase = before.phase if before is not None else None
         if from_phase != after.phase or (before is not None and before.status != after.status):
             cause = decision.cause or event.kind
@@ -228,13 +254,13 @@ class Applier:
             self._release_parked(row, after.order_id, mkt)
 
     def _release_parked(self, row: JournalRow, order_id: str, mkt: str) -> None:
-        parked = self._parked(mkt)
+        parked = self._parked(mkt)  # the intent parked now (one parked anew after an expiry included)
         self.batch.add_pending.pop(mkt, None)
-        if parked is None or mkt in self.batch.remove_pending:
+        if parked is None:
             return
         self.batch.remove_pending.add(mkt)
         self._note("intent_linked", order_id=order_id, marketplace_order_id=mkt, parked_at=parked[1])
-        self._decide(row, routing.release(order_id, mkt, parked[0]))
+        self._decide(row, routing.release(order_id, mkt, parked[0]), released=True)
 
     def _history(
         self, order_id: str, row: JournalRow, from_phase: str | None, to_phase: str, status: str | None, cause: str

@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from .models import Effect, Order
+from .outcomes import Outcome
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +89,7 @@ class Batch:
     unreadable: list[UnreadableRow] = field(default_factory=list)
     transitions: list[Transition] = field(default_factory=list)
     notes: list[Note] = field(default_factory=list)
+    outcomes: list[Outcome] = field(default_factory=list)  # for the connector, in the order they happened
     touched: dict[str, int] = field(default_factory=dict)  # order id -> last offset that applied to it
     expired: int = 0  # parked intents dropped as expired
 

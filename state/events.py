@@ -72,6 +72,7 @@ class ApprovalAnswered(_Event):
     code: str
     http_status: int
     message: str | None = None
+    operation_id: str | None = None  # VTEX's id for the enqueued operation, when given (version 2)
 
 
 class ApprovalFailed(_Event):
@@ -157,6 +158,9 @@ class NotificationReceived(BaseModel):
     # True only when it came by omsd's secret path; a bare-route notification (allowed for
     # compatibility) is kept for the record but never makes an intent nor closes an order.
     authenticated: bool = False
+    # The body exactly as VTEX sent it (version 3), for the connector: the outcome stream
+    # carries it, and the relay can re-post it unchanged to the connector's own route.
+    body: str | None = None
 
 
 class IntentReceived(BaseModel):
@@ -205,12 +209,23 @@ def _trusted(raw: dict[str, Any]) -> dict[str, Any]:
     return {**raw, "authenticated": True}
 
 
-VERSIONS: dict[str, int] = {"notification_received": 2, "result_notified": 2}
+def _added(**defaults: Any) -> Upcaster:
+    """An upcaster for a version that only added fields: the old row, with their defaults."""
+
+    def upcast(raw: dict[str, Any]) -> dict[str, Any]:
+        return {**defaults, **raw}
+
+    return upcast
+
+
+VERSIONS: dict[str, int] = {"notification_received": 3, "result_notified": 2, "approval_answered": 2}
 """The current version of a kind, where it is above 1."""
 
 UPCASTERS: dict[tuple[str, int], Upcaster] = {
     ("notification_received", 1): _trusted,
     ("result_notified", 1): _trusted,
+    ("notification_received", 2): _added(body=None),
+    ("approval_answered", 1): _added(operation_id=None),
 }
 """(kind, version) -> the function taking a raw entry of that version to the next."""
 

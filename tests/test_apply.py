@@ -93,6 +93,19 @@ CASES: dict[str, Case] = {
         notes=("intent_expired",),
         expired=1,
     ),
+    "an intent expired, parked anew, then linked, in one batch: the new one is released": Case(
+        (
+            api_intent(),
+            IntentExpired(marketplace_order_id=MKT, parked_offset=1, ttl_s=1.0),
+            api_intent(),
+            status(HELD, t=1),
+            fetched(HELD, seq=0, t=2),
+        ),
+        removed={MKT},
+        phase="waiting_release",
+        notes=("intent_parked", "intent_expired", "intent_parked", "intent_linked"),
+        expired=1,
+    ),
     "an expiry of an intent parked anew since: nothing": Case(
         (IntentExpired(marketplace_order_id=MKT, parked_offset=3, ttl_s=1.0),), view=View(parked={MKT: ("api", 7)})
     ),

@@ -241,14 +241,26 @@ def test_rows_written_before_the_flag_read_as_trusted() -> None:
 
 
 def test_version_2_rows_are_read_with_their_flag() -> None:
-    """The golden rows of version 2 read back unchanged, the flag included."""
+    """The golden rows of version 2 read back with everything they held, the flag included
+    (fields a later version added come with their defaults)."""
     lines = (GOLDEN / "events-v2.jsonl").read_text().splitlines()
-    assert sorted(json.loads(line)["kind"] for line in lines) == ["notification_received", "result_notified"]
+    kinds = ["approval_answered", "notification_received", "result_notified"]
+    assert sorted(json.loads(line)["kind"] for line in lines) == kinds
     for line in lines:
         raw = json.loads(line)
-        read = read_entry(raw["kind"], 2, line)
-        assert read.model_dump(mode="json") == raw
+        read = read_entry(raw["kind"], 2, line).model_dump(mode="json")
+        assert {k: read[k] for k in raw} == raw
+        assert all(read[k] is None for k in read.keys() - raw.keys())
     assert NotificationReceived(marketplace_order_id="m", code="c", flow="f").authenticated is False
+
+
+def test_version_3_notifications_keep_the_body_as_received() -> None:
+    """A version 3 notification row reads back whole: VTEX's body is kept byte for byte."""
+    [line] = (GOLDEN / "events-v3.jsonl").read_text().splitlines()
+    raw = json.loads(line)
+    read = read_entry("notification_received", 3, line)
+    assert read.model_dump(mode="json") == raw
+    assert isinstance(read, NotificationReceived) and read.body == raw["body"]
 
 
 # ---- end to end against the simulator ----------------------------------------------------

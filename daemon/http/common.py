@@ -30,6 +30,7 @@ from ..intake import entries, jsonsafe
 from ..ops.health import Health
 from ..ops.logs import get_logger
 from ..ops.metrics import Metrics
+from ..ops.waiting import Watermark
 
 log = get_logger("omsd.api")
 
@@ -124,6 +125,7 @@ class ApiContext:
     metrics: Metrics
     probe: Probe
     reject_budget: RejectBudget = field(default_factory=RejectBudget)
+    outcome_mark: Watermark = field(default_factory=Watermark)  # the last outcome seq committed
 
 
 ctx_key = web.AppKey("ctx", ApiContext)
@@ -236,18 +238,26 @@ async def read_bytes(request: web.Request) -> bytes:
 async def read_json(request: web.Request, source: str, *, keep: bool = True) -> tuple[Any, web.Response | None]:
     """The body as JSON (see jsonsafe.parse_json), or the error answer. With keep=False
     the caller decides whether the bad body is worth keeping."""
+    value, _, bad = await read_json_text(request, source, keep=keep)
+    return value, bad
+
+
+async def read_json_text(
+    request: web.Request, source: str, *, keep: bool = True
+) -> tuple[Any, str, web.Response | None]:
+    """`read_json`, and the body's text as received (UTF-8, as parse_json requires)."""
     try:
         data = await read_bytes(request)
     except Unreadable as exc:
         if keep:
             await keep_rejected(request, source, exc.kept, exc.reason)
-        return None, exc.response()
+        return None, "", exc.response()
     try:
-        return jsonsafe.parse_json(data), None
+        return jsonsafe.parse_json(data), data.decode("utf-8"), None
     except jsonsafe.BadJson as exc:
         if keep:
             await keep_rejected(request, source, data, str(exc))
-        return None, error(400, str(exc))
+        return None, "", error(400, str(exc))
 
 
 async def validated(request: web.Request, model: type[_Model], raw: Any, source: str) -> _Model | web.Response:

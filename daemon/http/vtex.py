@@ -21,6 +21,7 @@ from .common import (
     keep_rejected,
     read_bytes,
     read_json,
+    read_json_text,
     validated,
 )
 
@@ -77,7 +78,7 @@ def _an_problem(request: web.Request, account: str) -> str | None:
 
 async def _notification(request: web.Request, *, authenticated: bool) -> web.Response:
     ctx = ctx_of(request)
-    raw, bad = await read_json(request, "notification")
+    raw, text, bad = await read_json_text(request, "notification")
     if bad is not None:
         return bad
     reason = _an_problem(request, ctx.settings.account)
@@ -89,7 +90,7 @@ async def _notification(request: web.Request, *, authenticated: bool) -> web.Res
         return env
     now = datetime.now(UTC)
     [appended] = await ctx.store.journal.append(
-        [entries.notification_entry(env, now, authenticated=authenticated)], now=now
+        [entries.notification_entry(env, now, authenticated=authenticated, body=text)], now=now
     )
     ctx.wake()
     if authenticated and not appended.duplicate and env.flow == "ApproveOrder" and env.code not in APPROVAL_SUCCESS:

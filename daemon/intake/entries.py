@@ -223,11 +223,14 @@ def hook_item(body: object, received_at: datetime) -> HookIntake:
     return HookIntake(ping=False, entry=rejected("hook", body, reason, received_at), reason=reason)
 
 
-def notification_entry(env: ResultEnvelope, received_at: datetime, *, authenticated: bool) -> NewEntry:
+def notification_entry(
+    env: ResultEnvelope, received_at: datetime, *, authenticated: bool, body: str | None = None
+) -> NewEntry:
     """A processing-result notification → its journal entry; the same operation and code
     seen twice is one event. `authenticated` says it came by omsd's capability URL (or
     from an operator's `omsd ingest`); an unauthenticated copy is journaled but never
-    acted on, and never deduplicates away the authenticated one."""
+    acted on, and never deduplicates away the authenticated one. `body`: the request's
+    body as received (kept for the connector, which may want it re-posted unchanged)."""
     event = NotificationReceived(
         marketplace_order_id=env.marketplace_order_id,
         code=env.code,
@@ -237,6 +240,7 @@ def notification_entry(env: ResultEnvelope, received_at: datetime, *, authentica
         message=env.message,
         account=env.account_name,
         authenticated=authenticated,
+        body=body,
     )
     dedup = f"notification:{env.operation_id}:{env.code}" if env.operation_id else None
     if dedup and not authenticated:

@@ -178,4 +178,5 @@ class EffectRunner:
             code=answer.code,
             http_status=answer.http_status,
             message=answer.message,
+            operation_id=answer.operation_id,
         )
