@@ -164,7 +164,7 @@ async def _prune(store: Store, args: argparse.Namespace) -> int:
     print(
         f"{verb} {p.orders} orders quiet since before {render.when(report.cutoff)}: {p.journal_rows} journal rows "
         f"into {p.orders} snapshots, {p.history_rows} history rows, {p.outbox_rows} outbox rows; "
-        f"{p.rejected_rows} rejected inputs"
+        f"{p.rejected_rows} rejected inputs, {p.outcome_rows} outcome events"
         + ("" if report.dry_run else f"; {report.freed_bytes:,} bytes given back to the disk")
     )
     return EXIT_OK

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from ..config.settings import NOTIFY_PREFIX
 from ..ops.logs import redact
+from . import events
 from .common import (
     MAX_BODY,
     ApiContext,
@@ -26,6 +27,8 @@ def build_app(ctx: ApiContext) -> web.Application:
     app.router.add_post("/v1/approvals", approvals)
     app.router.add_get("/v1/orders/{key}", show_order)
     app.router.add_get("/v1/status", status)
+    app.router.add_get("/v1/events", events.events)
+    app.router.add_get("/v1/events/stream", events.stream)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

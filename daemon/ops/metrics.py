@@ -19,6 +19,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from omsd.state.outcomes import TYPES as OUTCOME_TYPES
 from omsd.state.statuses import TERMINAL_PHASES, Phase
 from omsd.state.store import Store, database_bytes
 
@@ -141,6 +142,30 @@ class Metrics:
         self.link_lookups = Counter(
             "omsd_link_lookups", "Get orders asked to link a parked intent's marketplace id", registry=r
         )
+        self.outcomes = Counter(
+            "omsd_outcomes", "Outcome events written for the connector, by type", ["type"], registry=r
+        )
+        self.relay_deliveries = Counter(
+            "omsd_relay_deliveries",
+            "Relay deliveries to the connector, by endpoint and result (delivered, retried, gave_up, disabled)",
+            ["endpoint", "result"],
+            registry=r,
+        )
+        self.relay_oldest = Gauge(
+            "omsd_relay_oldest_undelivered_seconds",
+            "Age of the oldest outcome an enabled relay endpoint has not delivered yet (0 when caught up)",
+            ["endpoint"],
+            registry=r,
+        )
+        self.relay_disabled = Gauge(
+            "omsd_relay_endpoint_disabled",
+            "1 while a relay endpoint is disabled (it answered 410)",
+            ["endpoint"],
+            registry=r,
+        )
+        self.event_waiters = Gauge(
+            "omsd_event_waiters", "Long polls and event streams waiting for the next outcome", registry=r
+        )
         self.store_probes = Counter(
             "omsd_store_probes", "Write probes of the database, by result (ok, refused)", ["result"], registry=r
         )
@@ -149,6 +174,8 @@ class Metrics:
         )
         for phase in Phase:
             self.orders.labels(phase=phase.value).set(0)
+        for kind in OUTCOME_TYPES:
+            self.outcomes.labels(type=kind)
         # Exported at 0 from the start, so that increase() sees the first one (an alert).
         self.approvals_refused.labels(code=HELD_REFUSAL)
 
@@ -200,6 +227,10 @@ class Metrics:
         now = now or datetime.now(UTC)
         self.oldest_unapplied.set(max(0.0, (now - oldest[0].received_at).total_seconds()) if oldest else 0)
         self.database_bytes.set(database_bytes(db))
+        for endpoint in await store.outcomes.endpoints():
+            if endpoint.disabled_at is None:
+                age = (now - endpoint.oldest_undelivered).total_seconds() if endpoint.oldest_undelivered else 0.0
+                self.relay_oldest.labels(endpoint=endpoint.name).set(max(0.0, age))
 
     def set_phases(self, counts: dict[str, int]) -> None:
         for phase in Phase:

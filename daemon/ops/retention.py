@@ -6,8 +6,10 @@ finished outbox rows replaced by one `order_snapshot` row holding its whole reco
 the offset of its last row. A replay applies it as "the order is this", so the rebuilt
 state is the same as before the prune. Open orders (an approval in progress, a timer, a
 Get order in flight) are never pruned, nor `dead` ones: an operator may still retry
-them and wants their history. Rejected input older than `days` goes too. Then the free
-pages go back to the filesystem (the database is `auto_vacuum=INCREMENTAL`).
+them and wants their history. Rejected input older than `days` goes too, and outcome
+events older than `days` (except those a relay endpoint has not delivered yet: a reader
+asking for them gets 410 Gone with the oldest kept). Then the free pages go back to the
+filesystem (the database is `auto_vacuum=INCREMENTAL`).
 
 The daemon runs this as its `retention` job; `omsd prune` runs it by hand.
 """
@@ -63,6 +65,7 @@ async def prune(store: Store, days: float, now: datetime, *, dry_run: bool = Fal
         total.rejected_rows = await store.retention.count_rejected(cutoff)
         return Report(total, cutoff, dry_run=True)
     total.rejected_rows = await store.retention.prune_rejected(cutoff)
+    total.outcome_rows = await store.outcomes.prune(cutoff)
     freed = await store.retention.reclaim()
     return Report(total, cutoff, dry_run=False, freed_bytes=freed)
 

@@ -37,6 +37,7 @@ class Processor:
         max_batch_size: int = 2000,
         on_effects: Callable[[], None] | None = None,
         on_timer: Callable[[datetime], None] | None = None,
+        on_outcomes: Callable[[int], None] | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         metrics: Metrics | None = None,
     ) -> None:
@@ -47,6 +48,7 @@ class Processor:
         self._next_size = batch_size
         self._on_effects = on_effects
         self._on_timer = on_timer  # told the earliest timer each batch set, to fire it when due
+        self._on_outcomes = on_outcomes  # told the last outcome seq each batch wrote (long polls, the relay)
         self._clock = clock
         self._metrics = metrics or Metrics()
         self.wake = asyncio.Event()
@@ -67,8 +69,10 @@ class Processor:
         entries = [(row, read(row)) for row in rows]
         view = await self._store.read.view(*needs(entries))
         batch = apply(entries, view, self._policy)
-        await self._store.derived.commit(batch, now=self._clock())
+        last_outcome = await self._store.derived.commit(batch, now=self._clock())
         self.offset = batch.offset
+        if last_outcome is not None and self._on_outcomes is not None:
+            self._on_outcomes(last_outcome)
         self._committed(batch)
         async with self.applied:
             self.applied.notify_all()
@@ -81,6 +85,8 @@ class Processor:
             self._metrics.journal_unreadable.inc(len(batch.unreadable))
         if batch.expired:
             self._metrics.intents_expired.inc(batch.expired)
+        for fact in batch.outcomes:
+            self._metrics.outcomes.labels(type=fact.type).inc()
         if batch.effects and self._on_effects is not None:
             self._on_effects()
         if self._on_timer is not None and (dues := [o.timer.due_at for o in batch.orders.values() if o.timer]):

@@ -4,6 +4,7 @@
 - `journal` (`journal.py`): append-only rows with offsets, and the feed handles to commit;
 - `derived` (`derived.py`): the one writer of every row derived from the journal;
 - `outbox` (`outbox.py`): effects to perform, and timers that come due;
+- `outcomes` (`outcomes.py`): the outcome stream for the connector, and its relay's deliveries;
 - `read` (`queries.py`): the derived rows, read;
 - `retention` (`retention.py`): snapshots of quiet orders, the vacuum.
 
@@ -21,6 +22,7 @@ from .db import Database, SchemaTooNew, StoreError, StoreUnwritable, database_by
 from .derived import Derived
 from .journal import Journal
 from .outbox import Outbox
+from .outcomes import Outcomes
 from .queries import Queries
 from .retention import Retention
 from .rows import Appended, NewEntry, OutboxRow, ParkedIntent, Pruned, from_iso, iso
@@ -53,6 +55,7 @@ class Store:
         self.journal = Journal(db)
         self.derived = Derived(db)
         self.outbox = Outbox(db)
+        self.outcomes = Outcomes(db)
         self.read = Queries(db)
         self.retention = Retention(db)
 

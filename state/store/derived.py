@@ -13,7 +13,7 @@ import aiosqlite
 
 from ..batch import Batch, HistoryRow, UnreadableRow
 from ..models import Effect, Order
-from . import outbox
+from . import outbox, outcomes
 from .db import Database
 from .rows import iso
 
@@ -30,10 +30,11 @@ class Derived:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    async def commit(self, batch: Batch, *, now: datetime) -> None:
+    async def commit(self, batch: Batch, *, now: datetime) -> int | None:
         """Write the processor's batch and its new offset in one transaction: the orders,
         their new effects (the outbox), the pending effects they no longer wait for marked
-        superseded, timers, history, parked intents, unreadable rows."""
+        superseded, timers, history, parked intents, unreadable rows, and the outcomes for
+        the connector. Returns the last outcome seq when it wrote outcomes, else None."""
         stamp = iso(now)
         orders = batch.orders
         retimed = [k for k, o in orders.items() if (p := batch.before.get(k)) is None or p.timer != o.timer]
@@ -45,7 +46,9 @@ class Derived:
             await write_history(conn, batch.history)
             await _parked(conn, batch.remove_pending, batch.add_pending, stamp)
             await _unreadable(conn, batch.unreadable, stamp)
+            last = await outcomes.write(conn, batch.outcomes)
             await _cursor(conn, batch.offset)
+        return last
 
     async def replace(
         self, batch: Batch, *, only: set[str] | None, cursor: int | None, reissue: Sequence[Effect], now: datetime

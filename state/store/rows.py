@@ -88,6 +88,7 @@ class Pruned:
     history_rows: int = 0
     outbox_rows: int = 0
     rejected_rows: int = 0
+    outcome_rows: int = 0  # outcome events older than the retention (none a relay still owes)
 
     def add(self, other: Pruned) -> None:
         self.orders += other.orders
@@ -95,3 +96,4 @@ class Pruned:
         self.history_rows += other.history_rows
         self.outbox_rows += other.outbox_rows
         self.rejected_rows += other.rejected_rows
+        self.outcome_rows += other.outcome_rows

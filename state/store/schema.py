@@ -144,6 +144,7 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (endpoint, seq)
     );
     CREATE INDEX relay_due ON relay_deliveries(endpoint, state, next_at);
+    CREATE INDEX relay_order ON relay_deliveries(endpoint, order_key, state, seq);
     """,
 )
 

@@ -1,0 +1,172 @@
+"""The outcome stream: stored in the processor's transaction, read by `after`, long polled,
+streamed as Server-Sent Events, 410 Gone past the retention, and the relay's bookkeeping."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from omsd.daemon.ops.waiting import Watermark
+from omsd.daemon.pipeline.processor import Processor
+from omsd.state.models import Policy
+from omsd.state.store import Store
+from tests.api_helpers import AUTH, Api, start
+from tests.machine_helpers import FREE, HELD, MKT, intent, status
+from tests.store_helpers import NOW, entry
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    async with await Store.open(tmp_path / "events.db") as s:
+        yield s
+
+
+@pytest.fixture
+async def api(store: Store) -> AsyncIterator[Api]:
+    a = await start(store)
+    try:
+        yield a
+    finally:
+        await a.client.close()
+
+
+async def held_then_canceled(store: Store, mark: Watermark | None = None) -> None:
+    """An intent on a held order that VTEX then cancels: intent.accepted, intent.canceled."""
+    await store.journal.append([entry(status(HELD, t=1)), entry(intent()), entry(status("canceled", t=2))], now=NOW)
+    await Processor(store, Policy(), on_outcomes=mark.advance if mark else None).drain()
+
+
+async def get(api: Api, path: str, **kw: Any) -> tuple[int, Any]:
+    resp = await api.client.get(path, headers=kw.pop("headers", AUTH), **kw)
+    return resp.status, await resp.json()
+
+
+# ---- the store ----------------------------------------------------------------------------
+async def test_outcomes_are_written_with_the_state_change_and_read_in_order(store: Store) -> None:
+    """The processor's commit writes the batch's outcomes; `after` reads them by seq, by type, by order."""
+    await held_then_canceled(store)
+    rows = await store.outcomes.after(0, 10)
+    assert [(r.seq, r.type) for r in rows] == [(1, "intent.accepted"), (2, "intent.canceled")]
+    assert [r.type for r in await store.outcomes.after(1, 10)] == ["intent.canceled"]
+    assert [r.type for r in await store.outcomes.after(0, 10, types=["intent.canceled"])] == ["intent.canceled"]
+    assert len(await store.outcomes.after(0, 10, order=MKT)) == 2 and await store.outcomes.after(0, 10, order="X") == []
+    assert await store.outcomes.bounds() == (0, 2)
+
+
+async def test_deriving_again_never_rewrites_the_stream(store: Store) -> None:
+    """After a reset the processor applies the same rows again: the same ids, nothing added."""
+    await held_then_canceled(store)
+    before = await store.outcomes.after(0, 10)
+    await store.derived.reset(now=NOW)
+    await Processor(store, Policy()).drain()
+    assert await store.outcomes.after(0, 10) == before
+
+
+async def test_retention_keeps_what_a_relay_still_owes_and_reports_the_oldest(store: Store) -> None:
+    """Outcomes older than the cutoff go, except those a relay endpoint has not delivered;
+    `bounds` then says where a reader may resume without a gap."""
+    await store.outcomes.endpoint("webhook")  # created at the current end: nothing owed yet
+    await held_then_canceled(store)
+    await store.outcomes.take("webhook", 10, NOW)
+    assert await store.outcomes.prune(NOW + timedelta(days=1)) == 0  # both pending for the relay
+    await store.outcomes.delivered("webhook", [1])
+    assert await store.outcomes.prune(NOW + timedelta(days=1)) == 1
+    assert await store.outcomes.bounds() == (1, 2)
+
+
+async def test_a_relay_takes_a_window_and_sends_each_order_in_order(store: Store) -> None:
+    """Deliveries are taken up to the window; only the oldest pending one of an order is due."""
+    await store.outcomes.endpoint("webhook")
+    await held_then_canceled(store)
+    assert await store.outcomes.take("webhook", 1, NOW) == 1  # the window holds one
+    assert await store.outcomes.take("webhook", 1, NOW) == 0
+    assert await store.outcomes.take("webhook", 10, NOW) == 1
+    [due] = await store.outcomes.due("webhook", NOW, 10)  # the second waits behind the first
+    assert due.outcome.type == "intent.accepted"
+    await store.outcomes.failed("webhook", due.outcome.seq, next_at=NOW + timedelta(seconds=5), error="HTTP 500")
+    assert await store.outcomes.due("webhook", NOW, 10) == []  # the order waits for its first
+    [again] = await store.outcomes.due("webhook", NOW + timedelta(seconds=5), 10)
+    assert again.attempts == 1
+    await store.outcomes.delivered("webhook", [again.outcome.seq])
+    [second] = await store.outcomes.due("webhook", NOW, 10)
+    assert second.outcome.type == "intent.canceled"
+
+
+# ---- the pull API ---------------------------------------------------------------------------
+async def test_events_after_a_seq_with_where_to_resume(api: Api) -> None:
+    """GET /v1/events: the outcomes after `after`, and `next` past every one looked at."""
+    await held_then_canceled(api.ctx.store, api.ctx.outcome_mark)
+    status_, body = await get(api, "/v1/events?after=0")
+    assert status_ == 200 and [e["type"] for e in body["events"]] == ["intent.accepted", "intent.canceled"]
+    first = body["events"][0]
+    assert set(first) == {"seq", "id", "type", "occurred_at", "order_id", "marketplace_order_id", "data"}
+    assert body["next"] == 2
+    _, filtered = await get(api, "/v1/events?after=0&type=intent.canceled")
+    assert [e["seq"] for e in filtered["events"]] == [2] and filtered["next"] == 2
+    _, limited = await get(api, "/v1/events?after=0&limit=1")
+    assert [e["seq"] for e in limited["events"]] == [1] and limited["next"] == 1
+    _, none = await get(api, "/v1/events?after=0&order=OTHER-1")
+    assert none == {"events": [], "next": 2}  # every outcome looked at: resume past them
+
+
+async def test_a_long_poll_answers_as_soon_as_an_outcome_commits(api: Api) -> None:
+    """With `wait`, the request is held until the processor commits an outcome after `after`."""
+    poll = asyncio.create_task(get(api, "/v1/events?after=0&wait=30"))
+    await asyncio.sleep(0)
+    assert not poll.done()
+    await held_then_canceled(api.ctx.store, api.ctx.outcome_mark)
+    status_, body = await asyncio.wait_for(poll, timeout=10)
+    assert status_ == 200 and body["events"][0]["type"] == "intent.accepted"
+
+
+async def test_a_long_poll_with_nothing_new_ends_empty_at_its_wait(api: Api) -> None:
+    """Nothing after `after` within `wait`: an empty answer whose `next` is `after`."""
+    status_, body = await get(api, "/v1/events?after=0&wait=0.05")
+    assert (status_, body) == (200, {"events": [], "next": 0})
+
+
+async def test_an_after_older_than_the_retention_is_gone(api: Api) -> None:
+    """410 Gone with the oldest seq kept, never a silent jump."""
+    store = api.ctx.store
+    await held_then_canceled(store)
+    await store.outcomes.prune(NOW + timedelta(days=1))
+    await store.journal.append([entry(status(FREE, t=3))], now=NOW)
+    status_, body = await get(api, "/v1/events?after=0")
+    assert status_ == 410 and body["oldest"] == 3 and body["resume_after"] == 2
+    assert (await get(api, "/v1/events?after=2"))[0] == 200
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["after=-1", "after=x", "limit=0", "limit=1001", "wait=61", "wait=nan", "type=bogus", "order=a%20b", "lots=1"],
+)
+async def test_bad_queries_are_400_with_the_reason(api: Api, query: str) -> None:
+    """A bad parameter is a 400 that names it; nothing is read."""
+    status_, body = await get(api, f"/v1/events?{query}")
+    assert status_ == 400 and body["error"]
+
+
+async def test_events_need_the_bearer_token(api: Api) -> None:
+    """Without the token: 401 (the outcomes carry order data)."""
+    status_, _ = await get(api, "/v1/events", headers={})
+    assert status_ == 401
+
+
+async def test_the_stream_sends_events_and_resumes_from_last_event_id(api: Api) -> None:
+    """GET /v1/events/stream: `id:` is the seq, `event:` the type; Last-Event-ID resumes after it."""
+    await held_then_canceled(api.ctx.store, api.ctx.outcome_mark)
+    resp = await api.client.get("/v1/events/stream", headers={**AUTH, "Last-Event-ID": "1"})
+    assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/event-stream")
+    lines: list[str] = []
+    while not any(line.startswith("data:") for line in lines):
+        lines.append((await asyncio.wait_for(resp.content.readline(), timeout=10)).decode().rstrip("\r\n"))
+    resp.close()
+    fields = dict(line.split(": ", 1) for line in lines if ": " in line)
+    assert fields["id"] == "2" and fields["event"] == "intent.canceled"
+    assert json.loads(fields["data"])["seq"] == 2
