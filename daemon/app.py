@@ -33,10 +33,13 @@ from .ops.metrics import Metrics
 from .ops.notify import Notifier, Progress, status_line, watchdog_loop
 from .ops.probe import StoreProbe
 from .ops.supervisor import Loop, Supervisor, first_error
+from .ops.waiting import Watermark
 from .pipeline.effects import EffectRunner
 from .pipeline.linking import ParkedIntents, resync_waiting
 from .pipeline.processor import Processor
 from .pipeline.timers import Timers
+from .relay.relay import Relay
+from .relay.webhooks import endpoints as relay_endpoints
 from .vtex.client import VtexClient
 from .vtex.configuration import VtexSetup
 
@@ -70,11 +73,13 @@ class Daemon:
         self.poller: FeedPoller | None = None
         self.runner: EffectRunner | None = None
         self.setup: VtexSetup | None = None
+        self.relay: Relay | None = None
         self.jobs: Jobs | None = None
         redact(
             settings.app_token.get_secret_value(),
             settings.api_token.get_secret_value() if settings.api_token else None,
             settings.hook_secret.get_secret_value() if settings.hook_secret else None,
+            settings.relay_secret.get_secret_value() if settings.relay_secret else None,
         )
 
     @property
@@ -109,8 +114,14 @@ class Daemon:
 
             runner = self.runner = EffectRunner(store, client, concurrency=s.effect_concurrency, metrics=metrics)
             timers = Timers(store, lambda: processor.wake.set())
+            mark = Watermark((await store.outcomes.bounds())[1])  # the last outcome committed
             processor = self.processor = Processor(
-                store, s.policy(), on_effects=runner.wake.set, on_timer=timers.set_at, metrics=metrics
+                store,
+                s.policy(),
+                on_effects=runner.wake.set,
+                on_timer=timers.set_at,
+                on_outcomes=mark.advance,
+                metrics=metrics,
             )
             processor.listeners.append(self._count_transition)
             runner.on_result = processor.wake.set
@@ -128,7 +139,21 @@ class Daemon:
                 await runner.recover()  # else the effect runner recovers when writes work again
 
             notify.status("starting the HTTP server")
-            await self.http.start(stack, ApiContext(s, store, processor, processor.wake.set, health, metrics, probe))
+            context = ApiContext(s, store, processor, processor.wake.set, health, metrics, probe, outcome_mark=mark)
+            await self.http.start(stack, context)
+            endpoints = relay_endpoints(
+                relay_url=s.relay_url, relay_vtex_url=s.relay_vtex_url, secret=s.relay_secret, account=s.account
+            )
+            relay = self.relay = Relay(
+                store,
+                endpoints,
+                session,
+                mark,
+                health,
+                metrics,
+                timeout_s=s.relay_timeout_s,
+                concurrency=s.relay_concurrency,
+            )
             if not await setup.confirm_until(stop, notify.status):
                 return
             jobs = self.jobs = self._jobs(store, processor, setup)
@@ -146,6 +171,7 @@ class Daemon:
                 work=[
                     Loop("processor", processor.run, beat=processor.progress),
                     Loop("effect-runner", runner.run, beat=runner.progress, restart=runner.recover),
+                    *([Loop("relay", relay.run)] if endpoints else []),
                 ],
                 side=[
                     Loop("watchdog", functools.partial(watchdog_loop, notify, self.progress)),

@@ -22,7 +22,7 @@ from omsd.state.store import StoreError
 from ..config.instance import instance_environment
 from ..config.settings import ConfigError, warn_unknown_variables
 from ..ops.metrics import omsd_version
-from . import looking, records, repair, run, transfer, vtex
+from . import looking, outcomes, records, repair, run, transfer, vtex
 from .common import EXIT_CONFIG, EXIT_FAIL, EXIT_OK, Handler
 
 DESCRIPTION = """\
@@ -63,7 +63,7 @@ def parser() -> argparse.ArgumentParser:
         "/var/lib/omsd/omsd.db",
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for group in (run, records, looking, repair, transfer, vtex):
+    for group in (run, records, looking, outcomes, repair, transfer, vtex):
         group.add(sub)
     return p
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -15,6 +16,7 @@ from omsd.state.store import Store
 
 from ..config.settings import load_db_path
 from ..ops import lock, logs
+from ..ops.waiting import wait_any
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG, EXIT_BUSY = 0, 1, 2, 3
 EXIT_TEMPFAIL = 75  # sysexits EX_TEMPFAIL: the database refused writes at start-up (disk full, read-only)
@@ -72,3 +74,22 @@ def offline(fn: StoreCommand, *, create: bool = False, owns: bool = False) -> Ha
 async def _with_store(db: Path, fn: StoreCommand, args: argparse.Namespace, *, readonly: bool = False) -> int:
     async with await (Store.open_readonly(db) if readonly else Store.open(db)) as store:
         return await fn(store, args)
+
+
+FOLLOW_POLL_S = 1.0
+
+
+async def follow(step: Callable[[], Awaitable[bool]]) -> None:
+    """Run `step` (print what is new; True when it printed something) again and again, a
+    poll interval apart while nothing is new, until SIGINT or SIGTERM (`--follow`)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        while not stop.is_set():
+            if not await step():
+                await wait_any(stop, within_s=FOLLOW_POLL_S)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)

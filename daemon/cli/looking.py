@@ -4,9 +4,7 @@ beside a running daemon (they take no lock)."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import signal
 import sys
 from typing import Any
 
@@ -15,9 +13,8 @@ from rich.console import Console
 from omsd.state.statuses import Phase
 from omsd.state.store import Store
 
-from ..ops.waiting import wait_any
 from . import render
-from .common import EXIT_FAIL, EXIT_OK, UNKNOWN, Subparsers, command, offline
+from .common import EXIT_FAIL, EXIT_OK, UNKNOWN, Subparsers, command, follow, offline
 
 
 def add(sub: Subparsers[argparse.ArgumentParser]) -> None:
@@ -187,26 +184,18 @@ async def _journal(store: Store, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-FOLLOW_POLL_S = 1.0
-
-
 async def _follow(store: Store, after: int, where: dict[str, Any], as_json: bool) -> None:
     """Print new journal rows as the daemon writes them, until SIGINT or SIGTERM."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        while not stop.is_set():
-            rows = await store.journal.since(after, 1000, **where)
-            if rows:
-                render.print_rows(rows, as_json)
-                after = rows[-1].offset
-                continue
-            await wait_any(stop, within_s=FOLLOW_POLL_S)
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+
+    async def step() -> bool:
+        nonlocal after
+        rows = await store.journal.since(after, 1000, **where)
+        if rows:
+            render.print_rows(rows, as_json)
+            after = rows[-1].offset
+        return bool(rows)
+
+    await follow(step)
 
 
 PARKED_WHY = "no VTEX order linked to this marketplace id yet: waits for the order to appear and Get order to link it"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import difflib
 import hashlib
 import hmac
@@ -136,6 +137,14 @@ class Settings(PolicySettings):
     # the poll interval's sleep: SQS short polling may answer empty while items wait (docs/design.md)
     feed_empty_rechecks: int = Field(default=2, ge=0, le=10)
 
+    # The relay: every outcome pushed to the connector (Standard Webhooks), and VTEX's
+    # processing results re-posted to the connector's own VTEX route (docs/operations.md)
+    relay_url: str | None = None  # https (plain http on loopback only)
+    relay_secret: SecretStr | None = None  # whsec_<base64 of 24..64 bytes>: signs each POST
+    relay_vtex_url: str | None = None  # the connector's base endpoint: {this}/order-integration/notification/...
+    relay_timeout_s: float = Field(default=15.0, gt=0, le=120)
+    relay_concurrency: int = Field(default=16, ge=1, le=256)  # deliveries in flight at once (one per order)
+
     @field_validator("connector_endpoint")
     @classmethod
     def _endpoint(cls, value: str) -> str:
@@ -182,6 +191,30 @@ class Settings(PolicySettings):
         https = "VTEX refuses anything else; plain http only for a loopback simulator"
         return check_url(value, https=https) if value else None
 
+    @field_validator("relay_url", "relay_vtex_url")
+    @classmethod
+    def _relay_url(cls, value: str | None) -> str | None:
+        https = "outcomes carry order data; plain http only on loopback"
+        return check_url(value, https=https, bare=True).rstrip("/") if value else None
+
+    @field_validator("relay_secret", mode="before")
+    @classmethod
+    def _whsec(cls, value: object) -> object:
+        """Standard Webhooks' secret: `whsec_` and the base64 of 24 to 64 random bytes."""
+        raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if raw is None or (isinstance(raw, str) and not raw.strip()):
+            return None
+        if not isinstance(raw, str):
+            raise ValueError("must be text: whsec_ and base64")
+        raw = raw.strip()
+        try:
+            key = base64.b64decode(raw.removeprefix("whsec_"), validate=True)
+        except ValueError:
+            raise ValueError("must be whsec_ followed by base64 (e.g. whsec_$(openssl rand -base64 32))") from None
+        if not raw.startswith("whsec_") or not 24 <= len(key) <= 64:
+            raise ValueError("must be whsec_ followed by the base64 of 24 to 64 random bytes")
+        return raw
+
     @field_validator("notify_secret")
     @classmethod
     def _path_safe(cls, value: SecretStr | None) -> SecretStr | None:
@@ -196,6 +229,8 @@ class Settings(PolicySettings):
             raise ValueError("OMSD_FEED_STATUSES: FromWorkflow needs at least one status")
         if self.source in ("hook", "both") and self.hook_secret is None:
             raise ValueError("OMSD_HOOK_SECRET: is required when OMSD_SOURCE is hook or both")
+        if self.relay_url and self.relay_secret is None:
+            raise ValueError("OMSD_RELAY_SECRET: is required when OMSD_RELAY_URL is set")
         return self
 
     @property

@@ -27,6 +27,9 @@ class Health:
     last_push_ok: float | None = None
     last_self_check_ok: float | None = None
     alarms: dict[str, str] = field(default_factory=dict)
+    # Alarms about the connector's side (a relay endpoint disabled): raised and counted like
+    # the others, but they do not make omsd unready, since approvals go on without them.
+    outside: set[str] = field(default_factory=set)
     store_problem: str | None = None  # why the database refuses writes; intake waits meanwhile
     store_ok: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -51,15 +54,20 @@ class Health:
     def push_ok(self) -> None:
         self.last_push_ok = self.clock()
 
-    def raise_alarm(self, name: str, detail: str) -> None:
+    def raise_alarm(self, name: str, detail: str, *, outside: bool = False) -> None:
+        """Raise (or update) an alarm. `outside`: a fault on the connector's side, which does
+        not fail readiness."""
         if self.alarms.get(name) != detail:
             log.error("alarm_raised", alarm=name, detail=detail)
         self.alarms[name] = detail
+        if outside:
+            self.outside.add(name)
         self.metrics.alarm.labels(name=name).set(1)
 
     def clear_alarm(self, name: str) -> None:
         if self.alarms.pop(name, None) is not None:
             log.info("alarm_cleared", alarm=name)
+        self.outside.discard(name)
         self.metrics.alarm.labels(name=name).set(0)
 
     def _fresh(self, at: float | None, within_s: float) -> bool:
@@ -83,5 +91,7 @@ class Health:
             or self._fresh(self.last_self_check_ok, 2 * s.self_check_s + s.ready_stale_s)
         ):
             out.append("no push and no successful VTEX check recently")
-        out.extend(f"alarm {name}: {detail}" for name, detail in sorted(self.alarms.items()))
+        out.extend(
+            f"alarm {name}: {detail}" for name, detail in sorted(self.alarms.items()) if name not in self.outside
+        )
         return out
