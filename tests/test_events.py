@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from omsd.daemon.cli import main
 from omsd.daemon.ops.waiting import Watermark
 from omsd.daemon.pipeline.processor import Processor
 from omsd.state.models import Policy
@@ -170,3 +171,64 @@ async def test_the_stream_sends_events_and_resumes_from_last_event_id(api: Api) 
     fields = dict(line.split(": ", 1) for line in lines if ": " in line)
     assert fields["id"] == "2" and fields["event"] == "intent.canceled"
     assert json.loads(fields["data"])["seq"] == 2
+
+
+# ---- the command line -------------------------------------------------------------------------
+def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    capsys.readouterr()
+    code = main(list(args), clock=lambda: NOW)
+    return code, capsys.readouterr().out
+
+
+@pytest.fixture
+def db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "cli.db"
+    monkeypatch.setenv("OMSD_DB", str(path))
+
+    async def build() -> None:
+        async with await Store.open(path) as s:
+            await s.outcomes.endpoint("webhook")
+            await held_then_canceled(s)
+            await s.outcomes.take("webhook", 10, NOW)
+
+    asyncio.run(build())
+    return path
+
+
+def test_omsd_events_prints_the_stream(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`omsd events --json`: the same events as the API; --after, --type and --order select."""
+    code, out = cli(capsys, "events", "--json")
+    assert code == 0 and [json.loads(line)["type"] for line in out.splitlines()] == [
+        "intent.accepted",
+        "intent.canceled",
+    ]
+    _, after = cli(capsys, "events", "--after", "1", "--json")
+    assert [json.loads(line)["seq"] for line in after.splitlines()] == [2]
+    _, typed = cli(capsys, "events", "--type", "intent.accepted")
+    assert typed.split("\t")[2] == "intent.accepted" and len(typed.splitlines()) == 1
+    assert cli(capsys, "events", "--order", "NONE-1")[1] == ""
+
+
+def test_omsd_relay_status_retry_and_replay(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """status shows pending and given up; replay rewinds the cursor; retry makes given-up ones due."""
+    _, out = cli(capsys, "relay", "status", "--json")
+    [status_] = [json.loads(line) for line in out.splitlines()]
+    assert status_["endpoint"] == "webhook" and status_["pending"] == 2 and status_["disabled"] is None
+
+    async def give_up_and_disable() -> None:
+        async with await Store.open(db) as s:
+            await s.outcomes.failed("webhook", 1, next_at=None, error="HTTP 500")
+            await s.outcomes.disable("webhook", "HTTP 410", NOW)
+
+    asyncio.run(give_up_and_disable())
+    _, out = cli(capsys, "relay", "status", "--json")
+    assert json.loads(out)["given_up"] == 1 and json.loads(out)["disabled"] == "HTTP 410"
+    code, out = cli(capsys, "relay", "retry")
+    assert code == 0 and "1 given-up deliveries due again" in out
+    _, out = cli(capsys, "relay", "status", "--json")
+    assert json.loads(out)["disabled"] is None and json.loads(out)["given_up"] == 0
+    assert cli(capsys, "relay", "replay", "--from", "1")[0] == 0
+    _, out = cli(capsys, "relay", "status", "--json")
+    assert json.loads(out)["taken_to_seq"] == 0
+    assert cli(capsys, "relay", "replay")[0] == 2  # --from is required
+    assert cli(capsys, "relay", "status", "--endpoint", "vtex")[0] == 1  # never configured here
