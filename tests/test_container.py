@@ -91,3 +91,15 @@ async def test_demo_keeps_the_log_it_points_at() -> None:
         assert log.read_text().lstrip().startswith("{")
     finally:
         log.unlink()
+
+
+async def test_the_demo_shows_what_the_connector_heard() -> None:
+    """The demo's connector receives the relay's signed POSTs: its summary counts every
+    order's terminal event, and the verdict fails unless each was heard."""
+    from omsd.daemon.tools.demo import run_demo
+
+    out = StringIO()
+    assert await run_demo(4, console=Console(file=out, width=300)) == 0
+    [summary] = [line for line in out.getvalue().splitlines() if line.startswith("the connector heard")]
+    assert "4 intent.accepted" in summary and "4 approval.confirmed" in summary  # 4 orders, all to be approved
+    Path(re.findall(r"log kept at (\S+)", out.getvalue())[-1]).unlink()

@@ -13,6 +13,7 @@ sent while an order was held.
 from __future__ import annotations
 
 import asyncio
+import base64
 import secrets
 import socket
 import tempfile
@@ -22,9 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+from standardwebhooks import Webhook
 
 from omsd.sim.faults import Faults
 from omsd.sim.server import Simulator
@@ -72,7 +75,53 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def demo_settings(sim: Simulator, db: Path, port: int, api_token: str) -> Settings:
+class Connector:
+    """The connector's receiver for omsd's relay: verifies each POST's signature, handles each
+    event once (a retry repeats a webhook-id), and keeps what it heard per order."""
+
+    def __init__(self, secret: str) -> None:
+        self.secret = secret
+        self._hook = Webhook(secret)
+        self.seen: set[str] = set()
+        self.repeats = 0
+        self.heard: Counter[str] = Counter()
+        self.ends: dict[str, str] = {}  # marketplace order id -> its terminal event
+        self.url = ""
+
+    async def receive(self, request: web.Request) -> web.Response:
+        try:
+            event = self._hook.verify(await request.text(), dict(request.headers))
+        except ValueError:  # a forged or stale signature (WebhookVerificationError is one)
+            return web.Response(status=401)
+        if request.headers["webhook-id"] in self.seen:
+            self.repeats += 1
+            return web.Response(status=204)
+        self.seen.add(request.headers["webhook-id"])
+        self.heard[event["type"]] += 1
+        if event["type"] in TERMINAL_TYPES and event["marketplace_order_id"]:
+            self.ends[event["marketplace_order_id"]] = event["type"]
+        return web.Response(status=204)
+
+    async def start(self) -> web.AppRunner:
+        app = web.Application()
+        app.router.add_post("/omsd/events", self.receive)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        self.url = f"http://127.0.0.1:{port}/omsd/events"
+        return runner
+
+    def summary(self) -> str:
+        heard = ", ".join(f"{n} {kind}" for kind, n in sorted(self.heard.items()))
+        return f"the connector heard (signed, each once): {heard or 'nothing'}; {self.repeats} repeats absorbed"
+
+
+TERMINAL_TYPES = ("approval.confirmed", "approval.refused", "intent.canceled", "intent.expired", "order.dead")
+EXPECTED_END = {Phase.APPROVED: "approval.confirmed", Phase.REJECTED: "intent.canceled"}
+
+
+def demo_settings(sim: Simulator, db: Path, port: int, api_token: str, connector: Connector) -> Settings:
     return Settings(
         account=sim.account,
         app_key=sim.app_key,
@@ -96,6 +145,8 @@ def demo_settings(sim: Simulator, db: Path, port: int, api_token: str) -> Settin
         rate_limited_wait_s=1.0,
         shutdown_grace_s=5.0,
         max_attempts=12,
+        relay_url=connector.url,
+        relay_secret=connector.secret,
     )
 
 
@@ -213,7 +264,9 @@ async def _run(count: int, seed: int, timeout_s: float, console: Console, tmp: P
         sim.malformed.append(bad)
     port = free_port()
     token = secrets.token_urlsafe(24)
-    settings = demo_settings(sim, tmp / "omsd.db", port, token)
+    connector = Connector("whsec_" + base64.b64encode(secrets.token_bytes(32)).decode())
+    receiver = await connector.start()
+    settings = demo_settings(sim, tmp / "omsd.db", port, token, connector)
     daemon = Daemon(settings)
     stop = asyncio.Event()
     task = asyncio.create_task(daemon.run(stop))
@@ -241,20 +294,30 @@ async def _run(count: int, seed: int, timeout_s: float, console: Console, tmp: P
                         if order.marketplace_order_id:
                             phases[order.marketplace_order_id] = order.phase.value
                     live.update(_table(planned, phases, sim, False))
-                    if all(phases.get(p.marketplace_order_id) == p.expected.value for p in planned):
+                    done = all(phases.get(p.marketplace_order_id) == p.expected.value for p in planned)
+                    if done and len(connector.ends) >= len(planned):
                         break
                     await asyncio.sleep(0.25)
     finally:
         stop.set()
         await asyncio.wait_for(task, timeout=30)
         await sim.stop()
+        await receiver.cleanup()
     console.print(_table(planned, phases, sim, True, daemon))
-    return _verdict(planned, phases, sim, console)
+    console.print(connector.summary())
+    return _verdict(planned, phases, sim, console, connector)
 
 
-def _verdict(planned: list[Planned], phases: dict[str, str], sim: Simulator, console: Console) -> int:
+def _verdict(
+    planned: list[Planned], phases: dict[str, str], sim: Simulator, console: Console, connector: Connector
+) -> int:
     problems: list[str] = []
     for p in planned:
+        heard = connector.ends.get(p.marketplace_order_id)
+        if heard != EXPECTED_END[p.expected]:
+            problems.append(
+                f"{p.marketplace_order_id}: the connector heard {heard}, expected {EXPECTED_END[p.expected]}"
+            )
         got = phases.get(p.marketplace_order_id, "unseen")
         if got != p.expected.value:
             problems.append(f"{p.marketplace_order_id} ({p.kind}) ended {got}, expected {p.expected.value}")
