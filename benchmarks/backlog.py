@@ -30,7 +30,6 @@ import bisect
 import itertools
 import math
 import multiprocessing
-import socket
 import tempfile
 import time
 import uuid
@@ -46,6 +45,7 @@ from omsd.daemon.app import Daemon
 from omsd.daemon.config.settings import Settings
 from omsd.daemon.intake.feed import FeedPoller
 from omsd.daemon.ops import logs
+from omsd.daemon.tools.demo import free_port
 from omsd.daemon.vtex.client import VtexClient
 from omsd.sim.faults import Faults, Handler
 from omsd.sim.feed import FeedQueue
@@ -178,12 +178,6 @@ def measure(name: str, log: dict[str, Any]) -> Result:
 def busiest_window(times: list[float], period: float = 1.0) -> int:
     """The most calls in any window [t, t + period) (sliding, starting at a call)."""
     return max((bisect.bisect_left(times, t + period) - i for i, t in enumerate(times)), default=0)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def drain_with_omsd(base: str, events: int, budget: float, tmp: Path, intake_only: bool) -> Result:

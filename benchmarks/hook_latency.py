@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import statistics
 import tempfile
 import time
@@ -22,13 +21,8 @@ import aiohttp
 from omsd.daemon.app import Daemon
 from omsd.daemon.config.settings import Settings
 from omsd.daemon.ops import logs
+from omsd.daemon.tools.demo import free_port
 from omsd.sim.server import Simulator
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def main(pushes: int, concurrency: int) -> None:

@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import os
 import random
-import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ import latency_trace  # beside this script (run as a script, its folder is on th
 from omsd.daemon.app import Daemon
 from omsd.daemon.config.settings import Settings
 from omsd.daemon.ops import logs
+from omsd.daemon.tools.demo import free_port
 from omsd.sim.faults import Faults
 from omsd.sim.orders import SimOrder
 from omsd.sim.server import Simulator
@@ -84,12 +84,6 @@ class Result:
     inside_retry_after: str  # requests inside an announced window: its own route / any route
     calls: str
     seconds: float
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def settings_for(sim: Simulator, db: Path, source: str, args: argparse.Namespace) -> Settings:

@@ -45,12 +45,13 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from latency import free_port, no_faults  # beside this script
+from latency import no_faults  # beside this script
 from restarts import Omsd, omsd_env  # beside this script
 
 from omsd.daemon.app import Daemon
 from omsd.daemon.config.settings import Settings
 from omsd.daemon.ops import logs
+from omsd.daemon.tools.demo import free_port
 from omsd.sim.server import Simulator
 from omsd.state.outcomes import outcome
 from omsd.state.store import Store
@@ -313,14 +314,14 @@ async def restarts(args: argparse.Namespace) -> None:
                         except aiohttp.ClientError:
                             pass
                         await asyncio.sleep(0.2)
-            return args.orders
+            return int(args.orders)
 
         async def kill_omsd() -> int:
             for _ in range(args.kills):
                 await asyncio.sleep(args.arrival / (args.kills + 1))
                 await omsd.stop(signal.SIGKILL)
                 await omsd.start()
-            return args.kills
+            return int(args.kills)
 
         async def kill_receiver() -> int:
             for _ in range(args.receiver_kills):
@@ -330,7 +331,7 @@ async def restarts(args: argparse.Namespace) -> None:
                 await receiver.wait()
                 await asyncio.sleep(rng.uniform(0.5, 3))  # down a while: the relay retries
                 await start_receiver()
-            return args.receiver_kills
+            return int(args.receiver_kills)
 
         await asyncio.gather(arrive(), kill_omsd(), kill_receiver())
         async with await Store.open_readonly(db) as store:

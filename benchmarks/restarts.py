@@ -34,8 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
-from latency import fault_mix, free_port, no_faults  # beside this script
+from latency import fault_mix, no_faults  # beside this script
 
+from omsd.daemon.tools.demo import free_port
 from omsd.sim.orders import SimOrder
 from omsd.sim.server import Simulator
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import aiohttp
 
+from omsd.daemon.tools.demo import free_port
 from omsd.sim.server import Simulator
 from omsd.state.models import Order
 from omsd.state.store import Batch, Store
@@ -38,12 +38,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from replay import _life  # the replay benchmark's order life
 
 CHUNK = 50_000
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def template() -> str:

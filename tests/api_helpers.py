@@ -17,6 +17,7 @@ from omsd.daemon.ops.probe import StoreProbe
 from omsd.daemon.pipeline.processor import Processor
 from omsd.state.models import Policy
 from omsd.state.store import Store
+from tests.helpers import settings as base_settings
 
 API_TOKEN = "api-token-0123456789"
 
@@ -37,11 +38,8 @@ BARE_NOTIFY = "/order-integration/notification/processing-result?an=shop"  # OMS
 
 
 def settings(**kw: Any) -> Settings:
+    """The routes' settings: both sources, every credential set (tests.helpers.settings underneath)."""
     values: dict[str, Any] = {
-        "account": "shop",
-        "app_key": "vtexappkey-shop-X",
-        "app_token": "app-token-0123456789",
-        "connector_name": "conn",
         "connector_endpoint": "https://omsd.example.com/api/vtex",
         "api_token": API_TOKEN,
         "hook_secret": HOOK_SECRET,
@@ -49,8 +47,7 @@ def settings(**kw: Any) -> Settings:
         "source": "both",
         "db": Path("unused.db"),
     }
-    values.update(kw)
-    return Settings(**values)
+    return base_settings(**(values | kw))
 
 
 def push(**kw: Any) -> dict[str, Any]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -14,8 +13,10 @@ import aiohttp
 from omsd.daemon.app import Daemon
 from omsd.daemon.cli import main
 from omsd.daemon.config.settings import Settings
+from omsd.daemon.intake.feed import FeedPoller
 from omsd.daemon.ops.health import Health
 from omsd.daemon.ops.metrics import Metrics
+from omsd.daemon.tools.demo import free_port as free_port  # the one definition (the demo needs it too)
 from omsd.sim.server import Simulator
 from omsd.state.statuses import Phase
 
@@ -23,14 +24,26 @@ API_TOKEN = "test-api-token-0123456789"
 HOOK_SECRET = "hook-secret-0123456789"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+VTEX_TOKEN = "app-token-secret-value-123"
+
+
+def settings(**kw: Any) -> Settings:
+    """The one Settings builder of the tests: a valid account, credentials and endpoint, and
+    whatever the test names on top."""
+    values: dict[str, Any] = {
+        "account": "shop",
+        "app_key": "vtexappkey-shop-ABC",
+        "app_token": VTEX_TOKEN,
+        "connector_name": "conn",
+        "connector_endpoint": "https://omsd.example.com/vtex",
+        "http_retries": 2,
+    }
+    return Settings(**(values | kw))
 
 
 def fast_settings(sim: Simulator, db: Path, port: int, **kw: Any) -> Settings:
-    values: dict[str, Any] = {
+    """Settings for a daemon against the simulator, with every interval short."""
+    fast: dict[str, Any] = {
         "account": sim.account,
         "app_key": sim.app_key,
         "app_token": sim.app_token,
@@ -53,8 +66,7 @@ def fast_settings(sim: Simulator, db: Path, port: int, **kw: Any) -> Settings:
         "shutdown_grace_s": 5.0,
         "max_attempts": 20,
     }
-    values.update(kw)
-    return Settings(**values)
+    return settings(**(fast | kw))
 
 
 RunDaemon = Callable[..., Any]
@@ -138,14 +150,7 @@ async def run_cli(*args: str) -> int:
 
 
 def quiet_health() -> Health:
-    settings = Settings(
-        account="acme",
-        app_key="vtexappkey-acme-X",
-        app_token="secret-token",
-        connector_name="c",
-        connector_endpoint="https://omsd.example.com",
-    )
-    health = Health(settings, Metrics())
+    health = Health(settings(), Metrics())
     health.feed_config_ok = True
     health.poll_ok()
     return health
@@ -155,18 +160,12 @@ def hooked(**kw: Any) -> dict[str, Any]:
     return {"source": "hook", "hook_secret": HOOK_SECRET, **kw}
 
 
-VTEX_TOKEN = "app-token-secret-value-123"
-
-
-def make_settings(**kw: Any) -> Settings:
-    """Settings for tests of the VTEX client alone."""
-    values: dict[str, Any] = {
-        "account": "shop",
-        "app_key": "vtexappkey-shop-ABC",
-        "app_token": VTEX_TOKEN,
-        "connector_name": "conn",
-        "connector_endpoint": "https://omsd.example.com/vtex",
-        "http_retries": 2,
-    }
-    values.update(kw)
-    return Settings(**values)
+async def feed_until(poller: FeedPoller, done: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Run the feed poller's own loop until `done()` holds, then stop it (it drains)."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(poller.run(stop))
+    try:
+        await until(lambda: done() or task.done(), timeout=timeout, what=what)
+    finally:
+        stop.set()
+        await task

@@ -13,7 +13,8 @@ from aiohttp import web
 from omsd.daemon.pipeline.effects import FETCH_PRIORITY
 from omsd.daemon.vtex.budget import Arbiter, Priority, PriorityGate
 from omsd.daemon.vtex.client import VtexClient
-from tests.helpers import make_settings, until
+from tests.helpers import settings as make_settings
+from tests.helpers import until
 
 C, A, IN, B = Priority.COMMIT, Priority.APPROVAL, Priority.INTAKE, Priority.BACKGROUND
 

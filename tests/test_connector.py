@@ -92,6 +92,7 @@ async def test_the_connector_hears_every_outcome(
         rejected = sim.create("C3", held=True, decision="reject", decide_after_s=0.3)
         for order in (free, held, rejected):
             await approve(daemon, order.marketplace_order_id, order.order_id)
+        await until(lambda: held.status == "waiting-for-manual-authorization", what="the simulator holds C2")
         sim.authorize(held.order_id)
         for order, phase in ((free, Phase.APPROVED), (held, Phase.APPROVED), (rejected, Phase.REJECTED)):
             await until(reached(daemon, order.order_id, phase), what=f"{order.order_id} {phase}")

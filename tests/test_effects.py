@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,8 @@ from omsd.daemon.pipeline.processor import Processor
 from omsd.daemon.vtex.budget import Priority
 from omsd.daemon.vtex.client import VtexApi
 from omsd.daemon.vtex.errors import AuthFailed, NotFound, RateLimited, VtexRejected, VtexUnavailable
-from omsd.daemon.vtex.models import ApprovalResponse, FeedConfig, HookConfig, OrderSnapshot
+from omsd.daemon.vtex.fake import Answer, FakeVtex
+from omsd.daemon.vtex.models import ApprovalResponse, OrderSnapshot
 from omsd.state.events import (
     ApprovalAnswered,
     ApprovalFailed,
@@ -35,61 +36,6 @@ from tests.helpers import until
 from tests.machine_helpers import FREE, MKT, OID, at, fetched
 
 NOW = datetime(2026, 11, 1, 12, 30, tzinfo=UTC)
-
-Outcome = OrderSnapshot | ApprovalResponse | BaseException
-
-
-class FakeVtex:
-    """Records Get order and approval calls and answers from a script; with `gate`
-    set, calls wait on it, so a test can hold them in flight."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, str]] = []
-        self.orders: dict[str, Outcome] = {}
-        self.approvals: dict[str, Outcome] = {}
-        self.gate: asyncio.Event | None = None
-        self.in_flight = 0
-        self.most_in_flight = 0
-
-    async def _answer(self, call: str, key: str, script: Mapping[str, Outcome]) -> Any:
-        self.calls.append((call, key))
-        self.in_flight += 1
-        self.most_in_flight = max(self.most_in_flight, self.in_flight)
-        try:
-            if self.gate is not None:
-                await self.gate.wait()
-            outcome = script[key]
-        finally:
-            self.in_flight -= 1
-        if isinstance(outcome, BaseException):
-            raise outcome
-        return outcome
-
-    async def get_order(self, order_id: str, *, priority: Priority = Priority.BACKGROUND) -> OrderSnapshot:
-        answer: OrderSnapshot = await self._answer("get_order", order_id, self.orders)
-        return answer
-
-    async def approve(self, marketplace_order_id: str) -> ApprovalResponse:
-        answer: ApprovalResponse = await self._answer("approve", marketplace_order_id, self.approvals)
-        return answer
-
-    async def get_feed(self, maxlot: int) -> list[Any]:
-        raise AssertionError("the effect runner does not read the feed")
-
-    async def commit_feed(self, handles: list[str]) -> None:
-        raise AssertionError("the effect runner does not commit the feed")
-
-    async def get_feed_config(self) -> FeedConfig | None:
-        raise AssertionError("not an effect")
-
-    async def save_feed_config(self, body: Mapping[str, Any]) -> None:
-        raise AssertionError("not an effect")
-
-    async def get_hook_config(self) -> HookConfig | None:
-        raise AssertionError("not an effect")
-
-    async def save_hook_config(self, body: Mapping[str, Any]) -> None:
-        raise AssertionError("not an effect")
 
 
 def _typed(fake: FakeVtex) -> VtexApi:
@@ -171,7 +117,7 @@ def answer(code: str, http_status: int = 200) -> ApprovalResponse:
 
 
 SEEN: dict[str, Any] = {"order_id": OID, "seq": 5}
-CASES: list[tuple[str, Effect, Outcome, Event]] = [
+CASES: list[tuple[str, Effect, Answer, Event]] = [
     (
         "fetch answered",
         fetch(),
@@ -204,7 +150,7 @@ CASES: list[tuple[str, Effect, Outcome, Event]] = [
 
 @pytest.mark.parametrize(("effect", "outcome", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 async def test_each_outcome_is_journaled_as_its_event(
-    store: Store, effect: Effect, outcome: Outcome, expected: Event
+    store: Store, effect: Effect, outcome: Answer, expected: Event
 ) -> None:
     """Each VTEX outcome of a call becomes one journal event, from source `effect`, and closes the row."""
     fake = FakeVtex()

@@ -16,12 +16,13 @@ from omsd.daemon.intake.feed import FeedPoller
 from omsd.daemon.ops.health import Health
 from omsd.daemon.ops.metrics import Metrics
 from omsd.daemon.ops.waiting import wait_any
-from omsd.daemon.vtex.budget import Priority
 from omsd.daemon.vtex.configuration import VtexSetup
-from omsd.daemon.vtex.errors import AuthFailed, NotFound, VtexUnavailable
-from omsd.daemon.vtex.models import ApprovalResponse, FeedConfig, HookConfig, OrderSnapshot
+from omsd.daemon.vtex.errors import AuthFailed, NotFound
+from omsd.daemon.vtex.fake import FakeVtex
+from omsd.daemon.vtex.models import FeedConfig
 from omsd.state.store import Store
-from tests.helpers import until
+from tests.helpers import feed_until, until
+from tests.helpers import settings as base_settings
 
 ITEM = {
     "eventId": "E1",
@@ -35,70 +36,41 @@ ITEM = {
 }
 
 
-class FakeVtex:
-    """Records calls; on each commit, checks what is durable in the database file."""
+class DurableFeed(FakeVtex):
+    """The shipped fake; on each commit it notes what is durable in the database file."""
 
     def __init__(self, db: Path, batches: list[list[Any]]) -> None:
+        super().__init__(batches)
         self.db = db
-        self.batches = batches
-        self.committed: list[str] = []
         self.durable_at_commit: list[int] = []
-        self.fail_commits = 0
-        self.config: FeedConfig | None = None
-        self.saved: list[dict[str, Any]] = []
         self.polls = 0
         self.config_reads = 0
-        self.in_flight = 0
 
     async def get_feed(self, maxlot: int) -> list[Any]:
         self.polls += 1
-        return self.batches.pop(0) if self.batches else []
+        return await super().get_feed(maxlot)
 
     async def commit_feed(self, handles: list[str]) -> None:
         conn = sqlite3.connect(self.db)  # another connection: sees only committed data
         self.durable_at_commit.append(conn.execute("SELECT COUNT(*) FROM journal").fetchone()[0])
         conn.close()
-        if self.fail_commits:
-            self.fail_commits -= 1
-            raise VtexUnavailable("POST /api/orders/feed: HTTP 503")
-        self.committed.extend(handles)
+        await super().commit_feed(handles)
 
     async def get_feed_config(self) -> FeedConfig | None:
-        return self.config
-
-    async def save_feed_config(self, body: Any) -> None:
-        self.saved.append(dict(body))
-
-    async def get_hook_config(self) -> HookConfig | None:
-        raise NotImplementedError
-
-    async def save_hook_config(self, body: Any) -> None:
-        raise NotImplementedError
-
-    async def get_order(self, order_id: str, *, priority: Priority = Priority.BACKGROUND) -> OrderSnapshot:
-        raise NotImplementedError
-
-    async def approve(self, marketplace_order_id: str) -> ApprovalResponse:
-        raise NotImplementedError
+        self.config_reads += 1
+        return await super().get_feed_config()
 
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return Settings(
-        account="shop",
-        app_key="k",
-        app_token="t",
-        connector_name="c",
-        connector_endpoint="https://omsd.example.com",
-        db=tmp_path / "db",
-    )
+    return base_settings(db=tmp_path / "db")
 
 
 async def test_items_are_durable_before_their_handles_are_committed(settings: Settings) -> None:
     """The commit to VTEX happens only after the journal rows reached the database."""
     async with await Store.open(settings.db) as store:
-        vtex = FakeVtex(settings.db, [[ITEM, {**ITEM, "eventId": "E2", "handle": "h2", "state": "canceled"}]])
-        await FeedPoller(store, vtex, settings).poll_once()
+        vtex = DurableFeed(settings.db, [[ITEM, {**ITEM, "eventId": "E2", "handle": "h2", "state": "canceled"}]])
+        await feed_until(FeedPoller(store, vtex, settings), lambda: len(vtex.committed) == 2, "two commits")
     assert vtex.committed == ["h1", "h2"]
     assert vtex.durable_at_commit == [2]
 
@@ -107,30 +79,33 @@ async def test_duplicates_and_rejected_items_are_committed_too(settings: Setting
     """A redelivered item (new handle) and an unparseable item are both committed."""
     async with await Store.open(settings.db) as store:
         batches = [[ITEM], [{**ITEM, "handle": "h1-again"}, {"handle": "bad", "state": "teleported"}]]
-        vtex = FakeVtex(settings.db, batches)
-        poller = FeedPoller(store, vtex, settings)
-        await poller.poll_once()
-        await poller.poll_once()
+        vtex = DurableFeed(settings.db, batches)
+        metrics = Metrics()
+        poller = FeedPoller(store, vtex, settings, metrics=metrics)
+        await feed_until(poller, lambda: len(vtex.committed) == 3, "three commits")
         assert vtex.committed == ["h1", "h1-again", "bad"]
-        assert (poller.stats.accepted, poller.stats.duplicates, poller.stats.rejected) == (1, 1, 1)
+        counted = [
+            metrics.sample(f"omsd_{n}_total", source="feed") for n in ("events_in", "duplicates", "rejected_input")
+        ]
+        assert counted == [1, 1, 1]
         assert await store.journal.last_offset() == 2
 
 
 async def test_a_failed_commit_is_retried_next_round(settings: Settings) -> None:
     """The handle stays recorded and is committed by the next round."""
     async with await Store.open(settings.db) as store:
-        vtex = FakeVtex(settings.db, [[ITEM]])
+        vtex = DurableFeed(settings.db, [[ITEM]])
         vtex.fail_commits = 1
-        poller = FeedPoller(store, vtex, settings)
-        await poller.poll_once()
-        assert vtex.committed == [] and await store.journal.pending_acks() == ["h1"]
-        await poller.poll_once()
-        assert vtex.committed == ["h1"] and await store.journal.pending_acks() == []
+        metrics = Metrics()
+        poller = FeedPoller(store, vtex, settings.model_copy(update={"poll_interval_s": 0.05}), metrics=metrics)
+        await feed_until(poller, lambda: vtex.committed == ["h1"], "the handle committed")
+        assert vtex.count("commit_feed") == 2 and metrics.sample("omsd_feed_commit_failures_total") == 1
+        assert await store.journal.pending_acks() == []
 
 
 async def test_missing_feed_config_is_created_from_settings(settings: Settings) -> None:
     """No configuration → POST with FromWorkflow, every filterable status, 240 s, 345600 s."""
-    vtex = FakeVtex(settings.db, [])
+    vtex = DurableFeed(settings.db, [])
     recreated: list[str] = []
 
     async def on_recreated(reason: str) -> None:
@@ -139,16 +114,16 @@ async def test_missing_feed_config_is_created_from_settings(settings: Settings) 
     metrics = Metrics()
     setup = VtexSetup(vtex, settings, Health(settings, metrics), metrics, on_recreated=on_recreated)
     assert await setup.confirm_until(asyncio.Event())
-    [body] = vtex.saved
+    [body] = vtex.saved_feed
     assert body["filter"]["type"] == "FromWorkflow" and len(body["filter"]["status"]) == 30
     assert body["queue"] == {"visibilityTimeoutInSeconds": 240, "MessageRetentionPeriodInSeconds": 345600}
     assert recreated == []  # created at start-up: nothing was missed
-    vtex.config = FeedConfig(raw=body)
+    vtex.feed_config = FeedConfig(raw=body)
     await setup.check()
-    assert len(vtex.saved) == 1
-    vtex.config = None
+    assert len(vtex.saved_feed) == 1
+    vtex.feed_config = None
     await setup.feed_missing()
-    assert len(vtex.saved) == 2 and recreated == ["feed configuration recreated"]
+    assert len(vtex.saved_feed) == 2 and recreated == ["feed configuration recreated"]
 
 
 async def test_a_short_batch_is_followed_at_once_and_an_empty_one_waits(settings: Settings) -> None:
@@ -156,7 +131,7 @@ async def test_a_short_batch_is_followed_at_once_and_an_empty_one_waits(settings
     after an empty batch (no rechecks here) it waits poll_interval_s (an hour) before asking again."""
     slow = settings.model_copy(update={"poll_interval_s": 3600.0, "feed_concurrency": 1, "feed_empty_rechecks": 0})
     async with await Store.open(settings.db) as store:
-        vtex = FakeVtex(settings.db, [[ITEM], [{**ITEM, "eventId": "E2", "handle": "h2", "state": "canceled"}]])
+        vtex = DurableFeed(settings.db, [[ITEM], [{**ITEM, "eventId": "E2", "handle": "h2", "state": "canceled"}]])
         stop = asyncio.Event()
         task = asyncio.create_task(FeedPoller(store, vtex, slow).run(stop))
         await until(lambda: vtex.polls >= 3, timeout=10, what="three polls without waiting")
@@ -181,15 +156,17 @@ async def test_a_poisoned_item_is_rejected_committed_and_the_loop_goes_on(settin
         {**ITEM, "eventId": "P3", "handle": "p3", "orderId": "9" * 60_000},
     ]
     async with await Store.open(settings.db) as store:
-        vtex = FakeVtex(settings.db, [poison, [ITEM]])
-        poller = FeedPoller(store, vtex, settings)
+        vtex = DurableFeed(settings.db, [poison, [ITEM]])
+        metrics = Metrics()
+        poller = FeedPoller(store, vtex, settings, metrics=metrics)
         stop = asyncio.Event()
         task = asyncio.create_task(poller.run(stop))
         await until(lambda: "h1" in vtex.committed or task.done(), timeout=10, what="the good item committed")
         stop.set()
         await task
         assert vtex.committed == ["p1", "p2", "p3", "h1"]
-        assert (poller.stats.rejected, poller.stats.accepted) == (3, 1)
+        assert metrics.sample("omsd_rejected_input_total", source="feed") == 3
+        assert metrics.sample("omsd_events_in_total", source="feed") == 1
         rejected = await store.journal.tail(10, kind="rejected")
         assert [r.reason is not None for r in rejected] == [True] * 3
         assert [r.order_id for r in rejected] == ["MKP-1-01", None, None]  # only a well-formed id is kept
@@ -227,7 +204,7 @@ def batch(first: int, size: int = 10) -> list[Any]:
     ]
 
 
-class ConcurrentFeed(FakeVtex):
+class ConcurrentFeed(DurableFeed):
     """Answers the first `alone` batches at once, then holds every non-empty GET until `width`
     GETs are in flight at once; records commit sizes."""
 
@@ -259,20 +236,19 @@ class ConcurrentFeed(FakeVtex):
 
 
 async def test_concurrent_reads_are_journaled_in_one_transaction_and_committed_in_one_request(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch
+    settings: Settings,
 ) -> None:
     """Each full batch brings one more reader in: after two, three GETs are in flight at once
     (the fake answers none of them before), the five batches reach the database in at most
     three transactions, and once the round ends all 50 handles are committed in a single POST,
     after they are durable."""
-    monkeypatch.setattr(feed, "COMMIT_LINGER_S", 3600.0)
     three = settings.model_copy(update={"poll_interval_s": 3600.0, "feed_concurrency": 3})
     ticks = iter(range(1000))
     clock = lambda: datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=next(ticks))  # noqa: E731
     async with await Store.open(settings.db) as store:
         vtex = ConcurrentFeed(settings.db, [batch(n * 10) for n in range(5)], width=3, alone=2)
         stop = asyncio.Event()
-        task = asyncio.create_task(FeedPoller(store, vtex, three, clock=clock).run(stop))
+        task = asyncio.create_task(FeedPoller(store, vtex, three, clock=clock, commit_linger_s=3600.0).run(stop))
         await until(lambda: len(vtex.committed) == 50 or task.done(), timeout=10, what="50 handles committed")
         stop.set()
         await task
@@ -301,7 +277,7 @@ async def test_every_commit_follows_the_durability_of_its_items_under_concurrenc
 async def test_a_fatal_error_in_a_reader_ends_the_loop(settings: Settings) -> None:
     """AuthFailed in any reader ends run() with that error (the supervisor restarts omsd)."""
 
-    class Refusing(FakeVtex):
+    class Refusing(DurableFeed):
         async def get_feed(self, maxlot: int) -> list[Any]:
             raise AuthFailed("GET /api/orders/feed: HTTP 401", 401, None)
 
@@ -314,7 +290,7 @@ async def test_a_failed_commit_is_retried_while_the_feed_is_idle(settings: Setti
     """In the running loop, a handle whose commit failed is committed again though no new item arrives."""
     quick = settings.model_copy(update={"poll_interval_s": 0.05})
     async with await Store.open(settings.db) as store:
-        vtex = FakeVtex(settings.db, [[ITEM]])
+        vtex = DurableFeed(settings.db, [[ITEM]])
         vtex.fail_commits = 1
         stop = asyncio.Event()
         task = asyncio.create_task(FeedPoller(store, vtex, quick).run(stop))
@@ -328,7 +304,7 @@ async def test_readers_that_all_find_the_feed_missing_recreate_it_once(settings:
     """Four readers (a backlog brought them in) answered 404 at once: the configuration is
     POSTed once, the others find it."""
 
-    class Missing(FakeVtex):
+    class Missing(DurableFeed):
         """A backlog (three full batches), then the configuration is gone for four GETs at once."""
 
         async def get_feed(self, maxlot: int) -> list[Any]:
@@ -343,12 +319,12 @@ async def test_readers_that_all_find_the_feed_missing_recreate_it_once(settings:
 
         async def get_feed_config(self) -> FeedConfig | None:
             self.config_reads += 1
-            return self.config
+            return self.feed_config
 
         async def save_feed_config(self, body: Any) -> None:
             await asyncio.sleep(0)
-            self.saved.append(dict(body))
-            self.config = FeedConfig(raw=dict(body))
+            self.saved_feed.append(dict(body))
+            self.feed_config = FeedConfig(raw=dict(body))
 
     four = settings.model_copy(update={"poll_interval_s": 3600.0, "feed_concurrency": 4})
     async with await Store.open(settings.db) as store:
@@ -361,10 +337,10 @@ async def test_readers_that_all_find_the_feed_missing_recreate_it_once(settings:
         await until(lambda: vtex.config_reads >= 4 or task.done(), timeout=10, what="every reader checked the config")
         stop.set()
         await task
-    assert len(vtex.saved) == 1
+    assert len(vtex.saved_feed) == 1
 
 
-class TrickleFeed(FakeVtex):
+class TrickleFeed(DurableFeed):
     """A feed that always has one item for the next GET (a trickle, never a backlog);
     records how many GETs were in flight at once for each GET."""
 
@@ -405,7 +381,7 @@ async def test_on_a_trickle_only_one_reader_keeps_polling(settings: Settings) ->
     assert max(vtex.overlap) == 1  # one GET at a time, from the start
 
 
-class Sampling(FakeVtex):
+class Sampling(DurableFeed):
     """An SQS short poll: `answers` in order (an empty one while items wait, as SQS may give),
     then nothing; records each GET and, per GET, how many handles were committed before it."""
 
@@ -433,9 +409,7 @@ class FakeClock:
         return self.now
 
 
-def lead_waits(
-    monkeypatch: pytest.MonkeyPatch, stop: asyncio.Event, limit: int, clock: FakeClock | None = None
-) -> list[float]:
+def lead_waits(stop: asyncio.Event, limit: int, clock: FakeClock | None = None) -> tuple[list[float], feed.Wait]:
     """Record how long the first reader waits each time (its waits include `stop`), without
     waiting (but moving `clock`, when given, by each wait); `stop` is set after `limit` of
     them. The committer's waits pass through."""
@@ -453,8 +427,7 @@ def lead_waits(
             stop.set()
         await asyncio.sleep(0)
 
-    monkeypatch.setattr(feed, "wait_any", recorded)
-    return waits
+    return waits, recorded
 
 
 async def test_an_empty_answer_is_asked_again_soon_and_finds_what_was_waiting(settings: Settings) -> None:
@@ -472,9 +445,7 @@ async def test_an_empty_answer_is_asked_again_soon_and_finds_what_was_waiting(se
 
 
 @pytest.mark.parametrize("rechecks", [0, 2, 3])
-async def test_an_idle_feed_is_asked_k_more_times_then_once_per_interval(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch, rechecks: int
-) -> None:
+async def test_an_idle_feed_is_asked_k_more_times_then_once_per_interval(settings: Settings, rechecks: int) -> None:
     """An empty answer is confirmed by OMSD_FEED_EMPTY_RECHECKS more GETs, each after ~100 ms;
     then the first reader sleeps the poll interval, and the next round does the same: an idle
     feed costs 1 + K GETs per poll interval."""
@@ -484,17 +455,15 @@ async def test_an_idle_feed_is_asked_k_more_times_then_once_per_interval(
     async with await Store.open(settings.db) as store:
         vtex = Sampling(settings.db, [])
         stop, clock = asyncio.Event(), FakeClock()
-        waits = lead_waits(monkeypatch, stop, limit=2 * (rechecks + 1), clock=clock)
-        await asyncio.wait_for(FeedPoller(store, vtex, quiet, clock=clock).run(stop), 10)
+        waits, wait = lead_waits(stop, limit=2 * (rechecks + 1), clock=clock)
+        await asyncio.wait_for(FeedPoller(store, vtex, quiet, clock=clock, wait=wait).run(stop), 10)
     # rounds start an interval apart: the sleep is what the rechecks left of it
     round_ = [feed.RECHECK_S] * rechecks + [pytest.approx(3600.0 - rechecks * feed.RECHECK_S)]
     assert waits == round_ * 2
     assert vtex.polls == len(waits)
 
 
-async def test_any_answer_with_items_gives_the_rechecks_in_a_row_back(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_any_answer_with_items_gives_the_rechecks_in_a_row_back(settings: Settings) -> None:
     """Mid-drain, SQS answers empty now and then while items wait: each empty answer gets its
     K rechecks again after any answer with items, so one round drains it all; only K + 1
     empty answers in a row end the round."""
@@ -504,14 +473,14 @@ async def test_any_answer_with_items_gives_the_rechecks_in_a_row_back(
         # item, empty, item, empty, item, empty, then empty for good
         vtex = Sampling(settings.db, [one[0], [], one[1], [], one[2], []])
         stop = asyncio.Event()
-        waits = lead_waits(monkeypatch, stop, limit=5)
-        await asyncio.wait_for(FeedPoller(store, vtex, quiet).run(stop), 10)
+        waits, wait = lead_waits(stop, limit=5)
+        await asyncio.wait_for(FeedPoller(store, vtex, quiet, wait=wait).run(stop), 10)
     assert waits == [feed.RECHECK_S] * 4 + [ROUND_END]
     assert vtex.polls == 8
 
 
 async def test_a_round_makes_a_bounded_number_of_rechecks_so_a_trickle_cannot_keep_the_reader_busy(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch
+    settings: Settings,
 ) -> None:
     """On a trickle each recheck finds the one event that arrived since; after ROUND_RECHECKS
     of them the next empty answer ends the round (the reader sleeps the poll interval)."""
@@ -520,13 +489,13 @@ async def test_a_round_makes_a_bounded_number_of_rechecks_so_a_trickle_cannot_ke
     async with await Store.open(settings.db) as store:
         vtex = Sampling(settings.db, trickle)
         stop = asyncio.Event()
-        waits = lead_waits(monkeypatch, stop, limit=feed.ROUND_RECHECKS + 1)
-        await asyncio.wait_for(FeedPoller(store, vtex, quiet).run(stop), 10)
+        waits, wait = lead_waits(stop, limit=feed.ROUND_RECHECKS + 1)
+        await asyncio.wait_for(FeedPoller(store, vtex, quiet, wait=wait).run(stop), 10)
     assert waits == [feed.RECHECK_S] * feed.ROUND_RECHECKS + [ROUND_END]
     assert vtex.polls == 2 * (feed.ROUND_RECHECKS + 1)
 
 
-async def test_a_full_batch_gives_the_rechecks_back(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_full_batch_gives_the_rechecks_back(settings: Settings) -> None:
     """While a backlog drains (full batches), an empty answer is a sample, not the end: a full
     batch restores the round's rechecks, so a long drain with scattered empty answers goes on."""
     quiet = settings.model_copy(update={"poll_interval_s": 3600.0, "feed_concurrency": 1, "feed_empty_rechecks": 1})
@@ -534,20 +503,20 @@ async def test_a_full_batch_gives_the_rechecks_back(settings: Settings, monkeypa
     async with await Store.open(settings.db) as store:
         vtex = Sampling(settings.db, drain)
         stop = asyncio.Event()
-        waits = lead_waits(monkeypatch, stop, limit=feed.ROUND_RECHECKS + 3)
-        await asyncio.wait_for(FeedPoller(store, vtex, quiet).run(stop), 10)
+        waits, wait = lead_waits(stop, limit=feed.ROUND_RECHECKS + 3)
+        await asyncio.wait_for(FeedPoller(store, vtex, quiet, wait=wait).run(stop), 10)
     assert waits == [feed.RECHECK_S] * (feed.ROUND_RECHECKS + 2) + [ROUND_END]
     assert len(vtex.committed) == 10 * (feed.ROUND_RECHECKS + 2)
 
 
 class OneAtATime(Sampling):
     """Answers GETs only once every item given so far is journaled, so each batch gets a
-    transaction of its own; `gate` (if set) decides when the GET after `answers` returns."""
+    transaction of its own; `last_get_when` (if set) decides when the GET after `answers` returns."""
 
-    def __init__(self, db: Path, answers: list[list[Any]], gate: Any = None) -> None:
+    def __init__(self, db: Path, answers: list[list[Any]], last_get_when: Any = None) -> None:
         super().__init__(db, answers)
         self.given = 0
-        self.gate = gate
+        self.last_get_when = last_get_when
 
     def journaled(self) -> int:
         conn = sqlite3.connect(self.db)
@@ -558,44 +527,38 @@ class OneAtATime(Sampling):
 
     async def get_feed(self, maxlot: int) -> list[Any]:
         await until(lambda: self.journaled() >= self.given, timeout=10, what="the last batch journaled")
-        if not self.batches and self.gate is not None:
-            await until(self.gate, timeout=10, what="the GET's gate")
+        if not self.batches and self.last_get_when is not None:
+            await until(self.last_get_when, timeout=10, what="the GET's gate")
         items = await super().get_feed(maxlot)
         self.given += len(items)
         return items
 
 
-async def test_the_handles_of_a_round_are_committed_in_one_post_when_it_ends(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_the_handles_of_a_round_are_committed_in_one_post_when_it_ends(settings: Settings) -> None:
     """Three short batches journaled one by one are committed together once the round ends
     (the feed confirmed empty), not one POST per batch: on a trickle commits would cost as
     many requests as GETs."""
-    monkeypatch.setattr(feed, "COMMIT_LINGER_S", 3600.0)
     quiet = settings.model_copy(update={"poll_interval_s": 3600.0, "feed_concurrency": 1, "feed_empty_rechecks": 1})
     one = [batch(n, size=1) for n in range(3)]
     async with await Store.open(settings.db) as store:
         vtex = OneAtATime(settings.db, one)
         stop = asyncio.Event()
-        task = asyncio.create_task(FeedPoller(store, vtex, quiet).run(stop))
+        task = asyncio.create_task(FeedPoller(store, vtex, quiet, commit_linger_s=3600.0).run(stop))
         await until(lambda: len(vtex.committed) == 3 or task.done(), timeout=10, what="three handles committed")
         stop.set()
         await task
     assert vtex.durable_at_commit == [3]
 
 
-async def test_a_full_post_of_handles_is_committed_without_waiting_for_the_round(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_a_full_post_of_handles_is_committed_without_waiting_for_the_round(settings: Settings) -> None:
     """Once 100 handles (one POST's worth) wait, they are committed at once, while the
     round goes on: a backlog's handles do not wait for its end."""
-    monkeypatch.setattr(feed, "COMMIT_LINGER_S", 3600.0)
     quiet = settings.model_copy(update={"poll_interval_s": 3600.0, "feed_concurrency": 1})
     async with await Store.open(settings.db) as store:
         vtex = OneAtATime(settings.db, [batch(n * 10) for n in range(10)])
-        vtex.gate = lambda: len(vtex.committed) >= 100  # the round goes on until they are committed
+        vtex.last_get_when = lambda: len(vtex.committed) >= 100  # the round goes on until they are committed
         stop = asyncio.Event()
-        task = asyncio.create_task(FeedPoller(store, vtex, quiet).run(stop))
+        task = asyncio.create_task(FeedPoller(store, vtex, quiet, commit_linger_s=3600.0).run(stop))
         await until(lambda: len(vtex.committed) == 100 or task.done(), timeout=10, what="100 handles committed")
         stop.set()
         await task
@@ -607,11 +570,10 @@ async def test_a_round_that_ends_while_its_last_batch_is_being_written_still_com
 ) -> None:
     """The round ends (empty answer) while the writer is still journaling its last batch:
     that batch's handles are committed as the round's, not left for the commit linger."""
-    monkeypatch.setattr(feed, "COMMIT_LINGER_S", 3600.0)
     quiet = settings.model_copy(update={"poll_interval_s": 3600.0, "feed_concurrency": 1, "feed_empty_rechecks": 0})
     writing, round_over = asyncio.Event(), asyncio.Event()
 
-    class WhileWriting(FakeVtex):
+    class WhileWriting(DurableFeed):
         answered_empty = False
 
         async def get_feed(self, maxlot: int) -> list[Any]:
@@ -633,7 +595,7 @@ async def test_a_round_that_ends_while_its_last_batch_is_being_written_still_com
         monkeypatch.setattr(store.journal, "append", slow_append)
         vtex = WhileWriting(settings.db, [])
         stop = asyncio.Event()
-        task = asyncio.create_task(FeedPoller(store, vtex, quiet).run(stop))
+        task = asyncio.create_task(FeedPoller(store, vtex, quiet, commit_linger_s=3600.0).run(stop))
         await until(lambda: vtex.answered_empty or task.done(), timeout=10, what="the round's end")
         round_over.set()
         await until(lambda: vtex.committed == ["h1"] or task.done(), timeout=10, what="the handle committed")
@@ -648,7 +610,7 @@ async def test_one_full_batch_brings_in_one_more_reader_not_all(settings: Settin
     round on a saturated budget); each further full batch brings in one more."""
     eight = settings.model_copy(update={"poll_interval_s": 3600.0, "feed_concurrency": 8})
 
-    class OneFull(FakeVtex):
+    class OneFull(DurableFeed):
         def __init__(self, db: Path) -> None:
             super().__init__(db, [])
             self.readers: set[str] = set()
@@ -677,10 +639,10 @@ async def test_handles_journaled_during_a_commit_wait_for_the_next_round(setting
     """A commit round sends what was pending when it began; handles journaled while its POST
     was in flight (fewer than a POST's worth) wait for the next round, unless it is the last."""
     async with await Store.open(settings.db) as store:
-        poller = FeedPoller(store, FakeVtex(settings.db, []), settings)
+        poller = FeedPoller(store, DurableFeed(settings.db, []), settings)
         await poller._journal([batch(n * 10) for n in range(10)])
 
-        class Meanwhile(FakeVtex):
+        class Meanwhile(DurableFeed):
             async def commit_feed(self, handles: list[str]) -> None:
                 await super().commit_feed(handles)
                 if len(self.committed) == 100:

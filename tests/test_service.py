@@ -176,7 +176,7 @@ async def test_metrics_count_what_happened(sim: Simulator, run_daemon: Any) -> N
         await approve(daemon, "MET1", order.order_id)
         await until(reached(daemon, order.order_id, Phase.APPROVED))
         # handles are committed once per polling round, not per GET: wait for the round's end
-        await until(lambda: daemon.poller is not None and daemon.poller.stats.commits >= 4, what="4 commits")
+        await until(lambda: daemon.metrics.sample("omsd_feed_commits_total") >= 4, what="4 commits")
         async with s.get(f"{daemon.url}/metrics") as resp:
             assert resp.status == 200
             text = await resp.text()

@@ -22,7 +22,8 @@ from omsd.daemon.vtex.client import VtexClient, parse_retry_after
 from omsd.daemon.vtex.errors import AuthFailed, BadResponse, NotFound, RateLimited, VtexUnavailable
 from omsd.daemon.vtex.models import FeedConfig, feed_config_body
 from omsd.daemon.vtex.rate import MARGIN, spread
-from tests.helpers import VTEX_TOKEN, make_settings, until
+from tests.helpers import VTEX_TOKEN, until
+from tests.helpers import settings as make_settings
 from tests.http_mock import aioresponses
 
 BASE = "https://shop.vtexcommercestable.com.br"
@@ -323,7 +324,7 @@ def test_client_repr_and_errors_hold_no_secret() -> None:
     assert TOKEN not in repr(s) and TOKEN not in str(s)
 
 
-class FakeVtex:
+class LimitedServer:
     """A loopback VTEX whose Get order answers its first call 429 (held for a while, so
     more calls are in flight meanwhile); the feed GET always answers."""
 
@@ -360,8 +361,8 @@ class RecordingClient(VtexClient):
 
 
 @pytest.fixture
-async def fake_vtex() -> AsyncIterator[tuple[FakeVtex, str]]:
-    fake = FakeVtex(retry_after_s=2, hold_s=0.3)
+async def fake_vtex() -> AsyncIterator[tuple[LimitedServer, str]]:
+    fake = LimitedServer(retry_after_s=2, hold_s=0.3)
     app = web.Application()
     app.router.add_get("/api/oms/pvt/orders/{order_id}", fake.order)
     app.router.add_get("/api/orders/feed", fake.feed)
@@ -378,7 +379,7 @@ async def fake_vtex() -> AsyncIterator[tuple[FakeVtex, str]]:
 
 @pytest.mark.parametrize("scope", ["route", "account"])
 async def test_no_request_leaves_inside_a_retry_after_window(
-    session: aiohttp.ClientSession, fake_vtex: tuple[FakeVtex, str], scope: str
+    session: aiohttp.ClientSession, fake_vtex: tuple[LimitedServer, str], scope: str
 ) -> None:
     """Callers queued for a slot when a 429 on Get order comes back send no Get order before
     its Retry-After has elapsed; a feed GET asked meanwhile goes at once under `route` and

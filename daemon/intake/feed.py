@@ -63,6 +63,7 @@ ROUND_RECHECKS = 4
 # worth waits or the first reader's round ends: one commit per round, not one per GET, also
 # when a saturated budget makes GETs slow. Far inside the visibility timeout (at least 10 s).
 COMMIT_LINGER_S = 5.0
+Wait = Callable[..., Awaitable[None]]  # wait_any's shape: (*events, within_s)
 _DONE = object()  # a reader's last word to the writer
 
 
@@ -97,18 +98,6 @@ class _Pipeline:
         return bool(self.unflushed) or self.journaling or not self.batches.empty()
 
 
-@dataclass(slots=True)
-class FeedStats:
-    polls: int = 0
-    items: int = 0
-    accepted: int = 0
-    duplicates: int = 0
-    rejected: int = 0
-    commits: int = 0
-    commit_failures: int = 0
-    poll_failures: int = 0
-
-
 class FeedPoller:
     def __init__(
         self,
@@ -120,6 +109,8 @@ class FeedPoller:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         metrics: Metrics | None = None,
         health: Health | None = None,
+        wait: Wait = wait_any,
+        commit_linger_s: float = COMMIT_LINGER_S,
     ) -> None:
         self._store = store
         self._vtex = vtex
@@ -128,28 +119,12 @@ class FeedPoller:
         self._clock = clock
         self._metrics = metrics or Metrics()
         self._health = health
-        self.stats = FeedStats()
+        self._wait = wait  # every wait of the readers and the committer (a test records them)
+        self._commit_linger_s = commit_linger_s
         # Told when VTEX answers 404: it has no feed configuration (deleted after inactivity).
         self.on_missing: Callable[[], Awaitable[None]] | None = None
 
-    async def poll_once(self) -> int:
-        """One round: flush old commits, read a batch, journal it, commit it.
-        Returns the number of items VTEX delivered."""
-        await self.flush_commits()
-        try:
-            items = await self._vtex.get_feed(self._settings.maxlot)
-        except NotFound:
-            log.error("feed_not_configured", hint="omsd recreates the configuration at start-up")
-            self.stats.poll_failures += 1
-            raise
-        self._polled()
-        if items:
-            await self._journal([items])
-            await self.flush_commits()
-        return len(items)
-
     def _polled(self) -> None:
-        self.stats.polls += 1
         if self._health is not None:
             self._health.poll_ok()
 
@@ -162,16 +137,12 @@ class FeedPoller:
         results = await self._store.journal.append([i.entry for i in intakes], acks=acks, now=now)
         for item, result in zip(intakes, results, strict=True):
             if result.duplicate:
-                self.stats.duplicates += 1
                 self._metrics.duplicates.labels(source="feed").inc()
             elif item.accepted:
-                self.stats.accepted += 1
                 self._metrics.events_in.labels(source="feed").inc()
             else:
-                self.stats.rejected += 1
                 self._metrics.rejected.labels(source="feed").inc()
                 log.warning("feed_item_rejected", offset=result.offset, reason=item.entry.reason)
-        self.stats.items += len(intakes)
         if self._on_journal is not None and any(not r.duplicate for r in results):
             self._on_journal()
         return len(acks)
@@ -195,14 +166,12 @@ class FeedPoller:
         try:
             await self._vtex.commit_feed(handles)
         except VtexError as exc:
-            self.stats.commit_failures += 1
             self._metrics.feed_commit_failures.inc()
             cutoff = self._clock() - timedelta(seconds=self._settings.feed_visibility_timeout_s)
             dropped = await self._store.journal.acks_failed(handles, str(exc), drop_before=cutoff)
             log.warning("feed_commit_failed", handles=len(handles), error=str(exc), dropped=dropped)
             return False
         await self._store.journal.acks_done(handles)
-        self.stats.commits += len(handles)
         self._metrics.feed_commits.inc(len(handles))
         return True
 
@@ -254,9 +223,9 @@ class FeedPoller:
         Journaled handles wait up to COMMIT_LINGER_S for more to join their POST."""
         try:
             while True:
-                await wait_any(p.journaled, p.written, within_s=self._settings.poll_interval_s)
+                await self._wait(p.journaled, p.written, within_s=self._settings.poll_interval_s)
                 if p.journaled.is_set():
-                    await wait_any(p.commit_now, p.written, within_s=COMMIT_LINGER_S)
+                    await self._wait(p.commit_now, p.written, within_s=self._commit_linger_s)
                 p.journaled.clear()
                 p.commit_now.clear()
                 p.unflushed = 0
@@ -311,20 +280,20 @@ class FeedPoller:
             if in_a_row < s.feed_empty_rechecks and in_round < max(ROUND_RECHECKS, s.feed_empty_rechecks):
                 in_a_row += 1
                 in_round += 1
-                await wait_any(p.stop, within_s=RECHECK_S)
+                await self._wait(p.stop, within_s=RECHECK_S)
                 continue
             in_a_row = in_round = 0
             if p.waiting():
                 p.commit_now.set()
             spent = (self._clock() - began).total_seconds()
             began = None
-            await wait_any(p.stop, within_s=min(s.poll_interval_s, max(0.0, s.poll_interval_s - spent)))
+            await self._wait(p.stop, within_s=min(s.poll_interval_s, max(0.0, s.poll_interval_s - spent)))
 
     async def _helper(self, p: _Pipeline, go: asyncio.Event) -> None:
         """The other readers read only while batches come back full (a backlog drains), one
         more for each full batch; on a trickle or an idle feed they wait and cost nothing."""
         while not p.stop.is_set():
-            await wait_any(go, p.stop, within_s=3600.0)
+            await self._wait(go, p.stop, within_s=3600.0)
             if not go.is_set() or await self._paused(p.stop):
                 continue
             items = await self._read()
@@ -346,7 +315,7 @@ class FeedPoller:
         wait (up to a poll interval) and say so."""
         if self._health is None or self._health.store_ok.is_set():
             return False
-        await wait_any(self._health.store_ok, stop, within_s=self._settings.poll_interval_s)
+        await self._wait(self._health.store_ok, stop, within_s=self._settings.poll_interval_s)
         return True
 
     async def _read(self) -> list[Any]:
@@ -354,7 +323,6 @@ class FeedPoller:
         try:
             items = await self._vtex.get_feed(self._settings.maxlot)
         except NotFound:
-            self.stats.poll_failures += 1
             log.error("feed_not_configured", hint="omsd recreates it")
             if self.on_missing is not None:
                 await self.on_missing()
@@ -362,7 +330,6 @@ class FeedPoller:
         except AuthFailed:
             raise  # fatal: the process exits non-zero and its supervisor restarts it
         except VtexError as exc:
-            self.stats.poll_failures += 1
             log.warning("feed_poll_failed", error=str(exc))
             return []
         self._polled()
