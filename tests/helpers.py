@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -138,11 +139,18 @@ def omsd_env(sim: Simulator, db: Path, port: int) -> dict[str, str]:
 
 
 class FakeClock:
-    def __init__(self) -> None:
+    """Time under the test's hand, for whatever takes a clock: calling it gives monotonic
+    seconds (`now`), `wall()` the matching datetime; a test moves it with `now +=`."""
+
+    def __init__(self, start: datetime = datetime(2026, 11, 1, tzinfo=UTC)) -> None:
         self.now = 100.0
+        self._start = start
 
     def __call__(self) -> float:
         return self.now
+
+    def wall(self) -> datetime:
+        return self._start + timedelta(seconds=self.now - 100.0)
 
 
 async def run_cli(*args: str) -> int:

@@ -21,7 +21,7 @@ from omsd.daemon.vtex.errors import AuthFailed, NotFound
 from omsd.daemon.vtex.fake import FakeVtex
 from omsd.daemon.vtex.models import FeedConfig
 from omsd.state.store import Store
-from tests.helpers import feed_until, until
+from tests.helpers import FakeClock, feed_until, until
 from tests.helpers import settings as base_settings
 
 ITEM = {
@@ -399,16 +399,6 @@ class Sampling(DurableFeed):
 ROUND_END = pytest.approx(3600.0, abs=1.0)
 
 
-class FakeClock:
-    """The poller's clock, moved only by the first reader's recorded waits."""
-
-    def __init__(self) -> None:
-        self.now = datetime(2026, 11, 1, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
 def lead_waits(stop: asyncio.Event, limit: int, clock: FakeClock | None = None) -> tuple[list[float], feed.Wait]:
     """Record how long the first reader waits each time (its waits include `stop`), without
     waiting (but moving `clock`, when given, by each wait); `stop` is set after `limit` of
@@ -422,7 +412,7 @@ def lead_waits(stop: asyncio.Event, limit: int, clock: FakeClock | None = None) 
             return
         waits.append(within_s)
         if clock is not None:
-            clock.now += timedelta(seconds=within_s)
+            clock.now += within_s
         if len(waits) >= limit:
             stop.set()
         await asyncio.sleep(0)
@@ -456,7 +446,7 @@ async def test_an_idle_feed_is_asked_k_more_times_then_once_per_interval(setting
         vtex = Sampling(settings.db, [])
         stop, clock = asyncio.Event(), FakeClock()
         waits, wait = lead_waits(stop, limit=2 * (rechecks + 1), clock=clock)
-        await asyncio.wait_for(FeedPoller(store, vtex, quiet, clock=clock, wait=wait).run(stop), 10)
+        await asyncio.wait_for(FeedPoller(store, vtex, quiet, clock=clock.wall, wait=wait).run(stop), 10)
     # rounds start an interval apart: the sleep is what the rechecks left of it
     round_ = [feed.RECHECK_S] * rechecks + [pytest.approx(3600.0 - rechecks * feed.RECHECK_S)]
     assert waits == round_ * 2

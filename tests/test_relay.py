@@ -7,7 +7,7 @@ import asyncio
 import functools
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from omsd.daemon.relay.webhooks import Endpoint, endpoints
 from omsd.state.events import AnyEntry, IntentRecorded, NotificationReceived, StatusChanged
 from omsd.state.models import Policy
 from omsd.state.store import Store
-from tests.helpers import quiet_health, until
+from tests.helpers import FakeClock, quiet_health, until
 from tests.machine_helpers import HELD, at
 from tests.store_helpers import NOW, entry
 
@@ -53,14 +53,6 @@ class Receiver:
         return [Webhook(SECRET).verify(t, h) for p, h, t in self.got if p.startswith(path)]
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = NOW
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[Store]:
     async with await Store.open(tmp_path / "relay.db") as s:
@@ -84,14 +76,19 @@ async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
 class Running:
     relay: Relay
     mark: Watermark
-    clock: Clock
+    clock: FakeClock
     metrics: Metrics
     stop: asyncio.Event
     task: asyncio.Task[None]
 
 
 async def running(store: Store, base: str, *, vtex: bool = False) -> Running:
-    mark, clock, metrics, stop = Watermark((await store.outcomes.bounds())[1]), Clock(), Metrics(), asyncio.Event()
+    mark, clock, metrics, stop = (
+        Watermark((await store.outcomes.bounds())[1]),
+        FakeClock(NOW),
+        Metrics(),
+        asyncio.Event(),
+    )
     session = aiohttp.ClientSession()
     eps = endpoints(
         relay_url=f"{base}/hooks",
@@ -100,7 +97,7 @@ async def running(store: Store, base: str, *, vtex: bool = False) -> Running:
         account="shop",
     )
     relay = Relay(
-        store, eps, session, mark, quiet_health(), metrics, timeout_s=5, concurrency=8, clock=clock,
+        store, eps, session, mark, quiet_health(), metrics, timeout_s=5, concurrency=8, clock=clock.wall,
         jitter=lambda: 0.5, idle_s=0.02,
     )  # fmt: skip
 
@@ -148,7 +145,7 @@ async def test_each_outcome_is_a_signed_post_with_a_stable_id(store: Store, rece
     assert [b["type"] for b in bodies] == ["intent.accepted", "intent.canceled"]
     assert [h["webhook-id"] for _, h, _ in rec.got] == [b["id"] for b in bodies]
     assert bodies[0]["seq"] == 1 and bodies[0]["order_id"] == "A-1-01" and "timestamp" in bodies[0]
-    assert await store.outcomes.due("webhook", r.clock() + timedelta(days=9), 10) == []  # all acknowledged
+    assert await store.outcomes.due("webhook", r.clock.wall() + timedelta(days=9), 10) == []  # all acknowledged
 
 
 async def test_a_failing_order_waits_alone_and_its_events_keep_their_order(
@@ -165,7 +162,7 @@ async def test_a_failing_order_waits_alone_and_its_events_keep_their_order(
         ("A-1-01", "intent.accepted")  # tried once; its second waits behind it
     ]
     failing["on"] = False
-    r.clock.now += timedelta(seconds=SCHEDULE[0] * 1.2)
+    r.clock.now += SCHEDULE[0] * 1.2
     await until(lambda: [b["order_id"] for b in rec.bodies()].count("A-1-01") == 3, what="A delivered after its retry")
     await stopped(r)
     a = [b["type"] for b in rec.bodies() if b["order_id"] == "A-1-01"]
@@ -182,7 +179,7 @@ async def test_retry_after_is_a_floor(store: Store, receiver: tuple[Receiver, st
     await until(lambda: len(rec.got) >= 1, what="a first attempt")
     await stopped(r)
     next_at = await store.outcomes.next_due("webhook")
-    assert next_at is not None and next_at >= r.clock() + timedelta(seconds=100)
+    assert next_at is not None and next_at >= r.clock.wall() + timedelta(seconds=100)
 
 
 async def test_410_disables_the_endpoint_until_an_operator_retries(
@@ -199,7 +196,7 @@ async def test_410_disables_the_endpoint_until_an_operator_retries(
     assert health.problems(True) == [], "the connector's 410 does not make omsd unready"
     tried = len(rec.got)
     rec.answer = lambda body: 200
-    await store.outcomes.retry("webhook", r.clock())
+    await store.outcomes.retry("webhook", r.clock.wall())
     await until(lambda: len(rec.bodies()) >= tried + 2, what="delivered once enabled again")
     await until(lambda: alarm_name("webhook") not in health.alarms, what="the alarm cleared")
     await stopped(r)
@@ -214,7 +211,7 @@ async def test_a_delivery_is_given_up_after_the_schedule(store: Store, receiver:
                    IntentRecorded(order_id="A-1-01", marketplace_order_id="1", source="api"))  # fmt: skip
     for attempt in range(1, len(SCHEDULE) + 2):
         await until(functools.partial(_made, rec, attempt), what=f"attempt {attempt}")
-        r.clock.now += timedelta(days=1)
+        r.clock.now += 86400
     await until(lambda: r.metrics.sample("omsd_relay_deliveries_total", endpoint="webhook", result="gave_up") == 1)
     await stopped(r)
     [state] = await store.outcomes.endpoints()
@@ -233,7 +230,7 @@ async def test_deliveries_survive_a_restart_with_the_same_ids(store: Store, rece
     ids = {h["webhook-id"] for _, h, _ in rec.got}
     rec.answer = lambda body: 200
     second = await running(store, base)
-    second.clock.now += timedelta(hours=1)
+    second.clock.now += 3600
     await until(lambda: len(rec.bodies()) >= 3, what="delivered after the restart")
     await stopped(second)
     assert ids <= {b["id"] for b in rec.bodies()}

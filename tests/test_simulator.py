@@ -17,7 +17,7 @@ from omsd.sim.runtime import Runtime
 from omsd.sim.server import DEFAULT_APP_KEY, DEFAULT_APP_TOKEN, Simulator, serve
 from omsd.sim.statuses import FILTERABLE
 from omsd.sim.validation import validate_feed_config
-from tests.helpers import until
+from tests.helpers import FakeClock, until
 
 CONFIG = {
     "filter": {"type": "FromWorkflow", "status": ["waiting-for-manual-authorization", "canceled"]},
@@ -25,15 +25,7 @@ CONFIG = {
 }
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def queue(clock: Clock) -> FeedQueue:
+def queue(clock: FakeClock) -> FeedQueue:
     q = FeedQueue(random.Random(1), clock)
     q.visibility_timeout_s = 30
     return q
@@ -41,7 +33,7 @@ def queue(clock: Clock) -> FeedQueue:
 
 def test_each_delivery_gets_a_new_handle_and_comes_back_after_the_visibility_timeout() -> None:
     """An uncommitted item is invisible for the timeout, then redelivered with another handle."""
-    clock = Clock()
+    clock = FakeClock()
     q = queue(clock)
     q.put({"eventId": "E1"})
     [first] = q.receive(10, short=False, duplicate_rate=0)
@@ -56,7 +48,7 @@ def test_each_delivery_gets_a_new_handle_and_comes_back_after_the_visibility_tim
 
 def test_duplicates_and_short_batches_happen() -> None:
     """At-least-once: an in-flight item can be delivered again; a batch can be short or empty."""
-    clock = Clock()
+    clock = FakeClock()
     q = queue(clock)
     for i in range(30):
         q.put({"eventId": f"E{i}"})
@@ -75,7 +67,7 @@ def test_duplicates_and_short_batches_happen() -> None:
 
 def test_no_ordering() -> None:
     """Items do not come back in the order they were put."""
-    clock = Clock()
+    clock = FakeClock()
     q = queue(clock)
     for i in range(10):
         q.put({"eventId": f"E{i}"})
@@ -85,7 +77,7 @@ def test_no_ordering() -> None:
 
 def test_retention_drops_old_items() -> None:
     """Items never committed expire after the retention period."""
-    clock = Clock()
+    clock = FakeClock()
     q = queue(clock)
     q.retention_s = 100
     q.put({"eventId": "E1"})
