@@ -28,6 +28,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
+from restarts import omsd_env  # beside this script
 
 from omsd.daemon.tools.demo import free_port
 from omsd.sim.server import Simulator
@@ -74,21 +75,7 @@ def memory(pid: int) -> dict[str, int]:
 
 
 def env_for(sim: Simulator, db: Path, port: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OMSD_")}
-    env.update(
-        {
-            "OMSD_ACCOUNT": sim.account,
-            "OMSD_APP_KEY": sim.app_key,
-            "OMSD_APP_TOKEN": sim.app_token,
-            "OMSD_VTEX_BASE_URL": sim.base_url,
-            "OMSD_DB": str(db),
-            "OMSD_CONNECTOR_NAME": "omsd-bench",
-            "OMSD_CONNECTOR_ENDPOINT": f"http://127.0.0.1:{port}",
-            "OMSD_LISTEN": f"127.0.0.1:{port}",
-            "OMSD_LOG_FORMAT": "json",
-        }
-    )
-    return env
+    return omsd_env(sim, db, port, "feed") | {"OMSD_LOG_LEVEL": "info"}
 
 
 async def wait_ready(url: str, proc: asyncio.subprocess.Process, limit_s: float) -> float:

@@ -14,6 +14,8 @@ from omsd.daemon.app import Daemon
 from omsd.daemon.ops import logs
 from omsd.sim.faults import Faults
 from omsd.sim.server import Simulator
+from omsd.state.store import Store
+from tests.api_helpers import Api, start
 from tests.helpers import fast_settings, free_port
 
 
@@ -74,3 +76,20 @@ async def sim_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
         monkeypatch.setenv(key, value)
     yield sim
     await sim.stop()
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    """A real store in the test's own folder."""
+    async with await Store.open(tmp_path / "omsd.db") as s:
+        yield s
+
+
+@pytest.fixture
+async def api(store: Store) -> AsyncIterator[Api]:
+    """omsd's routes over aiohttp's test server, on `store`."""
+    a = await start(store)
+    try:
+        yield a
+    finally:
+        await a.client.close()

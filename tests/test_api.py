@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,21 +22,6 @@ from tests.api_helpers import (
     settings,
     start,
 )
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    async with await Store.open(tmp_path / "api.db") as s:
-        yield s
-
-
-@pytest.fixture
-async def api(store: Store) -> AsyncIterator[Api]:
-    a = await start(store)
-    try:
-        yield a
-    finally:
-        await a.client.close()
 
 
 @pytest.fixture

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -40,12 +39,6 @@ NOW = datetime(2026, 11, 1, 12, 30, tzinfo=UTC)
 
 def _typed(fake: FakeVtex) -> VtexApi:
     return fake  # mypy checks the fake against the Protocol here
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    async with await Store.open(tmp_path / "omsd.db") as s:
-        yield s
 
 
 def fetch(order_id: str = OID, seq: int = 5) -> FetchOrder:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -17,24 +16,9 @@ from omsd.daemon.ops.waiting import Watermark
 from omsd.daemon.pipeline.processor import Processor
 from omsd.state.models import Policy
 from omsd.state.store import Store
-from tests.api_helpers import AUTH, Api, start
+from tests.api_helpers import AUTH, Api
 from tests.machine_helpers import FREE, HELD, MKT, intent, status
 from tests.store_helpers import NOW, entry
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    async with await Store.open(tmp_path / "events.db") as s:
-        yield s
-
-
-@pytest.fixture
-async def api(store: Store) -> AsyncIterator[Api]:
-    a = await start(store)
-    try:
-        yield a
-    finally:
-        await a.client.close()
 
 
 async def held_then_canceled(store: Store, mark: Watermark | None = None) -> None:

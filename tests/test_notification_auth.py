@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from omsd.state.events import NotificationReceived, ResultNotified, Resync, read
 from omsd.state.machine import decide
 from omsd.state.models import FetchOrder, Inflight, Order
 from omsd.state.statuses import Phase
-from omsd.state.store import NewEntry, Store
+from omsd.state.store import NewEntry
 from tests.api_helpers import api_context
 from tests.api_helpers import settings as api_settings
 from tests.helpers import API_TOKEN, until
@@ -51,12 +50,6 @@ async def client_for(store: Any, s: Settings) -> TestClient[Any, Any]:
     client: TestClient[Any, Any] = TestClient(TestServer(build_app(ctx)))
     await client.start_server()
     return client
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    async with await Store.open(tmp_path / "n.db") as s:
-        yield s
 
 
 def envelope(code: str = "EOI011", mkt: str = "M-9", **kw: Any) -> dict[str, Any]:

@@ -8,7 +8,6 @@ import functools
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -51,12 +50,6 @@ class Receiver:
 
     def bodies(self, path: str = "/hooks") -> list[dict[str, Any]]:
         return [Webhook(SECRET).verify(t, h) for p, h, t in self.got if p.startswith(path)]
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    async with await Store.open(tmp_path / "relay.db") as s:
-        yield s
 
 
 @pytest.fixture
