@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from omsd.daemon.http.common import RejectBudget
+from omsd.daemon.ops.probe import StoreProbe
 from omsd.state.store import Store
 from tests.api_helpers import (
     API_TOKEN,
@@ -22,6 +23,7 @@ from tests.api_helpers import (
     settings,
     start,
 )
+from tests.helpers import FakeClock
 
 
 @pytest.fixture
@@ -246,6 +248,29 @@ async def test_metrics_are_prometheus_text_with_store_gauges(api: Api) -> None:
     text = await resp.text()
     assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/plain")
     assert "omsd_journal_offset 1.0" in text and 'omsd_events_in_total{source="hook"} 1.0' in text
+
+
+async def test_readers_do_not_write(api: Api) -> None:
+    """/metrics never writes; /readyz probes the database at most once a second, however
+    many ask (the probe is a real, fsynced write)."""
+    metrics = api.ctx.metrics
+
+    def probes() -> float:
+        return metrics.sample("omsd_store_probes_total", result="ok") + metrics.sample(
+            "omsd_store_probes_total", result="refused"
+        )
+
+    clock = FakeClock()
+    api.ctx.probe = StoreProbe(api.ctx.store.db, metrics, every_s=5.0, clock=clock)
+    for _ in range(20):
+        assert (await api.client.get("/metrics")).status == 200
+    assert probes() == 0
+    for _ in range(50):
+        await api.client.get("/readyz")
+    assert probes() == 1  # fifty answers within the second, one probe
+    clock.now += 1.0
+    await api.client.get("/readyz")
+    assert probes() == 2
 
 
 async def raw_call(api: Api, path: str, data: bytes, headers: dict[str, str] | None = None) -> tuple[int, Any]:
