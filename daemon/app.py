@@ -113,6 +113,7 @@ class Daemon:
                 store, s.policy(), on_effects=runner.wake.set, on_timer=timers.set_at, metrics=metrics
             )
             processor.listeners.append(self._count_transition)
+            processor.on_stuck = health.orders_stuck
             runner.on_result = processor.wake.set
             poller = self.poller = FeedPoller(
                 store, client, s, on_journal=processor.wake.set, metrics=metrics, health=health

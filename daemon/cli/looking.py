@@ -12,7 +12,7 @@ from typing import Any
 
 from rich.console import Console
 
-from omsd.state.statuses import Phase
+from omsd.state.statuses import STUCK, Phase
 from omsd.state.store import Store
 
 from ..ops.waiting import wait_any
@@ -29,7 +29,7 @@ def add(sub: Subparsers[argparse.ArgumentParser]) -> None:
         description="List orders, newest first. The title counts every matching order. In a pipe: tab-separated "
         "lines with a header, whole values (the title goes to stderr).",
     )
-    o.add_argument("--phase", choices=[ph.value for ph in Phase], help="only orders in this phase")
+    o.add_argument("--phase", choices=[*(ph.value for ph in Phase), STUCK], help="only orders in this phase (or stuck)")
     o.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
     o.add_argument("--json", action="store_true", help="print each order's whole record as JSON lines")
     o.epilog = "exit codes: 0 listed (also when none match); 2 no database at OMSD_DB"
@@ -88,6 +88,19 @@ def add(sub: Subparsers[argparse.ArgumentParser]) -> None:
     d.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
     d.add_argument("--json", action="store_true", help="print JSON lines")
     d.epilog = "exit codes: 0 listed (also when none are dead); 2 no database at OMSD_DB"
+
+    st = command(
+        sub,
+        "stuck",
+        offline(_stuck),
+        help="list orders stuck on an event omsd could not apply",
+        description="Orders whose event omsd could not apply (a bug, a setting out of range): the journal row it "
+        "is stuck on, its kind and error, and how many of the order's later events wait behind it. Nothing is "
+        "skipped and none of its effects is performed meanwhile. Fix the cause (a setting, a new version), then "
+        "`omsd retry ORDER` (or --all-stuck), or restart the daemon: the held events are applied again, in order.",
+    )
+    st.add_argument("--json", action="store_true", help="print JSON lines")
+    st.epilog = "exit codes: 0 listed (also when none are stuck); 2 no database at OMSD_DB"
 
     command(
         sub,
@@ -257,6 +270,32 @@ async def _dead(store: Store, args: argparse.Namespace) -> int:
     keys = ("order_id", "marketplace_order_id", "since", "attempts", "last_code", "last_error", "why")
     title = f"{total} dead orders" + (f", the newest {len(orders)} shown (--limit)" if len(orders) < total else "")
     render.table(title, columns, ([str(v[k]) if v[k] is not None else "-" for k in keys] for v in views))
+    return EXIT_OK
+
+
+async def _stuck(store: Store, args: argparse.Namespace) -> int:
+    orders = [o for o in await store.read.list_orders(STUCK, 1_000_000) if o.stuck is not None]
+    views = [
+        {
+            "order_id": o.order_id,
+            "marketplace_order_id": o.marketplace_order_id,
+            "phase": o.phase.value,
+            "offset": o.stuck.offset,
+            "kind": o.stuck.kind,
+            "at": o.stuck.at.isoformat(),
+            "held": o.stuck.held,
+            "error": o.stuck.error,
+        }
+        for o in orders
+        if o.stuck is not None
+    ]
+    if args.json:
+        for v in views:
+            render.json_line(v)
+        return EXIT_OK
+    columns = ("order", "marketplace id", "phase", "stuck on offset", "kind", "at", "held", "error")
+    keys = ("order_id", "marketplace_order_id", "phase", "offset", "kind", "at", "held", "error")
+    render.table(f"{len(views)} stuck orders", columns, ([str(v[k] or "-") for k in keys] for v in views))
     return EXIT_OK
 
 

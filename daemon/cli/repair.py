@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from omsd.state.statuses import STUCK, Phase
 from omsd.state.store import Store
 
 from ..config.settings import load_local, load_policy
@@ -42,10 +43,13 @@ def add(sub: Subparsers[argparse.ArgumentParser]) -> None:
     )
     r.add_argument("key", metavar="ORDER", nargs="?")
     r.add_argument("--all-dead", action="store_true", help="every order in the dead phase")
+    r.add_argument(
+        "--all-stuck", action="store_true", help="every order stuck on an event omsd could not apply (omsd stuck)"
+    )
     r.epilog = (
-        "exit codes: 0 a resync recorded for the order (or each dead order; none dead is not an error); "
+        "exit codes: 0 a resync recorded for the order (or each dead or stuck order; none is not an error); "
         "1 unknown order, or nothing done (the order is closed, or has no approval intent); "
-        "2 neither ORDER nor --all-dead, or no database at OMSD_DB"
+        "2 neither ORDER nor --all-dead/--all-stuck, or no database at OMSD_DB"
     )
 
     p = command(
@@ -120,11 +124,12 @@ def _print_replay(result: replay.Plan, dry_run: bool, as_json: bool) -> None:
 
 
 async def _retry(store: Store, args: argparse.Namespace) -> int:
-    if args.key is None and not args.all_dead:
-        print("omsd: name an ORDER or use --all-dead", file=sys.stderr)
+    every = [phase for phase, flag in ((Phase.DEAD.value, args.all_dead), (STUCK, args.all_stuck)) if flag]
+    if (args.key is not None) + len(every) != 1:
+        print("omsd: name an ORDER, or use --all-dead or --all-stuck", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        orders = await retry.targets(store, None if args.all_dead else args.key)
+        orders = await retry.targets(store, args.key, *every)
     except retry.UnknownOrder:
         print(f"omsd: no order {args.key}", file=sys.stderr)
         return EXIT_FAIL
@@ -132,7 +137,7 @@ async def _retry(store: Store, args: argparse.Namespace) -> int:
         print(f"omsd: {exc}", file=sys.stderr)
         return EXIT_FAIL
     if not orders:
-        print("no dead orders: nothing to retry")
+        print(f"no {'stuck' if args.all_stuck else 'dead'} orders: nothing to retry")
         return EXIT_OK
     count = await retry.retry(store, orders, args.clock())
     print(f"resync recorded for {count} order(s); the running daemon re-checks them with Get order")

@@ -23,6 +23,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import BaseModel, ValidationError
 
 from omsd.state.models import Order
+from omsd.state.statuses import STUCK
 from omsd.state.store import Store
 
 from ..config.settings import Settings
@@ -146,7 +147,8 @@ def order_view(order: Order | None) -> dict[str, Any] | None:
     return {
         "orderId": order.order_id,
         "marketplaceOrderId": order.marketplace_order_id,
-        "phase": order.phase.value,
+        "phase": STUCK if order.stuck is not None else order.phase.value,
+        "stuck": order.stuck.model_dump(mode="json") if order.stuck is not None else None,
         "status": order.status,
         "held": order.held,
         "intent": order.intent_source,
