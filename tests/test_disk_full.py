@@ -63,6 +63,16 @@ async def test_files_are_private_whatever_the_umask(tmp_path: Path) -> None:
     assert modes == {"omsd.db": 0o600, "omsd.db-wal": 0o600, "omsd.db-shm": 0o600}
 
 
+async def test_a_database_restored_with_a_wider_mode_is_made_private(tmp_path: Path) -> None:
+    """A database file that is 0644 (a restore by `cp`) is 0600 once omsd opens it."""
+    db = tmp_path / "omsd.db"
+    async with await Store.open(db):
+        pass
+    db.chmod(0o644)
+    async with await Store.open(db):
+        assert stat.S_IMODE(db.stat().st_mode) == 0o600
+
+
 async def test_a_full_database_raises_the_stores_own_error(tmp_path: Path) -> None:
     """A refused write is StoreUnwritable (no sqlite3 error leaves the store), the write
     probe says why, and once there is room again the probe and writes succeed."""

@@ -267,10 +267,11 @@ def _create_private(path: Path) -> None:
 
 
 def _tighten(path: Path) -> None:
-    """Make the -wal and -shm files 0600 too, should they predate this omsd."""
-    for suffix in ("-wal", "-shm"):
+    """Make the database and its -wal and -shm files 0600, should they predate this omsd or
+    come from a restore by `cp` (a read-only file system, or another owner, leaves them)."""
+    for suffix in ("", "-wal", "-shm"):
         side = path.with_name(path.name + suffix)
-        with contextlib.suppress(FileNotFoundError, PermissionError):
+        with contextlib.suppress(OSError):
             if side.stat().st_mode & 0o777 != FILE_MODE:
                 side.chmod(FILE_MODE)
 
