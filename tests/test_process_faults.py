@@ -4,20 +4,14 @@ start through another path, a database restored with the wrong mode."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import stat
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from omsd.daemon.ops import lock
 from omsd.sim.server import Simulator
-from omsd.state.store import Store
 from tests.helpers import free_port, omsd_env, until
 from tests.test_crash import Omsd
 

@@ -39,6 +39,28 @@ def command(
     return parser
 
 
+def bounded(name: str, low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from `low` to `high`, else a usage error (exit 2)
+    rather than an OverflowError from SQLite or a date far outside the calendar."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text[:40]!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{name} must be {low}..{high}")
+        return value
+
+    parse.__name__ = name
+    return parse
+
+
+OFFSET = bounded("offset", 0, 2**63 - 1)  # SQLite's integers
+LIMIT = bounded("limit", 1, 1_000_000_000)
+DAYS = bounded("days", 1, 36500)  # OMSD_RETENTION_DAYS' range
+
+
 def preview_options(p: argparse.ArgumentParser, dry_run: str, verbose: str) -> None:
     """--dry-run, --json and -v, as the commands that rebuild or append state take them."""
     p.add_argument("--dry-run", action="store_true", help=dry_run)

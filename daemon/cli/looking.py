@@ -17,7 +17,7 @@ from omsd.state.store import Store
 
 from ..ops.waiting import wait_any
 from . import render
-from .common import EXIT_FAIL, EXIT_OK, UNKNOWN, Subparsers, command, offline
+from .common import EXIT_FAIL, EXIT_OK, LIMIT, OFFSET, UNKNOWN, Subparsers, command, offline
 
 
 def add(sub: Subparsers[argparse.ArgumentParser]) -> None:
@@ -30,7 +30,7 @@ def add(sub: Subparsers[argparse.ArgumentParser]) -> None:
         "lines with a header, whole values (the title goes to stderr).",
     )
     o.add_argument("--phase", choices=[*(ph.value for ph in Phase), STUCK], help="only orders in this phase (or stuck)")
-    o.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    o.add_argument("--limit", type=LIMIT, default=50, help="at most this many (default 50)")
     o.add_argument("--json", action="store_true", help="print each order's whole record as JSON lines")
     o.epilog = "exit codes: 0 listed (also when none match); 2 no database at OMSD_DB"
 
@@ -55,8 +55,8 @@ def add(sub: Subparsers[argparse.ArgumentParser]) -> None:
         description="Print the last journal entries, or those from an offset on; --follow goes on printing new "
         "ones until interrupted (Ctrl-C exits 0). Works beside the running daemon (read only).",
     )
-    j.add_argument("--limit", type=int, default=30, help="the last this many entries (default 30)")
-    j.add_argument("--from-offset", type=int, metavar="N", help="every entry from offset N on (not only the last)")
+    j.add_argument("--limit", type=LIMIT, default=30, help="the last this many entries (default 30)")
+    j.add_argument("--from-offset", type=OFFSET, metavar="N", help="every entry from offset N on (not only the last)")
     j.add_argument("--order", metavar="ID", help="only this order (either id), with what came under its marketplace id")
     j.add_argument("--rejected", action="store_true", help="only rejected input, with its reason and raw body")
     j.add_argument("--unreadable", action="store_true", help="only rows the processor could not read, with why")
@@ -85,7 +85,7 @@ def add(sub: Subparsers[argparse.ArgumentParser]) -> None:
         description="Orders whose approval spent its retry budget: attempts, the last result code and error, "
         "and the cause of the move to dead. `omsd retry ORDER` (or --all-dead) gives them another go.",
     )
-    d.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    d.add_argument("--limit", type=LIMIT, default=50, help="at most this many (default 50)")
     d.add_argument("--json", action="store_true", help="print JSON lines")
     d.epilog = "exit codes: 0 listed (also when none are dead); 2 no database at OMSD_DB"
 

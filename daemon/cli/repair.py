@@ -13,7 +13,18 @@ from ..config.settings import load_local, load_policy
 from ..ops import retention
 from ..tools import replay, retry
 from . import render
-from .common import EXIT_BUSY, EXIT_CONFIG, EXIT_FAIL, EXIT_OK, Subparsers, command, offline, preview_options
+from .common import (
+    DAYS,
+    EXIT_BUSY,
+    EXIT_CONFIG,
+    EXIT_FAIL,
+    EXIT_OK,
+    OFFSET,
+    Subparsers,
+    command,
+    offline,
+    preview_options,
+)
 
 
 def add(sub: Subparsers[argparse.ArgumentParser]) -> None:
@@ -28,8 +39,8 @@ def add(sub: Subparsers[argparse.ArgumentParser]) -> None:
         "the journal shows as sent and answered is never sent again. Refuses to run beside a daemon (exit 3).",
     )
     rp.add_argument("--order", metavar="ID", help="only this order (VTEX order id or marketplace order id)")
-    rp.add_argument("--from-offset", type=int, metavar="N", help="only orders with journal entries from offset N on")
-    rp.add_argument("--to-offset", type=int, metavar="N", help="rebuild as of offset N (every order only)")
+    rp.add_argument("--from-offset", type=OFFSET, metavar="N", help="only orders with journal entries from offset N on")
+    rp.add_argument("--to-offset", type=OFFSET, metavar="N", help="rebuild as of offset N (every order only)")
     preview_options(rp, "change nothing; print what would differ and be called", "log each routed event")
 
     r = command(
@@ -64,7 +75,7 @@ def add(sub: Subparsers[argparse.ArgumentParser]) -> None:
         "the database and refuses beside it.",
     )
     p.add_argument(
-        "--older-than", type=int, metavar="DAYS", help="quiet for this many days (default OMSD_RETENTION_DAYS, 30)"
+        "--older-than", type=DAYS, metavar="DAYS", help="quiet for this many days (default OMSD_RETENTION_DAYS, 30)"
     )
     p.add_argument("--dry-run", action="store_true", help="change nothing; count what would go")
     p.add_argument("--json", action="store_true", help="print the counts as one JSON object")

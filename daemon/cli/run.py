@@ -8,6 +8,7 @@ import contextlib
 import functools
 import signal
 import sys
+from collections.abc import Callable
 
 from omsd.state.store import StoreUnwritable
 
@@ -77,7 +78,7 @@ async def run_until_signalled(settings: Settings) -> None:
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    handlers = {
+    handlers: dict[signal.Signals, Callable[[], object]] = {
         signal.SIGTERM: stop.set,
         signal.SIGINT: stop.set,
         signal.SIGHUP: _reload_not_supported,
