@@ -123,6 +123,7 @@ class Settings(PolicySettings):
     http_read_timeout_s: float = Field(default=10.0, gt=0, le=300)  # headers AND body of one request
     http_keepalive_s: float = Field(default=75.0, gt=0, le=3600)  # idle between requests
     http_max_connections: int = Field(default=512, ge=1, le=60000)  # beyond: closed at once
+    http_max_connections_per_client: int = Field(default=64, ge=1, le=60000)  # one address (an IPv6 /64)
     store_probe_s: float = Field(default=5.0, gt=0, le=300)  # retry a refused database this often
 
     # Journal retention: closed orders quiet this long keep one snapshot row (0: never prune)

@@ -31,6 +31,7 @@ from ..intake import entries, jsonsafe
 from ..ops.health import Health
 from ..ops.logs import get_logger
 from ..ops.metrics import Metrics
+from .guard import RateLimitedLog
 
 log = get_logger("omsd.api")
 
@@ -116,6 +117,22 @@ def _bucket(
 
 
 @dataclass
+class AttackLogs:
+    """The lines any client can cause by sending requests: each at most once a minute, with
+    the number of occurrences it stands for (an attacker cannot grow the log)."""
+
+    api_unauthorized: RateLimitedLog = field(
+        default_factory=lambda: RateLimitedLog("api_unauthorized", level="warning", logger=log)
+    )
+    hook_unauthorized: RateLimitedLog = field(
+        default_factory=lambda: RateLimitedLog("hook_unauthorized", level="warning", logger=log)
+    )
+    wrong_path: RateLimitedLog = field(
+        default_factory=lambda: RateLimitedLog("notification_wrong_path", level="warning", logger=log)
+    )
+
+
+@dataclass
 class ApiContext:
     settings: Settings
     store: Store
@@ -125,6 +142,7 @@ class ApiContext:
     metrics: Metrics
     probe: Probe
     reject_budget: RejectBudget = field(default_factory=RejectBudget)
+    attack_logs: AttackLogs = field(default_factory=AttackLogs)
 
 
 ctx_key = web.AppKey("ctx", ApiContext)
@@ -273,7 +291,7 @@ def authorized(request: web.Request, *, write: bool) -> web.Response | None:
     scheme, _, given = header.partition(" ")
     expected = token.get_secret_value()
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected.encode()):
-        log.warning("api_unauthorized", path=request.path, remote=request.remote)
+        ctx_of(request).attack_logs.api_unauthorized.hit(path=request.path[:64], remote=request.remote)
         return error(401, "missing or wrong bearer token")
     request[AUTHENTICATED] = True
     return None
