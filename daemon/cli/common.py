@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from omsd.state.store import Store
+from omsd.state.store import Store, StoreError, StoreUnwritable
 
 from ..config.settings import load_db_path
 from ..ops import lock, logs
@@ -92,5 +92,26 @@ def offline(fn: StoreCommand, *, create: bool = False, owns: bool = False) -> Ha
 
 
 async def _with_store(db: Path, fn: StoreCommand, args: argparse.Namespace, *, readonly: bool = False) -> int:
-    async with await (Store.open_readonly(db) if readonly else Store.open(db)) as store:
+    async with await (Store.open_readonly(db) if readonly else _open(db)) as store:
         return await fn(store, args)
+
+
+async def _open(db: Path) -> Store:
+    """For writing; read-only when the database refuses writes (a full disk, a read-only file
+    system): the reading commands still work, a write says why it cannot."""
+    try:
+        return await Store.open(db)
+    except StoreUnwritable as refused:
+        reason = refused.reason
+        try:
+            store = await Store.open_readonly(db)
+        except StoreError:
+            raise refused from None
+    print(f"omsd: warning: the database refuses writes ({reason}): opened read-only", file=sys.stderr)
+    if store.db.unread_wal:
+        print(
+            "omsd: warning: its write-ahead log cannot be read without room for its -shm file: "
+            "the latest writes may be missing",
+            file=sys.stderr,
+        )
+    return store
