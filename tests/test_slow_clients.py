@@ -133,7 +133,7 @@ async def test_one_client_cannot_take_every_connection(sim: Simulator, run_daemo
         with capture_logs() as logs:
             flood = [await _open_from(daemon, "127.0.0.2") for _ in range(30)]
             await until(lambda: guard.refused.total + guard.client_refused.total >= 22, what="the rest refused")
-        assert guard.by_client.get("127.0.0.2") == 8 and guard.client_refused.total == 22
+        assert len(guard.by_client["127.0.0.2"]) == 8 and guard.client_refused.total == 22
         for _ in range(5):
             await _answers(daemon)
         [line] = [e for e in logs if e["event"] == "http_client_over_cap"]
@@ -143,15 +143,17 @@ async def test_one_client_cannot_take_every_connection(sim: Simulator, run_daemo
 
 
 async def test_the_last_slots_serve_only_vtex(sim: Simulator, run_daemon: RunDaemon) -> None:
-    """With every general slot taken, the reserve (one in sixteen) still serves VTEX's hook with
-    its secret header, one request per connection; anything else there gets 503 Retry-After."""
+    """With every general slot held by requests under way (bodies that do not come), the reserve
+    (one in sixteen) still serves VTEX's hook with its secret header, one request per
+    connection; anything else there gets 503 Retry-After."""
     async with run_daemon(sim, **hooked(http_max_connections=32, http_max_connections_per_client=100)) as daemon:
         guard = daemon.http.guard
         assert guard is not None and guard.reserve == 2
         flood = []
         while guard.open < 30:  # the general slots (the simulator may hold one too)
-            flood.append(await _open_from(daemon, "127.0.0.2"))
+            flood.append(await _open_from(daemon, "127.0.0.2", SLOW_BODY))
             await until(lambda: guard.open >= len(flood), what="the connection counted")
+        await until(lambda: not any(c.waiting for c in guard.by_client["127.0.0.2"]), what="all in a request")
         async with aiohttp.ClientSession() as http:
             async with http.get(f"{daemon.url}/healthz") as resp:
                 assert resp.status == 503 and resp.headers["Retry-After"] == "1"
@@ -159,6 +161,22 @@ async def test_the_last_slots_serve_only_vtex(sim: Simulator, run_daemon: RunDae
                 headers = {"X-Omsd-Hook-Secret": HOOK_SECRET}
                 async with http.post(f"{daemon.url}/vtex/hook", json=PING, headers=headers) as resp:
                     assert resp.status == 200 and resp.headers.get("Connection") == "close"
+        for _, writer in flood:
+            writer.close()
+
+
+async def test_a_client_holding_the_most_makes_room_for_others(sim: Simulator, run_daemon: RunDaemon) -> None:
+    """Every slot held by one client's idle connections (no per-client cap to stop it): a
+    newcomer from another address gets in, one of the idle ones is closed for it, and is
+    answered, each time."""
+    async with run_daemon(sim, http_max_connections=32, http_max_connections_per_client=100) as daemon:
+        guard = daemon.http.guard
+        assert guard is not None
+        flood = [await _open_from(daemon, "127.0.0.2") for _ in range(40)]
+        await until(lambda: guard.open == 32, what="every slot taken")
+        for _ in range(5):
+            await _answers(daemon)
+        assert guard.evicted.total >= 1 and len(guard.by_client["127.0.0.2"]) >= 29
         for _, writer in flood:
             writer.close()
 

@@ -19,9 +19,12 @@ Beyond `max_connections` open connections a new one is closed at once rather
 than left waiting in the kernel's backlog: asyncio offers no public way to stop
 accepting for a while, and a client told at once retries (VTEX retries its hook
 pushes), while the descriptor is freed immediately. One client address may hold
-at most `max_per_client` of them, and the last `reserve` slots serve only VTEX's
-authenticated requests (the hook with its secret header, a notification on the
-secret path), one request per connection: one client cannot shut VTEX out.
+at most `max_per_client` of them; where the general slots are full, the oldest
+connection waiting for a request (idle, or its headers not all in) of the client
+holding the most is closed to make room for a newcomer holding fewer; and the last
+`reserve` slots serve only VTEX's authenticated requests (the hook with its secret
+header, a notification on the secret path), one request per connection. So one
+client, however many connections it opens, cannot shut VTEX (or anyone) out.
 
 Every line a client can cause (`http_read_timeout`, `http_write_timeout`, the caps)
 is logged at most once a minute, with the number of occurrences it stands for.
@@ -87,11 +90,11 @@ class RateLimitedLog:
 class ConnectionGuard:
     """Shared by every connection of one HTTP server: the limits and the counts.
 
-    Admission of a new connection, in order: beyond `max_connections` open ones it is closed
-    at once; a client address (an IPv6 /64) holding `max_per_client` already is closed at
-    once; the last `reserve` slots serve only requests `reserved_for` accepts (VTEX's
-    authenticated ones), one request per connection, so that no number of other clients
-    can keep VTEX out."""
+    Admission of a new connection (`admit`): a client address (an IPv6 /64) holding
+    `max_per_client` already is closed at once; with the general slots full, a waiting
+    connection of the client holding the most is closed to make room; beyond
+    `max_connections` open ones it is closed at once; the last `reserve` slots serve only
+    requests `reserved_for` accepts (VTEX's authenticated ones), one request per connection."""
 
     def __init__(
         self,
@@ -109,11 +112,12 @@ class ConnectionGuard:
         self.reserve = max_connections // RESERVE_SHARE if reserve is None else reserve
         self.reserved_for = reserved_for
         self.open = 0
-        self.by_client: dict[str, int] = {}
+        self.by_client: dict[str, list[GuardedConnection]] = {}  # oldest first
         self.timed_out = 0
         self.refused = RateLimitedLog("http_connections_over_cap", log_every_s)
         self.client_refused = RateLimitedLog("http_client_over_cap", log_every_s, level="warning")
         self.reserve_refused = RateLimitedLog("http_reserved_for_vtex", log_every_s, level="warning")
+        self.evicted = RateLimitedLog("http_connection_evicted", log_every_s, level="warning")
         self.slow = RateLimitedLog("http_read_timeout", log_every_s, level="info")
         self.stuck_writing = RateLimitedLog("http_write_timeout", log_every_s, level="info")
         self._by_handler: dict[RequestHandler, GuardedConnection] = {}
@@ -122,26 +126,48 @@ class ConnectionGuard:
         """The protocol factory for `loop.create_server`: aiohttp's handler, guarded."""
         return lambda: GuardedConnection(self, server())
 
-    def admit(self, client: str) -> bool | None:
-        """Whether a new connection from `client` may open: True in the general slots, False in
-        the reserve, None refused (and counted)."""
+    def admit(self, conn: GuardedConnection) -> bool | None:
+        """Whether a new connection may open: True in the general slots, False in the reserve,
+        None refused (and counted). Where the general slots are full, a connection waiting for
+        a request (idle, or its headers not all in) of the client holding the most is closed
+        first to make room: whoever holds many cannot keep out whoever holds few."""
+        client = conn.client
+        held = self.by_client.get(client, [])
+        if len(held) >= self.max_per_client:
+            self.client_refused.hit(remote=client, max_per_client=self.max_per_client)
+            return None
+        # With the general slots full, the newcomer takes the slot of a connection closed for it.
+        made_room = self.open >= self.max_connections - self.reserve and self._evict_for(len(held))
         if self.open >= self.max_connections:
             self.refused.hit(max_connections=self.max_connections)
             return None
-        if self.by_client.get(client, 0) >= self.max_per_client:
-            self.client_refused.hit(remote=client, max_per_client=self.max_per_client)
-            return None
         self.open += 1
-        self.by_client[client] = self.by_client.get(client, 0) + 1
-        return self.open <= self.max_connections - self.reserve
+        self.by_client.setdefault(client, []).append(conn)
+        return made_room or self.open <= self.max_connections - self.reserve
 
-    def release(self, client: str) -> None:
+    def _evict_for(self, holds: int) -> bool:
+        """Close the oldest waiting connection of the client holding the most, when it holds at
+        least two more than the newcomer's client (so that equals never evict each other)."""
+        if not self.by_client:
+            return False
+        biggest = max(self.by_client.values(), key=len)
+        if len(biggest) < holds + 2:
+            return False
+        for victim in biggest:
+            if victim.waiting:
+                self.evicted.hit(remote=victim.client, held=len(biggest))
+                victim.evict()
+                return True
+        return False
+
+    def release(self, conn: GuardedConnection) -> None:
+        held = self.by_client.get(conn.client)
+        if held is None or conn not in held:
+            return
         self.open -= 1
-        left = self.by_client.get(client, 1) - 1
-        if left > 0:
-            self.by_client[client] = left
-        else:
-            self.by_client.pop(client, None)
+        held.remove(conn)
+        if not held:
+            del self.by_client[conn.client]
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -207,10 +233,21 @@ class GuardedConnection(asyncio.Protocol):
         self.client = "-"
         self.reserved = False
 
+    @property
+    def waiting(self) -> bool:
+        """Not in a request: idle between requests, or its headers not all in yet."""
+        return not self._in_request
+
+    def evict(self) -> None:
+        """Closed to make room for a client holding fewer (see `ConnectionGuard.admit`)."""
+        self._guard.release(self)
+        if self._transport is not None:
+            self._transport.abort()  # type: ignore[attr-defined]
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         guard = self._guard
         self.client = client_of(transport)
-        admitted = guard.admit(self.client)
+        admitted = guard.admit(self)
         if admitted is None:
             transport.abort()  # type: ignore[attr-defined]
             self._inner = None  # type: ignore[assignment]
@@ -251,7 +288,7 @@ class GuardedConnection(asyncio.Protocol):
         if self._write_deadline is not None:
             self._write_deadline.cancel()
             self._write_deadline = None
-        self._guard.release(self.client)
+        self._guard.release(self)
         self._guard._by_handler.pop(self._inner, None)
         self._inner.connection_lost(exc)
 
