@@ -132,21 +132,20 @@ class Database:
         """The database opened read-only (`mode=ro`): nothing this connection does can
         change the file. For previews (`omsd replay --dry-run`), the reading commands on a
         database that refuses writes, and the daemon until it can write; no migration.
-        With no write-ahead log content beside it (no process has it open, or a clean stop
-        removed it) it is read as immutable, which needs no -shm (a full disk cannot size
-        one) and keeps SQLite from creating an empty `-wal`. A log that cannot be read that
-        way (its -shm cannot be made) is left unread: `unread_wal` says so."""
+        Without a write-ahead log beside it (no process has it open) it is read as
+        immutable, which keeps SQLite from creating an empty `-wal`; with one that cannot be
+        read (its -shm cannot be made: a full disk, a read-only file system) too, and a log
+        with content is then left unread: `unread_wal` says so."""
         wal = path.with_name(path.name + "-wal")
-        with_wal = wal.exists() and wal.stat().st_size > 0
         base = path.resolve().as_uri()  # noqa: ASYNC240 - once, at open
+        if not wal.exists():
+            return await cls._open_ro(path, f"{base}?mode=ro&immutable=1")
         try:
-            db = await cls._open_ro(path, f"{base}?mode=ro" if with_wal else f"{base}?mode=ro&immutable=1")
+            return await cls._open_ro(path, f"{base}?mode=ro")
         except StoreError:
-            if not with_wal:
-                raise
             db = await cls._open_ro(path, f"{base}?mode=ro&immutable=1")
-            db.unread_wal = True
-        return db
+            db.unread_wal = wal.stat().st_size > 0
+            return db
 
     @classmethod
     async def _open_ro(cls, path: Path, uri: str) -> Self:
