@@ -31,11 +31,10 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import resource
+import signal
 import socket
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -43,12 +42,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
-from latency import free_port  # beside this script
+import restarts  # beside this script
+from latency import free_port
 
 from omsd.sim.server import Simulator
 
-API_TOKEN = "bench-api-token-0123456789"  # noqa: S105 - the benchmark's own loopback token
-HOOK_SECRET = "bench-hook-secret-0123456789"  # noqa: S105
+HOOK_SECRET = "bench-hook-secret-0123456789"  # noqa: S105 - restarts.py's, on loopback
 ATTACKER = "127.0.0.2"
 ATTACK_EVENTS = (
     "http_read_timeout",
@@ -66,24 +65,8 @@ PIPELINED = b"GET /metrics HTTP/1.1\r\nHost: omsd\r\n\r\n" * 2000
 
 
 def omsd_env(sim: Simulator, db: Path, port: int, per_client: int | None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OMSD_")}
-    env.update(
-        {
-            "OMSD_ACCOUNT": sim.account,
-            "OMSD_APP_KEY": sim.app_key,
-            "OMSD_APP_TOKEN": sim.app_token,
-            "OMSD_VTEX_BASE_URL": sim.base_url,
-            "OMSD_DB": str(db),
-            "OMSD_CONNECTOR_NAME": "omsd-bench",
-            "OMSD_CONNECTOR_ENDPOINT": f"http://127.0.0.1:{port}",
-            "OMSD_LISTEN": f"127.0.0.1:{port}",
-            "OMSD_API_TOKEN": API_TOKEN,
-            "OMSD_SOURCE": "both",
-            "OMSD_HOOK_SECRET": HOOK_SECRET,
-            "OMSD_LOG_LEVEL": "info",
-            "OMSD_LOG_FORMAT": "json",
-        }
-    )
+    """restarts.py's environment (source `both`), logging at info: the attack's lines are info and warning."""
+    env = restarts.omsd_env(sim, db, port, "both") | {"OMSD_LOG_LEVEL": "info"}
     if per_client is not None:
         env["OMSD_HTTP_MAX_CONNECTIONS_PER_CLIENT"] = str(per_client)
     return env
@@ -128,34 +111,17 @@ class Window:
         return "\n".join(out)
 
 
-class Omsd:
-    def __init__(self, env: dict[str, str], port: int, log: Path) -> None:
-        self.env, self.port, self.log = env, port, log
-        self.proc: asyncio.subprocess.Process | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "omsd.daemon", "run", env=self.env, stdout=out, stderr=out
-            )
-        deadline = time.monotonic() + 60
-        async with aiohttp.ClientSession() as s:
-            while time.monotonic() < deadline:
-                with contextlib.suppress(aiohttp.ClientError):
-                    async with s.get(f"{self.url}/readyz") as r:
-                        if r.status == 200:
-                            return
-                await asyncio.sleep(0.2)
-        raise SystemExit(f"omsd did not become ready; see {self.log}")
-
-    async def stop(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.terminate()
-            await asyncio.wait_for(self.proc.wait(), timeout=30)
+async def until_ready(url: str) -> None:
+    """omsd answers /readyz with 200 (the hook configured at VTEX, a feed poll done)."""
+    deadline = time.monotonic() + 60
+    async with aiohttp.ClientSession() as s:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(aiohttp.ClientError):
+                async with s.get(f"{url}/readyz") as r:
+                    if r.status == 200:
+                        return
+            await asyncio.sleep(0.2)
+    raise SystemExit("omsd did not become ready")
 
 
 async def probe(url: str, window: Window, stop: asyncio.Event) -> None:
@@ -315,13 +281,13 @@ def count_lines(log: Path, start: int, end: int, window: Window) -> None:
 
 
 async def run_window(
-    omsd: Omsd, name: str, seconds: float, attack: Callable[[Window, asyncio.Event], Awaitable[None]] | None
+    url: str, log: Path, name: str, seconds: float, attack: Callable[[Window, asyncio.Event], Awaitable[None]] | None
 ) -> Window:
     window = Window(name)
     stop = asyncio.Event()
-    start = omsd.log.stat().st_size
+    start = log.stat().st_size
     began = time.monotonic()
-    tasks = [asyncio.create_task(probe(omsd.url, window, stop))]
+    tasks = [asyncio.create_task(probe(url, window, stop))]
     if attack is not None:
         tasks.append(asyncio.create_task(attack(window, stop)))
     await asyncio.sleep(seconds)
@@ -329,7 +295,7 @@ async def run_window(
     await asyncio.gather(*tasks)
     window.seconds = time.monotonic() - began
     await asyncio.sleep(0.5)  # the last lines
-    count_lines(omsd.log, start, omsd.log.stat().st_size, window)
+    count_lines(log, start, log.stat().st_size, window)
     return window
 
 
@@ -340,8 +306,11 @@ async def main(args: argparse.Namespace) -> None:
     await sim.start()
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
-        omsd = Omsd(omsd_env(sim, Path(tmp) / "omsd.db", port, args.per_client), port, Path(tmp) / "omsd.log")
+        log = Path(tmp) / "omsd.log"
+        omsd = restarts.Omsd(omsd_env(sim, Path(tmp) / "omsd.db", port, args.per_client), port, log)
+        url = f"http://127.0.0.1:{port}"
         await omsd.start()
+        await until_ready(url)
         try:
             s = args.seconds
             attacks: list[tuple[str, Callable[[Window, asyncio.Event], Awaitable[None]] | None]] = [
@@ -349,16 +318,16 @@ async def main(args: argparse.Namespace) -> None:
                 ("idle", lambda w, stop: idle(port, args.idle, w, stop)),
                 ("slowloris", lambda w, stop: reopening(port, args.slowloris, w, stop, HALF_HEADER, None)),
                 ("pipeline", lambda w, stop: reopening(port, args.pipeliners, w, stop, PIPELINED, 4096)),
-                ("unauthorized", lambda w, stop: unauthorized(omsd.url, w, stop)),
+                ("unauthorized", lambda w, stop: unauthorized(url, w, stop)),
             ]
             limits = f"OMSD_HTTP_MAX_CONNECTIONS 512, per client {args.per_client or 64}, read timeout 10 s"
             print(f"omsd: {limits}; {s:g} s per window; attacker {ATTACKER}, probes 127.0.0.1", flush=True)
             for name, attack in attacks:
-                window = await run_window(omsd, name, s, attack)
+                window = await run_window(url, log, name, s, attack)
                 print(window.row(), flush=True)
                 await asyncio.sleep(1)
         finally:
-            await omsd.stop()
+            await omsd.stop(signal.SIGTERM)
     await sim.stop()
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
