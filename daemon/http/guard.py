@@ -180,7 +180,7 @@ class ConnectionGuard:
             if conn is not None and conn.reserved:
                 # A reserved slot serves one request, and only VTEX's authenticated ones.
                 if not self.reserved_for(request):
-                    self.reserve_refused.hit(remote=conn.client, path=request.path[:64])
+                    self.reserve_refused.hit(remote=conn.client, method=request.method)  # no path: it may hold a secret
                     raise web.HTTPServiceUnavailable(
                         text="connection limit reached", headers={"Connection": "close", "Retry-After": "1"}
                     )
