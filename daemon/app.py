@@ -104,9 +104,13 @@ class Daemon:
             if not s.db.parent.is_dir():
                 raise ConfigError(f"OMSD_DB: the folder {s.db.parent} does not exist")
             stack.enter_context(lock.hold(s.db))  # one process owns a database (omsd replay/ingest refuse)
-            store = self.store = await Store.open(s.db)
+            # On a database that refuses writes (a full disk, a read-only file system) omsd
+            # starts read-only: it serves, is not ready, and the probe takes up writing.
+            store = self.store = await Store.open_or_read(s.db)
             stack.push_async_callback(store.close)
             store.db.on_unwritable, store.db.on_writable = health.store_unwritable, health.store_writable
+            if store.db.read_only is not None:
+                health.store_unwritable(store.db.read_only)
             probe = StoreProbe(store.db, metrics, every_s=s.store_probe_s)
             await probe.probe()
             session = await stack.enter_async_context(aiohttp.ClientSession())
@@ -124,6 +128,7 @@ class Daemon:
                 metrics=metrics,
             )
             processor.listeners.append(self._count_transition)
+            processor.on_stuck = health.orders_stuck
             runner.on_result = processor.wake.set
             poller = self.poller = FeedPoller(
                 store, client, s, on_journal=processor.wake.set, metrics=metrics, health=health

@@ -30,7 +30,8 @@ from .events import (
     read_entry,
 )
 from .machine import decide
-from .models import Order, Policy, is_superseded
+from .models import Order, Policy, Stuck, is_superseded
+from .statuses import STUCK
 
 CAUSE_MAX = 500  # a history cause built from an error message is cut to this
 
@@ -211,16 +212,13 @@ class Applier:
 
     def _decide(self, row: JournalRow, event: Event, *, released: bool = False) -> None:
         before = self._order(event.order_id)
+        if before is not None and before.stuck is not None:
+            self._hold(row, event, before)
+            return
         try:
             decision = decide(before, event, row.received_at, self._policy)
-        except Exception as exc:  # a bug must not stop every other order: skip this event, loudly
-            error = f"{type(exc).__name__}: {exc}"
-            self._note(
-                "event_not_applied", "error", offset=row.offset, order_id=event.order_id, kind=event.kind, error=error
-            )
-            phase = before.phase if before else None
-            cause = f"event {event.kind} not applied: {error}"[:CAUSE_MAX]
-            self._history(event.order_id, row, phase, phase or "tracking", before.status if before else None, cause)
+        except Exception as exc:  # a bug must not stop every other order, nor lose this event
+            self._stick(row, event, before, exc)
             return
         after = decision.order
         self._orders[after.order_id] = after
@@ -268,6 +266,34 @@ class Applier:
         self.batch.history.append(
             HistoryRow(order_id, row.offset, from_phase, to_phase, status, cause, row.received_at)
         )
+
+    # ---- an event that cannot be applied -------------------------------------------------------
+    def _stick(self, row: JournalRow, event: Event, before: Order | None, exc: Exception) -> None:
+        """`decide` raised: the order keeps its state from before the event, marked stuck on
+        this row, so that the event is applied again by a retry rather than skipped."""
+        error = f"{type(exc).__name__}: {exc}"[:CAUSE_MAX]
+        stuck = Stuck(offset=row.offset, kind=event.kind, error=error, at=row.received_at, new=before is None)
+        order = (before or Order(order_id=event.order_id)).model_copy(update={"stuck": stuck})
+        self._keep(row, order)
+        self._note(
+            "event_not_applied", "error", offset=row.offset, order_id=order.order_id, kind=event.kind, error=error
+        )
+        cause = f"event {event.kind} not applied: {error}; the order's later events wait for `omsd retry`"
+        self._history(order.order_id, row, before.phase if before else None, STUCK, order.status, cause[:CAUSE_MAX])
+
+    def _hold(self, row: JournalRow, event: Event, order: Order) -> None:
+        """An event for a stuck order waits in the journal (a retry applies it, in order)."""
+        assert order.stuck is not None
+        stuck = order.stuck.model_copy(update={"held": order.stuck.held + 1})
+        self._keep(row, order.model_copy(update={"stuck": stuck}))
+        self._note("event_held", "debug", offset=row.offset, order_id=order.order_id, kind=event.kind)
+        cause = f"event {event.kind} held: the order is stuck on journal row {stuck.offset}"
+        self._history(order.order_id, row, STUCK, STUCK, order.status, cause)
+
+    def _keep(self, row: JournalRow, order: Order) -> None:
+        self._orders[order.order_id] = order
+        self.batch.orders[order.order_id] = order
+        self.batch.touched[order.order_id] = row.offset
 
 
 def apply(

@@ -71,7 +71,7 @@ class Note:
     the pure core cannot log, so the processor logs these once the batch is committed."""
 
     event: str
-    level: str  # "info" | "warning" | "error"
+    level: str  # "debug" | "info" | "warning" | "error"
     fields: dict[str, Any]
 
 

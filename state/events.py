@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -190,6 +190,9 @@ Entry = Annotated[AnyEntry, Field(discriminator="kind")]
 """Anything the journal holds as accepted: machine events plus entries still to be routed."""
 
 ENTRY_ADAPTER: TypeAdapter[Entry] = TypeAdapter(Entry)
+
+ENTRY_KINDS: tuple[str, ...] = tuple(sorted(str(m.model_fields["kind"].default) for m in get_args(AnyEntry)))
+"""Every kind of accepted entry (the journal also holds `rejected` rows)."""
 
 
 # ---- versions ------------------------------------------------------------------------

@@ -31,6 +31,21 @@ class Inflight(_Frozen):
     purpose: str
 
 
+class Stuck(_Frozen):
+    """An event of this order could not be applied (`decide` raised: a bug, a value out of
+    range). The order keeps its state from before that event and is kept out of every
+    phase: its later events are held (never applied out of order) and none of its effects
+    is performed, until a retry applies the held events again (`omsd retry`, every start,
+    `omsd replay`): from `offset` on, the order's journal rows, in order."""
+
+    offset: int  # the journal row that could not be applied
+    kind: str
+    error: str
+    at: AwareDatetime  # that row's receipt time
+    new: bool = False  # the order did not exist before that row
+    held: int = 0  # the order's later events held since
+
+
 class Order(_Frozen):
     order_id: str
     marketplace_order_id: str | None = None
@@ -61,6 +76,8 @@ class Order(_Frozen):
     last_code: str | None = None
     last_error: str | None = None
     updated_at: AwareDatetime | None = None
+    # Not written while None, so a record without it reads the same in an omsd that predates it.
+    stuck: Stuck | None = Field(default=None, exclude_if=lambda v: v is None)
 
     @property
     def has_intent(self) -> bool:

@@ -159,3 +159,9 @@ class Phase(StrEnum):
 
 
 TERMINAL_PHASES: frozenset[Phase] = frozenset({Phase.APPROVED, Phase.REJECTED, Phase.DEAD})
+
+
+STUCK = "stuck"
+"""Not a phase of the machine: what the store's phase column says of an order stuck on an
+event it could not apply (`Order.stuck`), so that `omsd orders --phase stuck`, `omsd stuck`
+and `omsd_orders{phase="stuck"}` find it at once. The order's record keeps its machine phase."""

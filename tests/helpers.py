@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from collections.abc import Awaitable, Callable
+import subprocess
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from omsd.daemon.app import Daemon
 from omsd.daemon.cli import main
@@ -177,3 +180,44 @@ async def feed_until(poller: FeedPoller, done: Callable[[], bool], what: str, ti
     finally:
         stop.set()
         await task
+
+
+@contextlib.contextmanager
+def small_filesystem(where: Path, size_kib: int) -> Iterator[Path]:
+    """A tmpfs of `size_kib` KiB mounted at `where` for the block, to fill up for real (needs
+    root, as CI runs; skips where mounting is not allowed)."""
+    where.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_kib}k,mode=0700", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small file system: {mounted.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def remount(where: Path, mode: str) -> None:
+    """`ro` or `rw`: make a file system `small_filesystem` mounted read-only, or writable again."""
+    subprocess.run(["mount", "-o", f"remount,{mode}", str(where)], check=True)
+
+
+def fill_up(where: Path, leave: int = 0) -> Path:
+    """Fill the file system of `where` until SQLite (or anyone) gets ENOSPC, leaving about
+    `leave` bytes free; returns the filler file (unlink it to free the space)."""
+    filler = where / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for chunk in (b"x" * 65536, b"x" * 4096, b"x" * 512):
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, chunk)
+        if leave:
+            os.ftruncate(fd, max(0, os.fstat(fd).st_size - leave))
+    finally:
+        os.close(fd)
+    return filler

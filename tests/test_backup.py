@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
+import signal
+import sqlite3
 import stat
+import sys
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -116,3 +120,66 @@ def test_backup_without_a_database_creates_nothing(
     assert main(["backup", str(tmp_path / "b.db")]) == 2
     assert "OMSD_DB" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["a?b.db", "a#b.db", "a%3Fb.db", "a?mode=ro#x.db"])
+async def test_a_database_path_with_uri_characters_is_backed_up_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """`?`, `#` or `%` in OMSD_DB: the copy is the database (its journal, its schema), not an
+    empty one, and no stray file appears beside it."""
+    db = tmp_path / name
+    monkeypatch.setenv("OMSD_DB", str(db))
+    assert await asyncio.to_thread(main, ["init"]) == 0
+    assert await asyncio.to_thread(main, ["approve", "M1"]) == 0
+    before = set(tmp_path.iterdir())
+    assert main(["backup", str(tmp_path / "b.db")]) == 0
+    assert set(tmp_path.iterdir()) - before == {tmp_path / "b.db"}
+    async with await Store.open(tmp_path / "b.db", migrate=False) as copy:
+        assert await copy.journal.last_offset() == 1
+        async with await Store.open(db) as original:
+            assert await copy.db.schema_version() == await original.db.schema_version() > 0
+
+
+@pytest.mark.parametrize("path", ["", "/", ".", "sub/"])
+def test_backup_to_a_path_that_names_no_file_is_a_usage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], path: str
+) -> None:
+    """`backup ''`, `backup /`: one line, exit 2, nothing written (no ValueError traceback)."""
+    db = tmp_path / "omsd.db"
+    monkeypatch.setenv("OMSD_DB", str(db))
+    assert main(["init"]) == 0
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    before = set(tmp_path.rglob("*"))
+    assert main(["backup", path]) == 2
+    err = capsys.readouterr().err
+    assert "PATH must name the backup file" in err and "Traceback" not in err
+    assert set(tmp_path.rglob("*")) == before
+
+
+async def test_a_killed_backup_leaves_nothing_behind(tmp_path: Path) -> None:
+    """`omsd backup` killed with SIGKILL in the middle of its copy (here: waiting for a lock the
+    test holds) leaves no partial copy and no journal beside it."""
+    db = tmp_path / "omsd.db"
+    async with await Store.open(db):
+        pass
+    locker = sqlite3.connect(db, isolation_level=None)
+    locker.execute("PRAGMA journal_mode=DELETE")
+    locker.execute("BEGIN EXCLUSIVE")  # the copy cannot read: it waits mid-backup
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "omsd.daemon",
+            "backup",
+            str(tmp_path / "b.db"),
+            env={**os.environ, "OMSD_DB": str(db)},
+        )
+        await until(lambda: any(p.name.endswith(".tmp") for p in tmp_path.iterdir()), what="the copy started")
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+        await until(lambda: sorted(p.name for p in tmp_path.iterdir()) == ["omsd.db"], what="nothing left")
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()

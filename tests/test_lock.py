@@ -93,3 +93,16 @@ def test_init_creates_the_database(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("OMSD_DB", str(tmp_path / "o.db"))
     assert main(["init"]) == 0
     assert main(["approve", "M-1"]) == 0
+
+
+def test_a_symlink_to_the_database_is_the_same_owner(tmp_path: Path) -> None:
+    """The lock belongs to the file the path resolves to: a second owner through a symlink
+    (or a path with `..`) is refused like one through the same name."""
+    db = tmp_path / "omsd.db"
+    db.touch()
+    (tmp_path / "alias.db").symlink_to(db)
+    (tmp_path / "sub").mkdir()
+    with hold(db):
+        for other in (tmp_path / "alias.db", tmp_path / "sub" / ".." / "omsd.db"):
+            with pytest.raises(DatabaseBusy), hold(other):
+                pass

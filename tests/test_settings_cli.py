@@ -9,18 +9,34 @@ import os
 import socket
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import SecretStr
 
 from omsd.daemon.cli import main
 from omsd.daemon.config.instance import instance_environment, parse_environment_file
-from omsd.daemon.config.settings import ConfigError, Settings, load_settings, warn_unknown_variables
+from omsd.daemon.config.settings import (
+    ConfigError,
+    PolicySettings,
+    Settings,
+    load_settings,
+    warn_unknown_variables,
+)
 from omsd.daemon.tools.check import run_checks
 from omsd.daemon.vtex.client import VtexClient
 from omsd.sim.server import Simulator
+from omsd.state.events import Event
+from omsd.state.machine import decide
+from omsd.state.models import FetchOrder, Order
 from tests.helpers import RunDaemon, free_port, run_cli
+from tests.machine_helpers import answered, fetch_failed, fetched, intent, resync, send_failed, status, timer
+from tests.test_machine import STEP
 
 REQUIRED = {
     "OMSD_ACCOUNT": "shop",
@@ -411,3 +427,95 @@ def test_service_reads_the_single_units_files(tmp_path: Path) -> None:
     proc = omsd("--service", "init", env={"OMSD_ETC": str(etc), "OMSD_STATE_ROOT": str(state)}, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert (state / "omsd.db").exists()
+
+
+def _numeric(annotation: object) -> bool:
+    return annotation in (int, float, int | None, float | None)
+
+
+def test_every_duration_and_count_has_an_upper_bound() -> None:
+    """No duration or count is unbounded: each numeric setting declares a maximum (`le`/`lt`)."""
+    unbounded = [
+        name
+        for name, field in Settings.model_fields.items()
+        if _numeric(field.annotation) and not any(hasattr(m, "le") or hasattr(m, "lt") for m in field.metadata)
+    ]
+    assert unbounded == []
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("OMSD_HELD_RECHECK_S", "1e12"),
+        ("OMSD_HELD_RECHECK_S", "inf"),
+        ("OMSD_PARKED_INTENT_TTL_S", "inf"),
+        ("OMSD_PARKED_INTENT_TTL_S", "nan"),
+        ("OMSD_MAX_ATTEMPTS", "100000"),
+        ("OMSD_READY_STALE_S", "1e300"),
+        ("OMSD_QUEUE_AGE_ALARM_S", "inf"),
+    ],
+)
+def test_out_of_range_durations_are_settings_errors(env: pytest.MonkeyPatch, name: str, value: str) -> None:
+    """A duration or count past its bound (or inf, nan) is refused at start, naming the variable."""
+    env.setenv(name, value)
+    with pytest.raises(ConfigError, match=name):
+        load_settings()
+
+
+@settings(max_examples=150, deadline=None)
+@given(steps=st.lists(STEP, max_size=30))
+def test_the_machine_computes_every_date_at_the_bounds(steps: list[tuple[Any, ...]]) -> None:
+    """At the upper bound of every duration and count, at the end of the range of change times
+    omsd accepts (2100), no sequence of events makes `decide` raise (the failure the bounds
+    prevent: a date past year 9999, a float overflow in the backoff)."""
+    top = {n: next(m.le for m in f.metadata if hasattr(m, "le")) for n, f in PolicySettings.model_fields.items()}
+    policy = PolicySettings(**top).policy()
+    o: Order | None = None
+    outbox: list[Any] = []
+    for i, step in enumerate(steps):
+        now = datetime(2100, 1, 1, tzinfo=UTC) + timedelta(seconds=i)
+        event: Event | None = None
+        if step[0] == "status":
+            event = status(step[1], step[2])
+        elif step[0] == "intent":
+            event = intent()
+        elif step[0] in ("result", "fail") and outbox:
+            effect = outbox[step[1] % len(outbox)]
+            if isinstance(effect, FetchOrder):
+                event = fetched(step[2], seq=effect.seq) if step[0] == "result" else fetch_failed(effect.seq, step[3])
+            else:
+                event = answered("EOI000", seq=effect.seq) if step[0] == "result" else send_failed(True, effect.seq)
+        elif step[0] == "timer" and o is not None and o.timer is not None:
+            event = timer(o.timer.token, o.timer.reason)
+        elif step[0] == "resync":
+            event = resync()
+        if event is not None:
+            decision = decide(o, event, now, policy)
+            o = decision.order
+            outbox += decision.effects
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_database_path_is_a_settings_error(tmp_path: Path, value: str) -> None:
+    """OMSD_DB= (empty) is one line naming the variable and exit 2, for the daemon and the commands."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OMSD_")} | {"OMSD_DB": value}
+    for args in (["status"], ["run"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "omsd.daemon", *args], env=env | REQUIRED, capture_output=True, text=True
+        )
+        assert done.returncode == 2, done.stderr
+        assert "OMSD_DB" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("variable", ["OMSD_APP_TOKEN", "OMSD_APP_KEY", "OMSD_API_TOKEN", "OMSD_HOOK_SECRET"])
+def test_a_credential_with_a_line_break_is_refused(env: pytest.MonkeyPatch, variable: str) -> None:
+    """CR or LF inside a credential (a header injection; aiohttp would raise when sending it) is a
+    settings error naming the variable; a credential file's trailing newline is not."""
+    env.setenv("OMSD_SOURCE", "both")
+    env.setenv("OMSD_HOOK_SECRET", "hook-secret-0123456789")
+    env.setenv(variable, "abcdefgh-ijkl\r\nX-Evil: 1-mnopqrstuvw")
+    with pytest.raises(ConfigError, match=variable):
+        load_settings()
+    env.setenv(variable, "abcdefgh-ijklmnopqrstuvw\n")
+    value = getattr(load_settings(), variable.removeprefix("OMSD_").lower())
+    assert (value.get_secret_value() if isinstance(value, SecretStr) else value) == "abcdefgh-ijklmnopqrstuvw"

@@ -393,29 +393,32 @@ async def test_failed_acks_are_dropped_after_visibility_timeout(tmp_path: Path) 
         assert await store.journal.pending_acks() == []
 
 
-async def test_an_event_the_machine_cannot_apply_is_skipped_and_recorded(
+async def test_an_event_the_machine_cannot_apply_stops_its_order_not_the_processor(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A bug on one event does not stop the processor: the event is skipped, the reason is
-    in the order's history, and the next events (and orders) are applied."""
+    """A bug on one event does not stop the processor: the event is not skipped but leaves its
+    order stuck (the reason in its history, its later events held), and other orders go on."""
     from omsd.state.machine import decide as real
 
     def flaky(order: object, event: object, now: object, policy: object) -> object:
-        if getattr(event, "state", None) == "handling":
+        if getattr(event, "state", None) == "handling" and getattr(event, "order_id", None) == OID:
             raise RuntimeError("boom")
         return real(order, event, now, policy)  # type: ignore[arg-type]
 
     monkeypatch.setattr("omsd.state.apply.decide", flaky)
+    other = StatusChanged(order_id="MKP-9-01", source="feed", state="handling", current_change=at(2))
     async with await Store.open(tmp_path / "db") as store:
         await store.journal.append(
-            [status_entry(HELD, 1), status_entry("handling", 2), status_entry("canceled", 3)], now=NOW
+            [status_entry(HELD, 1), status_entry("handling", 2), status_entry("canceled", 3), entry(other)], now=NOW
         )
         processor = Processor(store, Policy())
-        assert await processor.drain() == 3
+        assert await processor.drain() == 4
         order = await store.read.load_order(OID)
-        assert order is not None and order.status == "canceled"
+        assert order is not None and order.status == HELD and order.stuck is not None and order.stuck.held == 1
         causes = [h.cause for h in await store.read.history(OID)]
         assert any("not applied: RuntimeError: boom" in c for c in causes)
+        applied = await store.read.load_order("MKP-9-01")
+        assert applied is not None and applied.status == "handling"
 
 
 # ---- journal versions -------------------------------------------------------------------

@@ -33,7 +33,7 @@ sends the Channel Order API approval only after Get order confirms the order is
 neither held nor canceled.
 
 Configuration comes from OMSD_* environment variables (see README.md).
-The offline commands (init, approve, orders, show, journal, intents, dead,
+The offline commands (init, approve, orders, show, journal, intents, dead, stuck,
 replay, ingest, export, retry, status, prune) need only OMSD_DB. Only `run` and
 `init` create a database. `replay`, `ingest` and `prune` refuse to work beside a
 running daemon.

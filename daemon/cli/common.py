@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from omsd.state.store import Store
+from omsd.state.store import Store, StoreError, StoreUnwritable
 
 from ..config.settings import load_db_path
 from ..ops import lock, logs
@@ -39,6 +39,28 @@ def command(
     parser = sub.add_parser(name, epilog=EXIT_CODES, **kw)
     parser.set_defaults(handler=handler)
     return parser
+
+
+def bounded(name: str, low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from `low` to `high`, else a usage error (exit 2)
+    rather than an OverflowError from SQLite or a date far outside the calendar."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text[:40]!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{name} must be {low}..{high}")
+        return value
+
+    parse.__name__ = name
+    return parse
+
+
+OFFSET = bounded("offset", 0, 2**63 - 1)  # SQLite's integers
+LIMIT = bounded("limit", 1, 1_000_000_000)
+DAYS = bounded("days", 1, 36500)  # OMSD_RETENTION_DAYS' range
 
 
 def preview_options(p: argparse.ArgumentParser, dry_run: str, verbose: str) -> None:
@@ -72,7 +94,7 @@ def offline(fn: StoreCommand, *, create: bool = False, owns: bool = False) -> Ha
 
 
 async def _with_store(db: Path, fn: StoreCommand, args: argparse.Namespace, *, readonly: bool = False) -> int:
-    async with await (Store.open_readonly(db) if readonly else Store.open(db)) as store:
+    async with await (Store.open_readonly(db) if readonly else _open(db)) as store:
         return await fn(store, args)
 
 
@@ -93,3 +115,24 @@ async def follow(step: Callable[[], Awaitable[bool]]) -> None:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+
+
+async def _open(db: Path) -> Store:
+    """For writing; read-only when the database refuses writes (a full disk, a read-only file
+    system): the reading commands still work, a write says why it cannot."""
+    try:
+        return await Store.open(db)
+    except StoreUnwritable as refused:
+        reason = refused.reason
+        try:
+            store = await Store.open_readonly(db)
+        except StoreError:
+            raise refused from None
+    print(f"omsd: warning: the database refuses writes ({reason}): opened read-only", file=sys.stderr)
+    if store.db.unread_wal:
+        print(
+            "omsd: warning: its write-ahead log cannot be read without room for its -shm file: "
+            "the latest writes may be missing",
+            file=sys.stderr,
+        )
+    return store

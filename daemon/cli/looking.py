@@ -10,11 +10,11 @@ from typing import Any
 
 from rich.console import Console
 
-from omsd.state.statuses import Phase
+from omsd.state.statuses import STUCK, Phase
 from omsd.state.store import Store
 
 from . import render
-from .common import EXIT_FAIL, EXIT_OK, UNKNOWN, Subparsers, command, follow, offline
+from .common import EXIT_FAIL, EXIT_OK, LIMIT, OFFSET, UNKNOWN, Subparsers, command, follow, offline
 
 
 def add(sub: Subparsers[argparse.ArgumentParser]) -> None:
@@ -26,8 +26,8 @@ def add(sub: Subparsers[argparse.ArgumentParser]) -> None:
         description="List orders, newest first. The title counts every matching order. In a pipe: tab-separated "
         "lines with a header, whole values (the title goes to stderr).",
     )
-    o.add_argument("--phase", choices=[ph.value for ph in Phase], help="only orders in this phase")
-    o.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    o.add_argument("--phase", choices=[*(ph.value for ph in Phase), STUCK], help="only orders in this phase (or stuck)")
+    o.add_argument("--limit", type=LIMIT, default=50, help="at most this many (default 50)")
     o.add_argument("--json", action="store_true", help="print each order's whole record as JSON lines")
     o.epilog = "exit codes: 0 listed (also when none match); 2 no database at OMSD_DB"
 
@@ -52,8 +52,8 @@ def add(sub: Subparsers[argparse.ArgumentParser]) -> None:
         description="Print the last journal entries, or those from an offset on; --follow goes on printing new "
         "ones until interrupted (Ctrl-C exits 0). Works beside the running daemon (read only).",
     )
-    j.add_argument("--limit", type=int, default=30, help="the last this many entries (default 30)")
-    j.add_argument("--from-offset", type=int, metavar="N", help="every entry from offset N on (not only the last)")
+    j.add_argument("--limit", type=LIMIT, default=30, help="the last this many entries (default 30)")
+    j.add_argument("--from-offset", type=OFFSET, metavar="N", help="every entry from offset N on (not only the last)")
     j.add_argument("--order", metavar="ID", help="only this order (either id), with what came under its marketplace id")
     j.add_argument("--rejected", action="store_true", help="only rejected input, with its reason and raw body")
     j.add_argument("--unreadable", action="store_true", help="only rows the processor could not read, with why")
@@ -82,9 +82,22 @@ def add(sub: Subparsers[argparse.ArgumentParser]) -> None:
         description="Orders whose approval spent its retry budget: attempts, the last result code and error, "
         "and the cause of the move to dead. `omsd retry ORDER` (or --all-dead) gives them another go.",
     )
-    d.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    d.add_argument("--limit", type=LIMIT, default=50, help="at most this many (default 50)")
     d.add_argument("--json", action="store_true", help="print JSON lines")
     d.epilog = "exit codes: 0 listed (also when none are dead); 2 no database at OMSD_DB"
+
+    st = command(
+        sub,
+        "stuck",
+        offline(_stuck),
+        help="list orders stuck on an event omsd could not apply",
+        description="Orders whose event omsd could not apply (a bug, a setting out of range): the journal row it "
+        "is stuck on, its kind and error, and how many of the order's later events wait behind it. Nothing is "
+        "skipped and none of its effects is performed meanwhile. Fix the cause (a setting, a new version), then "
+        "`omsd retry ORDER` (or --all-stuck), or restart the daemon: the held events are applied again, in order.",
+    )
+    st.add_argument("--json", action="store_true", help="print JSON lines")
+    st.epilog = "exit codes: 0 listed (also when none are stuck); 2 no database at OMSD_DB"
 
     command(
         sub,
@@ -246,6 +259,32 @@ async def _dead(store: Store, args: argparse.Namespace) -> int:
     keys = ("order_id", "marketplace_order_id", "since", "attempts", "last_code", "last_error", "why")
     title = f"{total} dead orders" + (f", the newest {len(orders)} shown (--limit)" if len(orders) < total else "")
     render.table(title, columns, ([str(v[k]) if v[k] is not None else "-" for k in keys] for v in views))
+    return EXIT_OK
+
+
+async def _stuck(store: Store, args: argparse.Namespace) -> int:
+    orders = [o for o in await store.read.list_orders(STUCK, 1_000_000) if o.stuck is not None]
+    views = [
+        {
+            "order_id": o.order_id,
+            "marketplace_order_id": o.marketplace_order_id,
+            "phase": o.phase.value,
+            "offset": o.stuck.offset,
+            "kind": o.stuck.kind,
+            "at": o.stuck.at.isoformat(),
+            "held": o.stuck.held,
+            "error": o.stuck.error,
+        }
+        for o in orders
+        if o.stuck is not None
+    ]
+    if args.json:
+        for v in views:
+            render.json_line(v)
+        return EXIT_OK
+    columns = ("order", "marketplace id", "phase", "stuck on offset", "kind", "at", "held", "error")
+    keys = ("order_id", "marketplace_order_id", "phase", "offset", "kind", "at", "held", "error")
+    render.table(f"{len(views)} stuck orders", columns, ([str(v[k] or "-") for k in keys] for v in views))
     return EXIT_OK
 
 

@@ -20,6 +20,7 @@ from rich.table import Table
 
 from omsd.state.batch import HistoryRow, JournalRow
 from omsd.state.models import Order
+from omsd.state.statuses import STUCK
 
 
 def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
@@ -52,7 +53,7 @@ def order_row(o: Order) -> list[str]:
     return [
         o.order_id,
         o.marketplace_order_id or "-",
-        o.phase.value,
+        f"{STUCK} ({o.phase.value})" if o.stuck is not None else o.phase.value,
         o.status or "-",
         "yes" if o.held else "",
         str(o.sent),

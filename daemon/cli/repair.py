@@ -6,13 +6,25 @@ import argparse
 import json
 import sys
 
+from omsd.state.statuses import STUCK, Phase
 from omsd.state.store import Store
 
 from ..config.settings import load_local, load_policy
 from ..ops import retention
 from ..tools import replay, retry
 from . import render
-from .common import EXIT_BUSY, EXIT_CONFIG, EXIT_FAIL, EXIT_OK, Subparsers, command, offline, preview_options
+from .common import (
+    DAYS,
+    EXIT_BUSY,
+    EXIT_CONFIG,
+    EXIT_FAIL,
+    EXIT_OK,
+    OFFSET,
+    Subparsers,
+    command,
+    offline,
+    preview_options,
+)
 
 
 def add(sub: Subparsers[argparse.ArgumentParser]) -> None:
@@ -27,8 +39,8 @@ def add(sub: Subparsers[argparse.ArgumentParser]) -> None:
         "the journal shows as sent and answered is never sent again. Refuses to run beside a daemon (exit 3).",
     )
     rp.add_argument("--order", metavar="ID", help="only this order (VTEX order id or marketplace order id)")
-    rp.add_argument("--from-offset", type=int, metavar="N", help="only orders with journal entries from offset N on")
-    rp.add_argument("--to-offset", type=int, metavar="N", help="rebuild as of offset N (every order only)")
+    rp.add_argument("--from-offset", type=OFFSET, metavar="N", help="only orders with journal entries from offset N on")
+    rp.add_argument("--to-offset", type=OFFSET, metavar="N", help="rebuild as of offset N (every order only)")
     preview_options(rp, "change nothing; print what would differ and be called", "log each routed event")
 
     r = command(
@@ -42,10 +54,13 @@ def add(sub: Subparsers[argparse.ArgumentParser]) -> None:
     )
     r.add_argument("key", metavar="ORDER", nargs="?")
     r.add_argument("--all-dead", action="store_true", help="every order in the dead phase")
+    r.add_argument(
+        "--all-stuck", action="store_true", help="every order stuck on an event omsd could not apply (omsd stuck)"
+    )
     r.epilog = (
-        "exit codes: 0 a resync recorded for the order (or each dead order; none dead is not an error); "
+        "exit codes: 0 a resync recorded for the order (or each dead or stuck order; none is not an error); "
         "1 unknown order, or nothing done (the order is closed, or has no approval intent); "
-        "2 neither ORDER nor --all-dead, or no database at OMSD_DB"
+        "2 neither ORDER nor --all-dead/--all-stuck, or no database at OMSD_DB"
     )
 
     p = command(
@@ -60,7 +75,7 @@ def add(sub: Subparsers[argparse.ArgumentParser]) -> None:
         "the database and refuses beside it.",
     )
     p.add_argument(
-        "--older-than", type=int, metavar="DAYS", help="quiet for this many days (default OMSD_RETENTION_DAYS, 30)"
+        "--older-than", type=DAYS, metavar="DAYS", help="quiet for this many days (default OMSD_RETENTION_DAYS, 30)"
     )
     p.add_argument("--dry-run", action="store_true", help="change nothing; count what would go")
     p.add_argument("--json", action="store_true", help="print the counts as one JSON object")
@@ -120,11 +135,12 @@ def _print_replay(result: replay.Plan, dry_run: bool, as_json: bool) -> None:
 
 
 async def _retry(store: Store, args: argparse.Namespace) -> int:
-    if args.key is None and not args.all_dead:
-        print("omsd: name an ORDER or use --all-dead", file=sys.stderr)
+    every = [phase for phase, flag in ((Phase.DEAD.value, args.all_dead), (STUCK, args.all_stuck)) if flag]
+    if (args.key is not None) + len(every) != 1:
+        print("omsd: name an ORDER, or use --all-dead or --all-stuck", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        orders = await retry.targets(store, None if args.all_dead else args.key)
+        orders = await retry.targets(store, args.key, *every)
     except retry.UnknownOrder:
         print(f"omsd: no order {args.key}", file=sys.stderr)
         return EXIT_FAIL
@@ -132,7 +148,7 @@ async def _retry(store: Store, args: argparse.Namespace) -> int:
         print(f"omsd: {exc}", file=sys.stderr)
         return EXIT_FAIL
     if not orders:
-        print("no dead orders: nothing to retry")
+        print(f"no {'stuck' if args.all_stuck else 'dead'} orders: nothing to retry")
         return EXIT_OK
     count = await retry.retry(store, orders, args.clock())
     print(f"resync recorded for {count} order(s); the running daemon re-checks them with Get order")

@@ -5,14 +5,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import signal
 import sys
+from collections.abc import Callable
 
 from omsd.state.store import StoreUnwritable
 
 from ..config.settings import ConfigError, Settings, load_settings
 from ..ops import lock, logs
 from .common import EXIT_BUSY, EXIT_CONFIG, EXIT_FAIL, EXIT_OK, EXIT_TEMPFAIL, Subparsers, command
+
+log = logs.get_logger("omsd.run")
 
 
 def add(sub: Subparsers[argparse.ArgumentParser]) -> None:
@@ -74,13 +78,30 @@ async def run_until_signalled(settings: Settings) -> None:
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    handlers: dict[signal.Signals, Callable[[], object]] = {
+        signal.SIGTERM: stop.set,
+        signal.SIGINT: stop.set,
+        signal.SIGHUP: _reload_not_supported,
+        signal.SIGUSR1: functools.partial(_ignored, "SIGUSR1"),
+        signal.SIGUSR2: functools.partial(_ignored, "SIGUSR2"),
+    }
+    for sig, handler in handlers.items():
+        loop.add_signal_handler(sig, handler)
     try:
         await Daemon(settings).run(stop)
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in handlers:
             loop.remove_signal_handler(sig)
+
+
+def _reload_not_supported() -> None:
+    """SIGHUP conventionally asks for a reload; this version has none: say so and go on."""
+    log.warning("reload_not_supported", signal="SIGHUP", detail="settings are read at start only; restart to apply")
+
+
+def _ignored(name: str) -> None:
+    """A stray signal whose default action would end omsd without a drain."""
+    log.warning("signal_ignored", signal=name)
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -10,11 +10,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from omsd.state.events import ENTRY_KINDS
 from omsd.state.store import Store
 
 from ..config.settings import load_db_path, load_policy
 from ..tools import ingest
-from .common import EXIT_CONFIG, EXIT_FAIL, EXIT_OK, Subparsers, command, offline, preview_options
+from .common import EXIT_CONFIG, EXIT_FAIL, EXIT_OK, OFFSET, Subparsers, command, offline, preview_options
 
 
 def add(sub: Subparsers[argparse.ArgumentParser]) -> None:
@@ -45,8 +46,15 @@ def add(sub: Subparsers[argparse.ArgumentParser]) -> None:
         "received time, payload as stored), oldest first. `omsd ingest` reads this format back.",
     )
     ex.add_argument("--order", metavar="ID", help="only this order (either id; includes entries routed to it)")
-    ex.add_argument("--from-offset", type=int, default=0, metavar="N", help="only entries after offset N")
-    ex.add_argument("--kind", action="append", default=[], help="only entries of this kind (repeatable)")
+    ex.add_argument("--from-offset", type=OFFSET, default=0, metavar="N", help="only entries after offset N")
+    ex.add_argument(
+        "--kind",
+        action="append",
+        default=[],
+        choices=[*ENTRY_KINDS, "rejected"],
+        metavar="KIND",
+        help=f"only entries of this kind (repeatable): {', '.join([*ENTRY_KINDS, 'rejected'])}",
+    )
 
     b = command(
         sub,
@@ -64,13 +72,24 @@ def add(sub: Subparsers[argparse.ArgumentParser]) -> None:
 
 
 def _read_input(name: str) -> str:
-    return sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")
+    """The whole input as text, refused past MAX_INPUT bytes (`/dev/zero` never ends)."""
+    limit = ingest.MAX_INPUT
+    if name == "-" and not hasattr(sys.stdin, "buffer"):  # a text stream stands in for stdin
+        text = sys.stdin.read(limit + 1)
+        data = text.encode("utf-8")
+    else:
+        with contextlib.ExitStack() as stack:
+            stream = sys.stdin.buffer if name == "-" else stack.enter_context(Path(name).open("rb"))
+            data = stream.read(limit + 1)
+    if len(data) > limit:
+        raise ingest.InputTooLarge(f"larger than {limit // 2**20} MiB: split it (JSON lines split at any line)")
+    return data.decode("utf-8")
 
 
 async def _ingest(store: Store, args: argparse.Namespace) -> int:
     try:
         text = await asyncio.to_thread(_read_input, args.file)
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, ingest.InputTooLarge) as exc:
         print(f"omsd: cannot read {args.file}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     lines = ingest.parse(text, args.kind, args.clock())
@@ -130,7 +149,7 @@ async def _export(store: Store, args: argparse.Namespace) -> int:
 
 
 def _backup(args: argparse.Namespace) -> int:
-    from ..tools.backup import BackupExists, backup
+    from ..tools.backup import BackupExists, BadPath, backup
 
     db = load_db_path()
     if not db.exists():
@@ -138,7 +157,7 @@ def _backup(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     try:
         done = backup(db, args.path, force=args.force)
-    except BackupExists as exc:
+    except (BackupExists, BadPath) as exc:
         print(f"omsd: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     if args.json:

@@ -24,6 +24,7 @@ from omsd.state.statuses import FILTERABLE_STATUSES
 NOTIFY_PREFIX = "/notify"  # connectorEndpoint = OMSD_CONNECTOR_ENDPOINT + /notify/<secret>
 NOTIFY_KEY_LABEL = b"omsd notification path v1"
 _PATH_SAFE = re.compile(r"[A-Za-z0-9._~-]+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _S = TypeVar("_S", bound="BaseSettings")
 
 
@@ -31,23 +32,26 @@ class ConfigError(Exception):
     """A setting is missing or invalid; the message names the variable."""
 
 
+DAY = 86400
 RETENTION_DAYS = Field(default=30, ge=0, le=36500)  # OMSD_RETENTION_DAYS (Settings and LocalSettings)
 
 
 class PolicySettings(BaseSettings):
     """The machine's time and budget knobs; `omsd replay` reads only these."""
 
-    model_config = SettingsConfigDict(env_prefix="OMSD_", extra="ignore", frozen=True)
+    # Every duration and count is bounded above (and no float may be inf or nan): a value out of
+    # range is a settings error at start, never a date the machine cannot compute later.
+    model_config = SettingsConfigDict(env_prefix="OMSD_", extra="ignore", frozen=True, allow_inf_nan=False)
 
-    held_recheck_s: float = Field(default=600.0, gt=0)
-    confirm_timeout_s: float = Field(default=120.0, gt=0)
-    retry_base_s: float = Field(default=2.0, gt=0)
-    retry_cap_s: float = Field(default=300.0, gt=0)
-    max_attempts: int = Field(default=8, ge=1)
-    eoi008_recheck_s: float = Field(default=10.0, gt=0)
-    max_eoi008: int = Field(default=60, ge=0)
-    creating_recheck_s: float = Field(default=5.0, gt=0)
-    max_clock_skew_s: float = Field(default=300.0, gt=0)
+    held_recheck_s: float = Field(default=600.0, gt=0, le=7 * DAY)
+    confirm_timeout_s: float = Field(default=120.0, gt=0, le=DAY)
+    retry_base_s: float = Field(default=2.0, gt=0, le=3600)
+    retry_cap_s: float = Field(default=300.0, gt=0, le=DAY)
+    max_attempts: int = Field(default=8, ge=1, le=100)
+    eoi008_recheck_s: float = Field(default=10.0, gt=0, le=3600)
+    max_eoi008: int = Field(default=60, ge=0, le=10000)
+    creating_recheck_s: float = Field(default=5.0, gt=0, le=3600)
+    max_clock_skew_s: float = Field(default=300.0, gt=0, le=DAY)
 
     def policy(self) -> Policy:
         return Policy(
@@ -98,8 +102,8 @@ class Settings(PolicySettings):
 
     # Keeping VTEX's side configured, and noticing trouble
     self_check_s: float = Field(default=300.0, ge=5, le=86400)
-    queue_age_alarm_s: float | None = Field(default=None, gt=0)  # default: 75% of the retention
-    ready_stale_s: float = Field(default=120.0, gt=0)
+    queue_age_alarm_s: float | None = Field(default=None, gt=0, le=1209600)  # default: 75% of the retention
+    ready_stale_s: float = Field(default=120.0, gt=0, le=DAY)
 
     # Runtime
     effect_concurrency: int = Field(default=32, ge=1, le=64)  # calls claimed at once, most waiting for the budget
@@ -120,6 +124,7 @@ class Settings(PolicySettings):
     http_read_timeout_s: float = Field(default=10.0, gt=0, le=300)  # headers AND body of one request
     http_keepalive_s: float = Field(default=75.0, gt=0, le=3600)  # idle between requests
     http_max_connections: int = Field(default=512, ge=1, le=60000)  # beyond: closed at once
+    http_max_connections_per_client: int = Field(default=64, ge=1, le=60000)  # one address (an IPv6 /64)
     store_probe_s: float = Field(default=5.0, gt=0, le=300)  # retry a refused database this often
 
     # Journal retention: closed orders quiet this long keep one snapshot row (0: never prune)
@@ -128,7 +133,7 @@ class Settings(PolicySettings):
     # Intents that name only a marketplace id (parked until an order is linked to it)
     link_interval_s: float = Field(default=2.0, gt=0, le=3600)  # how often the lookup job runs
     link_lookups_per_run: int = Field(default=5, ge=0, le=1000)  # Get orders (lowest priority) per run
-    parked_intent_ttl_s: float = Field(default=604800.0, gt=0)  # 7 days, see docs/vtex-decisions.md
+    parked_intent_ttl_s: float = Field(default=604800.0, gt=0, le=90 * DAY)  # 7 days, see docs/vtex-decisions.md
     waiting_self_check_s: float = Field(default=30.0, ge=1, le=86400)  # hook mode, while intents wait
 
     # Feed intake: GETs in flight at once while a backlog drains (docs/operations.md, "Request budget")
@@ -183,7 +188,26 @@ class Settings(PolicySettings):
             return None
         if isinstance(raw, str) and len(raw.strip()) < 16:
             raise ValueError("must be at least 16 characters")
+        if isinstance(raw, str) and _CONTROL.search(raw.strip()):
+            raise ValueError("must not contain control characters (CR, LF, ...)")
         return raw.strip() if isinstance(raw, str) else raw
+
+    @field_validator("app_key", "app_token", mode="before")
+    @classmethod
+    def _header_value(cls, value: object) -> object:
+        """Sent to VTEX as header values: surrounding whitespace (a credential file's last
+        newline) goes, a control character inside (CR, LF: a header injection) is refused."""
+        raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if isinstance(raw, str):
+            raw = raw.strip()
+            if _CONTROL.search(raw):
+                raise ValueError("must not contain control characters (CR, LF, ...): it is sent as an HTTP header")
+        return raw
+
+    @field_validator("db", mode="before")
+    @classmethod
+    def _db(cls, value: object) -> object:
+        return check_db(value)
 
     @field_validator("hook_url")
     @classmethod
@@ -283,6 +307,18 @@ def _json_list(value: str) -> object:
         raise ValueError("must be a comma-separated list or a JSON list of statuses") from None
 
 
+def check_db(value: object) -> object:
+    """OMSD_DB names a database file: not empty, not a folder."""
+    if isinstance(value, str | Path):
+        text = str(value)
+        if not text.strip():
+            raise ValueError("must name the database file (it is empty)")
+        path = Path(text)
+        if path.name in ("", ".", "..") or text.endswith("/") or path.is_dir():
+            raise ValueError(f"must name the database file, not a folder ({text})")
+    return value
+
+
 def check_listen(value: str) -> str:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
@@ -376,6 +412,11 @@ class LocalSettings(BaseSettings):
     @classmethod
     def _listen(cls, value: str) -> str:
         return check_listen(value)
+
+    @field_validator("db", mode="before")
+    @classmethod
+    def _db(cls, value: object) -> object:
+        return check_db(value)
 
 
 def load_local() -> LocalSettings:

@@ -23,6 +23,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import BaseModel, ValidationError
 
 from omsd.state.models import Order
+from omsd.state.statuses import STUCK
 from omsd.state.store import Store
 
 from ..config.settings import Settings
@@ -31,6 +32,7 @@ from ..ops.health import Health
 from ..ops.logs import get_logger
 from ..ops.metrics import Metrics
 from ..ops.waiting import Watermark
+from .guard import RateLimitedLog
 
 log = get_logger("omsd.api")
 
@@ -116,6 +118,22 @@ def _bucket(
 
 
 @dataclass
+class AttackLogs:
+    """The lines any client can cause by sending requests: each at most once a minute, with
+    the number of occurrences it stands for (an attacker cannot grow the log)."""
+
+    api_unauthorized: RateLimitedLog = field(
+        default_factory=lambda: RateLimitedLog("api_unauthorized", level="warning", logger=log)
+    )
+    hook_unauthorized: RateLimitedLog = field(
+        default_factory=lambda: RateLimitedLog("hook_unauthorized", level="warning", logger=log)
+    )
+    wrong_path: RateLimitedLog = field(
+        default_factory=lambda: RateLimitedLog("notification_wrong_path", level="warning", logger=log)
+    )
+
+
+@dataclass
 class ApiContext:
     settings: Settings
     store: Store
@@ -126,6 +144,8 @@ class ApiContext:
     probe: Probe
     reject_budget: RejectBudget = field(default_factory=RejectBudget)
     outcome_mark: Watermark = field(default_factory=Watermark)  # the last outcome seq committed
+
+    attack_logs: AttackLogs = field(default_factory=AttackLogs)
 
 
 ctx_key = web.AppKey("ctx", ApiContext)
@@ -148,7 +168,8 @@ def order_view(order: Order | None) -> dict[str, Any] | None:
     return {
         "orderId": order.order_id,
         "marketplaceOrderId": order.marketplace_order_id,
-        "phase": order.phase.value,
+        "phase": STUCK if order.stuck is not None else order.phase.value,
+        "stuck": order.stuck.model_dump(mode="json") if order.stuck is not None else None,
         "status": order.status,
         "held": order.held,
         "intent": order.intent_source,
@@ -281,7 +302,7 @@ def authorized(request: web.Request, *, write: bool) -> web.Response | None:
     scheme, _, given = header.partition(" ")
     expected = token.get_secret_value()
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected.encode()):
-        log.warning("api_unauthorized", path=request.path, remote=request.remote)
+        ctx_of(request).attack_logs.api_unauthorized.hit(path=request.path[:64], remote=request.remote)
         return error(401, "missing or wrong bearer token")
     request[AUTHENTICATED] = True
     return None

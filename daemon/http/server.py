@@ -23,6 +23,7 @@ from ..ops.health import Health
 from .common import ApiContext
 from .guard import ConnectionGuard, install_accept_error_handler
 from .routes import build_app
+from .vtex import from_vtex
 
 
 class HttpServer:
@@ -40,7 +41,10 @@ class HttpServer:
         install_accept_error_handler(loop)
         stack.callback(loop.set_exception_handler, previous)
         guard = self.guard = ConnectionGuard(
-            read_timeout_s=s.http_read_timeout_s, max_connections=s.http_max_connections
+            read_timeout_s=s.http_read_timeout_s,
+            max_connections=s.http_max_connections,
+            max_per_client=s.http_max_connections_per_client,
+            reserved_for=from_vtex,
         )
         app = build_app(ctx)
         app.middlewares.append(guard.middleware)

@@ -44,6 +44,22 @@ def _hook_authorized(request: web.Request) -> bool:
     return True
 
 
+def from_vtex(request: web.Request) -> bool:
+    """The request proves VTEX's credential before its body is read: the hook's secret header,
+    or the notification route's secret path (for the connection guard's reserved slots)."""
+    settings = ctx_of(request).settings
+    if request.method != "POST":
+        return False
+    if settings.hook_secret is not None:
+        given = request.headers.get(settings.hook_header, "").encode("utf-8", "replace")
+        if hmac.compare_digest(given, settings.hook_secret.get_secret_value().encode()):
+            return True
+    key = request.match_info.get("key")
+    return key is not None and hmac.compare_digest(
+        key.encode("utf-8", "replace"), settings.notify_key.get_secret_value().encode()
+    )
+
+
 async def notification(request: web.Request) -> web.Response:
     """VTEX's processing-result notification (Channel Order API), on omsd's secret path.
 
@@ -52,7 +68,7 @@ async def notification(request: web.Request) -> web.Response:
     ctx = ctx_of(request)
     given = request.match_info.get("key", "").encode("utf-8", "replace")
     if not hmac.compare_digest(given, ctx.settings.notify_key.get_secret_value().encode()):
-        log.warning("notification_wrong_path", remote=request.remote)
+        ctx.attack_logs.wrong_path.hit(remote=request.remote)
         raise web.HTTPNotFound()
     request[AUTHENTICATED] = True  # its rejected bodies are kept whole (bounded)
     return await _notification(request, authenticated=True)
@@ -147,5 +163,5 @@ async def _hook_unauthenticated(request: web.Request) -> web.Response:
                 return web.json_response({"hookConfig": "pong"})
         except (jsonsafe.BadJson, Unreadable):
             pass
-    log.warning("hook_unauthorized", remote=request.remote, header=ctx.settings.hook_header)
+    ctx.attack_logs.hook_unauthorized.hit(remote=request.remote, header=ctx.settings.hook_header)
     return error(401, f"missing or wrong {ctx.settings.hook_header} header")

@@ -14,6 +14,7 @@ from .metrics import Metrics
 log = get_logger("omsd.health")
 
 STORE_ALARM = "database_unwritable"
+STUCK_ALARM = "orders_stuck"
 
 
 @dataclass
@@ -47,6 +48,14 @@ class Health:
             self.store_problem = None
             self.clear_alarm(STORE_ALARM)
         self.store_ok.set()
+
+    def orders_stuck(self, count: int) -> None:
+        """Orders stuck on an event omsd could not apply: an alarm while any is (`omsd stuck`)."""
+        if count:
+            detail = f"{count} order(s) stuck on an event omsd could not apply (omsd stuck; then omsd retry)"
+            self.raise_alarm(STUCK_ALARM, detail)
+        else:
+            self.clear_alarm(STUCK_ALARM)
 
     def poll_ok(self) -> None:
         self.last_poll_ok = self.clock()

@@ -2,17 +2,26 @@
 exclusive lock on `<db>.lock` while they work.
 
 `fcntl.flock` on an open file: the kernel releases it when the process ends, however
-it ends, so a crashed daemon never leaves a stale lock behind. The file holds the
-owner's pid, for the message a second process prints. Reading commands take no lock.
+it ends, so a crashed daemon never leaves a stale lock behind. The lock is named after
+the database file the path resolves to, so a symlink (or `..`) cannot open a second
+owner on the same file. The file holds the owner's pid, for the message a second process
+prints. On a read-only file system an existing lock file is locked read-only (flock needs
+no write), and a full disk only loses the pid. Reading commands take no lock.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 from collections.abc import Iterator
 from pathlib import Path
+
+from omsd.state.store import StoreUnwritable
+
+# The lock file cannot be created or written now: the file system is read-only or full.
+_UNWRITABLE = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM})
 
 
 class DatabaseBusy(Exception):
@@ -26,24 +35,40 @@ class DatabaseBusy(Exception):
 
 
 def lock_path(db: Path) -> Path:
-    return db.with_name(db.name + ".lock")
+    """`<db>.lock` beside the file `db` resolves to (through symlinks)."""
+    real = Path(os.path.realpath(db))
+    return real.with_name(real.name + ".lock")
 
 
 @contextlib.contextmanager
 def hold(db: str | Path) -> Iterator[None]:
-    """Own `db` until the block ends; raises DatabaseBusy when another process owns it."""
-    path = lock_path(Path(db))
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    """Own `db` until the block ends; raises DatabaseBusy when another process owns it, and
+    StoreUnwritable when no lock file exists and none can be created (a read-only file system)."""
+    fd = _open(lock_path(Path(db)))
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise DatabaseBusy(Path(db), _owner(fd)) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        with contextlib.suppress(OSError):  # read-only or full: the pid is only for the message
+            pid = f"{os.getpid()}\n".encode()
+            os.pwrite(fd, pid, 0)  # over the old pid's bytes: no new block on a full disk
+            os.ftruncate(fd, len(pid))
         yield
     finally:
         os.close(fd)  # releases the lock; the file stays (unlinking it would race a new owner)
+
+
+def _open(path: Path) -> int:
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # readable: another user may lock it read-only
+    except OSError as exc:
+        if exc.errno not in _UNWRITABLE:
+            raise
+        try:
+            return os.open(path, os.O_RDONLY)
+        except OSError:
+            raise StoreUnwritable(f"cannot create the lock file {path}: {os.strerror(exc.errno)}") from None
 
 
 def _owner(fd: int) -> int | None:

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from omsd.state.outcomes import TYPES as OUTCOME_TYPES
-from omsd.state.statuses import TERMINAL_PHASES, Phase
+from omsd.state.statuses import STUCK, TERMINAL_PHASES, Phase
 from omsd.state.store import Store, database_bytes
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
@@ -35,6 +35,7 @@ CALL_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 LATENCY_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 INTENT_BUCKETS = (1.0, 10.0, 60.0, 300.0, 3600.0, 6 * 3600.0, 86400.0, 3 * 86400.0, 7 * 86400.0)
 HELD_REFUSAL = "EOI011"  # VTEX refused an approval because the order is held: must never happen
+PHASES = (*(p.value for p in Phase), STUCK)  # the `phase` label: the machine's, and stuck orders
 MAX_TRACKED = 100_000  # orders between release and PUT this process remembers
 
 
@@ -133,6 +134,11 @@ class Metrics:
             "Journal rows the processor could not read (omsd journal --unreadable)",
             registry=r,
         )
+        self.events_not_applied = Counter(
+            "omsd_events_not_applied",
+            "Events that could not be applied (decide raised): their order is stuck (omsd stuck)",
+            registry=r,
+        )
         self.scheduled_job_failures = Counter(
             "omsd_scheduled_job_failures", "Scheduled job runs that raised, by job", ["job"], registry=r
         )
@@ -172,8 +178,8 @@ class Metrics:
         self.config_resyncs = Counter(
             "omsd_config_resyncs", "Orders re-checked because a feed or hook configuration was recreated", registry=r
         )
-        for phase in Phase:
-            self.orders.labels(phase=phase.value).set(0)
+        for phase in PHASES:
+            self.orders.labels(phase=phase).set(0)
         for kind in OUTCOME_TYPES:
             self.outcomes.labels(type=kind)
         # Exported at 0 from the start, so that increase() sees the first one (an alert).
@@ -233,8 +239,8 @@ class Metrics:
                 self.relay_oldest.labels(endpoint=endpoint.name).set(max(0.0, age))
 
     def set_phases(self, counts: dict[str, int]) -> None:
-        for phase in Phase:
-            self.orders.labels(phase=phase.value).set(counts.get(phase.value, 0))
+        for phase in PHASES:
+            self.orders.labels(phase=phase).set(counts.get(phase, 0))
 
     def sample(self, name: str, **labels: str) -> float:
         """The current value of one sample (0 when it was never set)."""

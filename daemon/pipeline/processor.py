@@ -11,18 +11,20 @@ pure the outcome is the same. What the batch decided is logged after the commit.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import UTC, datetime
 
 from omsd.state.apply import apply, needs, read
 from omsd.state.batch import Batch, Transition
-from omsd.state.models import Policy
-from omsd.state.statuses import Phase
+from omsd.state.events import Resync
+from omsd.state.models import Order, Policy
+from omsd.state.statuses import STUCK, Phase
 from omsd.state.store import Store
 
 from ..ops.logs import get_logger
 from ..ops.metrics import Metrics
 from ..ops.waiting import wait_any
+from . import stuck
 
 log = get_logger("omsd.processor")
 
@@ -56,6 +58,7 @@ class Processor:
         self.offset = 0
         self.listeners: list[Callable[[Transition], None]] = []
         self.progress: Callable[[], None] = lambda: None  # called on every turn of `run`
+        self.on_stuck: Callable[[int], None] = lambda n: None  # told how many orders are stuck
 
     async def run_once(self) -> int:
         """Apply the next batch of journal events. Returns how many rows were consumed."""
@@ -69,14 +72,49 @@ class Processor:
         entries = [(row, read(row)) for row in rows]
         view = await self._store.read.view(*needs(entries))
         batch = apply(entries, view, self._policy)
-        last_outcome = await self._store.derived.commit(batch, now=self._clock())
+        await self._commit(batch)
         self.offset = batch.offset
-        if last_outcome is not None and self._on_outcomes is not None:
-            self._on_outcomes(last_outcome)
-        self._committed(batch)
+        # A resync (`omsd retry`) of a stuck order applies its held events again.
+        retry = {e.order_id for _, e in entries if isinstance(e, Resync) and _stuck(batch.orders.get(e.order_id))}
+        if retry:
+            await self.retry_stuck(retry)
+        elif _touches_stuck(batch):
+            await self._count_stuck()
         async with self.applied:
             self.applied.notify_all()
         return len(rows)
+
+    async def retry_stuck(self, order_ids: Collection[str] | None = None) -> int:
+        """Apply again the held events of these stuck orders (every one when None), each in
+        its own transaction; returns how many are no longer stuck (or stuck further on)."""
+        if order_ids is None:
+            order_ids = [o.order_id for o in await self._store.read.list_orders(STUCK, limit=1_000_000)]
+        moved = 0
+        for order_id in sorted(order_ids):
+            result = await stuck.reapply(self._store, self._policy, order_id, self.offset)
+            if result is None:
+                continue
+            was = result.stored.stuck
+            assert was is not None
+            if result.still_stuck:
+                log.warning("order_still_stuck", order_id=order_id, offset=was.offset, error=was.error)
+                continue
+            await self._commit(result.batch)
+            log.info("order_unstuck", order_id=order_id, offset=was.offset, held=was.held)
+            moved += 1
+            if self._on_effects is not None:
+                self._on_effects()  # its effects waited while it was stuck
+        await self._count_stuck()
+        return moved
+
+    async def _count_stuck(self) -> None:
+        self.on_stuck(await self._store.read.count_orders(STUCK))
+
+    async def _commit(self, batch: Batch) -> None:
+        last_outcome = await self._store.derived.commit(batch, now=self._clock())
+        if last_outcome is not None and self._on_outcomes is not None:
+            self._on_outcomes(last_outcome)
+        self._committed(batch)
 
     def _committed(self, batch: Batch) -> None:
         """Tell what the batch did, now that it happened: the effect runner and the timer
@@ -87,6 +125,8 @@ class Processor:
             self._metrics.intents_expired.inc(batch.expired)
         for fact in batch.outcomes:
             self._metrics.outcomes.labels(type=fact.type).inc()
+        if not_applied := sum(1 for n in batch.notes if n.event == "event_not_applied"):
+            self._metrics.events_not_applied.inc(not_applied)
         if batch.effects and self._on_effects is not None:
             self._on_effects()
         if self._on_timer is not None and (dues := [o.timer.due_at for o in batch.orders.values() if o.timer]):
@@ -118,6 +158,8 @@ class Processor:
     async def run(self, stop: asyncio.Event, poll_s: float = 1.0) -> None:
         """Apply events as they arrive; also polls, so entries written by another
         process (the `omsd approve` command) are picked up."""
+        self.offset = await self._store.read.processor_offset()
+        await self.retry_stuck()  # at start: a fixed setting or a new version may apply them now
         while not stop.is_set():
             self.progress()
             self.wake.clear()
@@ -138,3 +180,12 @@ class Processor:
         except TimeoutError:
             return False
         return True
+
+
+def _stuck(order: Order | None) -> bool:
+    return order is not None and order.stuck is not None
+
+
+def _touches_stuck(batch: Batch) -> bool:
+    """An order of the batch got stuck, or was and still is (its count may have changed)."""
+    return any(o.stuck is not None for o in batch.orders.values())

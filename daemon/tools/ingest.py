@@ -23,10 +23,12 @@ from omsd.state.models import Policy
 from omsd.state.store import NewEntry, Store, from_iso
 
 from ..intake import entries, wire
+from ..intake.jsonsafe import MAX_DEPTH, deeper_than
 from ..pipeline.processor import Processor
 
 Kind = Literal["feed", "hook", "notification", "journal"]
 KINDS: tuple[Kind, ...] = ("feed", "hook", "notification", "journal")
+MAX_INPUT = 256 * 2**20  # bytes: the input is held in memory whole
 JOURNAL_FIELDS = ("kind", "version", "source", "order_id", "dedup_key", "event_id", "payload", "reason", "received_at")
 
 
@@ -40,23 +42,39 @@ class Line:
     error: str | None = None
 
 
+class InputTooLarge(ValueError):
+    """The input is larger than MAX_INPUT bytes."""
+
+
 def items(text: str) -> list[tuple[int, Any, str | None]]:
-    """(number, item, parse error) for a JSON array or JSON lines."""
+    """(number, item, parse error) for a JSON array or JSON lines. An item nests at most
+    jsonsafe.MAX_DEPTH deep (checked before parsing: the parser cannot recurse too deep)."""
     if text.lstrip().startswith("["):
         try:
-            data = json.loads(text)
+            data = _load(text, MAX_DEPTH + 1)
         except ValueError as exc:
             return [(1, None, f"not a JSON array: {exc}")]
+        if not isinstance(data, list):
+            return [(1, None, "not a JSON array")]
         return [(n, item, None) for n, item in enumerate(data, start=1)]
     out: list[tuple[int, Any, str | None]] = []
     for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            out.append((n, json.loads(line), None))
+            out.append((n, _load(line, MAX_DEPTH), None))
         except ValueError as exc:
             out.append((n, None, f"not JSON: {exc}"))
     return out
+
+
+def _load(text: str, depth: int) -> Any:
+    if deeper_than(text, depth):
+        raise ValueError(f"nests deeper than {depth}")
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError(f"nests deeper than {depth}") from None
 
 
 def detect(item: Any) -> Kind | None:

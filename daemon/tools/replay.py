@@ -26,7 +26,7 @@ from omsd.state.models import Effect, FetchOrder, Order, Policy
 from omsd.state.statuses import TERMINAL_PHASES
 from omsd.state.store import NewEntry, Store
 
-COMPARED = ("phase", "status", "intent_source", "timer")
+COMPARED = ("phase", "status", "intent_source", "timer", "stuck")
 
 
 @dataclass(slots=True)

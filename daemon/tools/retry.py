@@ -1,8 +1,9 @@
 """`omsd retry`: give a dead (or stuck) order another go, and the rule for which may have one.
 
 A retry is a `Resync` in the journal: the running daemon resets the order's retry budget and
-re-checks it with Get order before anything is sent. Closed orders (approved, rejected) and
-orders nobody asked to approve are left alone.
+re-checks it with Get order before anything is sent. For an order stuck on an event omsd could
+not apply, the daemon first applies that event and the ones held behind it again (in order).
+Closed orders (approved, rejected) and orders nobody asked to approve are left alone.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ class UnknownOrder(LookupError):
 
 
 def why_not(order: Order) -> str | None:
-    """Why `order` may not be retried, or None when it may."""
+    """Why `order` may not be retried, or None when it may (a stuck order always may)."""
+    if order.stuck is not None:
+        return None
     if order.phase in (Phase.APPROVED, Phase.REJECTED):
         return f"{order.order_id} is {order.phase.value}: closed, nothing to retry"
     if not order.has_intent:
@@ -33,10 +36,10 @@ def why_not(order: Order) -> str | None:
     return None
 
 
-async def targets(store: Store, key: str | None) -> list[Order]:
-    """The order `key` names (either id), or every dead order when `key` is None."""
+async def targets(store: Store, key: str | None, phase: str = Phase.DEAD.value) -> list[Order]:
+    """The order `key` names (either id), or every order in `phase` (dead, or stuck) when `key` is None."""
     if key is None:
-        return await store.read.list_orders(Phase.DEAD.value, limit=1_000_000)
+        return await store.read.list_orders(phase, limit=1_000_000)
     order = await store.read.find_order(key)
     if order is None:
         raise UnknownOrder(key)

@@ -68,6 +68,11 @@ class Store:
         return cls(await Database.open(Path(path), migrate=migrate))
 
     @classmethod
+    async def open_or_read(cls, path: str | Path) -> Self:
+        """For the daemon: for writing, or read-only while writes are refused: see `Database.open_or_read`."""
+        return cls(await Database.open_or_read(Path(path)))
+
+    @classmethod
     async def open_readonly(cls, path: str | Path) -> Self:
         """Read-only (`mode=ro`), for previews: see `Database.open_readonly`."""
         return cls(await Database.open_readonly(Path(path)))

@@ -43,8 +43,16 @@ class SchemaTooNew(StoreError):
 
 
 # SQLite's primary result codes that mean "cannot write now" rather than "bad SQL".
-UNWRITABLE_CODES = frozenset({sqlite3.SQLITE_FULL, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR})
+# CANTOPEN: the -wal or -shm file cannot be made (a read-only file system).
+UNWRITABLE_CODES = frozenset(
+    {sqlite3.SQLITE_FULL, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN}
+)
 PROBE_BYTES = 8192  # more than a page: the probe needs pages of its own, as real writes do
+ROOM_BYTES = 8 * 2**20
+"""The room a database needs to count as writable: free space on its file system, and pages
+under `max_page_count`. A probe's few pages can fit where a real write's cannot (the free
+pages of a full database, a write-ahead log's reused space on a full disk): without this
+margin /readyz passed while the disk was full, and the alarm flapped."""
 PROBE_HANDLE = "omsd:write-probe"  # never a VTEX handle; never committed: written and deleted at once
 FILE_MODE = 0o600
 
@@ -67,6 +75,12 @@ class Database:
         # Told when SQLite refuses a write (with why), and when a probe writes again.
         self.on_unwritable: Callable[[str], None] | None = None
         self.on_writable: Callable[[], None] | None = None
+        self.room_bytes = ROOM_BYTES
+        # Open read-only because writes were refused at open (why): a probe opens it for
+        # writing once they work (`open_or_read`).
+        self.read_only: str | None = None
+        self.unread_wal = False  # read without its write-ahead log (see `open_readonly`)
+        self._full_at: int | None = None  # free bytes when SQLite last said "full"
 
     # ---- lifecycle ---------------------------------------------------------------
     @classmethod
@@ -97,14 +111,44 @@ class Database:
         return db
 
     @classmethod
+    async def open_or_read(cls, path: Path) -> Self:
+        """For the daemon: open for writing; when the database refuses writes even to open (a
+        full disk that cannot give the new -shm its size, a read-only file system), open it
+        read-only instead, so that omsd serves reads and waits: `probe_write` opens it for
+        writing once it can (`read_only` says why meanwhile). A database that needs a
+        migration cannot be read by this version: the refusal stands."""
+        try:
+            return await cls.open(path)
+        except StoreUnwritable as refused:
+            try:
+                db = await cls.open_readonly(path)
+            except StoreError:
+                raise refused from None
+            db.read_only = refused.reason
+            return db
+
+    @classmethod
     async def open_readonly(cls, path: Path) -> Self:
         """The database opened read-only (`mode=ro`): nothing this connection does can
-        change the file. For previews (`omsd replay --dry-run`); no migration. Without a
-        write-ahead log beside it (no process has it open) it is read as immutable, which
-        keeps SQLite from creating an empty `-wal` file next to it."""
+        change the file. For previews (`omsd replay --dry-run`), the reading commands on a
+        database that refuses writes, and the daemon until it can write; no migration.
+        Without a write-ahead log beside it (no process has it open) it is read as
+        immutable, which keeps SQLite from creating an empty `-wal`; with one that cannot be
+        read (its -shm cannot be made: a full disk, a read-only file system) too, and a log
+        with content is then left unread: `unread_wal` says so."""
         wal = path.with_name(path.name + "-wal")
-        mode = "mode=ro" if wal.exists() else "mode=ro&immutable=1"
-        uri = f"{path.resolve().as_uri()}?{mode}"  # noqa: ASYNC240 - once, at open
+        base = path.resolve().as_uri()  # noqa: ASYNC240 - once, at open
+        if not wal.exists():
+            return await cls._open_ro(path, f"{base}?mode=ro&immutable=1")
+        try:
+            return await cls._open_ro(path, f"{base}?mode=ro")
+        except StoreError:
+            db = await cls._open_ro(path, f"{base}?mode=ro&immutable=1")
+            db.unread_wal = wal.stat().st_size > 0
+            return db
+
+    @classmethod
+    async def _open_ro(cls, path: Path, uri: str) -> Self:
         try:
             conn = await aiosqlite.connect(uri, uri=True, isolation_level=None)
         except sqlite3.Error as exc:
@@ -198,8 +242,10 @@ class Database:
             except sqlite3.Error as exc:
                 await asyncio.shield(self._rollback())
                 error = store_error(exc, "database write failed")
-                if isinstance(error, StoreUnwritable) and self.on_unwritable is not None:
-                    self.on_unwritable(error.reason)
+                if isinstance(error, StoreUnwritable):
+                    self._refused(exc)
+                    if self.on_unwritable is not None:
+                        self.on_unwritable(error.reason)
                 raise error from exc
             except BaseException:
                 # Cancelled or failed anywhere, BEGIN and COMMIT included: aiosqlite runs
@@ -233,25 +279,96 @@ class Database:
 
     # ---- health ----------------------------------------------------------------------------
     async def probe_write(self) -> str | None:
-        """Write and commit for real: a row bigger than a page (so SQLite must find
-        pages for it, as real writes do), deleted in the same transaction. None when
-        the write reached the disk, else why SQLite refused it."""
-        try:
-            async with self.tx() as conn:
-                await conn.execute(
-                    "INSERT INTO feed_acks (handle, received_at, last_error) VALUES (?, '', randomblob(?))",
-                    (PROBE_HANDLE, PROBE_BYTES),
-                )
-                await conn.execute("DELETE FROM feed_acks WHERE handle = ?", (PROBE_HANDLE,))
-        except StoreError as exc:
-            return str(exc)
+        """None when the database takes writes, else why not: opened read-only at start, it
+        is opened for writing first; there must be room for real writes (`room_bytes` free
+        on the disk and under `max_page_count`, more than the free space was when SQLite
+        last said full: a margin, so the verdict does not flap); and a row bigger than a page
+        (so SQLite must find pages for it, as real writes do) is written and deleted in one
+        committed transaction."""
+        why = await self._open_for_writing() if self.read_only is not None else None
+        if why is None:
+            why = await self._short_of_room()
+        if why is None:
+            try:
+                async with self.tx() as conn:
+                    await conn.execute(
+                        "INSERT INTO feed_acks (handle, received_at, last_error) VALUES (?, '', randomblob(?))",
+                        (PROBE_HANDLE, PROBE_BYTES),
+                    )
+                    await conn.execute("DELETE FROM feed_acks WHERE handle = ?", (PROBE_HANDLE,))
+            except StoreError as exc:
+                return str(exc)  # tx() told on_unwritable
+        elif self.on_unwritable is not None:
+            self.on_unwritable(why)
+        if why is not None:
+            return why
+        self._full_at = None
         if self.on_writable is not None:
             self.on_writable()
         return None
 
+    async def _open_for_writing(self) -> str | None:
+        """Replace the read-only connection by a writing one; why not, when it cannot be."""
+        try:
+            fresh = await Database.open(self.path)
+        except StoreError as exc:
+            return exc.reason if isinstance(exc, StoreUnwritable) else str(exc)
+        async with self.lock:
+            old, self.conn = self.conn, fresh.conn
+            self.read_only, self.unread_wal = None, False
+        await old.close()
+        return None
+
+    async def _short_of_room(self) -> str | None:
+        """Why there is not room enough for real writes, or None."""
+        need = self.room_bytes
+        if self._full_at is not None:
+            need = max(need, self._full_at + self.room_bytes)
+        free = _free_bytes(self.path)
+        if free is not None and free < need:
+            return f"database or disk is full: less than {_mib(need)} free on its file system"
+        try:
+            async with self.lock:
+                limit, count, unused, size = [
+                    await self._pragma(name) for name in ("max_page_count", "page_count", "freelist_count", "page_size")
+                ]
+        except sqlite3.Error as exc:
+            return str(store_error(exc, "database read failed"))
+        room = (limit - count + unused) * size
+        if room < self.room_bytes:
+            return f"database or disk is full: less than {_mib(self.room_bytes)} of room under max_page_count"
+        return None
+
+    async def _pragma(self, name: str) -> int:
+        async with self.conn.execute(f"PRAGMA {name}") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    def _refused(self, exc: sqlite3.Error) -> None:
+        """SQLite said full with the file system nearly full: remember how much it had free,
+        so that only more room (not the same room again) makes the database writable. (With
+        plenty free, the limit was `max_page_count`, which `_short_of_room` checks itself.)"""
+        if getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_FULL:
+            free = _free_bytes(self.path)
+            if free is not None and free < 4 * self.room_bytes:
+                self._full_at = free
+
     async def writable(self) -> bool:
         """True when a real write commits."""
         return await self.probe_write() is None
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n // 1024} KiB"
+
+
+def _free_bytes(path: Path) -> int | None:
+    """Bytes an unprivileged writer may still use on the database's file system."""
+    try:
+        st = os.statvfs(path.parent if str(path.parent) else ".")
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
 
 
 def _create_private(path: Path) -> None:
@@ -267,10 +384,11 @@ def _create_private(path: Path) -> None:
 
 
 def _tighten(path: Path) -> None:
-    """Make the -wal and -shm files 0600 too, should they predate this omsd."""
-    for suffix in ("-wal", "-shm"):
+    """Make the database and its -wal and -shm files 0600, should they predate this omsd or
+    come from a restore by `cp` (a read-only file system, or another owner, leaves them)."""
+    for suffix in ("", "-wal", "-shm"):
         side = path.with_name(path.name + suffix)
-        with contextlib.suppress(FileNotFoundError, PermissionError):
+        with contextlib.suppress(OSError):
             if side.stat().st_mode & 0o777 != FILE_MODE:
                 side.chmod(FILE_MODE)
 

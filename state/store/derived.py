@@ -13,6 +13,7 @@ import aiosqlite
 
 from ..batch import Batch, HistoryRow, UnreadableRow
 from ..models import Effect, Order
+from ..statuses import STUCK
 from . import outbox, outcomes
 from .db import Database
 from .rows import iso
@@ -97,10 +98,15 @@ async def _orders(conn: aiosqlite.Connection, orders: Iterable[Order], now: date
     await conn.executemany(
         _UPSERT_ORDER,
         [
-            (o.order_id, o.marketplace_order_id, o.phase, o.status, o.model_dump_json(), iso(o.updated_at or now))
+            (o.order_id, o.marketplace_order_id, _phase(o), o.status, o.model_dump_json(), iso(o.updated_at or now))
             for o in orders
         ],
     )
+
+
+def _phase(order: Order) -> str:
+    """The phase column: the machine's phase, or `stuck` for an order stuck on an event."""
+    return STUCK if order.stuck is not None else order.phase
 
 
 async def _timers(conn: aiosqlite.Connection, orders: dict[str, Order], which: Iterable[str]) -> None:

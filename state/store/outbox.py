@@ -16,9 +16,15 @@ import aiosqlite
 
 from ..events import TimerFired
 from ..models import EFFECT_ADAPTER, Effect
+from ..statuses import STUCK
 from .db import Database, marks, parts
 from .journal import insert
 from .rows import Appended, NewEntry, OutboxRow, from_iso, iso
+
+_CLAIMABLE = (
+    "SELECT * FROM outbox WHERE state = 'pending' "
+    "AND order_id NOT IN (SELECT order_id FROM orders WHERE phase = ?) ORDER BY id LIMIT ?"
+)
 
 
 class Outbox:
@@ -27,11 +33,10 @@ class Outbox:
 
     # ---- effects ----------------------------------------------------------------------
     async def claim(self, limit: int, *, now: datetime) -> list[OutboxRow]:
-        """Mark up to `limit` pending effects as started (at `now`) and return them."""
+        """Mark up to `limit` pending effects as started (at `now`) and return them. Those of
+        a stuck order wait (its pending effects are decided again when its events are)."""
         async with self._db.tx() as conn:
-            async with conn.execute(
-                "SELECT * FROM outbox WHERE state = 'pending' ORDER BY id LIMIT ?", (limit,)
-            ) as cur:
+            async with conn.execute(_CLAIMABLE, (STUCK, limit)) as cur:
                 rows = list(await cur.fetchall())
             await conn.executemany(
                 "UPDATE outbox SET state = 'started', started_at = ? WHERE id = ?", [(iso(now), r["id"]) for r in rows]
