@@ -53,6 +53,7 @@ class Simulator:
         self.order_book.listeners += [self.feed.on_change, self.hook.on_change]
         self._runner: web.AppRunner | None = None
         self.base_url = ""
+        self.prefix = ""  # the path this account is served under in a `SimFleet` (sim/fleet.py)
 
     # ---- what callers read and switch -------------------------------------------------
     @property
@@ -197,7 +198,7 @@ class Simulator:
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not request.path.startswith("/api/"):
+        if not request.path.startswith(f"{self.prefix}/api/"):
             return await handler(request)
         faulty = await self.injector.apply(request, handler)
         if faulty is not None:
