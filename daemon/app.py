@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from contextlib import AsyncExitStack
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 import aiohttp
 
@@ -27,7 +30,7 @@ from .http.server import HttpServer
 from .intake.feed import FeedPoller
 from .ops import lock
 from .ops.health import Health
-from .ops.jobs import Jobs, add_retention
+from .ops.jobs import Jobs, SharedScheduler, add_retention
 from .ops.logs import get_logger, redact
 from .ops.metrics import Metrics
 from .ops.notify import Notifier, Progress, status_line, watchdog_loop
@@ -36,7 +39,7 @@ from .ops.supervisor import Loop, Supervisor, first_error
 from .ops.waiting import Watermark
 from .pipeline.effects import EffectRunner
 from .pipeline.linking import ParkedIntents, resync_waiting
-from .pipeline.processor import Processor
+from .pipeline.processor import MAX_BATCH, Processor
 from .pipeline.timers import Timers
 from .relay.relay import Relay
 from .relay.webhooks import endpoints as relay_endpoints
@@ -46,6 +49,8 @@ from .vtex.configuration import VtexSetup
 log = get_logger("omsd.app")
 
 STATUS_EVERY_S = 10.0
+HOSTED_POLL_S = 3600.0  # in a fleet the journal watcher wakes the processor (daemon/fleet/watcher.py)
+HOSTED_MAX_BATCH = 256  # in a fleet a batch is one turn across the accounts (ops/turns.py): keep it short
 
 
 class DaemonFailed(Exception):
@@ -56,18 +61,39 @@ class DaemonFailed(Exception):
         self.error = error
 
 
+@dataclass
+class Host:
+    """What a fleet (daemon/fleet) lends each account it runs, in place of the account's own:
+    the HTTP client session, the scheduler (jobs staggered by `stagger`), the HTTP server
+    (`serve(account, context)` attaches the account's routes, `serve(account, None)` detaches
+    them), the journal watcher (`watch(db, wake)` calls `wake` when the database changes, e.g.
+    `omsd approve` wrote to it; it returns the call that stops watching), the turns across
+    accounts for applying batches, and a smaller SQLite page cache. A hosted account sends
+    nothing to systemd and runs no watchdog: the fleet does, once."""
+
+    session: aiohttp.ClientSession
+    scheduler: SharedScheduler
+    serve: Callable[[str, ApiContext | None], None]
+    watch: Callable[[Path, Callable[[], None]], Callable[[], None]]
+    turn: Callable[[str], AbstractAsyncContextManager[object]]
+    stagger: float = 0.0  # 0..1: where in each interval this account's jobs run
+    cache_kib: int | None = None
+
+
 class Daemon:
     """One running omsd. `run(stop)` returns when `stop` is set and work is drained,
-    or raises DaemonFailed on a fatal error. Its parts are attributes once `run` built them."""
+    or raises DaemonFailed on a fatal error. Its parts are attributes once `run` built them.
+    With a `host` it is one account of a fleet (see `Host`)."""
 
-    def __init__(self, settings: Settings, notifier: Notifier | None = None) -> None:
+    def __init__(self, settings: Settings, notifier: Notifier | None = None, *, host: Host | None = None) -> None:
         self.settings = settings
+        self.host = host
         self.ready = asyncio.Event()
         self.metrics = Metrics()
         self.health = Health(settings, self.metrics)
-        self.notifier = notifier or Notifier()
+        self.notifier = notifier or (Notifier("", 0) if host else Notifier())
         self.progress = Progress()
-        self.http = HttpServer(settings, self.health)
+        self.http = HttpServer(settings)
         self.store: Store | None = None
         self.processor: Processor | None = None
         self.poller: FeedPoller | None = None
@@ -91,13 +117,15 @@ class Daemon:
             await self._run(stop)
         except Exception as exc:
             # A loop or a call raised (VTEX refused the credentials, the database is
-            # unusable, a bug): resources are closed by now. One line says why.
+            # unusable, a bug): resources are closed by now. One line says why (in a fleet
+            # the fleet says it, with when it tries again).
             error = first_error(exc)
-            log.critical("omsd_fatal", error_type=type(error).__name__, error=str(error))
+            if self.host is None:
+                log.critical("omsd_fatal", error_type=type(error).__name__, error=str(error))
             raise DaemonFailed(error) from exc
 
     async def _run(self, stop: asyncio.Event) -> None:
-        s, notify, health, metrics = self.settings, self.notifier, self.health, self.metrics
+        s, notify, health, metrics, host = self.settings, self.notifier, self.health, self.metrics, self.host
         async with AsyncExitStack() as stack:
             stack.callback(notify.stopping)
             notify.status("opening the database")
@@ -108,12 +136,14 @@ class Daemon:
             # starts read-only: it serves, is not ready, and the probe takes up writing.
             store = self.store = await Store.open_or_read(s.db)
             stack.push_async_callback(store.close)
+            if host is not None and host.cache_kib is not None:
+                await store.db.limit_cache(host.cache_kib)
             store.db.on_unwritable, store.db.on_writable = health.store_unwritable, health.store_writable
             if store.db.read_only is not None:
                 health.store_unwritable(store.db.read_only)
             probe = StoreProbe(store.db, metrics, every_s=s.store_probe_s)
             await probe.probe()
-            session = await stack.enter_async_context(aiohttp.ClientSession())
+            session = host.session if host else await stack.enter_async_context(aiohttp.ClientSession())
             client = VtexClient(s, session, metrics=metrics)
 
             runner = self.runner = EffectRunner(store, client, concurrency=s.effect_concurrency, metrics=metrics)
@@ -126,6 +156,7 @@ class Daemon:
                 on_timer=timers.set_at,
                 on_outcomes=mark.advance,
                 metrics=metrics,
+                max_batch_size=HOSTED_MAX_BATCH if host else MAX_BATCH,
             )
             processor.listeners.append(self._count_transition)
             processor.on_stuck = health.orders_stuck
@@ -145,7 +176,13 @@ class Daemon:
 
             notify.status("starting the HTTP server")
             context = ApiContext(s, store, processor, processor.wake.set, health, metrics, probe, outcome_mark=mark)
-            await self.http.start(stack, context)
+            if host is None:
+                await self.http.start(stack, context)
+            else:
+                host.serve(s.account, context)
+                stack.callback(host.serve, s.account, None)
+                stack.callback(host.watch(s.db, processor.wake.set))
+                processor.turn = functools.partial(host.turn, s.account)
             endpoints = relay_endpoints(
                 relay_url=s.relay_url, relay_vtex_url=s.relay_vtex_url, secret=s.relay_secret, account=s.account
             )
@@ -165,7 +202,8 @@ class Daemon:
             jobs.start()
             stack.callback(jobs.shutdown)
 
-            log.info("omsd_ready", listen=self.url, db=str(s.db), account=s.account, vtex=s.base_url, source=s.source)
+            ready = log.debug if host else log.info  # a fleet says it once for all its accounts
+            ready("omsd_ready", listen=self.url, db=str(s.db), account=s.account, vtex=s.base_url, source=s.source)
             notify.ready(f"ready: {s.source} source, listening on {self.url}")
             self.ready.set()
             processor.progress = self.progress.beat("processor")
@@ -174,22 +212,31 @@ class Daemon:
                 stop,
                 intake=[Loop("feed-poller", poller.run)] if s.uses_feed else [],
                 work=[
-                    Loop("processor", processor.run, beat=processor.progress),
+                    Loop(
+                        "processor",
+                        functools.partial(processor.run, poll_s=HOSTED_POLL_S) if host else processor.run,
+                        beat=processor.progress,
+                    ),
                     Loop("effect-runner", runner.run, beat=runner.progress, restart=runner.recover),
                     *([Loop("relay", relay.run)] if endpoints else []),
                 ],
                 side=[
-                    Loop("watchdog", functools.partial(watchdog_loop, notify, self.progress)),
+                    *([] if host else [Loop("watchdog", functools.partial(watchdog_loop, notify, self.progress))]),
                     Loop("store-probe", functools.partial(probe.run, writable=health.store_ok)),
                     Loop("timer-alarm", timers.run),
                 ],
                 on_stopping=notify.stopping,
             )
-            log.info("omsd_stopped", offset=processor.offset)
+            (log.debug if host else log.info)("omsd_stopped", offset=processor.offset)
 
     def _jobs(self, store: Store, processor: Processor, setup: VtexSetup) -> Jobs:
-        s = self.settings
-        jobs = Jobs(self.health, self.metrics, self.progress)
+        s, host = self.settings, self.host
+        if host is None:
+            jobs = Jobs(self.health, self.metrics, self.progress)
+        else:
+            jobs = Jobs(
+                self.health, self.metrics, self.progress, shared=host.scheduler, prefix=s.account, stagger=host.stagger
+            )
 
         async def report_status() -> None:
             counts = await store.read.phase_counts()
@@ -206,7 +253,8 @@ class Daemon:
             store, self.metrics, processor.wake.set, ttl_s=s.parked_intent_ttl_s, lookups_per_run=s.link_lookups_per_run
         )
         jobs.add("parked_intents", parked.run_once, s.link_interval_s, misfire_grace_s=s.link_interval_s * 5)
-        jobs.add("status", report_status, STATUS_EVERY_S)
+        if host is None:  # a fleet reports one status line for all its accounts
+            jobs.add("status", report_status, STATUS_EVERY_S)
         add_retention(jobs, store, s.retention_days)
         return jobs
 

@@ -6,14 +6,18 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import os
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from omsd.state.store import StoreUnwritable
 
+from ..config.accounts import FleetSettings, accounts_dir, load_fleet_settings
 from ..config.settings import ConfigError, Settings, load_settings
 from ..ops import lock, logs
+from ..ops.supervisor import first_error
 from .common import EXIT_BUSY, EXIT_CONFIG, EXIT_FAIL, EXIT_OK, EXIT_TEMPFAIL, Subparsers, command
 
 log = logs.get_logger("omsd.run")
@@ -54,6 +58,9 @@ def add(sub: Subparsers[argparse.ArgumentParser]) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    directory = accounts_dir(os.environ)
+    if directory is not None:
+        return _run_fleet(directory)
     settings = load_settings()
     logs.configure(settings.log_level, settings.log_format)
     from ..app import DaemonFailed
@@ -89,6 +96,45 @@ async def run_until_signalled(settings: Settings) -> None:
         loop.add_signal_handler(sig, handler)
     try:
         await Daemon(settings).run(stop)
+    finally:
+        for sig in handlers:
+            loop.remove_signal_handler(sig)
+
+
+def _run_fleet(directory: Path) -> int:
+    """`omsd run` with an accounts directory: every account in one process (daemon/fleet)."""
+    shared = load_fleet_settings()
+    logs.configure(shared.log_level, shared.log_format)
+    try:
+        asyncio.run(run_fleet_until_signalled(shared, directory))
+    except Exception as exc:  # the process's own (an account's are that account's: it restarts)
+        error = first_error(exc)
+        if isinstance(error, ConfigError):  # the listen address, an unreadable accounts directory
+            print(f"omsd: configuration error: {error}", file=sys.stderr)
+            return EXIT_CONFIG
+        log.critical("omsd_fatal", error_type=type(error).__name__, error=str(error))
+        return EXIT_FAIL
+    return EXIT_OK
+
+
+async def run_fleet_until_signalled(shared: FleetSettings, directory: Path) -> None:
+    """A fleet until SIGTERM or SIGINT; SIGHUP reloads the accounts directory."""
+    from ..fleet.fleet import Fleet
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    fleet = Fleet(shared, directory)
+    handlers: dict[signal.Signals, Callable[[], object]] = {
+        signal.SIGTERM: stop.set,
+        signal.SIGINT: stop.set,
+        signal.SIGHUP: fleet.reload,
+        signal.SIGUSR1: functools.partial(_ignored, "SIGUSR1"),
+        signal.SIGUSR2: functools.partial(_ignored, "SIGUSR2"),
+    }
+    for sig, handler in handlers.items():
+        loop.add_signal_handler(sig, handler)
+    try:
+        await fleet.run(stop)
     finally:
         for sig in handlers:
             loop.remove_signal_handler(sig)

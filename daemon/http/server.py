@@ -13,28 +13,51 @@ import math
 import os
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
+from typing import Protocol
 
 from aiohttp import web
 
 from omsd.state.store import StoreUnwritable
 
-from ..config.settings import ConfigError, Settings
-from ..ops.health import Health
-from .common import ApiContext
+from ..config.settings import ConfigError
+from .common import ApiContext, context_of
 from .guard import ConnectionGuard, install_accept_error_handler
 from .routes import build_app
 from .vtex import from_vtex
 
 
+class ServerSettings(Protocol):
+    """What the server reads of the settings (an account's `Settings`, a fleet's `FleetSettings`)."""
+
+    @property
+    def listen(self) -> str: ...
+    @property
+    def listen_host(self) -> str: ...
+    @property
+    def listen_port(self) -> int: ...
+    @property
+    def http_read_timeout_s(self) -> float: ...
+    @property
+    def http_keepalive_s(self) -> float: ...
+    @property
+    def http_max_connections(self) -> int: ...
+    @property
+    def http_max_connections_per_client(self) -> int: ...
+    @property
+    def store_probe_s(self) -> float: ...
+
+
 class HttpServer:
-    def __init__(self, settings: Settings, health: Health) -> None:
+    def __init__(self, settings: ServerSettings) -> None:
         self._settings = settings
-        self._health = health
         self.guard: ConnectionGuard | None = None
         self.url = ""
 
-    async def start(self, stack: AsyncExitStack, ctx: ApiContext) -> str:
-        """Listen on OMSD_LISTEN until `stack` closes; returns the server's URL."""
+    async def start(
+        self, stack: AsyncExitStack, ctx: ApiContext | None = None, *, app: web.Application | None = None
+    ) -> str:
+        """Listen on OMSD_LISTEN until `stack` closes, serving one account's routes (`ctx`) or a
+        fleet's (`app`, http/fleet.py); returns the server's URL."""
         s = self._settings
         loop = asyncio.get_running_loop()
         previous = loop.get_exception_handler()
@@ -46,7 +69,9 @@ class HttpServer:
             max_per_client=s.http_max_connections_per_client,
             reserved_for=from_vtex,
         )
-        app = build_app(ctx)
+        if app is None:
+            assert ctx is not None
+            app = build_app(ctx)
         app.middlewares.append(guard.middleware)
         app.middlewares.append(self._store_state)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0, keepalive_timeout=s.http_keepalive_s)
@@ -70,8 +95,10 @@ class HttpServer:
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         """While the database refuses writes: 503 with Retry-After for every POST, and
-        /healthz says why. A write refused meanwhile: 503 too."""
-        problem = self._health.store_problem
+        /healthz says why. A write refused meanwhile: 503 too. In a fleet: the database of the
+        account the request is for."""
+        ctx = context_of(request)
+        problem = ctx.health.store_problem if ctx is not None else None
         if problem is not None and request.method == "POST":
             return self._unavailable(problem)
         try:

@@ -11,7 +11,9 @@ pure the outcome is the same. What the batch decided is logged after the commit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Collection
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 
 from omsd.state.apply import apply, needs, read
@@ -28,6 +30,8 @@ from . import stuck
 
 log = get_logger("omsd.processor")
 
+MAX_BATCH = 2000  # the largest batch the processor reads; each full one doubles the next up to it
+
 
 class Processor:
     def __init__(
@@ -36,7 +40,7 @@ class Processor:
         policy: Policy,
         *,
         batch_size: int = 200,
-        max_batch_size: int = 2000,
+        max_batch_size: int = MAX_BATCH,
         on_effects: Callable[[], None] | None = None,
         on_timer: Callable[[datetime], None] | None = None,
         on_outcomes: Callable[[int], None] | None = None,
@@ -58,6 +62,8 @@ class Processor:
         self.offset = 0
         self.listeners: list[Callable[[Transition], None]] = []
         self.progress: Callable[[], None] = lambda: None  # called on every turn of `run`
+        # In a fleet, a turn across the accounts (ops/turns.py) for each batch `run` applies.
+        self.turn: Callable[[], AbstractAsyncContextManager[object]] = contextlib.nullcontext
         self.on_stuck: Callable[[int], None] = lambda n: None  # told how many orders are stuck
 
     async def run_once(self) -> int:
@@ -163,7 +169,9 @@ class Processor:
         while not stop.is_set():
             self.progress()
             self.wake.clear()
-            if await self.run_once():
+            async with self.turn():
+                applied = await self.run_once()
+            if applied:
                 continue
             await wait_any(self.wake, stop, within_s=poll_s)
         await self.drain()

@@ -181,6 +181,11 @@ class Database:
     async def close(self) -> None:
         await self.conn.close()
 
+    async def limit_cache(self, kib: int) -> None:
+        """Cap this connection's page cache at `kib` KiB (SQLite's default is 2 MiB): a fleet
+        holds one connection per account, most of them idle."""
+        await self.conn.execute(f"PRAGMA cache_size=-{max(16, int(kib))}")
+
     async def schema_version(self) -> int:
         async with self.conn.execute("PRAGMA user_version") as cur:
             row = await cur.fetchone()

@@ -1,0 +1,164 @@
+"""A fleet's /metrics: the process's own metrics, and every account's, merged.
+
+Each account keeps its own `Metrics` (daemon/ops/metrics.py, unchanged from one account). At
+a scrape they are merged into one exposition:
+
+- the families an operator watches per account (`PER_ACCOUNT`: orders by phase, alarms,
+  readiness, lag, approvals and refusals, dead orders, events in, VTEX's queue and 429s and
+  the rate omsd allows itself, the relay's lag, offsets, database size) get an `account`
+  label: about 36 series an account, 36,000 for a thousand;
+- every other family (latency histograms, VTEX calls by route and status, rejected input,
+  retries, job failures, outcomes by type...) is summed over the accounts, without an
+  `account` label: per account they would be hundreds of series each (a histogram per
+  VTEX route alone is 13 series per route), and they are read for the process as a whole.
+
+The gauges an account mirrors from its database (offsets, orders by phase, parked intents,
+size, lag) are read again only for the accounts whose database changed since the last scrape
+(the journal watcher's version), or a minute ago.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.samples import Sample
+
+from omsd.state.store import Store
+
+from ..ops.metrics import Metrics, omsd_version
+
+PER_ACCOUNT = frozenset(
+    {
+        "omsd_orders",
+        "omsd_alarm",
+        "omsd_ready",
+        "omsd_journal_oldest_unapplied_age_seconds",
+        "omsd_journal_offset",
+        "omsd_processor_offset",
+        "omsd_parked_intents",
+        "omsd_database_bytes",
+        "omsd_approvals_sent",
+        "omsd_approvals_confirmed",
+        "omsd_approvals_refused",
+        "omsd_dead_letters",
+        "omsd_events_in",
+        "omsd_feed_queue_messages",
+        "omsd_feed_oldest_message_age_seconds",
+        "omsd_vtex_rate_limit_effective_per_second",
+        "omsd_vtex_rate_limited",
+        "omsd_relay_oldest_undelivered_seconds",
+        "omsd_relay_endpoint_disabled",
+    }
+)
+PROCESS_ONLY = frozenset({"omsd_build_info"})  # once, from the fleet's own registry
+REFRESH_EVERY_S = 60.0
+
+
+@dataclass
+class Scraped:
+    """What the merge needs of one running account."""
+
+    metrics: Metrics
+    store: Store
+    db: Path
+
+
+class FleetMetrics:
+    """The process's own metrics (accounts by state, restarts), and the merge."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self._clock = clock
+        self._refreshed: dict[str, tuple[int, float]] = {}  # account -> (db version, when)
+        Gauge("omsd_build_info", "Always 1; the running omsd's version", ["version"], registry=r).labels(
+            version=omsd_version()
+        ).set(1)
+        self.accounts = Gauge(
+            "omsd_fleet_accounts",
+            "Accounts configured, by state (running, not_running, invalid)",
+            ["state"],
+            registry=r,
+        )
+        self.account_up = Gauge(
+            "omsd_account_up", "1 while the account runs, 0 while it waits to start again", ["account"], registry=r
+        )
+        self.account_failures = Counter(
+            "omsd_account_failures",
+            "Times an account stopped on a fatal error and was restarted",
+            ["account"],
+            registry=r,
+        )
+        self.alarm = Gauge(
+            "omsd_alarm",
+            "1 while an alarm is raised (account_failed: the account waits to start again)",
+            ["account", "name"],
+            registry=r,
+        )
+        self.reloads = Counter(
+            "omsd_fleet_reloads", "SIGHUP reloads of the accounts directory, by result", ["result"], registry=r
+        )
+        for state in ("running", "not_running", "invalid"):
+            self.accounts.labels(state=state).set(0)
+
+    def forget(self, account: str) -> None:
+        """An account left the fleet: its series go."""
+        for metric in (self.account_up, self.account_failures):
+            with contextlib.suppress(KeyError):
+                metric.remove(account)
+        with contextlib.suppress(KeyError):
+            self.alarm.remove(account, "account_failed")
+        self._refreshed.pop(account, None)
+
+    async def render(self, accounts: Mapping[str, Scraped], version: Callable[[Path], int]) -> bytes:
+        now = self._clock()
+        for name, account in accounts.items():
+            seen = version(account.db)
+            last = self._refreshed.get(name)
+            if last is None or last[0] != seen or now - last[1] >= REFRESH_EVERY_S:
+                await account.metrics.refresh(account.store, account.db)
+                self._refreshed[name] = (seen, now)
+        merged = CollectorRegistry(auto_describe=False)
+        merged.register(_Merged(self.registry, {n: a.metrics for n, a in accounts.items()}))
+        return generate_latest(merged)
+
+
+class _Merged:
+    """A collector yielding the fleet's families and the accounts' merged (see the module)."""
+
+    def __init__(self, own: CollectorRegistry, accounts: Mapping[str, Metrics]) -> None:
+        self._own = own
+        self._accounts = accounts
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+        sums: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+        for family in self._own.collect():
+            families[family.name] = family
+        for account, metrics in sorted(self._accounts.items()):
+            for family in metrics.registry.collect():
+                if family.name in PROCESS_ONLY:
+                    continue
+                merged = families.get(family.name)
+                if merged is None:
+                    merged = families[family.name] = Metric(family.name, family.documentation, family.type)
+                if family.name in PER_ACCOUNT:
+                    merged.samples.extend(_labelled(family.samples, account))
+                    continue
+                total = sums.setdefault(family.name, {})
+                for s in family.samples:
+                    key = (s.name, tuple(sorted(s.labels.items())))
+                    total[key] = total.get(key, 0.0) + s.value
+        for name, total in sums.items():
+            families[name].samples.extend(Sample(n, dict(labels), v) for (n, labels), v in total.items())
+        yield from families.values()
+
+
+def _labelled(samples: Iterable[Sample], account: str) -> Iterator[Sample]:
+    for s in samples:
+        yield Sample(s.name, {"account": account, **s.labels}, s.value, s.timestamp, s.exemplar)
