@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,7 @@ from omsd.daemon.config.accounts import load_fleet_settings
 from omsd.daemon.fleet.fleet import Fleet
 from omsd.sim.fleet import SimFleet
 from omsd.sim.server import Simulator
+from omsd.state.statuses import Phase
 from tests.helpers import API_TOKEN, HOOK_SECRET, free_port
 
 # What every account inherits from the main environment: short intervals (tests.helpers.fast_settings).
@@ -48,14 +49,14 @@ def main_env(root: Path, port: int, **extra: str) -> dict[str, str]:
     }
 
 
-def account_file(sim: Simulator, *, hook: bool = True, **extra: str) -> str:
+def account_file(sim: Simulator, extra: Mapping[str, str] | None = None, *, hook: bool = True) -> str:
     """A NAME.env for the simulator's account: its credentials, base URL and (by default) hook."""
     lines = {
         "OMSD_APP_KEY": sim.app_key,
         "OMSD_APP_TOKEN": sim.app_token,
         "OMSD_VTEX_BASE_URL": sim.base_url,
         **({"OMSD_SOURCE": "hook", "OMSD_HOOK_SECRET": f"{HOOK_SECRET}-{sim.account}"} if hook else {}),
-        **extra,
+        **(extra or {}),
     }
     return "".join(f"{k}={v}\n" for k, v in lines.items())
 
@@ -63,7 +64,7 @@ def account_file(sim: Simulator, *, hook: bool = True, **extra: str) -> str:
 def write_accounts(env: Mapping[str, str], sims: SimFleet, **per_account: dict[str, str]) -> None:
     folder = Path(env["OMSD_ACCOUNTS_DIR"])
     for sim in sims:
-        (folder / f"{sim.account}.env").write_text(account_file(sim, **per_account.get(sim.account, {})))
+        (folder / f"{sim.account}.env").write_text(account_file(sim, per_account.get(sim.account)))
 
 
 @asynccontextmanager
@@ -87,6 +88,18 @@ async def running_fleet(env: Mapping[str, str], **kw: Any) -> AsyncIterator[Flee
 
 def fleet_port() -> int:
     return free_port()
+
+
+def reached(fleet: Fleet, account: str, order_id: str, phase: Phase) -> Callable[[], Awaitable[bool]]:
+    """A condition for `until`: the account's order is in `phase`."""
+
+    async def check() -> bool:
+        daemon = fleet.runners[account].daemon
+        assert daemon is not None and daemon.store is not None
+        order = await daemon.store.read.load_order(order_id)
+        return order is not None and order.phase == phase
+
+    return check
 
 
 async def call(

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from omsd.daemon.fleet.fleet import Fleet
 from omsd.sim.faults import Faults
 from omsd.sim.fleet import SimFleet
 from omsd.state.statuses import Phase
-from tests.fleet_helpers import call, fleet_port, main_env, running_fleet, write_accounts
+from tests.fleet_helpers import call, fleet_port, main_env, reached, running_fleet, write_accounts
 from tests.helpers import API_TOKEN, HOOK_SECRET, until
 
 pytestmark = pytest.mark.e2e
@@ -21,13 +21,6 @@ pytestmark = pytest.mark.e2e
 async def sims() -> AsyncIterator[SimFleet]:
     async with SimFleet(["alpha", "beta"], seed=11, faults=Faults(notify_delay_s=(0.01, 0.05)), step_delay_s=0.02) as f:
         yield f
-
-
-async def phase(fleet: Fleet, account: str, order_id: str) -> str | None:
-    daemon = fleet.runners[account].daemon
-    assert daemon is not None and daemon.store is not None
-    order = await daemon.store.read.load_order(order_id)
-    return order.phase.value if order else None
 
 
 async def test_each_account_approves_its_own_orders_on_its_own_routes(tmp_path: Path, sims: SimFleet) -> None:
@@ -40,7 +33,7 @@ async def test_each_account_approves_its_own_orders_on_its_own_routes(tmp_path: 
         orders = {}
         for sim in sims:
             order = orders[sim.account] = sim.create(f"{sim.account}-1", held=True, decision=None)
-            await until(lambda o=order: o.status == "waiting-for-manual-authorization")
+            await until(functools.partial(lambda o: o.status == "waiting-for-manual-authorization", order))
             body = {"marketplaceOrderId": order.marketplace_order_id, "orderId": order.order_id}
             status, answer = await call("POST", f"{url}/v1/accounts/{sim.account}/approvals", json=body)
             assert status == 202 and answer["accepted"] is True
@@ -48,7 +41,7 @@ async def test_each_account_approves_its_own_orders_on_its_own_routes(tmp_path: 
             sim.authorize(orders[sim.account].order_id)
         for sim in sims:
             order = orders[sim.account]
-            await until(lambda a=sim.account, o=order: _is(fleet, a, o.order_id, Phase.APPROVED), what="approved")
+            await until(reached(fleet, sim.account, order.order_id, Phase.APPROVED), what="approved")
             assert (order.puts, order.approvals_applied, order.puts_while_held) == (1, 1, 0)
             assert sim.hook_config is not None and sim.hook_config["hook"]["url"].endswith(f"/vtex/hook/{sim.account}")
             assert sim.protocol_errors == []
@@ -58,10 +51,6 @@ async def test_each_account_approves_its_own_orders_on_its_own_routes(tmp_path: 
         assert status == 404 and "/v1/accounts/{account}/" in answer["error"]
     for name in ("alpha", "beta"):
         assert (tmp_path / "state" / name / "omsd.db").is_file()
-
-
-async def _is(fleet: Fleet, account: str, order_id: str, expected: Phase) -> bool:
-    return await phase(fleet, account, order_id) == expected.value
 
 
 async def test_an_accounts_own_token_opens_only_its_routes(tmp_path: Path, sims: SimFleet) -> None:
