@@ -114,6 +114,10 @@ def _bucket(
     return False, (tokens, now)
 
 
+async def _local() -> None:
+    """Local durability: journaled in the database is acknowledged."""
+
+
 @dataclass
 class ApiContext:
     settings: Settings
@@ -124,6 +128,9 @@ class ApiContext:
     metrics: Metrics
     probe: Probe
     reject_budget: RejectBudget = field(default_factory=RejectBudget)
+    # Returns once what was journaled before the call is as safe as acknowledging promises: at once
+    # (local durability), or once on the replica (`Replica.synced`; ReplicaUnavailable: a 503)
+    durable: Callable[[], Awaitable[None]] = _local
 
 
 ctx_key = web.AppKey("ctx", ApiContext)

@@ -19,10 +19,19 @@ class DatabaseBusy(Exception):
     """Another process owns the database."""
 
     def __init__(self, db: Path, pid: int | None) -> None:
-        owner = f"omsd pid {pid}" if pid is not None else "another process"
-        super().__init__(f"database {db} is in use by {owner} (lock file {lock_path(db)}); stop it first")
         self.db = db
         self.pid = pid
+        # The omsd that took the lock is gone, yet the lock is held: by the Litestream it
+        # started (which holds it until its last sync is done).
+        self.orphaned = pid is not None and not _alive(pid)
+        if self.orphaned:
+            super().__init__(
+                f"database {db} is still locked by the Litestream of omsd pid {pid}, which is gone "
+                f"(lock file {lock_path(db)}): it exits after its last sync; try again in a few seconds"
+            )
+        else:
+            owner = f"omsd pid {pid}" if pid is not None else "another process"
+            super().__init__(f"database {db} is in use by {owner} (lock file {lock_path(db)}); stop it first")
 
 
 def lock_path(db: Path) -> Path:
@@ -30,8 +39,10 @@ def lock_path(db: Path) -> Path:
 
 
 @contextlib.contextmanager
-def hold(db: str | Path) -> Iterator[None]:
-    """Own `db` until the block ends; raises DatabaseBusy when another process owns it."""
+def hold(db: str | Path) -> Iterator[int]:
+    """Own `db` until the block ends; raises DatabaseBusy when another process owns it.
+    Gives the lock's descriptor: a child given it (Litestream) holds the lock until it
+    exits too."""
     path = lock_path(Path(db))
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -41,9 +52,19 @@ def hold(db: str | Path) -> Iterator[None]:
             raise DatabaseBusy(Path(db), _owner(fd)) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
-        yield
+        yield fd
     finally:
         os.close(fd)  # releases the lock; the file stays (unlinking it would race a new owner)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _owner(fd: int) -> int | None:
