@@ -140,7 +140,7 @@ async def test_feed_handles_are_committed_only_once_on_the_replica(
             missing.append(set(handles) - on_replica)
             await original(handles)
 
-        vtex.commit_feed = commit  # type: ignore[method-assign]
+        vtex.commit_feed = commit
         for wave in range(2):
             for i in range(3):
                 sim.create(f"F{wave}{i}")
