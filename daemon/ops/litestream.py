@@ -32,7 +32,7 @@ import sysconfig
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -208,7 +208,7 @@ async def restore(
     must not exist. None when the replica holds nothing and `if_replica_exists`."""
     args = ["restore", "-config", str(layout.config), "-no-expand-env", "-o", str(output), "-json"]
     if timestamp is not None:
-        args += ["-timestamp", timestamp.strftime("%Y-%m-%dT%H:%M:%S.%fZ")]
+        args += ["-timestamp", timestamp.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")]
     if if_replica_exists:
         args.append("-if-replica-exists")
     code, out, err = await run_tool(binary, [*args, str(layout.db)], timeout_s=timeout_s)
