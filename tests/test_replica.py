@@ -213,3 +213,69 @@ async def test_local_durability_answers_without_waiting_for_the_replica(
         assert (await post_intent(daemon, "L-1"))[0] == 202
         assert daemon.metrics.sample("omsd_replica_waits_total") == 0
         assert daemon.health.intake_problem is None
+
+
+# ---- settings and Litestream's environment ----------------------------------------------------
+def test_replicated_durability_needs_a_replica() -> None:
+    """OMSD_DURABILITY=replicated without OMSD_REPLICA is a configuration error naming both."""
+    from omsd.daemon.config.settings import ConfigError, Settings, _build
+
+    with pytest.raises(ConfigError, match="OMSD_DURABILITY: replicated needs OMSD_REPLICA"):
+        _build(Settings, **_required(), durability="replicated")
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("http://bucket/path", "Litestream replica URL"),
+        ("file://relative/path", "absolute path"),
+        ("s3://bucket-only", "bucket or host and a path"),
+    ],
+)
+def test_a_replica_url_litestream_cannot_use_is_refused(url: str, problem: str) -> None:
+    from omsd.daemon.config.settings import ConfigError, Settings, _build
+
+    with pytest.raises(ConfigError, match=f"OMSD_REPLICA: .*{problem}"):
+        _build(Settings, **_required(), replica=url)
+
+
+def test_a_password_in_the_replica_url_is_never_shown() -> None:
+    """sftp://user:password@host: masked for display, absent from repr."""
+    from omsd.daemon.config.settings import Settings
+
+    settings = Settings(**_required(), replica="sftp://omsd:hunter2-secret@backup.example.com/omsd/db")
+    assert "hunter2-secret" not in settings.replica_display and "hunter2-secret" not in repr(settings)
+    assert settings.replica_display == "sftp://omsd:***@backup.example.com/omsd/db"
+
+
+def test_litestreams_environment_drops_omsd_secrets_and_the_ca_bundle(tmp_path: Path) -> None:
+    """Litestream gets no OMSD_* variable (secrets), no AWS_CA_BUNDLE (its AWS SDK refuses
+    to start with one), and the replica's keys from systemd's credentials when unset."""
+    from omsd.daemon.ops.litestream import child_env, secrets_in
+
+    (tmp_path / "litestream_secret_access_key").write_text("s3-secret-value\n")
+    env = child_env(
+        {
+            "OMSD_APP_TOKEN": "vtex-secret",
+            "AWS_CA_BUNDLE": "/etc/ssl/bundle.pem",
+            "PATH": "/usr/bin",
+            "CREDENTIALS_DIRECTORY": str(tmp_path),
+            "LITESTREAM_ACCESS_KEY_ID": "AKIA-from-env",
+        }
+    )
+    assert env == {
+        "PATH": "/usr/bin",
+        "LITESTREAM_ACCESS_KEY_ID": "AKIA-from-env",
+        "LITESTREAM_SECRET_ACCESS_KEY": "s3-secret-value",
+    }
+    assert secrets_in(env) == ["s3-secret-value"]
+
+
+def _required() -> dict[str, Any]:
+    return {
+        "account": "shop",
+        "app_key": "vtexappkey-shop-X",
+        "app_token": "app-token-0123456789",
+        "connector_name": "c",
+        "connector_endpoint": "https://omsd.example.com",
+    }
