@@ -181,3 +181,39 @@ async def test_drill_s3_replica(sim: Simulator, tmp_path: Path) -> None:
     is dropped from Litestream's environment, or its AWS SDK refuses to start)."""
     with s3_endpoint() as endpoint:
         await drill(sim, tmp_path, s3_replica(endpoint, "drill/omsd.db"), dict(S3_KEYS))
+
+
+async def test_litestream_ends_with_a_killed_omsd_and_the_next_start_waits_for_it(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    """omsd alone SIGKILLed (the OOM killer): the kernel tells its Litestream to stop; it
+    holds the database lock until its last sync is done, and the next omsd starts after it
+    (never two Litestreams on one database)."""
+    from omsd.daemon.ops.litestream import Layout
+
+    port = free_port()
+    db = tmp_path / "omsd.db"
+    env = omsd_env(sim, db, port)
+    env["OMSD_REPLICA"] = file_replica(tmp_path / "replica")
+    machine = Machine(env, port, db, tmp_path / "omsd.log")
+    await machine.start()
+    sock = Layout.of(db).socket
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(sock))) as s,
+        s.get("http://litestream/info") as r,
+    ):
+        child = (await r.json())["pid"]
+    assert machine.proc is not None
+    machine.proc.send_signal(signal.SIGKILL)
+    await machine.proc.wait()
+
+    def gone() -> bool:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    await until(gone, timeout=30, what="Litestream ended with its omsd")
+    await machine.start()
+    assert await machine.stop() == 0

@@ -4,10 +4,12 @@ commits and the replica's health, against the simulator and a file:// replica.""
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import signal
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import pytest
@@ -279,3 +281,52 @@ def _required() -> dict[str, Any]:
         "connector_name": "c",
         "connector_endpoint": "https://omsd.example.com",
     }
+
+
+# ---- supervision ------------------------------------------------------------------------------
+async def test_litestream_is_restarted_when_it_dies(
+    sim: Simulator, run_daemon: Callable[..., Any], tmp_path: Path
+) -> None:
+    """Litestream killed under a running omsd: the replica is behind meanwhile, then a new
+    Litestream runs and replicated intents are answered 202 again."""
+    async with run_daemon(sim, replica=file_replica(tmp_path / "replica"), durability="replicated") as daemon:
+        ls = daemon.replica.litestream
+        assert ls is not None and ls.pid is not None
+        first = ls.pid
+        os.kill(first, signal.SIGKILL)
+        await until(lambda: daemon.metrics.sample("omsd_replica_restarts_total") == 1, what="restarted")
+        await until(lambda: ls.running and ls.pid != first and daemon.health.replica_problem is None, what="current")
+        assert (await post_intent(daemon, "AFTER-1"))[0] == 202
+
+
+async def test_the_retention_job_never_truncates_the_log_under_litestream(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a replica, the retention job checkpoints PASSIVE (Litestream holds a read on
+    the log: a TRUNCATE would stall every writer); without, it truncates as before."""
+    from omsd.daemon.ops import retention
+    from omsd.daemon.ops.jobs import Jobs, add_retention
+    from omsd.daemon.ops.notify import Progress
+    from tests.helpers import quiet_health
+
+    seen: list[bool] = []
+
+    async def run_job(store: Any, days: float, now: Any, *, truncate: bool = True) -> None:
+        seen.append(truncate)
+
+    monkeypatch.setattr(retention, "run_job", run_job)
+    health = quiet_health()
+    for truncate in (False, True):
+        jobs = Jobs(health, health.metrics, Progress())
+        add_retention(jobs, cast(Store, None), 30, truncate=truncate)
+        await jobs.scheduler.get_job("retention").func()
+    assert seen == [False, True]
+
+
+async def test_a_passive_reclaim_leaves_the_log_to_litestream(tmp_path: Path) -> None:
+    """`reclaim(truncate=False)` checkpoints without truncating the write-ahead log."""
+    db = tmp_path / "omsd.db"
+    async with await Store.open(db) as store:
+        await store.db.probe_write()
+        await store.retention.reclaim(truncate=False)
+        assert (tmp_path / "omsd.db-wal").stat().st_size > 0
+        await store.retention.reclaim(truncate=True)
+        assert (tmp_path / "omsd.db-wal").stat().st_size == 0

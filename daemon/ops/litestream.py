@@ -304,6 +304,8 @@ class Litestream:
         )
         assert self._proc.stdout is not None
         self._reader = asyncio.create_task(self._read_log(self._proc.stdout), name="litestream-log")
+        if self._session is not None:  # a restart after the child died by itself
+            await self._session.close()
         self._session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(self.layout.socket)))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + ready_within_s

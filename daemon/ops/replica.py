@@ -33,6 +33,7 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from omsd.state.store import Store, StoreError
 
@@ -108,6 +109,7 @@ class Replica:
         self.metrics = metrics
         self.layout = Layout.of(settings.db)
         self.litestream: Litestream | None = None
+        self._binary: Path | None = None
         self.barrier = SyncBarrier(self._sync)
         self.restored: Restored | None = None
         self.last_ok: float | None = None  # wall time: everything committed before it is on the replica
@@ -131,7 +133,7 @@ class Replica:
             binary = find_binary(self.settings.litestream_bin)
         except ReplicaError as exc:
             raise ConfigError(f"OMSD_REPLICA: {exc}") from None
-        self.litestream = Litestream(binary, self.layout, log_level=_litestream_level(self.settings.log_level))
+        self._binary = binary
         self.layout.write_config(self.settings.replica)
         if not self.settings.db.exists():
             self.restored = await restore_missing(binary, self.layout, self.settings.replica_display)
@@ -139,16 +141,15 @@ class Replica:
 
     async def start(self, keep_fd: int | None = None) -> None:
         """Start `litestream replicate` (it holds `keep_fd`, the database lock, until it exits)."""
-        if self.litestream is None or self.settings.replica is None:
+        if self._binary is None or self.settings.replica is None:
             return
-        if keep_fd is not None:
-            self.litestream = Litestream(
-                self.litestream.binary,
-                self.layout,
-                keep_fds=(keep_fd,),
-                log_level=_litestream_level(self.settings.log_level),
-            )
-        redact(*secrets_in(child_env()))
+        self.litestream = Litestream(
+            self._binary,
+            self.layout,
+            keep_fds=(keep_fd,) if keep_fd is not None else (),
+            log_level=_litestream_level(self.settings.log_level),
+        )
+        redact(*secrets_in(child_env()), urlsplit(self.settings.replica).password)
         await self.litestream.start(self.settings.replica)
         log.info("replication_started", replica=self.settings.replica_display, durability=self.settings.durability)
 
