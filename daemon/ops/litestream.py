@@ -315,7 +315,7 @@ class Litestream:
                 raise ReplicaError(f"litestream exited at start (exit code {code}); see its log lines above")
             with contextlib.suppress(ReplicaError):
                 info = await self.request("GET", "/info", timeout_s=2.0)
-                if info.get("pid") == self.pid or not sys.platform.startswith("linux"):
+                if info.get("pid") == self.pid:
                     return
             if loop.time() > deadline:
                 await self.stop()

@@ -155,9 +155,11 @@ class Replica:
 
     async def stop(self) -> None:
         """After the store closed: Litestream syncs what is left, then exits."""
-        if self.litestream is not None and self.litestream.running:
-            code = await self.litestream.stop()
-            log.info("replication_stopped", exit_code=code)
+        if self.litestream is not None:
+            was_running = self.litestream.running
+            code = await self.litestream.stop()  # also reaps a child that died by itself
+            if was_running:
+                log.info("replication_stopped", exit_code=code)
 
     async def first_sync(self) -> None:
         """Once the store is open: one sync and one check, so the replica's state is known
