@@ -35,8 +35,8 @@ neither held nor canceled.
 Configuration comes from OMSD_* environment variables (see README.md).
 The offline commands (init, approve, orders, show, journal, intents, dead,
 replay, ingest, export, retry, status, prune) need only OMSD_DB; `restore` needs
-OMSD_REPLICA too. Only `run`, `init` and `restore` create a database. `replay`, `ingest` and `prune` refuse to work beside a
-running daemon.
+OMSD_REPLICA too. Only `run`, `init` and `restore` create a database. `replay`,
+`ingest`, `prune` and `restore` refuse to work beside a running daemon.
 
 Exit codes: 0 success; 1 failure (unknown order, refused input lines);
 2 bad configuration or usage, or no database at OMSD_DB; 3 another process
