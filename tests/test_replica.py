@@ -330,3 +330,18 @@ async def test_a_passive_reclaim_leaves_the_log_to_litestream(tmp_path: Path) ->
         assert (tmp_path / "omsd.db-wal").stat().st_size > 0
         await store.retention.reclaim(truncate=True)
         assert (tmp_path / "omsd.db-wal").stat().st_size == 0
+
+
+def test_the_units_view_hands_litestream_its_keys_from_credential_files(tmp_path: Path) -> None:
+    """`omsd --instance NAME restore` sees the S3 keys the unit gives Litestream as
+    credentials, as `omsd run` under the unit does."""
+    from omsd.daemon.config.instance import instance_environment
+
+    (tmp_path / "shop.env").write_text("OMSD_REPLICA=s3://bucket/omsd/shop\n")
+    creds = tmp_path / "credentials" / "shop"
+    creds.mkdir(parents=True)
+    (creds / "litestream_secret_access_key").write_text("s3-secret\n")
+    env = instance_environment("shop", {"OMSD_ETC": str(tmp_path), "LITESTREAM_ACCESS_KEY_ID": "AKIA-caller"})
+    assert env["LITESTREAM_SECRET_ACCESS_KEY"] == "s3-secret"
+    assert env["LITESTREAM_ACCESS_KEY_ID"] == "AKIA-caller"
+    assert env["OMSD_REPLICA"] == "s3://bucket/omsd/shop"
