@@ -193,6 +193,8 @@ async def test_replica_down_pauses_intake_and_raises_the_alarm(
 
         await until(alarmed, timeout=30, what="replica alarm")
         assert daemon.metrics.sample("omsd_replica_up") == 0
+        assert daemon.metrics.sample("omsd_replica_lag_bytes") > 0  # DOWN-1 is journaled here, not there
+        assert daemon.metrics.sample("omsd_replica_lag_seconds") > 1
         assert daemon.metrics.sample("omsd_replica_sync_failures_total") >= 1
         folder.unlink()
         shutil.move(tmp_path / "replica-away", folder)
@@ -202,6 +204,7 @@ async def test_replica_down_pauses_intake_and_raises_the_alarm(
 
         await until(recovered, timeout=30, what="replica current again")
         assert (await post_intent(daemon, "UP-2"))[0] == 202
+        await until(lambda: daemon.metrics.sample("omsd_replica_lag_bytes") == 0, what="nothing left to upload")
 
 
 async def test_local_durability_answers_without_waiting_for_the_replica(
