@@ -34,7 +34,7 @@ from .ops.logs import get_logger, redact
 from .ops.metrics import Metrics
 from .ops.notify import Notifier, Progress, status_line, watchdog_loop
 from .ops.probe import StoreProbe
-from .ops.replica import Replica
+from .ops.replica import Replica, publish
 from .ops.supervisor import Loop, Supervisor, first_error
 from .ops.waiting import Watermark
 from .pipeline.effects import EffectRunner
@@ -139,13 +139,16 @@ class Daemon:
                 before_send=replica.durable if s.replicated else None,
             )
             timers = Timers(store, lambda: processor.wake.set())
-            mark = Watermark((await store.outcomes.bounds())[1])  # the last outcome committed
+            # The outcomes readers see (the /v1/events routes, the relay): the last committed, or
+            # under replicated durability the last on the replica (`publish`).
+            mark = Watermark((await store.outcomes.bounds())[1])
+            committed = Watermark(mark.value) if s.replicated else mark
             processor = self.processor = Processor(
                 store,
                 s.policy(),
                 on_effects=runner.wake.set,
                 on_timer=timers.set_at,
-                on_outcomes=mark.advance,
+                on_outcomes=committed.advance,
                 metrics=metrics,
             )
             processor.listeners.append(self._count_transition)
@@ -214,6 +217,11 @@ class Daemon:
                     Loop("processor", processor.run, beat=processor.progress),
                     Loop("effect-runner", runner.run, beat=runner.progress, restart=runner.recover),
                     *([Loop("relay", relay.run)] if endpoints else []),
+                    *(
+                        [Loop("outcomes", functools.partial(publish, committed, mark, replica.durable))]
+                        if s.replicated
+                        else []
+                    ),
                 ],
                 side=[
                     Loop("watchdog", functools.partial(watchdog_loop, notify, self.progress)),

@@ -42,7 +42,7 @@ from .health import Health
 from .litestream import Layout, Litestream, ReplicaError, Restored, child_env, find_binary, restore, secrets_in
 from .logs import get_logger, redact
 from .metrics import Metrics
-from .waiting import wait_any
+from .waiting import Watermark, wait_any
 
 log = get_logger("omsd.replica")
 
@@ -279,6 +279,23 @@ class Replica:
         since = self.last_ok if self.last_ok is not None else self._since
         if now - since > self.settings.replica_alarm_s:
             self.health.raise_alarm(ALARM, f"replication to {self.settings.replica_display} is down: {problem}")
+
+
+async def publish(
+    committed: Watermark, published: Watermark, durable: Callable[[], Awaitable[None]], stop: asyncio.Event
+) -> None:
+    """Replicated durability: outcomes reach their readers (the /v1/events routes, the relay,
+    which read up to `published`) only once they are on the replica. A disk lost and
+    restored from the replica then never takes back an event a connector was shown: its seq
+    would be given to another event, and the connector, resuming after it, would miss that."""
+    while not stop.is_set():
+        risen = committed.risen()
+        target = committed.value
+        if target > published.value:
+            await durable()
+            published.advance(target)
+        else:
+            await wait_any(risen, stop, within_s=CHECK_S)
 
 
 async def restore_missing(binary: Path, layout: Layout, display: str) -> Restored | None:
