@@ -1,7 +1,7 @@
 """How fast omsd drains a feed backlog within its request budget, against a plain consumer.
 
     .venv/bin/python benchmarks/backlog.py [--events 20000] [--budgets 20,100] [--latency 0.05]
-                                           [--baseline-seconds 60]
+                                           [--baseline-seconds 60] [--durability local,replicated]
 
 The simulator runs in a child process (its own core) with `--latency` seconds added
 to every /api/ call and full batches of 10; a benchmark-only middleware records the
@@ -180,12 +180,20 @@ def busiest_window(times: list[float], period: float = 1.0) -> int:
     return max((bisect.bisect_left(times, t + period) - i for i, t in enumerate(times)), default=0)
 
 
-async def drain_with_omsd(base: str, events: int, budget: float, tmp: Path, intake_only: bool) -> Result:
+async def drain_with_omsd(
+    base: str, events: int, budget: float, tmp: Path, intake_only: bool, durability: str = "local"
+) -> Result:
     port = free_port()
+    db = tmp / f"backlog-{budget:g}-{durability}.db"
+    replicated: dict[str, Any] = (
+        {"replica": f"file://{tmp / f'replica-{budget:g}'}", "durability": "replicated"}
+        if durability == "replicated"
+        else {}
+    )
     settings = Settings(
         account="simstore", app_key=DEFAULT_APP_KEY, app_token=DEFAULT_APP_TOKEN, vtex_base_url=base,
-        db=tmp / f"backlog-{budget:g}.db", connector_name="bench", connector_endpoint=f"http://127.0.0.1:{port}",
-        listen=f"127.0.0.1:{port}", source="feed", rate_limit_per_s=budget, poll_interval_s=1.0,
+        db=db, connector_name="bench", connector_endpoint=f"http://127.0.0.1:{port}",
+        listen=f"127.0.0.1:{port}", source="feed", rate_limit_per_s=budget, poll_interval_s=1.0, **replicated,
     )  # fmt: skip
     async with aiohttp.ClientSession() as session:
         await session.post(f"{base}/_bench/load", params={"n": str(events)})
@@ -196,7 +204,7 @@ async def drain_with_omsd(base: str, events: int, budget: float, tmp: Path, inta
             await asyncio.sleep(0.5)
         stop.set()
         await task
-        name = f"omsd{' intake only' if intake_only else ''}, budget {budget:g}/s"
+        name = f"omsd{' intake only' if intake_only else ''}, budget {budget:g}/s, {durability}"
         result = measure(name, await log_of(session, base))
         result.busiest_sent = busiest_window(sorted(SENT))
         result.busiest_burst_sent = busiest_window(sorted(SENT), 0.1)
@@ -258,7 +266,14 @@ def report(results: list[Result], budgets: list[float], baseline: Result) -> Non
             print(f"{'':<32} OVER BUDGET: {r.busiest} calls reached the simulator within one second")
 
 
-async def main(events: int, budgets: list[float], latency_s: float, baseline_s: float, intake_only: bool) -> None:
+async def main(
+    events: int,
+    budgets: list[float],
+    latency_s: float,
+    baseline_s: float,
+    intake_only: bool,
+    durabilities: tuple[str, ...] = ("local",),
+) -> None:
     logs.configure("warning", "json")
     parent, child = multiprocessing.Pipe()
     proc = multiprocessing.get_context("spawn").Process(target=run_simulator, args=(child, latency_s))
@@ -266,12 +281,13 @@ async def main(events: int, budgets: list[float], latency_s: float, baseline_s: 
     base = parent.recv()
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            results = [await drain_with_omsd(base, events, b, Path(tmp), intake_only) for b in budgets]
+            runs = [(b, d) for b in budgets for d in durabilities]
+            results = [await drain_with_omsd(base, events, b, Path(tmp), intake_only, d) for b, d in runs]
         baseline = await drain_plainly(base, events, baseline_s)
     finally:
         parent.send("stop")
         proc.join(10)
-    report([*results, baseline], budgets, baseline)
+    report([*results, baseline], [b for b in budgets for _ in durabilities], baseline)
 
 
 if __name__ == "__main__":
@@ -281,6 +297,12 @@ if __name__ == "__main__":
     parser.add_argument("--latency", type=float, default=0.05)
     parser.add_argument("--baseline-seconds", type=float, default=60.0)
     parser.add_argument("--intake-only", action="store_true", help="the feed poller alone, no processor")
+    parser.add_argument(
+        "--durability",
+        default="local",
+        help="OMSD_DURABILITY per run, e.g. local,replicated (replicated: Litestream, a file:// replica)",
+    )
     args = parser.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
-    asyncio.run(main(args.events, budgets, args.latency, args.baseline_seconds, args.intake_only))
+    durabilities = tuple(args.durability.split(","))
+    asyncio.run(main(args.events, budgets, args.latency, args.baseline_seconds, args.intake_only, durabilities))

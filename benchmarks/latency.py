@@ -1,6 +1,7 @@
 """Release → approval PUT latency, with the hook and with the feed, without and with faults.
 
     .venv/bin/python benchmarks/latency.py [--orders 100] [--free 20] [--arrival 50] [--spread 10] [--timeout 30]
+                                           [--durability local replicated]
 
 Each run starts the simulator on loopback and a real omsd in this process (the
 Settings' defaults: feed polled every 5 s, 50 requests/s, adaptive rate), with
@@ -10,6 +11,9 @@ faults and once with the fault mix. Orders arrive at random times over
 (`POST /v1/approvals` with both ids) at once, and the simulated seller releases
 it 1 to 1 + `--spread` s after the hold; `--free` more are never held and their
 intent is sent once the order waits for the marketplace's approval (intent → PUT).
+With `--durability local replicated` each run is made twice on the same seed, the
+second with Litestream and a file:// replica (OMSD_DURABILITY=replicated: the 202 and
+the PUT wait for the replica).
 
 Per held order: release (the simulator's status change out of
 waiting-for-manual-authorization) → the first approval PUT reaching the
@@ -28,6 +32,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import latency_trace  # beside this script (run as a script, its folder is on the path)
@@ -86,9 +91,13 @@ class Result:
     seconds: float
 
 
-def settings_for(sim: Simulator, db: Path, source: str, args: argparse.Namespace) -> Settings:
+def settings_for(
+    sim: Simulator, db: Path, source: str, args: argparse.Namespace, durability: str = "local"
+) -> Settings:
     port = free_port()
-    budget = {} if args.rate is None else {"rate_limit_per_s": args.rate}
+    budget: dict[str, Any] = {} if args.rate is None else {"rate_limit_per_s": args.rate}
+    if durability == "replicated":  # Litestream beside omsd, a file:// replica on the same disk
+        budget.update(replica=f"file://{db.parent / 'replica'}", durability="replicated")
     return Settings(
         account=sim.account,
         app_key=sim.app_key,
@@ -230,12 +239,14 @@ async def drive(args: argparse.Namespace, sim: Simulator, url: str, run: int) ->
     return driven
 
 
-async def one_run(args: argparse.Namespace, source: str, faults: Faults, label: str, run: int) -> Result:
+async def one_run(
+    args: argparse.Namespace, source: str, faults: Faults, label: str, run: int, durability: str = "local"
+) -> Result:
     sim = Simulator(seed=run, faults=faults)
     await sim.start()
     trace = latency_trace.Trace()
     with tempfile.TemporaryDirectory() as tmp, latency_trace.tracing(trace, enabled=args.trace):
-        daemon, stop, task = await start_daemon(settings_for(sim, Path(tmp) / "omsd.db", source, args))
+        daemon, stop, task = await start_daemon(settings_for(sim, Path(tmp) / "omsd.db", source, args, durability))
         t0 = time.monotonic()
         try:
             driven = await drive(args, sim, daemon.url, run)
@@ -243,7 +254,8 @@ async def one_run(args: argparse.Namespace, source: str, faults: Faults, label: 
             stop.set()
             await asyncio.wait_for(task, timeout=30)
             await sim.stop()
-    result = measure(f"{source}, {label}", sim, driven.held, driven.free, driven.sent)
+    name = f"{source}, {label}" + (f", {durability}" if args.durability != ["local"] else "")
+    result = measure(name, sim, driven.held, driven.free, driven.sent)
     result.seconds = time.monotonic() - t0
     if args.trace:
         print(
@@ -279,8 +291,8 @@ def table(results: list[Result]) -> str:
 
 async def main(args: argparse.Namespace) -> None:
     logs.configure("error", "json")
-    runs: list[tuple[str, Faults, str]] = [
-        (source, make(), label)
+    runs: list[tuple[str, Faults, str, str]] = [
+        (source, make(), label, durability)
         for source in args.sources
         for key, make, label in (
             ("none", no_faults, "no faults"),
@@ -288,10 +300,12 @@ async def main(args: argparse.Namespace) -> None:
             ("mix-no429", mix_without_429, "fault mix without 429s"),
         )
         if key in args.faults
+        for durability in args.durability
     ]
     results: list[Result] = []
-    for n, (source, faults, label) in enumerate(runs, 1):
-        results.append(await one_run(args, source, faults, label, n))
+    for n, (source, faults, label, durability) in enumerate(runs):
+        seed = n // len(args.durability) + 1  # local and replicated see the same orders
+        results.append(await one_run(args, source, faults, label, seed, durability))
         print(table(results[-1:]).splitlines()[-1], flush=True)
     print(f"\nload average {os.getloadavg()}\n")
     print(table(results))
@@ -311,6 +325,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rate", type=float, help="OMSD_RATE_LIMIT_PER_S (default: the Settings' default)")
     p.add_argument("--trace", action="store_true", help="time each step of each held order (latency_trace.py)")
     p.add_argument("--sources", nargs="+", default=["hook", "feed"], choices=["hook", "feed"])
+    p.add_argument(
+        "--durability",
+        nargs="+",
+        default=["local"],
+        choices=["local", "replicated"],
+        help="OMSD_DURABILITY; replicated runs Litestream to a file:// replica (same seed: side by side)",
+    )
     return p.parse_args(argv)
 
 

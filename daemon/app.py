@@ -31,10 +31,12 @@ from .intake.feed import FeedPoller
 from .ops import lock
 from .ops.health import Health
 from .ops.jobs import Jobs, SharedScheduler, add_retention
+from .ops.litestream import SHUTDOWN_SYNC_S
 from .ops.logs import get_logger, redact
 from .ops.metrics import Metrics
 from .ops.notify import Notifier, Progress, status_line, watchdog_loop
 from .ops.probe import StoreProbe
+from .ops.replica import Replica, publish
 from .ops.supervisor import Loop, Supervisor, first_error
 from .ops.waiting import Watermark
 from .pipeline.effects import EffectRunner
@@ -51,6 +53,7 @@ log = get_logger("omsd.app")
 STATUS_EVERY_S = 10.0
 HOSTED_POLL_S = 3600.0  # in a fleet the journal watcher wakes the processor (daemon/fleet/watcher.py)
 HOSTED_MAX_BATCH = 256  # in a fleet a batch is one turn across the accounts (ops/turns.py): keep it short
+ORPHAN_WAIT_S = SHUTDOWN_SYNC_S + 5.0  # how long a start waits for a dead omsd's Litestream to finish
 
 
 class DaemonFailed(Exception):
@@ -94,6 +97,7 @@ class Daemon:
         self.notifier = notifier or (Notifier("", 0) if host else Notifier())
         self.progress = Progress()
         self.http = HttpServer(settings)
+        self.replica = Replica(settings, self.health, self.metrics)
         self.store: Store | None = None
         self.processor: Processor | None = None
         self.poller: FeedPoller | None = None
@@ -131,7 +135,15 @@ class Daemon:
             notify.status("opening the database")
             if not s.db.parent.is_dir():
                 raise ConfigError(f"OMSD_DB: the folder {s.db.parent} does not exist")
-            stack.enter_context(lock.hold(s.db))  # one process owns a database (omsd replay/ingest refuse)
+            lock_fd = await _hold_lock(stack, s.db)  # one process owns a database (omsd replay/ingest refuse)
+            replica = self.replica
+            if replica.enabled:
+                # Before the store opens: restore a missing database; Litestream starts first
+                # and stops last (after the store closed), so its connection is the last one.
+                notify.status("replication: restoring or starting")
+                await replica.prepare()
+                stack.push_async_callback(replica.stop)
+                await replica.start(lock_fd)
             # On a database that refuses writes (a full disk, a read-only file system) omsd
             # starts read-only: it serves, is not ready, and the probe takes up writing.
             store = self.store = await Store.open_or_read(s.db)
@@ -143,18 +155,29 @@ class Daemon:
                 health.store_unwritable(store.db.read_only)
             probe = StoreProbe(store.db, metrics, every_s=s.store_probe_s)
             await probe.probe()
+            if replica.enabled:
+                await replica.first_sync()
             session = host.session if host else await stack.enter_async_context(aiohttp.ClientSession())
             client = VtexClient(s, session, metrics=metrics)
 
-            runner = self.runner = EffectRunner(store, client, concurrency=s.effect_concurrency, metrics=metrics)
+            runner = self.runner = EffectRunner(
+                store,
+                client,
+                concurrency=s.effect_concurrency,
+                metrics=metrics,
+                before_send=replica.durable if s.replicated else None,
+            )
             timers = Timers(store, lambda: processor.wake.set())
-            mark = Watermark((await store.outcomes.bounds())[1])  # the last outcome committed
+            # The outcomes readers see (the /v1/events routes, the relay): the last committed, or
+            # under replicated durability the last on the replica (`publish`).
+            mark = Watermark((await store.outcomes.bounds())[1])
+            committed = Watermark(mark.value) if s.replicated else mark
             processor = self.processor = Processor(
                 store,
                 s.policy(),
                 on_effects=runner.wake.set,
                 on_timer=timers.set_at,
-                on_outcomes=mark.advance,
+                on_outcomes=committed.advance,
                 metrics=metrics,
                 max_batch_size=HOSTED_MAX_BATCH if host else MAX_BATCH,
             )
@@ -162,7 +185,13 @@ class Daemon:
             processor.on_stuck = health.orders_stuck
             runner.on_result = processor.wake.set
             poller = self.poller = FeedPoller(
-                store, client, s, on_journal=processor.wake.set, metrics=metrics, health=health
+                store,
+                client,
+                s,
+                on_journal=processor.wake.set,
+                metrics=metrics,
+                health=health,
+                durable=replica.synced if s.replicated else None,
             )
 
             async def recreated(reason: str) -> None:
@@ -175,7 +204,17 @@ class Daemon:
                 await runner.recover()  # else the effect runner recovers when writes work again
 
             notify.status("starting the HTTP server")
-            context = ApiContext(s, store, processor, processor.wake.set, health, metrics, probe, outcome_mark=mark)
+            context = ApiContext(
+                s,
+                store,
+                processor,
+                processor.wake.set,
+                health,
+                metrics,
+                probe,
+                outcome_mark=mark,
+                durable=replica.synced,
+            )
             if host is None:
                 await self.http.start(stack, context)
             else:
@@ -219,11 +258,17 @@ class Daemon:
                     ),
                     Loop("effect-runner", runner.run, beat=runner.progress, restart=runner.recover),
                     *([Loop("relay", relay.run)] if endpoints else []),
+                    *(
+                        [Loop("outcomes", functools.partial(publish, committed, mark, replica.durable))]
+                        if s.replicated
+                        else []
+                    ),
                 ],
                 side=[
                     *([] if host else [Loop("watchdog", functools.partial(watchdog_loop, notify, self.progress))]),
                     Loop("store-probe", functools.partial(probe.run, writable=health.store_ok)),
                     Loop("timer-alarm", timers.run),
+                    *([Loop("replica", replica.run)] if replica.enabled else []),
                 ],
                 on_stopping=notify.stopping,
             )
@@ -255,8 +300,24 @@ class Daemon:
         jobs.add("parked_intents", parked.run_once, s.link_interval_s, misfire_grace_s=s.link_interval_s * 5)
         if host is None:  # a fleet reports one status line for all its accounts
             jobs.add("status", report_status, STATUS_EVERY_S)
-        add_retention(jobs, store, s.retention_days)
+        # While Litestream runs, only it may checkpoint past its read lock (a TRUNCATE would stall
+        # every writer for the busy timeout and force a full snapshot upload).
+        add_retention(jobs, store, s.retention_days, truncate=not self.replica.enabled)
         return jobs
 
     def _count_transition(self, t: Transition) -> None:
         self.metrics.on_transition(t.order_id, t.from_phase, t.to_phase, t.intent_at, datetime.now(UTC))
+
+
+async def _hold_lock(stack: AsyncExitStack, db: Path) -> int:
+    """Take the database lock; wait (up to ORPHAN_WAIT_S) while the Litestream of an omsd
+    that died still holds it for its last sync."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + ORPHAN_WAIT_S
+    while True:
+        try:
+            return stack.enter_context(lock.hold(db))
+        except lock.DatabaseBusy as exc:
+            if not exc.orphaned or loop.time() > deadline:
+                raise
+            await asyncio.sleep(0.2)

@@ -12,11 +12,13 @@ from typing import Any
 import pytest
 
 from omsd.daemon.cli import main
+from omsd.daemon.ops.replica import publish
 from omsd.daemon.ops.waiting import Watermark
 from omsd.daemon.pipeline.processor import Processor
 from omsd.state.models import Policy
 from omsd.state.store import Store
 from tests.api_helpers import AUTH, Api
+from tests.helpers import until
 from tests.machine_helpers import FREE, HELD, MKT, intent, status
 from tests.store_helpers import NOW, entry
 
@@ -98,6 +100,50 @@ async def test_events_after_a_seq_with_where_to_resume(api: Api) -> None:
     assert [e["seq"] for e in limited["events"]] == [1] and limited["next"] == 1
     _, none = await get(api, "/v1/events?after=0&order=OTHER-1")
     assert none == {"events": [], "next": 2}  # every outcome looked at: resume past them
+
+
+async def test_only_published_outcomes_are_served(api: Api) -> None:
+    """An outcome committed but not yet published (under replicated durability: not yet on
+    the replica) is not shown: a restore could give its seq to another event."""
+    await held_then_canceled(api.ctx.store)
+    api.ctx.outcome_mark.advance(1)
+    _, body = await get(api, "/v1/events?after=0")
+    assert [e["seq"] for e in body["events"]] == [1] and body["next"] == 1
+    resp = await api.client.get("/v1/events/stream", headers=AUTH)
+    lines: list[str] = []
+    while not any(line.startswith("data:") for line in lines):
+        lines.append((await asyncio.wait_for(resp.content.readline(), timeout=10)).decode().rstrip("\r\n"))
+    api.ctx.outcome_mark.advance(2)
+    while not any(line.startswith("id: 2") for line in lines):
+        lines.append((await asyncio.wait_for(resp.content.readline(), timeout=10)).decode().rstrip("\r\n"))
+    resp.close()
+    assert [line for line in lines if line.startswith("id:")] == ["id: 1", "id: 2"]
+
+
+async def test_under_replicated_durability_an_outcome_is_published_once_on_the_replica() -> None:
+    """`publish` moves the readers' mark to what the processor committed only after a sync
+    covering it returned (a sync that began after the commit)."""
+    committed, published, stop = Watermark(), Watermark(), asyncio.Event()
+    syncs: list[asyncio.Event] = []
+
+    async def durable() -> None:
+        synced = asyncio.Event()
+        syncs.append(synced)
+        await synced.wait()
+
+    task = asyncio.create_task(publish(committed, published, durable, stop))
+    committed.advance(3)
+    await until(lambda: len(syncs) == 1, what="a sync asked for")
+    committed.advance(5)  # committed during the sync: not covered by it
+    assert published.value == 0
+    syncs[0].set()
+    await until(lambda: published.value == 3, what="published up to what the first sync covered")
+    await until(lambda: len(syncs) == 2, what="a second sync for the rest")
+    assert published.value == 3
+    syncs[1].set()
+    await until(lambda: published.value == 5, what="the rest published")
+    stop.set()
+    await asyncio.wait_for(task, timeout=5)
 
 
 async def test_a_long_poll_answers_as_soon_as_an_outcome_commits(api: Api) -> None:

@@ -141,6 +141,21 @@ async def test_each_outcome_is_a_signed_post_with_a_stable_id(store: Store, rece
     assert await store.outcomes.due("webhook", r.clock.wall() + timedelta(days=9), 10) == []  # all acknowledged
 
 
+async def test_only_published_outcomes_are_pushed(store: Store, receiver: tuple[Receiver, str]) -> None:
+    """The relay pushes an outcome only once it is published (the mark passed it), as the pull API shows it."""
+    rec, base = receiver
+    r = await running(store, base)
+    await store.journal.append([entry(e) for e in intent_on("A-1-01", "1", 1)], now=NOW)
+    await Processor(store, Policy(), on_outcomes=lambda seq: r.mark.advance(1)).drain()  # 2 committed, 1 published
+    await until(lambda: len(rec.got) == 1, what="the published one")
+    # Taken in the same turn as the first, the second would be delivered or pending by now.
+    assert await store.outcomes.due("webhook", r.clock.wall() + timedelta(days=9), 10) == []
+    assert [b["seq"] for b in rec.bodies()] == [1]
+    r.mark.advance(2)
+    await until(lambda: len(rec.got) == 2, what="the second, once published")
+    await stopped(r)
+
+
 async def test_a_failing_order_waits_alone_and_its_events_keep_their_order(
     store: Store, receiver: tuple[Receiver, str]
 ) -> None:

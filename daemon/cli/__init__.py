@@ -34,9 +34,9 @@ neither held nor canceled.
 
 Configuration comes from OMSD_* environment variables (see README.md).
 The offline commands (init, approve, orders, show, journal, intents, dead, stuck,
-replay, ingest, export, retry, status, prune) need only OMSD_DB. Only `run` and
-`init` create a database. `replay`, `ingest` and `prune` refuse to work beside a
-running daemon.
+replay, ingest, export, retry, status, prune) need only OMSD_DB; `restore` needs
+OMSD_REPLICA too. Only `run`, `init` and `restore` create a database. `replay`,
+`ingest`, `prune` and `restore` refuse to work beside a running daemon.
 
 Exit codes: 0 success; 1 failure (unknown order, refused input lines);
 2 bad configuration or usage, or no database at OMSD_DB; 3 another process

@@ -45,6 +45,11 @@ def add(sub: Subparsers[argparse.ArgumentParser]) -> None:
     d.add_argument("--orders", type=int, default=60, help="number of orders (default 60)")
     d.add_argument("--seed", type=int, default=7, help="simulator random seed (default 7)")
     d.add_argument("--timeout", type=float, default=180.0, help="give up after this many seconds (default 180)")
+    d.add_argument(
+        "--replicated",
+        action="store_true",
+        help="replicate the database with Litestream to a file:// replica beside it, with replicated durability",
+    )
     sim = command(
         sub,
         "sim",
@@ -156,7 +161,7 @@ def _demo(args: argparse.Namespace) -> int:
     if args.orders < 4:
         print("omsd: --orders must be at least 4", file=sys.stderr)
         return EXIT_CONFIG
-    return asyncio.run(run_demo(args.orders, args.seed, args.timeout))
+    return asyncio.run(run_demo(args.orders, args.seed, args.timeout, replicated=args.replicated))
 
 
 def _sim(args: argparse.Namespace) -> int:

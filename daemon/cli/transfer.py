@@ -1,4 +1,5 @@
-"""`omsd ingest`, `omsd export`, `omsd backup`: events in, the journal out, the database copied."""
+"""`omsd ingest`, `omsd export`, `omsd backup`, `omsd restore`: events in, the journal out, the
+database copied, the database brought back from its replica."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from typing import Any
 from omsd.state.events import ENTRY_KINDS
 from omsd.state.store import Store
 
-from ..config.settings import load_db_path, load_policy
+from ..config.settings import load_db_path, load_policy, load_replica_settings
 from ..tools import ingest
-from .common import EXIT_CONFIG, EXIT_FAIL, EXIT_OK, OFFSET, Subparsers, command, offline, preview_options
+from .common import EXIT_BUSY, EXIT_CONFIG, EXIT_FAIL, EXIT_OK, OFFSET, Subparsers, command, offline, preview_options
 
 
 def add(sub: Subparsers[argparse.ArgumentParser]) -> None:
@@ -69,6 +70,24 @@ def add(sub: Subparsers[argparse.ArgumentParser]) -> None:
     b.add_argument("path", metavar="PATH", type=Path, help="where to write the copy")
     b.add_argument("--force", action="store_true", help="replace PATH if it exists")
     b.add_argument("--json", action="store_true", help="print what was written as JSON")
+
+    r = command(
+        sub,
+        "restore",
+        _restore,
+        help="bring the database back from its replica (OMSD_REPLICA), checked",
+        description="Restore the database from the Litestream replica at OMSD_REPLICA: its latest state, or as "
+        "it was at --to TIME. The copy is restored beside the target, checked (SQLite's integrity check; the "
+        "orders rebuilt from its journal must be the orders it holds) and only then renamed into place; a "
+        "database it replaces is kept beside it (NAME.before-restore-TIME). Refuses to replace an existing "
+        "database without --force, and to work beside a running daemon (exit 3). `omsd run` restores by "
+        "itself when OMSD_DB is missing (docs/operations.md, 'Replication').",
+    )
+    r.add_argument("--to", metavar="TIME", help="the state at this time (ISO 8601, e.g. 2026-12-06T08:30:00Z)")
+    r.add_argument("--dry-run", action="store_true", help="restore into a temporary file, check it, remove it")
+    r.add_argument("--output", metavar="PATH", type=Path, help="restore here instead of OMSD_DB (e.g. to look)")
+    r.add_argument("--force", action="store_true", help="replace the target if it exists (kept beside, renamed)")
+    r.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
 
 def _read_input(name: str) -> str:
@@ -146,6 +165,62 @@ async def _export(store: Store, args: argparse.Namespace) -> int:
         print(f"omsd: no order {args.order}", file=sys.stderr)
         return EXIT_FAIL
     return EXIT_OK
+
+
+def _restore(args: argparse.Namespace) -> int:
+    from ..ops import lock
+    from ..tools.restore import RestoreFailed, RestoreRefused, parse_time, restore_replica
+
+    settings = load_replica_settings()
+    target = args.output or settings.db
+    owns = not args.dry_run and Path(target).absolute() == settings.db.absolute()
+    try:
+        to = parse_time(args.to) if args.to else None
+        with lock.hold(settings.db) if owns else contextlib.nullcontext():
+            report = asyncio.run(
+                restore_replica(
+                    settings, load_policy(), to=to, dry_run=args.dry_run, output=args.output, force=args.force
+                )
+            )
+    except RestoreRefused as exc:
+        print(f"omsd: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except lock.DatabaseBusy as exc:
+        print(f"omsd: {exc}", file=sys.stderr)
+        return EXIT_BUSY
+    except RestoreFailed as exc:
+        print(f"omsd: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    if args.json:
+        print(json.dumps(report.as_dict(), sort_keys=True))
+    else:
+        _print_restore(report)
+    return EXIT_OK if report.ok else EXIT_FAIL
+
+
+def _print_restore(report: Any) -> None:
+    when = f" as of {report.to}" if report.to else ""
+    print(f"restored {report.replica}{when}: txid {report.txid}, {report.bytes} bytes in {report.seconds:.2f}s")
+    print(f"integrity check: {report.integrity}")
+    replay = report.replay
+    if replay:
+        differing = replay["differing_orders"]
+        verdict = "every order matches" if not differing else f"{differing} order(s) differ"
+        print(
+            f"replay check: {replay['orders']} orders rebuilt from the journal "
+            f"up to offset {replay['to_offset']}: {verdict}"
+        )
+        for order in replay["differences"]:
+            print(f"  {order['order_id']}: {order['differences']}")
+    if report.last_offset is not None:
+        print(f"journal: last offset {report.last_offset}, last event at {report.last_event_at}")
+    if not report.ok:
+        print("checks failed: nothing was replaced", file=sys.stderr)
+    elif report.dry_run:
+        print(f"dry run: {report.target} unchanged")
+    else:
+        kept = f"; the database it replaced is at {report.replaced}" if report.replaced else ""
+        print(f"{report.target} is the restored database{kept}")
 
 
 def _backup(args: argparse.Namespace) -> int:

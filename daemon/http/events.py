@@ -112,7 +112,7 @@ async def events(request: web.Request) -> web.Response:
     try:
         while True:
             last = mark.value  # read before the query: whatever it misses is after `last`
-            rows = await ctx.store.outcomes.after(seen, q.limit, types=q.types, order=q.order)
+            rows = await ctx.store.outcomes.after(seen, q.limit, types=q.types, order=q.order, upto=last)
             if rows or loop.time() >= deadline:
                 break
             seen = max(seen, last)
@@ -143,7 +143,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
         try:
             while sse.is_connected():
                 last = mark.value
-                rows = await ctx.store.outcomes.after(seen, STREAM_PAGE, types=q.types, order=q.order)
+                rows = await ctx.store.outcomes.after(seen, STREAM_PAGE, types=q.types, order=q.order, upto=last)
                 for row in rows:
                     await sse.send(_data(row), id=str(row.seq), event=row.type)
                 seen = rows[-1].seq if rows else max(seen, last)

@@ -20,6 +20,7 @@ from aiohttp import web
 from omsd.state.store import StoreUnwritable
 
 from ..config.settings import ConfigError
+from ..ops.replica import ReplicaUnavailable
 from .common import ApiContext, context_of
 from .guard import ConnectionGuard, install_accept_error_handler
 from .routes import build_app
@@ -94,26 +95,31 @@ class HttpServer:
     async def _store_state(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        """While the database refuses writes: 503 with Retry-After for every POST, and
-        /healthz says why. A write refused meanwhile: 503 too. In a fleet: the database of the
-        account the request is for."""
+        """While the database refuses writes, or (replicated durability) the replica is
+        behind: 503 with Retry-After for every POST (they all journal), and /healthz says
+        why. A write refused, or a sync to the replica failed, meanwhile: 503 too. In a fleet:
+        the account the request is for."""
         ctx = context_of(request)
-        problem = ctx.health.store_problem if ctx is not None else None
+        health = ctx.health if ctx is not None else None
+        problem = health.intake_problem if health is not None else None
         if problem is not None and request.method == "POST":
             return self._unavailable(problem)
         try:
             response = await handler(request)
         except StoreUnwritable as exc:
-            return self._unavailable(exc.reason)
+            return self._unavailable(f"database not writable: {exc.reason}")
+        except ReplicaUnavailable as exc:
+            return self._unavailable(f"replica not current: {exc.reason}")
         if problem is not None and request.path == "/healthz" and response.status == 200:
-            return web.json_response({"status": "ok", "intake": "paused", "database": problem})
+            body: dict[str, str] = {"status": "ok", "intake": "paused", "reason": problem}
+            if health is not None and health.store_problem is not None:
+                body["database"] = health.store_problem
+            return web.json_response(body)
         return response
 
     def _unavailable(self, reason: str) -> web.Response:
         retry = str(math.ceil(self._settings.store_probe_s))
-        return web.json_response(
-            {"error": f"database not writable: {reason}"}, status=503, headers={"Retry-After": retry}
-        )
+        return web.json_response({"error": reason}, status=503, headers={"Retry-After": retry})
 
 
 async def _close(server: asyncio.Server) -> None:

@@ -111,6 +111,7 @@ async def _notification(request: web.Request, *, authenticated: bool) -> web.Res
         [entries.notification_entry(env, now, authenticated=authenticated, body=text)], now=now
     )
     ctx.wake()
+    await ctx.durable()
     if authenticated and not appended.duplicate and env.flow == "ApproveOrder" and env.code not in APPROVAL_SUCCESS:
         ctx.metrics.on_approval_refused(env.code)
     log.info(
@@ -145,6 +146,7 @@ async def hook(request: web.Request) -> web.Response:
         log.warning("hook_wrong_account", remote=request.remote)
         return error(403, reason)
     [appended] = await ctx.store.journal.append([pushed.entry], now=pushed.entry.received_at)
+    await ctx.durable()  # replicated durability: VTEX is told 200 once the push is on the replica
     ctx.health.push_ok()
     if appended.duplicate:
         ctx.metrics.duplicates.labels(source="hook").inc()

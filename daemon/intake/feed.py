@@ -37,6 +37,7 @@ from ..config.settings import Settings
 from ..ops.health import Health
 from ..ops.logs import get_logger
 from ..ops.metrics import Metrics
+from ..ops.replica import ReplicaUnavailable
 from ..ops.waiting import wait_any
 from ..vtex.client import VtexApi
 from ..vtex.errors import AuthFailed, NotFound, VtexError
@@ -111,6 +112,7 @@ class FeedPoller:
         health: Health | None = None,
         wait: Wait = wait_any,
         commit_linger_s: float = COMMIT_LINGER_S,
+        durable: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._store = store
         self._vtex = vtex
@@ -121,6 +123,9 @@ class FeedPoller:
         self._health = health
         self._wait = wait  # every wait of the readers and the committer (a test records them)
         self._commit_linger_s = commit_linger_s
+        # Replicated durability (`Replica.synced`): a handle is committed only once the journal
+        # rows behind it are on the replica; ReplicaUnavailable keeps the handles for a later round.
+        self._durable = durable
         # Told when VTEX answers 404: it has no feed configuration (deleted after inactivity).
         self.on_missing: Callable[[], Awaitable[None]] | None = None
 
@@ -158,6 +163,12 @@ class FeedPoller:
             if not (first or everything) and len(handles) < COMMIT_MAX:
                 return
             first = False
+            if self._durable is not None:
+                try:
+                    await self._durable()  # one sync covers every handle read above
+                except ReplicaUnavailable as exc:
+                    log.warning("feed_commit_paused", handles=len(handles), error=f"replica not current: {exc}")
+                    return
             chunks = [handles[i : i + COMMIT_MAX] for i in range(0, len(handles), COMMIT_MAX)]
             if not all(await asyncio.gather(*(self._commit(chunk) for chunk in chunks))):
                 return
@@ -311,11 +322,14 @@ class FeedPoller:
         await p.batches.put(items)
 
     async def _paused(self, stop: asyncio.Event) -> bool:
-        """While the database refuses writes, read nothing VTEX would have to redeliver:
-        wait (up to a poll interval) and say so."""
-        if self._health is None or self._health.store_ok.is_set():
+        """While the database refuses writes, or (replicated durability) the replica is
+        behind, read nothing VTEX would have to redeliver: wait (up to a poll interval)
+        and say so."""
+        health = self._health
+        if health is None or health.intake_problem is None:
             return False
-        await self._wait(self._health.store_ok, stop, within_s=self._settings.poll_interval_s)
+        waiting_for = health.store_ok if not health.store_ok.is_set() else health.replica_ok
+        await self._wait(waiting_for, stop, within_s=self._settings.poll_interval_s)
         return True
 
     async def _read(self) -> list[Any]:

@@ -33,9 +33,37 @@ class Health:
     outside: set[str] = field(default_factory=set)
     store_problem: str | None = None  # why the database refuses writes; intake waits meanwhile
     store_ok: asyncio.Event = field(default_factory=asyncio.Event)
+    # why the replica may be behind (Litestream down, a sync failed, no sync for a while);
+    # with OMSD_DURABILITY=replicated intake waits meanwhile
+    replica_problem: str | None = None
+    replica_ok: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
         self.store_ok.set()
+        self.replica_ok.set()
+
+    def replica_behind(self, reason: str) -> None:
+        """The replica may be behind: with replicated durability, intake pauses."""
+        if self.replica_problem is None:
+            log.warning("replica_behind", reason=reason, intake_paused=self.settings.replicated)
+        self.replica_problem = reason
+        self.replica_ok.clear()
+
+    def replica_current(self) -> None:
+        if self.replica_problem is not None:
+            log.info("replica_current", intake_resumed=self.settings.replicated)
+            self.replica_problem = None
+        self.replica_ok.set()
+
+    @property
+    def intake_problem(self) -> str | None:
+        """Why intake waits: the database refuses writes, or (replicated durability) the
+        replica is not current."""
+        if self.store_problem is not None:
+            return f"database not writable: {self.store_problem}"
+        if self.settings.replicated and self.replica_problem is not None:
+            return f"replica not current: {self.replica_problem}"
+        return None
 
     def store_unwritable(self, reason: str) -> None:
         """The database refused a write: pause intake, raise the alarm (the probe clears it)."""

@@ -169,14 +169,17 @@ class SharedScheduler:
             listener(event)
 
 
-def add_retention(jobs: Jobs, store: Store, days: int, every_s: float = retention.EVERY_S) -> None:
+def add_retention(
+    jobs: Jobs, store: Store, days: int, every_s: float = retention.EVERY_S, *, truncate: bool = True
+) -> None:
     """The `retention` job: prune what has been closed and quiet for `days`
     (OMSD_RETENTION_DAYS; 0: no job). It writes through the daemon's own store, so it
-    never races the processor: each chunk of orders is one of the store's transactions."""
+    never races the processor: each chunk of orders is one of the store's transactions.
+    Not `truncate` (Litestream runs): the write-ahead log is left to Litestream's checkpoints."""
     if days <= 0:
         return
 
     async def prune() -> None:
-        await retention.run_job(store, days, datetime.now(UTC))
+        await retention.run_job(store, days, datetime.now(UTC), truncate=truncate)
 
     jobs.add("retention", prune, every_s)

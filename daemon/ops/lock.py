@@ -28,10 +28,19 @@ class DatabaseBusy(Exception):
     """Another process owns the database."""
 
     def __init__(self, db: Path, pid: int | None) -> None:
-        owner = f"omsd pid {pid}" if pid is not None else "another process"
-        super().__init__(f"database {db} is in use by {owner} (lock file {lock_path(db)}); stop it first")
         self.db = db
         self.pid = pid
+        # The omsd that took the lock is gone, yet the lock is held: by the Litestream it
+        # started (which holds it until its last sync is done).
+        self.orphaned = pid is not None and not _alive(pid)
+        if self.orphaned:
+            super().__init__(
+                f"database {db} is still locked by the Litestream of omsd pid {pid}, which is gone "
+                f"(lock file {lock_path(db)}): it exits after its last sync; try again in a few seconds"
+            )
+        else:
+            owner = f"omsd pid {pid}" if pid is not None else "another process"
+            super().__init__(f"database {db} is in use by {owner} (lock file {lock_path(db)}); stop it first")
 
 
 def lock_path(db: Path) -> Path:
@@ -41,9 +50,11 @@ def lock_path(db: Path) -> Path:
 
 
 @contextlib.contextmanager
-def hold(db: str | Path) -> Iterator[None]:
+def hold(db: str | Path) -> Iterator[int]:
     """Own `db` until the block ends; raises DatabaseBusy when another process owns it, and
-    StoreUnwritable when no lock file exists and none can be created (a read-only file system)."""
+    StoreUnwritable when no lock file exists and none can be created (a read-only file system).
+    Gives the lock's descriptor: a child given it (Litestream) holds the lock until it
+    exits too."""
     fd = _open(lock_path(Path(db)))
     try:
         try:
@@ -54,7 +65,7 @@ def hold(db: str | Path) -> Iterator[None]:
             pid = f"{os.getpid()}\n".encode()
             os.pwrite(fd, pid, 0)  # over the old pid's bytes: no new block on a full disk
             os.ftruncate(fd, len(pid))
-        yield
+        yield fd
     finally:
         os.close(fd)  # releases the lock; the file stays (unlinking it would race a new owner)
 
@@ -69,6 +80,16 @@ def _open(path: Path) -> int:
             return os.open(path, os.O_RDONLY)
         except OSError:
             raise StoreUnwritable(f"cannot create the lock file {path}: {os.strerror(exc.errno)}") from None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _owner(fd: int) -> int | None:

@@ -33,6 +33,7 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 # approval from seconds (hook) to days (an order held for manual authorization).
 CALL_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 LATENCY_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
+SYNC_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 INTENT_BUCKETS = (1.0, 10.0, 60.0, 300.0, 3600.0, 6 * 3600.0, 86400.0, 3 * 86400.0, 7 * 86400.0)
 HELD_REFUSAL = "EOI011"  # VTEX refused an approval because the order is held: must never happen
 PHASES = (*(p.value for p in Phase), STUCK)  # the `phase` label: the machine's, and stuck orders
@@ -178,12 +179,46 @@ class Metrics:
         self.config_resyncs = Counter(
             "omsd_config_resyncs", "Orders re-checked because a feed or hook configuration was recreated", registry=r
         )
+        self._replica(r)
         for phase in PHASES:
             self.orders.labels(phase=phase).set(0)
         for kind in OUTCOME_TYPES:
             self.outcomes.labels(type=kind)
         # Exported at 0 from the start, so that increase() sees the first one (an alert).
         self.approvals_refused.labels(code=HELD_REFUSAL)
+
+    def _replica(self, r: CollectorRegistry) -> None:
+        """OMSD_REPLICA: Litestream's replication, as omsd sees it (docs/operations.md, "Replication")."""
+        self.replica_up = Gauge(
+            "omsd_replica_up", "1 while Litestream runs and the replica is current (0 without OMSD_REPLICA)", registry=r
+        )
+        self.replica_lag_seconds = Gauge(
+            "omsd_replica_lag_seconds",
+            "Seconds since a sync last reached the replica (Litestream syncs every second, idle or not)",
+            registry=r,
+        )
+        self.replica_lag_bytes = Gauge(
+            "omsd_replica_lag_bytes", "Bytes of changes written locally that the replica does not hold yet", registry=r
+        )
+        self.replica_last_sync = Gauge(
+            "omsd_replica_last_sync_timestamp_seconds", "When a sync last reached the replica (Unix time)", registry=r
+        )
+        self.replica_syncs = Counter(
+            "omsd_replica_syncs", "Syncs omsd waited for (replicated durability: one covers every waiter)", registry=r
+        )
+        self.replica_waits = Counter(
+            "omsd_replica_waits", "Acknowledgements and approvals that waited for the replica", registry=r
+        )
+        self.replica_sync_failures = Counter(
+            "omsd_replica_sync_failures", "Syncs to the replica that failed or timed out", registry=r
+        )
+        self.replica_sync_seconds = Histogram(
+            "omsd_replica_sync_duration_seconds",
+            "One sync omsd waited for, until the replica held it",
+            buckets=SYNC_BUCKETS,
+            registry=r,
+        )
+        self.replica_restarts = Counter("omsd_replica_restarts", "Times Litestream died and was restarted", registry=r)
 
     def on_approval_refused(self, code: str) -> None:
         """Count a refused approval by its result code. The label takes VTEX's code shape

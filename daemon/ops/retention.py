@@ -50,8 +50,11 @@ class Report:
         }
 
 
-async def prune(store: Store, days: float, now: datetime, *, dry_run: bool = False, chunk: int = CHUNK) -> Report:
-    """Prune what has been closed and quiet since before `now - days`."""
+async def prune(
+    store: Store, days: float, now: datetime, *, dry_run: bool = False, chunk: int = CHUNK, truncate: bool = True
+) -> Report:
+    """Prune what has been closed and quiet since before `now - days`. `truncate`: end with a
+    checkpoint that truncates the write-ahead log (never while Litestream runs)."""
     cutoff = now - timedelta(days=days)
     total = Pruned()
     async with aclosing(store.retention.candidates(PRUNABLE_PHASES, cutoff, page=chunk)) as pages:
@@ -66,11 +69,11 @@ async def prune(store: Store, days: float, now: datetime, *, dry_run: bool = Fal
         return Report(total, cutoff, dry_run=True)
     total.rejected_rows = await store.retention.prune_rejected(cutoff)
     total.outcome_rows = await store.outcomes.prune(cutoff)
-    freed = await store.retention.reclaim()
+    freed = await store.retention.reclaim(truncate=truncate)
     return Report(total, cutoff, dry_run=False, freed_bytes=freed)
 
 
-async def run_job(store: Store, days: float, now: datetime) -> Report:
-    report = await prune(store, days, now)
+async def run_job(store: Store, days: float, now: datetime, *, truncate: bool = True) -> Report:
+    report = await prune(store, days, now, truncate=truncate)
     log.info("journal_pruned", **report.view())
     return report

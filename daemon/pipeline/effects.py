@@ -10,7 +10,7 @@ writes rows). A fatal error in a call ends `EffectRunner.run` with that error.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 from omsd.state.codes import APPROVAL_SUCCESS
@@ -54,6 +54,7 @@ class EffectRunner:
         on_result: Callable[[], None] | None = None,
         clock: Clock = _utcnow,
         metrics: Metrics | None = None,
+        before_send: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._store = store
         self._vtex = vtex
@@ -64,6 +65,10 @@ class EffectRunner:
         self._metrics = metrics or Metrics()
         self.wake = asyncio.Event()
         self.progress: Callable[[], None] = lambda: None  # called on every turn of `run`
+        # Replicated durability (`Replica.durable`): the row marked `started` is on the replica
+        # before its PUT leaves, so a restored database recovers it as "outcome unknown" (a Get
+        # order first) instead of sending it again from `pending`.
+        self._before_send = before_send
 
     async def recover(self) -> int:
         """Finish what a stopped process left `started`. A Get order is simply run
@@ -119,6 +124,8 @@ class EffectRunner:
                 case FetchOrder():
                     result = await self._fetch(effect)
                 case SendApproval():
+                    if self._before_send is not None:
+                        await self._before_send()
                     result = await self._send(effect)
             await self._finish(row, result, source="effect")
         if self.on_result is not None:

@@ -91,7 +91,7 @@ class Relay:
                 await wait_any(stop, within_s=self._idle_s)
                 continue
             seen = self._mark.value
-            await outcomes.take(endpoint.name, WINDOW, self._clock(), endpoint.types)
+            await outcomes.take(endpoint.name, WINDOW, self._clock(), endpoint.types, upto=seen)
             due = await outcomes.due(endpoint.name, self._clock(), self._concurrency)
             if due:
                 await self._deliver(endpoint, due)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import aiohttp
@@ -14,6 +15,8 @@ from omsd.state.store import Store, StoreError
 from omsd.state.store.schema import SCHEMA_VERSION
 
 from ..config.settings import Settings
+from ..ops.litestream import Layout, ReplicaError, find_binary, list_files
+from ..ops.litestream import version as litestream_version
 from ..vtex.client import VtexClient
 from ..vtex.configuration import hook_plan, missing_statuses
 from ..vtex.errors import AuthFailed, VtexError
@@ -29,6 +32,8 @@ class Result:
 async def run_checks(settings: Settings, *, bind_test: bool = True) -> list[Result]:
     results = [Result("settings", True, f"account {settings.account}, source {settings.source}")]
     results.append(await _database(settings.db))
+    if settings.replica is not None:
+        results.append(await _replica(settings))
     if bind_test:
         results.append(await _listen(settings))
     async with aiohttp.ClientSession() as session:
@@ -57,6 +62,29 @@ async def _database(db: Path) -> Result:
     if version != SCHEMA_VERSION:
         return Result("database", True, f"schema {version}, omsd migrates it to {SCHEMA_VERSION} at start")
     return Result("database", True, f"{db} writable, schema {version} current")
+
+
+async def _replica(settings: Settings) -> Result:
+    """Litestream is there, and the replica can be read: what it holds, up to when."""
+    where = f"{settings.replica_display} ({settings.durability} durability)"
+    try:
+        binary = find_binary(settings.litestream_bin)
+        release = await litestream_version(binary)
+        with tempfile.TemporaryDirectory(prefix="omsd-check-") as folder:
+            layout = replace(Layout.of(settings.db), config=Path(folder) / "litestream.json")
+            await asyncio.to_thread(layout.write_config, settings.replica or "")
+            files = await list_files(binary, layout)
+    except ReplicaError as exc:
+        return Result("replica", False, f"{where}: {exc}")
+    if not files:
+        return Result("replica", True, f"{where}: empty, nothing replicated yet (litestream {release})")
+    latest = max(files, key=lambda f: (f.max_txid, f.timestamp))
+    newest = max(f.timestamp for f in files)
+    return Result(
+        "replica",
+        True,
+        f"{where}: txid {latest.max_txid}, last written {newest}, {len(files)} files (litestream {release})",
+    )
 
 
 async def _listen(settings: Settings) -> Result:

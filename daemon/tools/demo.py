@@ -121,7 +121,7 @@ TERMINAL_TYPES = ("approval.confirmed", "approval.refused", "intent.canceled", "
 EXPECTED_END = {Phase.APPROVED: "approval.confirmed", Phase.REJECTED: "intent.canceled"}
 
 
-def demo_settings(sim: Simulator, db: Path, port: int, api_token: str, connector: Connector) -> Settings:
+def demo_settings(sim: Simulator, db: Path, port: int, api_token: str, connector: Connector, **extra: Any) -> Settings:
     return Settings(
         account=sim.account,
         app_key=sim.app_key,
@@ -147,6 +147,7 @@ def demo_settings(sim: Simulator, db: Path, port: int, api_token: str, connector
         max_attempts=12,
         relay_url=connector.url,
         relay_secret=connector.secret,
+        **extra,
     )
 
 
@@ -232,7 +233,14 @@ def _table(
     return table
 
 
-async def run_demo(count: int = 60, seed: int = 7, timeout_s: float = 180.0, console: Console | None = None) -> int:
+async def run_demo(
+    count: int = 60,
+    seed: int = 7,
+    timeout_s: float = 180.0,
+    console: Console | None = None,
+    *,
+    replicated: bool = False,
+) -> int:
     console = console or Console()
     # The log lives beside, not inside, the temporary directory: the demo points the
     # user at it, so it must outlive the database that is deleted at the end.
@@ -240,12 +248,14 @@ async def run_demo(count: int = 60, seed: int = 7, timeout_s: float = 180.0, con
     log_path = Path(name)
     with tempfile.TemporaryDirectory(prefix="omsd-demo-") as tmp, open(fd, "w") as log_file:  # noqa: ASYNC230
         logs.configure("info", "json", stream=log_file)
-        code = await _run(count, seed, timeout_s, console, Path(tmp), log_path)
+        code = await _run(count, seed, timeout_s, console, Path(tmp), log_path, replicated=replicated)
     console.print(f"log kept at {log_path}")
     return code
 
 
-async def _run(count: int, seed: int, timeout_s: float, console: Console, tmp: Path, log_path: Path) -> int:
+async def _run(
+    count: int, seed: int, timeout_s: float, console: Console, tmp: Path, log_path: Path, *, replicated: bool
+) -> int:
     faults = Faults(
         latency_s=(0.0, 0.01),
         rate_429=0.03,
@@ -266,7 +276,10 @@ async def _run(count: int, seed: int, timeout_s: float, console: Console, tmp: P
     token = secrets.token_urlsafe(24)
     connector = Connector("whsec_" + base64.b64encode(secrets.token_bytes(32)).decode())
     receiver = await connector.start()
-    settings = demo_settings(sim, tmp / "omsd.db", port, token, connector)
+    # --replicated: Litestream beside the daemon, a file:// replica in the same folder, and
+    # every acknowledgement and approval waiting for it (what a container's volume would hold)
+    extra = {"replica": f"file://{tmp / 'replica'}", "durability": "replicated"} if replicated else {}
+    settings = demo_settings(sim, tmp / "omsd.db", port, token, connector, **extra)
     daemon = Daemon(settings)
     stop = asyncio.Event()
     task = asyncio.create_task(daemon.run(stop))

@@ -358,6 +358,11 @@ class Database:
             if free is not None and free < 4 * self.room_bytes:
                 self._full_at = free
 
+    async def integrity(self) -> list[str]:
+        """SQLite's `PRAGMA integrity_check`: ["ok"], or the problems it found."""
+        rows = await self.rows("PRAGMA integrity_check")
+        return [str(r[0]) for r in rows]
+
     async def writable(self) -> bool:
         """True when a real write commits."""
         return await self.probe_write() is None

@@ -94,11 +94,14 @@ class Outcomes:
 
     # ---- the stream -------------------------------------------------------------------------
     async def after(
-        self, seq: int, limit: int, *, types: Sequence[str] = (), order: str | None = None
+        self, seq: int, limit: int, *, types: Sequence[str] = (), order: str | None = None, upto: int | None = None
     ) -> list[OutcomeRow]:
-        """Outcomes after `seq`, oldest first: all, or of these types, or of one order (its
-        VTEX or its marketplace id)."""
+        """Outcomes after `seq` (and up to `upto`), oldest first: all, or of these types, or of
+        one order (its VTEX or its marketplace id)."""
         where, params = ["seq > ?"], list[Any]([seq])
+        if upto is not None:
+            where.append("seq <= ?")
+            params.append(upto)
         if types:
             where.append(f"type IN ({marks(types)})")
             params += list(types)
@@ -170,9 +173,11 @@ class Outcomes:
             for r in rows
         ]
 
-    async def take(self, name: str, window: int, now: datetime, types: Sequence[str] = ()) -> int:
-        """Move outcomes past the endpoint's cursor into its deliveries, while fewer than
-        `window` are pending; only those of `types` (all when empty). Returns how many."""
+    async def take(
+        self, name: str, window: int, now: datetime, types: Sequence[str] = (), upto: int | None = None
+    ) -> int:
+        """Move outcomes past the endpoint's cursor (up to `upto`) into its deliveries, while
+        fewer than `window` are pending; only those of `types` (all when empty). Returns how many."""
         async with self._db.tx() as conn:
             async with conn.execute(
                 "SELECT e.seq, (SELECT COUNT(*) FROM relay_deliveries d "
@@ -185,8 +190,9 @@ class Outcomes:
                 return 0
             cursor, room = int(row[0]), window - int(row[1])
             async with conn.execute(
-                "SELECT seq, type, order_id, marketplace_order_id FROM outcomes WHERE seq > ? ORDER BY seq LIMIT ?",
-                (cursor, room),
+                "SELECT seq, type, order_id, marketplace_order_id FROM outcomes WHERE seq > ? AND seq <= ? "
+                "ORDER BY seq LIMIT ?",
+                (cursor, _MAX_SEQ if upto is None else upto, room),
             ) as cur:
                 found = list(await cur.fetchall())
             if not found:

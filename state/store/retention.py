@@ -113,16 +113,20 @@ class Retention:
         async with self._db.tx() as conn:
             return await _rejected(conn, before, delete=True)
 
-    async def reclaim(self) -> int:
+    async def reclaim(self, *, truncate: bool = True) -> int:
         """Give free pages back to the filesystem (incremental vacuum, then a checkpoint that
-        truncates the write-ahead log). Returns the bytes the database file shrank by."""
+        truncates the write-ahead log). Returns the bytes the database file shrank by.
+        Without `truncate` the checkpoint is PASSIVE: while another process reads the log
+        (Litestream holds a read transaction), a TRUNCATE waits the whole busy timeout,
+        blocking every writer, and cannot finish anyway."""
         db = self._db
         try:
             async with db.lock:
                 before = await db.pages()
                 # executescript steps the pragma to its end; execute() would free one page only
                 await db.conn.executescript("PRAGMA incremental_vacuum;")
-                async with db.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cur:
+                mode = "TRUNCATE" if truncate else "PASSIVE"
+                async with db.conn.execute(f"PRAGMA wal_checkpoint({mode})") as cur:
                     await cur.fetchall()
                 after = await db.pages()
         except sqlite3.Error as exc:
