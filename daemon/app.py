@@ -51,7 +51,11 @@ from .vtex.configuration import VtexSetup
 log = get_logger("omsd.app")
 
 STATUS_EVERY_S = 10.0
-HOSTED_POLL_S = 3600.0  # in a fleet the journal watcher wakes the processor (daemon/fleet/watcher.py)
+# In a fleet the journal watcher wakes the processor (daemon/fleet/watcher.py), which wakes the effect
+# runner: their own polls are only a safety net, and their beats for the fleet's stall check.
+HOSTED_POLL_S = 120.0
+HOSTED_JOB_S = 60.0  # in a fleet, the parked intents' job while none is parked (one is: OMSD_LINK_INTERVAL_S)
+HOSTED_PROBE_OK_S = 600.0  # in a fleet, the write probe while writes work (a real write failing tells sooner)
 HOSTED_MAX_BATCH = 256  # in a fleet a batch is one turn across the accounts (ops/turns.py): keep it short
 ORPHAN_WAIT_S = SHUTDOWN_SYNC_S + 5.0  # how long a start waits for a dead omsd's Litestream to finish
 
@@ -71,7 +75,8 @@ class Host:
     (`serve(account, context)` attaches the account's routes, `serve(account, None)` detaches
     them), the journal watcher (`watch(db, wake)` calls `wake` when the database changes, e.g.
     `omsd approve` wrote to it; it returns the call that stops watching), the turns across
-    accounts for applying batches, and a smaller SQLite page cache. A hosted account sends
+    accounts for applying batches, the metrics every account shares, and a smaller SQLite page
+    cache. A hosted account sends
     nothing to systemd and runs no watchdog: the fleet does, once."""
 
     session: aiohttp.ClientSession
@@ -79,6 +84,7 @@ class Host:
     serve: Callable[[str, ApiContext | None], None]
     watch: Callable[[Path, Callable[[], None]], Callable[[], None]]
     turn: Callable[[str], AbstractAsyncContextManager[object]]
+    metrics: Metrics  # the fleet's families (daemon/fleet/metrics.py): the account adds its own
     stagger: float = 0.0  # 0..1: where in each interval this account's jobs run
     cache_kib: int | None = None
 
@@ -92,7 +98,7 @@ class Daemon:
         self.settings = settings
         self.host = host
         self.ready = asyncio.Event()
-        self.metrics = Metrics()
+        self.metrics = Metrics(aggregate=host.metrics if host else None)
         self.health = Health(settings, self.metrics)
         self.notifier = notifier or (Notifier("", 0) if host else Notifier())
         self.progress = Progress()
@@ -153,7 +159,9 @@ class Daemon:
             store.db.on_unwritable, store.db.on_writable = health.store_unwritable, health.store_writable
             if store.db.read_only is not None:
                 health.store_unwritable(store.db.read_only)
-            probe = StoreProbe(store.db, metrics, every_s=s.store_probe_s)
+            probe = StoreProbe(
+                store.db, metrics, every_s=s.store_probe_s, ok_every_s=HOSTED_PROBE_OK_S if host else None
+            )
             await probe.probe()
             if replica.enabled:
                 await replica.first_sync()
@@ -256,7 +264,12 @@ class Daemon:
                         functools.partial(processor.run, poll_s=HOSTED_POLL_S) if host else processor.run,
                         beat=processor.progress,
                     ),
-                    Loop("effect-runner", runner.run, beat=runner.progress, restart=runner.recover),
+                    Loop(
+                        "effect-runner",
+                        functools.partial(runner.run, poll_s=HOSTED_POLL_S) if host else runner.run,
+                        beat=runner.progress,
+                        restart=runner.recover,
+                    ),
                     *([Loop("relay", relay.run)] if endpoints else []),
                     *(
                         [Loop("outcomes", functools.partial(publish, committed, mark, replica.durable))]
@@ -297,7 +310,20 @@ class Daemon:
         parked = ParkedIntents(
             store, self.metrics, processor.wake.set, ttl_s=s.parked_intent_ttl_s, lookups_per_run=s.link_lookups_per_run
         )
-        jobs.add("parked_intents", parked.run_once, s.link_interval_s, misfire_grace_s=s.link_interval_s * 5)
+        if host is None:
+            jobs.add("parked_intents", parked.run_once, s.link_interval_s, misfire_grace_s=s.link_interval_s * 5)
+        else:
+            # A thousand accounts' jobs every 2 s would be most of an idle fleet's work: the job runs
+            # at the link interval only while intents are parked (the processor says when one is).
+
+            async def parked_run() -> None:
+                await parked.run_once()
+                if await store.read.parked_count():
+                    jobs.soon("parked_intents", s.link_interval_s)
+
+            every = max(s.link_interval_s, HOSTED_JOB_S)
+            jobs.add("parked_intents", parked_run, every, misfire_grace_s=every)
+            processor.on_parked = functools.partial(jobs.soon, "parked_intents")
         if host is None:  # a fleet reports one status line for all its accounts
             jobs.add("status", report_status, STATUS_EVERY_S)
         # While Litestream runs, only it may checkpoint past its read lock (a TRUNCATE would stall

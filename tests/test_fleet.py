@@ -11,7 +11,8 @@ import pytest
 from omsd.sim.faults import Faults
 from omsd.sim.fleet import SimFleet
 from omsd.state.statuses import Phase
-from tests.fleet_helpers import call, fleet_port, main_env, reached, running_fleet, write_accounts
+from omsd.daemon.fleet.fleet import Fleet
+from tests.fleet_helpers import account_file, call, fleet_port, main_env, reached, running_fleet, write_accounts
 from tests.helpers import API_TOKEN, HOOK_SECRET, until
 
 pytestmark = pytest.mark.e2e
@@ -86,3 +87,95 @@ async def test_the_hook_of_an_unknown_account_answers_like_a_wrong_secret(tmp_pa
         secret = {"X-Omsd-Hook-Secret": f"{HOOK_SECRET}-beta"}
         status, _ = await call("POST", f"{fleet.url}/vtex/hook/alpha", token=None, json=push, headers=secret)
         assert status == 401  # beta's secret does not open alpha's hook
+
+
+async def test_an_account_with_refused_credentials_waits_alone_and_starts_once_fixed(
+    tmp_path: Path, sims: SimFleet
+) -> None:
+    """beta's token is refused: beta fails and is retried with backoff, alpha approves meanwhile,
+    the fleet is ready; fixed and reloaded, beta runs."""
+    env = main_env(tmp_path, fleet_port())
+    write_accounts(env, sims, beta={"OMSD_APP_TOKEN": "not-beta-s-token"})
+    async with running_fleet(env, backoff_s=(0.1,)) as fleet:
+        beta = fleet.runners["beta"]
+        await until(lambda: beta.failures >= 2, what="beta retried")
+        assert beta.last_error is not None and "AuthFailed" in beta.last_error
+        status, body = await call("GET", f"{fleet.url}/readyz?account=beta", token=None)
+        assert status == 503 and "not running" in body["problems"][0]
+        status, body = await call("GET", f"{fleet.url}/readyz", token=None)
+        assert status == 200 and body["unready"] == ["beta"] and body["accounts"]["alpha"]["ready"]
+        status, body = await call("POST", f"{fleet.url}/v1/accounts/beta/approvals", json={"marketplaceOrderId": "b"})
+        assert status == 503
+        alpha = sims["alpha"]
+        order = alpha.create("a-2", held=False)
+        await call("POST", f"{fleet.url}/v1/accounts/alpha/approvals", json={"marketplaceOrderId": "a-2"})
+        await until(reached(fleet, "alpha", order.order_id, Phase.APPROVED), what="alpha approves")
+        write_accounts(env, sims)
+        fleet.reload()
+        await fleet.reloaded()
+        await until(
+            lambda: fleet.runners["beta"].daemon is not None and fleet.runners["beta"].daemon.ready.is_set(),
+            what="beta runs",
+        )
+        assert (await call("GET", f"{fleet.url}/readyz?account=beta", token=None))[0] == 200
+        assert fleet.runners["alpha"] is not beta
+
+
+async def test_a_bad_file_is_that_accounts_error_only(tmp_path: Path, sims: SimFleet) -> None:
+    """A NAME.env with a bad value, or one naming a process-wide setting: that account is not
+    started and says why; the others run."""
+    env = main_env(tmp_path, fleet_port())
+    write_accounts(env, sims, beta={"OMSD_POLL_INTERVAL_S": "soon"})
+    folder = Path(env["OMSD_ACCOUNTS_DIR"])
+    (folder / "gamma.env").write_text("OMSD_APP_KEY=k\nOMSD_APP_TOKEN=t\nOMSD_LISTEN=0.0.0.0:1\n")
+    async with running_fleet(env) as fleet:
+        status, body = await call("GET", f"{fleet.url}/readyz", token=None)
+        assert status == 200 and sorted(body["unready"]) == ["beta", "gamma"]
+        assert "OMSD_POLL_INTERVAL_S" in body["accounts"]["beta"]["problems"][0]
+        assert "OMSD_LISTEN: is shared by every account" in body["accounts"]["gamma"]["problems"][0]
+        assert body["accounts"]["alpha"]["ready"] is True
+        assert fleet.runners["beta"].daemon is None
+
+
+async def test_reload_adds_changes_and_removes_accounts_without_touching_the_others(
+    tmp_path: Path, sims: SimFleet
+) -> None:
+    """SIGHUP: a new file starts its account, a changed one restarts only that account, a
+    removed one stops its intake and keeps its database; the untouched account runs on."""
+    env = main_env(tmp_path, fleet_port())
+    folder = Path(env["OMSD_ACCOUNTS_DIR"])
+    alpha, beta = sims["alpha"], sims["beta"]
+    (folder / "alpha.env").write_text(account_file(alpha))
+    async with running_fleet(env) as fleet:
+        untouched = fleet.runners["alpha"].daemon
+        assert untouched is not None and set(fleet.runners) == {"alpha"}
+
+        (folder / "beta.env").write_text(account_file(beta))
+        fleet.reload()
+        await fleet.reloaded()
+        await until(lambda: _ready(fleet, "beta"), what="beta added")
+        first_beta = fleet.runners["beta"].daemon
+
+        (folder / "beta.env").write_text(account_file(beta, {"OMSD_MAXLOT": "5"}))
+        fleet.reload()
+        await fleet.reloaded()
+        await until(lambda: _ready(fleet, "beta") and fleet.runners["beta"].daemon is not first_beta, what="beta anew")
+        daemon = fleet.runners["beta"].daemon
+        assert daemon is not None and daemon.settings.maxlot == 5
+
+        (folder / "beta.env").unlink()
+        fleet.reload()
+        await fleet.reloaded()
+        await until(lambda: "beta" not in fleet.directory.names(), what="beta removed")
+        assert daemon.store is not None and not fleet.runners.get("beta")
+        push = {"Domain": "Fulfillment", "OrderId": "V-1-01", "State": "invoiced"}
+        headers = {"X-Omsd-Hook-Secret": f"{HOOK_SECRET}-beta"}
+        status, _ = await call("POST", f"{fleet.url}/vtex/hook/beta", token=None, json=push, headers=headers)
+        assert status == 401  # its intake stopped: the hook is no one's now
+        assert fleet.runners["alpha"].daemon is untouched and untouched.ready.is_set()
+    assert (tmp_path / "state" / "beta" / "omsd.db").is_file()
+
+
+def _ready(fleet: Fleet, name: str) -> bool:
+    runner = fleet.runners.get(name)
+    return runner is not None and runner.daemon is not None and runner.daemon.ready.is_set()

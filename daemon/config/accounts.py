@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -222,12 +223,20 @@ def account_settings(
     values["connector_endpoint"] = shared.connector_endpoint
     values["listen"] = shared.listen
     values.setdefault("db", str(shared.state_root / name / "omsd.db"))
+    if "replica" not in file_env and values.get("replica"):  # the main environment's: one folder per account
+        values["replica"] = replica_of(str(values["replica"]), name)
     values.setdefault("hook_url", f"{shared.connector_endpoint}{hook_path(name)}")
     try:
         settings = AccountSettings(**values)  # type: ignore[arg-type]
     except ValidationError as exc:
         raise ConfigError(describe(exc)) from None
     return settings, tuple(warnings)
+
+
+def replica_of(base: str, name: str) -> str:
+    """The main environment's OMSD_REPLICA is the fleet's: each account replicates under `base/NAME`."""
+    parts = urlsplit(base)
+    return urlunsplit(parts._replace(path=f"{parts.path.rstrip('/')}/{name}"))
 
 
 def hook_path(name: str) -> str:

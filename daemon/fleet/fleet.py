@@ -53,6 +53,7 @@ STATUS_EVERY_S = 10.0
 START_WAIT_S = 60.0  # /readyz passes once every account settled, or this long after the start
 CACHE_KIB = 512  # SQLite's page cache per account (2 MiB alone)
 TURNS_AT_ONCE = 1  # accounts applying a batch at the same time (ops/turns.py)
+STALL_S = 600.0  # an account loop that did not beat this long is stuck: that account is restarted
 
 
 class Fleet:
@@ -67,6 +68,7 @@ class Fleet:
         environ: Mapping[str, str] | None = None,
         watch_every_s: float = 1.0,
         backoff_s: tuple[float, ...] | None = None,
+        stall_s: float = STALL_S,
     ) -> None:
         self.shared = shared
         self.path = directory
@@ -80,6 +82,7 @@ class Fleet:
         self.runners: dict[str, AccountRunner] = {}
         self.ready = asyncio.Event()
         self._backoff_s = backoff_s
+        self._stall_s = stall_s
         self._reload = asyncio.Event()
         self._reloaded = asyncio.Event()
         self._tg: asyncio.TaskGroup | None = None
@@ -161,6 +164,7 @@ class Fleet:
             serve=self.directory.attach,
             watch=self.watcher.watch,
             turn=self.turns.turn,
+            metrics=self.metrics.aggregate,
             stagger=stagger_of(name),
             cache_kib=CACHE_KIB,
         )
@@ -237,13 +241,13 @@ class Fleet:
     async def _watchdog(self, stop: asyncio.Event) -> None:
         """WATCHDOG=1 while the fleet's loop runs; an account whose loop stopped beating is
         restarted alone."""
-        interval = self.notifier.watchdog_interval_s or 30.0
+        interval = min(self.notifier.watchdog_interval_s or 30.0, self._stall_s / 2)
         while not stop.is_set():
             for runner in list(self.runners.values()):
                 daemon = runner.daemon
                 if daemon is None or not daemon.ready.is_set():
                     continue
-                stale = daemon.progress.stale(2 * interval)
+                stale = daemon.progress.stale(self._stall_s)
                 if stale:
                     log.error("account_stalled", account=runner.name, stale_loops=stale)
                     runner.kick(f"account_stalled: {', '.join(stale)} stopped beating")

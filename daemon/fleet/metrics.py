@@ -1,16 +1,14 @@
-"""A fleet's /metrics: the process's own metrics, and every account's, merged.
+"""A fleet's /metrics: the process's own metrics, the accounts' shared ones, and each account's.
 
-Each account keeps its own `Metrics` (daemon/ops/metrics.py, unchanged from one account). At
-a scrape they are merged into one exposition:
-
-- the families an operator watches per account (`PER_ACCOUNT`: orders by phase, alarms,
-  readiness, lag, approvals and refusals, dead orders, events in, VTEX's queue and 429s and
-  the rate omsd allows itself, the relay's lag, offsets, database size) get an `account`
-  label: about 36 series an account, 36,000 for a thousand;
-- every other family (latency histograms, VTEX calls by route and status, rejected input,
-  retries, job failures, outcomes by type...) is summed over the accounts, without an
-  `account` label: per account they would be hundreds of series each (a histogram per
-  VTEX route alone is 13 series per route), and they are read for the process as a whole.
+Each account keeps a `Metrics` (daemon/ops/metrics.py) whose `PER_ACCOUNT` families are its own:
+orders by phase, alarms, readiness, lag and offsets, parked intents, database size, approvals
+sent, confirmed and refused, dead orders, events in, VTEX's feed queue, its 429s and the rate
+omsd allows itself, the relay's lag, the replica's. At a scrape these get an `account` label:
+about 40 series an account, 40,000 for a thousand. Every other family (latency histograms,
+VTEX calls by route and status, rejected input, retries, job failures, outcomes by type, ...)
+is one object for the whole fleet (`Metrics(aggregate=...)`), counted by every account,
+without an `account` label: per account those would be hundreds of series each (a histogram
+per VTEX route alone is 13 series a route), and they are read for the process as a whole.
 
 The gauges an account mirrors from its database (offsets, orders by phase, parked intents,
 size, lag) are read again only for the accounts whose database changed since the last scrape
@@ -31,32 +29,8 @@ from prometheus_client.samples import Sample
 
 from omsd.state.store import Store
 
-from ..ops.metrics import Metrics, omsd_version
+from ..ops.metrics import Metrics
 
-PER_ACCOUNT = frozenset(
-    {
-        "omsd_orders",
-        "omsd_alarm",
-        "omsd_ready",
-        "omsd_journal_oldest_unapplied_age_seconds",
-        "omsd_journal_offset",
-        "omsd_processor_offset",
-        "omsd_parked_intents",
-        "omsd_database_bytes",
-        "omsd_approvals_sent",
-        "omsd_approvals_confirmed",
-        "omsd_approvals_refused",
-        "omsd_dead_letters",
-        "omsd_events_in",
-        "omsd_feed_queue_messages",
-        "omsd_feed_oldest_message_age_seconds",
-        "omsd_vtex_rate_limit_effective_per_second",
-        "omsd_vtex_rate_limited",
-        "omsd_relay_oldest_undelivered_seconds",
-        "omsd_relay_endpoint_disabled",
-    }
-)
-PROCESS_ONLY = frozenset({"omsd_build_info"})  # once, from the fleet's own registry
 REFRESH_EVERY_S = 60.0
 
 
@@ -70,15 +44,14 @@ class Scraped:
 
 
 class FleetMetrics:
-    """The process's own metrics (accounts by state, restarts), and the merge."""
+    """The process's own metrics (accounts by state, restarts, reloads), the accounts' shared
+    families (`aggregate`), and the merge."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self._clock = clock
         self._refreshed: dict[str, tuple[int, float]] = {}  # account -> (db version, when)
-        Gauge("omsd_build_info", "Always 1; the running omsd's version", ["version"], registry=r).labels(
-            version=omsd_version()
-        ).set(1)
+        self.aggregate = Metrics().without_per_account()
         self.accounts = Gauge(
             "omsd_fleet_accounts",
             "Accounts configured, by state (running, not_running, invalid)",
@@ -124,38 +97,28 @@ class FleetMetrics:
                 await account.metrics.refresh(account.store, account.db)
                 self._refreshed[name] = (seen, now)
         merged = CollectorRegistry(auto_describe=False)
-        merged.register(_Merged(self.registry, {n: a.metrics for n, a in accounts.items()}))
+        merged.register(_Merged([self.registry, self.aggregate.registry], {n: a.metrics for n, a in accounts.items()}))
         return generate_latest(merged)
 
 
 class _Merged:
-    """A collector yielding the fleet's families and the accounts' merged (see the module)."""
+    """A collector: the fleet's families, then each account's with its `account` label."""
 
-    def __init__(self, own: CollectorRegistry, accounts: Mapping[str, Metrics]) -> None:
+    def __init__(self, own: list[CollectorRegistry], accounts: Mapping[str, Metrics]) -> None:
         self._own = own
         self._accounts = accounts
 
     def collect(self) -> Iterator[Metric]:
         families: dict[str, Metric] = {}
-        sums: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
-        for family in self._own.collect():
-            families[family.name] = family
+        for registry in self._own:
+            for family in registry.collect():
+                families[family.name] = family
         for account, metrics in sorted(self._accounts.items()):
             for family in metrics.registry.collect():
-                if family.name in PROCESS_ONLY:
-                    continue
                 merged = families.get(family.name)
                 if merged is None:
                     merged = families[family.name] = Metric(family.name, family.documentation, family.type)
-                if family.name in PER_ACCOUNT:
-                    merged.samples.extend(_labelled(family.samples, account))
-                    continue
-                total = sums.setdefault(family.name, {})
-                for s in family.samples:
-                    key = (s.name, tuple(sorted(s.labels.items())))
-                    total[key] = total.get(key, 0.0) + s.value
-        for name, total in sums.items():
-            families[name].samples.extend(Sample(n, dict(labels), v) for (n, labels), v in total.items())
+                merged.samples.extend(_labelled(family.samples, account))
         yield from families.values()
 
 

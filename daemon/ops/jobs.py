@@ -94,6 +94,15 @@ class Jobs:
             **first,
         )
 
+    def soon(self, job_id: str, in_s: float = 0.0) -> None:
+        """Run `job_id` in `in_s` seconds rather than at its next interval (sooner only)."""
+        job = self.scheduler.get_job(self._prefix + job_id)
+        if job is None:
+            return
+        when = datetime.now(UTC) + timedelta(seconds=in_s)
+        if job.next_run_time is None or job.next_run_time > when:
+            job.modify(next_run_time=when)
+
     def start(self) -> None:
         if self._shared is None:
             self.scheduler.start()

@@ -65,6 +65,7 @@ class Processor:
         # In a fleet, a turn across the accounts (ops/turns.py) for each batch `run` applies.
         self.turn: Callable[[], AbstractAsyncContextManager[object]] = contextlib.nullcontext
         self.on_stuck: Callable[[int], None] = lambda n: None  # told how many orders are stuck
+        self.on_parked: Callable[[], None] = lambda: None  # told when a batch parked an intent
 
     async def run_once(self) -> int:
         """Apply the next batch of journal events. Returns how many rows were consumed."""
@@ -135,6 +136,8 @@ class Processor:
             self._metrics.events_not_applied.inc(not_applied)
         if batch.effects and self._on_effects is not None:
             self._on_effects()
+        if batch.add_pending:
+            self.on_parked()
         if self._on_timer is not None and (dues := [o.timer.due_at for o in batch.orders.values() if o.timer]):
             self._on_timer(min(dues))
         logger = log.bind()  # resolved once per batch, not once per line
