@@ -30,7 +30,7 @@ from .ops.health import Health
 from .ops.jobs import Jobs, add_retention
 from .ops.logs import get_logger, redact
 from .ops.metrics import Metrics
-from .ops.notify import Notifier, Progress, status_line, watchdog_loop
+from .ops.notify import Notifier, Progress, Summary, status_line, watchdog_loop
 from .ops.probe import StoreProbe
 from .ops.supervisor import Loop, Supervisor, first_error
 from .pipeline.effects import EffectRunner
@@ -159,10 +159,12 @@ class Daemon:
     def _jobs(self, store: Store, processor: Processor, setup: VtexSetup) -> Jobs:
         s = self.settings
         jobs = Jobs(self.health, self.metrics, self.progress)
+        summary = Summary()
 
         async def report_status() -> None:
             counts = await store.read.phase_counts()
             self.notifier.status(status_line(counts, processor.offset, self.health.alarms))
+            summary.report(counts, processor.offset, self.health.alarms)
 
         jobs.add("self_check", setup.check, s.self_check_s)
         if s.source == "hook":  # no feed as a safety net: notice a deleted hook sooner while intents wait

@@ -286,6 +286,21 @@ class _Systemd(BaseSettings):
     notify_socket: str | None = Field(default=None, validation_alias="NOTIFY_SOCKET")
     watchdog_usec: int | None = Field(default=None, validation_alias="WATCHDOG_USEC")
     watchdog_pid: int | None = Field(default=None, validation_alias="WATCHDOG_PID")
+    # `DEVICE:INODE` of the stream systemd connected to the journal (systemd.exec(5))
+    journal_stream: str | None = Field(default=None, validation_alias="JOURNAL_STREAM")
+
+
+def journal_stream() -> tuple[int, int] | None:
+    """The device and inode of the journal stream systemd gave this process, if any: when
+    stdout is that stream, omsd's lines reach journald (a malformed value counts as none)."""
+    try:
+        raw = _Systemd().journal_stream or ""
+    except ValidationError:  # another of systemd's variables is malformed: `omsd run` says so
+        return None
+    device, sep, inode = raw.partition(":")
+    if not sep or not device.isdigit() or not inode.isdigit():
+        return None
+    return int(device), int(inode)
 
 
 def systemd_environment() -> _Systemd:

@@ -57,7 +57,7 @@ async def approvals(request: web.Request) -> web.Response:
         else await ctx.store.read.order_by_marketplace_id(req.marketplace_order_id)
     )
     parked = order is None and await ctx.store.read.pending_intent(req.marketplace_order_id) is not None
-    log.info("approval_intent", marketplace_order_id=req.marketplace_order_id, order_id=req.order_id, offset=offset)
+    log.debug("approval_intent", marketplace_order_id=req.marketplace_order_id, order_id=req.order_id, offset=offset)
     return web.json_response(
         {"accepted": True, "offset": offset, "applied": applied, "waitingForLink": parked, "order": order_view(order)},
         status=202,

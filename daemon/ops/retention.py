@@ -69,5 +69,8 @@ async def prune(store: Store, days: float, now: datetime, *, dry_run: bool = Fal
 
 async def run_job(store: Store, days: float, now: datetime) -> Report:
     report = await prune(store, days, now)
-    log.info("journal_pruned", **report.view())
+    pruned = report.pruned
+    # a run that found nothing to prune is no news for an operator (the job runs every 6 hours)
+    level = "info" if pruned.orders or pruned.rejected_rows else "debug"
+    getattr(log, level)("journal_pruned", **report.view())
     return report

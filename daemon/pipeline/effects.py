@@ -157,7 +157,7 @@ class EffectRunner:
         )
 
     async def _send(self, effect: SendApproval) -> Event:
-        log.info("approval_sending", order_id=effect.order_id, marketplace_order_id=effect.marketplace_order_id)
+        log.debug("approval_sending", order_id=effect.order_id, marketplace_order_id=effect.marketplace_order_id)
         self._metrics.on_approval_sent(effect.order_id)
         try:
             answer = await self._vtex.approve(effect.marketplace_order_id)

@@ -186,7 +186,7 @@ class VtexClient:
                 # wait on this call); later ones back off as before.
                 delay = FIRST_RETRY_S if failures == 1 else min(30.0, 0.5 * 2 ** (failures - 1))
                 self._metrics.retries.inc()
-                log.info("vtex_retry", route=route, error=error, attempt=failures, delay_s=delay)
+                log.debug("vtex_retry", route=route, error=error, attempt=failures, delay_s=delay)
                 await self._sleep(delay)
                 continue
             self._adjust_rate(limited=False)
