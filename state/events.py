@@ -81,6 +81,7 @@ class ApprovalFailed(_Event):
     seq: int
     error: str
     retryable: bool = True
+    code: str | None = None  # a result code VTEX put in a 5xx answer's body (EOI000); version 2
 
 
 class ResultNotified(_Event):
@@ -205,12 +206,18 @@ def _trusted(raw: dict[str, Any]) -> dict[str, Any]:
     return {**raw, "authenticated": True}
 
 
-VERSIONS: dict[str, int] = {"notification_received": 2, "result_notified": 2}
+def _unchanged(raw: dict[str, Any]) -> dict[str, Any]:
+    """A version that only added an optional field: the old row reads as it is."""
+    return raw
+
+
+VERSIONS: dict[str, int] = {"notification_received": 2, "result_notified": 2, "approval_failed": 2}
 """The current version of a kind, where it is above 1."""
 
 UPCASTERS: dict[tuple[str, int], Upcaster] = {
     ("notification_received", 1): _trusted,
     ("result_notified", 1): _trusted,
+    ("approval_failed", 1): _unchanged,  # version 2 added `code`
 }
 """(kind, version) -> the function taking a raw entry of that version to the next."""
 

@@ -384,7 +384,7 @@ def _on_approval_failed(ctx: _Ctx, event: ApprovalFailed) -> bool:
     if o.inflight is None or o.inflight.seq != event.seq or o.phase in TERMINAL_PHASES:
         ctx.cause(f"late approval failure recorded: {event.error}")
         return False
-    ctx.set(inflight=None)
+    ctx.set(inflight=None, last_code=event.code)  # None: no answer with a code (a timeout, a bare 5xx)
     if event.retryable and o.attempts == 0:
         _unknown_outcome(ctx, event.error)
     elif event.retryable:

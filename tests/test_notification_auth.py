@@ -241,9 +241,10 @@ def test_rows_written_before_the_flag_read_as_trusted() -> None:
 
 
 def test_version_2_rows_are_read_with_their_flag() -> None:
-    """The golden rows of version 2 read back unchanged, the flag included."""
+    """The golden rows of version 2 read back unchanged, the flag (and a failure's code) included."""
     lines = (GOLDEN / "events-v2.jsonl").read_text().splitlines()
-    assert sorted(json.loads(line)["kind"] for line in lines) == ["notification_received", "result_notified"]
+    kinds = ["approval_failed", "notification_received", "result_notified"]
+    assert sorted(json.loads(line)["kind"] for line in lines) == kinds
     for line in lines:
         raw = json.loads(line)
         read = read_entry(raw["kind"], 2, line)

@@ -176,12 +176,14 @@ class VtexClient:
                 if limited > self._max_rate_limited:
                     raise RateLimited(f"{method} {route}: 429 {limited} times", wait_s)
                 continue
+            code = None
             if error is None and status >= 500:
-                error = f"HTTP {status}{_result_code(text)}"  # EOI000 in the body says more than 500
+                code = _result_code(text)
+                error = f"HTTP {status}{f' {code}' if code else ''}"  # EOI000 in the body says more than 500
             if error is not None:
                 failures += 1
                 if not idempotent or failures > self._settings.http_retries:
-                    raise VtexUnavailable(f"{method} {route}: {error}")
+                    raise VtexUnavailable(f"{method} {route}: {error}", code=code)
                 # The first retry is prompt (a lone 5xx is the common case and an approval may
                 # wait on this call); later ones back off as before.
                 delay = FIRST_RETRY_S if failures == 1 else min(30.0, 0.5 * 2 ** (failures - 1))
@@ -363,11 +365,11 @@ class VtexClient:
         raise AssertionError("unreachable")
 
 
-def _result_code(text: str) -> str:
-    """` EOI000` when a body carries VTEX's result code, else nothing."""
+def _result_code(text: str) -> str | None:
+    """VTEX's result code (`EOI000`) when a body carries one (at most 40 characters of it)."""
     body = _json_or_none(text)
     code = body.get("code") if isinstance(body, dict) else None
-    return f" {code}" if isinstance(code, str) and code else ""
+    return code[:40] if isinstance(code, str) and code else None
 
 
 def _json_or_none(text: str) -> Any:
