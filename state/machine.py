@@ -307,11 +307,7 @@ def _on_status_changed(ctx: _Ctx, event: StatusChanged) -> bool:
 
 def _on_intent(ctx: _Ctx, event: IntentRecorded) -> bool:
     o = ctx.order
-    if not _link(ctx, event.marketplace_order_id):
-        ctx.set(
-            last_error=f"intent names marketplaceOrderId {event.marketplace_order_id}, "
-            f"VTEX says {o.marketplace_order_id}"
-        )
+    if not _link(ctx, event.marketplace_order_id):  # state.apply refuses these before they get here
         ctx.cause("intent refused: marketplaceOrderId mismatch")
         return False
     if o.has_intent:

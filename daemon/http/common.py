@@ -27,6 +27,7 @@ from omsd.state.store import Store
 
 from ..config.settings import Settings
 from ..intake import entries, jsonsafe
+from ..intake.wire import validation_reason
 from ..ops.health import Health
 from ..ops.logs import get_logger
 from ..ops.metrics import Metrics
@@ -161,12 +162,6 @@ def order_view(order: Order | None) -> dict[str, Any] | None:
 
 def error(status: int, reason: str) -> web.Response:
     return web.json_response({"error": reason}, status=status)
-
-
-def validation_reason(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    where = ".".join(str(p) for p in err.get("loc", ())) or "body"
-    return f"{where}: {err.get('msg', 'invalid')}"
 
 
 def ctx_of(request: web.Request) -> ApiContext:

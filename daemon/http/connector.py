@@ -6,14 +6,14 @@ import re
 from datetime import UTC, datetime
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field
 
-from ..intake import entries, wire
+from ..intake import intents, wire
 from ..ops.logs import get_logger
 from .common import (
     authorized,
     ctx_of,
     error,
+    keep_rejected,
     order_view,
     read_json,
     validated,
@@ -22,11 +22,7 @@ from .common import (
 log = get_logger("omsd.api")
 
 
-class ApprovalRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-    marketplace_order_id: wire.MarketplaceOrderId = Field(alias="marketplaceOrderId")
-    order_id: wire.OrderId | None = Field(default=None, alias="orderId")
+ApprovalRequest = wire.ApprovalRequest  # the body; `omsd approve` validates its arguments the same way
 
 
 _ORDER_KEY = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{wire.ORDER_ID_MAX - 1}}}")
@@ -44,10 +40,12 @@ async def approvals(request: web.Request) -> web.Response:
     req = await validated(request, ApprovalRequest, raw, "api")
     if isinstance(req, web.Response):
         return req
-    now = datetime.now(UTC)
-    [appended] = await ctx.store.journal.append(
-        [entries.intent_entry(req.marketplace_order_id, req.order_id, "api", now)], now=now
-    )
+    try:
+        await intents.check(ctx.store, req)
+    except intents.IntentRefused as exc:  # the order is known under another marketplace id
+        await keep_rejected(request, "api", raw, exc.reason)
+        return error(exc.status, exc.reason)
+    appended = await intents.record(ctx.store, req, "api", datetime.now(UTC))
     ctx.wake()
     offset = appended.offset or 0
     applied = await ctx.processor.wait_for(offset, timeout_s=2.0)
