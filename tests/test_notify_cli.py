@@ -79,6 +79,7 @@ async def test_hook_config_show_masks_the_secret(
     sim_env: Simulator, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The hook's secret header value never appears in `omsd hook config show`."""
+    monkeypatch.setenv("OMSD_SOURCE", "both")
     monkeypatch.setenv("OMSD_HOOK_SECRET", "hook-secret-visible-nowhere")
     sim_env.hook_config = {
         "filter": {"type": "FromWorkflow", "status": ["canceled"]},

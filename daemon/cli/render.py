@@ -54,7 +54,7 @@ def order_row(o: Order) -> list[str]:
         o.marketplace_order_id or "-",
         o.phase.value,
         o.status or "-",
-        "yes" if o.held else "",
+        "yes" if o.held_now else ("was" if o.held else ""),
         str(o.sent),
         o.last_code or "",
         o.last_error or "",

@@ -60,7 +60,11 @@ def add(sub: Subparsers[argparse.ArgumentParser]) -> None:
         "the database and refuses beside it.",
     )
     p.add_argument(
-        "--older-than", type=int, metavar="DAYS", help="quiet for this many days (default OMSD_RETENTION_DAYS, 30)"
+        "--older-than",
+        type=_days,
+        metavar="DAYS",
+        help=f"quiet for this many days, 0 to {MAX_DAYS} (0: every closed order, however recent; "
+        "default OMSD_RETENTION_DAYS, 30)",
     )
     p.add_argument("--dry-run", action="store_true", help="change nothing; count what would go")
     p.add_argument("--json", action="store_true", help="print the counts as one JSON object")
@@ -139,6 +143,20 @@ async def _retry(store: Store, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+MAX_DAYS = 36500  # as OMSD_RETENTION_DAYS
+
+
+def _days(value: str) -> int:
+    """--older-than: whole days, 0 to MAX_DAYS (argparse prints the reason, exit 2)."""
+    try:
+        days = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of days") from None
+    if not 0 <= days <= MAX_DAYS:
+        raise argparse.ArgumentTypeError(f"{days} days: must be 0 to {MAX_DAYS}")
+    return days
+
+
 def _prune_command(args: argparse.Namespace) -> int:
     code = offline(_prune, owns=True)(args)
     if code == EXIT_BUSY:
@@ -152,7 +170,7 @@ def _prune_command(args: argparse.Namespace) -> int:
 
 async def _prune(store: Store, args: argparse.Namespace) -> int:
     days = args.older_than if args.older_than is not None else load_local().retention_days
-    if days <= 0:
+    if args.older_than is None and days == 0:
         print("omsd: retention is off (OMSD_RETENTION_DAYS=0): name the age with --older-than DAYS", file=sys.stderr)
         return EXIT_CONFIG
     report = await retention.prune(store, days, args.clock(), dry_run=args.dry_run)

@@ -71,11 +71,10 @@ async def _vtex_config(settings: Settings, kind: str, action: str, yes: bool) ->
     from ..vtex.configuration import feed_plan, hook_plan
     from ..vtex.models import feed_config_body, hook_config_body
 
-    if kind == "hook" and settings.hook_secret is None:
-        if action == "apply":
-            print("omsd: OMSD_HOOK_SECRET: is required to configure the hook", file=sys.stderr)
-            return EXIT_CONFIG
-        print("OMSD_HOOK_SECRET is not set: the hook's header is not compared")
+    used = settings.uses_feed if kind == "feed" else settings.uses_hook
+    if not used and action == "apply":
+        print(f"omsd: OMSD_SOURCE={settings.source}: omsd does not use the {kind}; nothing to apply", file=sys.stderr)
+        return EXIT_CONFIG
     async with aiohttp.ClientSession() as session:
         client = VtexClient(settings, session, max_rate_limited=1)
         try:
@@ -92,6 +91,9 @@ async def _vtex_config(settings: Settings, kind: str, action: str, yes: bool) ->
             return EXIT_FAIL
         print(f"VTEX's {kind} configuration:")
         print(json.dumps(current, indent=2, sort_keys=True) if current is not None else "  (none)")
+        if not used:  # nothing to propose: omsd neither reads nor keeps this configuration
+            print(f"OMSD_SOURCE={settings.source}: omsd does not use the {kind}; nothing to change")
+            return EXIT_OK
         if not changes:
             print(f"omsd's settings match: nothing to {'apply' if action == 'apply' else 'change'}")
             return EXIT_OK

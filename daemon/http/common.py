@@ -142,6 +142,7 @@ _Model = TypeVar("_Model", bound=BaseModel)
 
 
 def order_view(order: Order | None) -> dict[str, Any] | None:
+    """An order for the connector: `held` is VTEX's hold now, `wasHeld` whether it ever was."""
     if order is None:
         return None
     return {
@@ -149,7 +150,8 @@ def order_view(order: Order | None) -> dict[str, Any] | None:
         "marketplaceOrderId": order.marketplace_order_id,
         "phase": order.phase.value,
         "status": order.status,
-        "held": order.held,
+        "held": order.held_now,
+        "wasHeld": order.held,
         "intent": order.intent_source,
         "approvalsSent": order.sent,
         "attempts": order.attempts,
@@ -157,6 +159,29 @@ def order_view(order: Order | None) -> dict[str, Any] | None:
         "lastError": order.last_error,
         "nextCheckAt": order.timer.due_at.isoformat() if order.timer else None,
         "updatedAt": order.updated_at.isoformat() if order.updated_at else None,
+        "waitingForLink": False,
+    }
+
+
+def parked_view(marketplace_order_id: str, source: str, offset: int) -> dict[str, Any]:
+    """An intent parked under a marketplace id no VTEX order is linked to yet: the keys of
+    `order_view`, with what is not known yet null."""
+    return {
+        "orderId": None,
+        "marketplaceOrderId": marketplace_order_id,
+        "phase": None,
+        "status": None,
+        "held": False,
+        "wasHeld": False,
+        "intent": source,
+        "intentOffset": offset,
+        "approvalsSent": 0,
+        "attempts": 0,
+        "lastCode": None,
+        "lastError": None,
+        "nextCheckAt": None,
+        "updatedAt": None,
+        "waitingForLink": True,
     }
 
 

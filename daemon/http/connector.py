@@ -15,6 +15,7 @@ from .common import (
     error,
     keep_rejected,
     order_view,
+    parked_view,
     read_json,
     validated,
 )
@@ -63,7 +64,8 @@ async def approvals(request: web.Request) -> web.Response:
 
 
 async def show_order(request: web.Request) -> web.Response:
-    """GET /v1/orders/{key}: one order by VTEX or marketplace order id."""
+    """GET /v1/orders/{key}: one order by VTEX or marketplace order id, or the intent parked
+    under a marketplace id (`waitingForLink: true`)."""
     ctx = ctx_of(request)
     denied = authorized(request, write=False)
     if denied is not None:
@@ -72,9 +74,12 @@ async def show_order(request: web.Request) -> web.Response:
     if not _ORDER_KEY.fullmatch(key):
         return error(400, "key is not an order id or a marketplace order id")
     order = await ctx.store.read.find_order(key)
-    if order is None:
-        return error(404, "no such order")
-    return web.json_response(order_view(order))
+    if order is not None:
+        return web.json_response(order_view(order))
+    parked = await ctx.store.read.pending_intent(key)
+    if parked is not None:  # an intent waits for its order: known, not yet linked
+        return web.json_response(parked_view(key, *parked))
+    return error(404, "no such order")
 
 
 async def status(request: web.Request) -> web.Response:
