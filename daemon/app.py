@@ -21,7 +21,7 @@ import aiohttp
 from omsd.state.batch import Transition
 from omsd.state.store import Store
 
-from .config.settings import ConfigError, Settings
+from .config.settings import ConfigError, Settings, db_folder_problem
 from .http.common import ApiContext
 from .http.server import HttpServer
 from .intake.feed import FeedPoller
@@ -96,8 +96,8 @@ class Daemon:
         async with AsyncExitStack() as stack:
             stack.callback(notify.stopping)
             notify.status("opening the database")
-            if not s.db.parent.is_dir():
-                raise ConfigError(f"OMSD_DB: the folder {s.db.parent} does not exist")
+            if (problem := db_folder_problem(s.db)) is not None:
+                raise ConfigError(f"OMSD_DB: {problem}")
             stack.enter_context(lock.hold(s.db))  # one process owns a database (omsd replay/ingest refuse)
             store = self.store = await Store.open(s.db)
             stack.push_async_callback(store.close)

@@ -418,3 +418,41 @@ def test_service_reads_the_single_units_files(tmp_path: Path) -> None:
     proc = omsd("--service", "init", env={"OMSD_ETC": str(etc), "OMSD_STATE_ROOT": str(state)}, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert (state / "omsd.db").exists()
+
+
+def test_service_runs_without_its_optional_environment_file(tmp_path: Path) -> None:
+    """omsd.service marks /etc/omsd/omsd.env optional (`-`): `--service` does too. A missing
+    database then points at the service's first start, not at `omsd init` as root."""
+    etc, state = tmp_path / "etc", tmp_path / "state"
+    (etc / "credentials").mkdir(parents=True)
+    state.mkdir()
+    env = instance_environment(None, {"OMSD_ETC": str(etc), "OMSD_STATE_ROOT": str(state)})
+    assert env["OMSD_DB"] == str(state / "omsd.db")
+    proc = omsd("--service", "status", env={"OMSD_ETC": str(etc), "OMSD_STATE_ROOT": str(state)}, cwd=tmp_path)
+    assert proc.returncode == 2
+    [line] = proc.stderr.splitlines()
+    assert "systemctl start omsd;" in line and "do not `omsd init` it as root" in line
+
+
+def test_an_instance_without_its_database_points_at_the_unit(sim: Simulator, tmp_path: Path) -> None:
+    """`omsd --instance mystore status` before the unit's first start names the unit to start."""
+    env = instance_files(tmp_path, sim)
+    proc = omsd("--instance", "mystore", "status", env=env, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "systemctl start omsd@mystore" in proc.stderr and "create one with `omsd init`" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [("", "must not be empty"), ("   ", "must not be empty"), ("tok\r\nen", "printable ASCII")],
+    ids=["empty", "blank", "CR/LF"],
+)
+def test_an_unusable_app_token_is_a_settings_error(tmp_path: Path, value: str, problem: str) -> None:
+    """OMSD_APP_TOKEN= (or a token with CR/LF) is refused by the settings, exit 2 naming it,
+    instead of passing and failing later as HTTP 401 or a traceback."""
+    env = {**REQUIRED, "OMSD_APP_TOKEN": value, "OMSD_DB": str(tmp_path / "o.db")}
+    proc = omsd("check", env=env, cwd=tmp_path)
+    assert proc.returncode == 2
+    [line] = proc.stderr.splitlines()
+    assert line.startswith("omsd: configuration error: OMSD_APP_TOKEN: ") and problem in line
+    assert "tok" not in line

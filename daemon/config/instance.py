@@ -38,6 +38,10 @@ def instance_environment(name: str | None, environ: Mapping[str, str]) -> dict[s
     env["OMSD_DB"] = str(state / (name or "") / "omsd.db")
     try:
         env.update(parse_environment_file(env_file.read_text()))
+    except FileNotFoundError:
+        if name is not None:  # omsd@NAME requires it (EnvironmentFile=/etc/omsd/%i.env)
+            raise ConfigError(f"{what}: cannot read {env_file}: it does not exist") from None
+        # omsd.service marks it optional (EnvironmentFile=-/etc/omsd/omsd.env): so does --service
     except OSError as exc:
         raise ConfigError(f"{what}: cannot read {env_file}: {exc.strerror}") from None
     for credential in CREDENTIALS:

@@ -165,6 +165,21 @@ class Settings(PolicySettings):
                 raise ValueError(f"not statuses VTEX can filter on: {', '.join(map(str, unknown))}")
         return value
 
+    @field_validator("app_key", "app_token", mode="before")
+    @classmethod
+    def _credential(cls, value: object) -> object:
+        """VTEX's AppKey and AppToken travel as header values: set (an empty `OMSD_APP_TOKEN=`
+        would only fail later as HTTP 401), printable ASCII without spaces (a CR/LF in a header
+        would break every call); whitespace around them (a file's newline) is dropped."""
+        raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if isinstance(raw, str):
+            raw = raw.strip()
+            if not raw:
+                raise ValueError("must not be empty")
+            if not all("!" <= ch <= "~" for ch in raw):
+                raise ValueError("must be printable ASCII, without spaces or control characters")
+        return raw
+
     @field_validator("api_token", "hook_secret", "notify_secret", mode="before")
     @classmethod
     def _token(cls, value: object) -> object:
@@ -239,6 +254,15 @@ class Settings(PolicySettings):
     @property
     def listen_port(self) -> int:
         return int(self.listen.rpartition(":")[2])
+
+
+def db_folder_problem(db: Path) -> str | None:
+    """Why `omsd run` cannot create OMSD_DB: its folder does not exist (omsd creates the file,
+    never the folder); None when the folder is there. `omsd check` says the same."""
+    folder = db.parent if str(db.parent) else Path()
+    if folder.is_dir():
+        return None
+    return f"the folder {folder} does not exist"
 
 
 def _json_list(value: str) -> object:

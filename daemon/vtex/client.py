@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
@@ -155,8 +157,9 @@ class VtexClient:
         while True:
             await self._slot(priority, scope)
             started = self._clock()
-            status, retry_after, text, error = await self._send(method, url, params, body)
-            self._metrics.on_vtex_call(method, route, error or status, self._clock() - started)
+            status, retry_after, text, failure = await self._send(method, url, params, body)
+            self._metrics.on_vtex_call(method, route, failure.kind if failure else status, self._clock() - started)
+            error = failure.detail if failure else None
             if status == 429:
                 limited += 1
                 wait_s = parse_retry_after(retry_after)
@@ -196,8 +199,8 @@ class VtexClient:
 
     async def _send(
         self, method: str, url: str, params: Mapping[str, str] | None, body: Any
-    ) -> tuple[int, str | None, str, str | None]:
-        """One HTTP exchange: (status, Retry-After, body text, error name); status 0 on error."""
+    ) -> tuple[int, str | None, str, _Failure | None]:
+        """One HTTP exchange: (status, Retry-After, body text, why it failed); status 0 on failure."""
         try:
             async with self._session.request(
                 method,
@@ -210,9 +213,9 @@ class VtexClient:
                 # bad bytes must not end a loop: decode with replacement characters
                 return resp.status, resp.headers.get("Retry-After"), await resp.text(errors="replace"), None
         except TimeoutError:
-            return 0, None, "", "timeout"
+            return 0, None, "", _Failure("timeout", f"timeout: no answer within {self._settings.http_timeout_s:g} s")
         except aiohttp.ClientError as exc:
-            return 0, None, "", type(exc).__name__
+            return 0, None, "", _Failure(type(exc).__name__, describe(exc))
 
     def _scope(self, route: str) -> str:
         """What a 429 on `route` pauses: that VTEX operation, or the whole account."""
@@ -363,6 +366,31 @@ class VtexClient:
             raise BadResponse(f"PUT {ORDER_STATUS}: HTTP {status} without a result code")
         self._raise_for("PUT", ORDER_STATUS, status, answer)
         raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    """A call that got no HTTP answer: `kind` labels the metric (a bounded set of names),
+    `detail` tells an operator what happened, naming the host."""
+
+    kind: str
+    detail: str
+
+
+def describe(exc: aiohttp.ClientError) -> str:
+    """A client error as an operator reads it: the host and the cause (the name did not
+    resolve, the connection was refused, the certificate was not accepted, ...)."""
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return f"cannot connect to {exc.host}:{exc.port}: its TLS certificate was refused ({exc.certificate_error})"
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return f"cannot resolve {exc.host}: {exc.os_error.strerror or 'name not resolved'}"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        err = exc.os_error
+        why = os.strerror(err.errno) if isinstance(err.errno, int) and err.errno > 0 else (err.strerror or str(err))
+        return f"cannot connect to {exc.host}:{exc.port}: {why}"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection without answering"
+    return f"{type(exc).__name__}: {exc}"[:300]
 
 
 def _result_code(text: str) -> str | None:
