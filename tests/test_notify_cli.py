@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from omsd.daemon.ops.notify import SENT_KEPT, Notifier, Progress, watchdog_loop
+from omsd.daemon.tools.check import _database
 from omsd.sim.server import Simulator
 from tests.helpers import FakeClock, run_cli
 
@@ -150,3 +151,11 @@ async def test_check_reports_refused_credentials(
     assert await run_cli("check") == 1
     out = capsys.readouterr().out
     assert "credentials" in out and "wrong" not in out
+
+
+async def test_under_a_unit_the_state_directory_is_systemds_to_create(tmp_path: Path) -> None:
+    """`omsd --service check` before the first start: the unit's state directory does not
+    exist yet (systemd creates it, StateDirectory=), which is a warning, not a failure."""
+    db = tmp_path / "var" / "lib" / "omsd" / "omsd.db"
+    assert (await _database(db, unit="omsd")).verdict == "warn"
+    assert (await _database(db)).verdict == "FAIL"

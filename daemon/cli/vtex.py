@@ -58,7 +58,8 @@ def _vtex_config_command(args: argparse.Namespace) -> int:
 def _check_command(args: argparse.Namespace) -> int:
     settings = load_settings()
     logs.configure("error", "console", stream=sys.stderr)
-    return asyncio.run(_check(settings))
+    unit = f"omsd@{args.instance}" if args.instance is not None else "omsd" if args.service else None
+    return asyncio.run(_check(settings, unit))
 
 
 def _healthcheck_command(args: argparse.Namespace) -> int:
@@ -146,10 +147,10 @@ def _masked(raw: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
-async def _check(settings: Settings) -> int:
+async def _check(settings: Settings, unit: str | None = None) -> int:
     from ..tools.check import run_checks
 
-    results = await run_checks(settings)
+    results = await run_checks(settings, unit=unit)
     rows = ([r.name, r.verdict, r.detail] for r in results)
     render.table("omsd check", ("check", "result", "detail"), rows)
     return EXIT_OK if all(r.ok for r in results) else EXIT_FAIL

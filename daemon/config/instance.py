@@ -18,7 +18,7 @@ from .settings import OTHER_VARIABLES, ConfigError
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 # LoadCredential=omsd_<name>:/etc/omsd/credentials/%i/<name>, as in the unit.
-CREDENTIALS = ("app_token", "api_token", "hook_secret")
+CREDENTIALS = ("app_token", "api_token", "hook_secret", "notify_secret")
 
 
 def instance_environment(name: str | None, environ: Mapping[str, str]) -> dict[str, str]:

@@ -34,10 +34,12 @@ class Result:
         return "FAIL" if not self.ok else "warn" if self.warning else "ok"
 
 
-async def run_checks(settings: Settings, *, bind_test: bool = True) -> list[Result]:
+async def run_checks(settings: Settings, *, bind_test: bool = True, unit: str | None = None) -> list[Result]:
+    """`unit`: the systemd unit whose view the settings are (`--service`, `--instance`): its
+    state directory is systemd's to create at the first start."""
     results = [Result("settings", True, f"account {settings.account}, source {settings.source}")]
     results.append(_api_token(settings))
-    results.append(await _database(settings.db))
+    results.append(await _database(settings.db, unit))
     if bind_test:
         results.append(await _listen(settings))
     async with aiohttp.ClientSession() as session:
@@ -53,9 +55,13 @@ def _api_token(settings: Settings) -> Result:
     return Result("API token", True, detail, warning=True)
 
 
-async def _database(db: Path) -> Result:
+async def _database(db: Path, unit: str | None = None) -> Result:
     if not await asyncio.to_thread(db.exists):
         if (problem := db_folder_problem(db)) is not None:
+            if unit is not None:  # StateDirectory=: systemd creates it as the unit starts
+                return Result(
+                    "database", True, f"{db.parent}: systemd creates it at {unit}'s first start", warning=True
+                )
             return Result("database", False, f"{db}: {problem} (omsd run refuses it, exit 2)")
         parent = db.parent if str(db.parent) else Path()
         if os.access(parent, os.W_OK):
