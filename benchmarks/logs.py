@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import signal
 import sys
 import tempfile
@@ -42,10 +41,10 @@ from typing import Any
 
 import aiohttp
 from latency import free_port  # beside this script
+from restarts import API_TOKEN, omsd_env
 
 from omsd.sim.server import Simulator
 
-API_TOKEN = "bench-api-token-0123456789"  # noqa: S105 - the benchmark's own loopback token
 HERE = Path(sys.executable).parent / "omsd"
 KINDS = ("approved", "rejected", "dead")
 
@@ -97,27 +96,11 @@ class LogFile:
 
 
 def env_for(sim: Simulator, db: Path, port: int, source: str, level: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OMSD_") and k != "JOURNAL_STREAM"}
-    env.update(
-        {
-            "OMSD_ACCOUNT": sim.account,
-            "OMSD_APP_KEY": sim.app_key,
-            "OMSD_APP_TOKEN": sim.app_token,
-            "OMSD_VTEX_BASE_URL": sim.base_url,
-            "OMSD_DB": str(db),
-            "OMSD_CONNECTOR_NAME": "omsd-bench",
-            "OMSD_CONNECTOR_ENDPOINT": f"http://127.0.0.1:{port}",
-            "OMSD_LISTEN": f"127.0.0.1:{port}",
-            "OMSD_API_TOKEN": API_TOKEN,
-            "OMSD_SOURCE": source,
-            "OMSD_LOG_LEVEL": level,
-            "OMSD_LOG_FORMAT": "json",
-            "OMSD_RETRY_BASE_S": "0.1",
-            "OMSD_RETRY_CAP_S": "0.5",
-        }
-    )
+    """restarts.py's environment for a real `omsd run`, at `level`, with the short backoff."""
+    env = omsd_env(sim, db, port, source)
+    env.pop("JOURNAL_STREAM", None)  # count plain lines, whatever runs this script
+    env.update({"OMSD_LOG_LEVEL": level, "OMSD_RETRY_BASE_S": "0.1", "OMSD_RETRY_CAP_S": "0.5"})
     if source != "feed":
-        env["OMSD_HOOK_SECRET"] = "bench-hook-secret-0123456789"  # noqa: S105 - loopback only
         env["OMSD_HOOK_URL"] = f"http://127.0.0.1:{port}/vtex/hook"
     return env
 
