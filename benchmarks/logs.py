@@ -14,6 +14,7 @@ seconds rather than minutes; it makes the same number of attempts (OMSD_MAX_ATTE
    periodic summary comes every 300 s: measure at least 900 s for a steady figure).
 2. Per order, one kind at a time, `--orders` orders of the kind at once, each handed to omsd
    with both ids (`POST /v1/approvals`) once the feed showed it:
+   - tracking: never held, and never handed to omsd (it follows their statuses only);
    - approved: never held;
    - rejected: held, then canceled by the simulated seller 15 s later;
    - dead: every approval PUT answered HTTP 500 EOI000, until the retry budget is spent.
@@ -46,7 +47,7 @@ from restarts import API_TOKEN, omsd_env
 from omsd.sim.server import Simulator
 
 HERE = Path(sys.executable).parent / "omsd"
-KINDS = ("approved", "rejected", "dead")
+KINDS = ("tracking", "approved", "rejected", "dead")
 
 
 @dataclass
@@ -105,12 +106,21 @@ def env_for(sim: Simulator, db: Path, port: int, source: str, level: str) -> dic
     return env
 
 
-async def _phase(session: aiohttp.ClientSession, url: str, order_id: str) -> str | None:
+async def _view(session: aiohttp.ClientSession, url: str, order_id: str) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {API_TOKEN}"}
     async with session.get(f"{url}/v1/orders/{order_id}", headers=headers) as resp:
-        if resp.status != 200:
-            return None
-        return str((await resp.json()).get("phase"))
+        return dict(await resp.json()) if resp.status == 200 else {}
+
+
+async def _phase(session: aiohttp.ClientSession, url: str, order_id: str) -> str | None:
+    phase = (await _view(session, url, order_id)).get("phase")
+    return None if phase is None else str(phase)
+
+
+async def _followed(sim: Simulator, session: aiohttp.ClientSession, url: str, made: dict[str, str]) -> bool:
+    """Every order is in omsd, tracked, with the status the simulator gives it now."""
+    views = [await _view(session, url, order_id) for order_id in made]
+    return all(v.get("phase") == "tracking" and v.get("status") == sim.orders[v["orderId"]].status for v in views)
 
 
 async def _orders(sim: Simulator, url: str, kind: str, n: int, tag: str) -> dict[str, str]:
@@ -125,7 +135,11 @@ async def _orders(sim: Simulator, url: str, kind: str, n: int, tag: str) -> dict
         made[order.order_id] = mkt
     async with aiohttp.ClientSession() as session:
         headers = {"Authorization": f"Bearer {API_TOKEN}"}
-        pending = set(made)
+        pending = set(made) if kind != "tracking" else set()  # nobody asks omsd to approve these
+        for _ in range(1200 if kind == "tracking" else 0):  # until omsd follows them, at most 10 minutes
+            if await _followed(sim, session, url, made):
+                break
+            await asyncio.sleep(0.5)
         while pending:  # hand each over once omsd has it from the feed (a connector would wait too)
             for order_id in list(pending):
                 if await _phase(session, url, order_id) is not None:
