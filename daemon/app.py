@@ -24,7 +24,7 @@ import aiohttp
 from omsd.state.batch import Transition
 from omsd.state.store import Store
 
-from .config.settings import ConfigError, Settings
+from .config.settings import ConfigError, Settings, db_folder_problem
 from .http.common import ApiContext
 from .http.server import HttpServer
 from .intake.feed import FeedPoller
@@ -34,7 +34,7 @@ from .ops.jobs import Jobs, SharedScheduler, add_retention
 from .ops.litestream import SHUTDOWN_SYNC_S
 from .ops.logs import get_logger, redact
 from .ops.metrics import Metrics
-from .ops.notify import Notifier, Progress, status_line, watchdog_loop
+from .ops.notify import Notifier, Progress, Summary, status_line, watchdog_loop
 from .ops.probe import StoreProbe
 from .ops.replica import Replica, publish
 from .ops.supervisor import Loop, Supervisor, first_error
@@ -139,8 +139,8 @@ class Daemon:
         async with AsyncExitStack() as stack:
             stack.callback(notify.stopping)
             notify.status("opening the database")
-            if not s.db.parent.is_dir():
-                raise ConfigError(f"OMSD_DB: the folder {s.db.parent} does not exist")
+            if (problem := db_folder_problem(s.db)) is not None:
+                raise ConfigError(f"OMSD_DB: {problem}")
             lock_fd = await _hold_lock(stack, s.db)  # one process owns a database (omsd replay/ingest refuse)
             replica = self.replica
             if replica.enabled:
@@ -295,10 +295,12 @@ class Daemon:
             jobs = Jobs(
                 self.health, self.metrics, self.progress, shared=host.scheduler, prefix=s.account, stagger=host.stagger
             )
+        summary = Summary()
 
         async def report_status() -> None:
             counts = await store.read.phase_counts()
             self.notifier.status(status_line(counts, processor.offset, self.health.alarms))
+            summary.report(counts, processor.offset, self.health.alarms)
 
         jobs.add("self_check", setup.check, s.self_check_s)
         if s.source == "hook":  # no feed as a safety net: notice a deleted hook sooner while intents wait

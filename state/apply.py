@@ -24,6 +24,7 @@ from .events import (
     Event,
     IntentExpired,
     IntentReceived,
+    IntentRecorded,
     NotificationReceived,
     OrderSnapshot,
     UnreadableEntry,
@@ -102,6 +103,8 @@ class Applier:
                 self._route(row, entry)
             case IntentExpired():
                 self._expire(row, entry)
+            case IntentRecorded() if self._refused(row, entry):
+                pass
             case _:
                 self._decide(row, entry)
 
@@ -185,6 +188,15 @@ class Applier:
                 pass
             case routing.Unrouted(code=code):
                 self._note("notification_unrouted", offset=row.offset, marketplace_order_id=mkt, code=code)
+
+    def _refused(self, row: JournalRow, entry: IntentRecorded) -> bool:
+        """An intent naming an order known under another marketplace id is refused, and the
+        order it names is left untouched (the API refuses it up front when it can tell)."""
+        reason = routing.contradiction(self._order(entry.order_id), entry.marketplace_order_id)
+        if reason is None:
+            return False
+        self._note("intent_refused", "warning", offset=row.offset, order_id=entry.order_id, reason=reason)
+        return True
 
     def _expire(self, row: JournalRow, entry: IntentExpired) -> None:
         """Drop the parked intent the entry names, unless it was linked (or parked anew) since."""

@@ -82,6 +82,7 @@ class ApprovalFailed(_Event):
     seq: int
     error: str
     retryable: bool = True
+    code: str | None = None  # a result code VTEX put in a 5xx answer's body (EOI000); version 2
 
 
 class ResultNotified(_Event):
@@ -221,7 +222,12 @@ def _added(**defaults: Any) -> Upcaster:
     return upcast
 
 
-VERSIONS: dict[str, int] = {"notification_received": 3, "result_notified": 2, "approval_answered": 2}
+VERSIONS: dict[str, int] = {
+    "notification_received": 3,
+    "result_notified": 2,
+    "approval_answered": 2,
+    "approval_failed": 2,
+}
 """The current version of a kind, where it is above 1."""
 
 UPCASTERS: dict[tuple[str, int], Upcaster] = {
@@ -229,6 +235,7 @@ UPCASTERS: dict[tuple[str, int], Upcaster] = {
     ("result_notified", 1): _trusted,
     ("notification_received", 2): _added(body=None),
     ("approval_answered", 1): _added(operation_id=None),
+    ("approval_failed", 1): _added(code=None),
 }
 """(kind, version) -> the function taking a raw entry of that version to the next."""
 

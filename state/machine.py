@@ -307,11 +307,7 @@ def _on_status_changed(ctx: _Ctx, event: StatusChanged) -> bool:
 
 def _on_intent(ctx: _Ctx, event: IntentRecorded) -> bool:
     o = ctx.order
-    if not _link(ctx, event.marketplace_order_id):
-        ctx.set(
-            last_error=f"intent names marketplaceOrderId {event.marketplace_order_id}, "
-            f"VTEX says {o.marketplace_order_id}"
-        )
+    if not _link(ctx, event.marketplace_order_id):  # state.apply refuses these before they get here
         ctx.cause("intent refused: marketplaceOrderId mismatch")
         return False
     if o.has_intent:
@@ -384,7 +380,7 @@ def _on_approval_failed(ctx: _Ctx, event: ApprovalFailed) -> bool:
     if o.inflight is None or o.inflight.seq != event.seq or o.phase in TERMINAL_PHASES:
         ctx.cause(f"late approval failure recorded: {event.error}")
         return False
-    ctx.set(inflight=None)
+    ctx.set(inflight=None, last_code=event.code)  # None: no answer with a code (a timeout, a bare 5xx)
     if event.retryable and o.attempts == 0:
         _unknown_outcome(ctx, event.error)
     elif event.retryable:

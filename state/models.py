@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter
 
-from .statuses import Phase
+from .statuses import HELD, Phase
 
 
 class _Frozen(BaseModel):
@@ -82,6 +82,12 @@ class Order(_Frozen):
     @property
     def has_intent(self) -> bool:
         return self.intent_source is not None
+
+    @property
+    def held_now(self) -> bool:
+        """VTEX holds it now: its latest status is the hold and it is not closed (`held` says
+        it was ever held, which stays true after a person authorized it)."""
+        return self.status == HELD and self.phase not in (Phase.APPROVED, Phase.REJECTED)
 
 
 class FetchOrder(_Frozen):

@@ -120,3 +120,19 @@ def derived_marketplace_id(order_id: str) -> str | None:
     head, sep, rest = order_id.partition("-")
     middle, sep2, _ = rest.rpartition("-")
     return middle if sep and sep2 and head and middle else None
+
+
+def contradiction(order: Order | None, marketplace_order_id: str | None) -> str | None:
+    """Why an intent naming this order and this marketplace id is refused: the order is
+    known under another marketplace id (VTEX's word, or an earlier intent's). None when it
+    is not known to contradict (an order unknown yet, or with no marketplace id: the intent
+    links it). Another order under the same marketplace id is no contradiction: VTEX may
+    split one marketplace order into several (`-01`, `-02`)."""
+    if order is None or marketplace_order_id is None or order.marketplace_order_id is None:
+        return None
+    if order.marketplace_order_id == marketplace_order_id:
+        return None
+    return (
+        f"orderId {order.order_id} belongs to marketplaceOrderId {order.marketplace_order_id}, "
+        f"not {marketplace_order_id}"
+    )

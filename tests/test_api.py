@@ -8,8 +8,10 @@ from typing import Any
 
 import pytest
 
-from omsd.daemon.http.common import RejectBudget
+from omsd.daemon.http.common import RejectBudget, order_view
 from omsd.daemon.ops.probe import StoreProbe
+from omsd.state.models import Order
+from omsd.state.statuses import HELD, Phase
 from omsd.state.store import Store
 from tests.api_helpers import (
     API_TOKEN,
@@ -142,6 +144,32 @@ async def test_show_order(api: Api) -> None:
     for key in ("V-4-01", "M-4"):
         status, body = await call(api, "GET", f"/v1/orders/{key}", headers=AUTH)
         assert status == 200 and body["orderId"] == "V-4-01"
+
+
+async def test_a_parked_intent_is_shown_not_404(api: Api) -> None:
+    """/v1/orders/{marketplace id} of an intent that waits for its order: 200 with
+    waitingForLink, the view's keys, the intent's source; an unknown id stays 404."""
+    api.stub.apply = True
+    await call(api, "POST", "/v1/approvals", {"marketplaceOrderId": "M-5"}, headers=AUTH)
+    status, body = await call(api, "GET", "/v1/orders/M-5", headers=AUTH)
+    assert status == 200 and body["waitingForLink"] is True
+    assert body["orderId"] is None and body["marketplaceOrderId"] == "M-5" and body["intent"] == "api"
+    assert set(body) >= set(order_view(Order(order_id="V-5-01")) or {})
+    assert (await call(api, "GET", "/v1/orders/M-6", headers=AUTH))[0] == 404
+
+
+@pytest.mark.parametrize(
+    ("phase", "held"),
+    [("waiting_release", True), ("approved", False), ("rejected", False)],
+)
+def test_held_is_the_hold_now_and_was_held_the_past(phase: str, held: bool) -> None:
+    """An order VTEX holds now is `held`; once authorized and approved (or canceled) it is
+    not, and `wasHeld` keeps that it was."""
+    order = Order(order_id="V-7-01", status=HELD, held=True, phase=Phase(phase))
+    if not held:
+        order = order.model_copy(update={"status": "ready-for-handling" if phase == "approved" else HELD})
+    view = order_view(order)
+    assert view is not None and view["held"] is held and view["wasHeld"] is True
 
 
 async def test_reads_are_open_without_a_configured_token(store: Store) -> None:

@@ -112,6 +112,9 @@ CASES: dict[str, Case] = {
     "a Get order asked, then a cancel in the same batch: the Get order is never written": Case(
         (status(FREE, t=1), intent(), status("canceled", t=2)), phase="rejected"
     ),
+    "an intent naming the order under another marketplace id: refused, the order not written": Case(
+        (intent(mkt="another"),), view=by_mkt(order(status=FREE, held=False)), notes=("intent_refused",)
+    ),
     "a row that does not read: noted, kept, written to the known order's history": Case(
         ("{not json",), view=View(orders={OID: order()}), notes=("journal_entry_unreadable",)
     ),

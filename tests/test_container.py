@@ -80,11 +80,14 @@ def test_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]) 
 
 
 async def test_demo_keeps_the_log_it_points_at() -> None:
-    """The log path the demo prints still exists, with the daemon's JSON lines, after it ends."""
+    """The log path the demo prints still exists, with the daemon's JSON lines, after it ends.
+    Its output in a pipe is the summary table on lines of its own, no live frames."""
     from omsd.daemon.tools.demo import run_demo
 
     out = StringIO()
     assert await run_demo(4, console=Console(file=out, width=200)) == 0
+    assert re.search(r"^ *omsd demo: summary *$", out.getvalue(), re.MULTILINE), out.getvalue()
+    assert "omsd demo: live" not in out.getvalue()
     log = Path(re.findall(r"log kept at (\S+)", out.getvalue())[-1])
     try:
         assert log.exists() and f"log {log}" in out.getvalue()

@@ -39,7 +39,8 @@ async def _omsd(db: Path, *args: str) -> tuple[int, str, str]:
 async def test_replay_and_ingest_refuse_beside_a_running_daemon(
     sim: Simulator, run_daemon: Any, tmp_path: Path
 ) -> None:
-    """A second process's replay or ingest exits 3 naming the daemon's pid; reading commands still work."""
+    """A second process's replay or ingest exits 3 naming the daemon's pid; reading commands still work,
+    and `approve` names the daemon that will act on the intent."""
     db = tmp_path / "omsd.db"
     capture = tmp_path / "items.jsonl"
     capture.write_text('{"orderId": "A-1", "state": "invoiced", "currentChange": "2026-11-01T10:00:00Z"}\n')
@@ -52,6 +53,8 @@ async def test_replay_and_ingest_refuse_beside_a_running_daemon(
             code, out, err = await _omsd(db, *args)
             assert code == 0, (args, err)
         assert json.loads(out)["summary"]["dry_run"] is True
+        code, out, err = await _omsd(db, "approve", "M-9")  # says who acts on the intent
+        assert code == 0 and f"the running daemon (pid {os.getpid()}) acts on it" in out, err
 
 
 async def test_a_second_daemon_on_the_same_database_stops(sim: Simulator, run_daemon: Any, tmp_path: Path) -> None:

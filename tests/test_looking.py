@@ -182,6 +182,43 @@ def test_dead_lists_attempts_code_and_error(db: Path, capsys: pytest.CaptureFixt
     assert "D-1\t4\t" in out
 
 
+def test_status_on_a_terminal_in_a_pipe_and_as_json(
+    db: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """status renders like the other commands: a table on a terminal, tab-separated lines with
+    a header in a pipe (the title on stderr), one JSON object with --json."""
+    out, err = _out(capsys, "status")
+    header, *rows = out.splitlines()
+    assert header == "what\tvalue\tmeaning" and "omsd status" in err
+    values = {row.split("\t")[0]: row.split("\t")[1] for row in rows}
+    assert values["processor_offset"] == values["last_offset"] == "7"
+    assert values["phase.dead"] == "1" and values["pending_intents"] == "1"
+    status = json.loads(_out(capsys, "status", "--json")[0])
+    assert status["phases"]["dead"] == 1 and status["last_offset"] == 7
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
+    monkeypatch.setenv("COLUMNS", "120")
+    out, _ = _out(capsys, "status")
+    assert "omsd status" in out and "┃" in out and "processor_offset" in out
+
+
+def test_unreadable_rows_in_a_pipe_and_as_json(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """journal --unreadable: tab-separated lines in a pipe (title on stderr), JSON lines with --json."""
+    asyncio.run(_unreadable(db))
+    out, err = _out(capsys, "journal", "--unreadable")
+    header, row = out.splitlines()
+    assert header.split("\t") == ["offset", "received", "kind", "order", "error"]
+    assert row.startswith("8\t") and "1 unreadable journal rows" in err
+    [line] = _out(capsys, "journal", "--unreadable", "--json")[0].splitlines()
+    assert json.loads(line)["offset"] == 8 and json.loads(line)["kind"] == "status_changed"
+
+
+async def _unreadable(db: Path) -> None:
+    async with await Store.open(db) as store:
+        bad = NewEntry(kind="status_changed", source="feed", payload="{not json", received_at=NOW)
+        await store.journal.append([bad], now=NOW)
+        await Processor(store, Policy()).drain()
+
+
 def test_retry_says_when_it_does_nothing(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """retry of an order without intent or a closed one does nothing and says so (exit 1); of a dead one, resyncs."""
     _, err = _out(capsys, "retry", "T-1", code=1)
@@ -212,7 +249,9 @@ def test_an_unknown_id_is_exit_1_with_a_message(db: Path, capsys: pytest.Capture
     assert "no order nope" in err
 
 
-@pytest.mark.parametrize("command", ["orders", "show", "journal", "intents", "dead", "retry", "prune"])
+@pytest.mark.parametrize(
+    "command", ["orders", "show", "journal", "intents", "dead", "retry", "prune", "status", "approve"]
+)
 def test_each_command_documents_its_exit_codes(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     """--help of each command states its exit codes."""
     with pytest.raises(SystemExit) as exc:

@@ -116,7 +116,7 @@ async def test_a_served_approval_fills_the_histograms(sim: Simulator, run_daemon
 
 async def test_an_order_going_dead_logs_a_warning_with_vtexs_code(tmp_path: Path, run_daemon: RunDaemon) -> None:
     """Every approval PUT answered EOI000 (HTTP 500): the order goes dead, and the
-    `order_dead` warning keeps EOI000, not only "HTTP 500"."""
+    `order_dead` warning keeps EOI000, not only "HTTP 500", and so does the order's last code."""
     sim = Simulator(seed=5, faults=Faults(rate_eoi000=1.0))
     await sim.start()
     try:
@@ -126,11 +126,15 @@ async def test_an_order_going_dead_logs_a_warning_with_vtexs_code(tmp_path: Path
                 await until(lambda: order.status is not None)
                 await approve(daemon, "DEAD1", order.order_id)
                 await until(reached(daemon, order.order_id, Phase.DEAD))
+                assert daemon.store is not None
+                record = await daemon.store.read.load_order(order.order_id)
     finally:
         await sim.stop()
+    assert record is not None and record.last_code == "EOI000"  # what `omsd dead` and the API show
     [dead] = [e for e in logged if e["event"] == "order_dead"]
     assert dead["log_level"] == "warning" and dead["order_id"] == order.order_id
     assert dead["error"].endswith("HTTP 500 EOI000"), dead
+    assert dead["code"] == "EOI000"
 
 
 def test_the_held_refusal_series_exists_before_the_first_one() -> None:

@@ -234,10 +234,10 @@ def test_rows_written_before_the_flag_read_as_trusted() -> None:
 
 
 def test_version_2_rows_are_read_with_their_flag() -> None:
-    """The golden rows of version 2 read back with everything they held, the flag included
-    (fields a later version added come with their defaults)."""
+    """The golden rows of version 2 read back with everything they held, the flag (and a
+    failure's code) included (fields a later version added come with their defaults)."""
     lines = (GOLDEN / "events-v2.jsonl").read_text().splitlines()
-    kinds = ["approval_answered", "notification_received", "result_notified"]
+    kinds = ["approval_answered", "approval_failed", "notification_received", "result_notified"]
     assert sorted(json.loads(line)["kind"] for line in lines) == kinds
     for line in lines:
         raw = json.loads(line)

@@ -73,7 +73,7 @@ def test_wheel_holds_only_the_omsd_namespace(wheel: Path) -> None:
         names = zf.namelist()
         metadata = next(zf.read(n).decode() for n in names if n.endswith(".dist-info/METADATA"))
     tops = {n.split("/")[0] for n in names}
-    assert {t for t in tops if not t.endswith(".dist-info")} == {"omsd"}
+    assert {t for t in tops if not t.endswith((".dist-info", ".data"))} == {"omsd"}
     # every module of the three folders, sub-packages included (pyproject lists them by name)
     tracked = _run("git", "ls-files", "daemon", "state", "sim", cwd=ROOT).stdout.split()
     modules = {f"omsd/{name}" for name in tracked if name.endswith(".py")}
@@ -82,3 +82,20 @@ def test_wheel_holds_only_the_omsd_namespace(wheel: Path) -> None:
     runtime = [r for r in requires if "extra ==" not in r]
     for tool in ("pytest", "hypothesis", "ruff", "mypy", "aioresponses"):
         assert not any(tool in r for r in runtime), runtime
+
+
+def test_the_units_documentation_is_installed(wheel: Path) -> None:
+    """The units' Documentation= names files the wheel installs under the venv's prefix
+    (the unit's ExecStart venv, /opt/omsd/.venv, + share/doc/omsd/)."""
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+    prefix = "/opt/omsd/.venv/"
+    for unit in ("omsd.service", "omsd@.service"):
+        text = (ROOT / "systemd" / unit).read_text()
+        [line] = [ln for ln in text.splitlines() if ln.startswith("Documentation=")]
+        assert f"ExecStart={prefix}bin/omsd run" in text
+        for uri in line.removeprefix("Documentation=").split():
+            path = uri.removeprefix("file://")
+            assert path.startswith(prefix), uri
+            data = path.removeprefix(prefix)
+            assert any(n.endswith(f".data/data/{data}") for n in names), (uri, data)

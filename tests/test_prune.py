@@ -263,6 +263,25 @@ def test_prune_without_retention_needs_older_than(
     assert "--older-than" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("days", ["-1", "36501", "1.5", "soon"])
+def test_prune_refuses_an_age_that_is_no_age(old_db: Path, capsys: pytest.CaptureFixture[str], days: str) -> None:
+    """--older-than -1 (or too large, or not a number) is a usage error naming the flag, not
+    "retention is off"; nothing is pruned."""
+    before = _digest(old_db)
+    with pytest.raises(SystemExit) as exit_:
+        main(["prune", "--older-than", days], clock=lambda: NOW)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--older-than" in err and "retention is off" not in err
+    assert _digest(old_db) == before
+
+
+def test_prune_older_than_0_prunes_every_closed_order(old_db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--older-than 0 (with retention off or on) takes every closed order, the recent one too."""
+    assert main(["prune", "--older-than", "0", "--dry-run", "--json"], clock=lambda: NOW) == 0
+    assert json.loads(capsys.readouterr().out)["orders"] == 4  # NEW-1 too; D-1 (dead) is kept
+
+
 # ---- the daemon's job ---------------------------------------------------------------------
 async def test_the_retention_job_is_scheduled_unless_disabled(tmp_path: Path) -> None:
     """OMSD_RETENTION_DAYS > 0 schedules `retention`; 0 schedules nothing; the size gauge reads the file."""

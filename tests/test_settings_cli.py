@@ -190,7 +190,7 @@ def test_offline_commands_on_a_database(
     assert main(["init"]) == 0
     assert main(["approve", "M-1", "--order-id", "MKP-M-1-01"]) == 0
     assert main(["replay"]) == 0
-    assert main(["status"]) == 0
+    assert main(["status", "--json"]) == 0
     status_out = capsys.readouterr().out
     status = json.loads(status_out[status_out.index("{") :])
     assert status["processor_offset"] >= 1
@@ -316,20 +316,27 @@ def test_known_variables_warn_nothing() -> None:
     assert warn_unknown_variables(known, quiet) == [] and quiet.getvalue() == ""
 
 
-async def test_hook_config_show_needs_no_hook_secret_in_feed_mode(
-    sim_env: Simulator,
-    capsys: pytest.CaptureFixture[str],
+async def test_hook_config_in_feed_mode_proposes_nothing(
+    sim_env: Simulator, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Feed mode without OMSD_HOOK_SECRET: `hook config show` shows VTEX's hook; apply still needs it."""
-    sim_env.hook_config = {
+    """Feed mode: `hook config show` shows VTEX's hook (masked) and proposes nothing, since omsd does
+    not use it; `apply` refuses (exit 2) and writes nothing. The feed's own config in hook mode alike."""
+    hook = {
         "filter": {"type": "FromWorkflow", "status": ["canceled"]},
         "hook": {"url": "https://elsewhere.example.com/h", "headers": {"X-Omsd-Hook-Secret": "s" * 20}},
     }
+    sim_env.hook_config = hook
     assert await run_cli("hook", "config", "show") == 0
     out = capsys.readouterr().out
-    assert "hook.url: https://elsewhere.example.com/h -> https://omsd.example.com/vtex/hook" in out
-    assert "s" * 20 not in out
+    assert "elsewhere.example.com" in out and "s" * 20 not in out
+    assert "OMSD_SOURCE=feed: omsd does not use the hook; nothing to change" in out and "->" not in out
     assert await run_cli("hook", "config", "apply", "--yes") == 2
+    assert "does not use the hook" in capsys.readouterr().err
+    assert sim_env.hook_config == hook
+    monkeypatch.setenv("OMSD_SOURCE", "hook")
+    monkeypatch.setenv("OMSD_HOOK_SECRET", "hook-secret-0123456789")
+    assert await run_cli("feed", "config", "show") == 0
+    assert "OMSD_SOURCE=hook: omsd does not use the feed" in capsys.readouterr().out
 
 
 async def test_check_passes_the_listen_address_of_a_running_omsd(sim: Simulator, run_daemon: RunDaemon) -> None:
@@ -395,7 +402,7 @@ async def test_instance_commands_see_what_the_service_sees(sim: Simulator, tmp_p
     assert (tmp_path / "state" / "mystore" / "omsd.db").exists()
     assert not (tmp_path / "elsewhere.db").exists()
     assert (await run("approve", "MKT-9", "--order-id", "MKP-9-01")).returncode == 0
-    status = await run("status")
+    status = await run("status", "--json")
     assert status.returncode == 0 and json.loads(status.stdout[status.stdout.index("{") :])["journal"] == 1
     journal = await run("journal", "--limit", "20")
     assert journal.returncode == 0 and "MKP-9-01" in journal.stdout
@@ -519,3 +526,41 @@ def test_a_credential_with_a_line_break_is_refused(env: pytest.MonkeyPatch, vari
     env.setenv(variable, "abcdefgh-ijklmnopqrstuvw\n")
     value = getattr(load_settings(), variable.removeprefix("OMSD_").lower())
     assert (value.get_secret_value() if isinstance(value, SecretStr) else value) == "abcdefgh-ijklmnopqrstuvw"
+
+
+def test_service_runs_without_its_optional_environment_file(tmp_path: Path) -> None:
+    """omsd.service marks /etc/omsd/omsd.env optional (`-`): `--service` does too. A missing
+    database then points at the service's first start, not at `omsd init` as root."""
+    etc, state = tmp_path / "etc", tmp_path / "state"
+    (etc / "credentials").mkdir(parents=True)
+    state.mkdir()
+    env = instance_environment(None, {"OMSD_ETC": str(etc), "OMSD_STATE_ROOT": str(state)})
+    assert env["OMSD_DB"] == str(state / "omsd.db")
+    proc = omsd("--service", "status", env={"OMSD_ETC": str(etc), "OMSD_STATE_ROOT": str(state)}, cwd=tmp_path)
+    assert proc.returncode == 2
+    [line] = proc.stderr.splitlines()
+    assert "systemctl start omsd;" in line and "do not `omsd init` it as root" in line
+
+
+def test_an_instance_without_its_database_points_at_the_unit(sim: Simulator, tmp_path: Path) -> None:
+    """`omsd --instance mystore status` before the unit's first start names the unit to start."""
+    env = instance_files(tmp_path, sim)
+    proc = omsd("--instance", "mystore", "status", env=env, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "systemctl start omsd@mystore" in proc.stderr and "create one with `omsd init`" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [("", "must not be empty"), ("   ", "must not be empty"), ("tok\r\nen", "printable ASCII")],
+    ids=["empty", "blank", "CR/LF"],
+)
+def test_an_unusable_app_token_is_a_settings_error(tmp_path: Path, value: str, problem: str) -> None:
+    """OMSD_APP_TOKEN= (or a token with CR/LF) is refused by the settings, exit 2 naming it,
+    instead of passing and failing later as HTTP 401 or a traceback."""
+    env = {**REQUIRED, "OMSD_APP_TOKEN": value, "OMSD_DB": str(tmp_path / "o.db")}
+    proc = omsd("check", env=env, cwd=tmp_path)
+    assert proc.returncode == 2
+    [line] = proc.stderr.splitlines()
+    assert line.startswith("omsd: configuration error: OMSD_APP_TOKEN: ") and problem in line
+    assert "tok" not in line

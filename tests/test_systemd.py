@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from omsd.daemon.config.instance import CREDENTIALS
 from omsd.daemon.config.settings import Settings
 from omsd.sim.server import Simulator
 from tests.helpers import API_TOKEN, free_port, omsd_env
@@ -155,3 +156,17 @@ async def test_sd_notify_ready_watchdog_stopping(tmp_path: Path) -> None:
     lines = (tmp_path / "omsd.log").read_text().splitlines()
     assert lines and all(json.loads(line)["event"] for line in lines)  # JSON lines when not a TTY
     assert sim.app_token not in "\n".join(lines) and API_TOKEN not in "\n".join(lines)
+
+
+@UNITS
+def test_every_secret_can_come_as_a_credential_and_the_optional_ones_may_be_missing(unit: Path) -> None:
+    """Each secret omsd reads has its LoadCredential= (the notify secret too, as the docs
+    offer); the optional ones have a SetCredential= default, so a missing file does not stop
+    the unit; `omsd --service/--instance` read the same files."""
+    text = unit.read_text()
+    loaded = dict(re.findall(r"^LoadCredential=(omsd_\w+):\S+/(\w+)$", text, re.MULTILINE))
+    defaults = set(re.findall(r"^SetCredential=(omsd_\w+):\\n$", text, re.MULTILINE))
+    secrets = {f"omsd_{name}" for name, field in Settings.model_fields.items() if "SecretStr" in str(field.annotation)}
+    assert set(loaded) == secrets == {f"omsd_{c}" for c in CREDENTIALS}
+    assert all(loaded[f"omsd_{c}"] == c for c in CREDENTIALS)
+    assert defaults == secrets - {"omsd_app_token"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import re
+import socket
 from collections.abc import AsyncIterator, Coroutine
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -18,7 +19,7 @@ from asyncio_throttle import throttler as throttler_module
 
 from omsd.daemon.ops.metrics import Metrics
 from omsd.daemon.vtex.budget import Priority
-from omsd.daemon.vtex.client import VtexClient, parse_retry_after
+from omsd.daemon.vtex.client import VtexClient, describe, parse_retry_after
 from omsd.daemon.vtex.errors import AuthFailed, BadResponse, NotFound, RateLimited, VtexUnavailable
 from omsd.daemon.vtex.models import FeedConfig, feed_config_body
 from omsd.daemon.vtex.rate import MARGIN, spread
@@ -229,6 +230,30 @@ async def test_approval_put_is_never_retried_blindly(session: aiohttp.ClientSess
         assert len(_calls(m)) == 1
 
 
+def test_connection_failures_name_the_host_and_the_cause() -> None:
+    """Not "ClientConnectorDNSError": the host, and whether its name did not resolve or the
+    connection was refused."""
+    key = SimpleNamespace(host="shop.vtexcommercestable.com.br", port=443, ssl=True, is_ssl=True)
+    dns = aiohttp.ClientConnectorDNSError(key, socket.gaierror(-2, "Name or service not known"))  # type: ignore[arg-type]
+    assert describe(dns) == "cannot resolve shop.vtexcommercestable.com.br: Name or service not known"
+    refused = aiohttp.ClientConnectorError(key, ConnectionRefusedError(111, "Connect call failed"))  # type: ignore[arg-type]
+    assert describe(refused) == "cannot connect to shop.vtexcommercestable.com.br:443: Connection refused"
+
+
+async def test_a_refused_connection_is_an_error_naming_host_and_cause(session: aiohttp.ClientSession) -> None:
+    """A call to an address nothing listens on: VtexUnavailable saying so; the metric keeps
+    the error's type as its label (a bounded set)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    metrics = Metrics()
+    vtex = VtexClient(make_settings(vtex_base_url=f"http://127.0.0.1:{port}", http_retries=0), session, metrics=metrics)
+    with pytest.raises(VtexUnavailable, match=f"cannot connect to 127.0.0.1:{port}: Connection refused"):
+        await vtex.get_order("X")
+    labels = {"route": "GET /api/oms/pvt/orders/{order_id}", "status": "ClientConnectorError"}
+    assert metrics.sample("omsd_vtex_requests_total", **labels) == 1
+
+
 async def test_timeouts_are_typed_and_retried(session: aiohttp.ClientSession) -> None:
     """A timeout is retried for GET and surfaces as VtexUnavailable, never as an aiohttp error."""
     with aioresponses() as m:
@@ -352,7 +377,7 @@ class RecordingClient(VtexClient):
         self.sent: list[tuple[float, str]] = []
         self.limited_at: list[float] = []
 
-    async def _send(self, method: str, url: str, params: Any, body: Any) -> tuple[int, str | None, str, str | None]:
+    async def _send(self, method: str, url: str, params: Any, body: Any) -> tuple[int, str | None, str, Any]:
         self.sent.append((self._clock(), "feed" if url.endswith("/feed") else "order"))
         answer = await super()._send(method, url, params, body)
         if answer[0] == 429:

@@ -60,7 +60,7 @@ def bounded(name: str, low: int, high: int) -> Callable[[str], int]:
 
 OFFSET = bounded("offset", 0, 2**63 - 1)  # SQLite's integers
 LIMIT = bounded("limit", 1, 1_000_000_000)
-DAYS = bounded("days", 1, 36500)  # OMSD_RETENTION_DAYS' range
+DAYS = bounded("days", 0, 36500)  # OMSD_RETENTION_DAYS' range (0: no age at all)
 
 
 def preview_options(p: argparse.ArgumentParser, dry_run: str, verbose: str) -> None:
@@ -79,7 +79,7 @@ def offline(fn: StoreCommand, *, create: bool = False, owns: bool = False) -> Ha
     def handler(args: argparse.Namespace) -> int:
         db = load_db_path()
         if not create and not db.exists():
-            print(f"omsd: no database at {db} (set OMSD_DB, or create one with `omsd init`)", file=sys.stderr)
+            print(f"omsd: no database at {db} ({_how_to_create(args)})", file=sys.stderr)
             return EXIT_CONFIG
         logs.configure("info" if getattr(args, "verbose", False) else "warning", "auto", stream=sys.stderr)
         preview = owns and args.dry_run
@@ -91,6 +91,16 @@ def offline(fn: StoreCommand, *, create: bool = False, owns: bool = False) -> Ha
             return EXIT_BUSY
 
     return handler
+
+
+def _how_to_create(args: argparse.Namespace) -> str:
+    """Where a missing database comes from: the service's own first start under a unit (an
+    `omsd init` as root would leave files the service's user cannot write), else `omsd init`."""
+    instance: str | None = getattr(args, "instance", None)
+    if instance is not None or getattr(args, "service", False):
+        unit = f"omsd@{instance}" if instance is not None else "omsd"
+        return f"the service creates it at its first start: systemctl start {unit}; do not `omsd init` it as root"
+    return "set OMSD_DB, or create one with `omsd init`"
 
 
 async def _with_store(db: Path, fn: StoreCommand, args: argparse.Namespace, *, readonly: bool = False) -> int:

@@ -99,13 +99,16 @@ def add(sub: Subparsers[argparse.ArgumentParser]) -> None:
     st.add_argument("--json", action="store_true", help="print JSON lines")
     st.epilog = "exit codes: 0 listed (also when none are stuck); 2 no database at OMSD_DB"
 
-    command(
+    status = command(
         sub,
         "status",
         offline(_status),
         help="counts by phase, offsets, backlog",
-        description="Counts by phase, journal and processor offsets, pending feed commits, timers and parked intents.",
+        description="Counts by phase, journal and processor offsets, pending feed commits, timers and parked intents. "
+        "A table on a terminal; in a pipe, tab-separated lines (what, value) with a header.",
     )
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    status.epilog = "exit codes: 0 shown; 2 no database at OMSD_DB"
 
 
 async def _orders(store: Store, args: argparse.Namespace) -> int:
@@ -167,7 +170,7 @@ async def _show_parked(store: Store, args: argparse.Namespace) -> int:
 
 async def _journal(store: Store, args: argparse.Namespace) -> int:
     if args.unreadable:
-        return await _unreadable(store)
+        return await _unreadable(store, args.json)
     order_id = mkt = None
     if args.order is not None:
         order = await store.read.find_order(args.order)
@@ -288,16 +291,43 @@ async def _stuck(store: Store, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+STATUS_ROWS = (
+    ("last_offset", "the journal's last offset"),
+    ("processor_offset", "applied up to here (should equal last_offset within a second)"),
+    ("acks_pending", "feed handles journaled, not yet committed to VTEX"),
+    ("timers", "re-checks and retries set"),
+    ("pending_intents", "intents parked until their order is linked"),
+    ("rejected", "bad input kept (omsd journal --rejected)"),
+    ("unreadable", "journal rows omsd could not read (should be 0)"),
+    ("journal", "journal rows"),
+)
+
+
 async def _status(store: Store, args: argparse.Namespace) -> int:
-    out = {"phases": await store.read.phase_counts(), "outbox": await store.outbox.counts(), **await store.read.stats()}
-    print(json.dumps(out, indent=2, sort_keys=True))
+    phases, outbox, stats = await store.read.phase_counts(), await store.outbox.counts(), await store.read.stats()
+    if args.json:
+        print(json.dumps({"phases": phases, "outbox": outbox, **stats}, indent=2, sort_keys=True))
+        return EXIT_OK
+    rows = [[key, str(stats[key] or 0), meaning] for key, meaning in STATUS_ROWS]
+    rows += [[f"phase.{phase}", str(n), "orders in this phase"] for phase, n in sorted(phases.items())]
+    rows += [[f"outbox.{state}", str(n), "VTEX calls in this state"] for state, n in sorted(outbox.items())]
+    render.table("omsd status", ("what", "value", "meaning"), rows)
     return EXIT_OK
 
 
-async def _unreadable(store: Store) -> int:
-    rows = (
-        [str(u.journal_offset), render.when(u.received_at), u.kind, u.order_id or "-", u.error]
-        for u in await store.read.unreadable_rows()
-    )
-    render.table("unreadable journal rows", ("offset", "received", "kind", "order", "error"), rows)
+async def _unreadable(store: Store, as_json: bool) -> int:
+    found = await store.read.unreadable_rows()
+    if as_json:
+        for u in found:
+            view = {
+                "offset": u.journal_offset,
+                "received_at": u.received_at.isoformat(),
+                "kind": u.kind,
+                "order_id": u.order_id,
+                "error": u.error,
+            }
+            render.json_line(view)
+        return EXIT_OK
+    rows = ([str(u.journal_offset), render.when(u.received_at), u.kind, u.order_id or "-", u.error] for u in found)
+    render.table(f"{len(found)} unreadable journal rows", ("offset", "received", "kind", "order", "error"), rows)
     return EXIT_OK

@@ -7,8 +7,9 @@ import sys
 
 from omsd.state.store import Store
 
-from ..intake import entries
-from .common import EXIT_CONFIG, EXIT_OK, Subparsers, command, offline
+from ..intake import intents
+from ..ops import lock
+from .common import EXIT_CONFIG, EXIT_FAIL, EXIT_OK, Subparsers, command, offline
 
 
 def add(sub: Subparsers[argparse.ArgumentParser]) -> None:
@@ -27,10 +28,17 @@ def add(sub: Subparsers[argparse.ArgumentParser]) -> None:
         offline(_approve),
         help="record an approval intent for a marketplace order",
         description="Record an approval intent in the journal. The running daemon sends the approval as soon "
-        "as VTEX shows the order is not held (and never if it is canceled). Idempotent.",
+        "as VTEX shows the order is not held (and never if it is canceled). Idempotent. The ids are checked as "
+        "POST /v1/approvals checks them: VTEX's shapes (letters, digits, . _ -, starting with a letter or digit; "
+        "at most 100 characters for the marketplace id, 128 for the order id), and an order omsd knows under "
+        "another marketplace id is refused.",
     )
     a.add_argument("marketplace_order_id", metavar="MARKETPLACE_ORDER_ID")
     a.add_argument("--order-id", help="the VTEX order id, when known (links the two at once)")
+    a.epilog = (
+        "exit codes: 0 recorded; 1 refused: the order is known under another marketplace id; "
+        "2 an id of the wrong shape, or no database at OMSD_DB"
+    )
 
 
 async def _init(store: Store, args: argparse.Namespace) -> int:
@@ -39,11 +47,22 @@ async def _init(store: Store, args: argparse.Namespace) -> int:
 
 
 async def _approve(store: Store, args: argparse.Namespace) -> int:
-    mkt: str = args.marketplace_order_id.strip()
-    if not mkt:
-        print("omsd: MARKETPLACE_ORDER_ID must not be empty", file=sys.stderr)
+    try:  # the ids as POST /v1/approvals takes them, and refused the same way
+        req = intents.parse(args.marketplace_order_id, args.order_id)
+    except intents.IntentRefused as exc:
+        print(f"omsd: {exc.reason}", file=sys.stderr)
         return EXIT_CONFIG
-    now = args.clock()
-    [appended] = await store.journal.append([entries.intent_entry(mkt, args.order_id, "cli", now)], now=now)
-    print(f"intent recorded at journal offset {appended.offset}; the running daemon will act on it")
+    try:
+        await intents.check(store, req)
+    except intents.IntentRefused as exc:
+        print(f"omsd: intent refused: {exc.reason}", file=sys.stderr)
+        return EXIT_FAIL
+    appended = await intents.record(store, req, "cli", args.clock())
+    pid = lock.owner(store.path)
+    then = (
+        f"the running daemon (pid {pid}) acts on it"
+        if pid
+        else "no daemon runs on this database: `omsd run` acts on it"
+    )
+    print(f"intent recorded at journal offset {appended.offset}; {then}")
     return EXIT_OK

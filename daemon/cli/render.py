@@ -55,7 +55,7 @@ def order_row(o: Order) -> list[str]:
         o.marketplace_order_id or "-",
         f"{STUCK} ({o.phase.value})" if o.stuck is not None else o.phase.value,
         o.status or "-",
-        "yes" if o.held else "",
+        "yes" if o.held_now else ("was" if o.held else ""),
         str(o.sent),
         o.last_code or "",
         o.last_error or "",

@@ -75,7 +75,11 @@ def add(sub: Subparsers[argparse.ArgumentParser]) -> None:
         "the database and refuses beside it.",
     )
     p.add_argument(
-        "--older-than", type=DAYS, metavar="DAYS", help="quiet for this many days (default OMSD_RETENTION_DAYS, 30)"
+        "--older-than",
+        type=DAYS,
+        metavar="DAYS",
+        help="quiet for this many days, 0 to 36500 (0: every closed order, however recent; "
+        "default OMSD_RETENTION_DAYS, 30)",
     )
     p.add_argument("--dry-run", action="store_true", help="change nothing; count what would go")
     p.add_argument("--json", action="store_true", help="print the counts as one JSON object")
@@ -168,7 +172,7 @@ def _prune_command(args: argparse.Namespace) -> int:
 
 async def _prune(store: Store, args: argparse.Namespace) -> int:
     days = args.older_than if args.older_than is not None else load_local().retention_days
-    if days <= 0:
+    if args.older_than is None and days == 0:
         print("omsd: retention is off (OMSD_RETENTION_DAYS=0): name the age with --older-than DAYS", file=sys.stderr)
         return EXIT_CONFIG
     report = await retention.prune(store, days, args.clock(), dry_run=args.dry_run)

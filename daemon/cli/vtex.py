@@ -36,7 +36,8 @@ def add(sub: Subparsers[argparse.ArgumentParser]) -> None:
         help="diagnose the set-up in one screen",
         description="Check that the settings are valid, VTEX accepts the credentials, the feed/hook configuration "
         "exists and its filter has the statuses omsd needs, the feed queue is not near expiry, the database is "
-        "writable with a current schema, and the listen address is free. Exit 0 only when every check passes.",
+        "writable with a current schema, and the listen address is free. Exit 0 when every check passes; a "
+        "warning (no feed or hook configuration yet, which omsd run creates; OMSD_API_TOKEN unset) passes too.",
     )
     command(
         sub,
@@ -57,7 +58,8 @@ def _vtex_config_command(args: argparse.Namespace) -> int:
 def _check_command(args: argparse.Namespace) -> int:
     settings = load_settings()
     logs.configure("error", "console", stream=sys.stderr)
-    return asyncio.run(_check(settings))
+    unit = f"omsd@{args.instance}" if args.instance is not None else "omsd" if args.service else None
+    return asyncio.run(_check(settings, unit))
 
 
 def _healthcheck_command(args: argparse.Namespace) -> int:
@@ -71,11 +73,10 @@ async def _vtex_config(settings: Settings, kind: str, action: str, yes: bool) ->
     from ..vtex.configuration import feed_plan, hook_plan
     from ..vtex.models import feed_config_body, hook_config_body
 
-    if kind == "hook" and settings.hook_secret is None:
-        if action == "apply":
-            print("omsd: OMSD_HOOK_SECRET: is required to configure the hook", file=sys.stderr)
-            return EXIT_CONFIG
-        print("OMSD_HOOK_SECRET is not set: the hook's header is not compared")
+    used = settings.uses_feed if kind == "feed" else settings.uses_hook
+    if not used and action == "apply":
+        print(f"omsd: OMSD_SOURCE={settings.source}: omsd does not use the {kind}; nothing to apply", file=sys.stderr)
+        return EXIT_CONFIG
     async with aiohttp.ClientSession() as session:
         client = VtexClient(settings, session, max_rate_limited=1)
         try:
@@ -92,6 +93,9 @@ async def _vtex_config(settings: Settings, kind: str, action: str, yes: bool) ->
             return EXIT_FAIL
         print(f"VTEX's {kind} configuration:")
         print(json.dumps(current, indent=2, sort_keys=True) if current is not None else "  (none)")
+        if not used:  # nothing to propose: omsd neither reads nor keeps this configuration
+            print(f"OMSD_SOURCE={settings.source}: omsd does not use the {kind}; nothing to change")
+            return EXIT_OK
         if not changes:
             print(f"omsd's settings match: nothing to {'apply' if action == 'apply' else 'change'}")
             return EXIT_OK
@@ -143,10 +147,10 @@ def _masked(raw: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
-async def _check(settings: Settings) -> int:
+async def _check(settings: Settings, unit: str | None = None) -> int:
     from ..tools.check import run_checks
 
-    results = await run_checks(settings)
-    rows = ([r.name, "ok" if r.ok else "FAIL", r.detail] for r in results)
+    results = await run_checks(settings, unit=unit)
+    rows = ([r.name, r.verdict, r.detail] for r in results)
     render.table("omsd check", ("check", "result", "detail"), rows)
     return EXIT_OK if all(r.ok for r in results) else EXIT_FAIL

@@ -18,7 +18,7 @@ from .settings import OTHER_VARIABLES, ConfigError
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 # LoadCredential=omsd_<name>:/etc/omsd/credentials/%i/<name>, as in the unit.
-CREDENTIALS = ("app_token", "api_token", "hook_secret", "relay_secret")
+CREDENTIALS = ("app_token", "api_token", "hook_secret", "relay_secret", "notify_secret")
 # Litestream's S3 keys as credentials (LoadCredential=litestream_...: docs/operations.md, "Replication")
 REPLICA_CREDENTIALS = ("litestream_access_key_id", "litestream_secret_access_key")
 
@@ -40,6 +40,10 @@ def instance_environment(name: str | None, environ: Mapping[str, str]) -> dict[s
     env["OMSD_DB"] = str(state / (name or "") / "omsd.db")
     try:
         env.update(parse_environment_file(env_file.read_text()))
+    except FileNotFoundError:
+        if name is not None:  # omsd@NAME requires it (EnvironmentFile=/etc/omsd/%i.env)
+            raise ConfigError(f"{what}: cannot read {env_file}: it does not exist") from None
+        # omsd.service marks it optional (EnvironmentFile=-/etc/omsd/omsd.env): so does --service
     except OSError as exc:
         raise ConfigError(f"{what}: cannot read {env_file}: {exc.strerror}") from None
     named = [(c, f"OMSD_{c.upper()}") for c in CREDENTIALS] + [(c, c.upper()) for c in REPLICA_CREDENTIALS]

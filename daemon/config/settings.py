@@ -210,6 +210,21 @@ class Settings(PolicySettings, ReplicaSettings):
                 raise ValueError(f"not statuses VTEX can filter on: {', '.join(map(str, unknown))}")
         return value
 
+    @field_validator("app_key", "app_token", mode="before")
+    @classmethod
+    def _credential(cls, value: object) -> object:
+        """VTEX's AppKey and AppToken travel as header values: set (an empty `OMSD_APP_TOKEN=`
+        would only fail later as HTTP 401), printable ASCII without spaces (a CR/LF in a header
+        would break every call); whitespace around them (a file's newline) is dropped."""
+        raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if isinstance(raw, str):
+            raw = raw.strip()
+            if not raw:
+                raise ValueError("must not be empty")
+            if not all("!" <= ch <= "~" for ch in raw):
+                raise ValueError("must be printable ASCII, without spaces or control characters")
+        return raw
+
     @field_validator("api_token", "hook_secret", "notify_secret", mode="before")
     @classmethod
     def _token(cls, value: object) -> object:
@@ -222,18 +237,6 @@ class Settings(PolicySettings, ReplicaSettings):
         if isinstance(raw, str) and _CONTROL.search(raw.strip()):
             raise ValueError("must not contain control characters (CR, LF, ...)")
         return raw.strip() if isinstance(raw, str) else raw
-
-    @field_validator("app_key", "app_token", mode="before")
-    @classmethod
-    def _header_value(cls, value: object) -> object:
-        """Sent to VTEX as header values: surrounding whitespace (a credential file's last
-        newline) goes, a control character inside (CR, LF: a header injection) is refused."""
-        raw = value.get_secret_value() if isinstance(value, SecretStr) else value
-        if isinstance(raw, str):
-            raw = raw.strip()
-            if _CONTROL.search(raw):
-                raise ValueError("must not contain control characters (CR, LF, ...): it is sent as an HTTP header")
-        return raw
 
     @field_validator("db", mode="before")
     @classmethod
@@ -338,6 +341,15 @@ class Settings(PolicySettings, ReplicaSettings):
         return int(self.listen.rpartition(":")[2])
 
 
+def db_folder_problem(db: Path) -> str | None:
+    """Why `omsd run` cannot create OMSD_DB: its folder does not exist (omsd creates the file,
+    never the folder); None when the folder is there. `omsd check` says the same."""
+    folder = db.parent if str(db.parent) else Path()
+    if folder.is_dir():
+        return None
+    return f"the folder {folder} does not exist"
+
+
 def _json_list(value: str) -> object:
     try:
         return json.loads(value)
@@ -418,6 +430,21 @@ class _Systemd(BaseSettings):
     notify_socket: str | None = Field(default=None, validation_alias="NOTIFY_SOCKET")
     watchdog_usec: int | None = Field(default=None, validation_alias="WATCHDOG_USEC")
     watchdog_pid: int | None = Field(default=None, validation_alias="WATCHDOG_PID")
+    # `DEVICE:INODE` of the stream systemd connected to the journal (systemd.exec(5))
+    journal_stream: str | None = Field(default=None, validation_alias="JOURNAL_STREAM")
+
+
+def journal_stream() -> tuple[int, int] | None:
+    """The device and inode of the journal stream systemd gave this process, if any: when
+    stdout is that stream, omsd's lines reach journald (a malformed value counts as none)."""
+    try:
+        raw = _Systemd().journal_stream or ""
+    except ValidationError:  # another of systemd's variables is malformed: `omsd run` says so
+        return None
+    device, sep, inode = raw.partition(":")
+    if not sep or not device.isdigit() or not inode.isdigit():
+        return None
+    return int(device), int(inode)
 
 
 def systemd_environment() -> _Systemd:

@@ -28,6 +28,7 @@ from omsd.state.store import Store
 
 from ..config.settings import Settings
 from ..intake import entries, jsonsafe
+from ..intake.wire import validation_reason
 from ..ops.health import Health
 from ..ops.logs import get_logger
 from ..ops.metrics import Metrics
@@ -185,6 +186,7 @@ _Model = TypeVar("_Model", bound=BaseModel)
 
 
 def order_view(order: Order | None) -> dict[str, Any] | None:
+    """An order for the connector: `held` is VTEX's hold now, `wasHeld` whether it ever was."""
     if order is None:
         return None
     return {
@@ -193,7 +195,8 @@ def order_view(order: Order | None) -> dict[str, Any] | None:
         "phase": STUCK if order.stuck is not None else order.phase.value,
         "stuck": order.stuck.model_dump(mode="json") if order.stuck is not None else None,
         "status": order.status,
-        "held": order.held,
+        "held": order.held_now,
+        "wasHeld": order.held,
         "intent": order.intent_source,
         "approvalsSent": order.sent,
         "attempts": order.attempts,
@@ -201,17 +204,35 @@ def order_view(order: Order | None) -> dict[str, Any] | None:
         "lastError": order.last_error,
         "nextCheckAt": order.timer.due_at.isoformat() if order.timer else None,
         "updatedAt": order.updated_at.isoformat() if order.updated_at else None,
+        "waitingForLink": False,
+    }
+
+
+def parked_view(marketplace_order_id: str, source: str, offset: int) -> dict[str, Any]:
+    """An intent parked under a marketplace id no VTEX order is linked to yet: the keys of
+    `order_view`, with what is not known yet null."""
+    return {
+        "orderId": None,
+        "marketplaceOrderId": marketplace_order_id,
+        "phase": None,
+        "stuck": None,
+        "status": None,
+        "held": False,
+        "wasHeld": False,
+        "intent": source,
+        "intentOffset": offset,
+        "approvalsSent": 0,
+        "attempts": 0,
+        "lastCode": None,
+        "lastError": None,
+        "nextCheckAt": None,
+        "updatedAt": None,
+        "waitingForLink": True,
     }
 
 
 def error(status: int, reason: str) -> web.Response:
     return web.json_response({"error": reason}, status=status)
-
-
-def validation_reason(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    where = ".".join(str(p) for p in err.get("loc", ())) or "body"
-    return f"{where}: {err.get('msg', 'invalid')}"
 
 
 def ctx_of(request: web.Request) -> ApiContext:

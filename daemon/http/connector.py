@@ -6,15 +6,16 @@ import re
 from datetime import UTC, datetime
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field
 
-from ..intake import entries, wire
+from ..intake import intents, wire
 from ..ops.logs import get_logger
 from .common import (
     authorized,
     ctx_of,
     error,
+    keep_rejected,
     order_view,
+    parked_view,
     read_json,
     validated,
 )
@@ -22,11 +23,7 @@ from .common import (
 log = get_logger("omsd.api")
 
 
-class ApprovalRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-    marketplace_order_id: wire.MarketplaceOrderId = Field(alias="marketplaceOrderId")
-    order_id: wire.OrderId | None = Field(default=None, alias="orderId")
+ApprovalRequest = wire.ApprovalRequest  # the body; `omsd approve` validates its arguments the same way
 
 
 _ORDER_KEY = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{wire.ORDER_ID_MAX - 1}}}")
@@ -44,10 +41,12 @@ async def approvals(request: web.Request) -> web.Response:
     req = await validated(request, ApprovalRequest, raw, "api")
     if isinstance(req, web.Response):
         return req
-    now = datetime.now(UTC)
-    [appended] = await ctx.store.journal.append(
-        [entries.intent_entry(req.marketplace_order_id, req.order_id, "api", now)], now=now
-    )
+    try:
+        await intents.check(ctx.store, req)
+    except intents.IntentRefused as exc:  # the order is known under another marketplace id
+        await keep_rejected(request, "api", raw, exc.reason)
+        return error(exc.status, exc.reason)
+    appended = await intents.record(ctx.store, req, "api", datetime.now(UTC))
     ctx.wake()
     await ctx.durable()  # replicated durability: 202 only once the intent is on the replica
     offset = appended.offset or 0
@@ -58,7 +57,7 @@ async def approvals(request: web.Request) -> web.Response:
         else await ctx.store.read.order_by_marketplace_id(req.marketplace_order_id)
     )
     parked = order is None and await ctx.store.read.pending_intent(req.marketplace_order_id) is not None
-    log.info("approval_intent", marketplace_order_id=req.marketplace_order_id, order_id=req.order_id, offset=offset)
+    log.debug("approval_intent", marketplace_order_id=req.marketplace_order_id, order_id=req.order_id, offset=offset)
     return web.json_response(
         {"accepted": True, "offset": offset, "applied": applied, "waitingForLink": parked, "order": order_view(order)},
         status=202,
@@ -66,7 +65,8 @@ async def approvals(request: web.Request) -> web.Response:
 
 
 async def show_order(request: web.Request) -> web.Response:
-    """GET /v1/orders/{key}: one order by VTEX or marketplace order id."""
+    """GET /v1/orders/{key}: one order by VTEX or marketplace order id, or the intent parked
+    under a marketplace id (`waitingForLink: true`)."""
     ctx = ctx_of(request)
     denied = authorized(request, write=False)
     if denied is not None:
@@ -75,9 +75,12 @@ async def show_order(request: web.Request) -> web.Response:
     if not _ORDER_KEY.fullmatch(key):
         return error(400, "key is not an order id or a marketplace order id")
     order = await ctx.store.read.find_order(key)
-    if order is None:
-        return error(404, "no such order")
-    return web.json_response(order_view(order))
+    if order is not None:
+        return web.json_response(order_view(order))
+    parked = await ctx.store.read.pending_intent(key)
+    if parked is not None:  # an intent waits for its order: known, not yet linked
+        return web.json_response(parked_view(key, *parked))
+    return error(404, "no such order")
 
 
 async def status(request: web.Request) -> web.Response:

@@ -114,7 +114,7 @@ async def _notification(request: web.Request, *, authenticated: bool) -> web.Res
     await ctx.durable()
     if authenticated and not appended.duplicate and env.flow == "ApproveOrder" and env.code not in APPROVAL_SUCCESS:
         ctx.metrics.on_approval_refused(env.code)
-    log.info(
+    log.debug(
         "notification_received",
         marketplace_order_id=env.marketplace_order_id,
         code=env.code,

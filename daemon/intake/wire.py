@@ -208,6 +208,23 @@ def is_ping(body: object) -> bool:
     return isinstance(fields, dict) and "hookconfig" in fields and "orderid" not in fields
 
 
+class ApprovalRequest(BaseModel):
+    """An approval intent, as the connector posts it (`POST /v1/approvals`) and as `omsd approve`
+    takes it from the command line: one validation for both."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    marketplace_order_id: MarketplaceOrderId = Field(alias="marketplaceOrderId")
+    order_id: OrderId | None = Field(default=None, alias="orderId")
+
+
+def validation_reason(exc: ValidationError) -> str:
+    """The first problem of a request body, naming its field (`marketplaceOrderId: ...`)."""
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err.get("loc", ())) or "body"
+    return f"{where}: {err.get('msg', 'invalid')}"
+
+
 class ResultEnvelope(BaseModel):
     """VTEX's processing-result envelope (Channel Order API); unknown fields ignored."""
 

@@ -92,6 +92,31 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def owner(db: str | Path) -> int | None:
+    """The pid of the process that owns `db` now, or None when none does. Read from the
+    kernel's table of locks (/proc/locks), so looking takes no lock a starting daemon could
+    trip over; where that table cannot be read, None."""
+    try:
+        st = os.stat(lock_path(Path(db)))
+        with open("/proc/locks") as table:
+            lines = table.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 4242 fd:01:123456 0 EOF" (a blocked waiter has "->" first)
+        if len(fields) < 6 or fields[1] != "FLOCK" or fields[3] != "WRITE":
+            continue
+        major, minor, inode = [*fields[5].split(":"), "", "", ""][:3]
+        try:
+            device = os.makedev(int(major, 16), int(minor, 16))
+            if int(inode) == st.st_ino and device == st.st_dev:
+                return int(fields[4])
+        except ValueError:
+            continue
+    return None
+
+
 def _owner(fd: int) -> int | None:
     with contextlib.suppress(ValueError, OSError):
         return int(os.pread(fd, 32, 0).decode().strip())

@@ -3,11 +3,21 @@
 JSON lines when stdout is not a TTY (journald, containers), readable lines on a
 TTY. Secrets registered with `redact()` are scrubbed from every field as a last
 line of defence; the code never logs them on purpose.
+
+Each line carries its level: in the JSON (`"level"`), and, when stdout is the journal
+stream systemd gave the service (`$JOURNAL_STREAM` names its device and inode), also as
+a `<N>` syslog-priority prefix that journald strips and stores as the line's PRIORITY
+(`journalctl -p warning`). A container's stdout gets no prefix, so its lines stay JSON.
+
+Libraries (APScheduler, aiohttp) log at warning and above; `OMSD_LOG_LEVEL=debug`
+asks for their info lines too.
 """
 
 from __future__ import annotations
 
+import io
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, MutableMapping
@@ -15,6 +25,9 @@ from typing import Any, TextIO
 
 import structlog
 
+from ..config.settings import journal_stream
+
+LIBRARY_LEVEL = logging.WARNING
 _SECRETS: set[str] = set()
 _MASK = "***"
 
@@ -66,10 +79,40 @@ def _scrub_processor(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> M
     return {k: _scrub(v) for k, v in event_dict.items()}
 
 
+# syslog priorities (RFC 5424) by structlog's level names
+PRIORITY = {"critical": 2, "exception": 3, "error": 3, "warning": 4, "warn": 4, "info": 6, "debug": 7}
+
+
+class _JournalPriority:
+    """Prefix each rendered line with `<N>`, its syslog priority: journald (SyslogLevelPrefix=,
+    on by default) takes it off and files the line at that priority."""
+
+    def __init__(self, render: Callable[..., str]) -> None:
+        self._render = render
+
+    def __call__(self, logger: Any, name: str, event_dict: MutableMapping[str, Any]) -> str:
+        priority = PRIORITY.get(str(event_dict.get("level", name)), 6)
+        return f"<{priority}>{self._render(logger, name, event_dict)}"
+
+
+def is_journal(stream: TextIO) -> bool:
+    """True when `stream` is the journal stream systemd connected this process to."""
+    expected = journal_stream()
+    if expected is None:
+        return False
+    try:
+        st = os.fstat(stream.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return False
+    return (st.st_dev, st.st_ino) == expected
+
+
 def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
     stream = stream or sys.stdout
     as_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
     renderer: Any = structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer(colors=False)
+    if is_journal(stream):
+        renderer = _JournalPriority(renderer)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -130,7 +173,11 @@ def _bridge_stdlib(level: str) -> None:
     for handler in [h for h in root.handlers if isinstance(h, _LibraryLogBridge)]:
         root.removeHandler(handler)
     root.addHandler(_LibraryLogBridge())
-    root.setLevel(max(logging.getLevelNamesMapping()[level.upper()], logging.INFO))
+    # Libraries at warning (APScheduler's "Running job ..." twice per run was nearly all of an
+    # idle omsd's log); at debug, their info lines too.
+    root.setLevel(
+        logging.INFO if level == "debug" else max(logging.getLevelNamesMapping()[level.upper()], LIBRARY_LEVEL)
+    )
 
 
 def get_logger(name: str) -> Any:

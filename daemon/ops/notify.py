@@ -113,3 +113,33 @@ def status_line(counts: dict[str, int], offset: int, alarms: dict[str, str]) -> 
         f"{open_} approvals open, {counts.get('approved', 0)} approved, {counts.get('dead', 0)} dead; "
         f"offset {offset}; alarms: {named}"
     )
+
+
+SUMMARY_EVERY_S = 300.0
+
+
+class Summary:
+    """The `omsd_summary` info line: what the STATUS= line says, in the log at most once
+    every `every_s` (the status job asks every 10 s). It is an idle omsd's only regular
+    info line, so `journalctl -u omsd` shows that it runs and how it stands."""
+
+    def __init__(self, every_s: float = SUMMARY_EVERY_S, clock: Callable[[], float] = time.monotonic) -> None:
+        self._every_s = every_s
+        self._clock = clock
+        self._last = clock()
+
+    def report(self, counts: dict[str, int], offset: int, alarms: dict[str, str]) -> bool:
+        """Log the summary when it is due; True when it did."""
+        now = self._clock()
+        if now - self._last < self._every_s:
+            return False
+        self._last = now
+        open_ = sum(n for phase, n in counts.items() if phase not in ("tracking", "approved", "rejected", "dead"))
+        log.info(
+            "omsd_summary",
+            approvals_open=open_,
+            phases={phase: n for phase, n in sorted(counts.items()) if n},
+            offset=offset,
+            alarms=sorted(alarms),
+        )
+        return True

@@ -75,5 +75,8 @@ async def prune(
 
 async def run_job(store: Store, days: float, now: datetime, *, truncate: bool = True) -> Report:
     report = await prune(store, days, now, truncate=truncate)
-    log.info("journal_pruned", **report.view())
+    pruned = report.pruned
+    # a run that found nothing to prune is no news for an operator (the job runs every 6 hours)
+    level = "info" if pruned.orders or pruned.rejected_rows else "debug"
+    getattr(log, level)("journal_pruned", **report.view())
     return report

@@ -152,7 +152,7 @@ class EffectRunner:
         except AuthFailed:
             raise
         except VtexError as exc:
-            log.warning("get_order_failed", order_id=effect.order_id, error=str(exc))
+            log.debug("get_order_failed", order_id=effect.order_id, error=str(exc))
             return OrderFetchFailed(order_id=effect.order_id, seq=effect.seq, error=str(exc), retryable=exc.retryable)
         return OrderFetched(
             order_id=effect.order_id,
@@ -164,7 +164,7 @@ class EffectRunner:
         )
 
     async def _send(self, effect: SendApproval) -> Event:
-        log.info("approval_sending", order_id=effect.order_id, marketplace_order_id=effect.marketplace_order_id)
+        log.debug("approval_sending", order_id=effect.order_id, marketplace_order_id=effect.marketplace_order_id)
         self._metrics.on_approval_sent(effect.order_id)
         try:
             answer = await self._vtex.approve(effect.marketplace_order_id)
@@ -174,8 +174,11 @@ class EffectRunner:
         except AuthFailed:
             raise  # fatal: the row stays `started` and is recovered as "outcome unknown"
         except VtexError as exc:
-            log.warning("approval_failed", order_id=effect.order_id, error=str(exc))
-            return ApprovalFailed(order_id=effect.order_id, seq=effect.seq, error=str(exc), retryable=exc.retryable)
+            log.debug("approval_failed", order_id=effect.order_id, error=str(exc))
+            code = getattr(exc, "code", None)  # VtexUnavailable (a 5xx body's EOI000), VtexRejected
+            return ApprovalFailed(
+                order_id=effect.order_id, seq=effect.seq, error=str(exc), retryable=exc.retryable, code=code
+            )
         log.info("approval_answered", order_id=effect.order_id, code=answer.code, http_status=answer.http_status)
         if answer.code not in APPROVAL_SUCCESS:
             self._metrics.on_approval_refused(answer.code)

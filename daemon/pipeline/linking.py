@@ -77,7 +77,7 @@ class ParkedIntents:
         if looked_up:
             self._metrics.link_lookups.inc(looked_up)
         if expiries or looked_up:
-            log.info("parked_intents_job", expiries=expiries, lookups=looked_up)
+            log.debug("parked_intents_job", expiries=expiries, lookups=looked_up)
             self._wake()
         return expiries + looked_up
 

@@ -32,6 +32,26 @@ log = get_logger("omsd.processor")
 
 MAX_BATCH = 2000  # the largest batch the processor reads; each full one doubles the next up to it
 
+# What an operator reads at info of an order's life is its intent, its approval (the effect
+# runner's `approval_answered`) and its outcome; the other notes of the pure core go to debug.
+NOTE_LEVELS = {"intent_linked": "debug", "notification_unrouted": "debug"}
+
+_OPEN_TO_CLOSED = (Phase.APPROVED, Phase.REJECTED)
+
+
+def is_milestone(t: Transition) -> bool:
+    """A transition an operator reads at info: the order got an intent (it leaves
+    `tracking`), an order with an intent closed, or an operator's retry took it out of
+    `dead`. Everything else (status changes of orders nobody asked to approve, the steps
+    between intent and outcome) is debug; a move to `dead` is `order_dead`, a warning."""
+    if t.from_phase == t.to_phase:
+        return False
+    if t.from_phase in (None, Phase.TRACKING):
+        return t.to_phase != Phase.TRACKING
+    if t.from_phase == Phase.DEAD:
+        return True
+    return t.to_phase in _OPEN_TO_CLOSED and t.intent_at is not None
+
 
 class Processor:
     def __init__(
@@ -142,19 +162,22 @@ class Processor:
             self._on_timer(min(dues))
         logger = log.bind()  # resolved once per batch, not once per line
         for note in batch.notes:
-            getattr(logger, note.level)(note.event, **note.fields)
+            getattr(logger, NOTE_LEVELS.get(note.event, note.level))(note.event, **note.fields)
         for t in batch.transitions:
-            logger.info(
-                "order_transition",
-                order_id=t.order_id,
-                offset=t.offset,
-                from_phase=t.from_phase,
-                to_phase=t.to_phase,
-                status=t.status,
-                cause=t.cause,
-            )
+            fields = {
+                "order_id": t.order_id,
+                "offset": t.offset,
+                "from_phase": t.from_phase,
+                "to_phase": t.to_phase,
+                "status": t.status,
+                "cause": t.cause,
+            }
             if t.to_phase == Phase.DEAD and t.from_phase != Phase.DEAD:
-                logger.warning("order_dead", order_id=t.order_id, offset=t.offset, code=t.code, error=t.error)
+                logger.warning("order_dead", **fields, code=t.code, error=t.error)
+            elif is_milestone(t):
+                logger.info("order_transition", **fields)
+            else:
+                logger.debug("order_transition", **fields)
             for listener in self.listeners:
                 listener(t)
 

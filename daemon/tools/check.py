@@ -14,7 +14,7 @@ import aiohttp
 from omsd.state.store import Store, StoreError
 from omsd.state.store.schema import SCHEMA_VERSION
 
-from ..config.settings import Settings
+from ..config.settings import Settings, db_folder_problem
 from ..ops.litestream import Layout, ReplicaError, find_binary, list_files
 from ..ops.litestream import version as litestream_version
 from ..vtex.client import VtexClient
@@ -24,14 +24,25 @@ from ..vtex.errors import AuthFailed, VtexError
 
 @dataclass(frozen=True)
 class Result:
+    """One check: `ok` false fails `omsd check` (exit 1); a `warning` passes but says what
+    to look at (the state before the first `omsd run`, an optional setting left out)."""
+
     name: str
     ok: bool
     detail: str
+    warning: bool = False
+
+    @property
+    def verdict(self) -> str:
+        return "FAIL" if not self.ok else "warn" if self.warning else "ok"
 
 
-async def run_checks(settings: Settings, *, bind_test: bool = True) -> list[Result]:
+async def run_checks(settings: Settings, *, bind_test: bool = True, unit: str | None = None) -> list[Result]:
+    """`unit`: the systemd unit whose view the settings are (`--service`, `--instance`): its
+    state directory is systemd's to create at the first start."""
     results = [Result("settings", True, f"account {settings.account}, source {settings.source}")]
-    results.append(await _database(settings.db))
+    results.append(_api_token(settings))
+    results.append(await _database(settings.db, unit))
     if settings.replica is not None:
         results.append(await _replica(settings))
     if bind_test:
@@ -42,8 +53,21 @@ async def run_checks(settings: Settings, *, bind_test: bool = True) -> list[Resu
     return results
 
 
-async def _database(db: Path) -> Result:
+def _api_token(settings: Settings) -> Result:
+    if settings.api_token is not None:
+        return Result("API token", True, "OMSD_API_TOKEN is set: /v1 needs it as a bearer token")
+    detail = "OMSD_API_TOKEN is not set: every /v1 write (POST /v1/approvals) is refused with 403"
+    return Result("API token", True, detail, warning=True)
+
+
+async def _database(db: Path, unit: str | None = None) -> Result:
     if not await asyncio.to_thread(db.exists):
+        if (problem := db_folder_problem(db)) is not None:
+            if unit is not None:  # StateDirectory=: systemd creates it as the unit starts
+                return Result(
+                    "database", True, f"{db.parent}: systemd creates it at {unit}'s first start", warning=True
+                )
+            return Result("database", False, f"{db}: {problem} (omsd run refuses it, exit 2)")
         parent = db.parent if str(db.parent) else Path()
         if os.access(parent, os.W_OK):
             return Result("database", True, f"{db} does not exist yet; {parent} is writable")
@@ -125,10 +149,9 @@ async def _vtex(settings: Settings, client: VtexClient) -> list[Result]:
         return [Result("VTEX reachable", False, str(exc))]
     out.append(Result("credentials", True, f"accepted by {settings.base_url}"))
     if settings.uses_feed:
-        if feed is None:
-            out.append(
-                Result("feed configuration", False, "none at VTEX (omsd run creates it; or omsd feed config apply)")
-            )
+        if feed is None:  # the state before the first `omsd run`, which creates it
+            detail = "none at VTEX yet: omsd run creates it at start (or omsd feed config apply)"
+            out.append(Result("feed configuration", True, detail, warning=True))
         else:
             missing = missing_statuses(feed.filter_type, feed.statuses)
             detail = f"{feed.filter_type}, {len(feed.statuses)} statuses"
@@ -150,7 +173,8 @@ async def _vtex(settings: Settings, client: VtexClient) -> list[Result]:
             out.append(Result("hook configuration", False, str(exc)))
         else:
             if hook is None:
-                out.append(Result("hook configuration", False, "none at VTEX (omsd run creates it)"))
+                detail = "none at VTEX yet: omsd run creates it at start (or omsd hook config apply)"
+                out.append(Result("hook configuration", True, detail, warning=True))
             else:
                 changes = hook_plan(hook, settings)
                 missing = missing_statuses(hook.filter_type, hook.statuses)

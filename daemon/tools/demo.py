@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import secrets
 import socket
 import tempfile
@@ -300,13 +301,17 @@ async def _run(
             await asyncio.gather(*(hand_over(p) for p in planned))
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout_s
-            with Live(_table(planned, phases, sim, False), console=console, refresh_per_second=4) as live:
+            # The live table only on a terminal: in a pipe it cannot redraw, and its last frame
+            # ends without a newline, so the summary would run on from it.
+            live = Live(_table(planned, phases, sim, False), console=console, refresh_per_second=4)
+            with live if console.is_terminal else contextlib.nullcontext(live):
                 while loop.time() < deadline:
                     assert daemon.store is not None
                     for order in await daemon.store.read.list_orders(limit=10 * count):
                         if order.marketplace_order_id:
                             phases[order.marketplace_order_id] = order.phase.value
-                    live.update(_table(planned, phases, sim, False))
+                    if console.is_terminal:
+                        live.update(_table(planned, phases, sim, False))
                     done = all(phases.get(p.marketplace_order_id) == p.expected.value for p in planned)
                     if done and len(connector.ends) >= len(planned):
                         break

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
@@ -155,8 +157,9 @@ class VtexClient:
         while True:
             await self._slot(priority, scope)
             started = self._clock()
-            status, retry_after, text, error = await self._send(method, url, params, body)
-            self._metrics.on_vtex_call(method, route, error or status, self._clock() - started)
+            status, retry_after, text, failure = await self._send(method, url, params, body)
+            self._metrics.on_vtex_call(method, route, failure.kind if failure else status, self._clock() - started)
+            error = failure.detail if failure else None
             if status == 429:
                 limited += 1
                 wait_s = parse_retry_after(retry_after)
@@ -176,17 +179,19 @@ class VtexClient:
                 if limited > self._max_rate_limited:
                     raise RateLimited(f"{method} {route}: 429 {limited} times", wait_s)
                 continue
+            code = None
             if error is None and status >= 500:
-                error = f"HTTP {status}{_result_code(text)}"  # EOI000 in the body says more than 500
+                code = _result_code(text)
+                error = f"HTTP {status}{f' {code}' if code else ''}"  # EOI000 in the body says more than 500
             if error is not None:
                 failures += 1
                 if not idempotent or failures > self._settings.http_retries:
-                    raise VtexUnavailable(f"{method} {route}: {error}")
+                    raise VtexUnavailable(f"{method} {route}: {error}", code=code)
                 # The first retry is prompt (a lone 5xx is the common case and an approval may
                 # wait on this call); later ones back off as before.
                 delay = FIRST_RETRY_S if failures == 1 else min(30.0, 0.5 * 2 ** (failures - 1))
                 self._metrics.retries.inc()
-                log.info("vtex_retry", route=route, error=error, attempt=failures, delay_s=delay)
+                log.debug("vtex_retry", route=route, error=error, attempt=failures, delay_s=delay)
                 await self._sleep(delay)
                 continue
             self._adjust_rate(limited=False)
@@ -194,8 +199,8 @@ class VtexClient:
 
     async def _send(
         self, method: str, url: str, params: Mapping[str, str] | None, body: Any
-    ) -> tuple[int, str | None, str, str | None]:
-        """One HTTP exchange: (status, Retry-After, body text, error name); status 0 on error."""
+    ) -> tuple[int, str | None, str, _Failure | None]:
+        """One HTTP exchange: (status, Retry-After, body text, why it failed); status 0 on failure."""
         try:
             async with self._session.request(
                 method,
@@ -208,9 +213,9 @@ class VtexClient:
                 # bad bytes must not end a loop: decode with replacement characters
                 return resp.status, resp.headers.get("Retry-After"), await resp.text(errors="replace"), None
         except TimeoutError:
-            return 0, None, "", "timeout"
+            return 0, None, "", _Failure("timeout", f"timeout: no answer within {self._settings.http_timeout_s:g} s")
         except aiohttp.ClientError as exc:
-            return 0, None, "", type(exc).__name__
+            return 0, None, "", _Failure(type(exc).__name__, describe(exc))
 
     def _scope(self, route: str) -> str:
         """What a 429 on `route` pauses: that VTEX operation, or the whole account."""
@@ -363,11 +368,36 @@ class VtexClient:
         raise AssertionError("unreachable")
 
 
-def _result_code(text: str) -> str:
-    """` EOI000` when a body carries VTEX's result code, else nothing."""
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    """A call that got no HTTP answer: `kind` labels the metric (a bounded set of names),
+    `detail` tells an operator what happened, naming the host."""
+
+    kind: str
+    detail: str
+
+
+def describe(exc: aiohttp.ClientError) -> str:
+    """A client error as an operator reads it: the host and the cause (the name did not
+    resolve, the connection was refused, the certificate was not accepted, ...)."""
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return f"cannot connect to {exc.host}:{exc.port}: its TLS certificate was refused ({exc.certificate_error})"
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return f"cannot resolve {exc.host}: {exc.os_error.strerror or 'name not resolved'}"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        err = exc.os_error
+        why = os.strerror(err.errno) if isinstance(err.errno, int) and err.errno > 0 else (err.strerror or str(err))
+        return f"cannot connect to {exc.host}:{exc.port}: {why}"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection without answering"
+    return f"{type(exc).__name__}: {exc}"[:300]
+
+
+def _result_code(text: str) -> str | None:
+    """VTEX's result code (`EOI000`) when a body carries one (at most 40 characters of it)."""
     body = _json_or_none(text)
     code = body.get("code") if isinstance(body, dict) else None
-    return f" {code}" if isinstance(code, str) and code else ""
+    return code[:40] if isinstance(code, str) and code else None
 
 
 def _json_or_none(text: str) -> Any:

@@ -213,7 +213,7 @@ class VtexSetup:
             self._metrics.queue_messages.set(quantity)
         if age is not None:
             self._metrics.queue_age.set(age)
-        log.info("feed_queue", quantity=quantity, oldest_age_s=age)
+        log.debug("feed_queue", quantity=quantity, oldest_age_s=age)
         threshold = self._settings.queue_age_alarm
         if age is not None and age >= threshold:
             self._health.raise_alarm(

@@ -14,7 +14,12 @@ class VtexError(OmsdError):
 
 
 class VtexUnavailable(VtexError):
-    """Network error, timeout or 5xx: VTEX may have done nothing, or something."""
+    """Network error, timeout or 5xx: VTEX may have done nothing, or something. `code` is
+    the result code a 5xx body carried (`EOI000`), if any."""
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class RateLimited(VtexError):
