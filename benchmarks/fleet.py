@@ -11,7 +11,8 @@ settings but the simulator's base URL; hook mode: `OMSD_SOURCE=hook`).
 
 - **idle**: for each N and mode, the time from the start to /readyz 200 (every account had
   its first start), then after `--settle` seconds the CPU it used over `--window` seconds (%
-  of one core, from utime+stime) and its RSS (VmRSS, and VmHWM). The baseline, in the same
+  of one core, from utime+stime) and its RSS (VmRSS, and VmHWM); twice: `new` creates the N
+  databases (their migrations leave more memory behind), `again` is a restart on them. The baseline, in the same
   run: one account configured as before the fleet (`OMSD_ACCOUNT` in the environment). Feed
   mode stops at `--feed-max` accounts: each account's feed costs 1 + OMSD_FEED_EMPTY_RECHECKS
   GETs per OMSD_POLL_INTERVAL_S against VTEX (its own budget: VTEX's limits are per account),
@@ -233,7 +234,10 @@ async def idle(args: argparse.Namespace) -> None:
                         (root / "accounts.d" / f"{sim.account}.env").write_text(account_lines(sim, mode))
                     omsd = Omsd(env, root / "omsd.log")
                     m = await measure_idle(omsd, args.settle, args.window)
-                    print(row(f"{mode}: fleet of {n}", m, n), flush=True)
+                    print(row(f"{mode}: fleet of {n}, new", m, n), flush=True)
+                    omsd = Omsd(env, root / "omsd-again.log")
+                    m = await measure_idle(omsd, args.settle, args.window)
+                    print(row(f"{mode}: fleet of {n}, again", m, n), flush=True)
                     if mode == "feed":
                         gets = sum(s.calls.get("feed_get", 0) for s in sims)
                         print(f"    feed GETs at the simulator over the whole run: {gets} ({gets / n:.0f} per account)")

@@ -53,8 +53,10 @@ log = get_logger("omsd.app")
 STATUS_EVERY_S = 10.0
 # In a fleet the journal watcher wakes the processor (daemon/fleet/watcher.py), which wakes the effect
 # runner: their own polls are only a safety net, and their beats for the fleet's stall check.
-HOSTED_POLL_S = 120.0
-HOSTED_JOB_S = 60.0  # in a fleet, the parked intents' job while none is parked (one is: OMSD_LINK_INTERVAL_S)
+HOSTED_POLL_S = 300.0
+# In a fleet, the jobs that only look for work: the parked intents' while none is parked (one is: at
+# OMSD_LINK_INTERVAL_S), hook mode's check while intents wait (at least this: OMSD_WAITING_SELF_CHECK_S).
+HOSTED_JOB_S = 60.0
 HOSTED_PROBE_OK_S = 600.0  # in a fleet, the write probe while writes work (a real write failing tells sooner)
 HOSTED_MAX_BATCH = 256  # in a fleet a batch is one turn across the accounts (ops/turns.py): keep it short
 ORPHAN_WAIT_S = SHUTDOWN_SYNC_S + 5.0  # how long a start waits for a dead omsd's Litestream to finish
@@ -76,7 +78,7 @@ class Host:
     them), the journal watcher (`watch(db, wake)` calls `wake` when the database changes, e.g.
     `omsd approve` wrote to it; it returns the call that stops watching), the turns across
     accounts for applying batches, the metrics every account shares, and a smaller SQLite page
-    cache. A hosted account sends
+    cache and statement cache (a thousand accounts hold a thousand connections). A hosted account sends
     nothing to systemd and runs no watchdog: the fleet does, once."""
 
     session: aiohttp.ClientSession
@@ -87,6 +89,7 @@ class Host:
     metrics: Metrics  # the fleet's families (daemon/fleet/metrics.py): the account adds its own
     stagger: float = 0.0  # 0..1: where in each interval this account's jobs run
     cache_kib: int | None = None
+    statements: int | None = None  # prepared statements its connection keeps
 
 
 class Daemon:
@@ -152,7 +155,7 @@ class Daemon:
                 await replica.start(lock_fd)
             # On a database that refuses writes (a full disk, a read-only file system) omsd
             # starts read-only: it serves, is not ready, and the probe takes up writing.
-            store = self.store = await Store.open_or_read(s.db)
+            store = self.store = await Store.open_or_read(s.db, statements=host.statements if host else None)
             stack.push_async_callback(store.close)
             if host is not None and host.cache_kib is not None:
                 await store.db.limit_cache(host.cache_kib)
@@ -307,7 +310,7 @@ class Daemon:
             jobs.add(
                 "waiting_self_check",
                 functools.partial(setup.check_if_waiting, store.read.intents_waiting),
-                s.waiting_self_check_s,
+                max(s.waiting_self_check_s, HOSTED_JOB_S) if host else s.waiting_self_check_s,
             )
         parked = ParkedIntents(
             store, self.metrics, processor.wake.set, ttl_s=s.parked_intent_ttl_s, lookups_per_run=s.link_lookups_per_run

@@ -51,9 +51,10 @@ log = get_logger("omsd.fleet")
 
 STATUS_EVERY_S = 10.0
 START_WAIT_S = 60.0  # /readyz passes once every account settled, or this long after the start
-CACHE_KIB = 512  # SQLite's page cache per account (2 MiB alone)
+CACHE_KIB = 128  # SQLite's page cache per account (2 MiB alone): an idle account reads a few pages
+STATEMENTS = 16  # prepared statements per account's connection (128 alone): ~100 KiB an account
 TURNS_AT_ONCE = 1  # accounts applying a batch at the same time (ops/turns.py)
-STALL_S = 600.0  # an account loop that did not beat this long is stuck: that account is restarted
+STALL_S = 900.0  # an account loop that did not beat this long is stuck: that account is restarted
 
 
 class Fleet:
@@ -167,6 +168,7 @@ class Fleet:
             metrics=self.metrics.aggregate,
             stagger=stagger_of(name),
             cache_kib=CACHE_KIB,
+            statements=STATEMENTS,
         )
 
     def _start(self, config: AccountConfig, after: AccountRunner | None = None) -> AccountRunner:
