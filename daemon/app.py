@@ -155,7 +155,8 @@ class Daemon:
                 await replica.start(lock_fd)
             # On a database that refuses writes (a full disk, a read-only file system) omsd
             # starts read-only: it serves, is not ready, and the probe takes up writing.
-            store = self.store = await Store.open_or_read(s.db, statements=host.statements if host else None)
+            kept = {"statements": host.statements} if host is not None and host.statements else {}
+            store = self.store = await Store.open_or_read(s.db, **kept)
             stack.push_async_callback(store.close)
             if host is not None and host.cache_kib is not None:
                 await store.db.limit_cache(host.cache_kib)
