@@ -51,9 +51,6 @@ from .vtex.configuration import VtexSetup
 log = get_logger("omsd.app")
 
 STATUS_EVERY_S = 10.0
-# In a fleet the journal watcher wakes the processor (daemon/fleet/watcher.py), which wakes the effect
-# runner: their own polls are only a safety net, and their beats for the fleet's stall check.
-HOSTED_POLL_S = 300.0
 # In a fleet, the jobs that only look for work: the parked intents' while none is parked (one is: at
 # OMSD_LINK_INTERVAL_S), hook mode's check while intents wait (at least this: OMSD_WAITING_SELF_CHECK_S).
 HOSTED_JOB_S = 60.0
@@ -88,6 +85,9 @@ class Host:
     turn: Callable[[str], AbstractAsyncContextManager[object]]
     metrics: Metrics  # the fleet's families (daemon/fleet/metrics.py): the account adds its own
     stagger: float = 0.0  # 0..1: where in each interval this account's jobs run
+    # The journal watcher wakes the processor, which wakes the effect runner: their own polls are
+    # only a safety net, and their beats for the fleet's check of stuck accounts.
+    poll_s: float = 300.0
     cache_kib: int | None = None
     statements: int | None = None  # prepared statements its connection keeps
 
@@ -265,12 +265,12 @@ class Daemon:
                 work=[
                     Loop(
                         "processor",
-                        functools.partial(processor.run, poll_s=HOSTED_POLL_S) if host else processor.run,
+                        functools.partial(processor.run, poll_s=host.poll_s) if host else processor.run,
                         beat=processor.progress,
                     ),
                     Loop(
                         "effect-runner",
-                        functools.partial(runner.run, poll_s=HOSTED_POLL_S) if host else runner.run,
+                        functools.partial(runner.run, poll_s=host.poll_s) if host else runner.run,
                         beat=runner.progress,
                         restart=runner.recover,
                     ),

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import functools
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from omsd.daemon.fleet.fleet import Fleet
+from omsd.daemon.intake import entries
 from omsd.sim.faults import Faults
 from omsd.sim.fleet import SimFleet
 from omsd.state.statuses import Phase
-from omsd.daemon.fleet.fleet import Fleet
+from omsd.state.store import Store
 from tests.fleet_helpers import account_file, call, fleet_port, main_env, reached, running_fleet, write_accounts
 from tests.helpers import API_TOKEN, HOOK_SECRET, until
 
@@ -179,3 +182,90 @@ async def test_reload_adds_changes_and_removes_accounts_without_touching_the_oth
 def _ready(fleet: Fleet, name: str) -> bool:
     runner = fleet.runners.get(name)
     return runner is not None and runner.daemon is not None and runner.daemon.ready.is_set()
+
+
+async def test_the_notification_path_names_its_account_and_an_must_match(tmp_path: Path, sims: SimFleet) -> None:
+    """Each account's capability path reaches that account only; `?an=` must name it."""
+    env = main_env(tmp_path, fleet_port())
+    write_accounts(env, sims)
+    async with running_fleet(env) as fleet:
+        key = fleet.directory.configured["alpha"].notify_key.get_secret_value()
+        route = f"{fleet.url}/notify/{key}/order-integration/notification/processing-result"
+        body = {"marketplaceOrderId": "M-1", "code": "EOI009", "flow": "ApproveOrder", "success": False}
+        status, answer = await call("POST", f"{route}?an=alpha", token=None, json=body)
+        assert status == 200 and answer["received"] is True
+        assert (await call("POST", f"{route}?an=beta", token=None, json=body))[0] == 400
+        wrong = f"{fleet.url}/notify/{'x' * 40}/order-integration/notification/processing-result?an=alpha"
+        assert (await call("POST", wrong, token=None, json=body))[0] == 404
+        alpha, beta = (fleet.runners[n].daemon for n in ("alpha", "beta"))
+        assert alpha is not None and alpha.store is not None and beta is not None and beta.store is not None
+        assert [r.kind for r in await alpha.store.journal.tail(2)] == ["notification_received", "rejected"]
+        assert all(r.kind not in ("notification_received", "rejected") for r in await beta.store.journal.tail(5))
+
+
+async def test_an_account_whose_database_refuses_writes_pauses_alone(tmp_path: Path, sims: SimFleet) -> None:
+    """beta's database refuses writes: beta's intake answers 503, alpha's goes on, /healthz says which."""
+    env = main_env(tmp_path, fleet_port(), OMSD_STORE_PROBE_S="300")
+    write_accounts(env, sims)
+    async with running_fleet(env) as fleet:
+        beta = fleet.runners["beta"].daemon
+        assert beta is not None
+        beta.health.store_unwritable("disk full (test)")
+        body = {"marketplaceOrderId": "m-1"}
+        status, answer = await call("POST", f"{fleet.url}/v1/accounts/beta/approvals", json=body)
+        assert status == 503 and "disk full (test)" in answer["error"]
+        assert (await call("POST", f"{fleet.url}/v1/accounts/alpha/approvals", json=body))[0] == 202
+        assert (await call("GET", f"{fleet.url}/healthz", token=None))[1]["paused"] == ["beta"]
+        assert (await call("GET", f"{fleet.url}/readyz?account=beta", token=None))[0] == 503
+
+
+async def test_rows_another_process_appends_are_applied_without_a_poll(tmp_path: Path, sims: SimFleet) -> None:
+    """`omsd approve` writes to an account's database: the journal watcher wakes that account's
+    processor (whose own poll, in a fleet, is minutes apart)."""
+    env = main_env(tmp_path, fleet_port())
+    write_accounts(env, sims)
+    async with running_fleet(env, watch_every_s=0.05) as fleet:
+        daemon = fleet.runners["alpha"].daemon
+        assert daemon is not None and daemon.store is not None
+        async with await Store.open(daemon.settings.db) as other:
+            now = datetime.now(UTC)
+            await other.journal.append([entries.intent_entry("from-cli", None, "cli", now)], now=now)
+        store = daemon.store
+
+        async def parked() -> bool:
+            return await store.read.pending_intent("from-cli") is not None
+
+        await until(parked, what="the intent is applied (parked)")
+
+
+async def test_an_account_whose_loop_stops_beating_is_restarted_alone(tmp_path: Path, sims: SimFleet) -> None:
+    """A stuck account is stopped and started again; the others are not touched."""
+    env = main_env(tmp_path, fleet_port())
+    write_accounts(env, sims)
+    async with running_fleet(env, stall_s=0.5, backoff_s=(0.05,)) as fleet:
+        alpha, beta = fleet.runners["alpha"], fleet.runners["beta"]
+        first_alpha, first_beta = alpha.daemon, beta.daemon
+        assert first_beta is not None
+        first_beta.progress.beat("stuck-loop")  # registered once, never again: it looks stuck
+        await until(
+            lambda: beta.failures >= 1 and beta.daemon is not first_beta and _ready(fleet, "beta"), what="beta anew"
+        )
+        assert beta.last_error is not None and "stuck-loop" in beta.last_error
+        assert beta.daemon is not first_beta and alpha.daemon is first_alpha and alpha.failures == 0
+
+
+async def test_metrics_label_what_matters_per_account(tmp_path: Path, sims: SimFleet) -> None:
+    """/metrics: orders by phase and alarms per account; histograms and VTEX calls once for the fleet."""
+    env = main_env(tmp_path, fleet_port())
+    write_accounts(env, sims)
+    async with running_fleet(env) as fleet:
+        status, text = await call("GET", f"{fleet.url}/metrics", token=None)
+    assert status == 200
+    lines = text.splitlines()
+    assert 'omsd_orders{account="alpha",phase="approved"} 0.0' in lines
+    assert 'omsd_orders{account="beta",phase="approved"} 0.0' in lines
+    assert 'omsd_account_up{account="beta"} 1.0' in lines
+    assert sum(line.startswith("omsd_build_info{") for line in lines) == 1
+    vtex = [line for line in lines if line.startswith("omsd_vtex_requests_total{")]
+    assert vtex and not any("account=" in line for line in vtex)
+    assert sum(line.startswith("# TYPE omsd_alarm ") for line in lines) == 1

@@ -55,6 +55,7 @@ CACHE_KIB = 128  # SQLite's page cache per account (2 MiB alone): an idle accoun
 STATEMENTS = 16  # prepared statements per account's connection (128 alone): ~100 KiB an account
 TURNS_AT_ONCE = 1  # accounts applying a batch at the same time (ops/turns.py)
 STALL_S = 900.0  # an account loop that did not beat this long is stuck: that account is restarted
+# (its idle loops poll every third of that, so they beat in time; a thousand accounts: 7 polls a second)
 
 
 class Fleet:
@@ -167,6 +168,7 @@ class Fleet:
             turn=self.turns.turn,
             metrics=self.metrics.aggregate,
             stagger=stagger_of(name),
+            poll_s=self._stall_s / 3,
             cache_kib=CACHE_KIB,
             statements=STATEMENTS,
         )
