@@ -249,3 +249,41 @@ def _fields(environ: Mapping[str, str], fields: Mapping[str, object]) -> dict[st
         if key.startswith("OMSD_") and (name := key[5:].lower()) in fields:
             out[name] = value
     return out
+
+
+def settings_environment(settings: Settings) -> dict[str, str]:
+    """`settings` as the OMSD_* variables that give them (a command run for one account of a
+    fleet: `omsd --account NAME ...` reads the account's settings from its environment)."""
+    out: dict[str, str] = {}
+    for name in type(settings).model_fields:
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        elif isinstance(value, bool):
+            value = "true" if value else "false"
+        elif isinstance(value, tuple):
+            value = ",".join(map(str, value))
+        out[f"OMSD_{name.upper()}"] = str(value)
+    return out
+
+
+def account_environment(name: str | None, environ: Mapping[str, str]) -> dict[str, str]:
+    """`environ` (a fleet's main environment) made into one account's: its settings as OMSD_*
+    variables, the fleet's own variables gone. `name` None: the one account there is."""
+    directory = accounts_dir(environ)
+    assert directory is not None
+    configs = read_accounts(directory, environ)
+    if name is None:
+        if len(configs) != 1:
+            found = "no account" if not configs else f"{len(configs)} accounts"
+            raise ConfigError(f"--account NAME is required: {directory} holds {found} (omsd accounts lists them)")
+        name = next(iter(configs))
+    config = configs.get(name)
+    if config is None:
+        raise ConfigError(f"--account {name}: no {name}{SUFFIX} in {directory}")
+    if config.settings is None:
+        raise ConfigError(f"--account {name}: {config.error}")
+    env = {k: v for k, v in environ.items() if not k.startswith("OMSD_")}
+    return env | settings_environment(config.settings)
