@@ -255,7 +255,7 @@ async def test_an_account_whose_loop_stops_beating_is_restarted_alone(tmp_path: 
 
 
 async def test_metrics_label_what_matters_per_account(tmp_path: Path, sims: SimFleet) -> None:
-    """/metrics: orders by phase and alarms per account; histograms and VTEX calls once for the fleet."""
+    """/metrics: orders by phase, alarms and VTEX calls per account; latency histograms once for the fleet."""
     env = main_env(tmp_path, fleet_port())
     write_accounts(env, sims)
     async with running_fleet(env) as fleet:
@@ -266,6 +266,8 @@ async def test_metrics_label_what_matters_per_account(tmp_path: Path, sims: SimF
     assert 'omsd_orders{account="beta",phase="approved"} 0.0' in lines
     assert 'omsd_account_up{account="beta"} 1.0' in lines
     assert sum(line.startswith("omsd_build_info{") for line in lines) == 1
-    vtex = [line for line in lines if line.startswith("omsd_vtex_requests_total{")]
-    assert vtex and not any("account=" in line for line in vtex)
+    calls = [line for line in lines if line.startswith("omsd_vtex_requests_total{")]
+    assert calls and all('account="' in line for line in calls)
+    durations = [line for line in lines if line.startswith("omsd_vtex_request_duration_seconds_count{")]
+    assert durations and not any("account=" in line for line in durations)
     assert sum(line.startswith("# TYPE omsd_alarm ") for line in lines) == 1

@@ -2,10 +2,11 @@
 
 Each account keeps a `Metrics` (daemon/ops/metrics.py) whose `PER_ACCOUNT` families are its own:
 orders by phase, alarms, readiness, lag and offsets, parked intents, database size, approvals
-sent, confirmed and refused, dead orders, events in, VTEX's feed queue, its 429s and the rate
-omsd allows itself, the relay's lag, the replica's. At a scrape these get an `account` label:
-about 40 series an account, 40,000 for a thousand. Every other family (latency histograms,
-VTEX calls by route and status, rejected input, retries, job failures, outcomes by type, ...)
+sent, confirmed and refused, dead orders, events in, VTEX's feed queue, VTEX calls by route and
+status, its 429s and the rate omsd allows itself (VTEX's limits are per account), the relay's
+lag, the replica's. At a scrape these get an `account` label: about 40 series an idle account,
+60 a busy one; 60,000 for a thousand. Every other family (latency histograms, VTEX call
+durations, rejected input, retries, job failures, outcomes by type, ...)
 is one object for the whole fleet (`Metrics(aggregate=...)`), counted by every account,
 without an `account` label: per account those would be hundreds of series each (a histogram
 per VTEX route alone is 13 series a route), and they are read for the process as a whole.

@@ -60,6 +60,7 @@ PER_ACCOUNT = frozenset(
         "omsd_feed_oldest_message_age_seconds",
         "omsd_vtex_rate_limit_effective_per_second",
         "omsd_vtex_rate_limited",
+        "omsd_vtex_requests",
         "omsd_relay_oldest_undelivered_seconds",
         "omsd_relay_endpoint_disabled",
         "omsd_replica_up",
