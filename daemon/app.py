@@ -235,7 +235,11 @@ class Daemon:
                 stack.callback(host.watch(s.db, processor.wake.set))
                 processor.turn = functools.partial(host.turn, s.account)
             endpoints = relay_endpoints(
-                relay_url=s.relay_url, relay_vtex_url=s.relay_vtex_url, secret=s.relay_secret, account=s.account
+                relay_url=s.relay_url,
+                relay_vtex_url=s.relay_vtex_url,
+                secret=s.relay_secret,
+                account=s.account,
+                scoped=host is not None,
             )
             relay = self.relay = Relay(
                 store,
