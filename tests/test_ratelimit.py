@@ -7,12 +7,10 @@ import itertools
 import random
 
 import pytest
-from asyncio_throttle import throttler as throttler_module
-from asyncio_throttle.throttler import Throttler
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from omsd.daemon.vtex.rate import MARGIN, SPREAD, AdaptiveRate, spread
+from omsd.daemon.vtex.rate import MARGIN, SPREAD, AdaptiveRate, SendWindow, spread
 
 
 def test_starts_at_the_configured_rate() -> None:
@@ -237,38 +235,23 @@ def test_a_limit_below_the_rate_is_found_and_held_under() -> None:
     assert ok >= 7 * 300
 
 
-# ---- spreading the budget over asyncio-throttle's sliding window ------------------------------
-
-
-class FakeTime:
-    """The `time` and `asyncio` asyncio-throttle's Throttler reads, on a fake clock."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def monotonic(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.now += seconds
+# ---- spreading the budget over the sliding window ---------------------------------------------
 
 
 async def send_times(arrivals: list[float], per_s: list[int]) -> list[float]:
-    """When calls that ask at `arrivals` leave, one at a time, through a Throttler set as the
-    client sets it (`VtexClient._spread`); `per_s[i]` is the allowance just before call i asks."""
-    fake = FakeTime()
-    throttler = Throttler(rate_limit=1, period=1.0)
+    """When calls that ask at `arrivals` leave, one at a time, through a SendWindow set and
+    waited on as the client does (`VtexClient._spread`, `_slot`); `per_s[i]` is the allowance
+    just before call i asks."""
+    window = SendWindow()
+    now = 0.0
     out = []
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(throttler_module, "time", fake)
-        mp.setattr(throttler_module, "asyncio", fake)
-        for at, allowed in zip(arrivals, per_s, strict=True):
-            throttler.rate_limit, throttler.period = spread(allowed)
-            throttler.retry_interval = throttler.period / 50
-            fake.now = max(fake.now, at)
-            async with throttler:
-                pass
-            out.append(fake.now)
+    for at, allowed in zip(arrivals, per_s, strict=True):
+        window.set(*spread(allowed))
+        now = max(now, at)
+        while (wait := window.delay(now)) > 0:
+            now += wait
+        window.take(now)
+        out.append(now)
     return out
 
 
@@ -304,6 +287,9 @@ async def test_a_backlog_leaves_evenly_at_the_full_rate(per_s: int) -> None:
     per_s=st.lists(st.integers(min_value=1, max_value=120), min_size=1, max_size=5),
     gaps=st.lists(st.floats(min_value=0, max_value=0.3), min_size=1, max_size=300),
 )
+# asyncio-throttle forgot the calls of a short window when a rate cut then lengthened it: the
+# sixth call left into a 105 ms window that already held five
+@example(per_s=[65, 20], gaps=[0.0] * 11)
 async def test_no_window_holds_more_than_its_allowance(per_s: list[int], gaps: list[float]) -> None:
     """Whatever the arrivals and however the allowance changes (AIMD), no call leaves before it
     asked, no 1.05 s window holds more calls than the largest allowance in force during it, and

@@ -8,13 +8,11 @@ import re
 from collections.abc import AsyncIterator, Coroutine
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
-from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
-from asyncio_throttle import throttler as throttler_module
 
 from omsd.daemon.ops.metrics import Metrics
 from omsd.daemon.vtex.budget import Priority
@@ -410,11 +408,11 @@ async def test_429s_in_a_row_lower_the_effective_rate_and_quiet_restores_it(sess
         assert metrics.sample(RATE) == 10
         await c.get_order("X")
         assert metrics.sample(RATE) == pytest.approx(7.0)
-        assert (c._throttler.rate_limit, c._throttler.period) == spread(7)
+        assert (c._window.calls, c._window.period) == spread(7)
         sleeps.now += 5.0
         await c.get_order("X")
     assert metrics.sample(RATE) == pytest.approx(7.5)
-    assert (c._throttler.rate_limit, c._throttler.period) == spread(7)
+    assert (c._window.calls, c._window.period) == spread(7)
 
 
 async def test_a_lone_429_pauses_but_keeps_the_rate(session: aiohttp.ClientSession) -> None:
@@ -426,7 +424,7 @@ async def test_a_lone_429_pauses_but_keeps_the_rate(session: aiohttp.ClientSessi
         c = VtexClient(make_settings(rate_limit_per_s=10), session, sleep=sleeps, clock=sleeps.clock, metrics=metrics)
         await c.get_order("X")
     assert sleeps.calls == [1.0]
-    assert metrics.sample(RATE) == 10 and (c._throttler.rate_limit, c._throttler.period) == spread(10)
+    assert metrics.sample(RATE) == 10 and (c._window.calls, c._window.period) == spread(10)
 
 
 async def test_without_adaptation_the_rate_stays_configured(session: aiohttp.ClientSession) -> None:
@@ -440,7 +438,7 @@ async def test_without_adaptation_the_rate_stays_configured(session: aiohttp.Cli
         c = VtexClient(settings, session, sleep=sleeps, clock=sleeps.clock, metrics=metrics)
         await c.get_order("X")
     assert sleeps.calls == [1.0, 1.0, 1.0]
-    assert metrics.sample(RATE) == 10 and (c._throttler.rate_limit, c._throttler.period) == spread(10)
+    assert metrics.sample(RATE) == 10 and (c._window.calls, c._window.period) == spread(10)
 
 
 def busiest(times: list[float], period: float) -> int:
@@ -454,10 +452,7 @@ async def test_many_callers_never_exceed_a_window(session: aiohttp.ClientSession
     """Many concurrent callers of every class: no 1 s window holds more than the rate, no 100 ms
     window more than a tenth of it, and the calls still use the whole rate."""
     sleeps = Sleeps()
-    with aioresponses() as m, pytest.MonkeyPatch.context() as mp:
-        # asyncio-throttle's own clock and sleep: the fake ones
-        mp.setattr(throttler_module, "time", SimpleNamespace(monotonic=sleeps.clock))
-        mp.setattr(throttler_module, "asyncio", SimpleNamespace(sleep=sleeps))
+    with aioresponses() as m:
         m.get(re.compile(rf"{BASE}/api/oms/pvt/orders/.*"), payload={"orderId": "X"}, repeat=True)
         m.get(f"{BASE}/api/orders/feed?maxlot=10", payload=[], repeat=True)
         m.post(f"{BASE}/api/orders/feed", status=200, repeat=True)
@@ -471,5 +466,5 @@ async def test_many_callers_never_exceed_a_window(session: aiohttp.ClientSession
     assert len(times) == rate * 5
     assert busiest(times, 1.0) == rate
     assert busiest(times, 0.1) == rate // 10
-    # five seconds' worth, but for the margin and the throttle's polling (a fiftieth of its window)
-    assert max(times) - min(times) < 5.0 * (1 + MARGIN) * 1.02
+    # five seconds' worth, but for the margin
+    assert max(times) - min(times) < 5.0 * (1 + MARGIN)

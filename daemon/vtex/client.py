@@ -8,7 +8,7 @@ times. The scope is `OMSD_RETRY_AFTER_SCOPE`: `route` (the default) pauses the
 calls to the same VTEX operation (the feed's GET and commit are one), `account`
 pauses every call (docs/vtex-decisions.md). The pause is checked after a send
 slot is granted, so no call queued for a slot slips out inside it.
-Calls leave evenly through asyncio-throttle's sliding window: no one-second window
+Calls leave evenly through a sliding window (`rate.SendWindow`): no one-second window
 holds more than the rate, and at most a tenth of it leaves at once; 429s that show
 a limit lower the rate, which recovers slowly once they stop (daemon/vtex/rate.py).
 Every call names a priority class; under a saturated budget the gate in front of
@@ -30,7 +30,6 @@ from typing import Any, Protocol
 from urllib.parse import quote
 
 import aiohttp
-from asyncio_throttle.throttler import Throttler
 from pydantic import ValidationError
 
 from ..config.settings import Settings
@@ -39,7 +38,7 @@ from ..ops.metrics import Metrics
 from .budget import Priority, PriorityGate
 from .errors import AuthFailed, BadResponse, NotFound, RateLimited, VtexRejected, VtexUnavailable
 from .models import ApprovalResponse, FeedConfig, HookConfig, OrderSnapshot
-from .rate import AdaptiveRate, spread
+from .rate import AdaptiveRate, SendWindow, spread
 
 log = get_logger("omsd.vtex")
 
@@ -115,8 +114,7 @@ class VtexClient:
         self._paused_until: dict[str, float] = {}  # scope → end of its Retry-After pause
         self._rate = AdaptiveRate(settings.rate_limit_per_s, now=clock())
         self._adapt = settings.rate_adapt
-        # asyncio-throttle reads `rate_limit` and `period` on every acquire: a new rate applies at once.
-        self._throttler = Throttler(rate_limit=1, period=1.0)
+        self._window = SendWindow()  # a new setting applies to the next call
         self._spread(self._rate.slots)
         self._gate = PriorityGate()
         self._metrics = metrics or Metrics()
@@ -229,17 +227,16 @@ class VtexClient:
         while True:
             while (wait := self._paused_until.get(scope, 0.0) - self._clock()) > 0:
                 await self._sleep(wait)
-            # the throttle takes a slot; leaving the block gives nothing back
-            async with self._gate.turn(priority), self._throttler:
+            async with self._gate.turn(priority):
+                while (wait := self._window.delay(self._clock())) > 0:
+                    await self._sleep(wait)
+                self._window.take(self._clock())  # the slot is spent, whether it is used or not
                 if not self._paused(scope):
                     return
 
     def _spread(self, slots: int) -> None:
         """Spend `slots` calls a second evenly (daemon/vtex/rate.py `spread`)."""
-        calls, period = spread(slots)
-        self._throttler.rate_limit, self._throttler.period = calls, period
-        # asyncio-throttle polls while its window is full: often enough to waste little of it
-        self._throttler.retry_interval = period / 50
+        self._window.set(*spread(slots))
 
     def _adjust_rate(self, *, limited: bool) -> None:
         """Feed an answer to the adaptive rate and apply the result to the throttle."""

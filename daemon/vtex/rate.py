@@ -12,7 +12,7 @@ from 90 % of the rate where the last limit showed, each step takes `near_factor`
 times as long: the limit is probed slowly where it was found, so an account whose
 limit is below the ceiling sees its few 429s a minute, not a dozen.
 
-`spread` turns the rate's slots into asyncio-throttle's sliding window so that
+`spread` turns the rate's slots into a sliding window (`SendWindow`) so that
 calls leave evenly, at most a tenth of a second's budget at once, instead of a
 second's worth at once; no one-second window (5 % longer at the sender) holds
 more than the slots.
@@ -22,6 +22,7 @@ Pure: the caller passes the time in, so a fake clock drives both in tests.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
 
@@ -112,8 +113,8 @@ class AdaptiveRate:
 def spread(per_s: int) -> tuple[int, float]:
     """The sliding window that spends `per_s` calls a second evenly: (calls, seconds).
 
-    asyncio-throttle's `Throttler(calls, period=seconds)` lets no window of `seconds`
-    hold more than `calls`. The budget is cut into `m = per_s // calls` such windows
+    `SendWindow(calls, period=seconds)` lets no window of `seconds` hold more than
+    `calls`. The budget is cut into `m = per_s // calls` such windows
     per 1.05 s, `calls` at most a tenth of it: any window of 1.05 s is covered by m
     of them, so it holds at most calls × m ≤ per_s; at most a tenth of the budget
     leaves at once, and what leaves is spread over the second. `calls` is the largest
@@ -130,3 +131,47 @@ def spread(per_s: int) -> tuple[int, float]:
     # less than 5 % of the budget to rounding; one call per window wastes nothing
     calls = next(k for k in range(max(1, per_s // SPREAD), 0, -1) if k * (per_s // k) >= 0.95 * per_s)
     return calls, (1.0 + MARGIN) / (per_s // calls)
+
+
+HORIZON = 1.0 + MARGIN  # the longest window `spread` gives (one call per 1.05 s)
+_TOLERANCE = 1e-9  # a call this close to a window's edge is out of it (floating point)
+
+
+class SendWindow:
+    """A sliding window: a call leaves only when the last `period` seconds hold fewer than
+    `calls` calls. The setting changes with the adaptive rate and applies to the next call.
+
+    Every call is remembered for `HORIZON`, the longest window any setting gives, not only
+    for the current `period`: asyncio-throttle's Throttler, used before, forgot the calls
+    older than its current period, so when a rate cut then lengthened the window, the
+    calls it had forgotten were not counted and a call could leave into a window that
+    already held `calls` (tests/test_ratelimit.py). Pure: the caller passes the time in,
+    and sleeps `delay` itself."""
+
+    __slots__ = ("_sent", "calls", "period")
+
+    def __init__(self, calls: int = 1, period: float = HORIZON) -> None:
+        self.calls = calls
+        self.period = period
+        self._sent: deque[float] = deque()  # departure times, oldest first
+
+    def set(self, calls: int, period: float) -> None:
+        if calls < 1 or not 0 < period <= HORIZON:
+            raise ValueError("calls must be at least 1 and period within (0, HORIZON]")
+        self.calls, self.period = calls, period
+
+    def delay(self, now: float) -> float:
+        """Seconds until a call may leave (0: now)."""
+        sent = self._sent
+        while sent and sent[0] <= now - HORIZON + _TOLERANCE:
+            sent.popleft()
+        first = bisect.bisect_right(sent, now - self.period + _TOLERANCE)  # the calls still in the window
+        inside = len(sent) - first
+        if inside < self.calls:
+            return 0.0
+        # the window holds `calls` or more: wait until all but `calls - 1` of them have left it
+        return max(_TOLERANCE, sent[first + inside - self.calls] + self.period - now)
+
+    def take(self, now: float) -> None:
+        """A call leaves now (the caller checked `delay`)."""
+        self._sent.append(now)
