@@ -69,7 +69,7 @@ class _Ctx:
     until the next change) instead of one copy per field set, and `decide` takes the
     last one as the result. Field reads inside the class go through `_get`."""
 
-    __slots__ = ("_base", "_built", "_changes", "causes", "effects", "now", "policy")
+    __slots__ = ("_base", "_built", "_changes", "causes", "effects", "moved", "now", "policy")
 
     def __init__(self, order: Order, now: datetime, policy: Policy) -> None:
         self._base = order
@@ -79,6 +79,7 @@ class _Ctx:
         self.policy = policy
         self.effects: list[Effect] = []
         self.causes: list[str] = []
+        self.moved = False  # the event brought a status newer than any known: the order exists and moved
 
     @property
     def order(self) -> Order:
@@ -209,6 +210,9 @@ def _observe(ctx: _Ctx, state: str | None, at: datetime | None, source: str, las
         return
     if state != o.status:
         ctx.cause(f"status {o.status or '-'} -> {state} ({source})")
+    if state != o.status or (at is not None and (current is None or at > current)):
+        ctx.moved = True
+        ctx.set(stale_checks=0)  # answers were stale against the status it replaces, not this one
     ctx.set(status=state, status_at=at or current, status_source=source)
     if status == HELD:
         ctx.set(released_at=None)
@@ -288,16 +292,31 @@ def _on_code(ctx: _Ctx, code: str, where: str) -> None:
             ctx.set(timer=None)
             ctx.fetch("after_refusal")
         case ResultCode.NOT_INTEGRATED:
-            count = ctx.order.eoi008 + 1
-            ctx.set(eoi008=count)
-            ctx.settle()
-            if count > ctx.policy.max_eoi008:
-                ctx.goto(Phase.DEAD, f"{where}: EOI008 {count} times, order never integrated")
+            o = ctx.order
+            if o.sent_on is not None and o.status_at is not None and o.status_at > o.sent_on:
+                # VTEX may have refused before a change omsd knows of (the PUT was decided on an
+                # older status): check again at once, once per newer status like EOI011
+                ctx.set(eoi008=o.eoi008 + 1)
+                ctx.settle()
+                ctx.goto(Phase.CHECKING, f"{where}: EOI008 for a PUT older than the known {o.status}: checking again")
+                ctx.fetch("pre_approval")
                 return
-            ctx.goto(Phase.RETRY_WAIT, f"{where}: EOI008 order not integrated yet, re-check {count}")
-            ctx.timer("retry", ctx.policy.eoi008_recheck_s)
+            _not_integrated(ctx, where)
         case _:
             _transient(ctx, f"{where}: {code}")
+
+
+def _not_integrated(ctx: _Ctx, where: str) -> None:
+    """EOI008, or Get order 404: VTEX has not integrated the order yet. Re-check after
+    `eoi008_recheck_s`, or sooner: a newer status ends the wait (`_advance`)."""
+    count = ctx.order.eoi008 + 1
+    ctx.set(eoi008=count)
+    ctx.settle()
+    if count > ctx.policy.max_eoi008:
+        ctx.goto(Phase.DEAD, f"{where}: EOI008 {count} times, order never integrated")
+        return
+    ctx.goto(Phase.RETRY_WAIT, f"{where}: EOI008 order not integrated yet, re-check {count}")
+    ctx.timer("retry", ctx.policy.eoi008_recheck_s)
 
 
 def _on_status_changed(ctx: _Ctx, event: StatusChanged) -> bool:
@@ -361,8 +380,15 @@ def _on_fetch_failed(ctx: _Ctx, event: OrderFetchFailed) -> bool:
     if not o.has_intent or o.phase in TERMINAL_PHASES:
         ctx.cause(f"Get order failed: {event.error}")
         return False
-    if event.not_found:
-        _on_code(ctx, ResultCode.NOT_INTEGRATED, "Get order 404")
+    if event.not_found and o.status is not None and o.stale_checks == 0:
+        # VTEX has shown the order: this call left before the order existed, or Get order lags
+        # the events. Ask again at once, once (the next 404 waits like any other).
+        ctx.set(stale_checks=1, last_code=ResultCode.NOT_INTEGRATED.value)
+        ctx.goto(Phase.CHECKING, f"Get order 404 for an order VTEX showed as {o.status}: checking again")
+        ctx.fetch("pre_approval")
+    elif event.not_found:
+        ctx.set(last_code=ResultCode.NOT_INTEGRATED.value)
+        _not_integrated(ctx, "Get order 404")
     else:
         _transient(ctx, f"Get order: {event.error}")
     return False
@@ -604,6 +630,12 @@ def _advance(ctx: _Ctx) -> None:
         return
     if o.phase == Phase.TRACKING:
         ctx.set(phase=Phase.WAITING_RELEASE)
+        o = ctx.order
+    if o.phase == Phase.RETRY_WAIT and ctx.moved:
+        # A newer status proves the order exists and moved: whatever the wait was for (a
+        # 404, EOI008, a failure), the status decides now, not the re-check timer.
+        ctx.settle()
+        ctx.goto(Phase.WAITING_RELEASE, f"{o.status} ends the wait for a re-check")
         o = ctx.order
     if _check_again(o):
         ctx.set(timer=None, await_newer_than=None)

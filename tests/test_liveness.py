@@ -6,11 +6,16 @@ Get orders and approval PUTs are answered truthfully, but each answer (and each
 notification) is delivered whenever the scheduler picks it, so it may arrive after newer
 events. Bogus events dated far in the future may show up too.
 
+The intent may come before VTEX has the order at all: Get order then answers 404, and
+an approval PUT `EOI008`.
+
 A first, free phase may fire any timer. Then VTEX releases the order for good, and from
 there on the scheduler only fires timers whose delay is at most the short knobs (retry,
 creating re-check, EOI008): the slow held re-check and the confirm timeout never fire.
-The properties: the approval PUT still goes out, and until it does the order is never
-parked without work in flight or a short timer.
+The properties: the approval PUT still goes out; until it does the order is never
+parked without work in flight or a short timer; and once omsd has seen the release, no
+retry timer has to fire for it (the model's VTEX answers every call, so a wait for a
+re-check after a 404 or an `EOI008` is all a retry timer could be for).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from omsd.state.events import (
     Event,
     IntentRecorded,
     OrderFetched,
+    OrderFetchFailed,
     ResultNotified,
     StatusChanged,
     TimerFired,
@@ -80,6 +86,7 @@ class World:
     released: bool = False  # VTEX released the order for good (the second phase)
     release_seen: bool = False  # ... and omsd applied that release event
     approved: bool = False  # VTEX took an approval PUT
+    fired_after_release: list[str] = field(default_factory=list)  # timers fired once the release was seen
     trace: list[str] = field(default_factory=list)
 
     def tick(self, seconds: float = 1) -> None:
@@ -131,6 +138,10 @@ class World:
             self.trace.append(f"superseded {effect.kind} {effect.seq}")
             return
         self.tick()
+        if isinstance(effect, FetchOrder) and self.truth is None:
+            self.wire.append(OrderFetchFailed(order_id=OID, seq=effect.seq, error="HTTP 404", not_found=True))
+            self.trace.append(f"Get order {effect.seq} answered 404")
+            return
         if isinstance(effect, FetchOrder):
             self.wire.append(
                 OrderFetched(
@@ -165,6 +176,8 @@ class World:
     def fire_timer(self) -> None:
         assert self.order is not None and self.order.timer is not None
         timer = self.order.timer
+        if self.release_seen:
+            self.fired_after_release.append(timer.reason)
         self.now = max(self.now, timer.due_at)
         self.apply(TimerFired(order_id=OID, token=timer.token, reason=timer.reason))
 
@@ -227,6 +240,11 @@ def _first_phase(world: World, data: st.DataObject) -> None:
         if round_ == intent_round:
             world.intent_sent = True
             world.wire.append(INTENT)
+            # omsd may act on the intent before VTEX's next change (in round 0: before the
+            # order exists, so Get order answers 404)
+            for _ in range(data.draw(st.integers(0, 6), label="steps before the change")):
+                if world.approved or not _step(world, data, slow_timers=True):
+                    break
         world.move(data.draw(st.sampled_from(world.next_statuses())), data.draw(st.sampled_from(["feed", "hook"])))
         if data.draw(st.integers(0, 5), label="bogus event") == 0:
             bogus = data.draw(st.sampled_from([HELD, FREE, ACCEPTED]))
@@ -292,3 +310,14 @@ def test_a_seen_release_is_never_parked(data: st.DataObject) -> None:
     """After omsd saw the release, the order always has a call in flight or a short timer
     (or waits for VTEX's result of a PUT it made) until the approval goes out."""
     _run(data, parked=True)
+
+
+@pytest.mark.timeout(600)
+@settings(max_examples=600, deadline=None)
+@given(st.data())
+def test_a_seen_release_waits_for_no_retry_timer(data: st.DataObject) -> None:
+    """An intent that came before its order (Get order 404, EOI008) or any other wait for a
+    re-check: once omsd has applied the release, the approval goes out without a retry timer
+    firing (the release, or any newer status, ends the wait at once)."""
+    world = _run(data, parked=False)
+    assert "retry" not in world.fired_after_release, _story(world)
