@@ -25,6 +25,7 @@ from .events import (
     ApprovalFailed,
     Event,
     IntentRecorded,
+    LinkLookup,
     OrderFetched,
     OrderFetchFailed,
     OrderSnapshot,
@@ -125,7 +126,7 @@ class _Ctx:
         self.cause(cause)
 
     # ---- effects -------------------------------------------------------------
-    def fetch(self, purpose: Literal["link", "pre_approval", "confirm", "after_refusal"]) -> None:
+    def fetch(self, purpose: Literal["link", "link_intent", "pre_approval", "confirm", "after_refusal"]) -> None:
         seq = self.next_seq()
         self.effects.append(FetchOrder(order_id=self._base.order_id, seq=seq, purpose=purpose))
         self.set(inflight=Inflight(seq=seq, kind="fetch", purpose=purpose))
@@ -522,6 +523,21 @@ def _on_resync(ctx: _Ctx, event: Resync) -> bool:
     return True
 
 
+def _on_link_lookup(ctx: _Ctx, event: LinkLookup) -> bool:
+    """An intent waits parked on the marketplace id this order's id derives from: Get order
+    now, at the approval's priority (it replaces a background lookup still queued). Its
+    answer links the ids, or shows the guess was wrong."""
+    o = ctx.order
+    if o.has_intent or o.marketplace_order_id is not None:
+        ctx.cause(f"link lookup for {event.marketplace_order_id} not needed: the order is linked")
+        return False
+    if o.inflight is not None and o.inflight.purpose == "link_intent":
+        return False  # asked already
+    ctx.cause(f"an intent waits parked on {event.marketplace_order_id}, which this id derives from: Get order now")
+    ctx.fetch("link_intent")
+    return False
+
+
 def _on_snapshot(ctx: _Ctx, event: OrderSnapshot) -> bool:
     """A pruned history: the order is what the snapshot says, nothing more to decide."""
     ctx.order = event.order
@@ -550,6 +566,8 @@ def _apply(ctx: _Ctx, event: Event) -> bool:
             return _on_timer(ctx, event)
         case Resync():
             return _on_resync(ctx, event)
+        case LinkLookup():
+            return _on_link_lookup(ctx, event)
         case OrderSnapshot():
             return _on_snapshot(ctx, event)
         case _ as unreachable:
@@ -673,7 +691,9 @@ def _leave_waiting(ctx: _Ctx) -> None:
     if not sending and free and (not is_creating(status) or approvable(o) or o.creating_checks == 0):
         ctx.set(timer=None)
         ctx.goto(Phase.CHECKING, "not held: confirming with Get order")
-        if o.inflight is None or o.inflight.purpose != "pre_approval":
+        # a Get order at the approval's priority in flight (before an approval, or the link
+        # lookup of an intent that waited parked) is the check; anything else may wait long
+        if o.inflight is None or o.inflight.purpose not in ("pre_approval", "link_intent"):
             ctx.fetch("pre_approval")
         return
     if free:

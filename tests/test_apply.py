@@ -16,7 +16,7 @@ from omsd.state.events import (
     NotificationReceived,
     current_version,
 )
-from omsd.state.models import Order, Policy
+from omsd.state.models import FetchOrder, Inflight, Order, Policy
 from tests.machine_helpers import FREE, HELD, MKT, OID, T0, fetched, intent, order, status
 
 POLICY = Policy()
@@ -38,6 +38,12 @@ def rows(*entries: AnyEntry | str) -> list[JournalRow]:
 
 def run(*entries: AnyEntry | str, view: View | None = None) -> Batch:
     return apply([(r, read(r)) for r in rows(*entries)], view or View(), POLICY)
+
+
+def unlinked(**kw: Any) -> Order:
+    """An order seen in the feed (released), no marketplace id known, no intent."""
+    values: dict[str, Any] = {"marketplace_order_id": None, "link_checked": False, "status": FREE, "held": False}
+    return order("tracking", **(values | kw))
 
 
 def by_mkt(o: Order) -> View:
@@ -75,10 +81,45 @@ CASES: dict[str, Case] = {
     ),
     "an intent parked already: nothing more": Case((api_intent(),), view=View(parked={MKT: ("cli", 7)})),
     "an intent parked earlier in the batch, then its order linked by Get order: released at once": Case(
-        (api_intent(), status(HELD, t=1), fetched(HELD, seq=0, t=2)),
+        (api_intent(), status(HELD, t=1), fetched(HELD, seq=1, t=2)),
         removed={MKT},
         phase="waiting_release",
         notes=("intent_parked", "intent_linked"),
+    ),
+    "an intent by marketplace id, an unlinked order whose id derives from it: its Get order now": Case(
+        (api_intent(),),
+        view=View(derived={MKT: unlinked()}),
+        parked={MKT: ("api", 1)},
+        phase="tracking",
+        effects=("fetch_order",),
+        notes=("intent_parked",),
+    ),
+    "an intent by marketplace id, the derived order looked up already: asked again": Case(
+        (api_intent(),),
+        view=View(derived={MKT: unlinked(link_checked=True)}),
+        parked={MKT: ("api", 1)},
+        phase="tracking",
+        effects=("fetch_order",),
+        notes=("intent_parked",),
+    ),
+    "the first event of an order whose id derives from a parked marketplace id: its Get order now": Case(
+        (status(FREE, t=1),), view=View(parked={MKT: ("api", 7)}), phase="tracking", effects=("fetch_order",)
+    ),
+    "the event of an order looked up already: nothing more": Case(
+        (status(FREE, t=1),),
+        view=View(orders={OID: unlinked(link_checked=True)}, parked={MKT: ("api", 7)}),
+        phase="tracking",
+    ),
+    "the link Get order names the parked id: the intent first, then the answer sends the approval": Case(
+        (fetched(FREE, seq=5, t=2),),
+        view=View(
+            orders={OID: unlinked(inflight=Inflight(seq=5, kind="fetch", purpose="link_intent"))},
+            parked={MKT: ("api", 7)},
+        ),
+        removed={MKT},
+        phase="sending",
+        effects=("send_approval",),
+        notes=("intent_linked",),
     ),
     "an authenticated EOI011 notification without order: parked as an intent": Case(
         (held_notice(),), parked={MKT: ("notification", 1)}, notes=("intent_parked",)
@@ -138,6 +179,16 @@ def test_needs_names_every_id_the_rows_name() -> None:
     """The view must cover the order ids and marketplace ids of every row, routed ones included."""
     entries = [(r, read(r)) for r in rows(api_intent(), status(HELD), fetched(HELD, mkt="999"))]
     assert needs(entries) == ({OID}, {MKT, "999"})
+    # a status event names the marketplace id its order's id derives from
+    assert needs([(r, read(r)) for r in rows(status(HELD))]) == ({OID}, {MKT})
+
+
+def test_the_urgent_link_lookup_is_asked_at_the_approvals_purpose() -> None:
+    """The Get order asked for an order whose id derives from a parked id is a `link_intent`
+    (the effect runner asks it at the approval's priority), not a background `link`."""
+    batch = run(api_intent(), view=View(derived={MKT: unlinked()}))
+    [effect] = batch.effects
+    assert isinstance(effect, FetchOrder) and effect.purpose == "link_intent" and effect.order_id == OID
 
 
 def test_live_names_the_effect_each_order_waits_for() -> None:

@@ -27,15 +27,21 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from omsd.state.apply import View, read
+from omsd.state.apply import apply as apply_rows
+from omsd.state.batch import JournalRow
 from omsd.state.events import (
+    AnyEntry,
     ApprovalAnswered,
     Event,
+    IntentReceived,
     IntentRecorded,
     OrderFetched,
     OrderFetchFailed,
     ResultNotified,
     StatusChanged,
     TimerFired,
+    current_version,
 )
 from omsd.state.machine import decide
 from omsd.state.models import Effect, FetchOrder, Order, Policy, is_superseded
@@ -197,7 +203,7 @@ class World:
             self.release_seen = True
 
 
-def _brief(event: Event) -> str:
+def _brief(event: Event | AnyEntry) -> str:
     for name in ("state", "status", "code", "reason"):
         value = getattr(event, name, None)
         if value is not None:
@@ -321,3 +327,138 @@ def test_a_seen_release_waits_for_no_retry_timer(data: st.DataObject) -> None:
     firing (the release, or any newer status, ends the wait at once)."""
     world = _run(data, parked=False)
     assert "retry" not in world.fired_after_release, _story(world)
+
+
+# ---- an intent that names only the marketplace id -----------------------------------------
+# The connector names only the marketplace id; VTEX's events name only its order id, which
+# derives from it (`MKP-123-01` for `123`). omsd parks the intent until a Get order links the
+# two. The model plays the processor: each journal row is applied over the view the store
+# would give (`state.apply`), the effects are performed truthfully in any order, and the
+# background link job never runs, nor the slow timers.
+
+LINK_PATH = (CREATED, ACCEPTED, HELD, FREE)
+
+
+@dataclass
+class Store:
+    """What the processor's view would hold, VTEX's truth, and the wire."""
+
+    now: datetime = field(default_factory=lambda: at(100))
+    truth: str | None = None
+    truth_at: datetime | None = None
+    order: Order | None = None
+    parked: dict[str, tuple[str, int]] = field(default_factory=dict)
+    wire: list[AnyEntry] = field(default_factory=list)
+    outbox: list[Effect] = field(default_factory=list)
+    offset: int = 0
+    timer_set_at: dict[int, datetime] = field(default_factory=dict)
+    intent_sent: bool = False
+    approved: bool = False
+    trace: list[str] = field(default_factory=list)
+
+    def view(self) -> View:
+        o = self.order
+        orders = {OID: o} if o is not None else {}
+        linked = {MKT: o} if o is not None and o.marketplace_order_id == MKT else {}
+        derived = {MKT: o} if o is not None and o.marketplace_order_id is None else {}
+        return View(orders=orders, by_marketplace_id=linked, parked=dict(self.parked), derived=derived)
+
+    def apply(self, entry: AnyEntry) -> None:
+        self.now += timedelta(seconds=1)
+        self.offset += 1
+        payload = entry.model_dump_json()
+        order_id = getattr(entry, "order_id", None)
+        row = JournalRow(
+            self.offset, entry.kind, "test", order_id, payload, None, self.now, current_version(entry.kind)
+        )
+        before = self.order
+        batch = apply_rows([(row, read(row))], self.view(), POLICY)
+        self.order = batch.orders.get(OID, self.order)
+        for mkt in batch.remove_pending:
+            self.parked.pop(mkt, None)
+        self.parked.update(batch.add_pending)
+        self.outbox.extend(batch.effects)
+        timer = self.order.timer if self.order else None
+        if timer is not None and (before is None or before.timer is None or before.timer.token != timer.token):
+            self.timer_set_at[timer.token] = self.now
+        phase = self.order.phase if self.order else None
+        self.trace.append(f"{entry.kind} {_brief(entry)} -> {phase} parked={sorted(self.parked)}")
+
+    def move(self) -> None:
+        """VTEX's next status; its event goes on the wire (by hook and by feed: twice)."""
+        self.now += timedelta(seconds=1)
+        nxt = LINK_PATH[LINK_PATH.index(self.truth) + 1] if self.truth else LINK_PATH[0]
+        event = StatusChanged(order_id=OID, source="hook", state=nxt, last_state=self.truth, current_change=self.now)
+        self.truth, self.truth_at = nxt, self.now
+        self.wire += [event, event.model_copy(update={"source": "feed"})]
+        self.trace.append(f"VTEX -> {nxt}")
+
+    def perform(self, effect: Effect) -> None:
+        if is_superseded(self.order, effect.seq):
+            return
+        self.now += timedelta(seconds=1)
+        if isinstance(effect, FetchOrder):
+            if self.truth is None:
+                self.wire.append(OrderFetchFailed(order_id=OID, seq=effect.seq, error="HTTP 404", not_found=True))
+                return
+            self.wire.append(
+                OrderFetched(
+                    order_id=OID,
+                    seq=effect.seq,
+                    status=self.truth,
+                    marketplace_order_id=MKT,
+                    last_change=self.truth_at,
+                    fetched_at=self.now,
+                )
+            )
+            self.trace.append(f"Get order {effect.seq} ({effect.purpose}): {self.truth}")
+            return
+        code = "EOI011" if self.truth == HELD else "EOI008" if self.truth in (None, CREATED) else "SOI002"
+        self.approved = self.approved or code == "SOI002"
+        self.trace.append(f"PUT {effect.seq}: {code}")
+        self.wire.append(ApprovalAnswered(order_id=OID, seq=effect.seq, code=code, http_status=200))
+
+    def short_timer(self) -> bool:
+        timer = self.order.timer if self.order else None
+        if timer is None:
+            return False
+        return (timer.due_at - self.timer_set_at.get(timer.token, self.now)).total_seconds() <= SHORT_S
+
+
+@pytest.mark.timeout(600)
+@settings(max_examples=400, deadline=None)
+@given(st.data())
+def test_a_parked_intent_is_approved_without_the_link_job(data: st.DataObject) -> None:
+    """An intent by marketplace id, before or after its order's events, in any interleaving with
+    them and with the answers: once VTEX released the order, the approval goes out without the
+    background link job and without a slow timer (the order whose id derives from the parked id
+    is looked up at once)."""
+    store = Store()
+    for _ in range(300):
+        if store.approved:
+            return
+        actions: list[tuple[str, int]] = [("deliver", i) for i in range(len(store.wire))]
+        actions += [("perform", i) for i in range(len(store.outbox))]
+        if store.truth != FREE:
+            actions.append(("vtex", 0))
+        if not store.intent_sent:
+            actions.append(("intent", 0))
+        if store.short_timer():
+            actions.append(("timer", 0))
+        assert actions, "nothing left to happen but no approval went out:\n" + "\n".join(store.trace[-40:])
+        kind, i = data.draw(st.sampled_from(actions))
+        if kind == "deliver":
+            store.apply(store.wire.pop(i))
+        elif kind == "perform":
+            store.perform(store.outbox.pop(i))
+        elif kind == "vtex":
+            store.move()
+        elif kind == "intent":
+            store.intent_sent = True
+            store.wire.append(IntentReceived(marketplace_order_id=MKT, source="api"))
+        else:
+            assert store.order is not None and store.order.timer is not None
+            timer = store.order.timer
+            store.now = max(store.now, timer.due_at)
+            store.apply(TimerFired(order_id=OID, token=timer.token, reason=timer.reason))
+    raise AssertionError("no approval after 300 steps:\n" + "\n".join(store.trace[-40:]))

@@ -139,8 +139,14 @@ class Metrics:
             "omsd_intents_expired", "Parked intents dropped after OMSD_PARKED_INTENT_TTL_S unlinked", registry=r
         )
         self.link_lookups = Counter(
-            "omsd_link_lookups", "Get orders asked to link a parked intent's marketplace id", registry=r
+            "omsd_link_lookups",
+            "Get orders asked to link a parked intent's marketplace id, by trigger: intent (an order whose id "
+            "derives from it, at the approval's priority) or job (the background lookups)",
+            ["trigger"],
+            registry=r,
         )
+        for trigger in ("intent", "job"):
+            self.link_lookups.labels(trigger=trigger)
         self.store_probes = Counter(
             "omsd_store_probes", "Write probes of the database, by result (ok, refused)", ["result"], registry=r
         )

@@ -28,11 +28,13 @@ from ..vtex.errors import AuthFailed, NotFound, RateLimited, VtexError
 log = get_logger("omsd.effects")
 
 INTERRUPTED = "interrupted: outcome unknown"
-# A Get order right before an approval (or after a refusal, to decide on the next one)
-# is as urgent as the approval itself; linking ids and confirmation checks can wait.
+# A Get order right before an approval (or after a refusal, to decide on the next one), or
+# the one that links an intent waiting parked to the order its id names, is as urgent as the
+# approval itself; the background link lookups and confirmation checks can wait.
 FETCH_PRIORITY: dict[str, Priority] = {
     "pre_approval": Priority.APPROVAL,
     "after_refusal": Priority.APPROVAL,
+    "link_intent": Priority.APPROVAL,
     "link": Priority.BACKGROUND,
     "confirm": Priority.BACKGROUND,
 }

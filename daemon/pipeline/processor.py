@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 
 from omsd.state.apply import apply, needs, read
 from omsd.state.batch import Batch, Transition
-from omsd.state.models import Policy
+from omsd.state.models import FetchOrder, Policy
 from omsd.state.statuses import Phase
 from omsd.state.store import Store
 
@@ -81,6 +81,8 @@ class Processor:
             self._metrics.journal_unreadable.inc(len(batch.unreadable))
         if batch.expired:
             self._metrics.intents_expired.inc(batch.expired)
+        if lookups := sum(1 for e in batch.effects if isinstance(e, FetchOrder) and e.purpose == "link_intent"):
+            self._metrics.link_lookups.labels(trigger="intent").inc(lookups)
         if batch.effects and self._on_effects is not None:
             self._on_effects()
         if self._on_timer is not None and (dues := [o.timer.due_at for o in batch.orders.values() if o.timer]):

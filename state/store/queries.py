@@ -34,6 +34,7 @@ class Queries:
             orders=await self.load_orders(order_ids),
             by_marketplace_id=await self.orders_by_marketplace_ids(marketplace_ids),
             parked=await self.pending_intents_for(marketplace_ids),
+            derived=await self.unlinked_derived_from(marketplace_ids),
         )
 
     async def load_order(self, order_id: str) -> Order | None:
@@ -74,6 +75,20 @@ class Queries:
             for r in rows:  # ascending: the latest updated wins
                 order = Order.model_validate_json(r["data"])
                 found[order.marketplace_order_id or ""] = order
+        return found
+
+    async def unlinked_derived_from(self, marketplace_order_ids: Collection[str]) -> dict[str, Order]:
+        """Per marketplace id, an order linked to none whose VTEX id derives from it (of a split
+        order's, the smallest id, as `state.apply` picks; index `orders_derived`)."""
+        found: dict[str, Order] = {}
+        for part in parts(list(marketplace_order_ids)):
+            rows = await self._db.rows(
+                "SELECT derived_marketplace_id AS mkt, data FROM orders INDEXED BY orders_derived "  # noqa: S608
+                f"WHERE marketplace_order_id IS NULL AND derived_marketplace_id IN ({marks(part)}) "
+                "ORDER BY order_id DESC",
+                part,
+            )
+            found.update((r["mkt"], Order.model_validate_json(r["data"])) for r in rows)  # the smallest id wins
         return found
 
     async def pending_intents_for(self, marketplace_order_ids: Collection[str]) -> dict[str, tuple[str, int]]:
