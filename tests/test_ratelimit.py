@@ -95,9 +95,10 @@ def test_a_floor_above_the_ceiling_is_the_ceiling() -> None:
     assert [r.on_429(t) for t in (1.0, 2.0, 3.0)][-1] == 0.5
 
 
-def cut_at(t: float) -> AdaptiveRate:
-    """A rate of 10/s cut once to 7 by three 429s in a row ending at `t`."""
-    r = AdaptiveRate(10.0, decrease=0.7, increase=0.05, quiet_s=5.0, near_factor=4.0)
+def cut_at(t: float, used_share: float = 0.0) -> AdaptiveRate:
+    """A rate of 10/s cut once to 7 by three 429s in a row ending at `t` (by default any
+    traffic counts as using the rate: these tests are about time)."""
+    r = AdaptiveRate(10.0, decrease=0.7, increase=0.05, quiet_s=5.0, near_factor=4.0, used_share=used_share)
     for dt in (0.2, 0.1, 0.0):
         r.on_429(t - dt)
     assert r.rate == pytest.approx(7.0)
@@ -132,6 +133,52 @@ def test_a_lone_429_does_not_stop_recovery() -> None:
     r.on_success(2.0)
     r.on_429(4.0)
     assert r.on_success(6.0) == pytest.approx(7.5)
+
+
+def test_a_rate_nobody_uses_does_not_climb() -> None:
+    """A quiet period proves the rate only when its calls used most of it: a trickle of calls
+    leaves a cut rate where it is; traffic at the rate raises it."""
+    r = cut_at(1.0, used_share=0.75)
+    for n in range(20):
+        r.on_success(1.5 + n)  # one call a second, against 7 allowed
+    assert r.rate == pytest.approx(7.0)
+    for n in range(7 * 5):
+        r.on_success(21.0 + n / 7)  # seven a second for five seconds
+    assert r.rate == pytest.approx(7.5)
+
+
+def test_steps_are_a_share_of_the_rate_where_the_limit_showed() -> None:
+    """Below a limit found well under the ceiling, a step is `increase` of that limit's rate, not
+    of the ceiling: 5 % of 35, not of 50."""
+    r = AdaptiveRate(50.0, decrease=0.7, used_share=0.0)
+    for t in (1.0, 1.1, 1.2, 3.0, 3.1, 3.2):
+        r.on_429(t)
+    assert r.rate == pytest.approx(24.5)
+    assert r.on_success(8.5) == pytest.approx(24.5 + 0.05 * 35)
+
+
+def test_a_cut_near_the_last_limit_is_gentle() -> None:
+    """At 90 % or more of the rate where the last limit showed, 429s step the rate back by
+    `near_decrease` (the limit is known), not by `decrease`."""
+    r = AdaptiveRate(10.0, decrease=0.7, near_decrease=0.9, used_share=0.0)
+    for t in (1.0, 1.1, 1.2):
+        r.on_429(t)
+    r.rate = 9.5  # climbed back near the limit found at 10
+    for t in (3.0, 3.1, 3.2):
+        r.on_429(t)
+    assert r.rate == pytest.approx(9.5 * 0.9)
+
+
+def test_a_restart_starts_from_what_was_learned() -> None:
+    """`restore` takes the learned rate and the limit's rate (within floor and ceiling); the next
+    step needs a whole quiet period from the restart."""
+    r = AdaptiveRate(50.0, used_share=0.0)
+    r.restore(14.0, 17.0, now=100.0)
+    assert r.learned() == (14.0, 17.0) and r.slots == 14
+    assert r.on_success(104.0) == 14.0
+    assert r.on_success(105.0) == pytest.approx(14.0 + 0.05 * 17.0)
+    r.restore(500.0, None, now=0.0)
+    assert r.learned() == (50.0, None)
 
 
 def test_recovery_waits_while_429s_lean_towards_a_limit() -> None:
@@ -169,6 +216,8 @@ def test_the_ceiling_rounds_as_the_configured_rate_always_has() -> None:
         {"limit_share": 0},
         {"limit_share": 1},
         {"consecutive": 0},
+        {"near_decrease": 0.5},
+        {"used_share": 2},
     ],
 )
 def test_nonsense_parameters_are_refused(kwargs: dict[str, float]) -> None:

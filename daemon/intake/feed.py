@@ -131,6 +131,10 @@ class FeedPoller:
         self.stats = FeedStats()
         # Told when VTEX answers 404: it has no feed configuration (deleted after inactivity).
         self.on_missing: Callable[[], Awaitable[None]] | None = None
+        # With the hook as well (`OMSD_SOURCE=both`) the hook pushes a change before the feed
+        # delivers it, which makes the feed's copy a duplicate: told the change time of the
+        # oldest new one, which the hook has not pushed (yet), each time the feed delivers some.
+        self.on_hook_missed: Callable[[datetime], None] | None = None
 
     async def poll_once(self) -> int:
         """One round: flush old commits, read a batch, journal it, commit it.
@@ -174,6 +178,10 @@ class FeedPoller:
         self.stats.items += len(intakes)
         if self._on_journal is not None and any(not r.duplicate for r in results):
             self._on_journal()
+        if self.on_hook_missed is not None:
+            new = [i.changed_at for i, r in zip(intakes, results, strict=True) if not r.duplicate and i.changed_at]
+            if new:
+                self.on_hook_missed(min(new))
         return len(acks)
 
     async def flush_commits(self, *, everything: bool = True) -> None:

@@ -115,6 +115,11 @@ class Metrics:
             "omsd_vtex_rate_limited_wait_seconds", "Seconds paused because of 429", registry=r
         )
         self.retries = Counter("omsd_vtex_retries", "Retries of idempotent VTEX calls", registry=r)
+        self.get_orders_coalesced = Counter(
+            "omsd_vtex_get_orders_coalesced",
+            "Get orders answered by another call for the same order still queued for a slot",
+            registry=r,
+        )
         self.rate_effective = Gauge(
             "omsd_vtex_rate_limit_effective_per_second",
             "Requests per second the VTEX client allows itself now (429s lower it, quiet raises it)",

@@ -6,11 +6,19 @@ when the 429s it sees show a limit, not on every 429: VTEX (and the simulator's
 fault mix) also answers 429 now and then at any rate, and cutting for those keeps
 the rate low for nothing. A limit shows as a share of 429s among the recent
 answers well above such noise (more than `limit_share` of the last `window`), or
-as `consecutive` 429s in a row (a burst over a limit). Each `quiet_s` without a
-cut, while the recent answers show no limit, gives back `increase` of the ceiling;
-from 90 % of the rate where the last limit showed, each step takes `near_factor`
-times as long: the limit is probed slowly where it was found, so an account whose
-limit is below the ceiling sees its few 429s a minute, not a dozen.
+as `consecutive` 429s in a row (a burst over a limit). Near the rate where the last
+limit showed (from 90 % of it) a cut is gentler (×`near_decrease`): the limit is
+known, and the rate only needs to step back under it.
+
+The rate goes back up only on evidence: each `quiet_s` without a cut, while the
+recent answers show no limit *and the calls of that period used most of the rate*
+(`used_share`), gives back `increase` of the rate where the last limit showed (of
+the ceiling before any); from 90 % of that rate, each step takes `near_factor` times
+as long. A rate nobody uses proves nothing, so an idle client does not climb back to
+the ceiling only to meet the limit in a burst; and near a limit it found, it probes in
+small, slow steps: an account whose limit is below the ceiling sees a few 429s a
+minute, not a dozen. `learned` and `restore` carry the rate and the limit's rate
+across a restart (daemon/vtex/memory.py).
 
 `spread` turns the rate's slots into a sliding window (`SendWindow`) so that
 calls leave evenly, at most a tenth of a second's budget at once, instead of a
@@ -30,6 +38,9 @@ SPREAD = 10  # at most this share (a tenth) of a second's budget leaves at once
 MARGIN = 0.05  # the sender's one-second windows are this much longer (1.05 s): see spread
 
 
+NEAR = 0.9  # from this share of the rate where the last limit showed, the rate is near that limit
+
+
 class AdaptiveRate:
     """The rate (requests per second) the client should hold itself to right now."""
 
@@ -39,6 +50,7 @@ class AdaptiveRate:
         *,
         floor: float = 1.0,
         decrease: float = 0.7,
+        near_decrease: float = 0.9,
         increase: float = 0.05,
         quiet_s: float = 5.0,
         cooldown_s: float = 1.0,
@@ -46,26 +58,32 @@ class AdaptiveRate:
         limit_share: float = 0.07,
         consecutive: int = 3,
         near_factor: float = 6.0,
+        used_share: float = 0.75,
         now: float = 0.0,
     ) -> None:
         if ceiling <= 0 or floor <= 0 or not 0 < decrease <= 1 or increase < 0 or quiet_s <= 0 or cooldown_s < 0:
             raise ValueError("ceiling, floor and quiet_s must be positive, decrease within (0, 1], increase >= 0")
         if window < 1 or not 0 < limit_share < 1 or consecutive < 1 or near_factor < 1:
             raise ValueError("window and consecutive must be positive, limit_share within (0, 1), near_factor >= 1")
+        if not decrease <= near_decrease <= 1 or not 0 <= used_share <= 1:
+            raise ValueError("near_decrease must be positive within [decrease, 1], used_share within [0, 1]")
         self.ceiling = ceiling
         self.floor = min(floor, ceiling)
         self.decrease = decrease
-        self.step = increase * ceiling
+        self.near_decrease = near_decrease
+        self.increase = increase
         self.quiet_s = quiet_s
         self.cooldown_s = cooldown_s
         self.consecutive = consecutive
         self.near_factor = near_factor
+        self.used_share = used_share
         self.rate = ceiling
         self._cut_from = math.inf  # the rate when the last limit showed
         # a cut needs more than this many 429s among the last `window` answers
         self._cut_above = math.floor(limit_share * window)
         self._recent: deque[bool] = deque(maxlen=window)  # True: a 429
         self._run = 0  # 429s in a row
+        self._answers: deque[float] = deque()  # when the answers of the longest quiet period came
         self._last_change = now
         self._last_cut: float | None = None
 
@@ -74,16 +92,33 @@ class AdaptiveRate:
         """429s among the recent answers counted as evidence."""
         return sum(self._recent)
 
+    @property
+    def step(self) -> float:
+        """One step up: `increase` of the rate where the last limit showed (the ceiling before any)."""
+        return self.increase * min(self.ceiling, self._cut_from)
+
+    def _near(self) -> bool:
+        return self.rate >= NEAR * self._cut_from
+
+    def _answered(self, now: float) -> None:
+        answers = self._answers
+        answers.append(now)
+        horizon = now - self.quiet_s * self.near_factor
+        while answers[0] < horizon:
+            answers.popleft()
+
     def on_429(self, now: float) -> float:
         """VTEX refused a call: cut the rate if the recent answers show a limit. 429s
         within `cooldown_s` of a cut answer calls sent before it: not new evidence."""
         if self._last_cut is not None and now - self._last_cut < self.cooldown_s:
             return self.rate
+        self._answered(now)
         self._recent.append(True)
         self._run += 1
         if self._run >= self.consecutive or self.limited_recently > self._cut_above:
+            factor = self.near_decrease if self._near() else self.decrease
             self._cut_from = self.rate
-            self.rate = max(self.floor, self.rate * self.decrease)
+            self.rate = max(self.floor, self.rate * factor)
             self._last_cut = self._last_change = now
             self._recent.clear()  # the next cut needs evidence gathered at the new rate
             self._run = 0
@@ -91,15 +126,36 @@ class AdaptiveRate:
 
     def on_success(self, now: float) -> float:
         """A call went through: after `quiet_s` without a cut (or a raise), raise one step,
-        unless the recent answers already lean towards a limit (half the cut's share)."""
+        if the calls of that period used the rate and the recent answers do not lean
+        towards a limit (half the cut's share)."""
+        self._answered(now)
         self._recent.append(False)
         self._run = 0
-        leaning = 2 * self.limited_recently > self._cut_above
-        quiet_s = self.quiet_s * (self.near_factor if self.rate >= 0.9 * self._cut_from else 1.0)
-        if self.rate < self.ceiling and now - self._last_change >= quiet_s and not leaning:
+        if self.rate >= self.ceiling:
+            return self.rate
+        quiet_s = self.quiet_s * (self.near_factor if self._near() else 1.0)
+        if now - self._last_change < quiet_s or 2 * self.limited_recently > self._cut_above:
+            return self.rate
+        since = now - quiet_s
+        used = len(self._answers) - bisect.bisect_left(self._answers, since)
+        if used >= self.used_share * self.rate * quiet_s:
             self.rate = min(self.ceiling, self.rate + self.step)
             self._last_change = now
         return self.rate
+
+    def learned(self) -> tuple[float, float | None]:
+        """What a restart should start from: the rate, and the rate where the last limit showed."""
+        return self.rate, None if math.isinf(self._cut_from) else self._cut_from
+
+    def restore(self, rate: float, cut_from: float | None, now: float) -> None:
+        """Start from what an earlier run learned. The quiet period starts now: the time the
+        process was down is no evidence."""
+        self.rate = min(self.ceiling, max(self.floor, rate))
+        self._cut_from = math.inf if cut_from is None else min(cut_from, self.ceiling)
+        self._last_change = now
+        self._recent.clear()
+        self._answers.clear()
+        self._run = 0
 
     @property
     def slots(self) -> int:

@@ -5,7 +5,8 @@
 - `derived` (`derived.py`): the one writer of every row derived from the journal;
 - `outbox` (`outbox.py`): effects to perform, and timers that come due;
 - `read` (`queries.py`): the derived rows, read;
-- `retention` (`retention.py`): snapshots of quiet orders, the vacuum.
+- `retention` (`retention.py`): snapshots of quiet orders, the vacuum;
+- `learned` (`learned.py`): what the daemon learned of VTEX, kept across restarts.
 
 The store applies no domain rule: what to write comes decided (`state.apply`'s batch).
 """
@@ -20,6 +21,7 @@ from ..batch import Batch, HistoryRow, JournalRow, UnreadableRow
 from .db import Database, SchemaTooNew, StoreError, StoreUnwritable, database_bytes
 from .derived import Derived
 from .journal import Journal
+from .learned import Learned
 from .outbox import Outbox
 from .queries import Queries
 from .retention import Retention
@@ -55,6 +57,7 @@ class Store:
         self.outbox = Outbox(db)
         self.read = Queries(db)
         self.retention = Retention(db)
+        self.learned = Learned(db)
 
     @property
     def path(self) -> Path:
