@@ -10,6 +10,15 @@ faults and once with the fault mix. Orders arrive at random times over
 (`POST /v1/approvals` with both ids) at once, and the simulated seller releases
 it 1 to 1 + `--spread` s after the hold; `--free` more are never held and their
 intent is sent once the order waits for the marketplace's approval (intent → PUT).
+`--early` of the held orders get their intent 0.5 to 2 s *before* VTEX has the order
+(the connector knows both ids; VTEX's id is `MKP-{marketplace id}-01`): Get order
+answers 404 until the order exists (issue #16's first item).
+
+Issue #16's goal for the hook without faults (release → PUT p99 ≤ 2 × one VTEX call
++ 50 ms, 150 ms at 50 ms per call, over 100 orders including intents that precede
+their order):
+
+    .venv/bin/python benchmarks/latency.py --sources hook --faults none --latency 0.05 --early 20
 
 Per held order: release (the simulator's status change out of
 waiting-for-manual-authorization) → the first approval PUT reaching the
@@ -68,6 +77,12 @@ def mix_without_429() -> Faults:
 
 def no_faults() -> Faults:
     return Faults(short_batches=False)
+
+
+def with_latency(faults: Faults, seconds: float | None) -> Faults:
+    if seconds is not None:
+        faults.latency_s = (seconds, seconds)
+    return faults
 
 
 @dataclass
@@ -205,17 +220,40 @@ async def arrive(
 ) -> None:
     """Create the orders at their arrival times; a held order's intent goes at once."""
     rng = random.Random(run)
-    kinds = ["held"] * args.orders + ["free"] * args.free
+    kinds = ["early"] * args.early + ["held"] * (args.orders - args.early) + ["free"] * args.free
     arrivals = sorted((rng.uniform(0, args.arrival), kind, i) for i, kind in enumerate(kinds))
     t0 = time.monotonic()
+    early: list[asyncio.Task[None]] = []
     for at, kind, i in arrivals:
         await asyncio.sleep(max(0.0, t0 + at - time.monotonic()))
         if kind == "free":
             into.free.append(sim.create(f"F{run}-{i:05d}"))
             continue
-        order = sim.create(f"H{run}-{i:05d}", held=True, decide_after_s=1 + rng.uniform(0, args.spread))
+        decide_after_s = 1 + rng.uniform(0, args.spread)
+        if kind == "early":
+            early.append(asyncio.create_task(intent_first(sim, http, url, f"H{run}-{i:05d}", decide_after_s, into)))
+            continue
+        order = sim.create(f"H{run}-{i:05d}", held=True, decide_after_s=decide_after_s)
         into.held.append(order)
         into.sent[order.order_id] = await send_intent(http, url, order)
+    await asyncio.gather(*early)
+
+
+async def intent_first(
+    sim: Simulator, http: aiohttp.ClientSession, url: str, mkt: str, decide_after_s: float, into: Driven
+) -> None:
+    """The intent (both ids) 0.5 to 2 s before VTEX has the order, then the order, created held."""
+    order_id = f"MKP-{mkt}-01"  # the simulator's ids (sim/orders.py)
+    sent = datetime.now(UTC)
+    body = {"marketplaceOrderId": mkt, "orderId": order_id}
+    async with http.post(f"{url}/v1/approvals", json=body, headers={"Authorization": f"Bearer {API_TOKEN}"}) as resp:
+        if resp.status >= 300:
+            raise RuntimeError(f"intent refused: {resp.status} {await resp.text()}")
+    await asyncio.sleep(0.5 + 1.5 * random.Random(mkt).random())
+    order = sim.create(mkt, held=True, decide_after_s=decide_after_s)
+    assert order.order_id == order_id, order.order_id
+    into.held.append(order)
+    into.sent[order.order_id] = sent
 
 
 async def drive(args: argparse.Namespace, sim: Simulator, url: str, run: int) -> Driven:
@@ -286,7 +324,7 @@ def table(results: list[Result]) -> str:
 async def main(args: argparse.Namespace) -> None:
     logs.configure("error", "json")
     runs: list[tuple[str, Faults, str]] = [
-        (source, make(), label)
+        (source, with_latency(make(), args.latency), label)
         for source in args.sources
         for key, make, label in (
             ("none", no_faults, "no faults"),
@@ -309,6 +347,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--orders", type=int, default=100, help="held orders per run")
     p.add_argument("--free", type=int, default=20, help="orders never held, intent after release")
+    p.add_argument("--early", type=int, default=0, help="of the held orders, those whose intent precedes the order")
+    p.add_argument("--latency", type=float, help="seconds per VTEX call, also without faults (default: the mix's)")
     p.add_argument("--arrival", type=float, default=50.0, help="orders arrive over this many seconds (0: at once)")
     p.add_argument("--spread", type=float, default=10.0, help="a held order is released 1 to 1 + this s after its hold")
     p.add_argument("--timeout", type=float, default=30.0, help="a run gives up this long after the last intent")

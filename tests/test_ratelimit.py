@@ -157,6 +157,35 @@ def test_steps_are_a_share_of_the_rate_where_the_limit_showed() -> None:
     assert r.on_success(8.5) == pytest.approx(24.5 + 0.05 * 35)
 
 
+def test_far_above_a_limit_a_cut_goes_to_what_the_last_second_let_through() -> None:
+    """Calls at the rate against an account that admits 15 a second: the second cut (the first
+    comes before a second's evidence) lands at the 15 VTEX let through, not at 35 then 24.5 then
+    17; from then on no call is refused."""
+    r = AdaptiveRate(50.0)
+    rates, limited = [], []
+    for second in range(4):
+        calls, refused = r.slots, 0
+        for n in range(calls):
+            now = second + n / calls
+            if n < 15:
+                r.on_success(now)
+            else:
+                refused += 1
+                r.on_429(now)
+        rates.append(r.rate)
+        limited.append(refused)
+    assert rates[1] == pytest.approx(15.0, abs=1.0) and rates[-1] == rates[1]
+    assert limited[2:] == [0, 0]
+
+
+def test_a_cut_at_low_traffic_is_the_usual_step() -> None:
+    """429s in a row at a trickle (a second's calls far below the rate) show no level: 70 %."""
+    r = AdaptiveRate(50.0)
+    for t in (1.0, 1.1, 1.2):
+        r.on_429(t)
+    assert r.rate == pytest.approx(35.0)
+
+
 def test_a_cut_near_the_last_limit_is_gentle() -> None:
     """At 90 % or more of the rate where the last limit showed, 429s step the rate back by
     `near_decrease` (the limit is known), not by `decrease`."""

@@ -8,7 +8,10 @@ the rate low for nothing. A limit shows as a share of 429s among the recent
 answers well above such noise (more than `limit_share` of the last `window`), or
 as `consecutive` 429s in a row (a burst over a limit). Near the rate where the last
 limit showed (from 90 % of it) a cut is gentler (×`near_decrease`): the limit is
-known, and the rate only needs to step back under it.
+known, and the rate only needs to step back under it. Far above a limit, the last
+second shows where it is: when the calls of that second used most of the rate, the
+cut goes straight down to the calls VTEX let through in it (an account that admits
+15/s, met at 50/s, is found in one cut, not four, each costing a second of 429s).
 
 The rate goes back up only on evidence: each `quiet_s` without a cut, while the
 recent answers show no limit *and the calls of that period used most of the rate*
@@ -39,6 +42,7 @@ MARGIN = 0.05  # the sender's one-second windows are this much longer (1.05 s): 
 
 
 NEAR = 0.9  # from this share of the rate where the last limit showed, the rate is near that limit
+LEVEL_SHARE = 0.75  # a second whose calls used this share of the rate shows the limit's level
 
 
 class AdaptiveRate:
@@ -84,6 +88,7 @@ class AdaptiveRate:
         self._recent: deque[bool] = deque(maxlen=window)  # True: a 429
         self._run = 0  # 429s in a row
         self._answers: deque[float] = deque()  # when the answers of the longest quiet period came
+        self._last_second: deque[tuple[float, bool]] = deque()  # (when, a 429) of the last second's answers
         self._last_change = now
         self._last_cut: float | None = None
 
@@ -100,25 +105,38 @@ class AdaptiveRate:
     def _near(self) -> bool:
         return self.rate >= NEAR * self._cut_from
 
-    def _answered(self, now: float) -> None:
+    def _answered(self, now: float, limited: bool) -> None:
         answers = self._answers
         answers.append(now)
         horizon = now - self.quiet_s * self.near_factor
         while answers[0] < horizon:
             answers.popleft()
+        second = self._last_second
+        second.append((now, limited))
+        while second[0][0] <= now - 1.0:
+            second.popleft()
+
+    def _admitted_last_second(self) -> float | None:
+        """The calls VTEX let through in the last second, when that second's calls used most
+        of the rate (else they show demand, not a limit)."""
+        if len(self._last_second) < LEVEL_SHARE * self.rate:
+            return None
+        return float(sum(1 for _, limited in self._last_second if not limited))
 
     def on_429(self, now: float) -> float:
         """VTEX refused a call: cut the rate if the recent answers show a limit. 429s
         within `cooldown_s` of a cut answer calls sent before it: not new evidence."""
+        self._answered(now, True)
         if self._last_cut is not None and now - self._last_cut < self.cooldown_s:
             return self.rate
-        self._answered(now)
         self._recent.append(True)
         self._run += 1
         if self._run >= self.consecutive or self.limited_recently > self._cut_above:
-            factor = self.near_decrease if self._near() else self.decrease
+            target = self.rate * (self.near_decrease if self._near() else self.decrease)
+            if (admitted := self._admitted_last_second()) is not None:
+                target = min(target, admitted)
             self._cut_from = self.rate
-            self.rate = max(self.floor, self.rate * factor)
+            self.rate = max(self.floor, target)
             self._last_cut = self._last_change = now
             self._recent.clear()  # the next cut needs evidence gathered at the new rate
             self._run = 0
@@ -128,7 +146,7 @@ class AdaptiveRate:
         """A call went through: after `quiet_s` without a cut (or a raise), raise one step,
         if the calls of that period used the rate and the recent answers do not lean
         towards a limit (half the cut's share)."""
-        self._answered(now)
+        self._answered(now, False)
         self._recent.append(False)
         self._run = 0
         if self.rate >= self.ceiling:
@@ -155,6 +173,7 @@ class AdaptiveRate:
         self._last_change = now
         self._recent.clear()
         self._answers.clear()
+        self._last_second.clear()
         self._run = 0
 
     @property
