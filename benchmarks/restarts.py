@@ -74,7 +74,7 @@ def issue16() -> Faults:
 FAULTS = {"mix": fault_mix, "none": no_faults, "issue16": issue16}
 
 
-def omsd_env(sim: Simulator, db: Path, port: int, source: str) -> dict[str, str]:
+def omsd_env(sim: Simulator, db: Path, port: int, source: str, extra: list[str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OMSD_")}
     env.update(
         {
@@ -94,6 +94,9 @@ def omsd_env(sim: Simulator, db: Path, port: int, source: str) -> dict[str, str]
     )
     if source != "feed":
         env["OMSD_HOOK_SECRET"] = "bench-hook-secret-0123456789"  # noqa: S105
+    for setting in extra or []:
+        name, _, value = setting.partition("=")
+        env[name] = value
     return env
 
 
@@ -284,7 +287,8 @@ async def one_run(args: argparse.Namespace, restarts_wanted: int, name: str) -> 
     port = free_port()
     run_args = argparse.Namespace(**{**vars(args), "restarts": restarts_wanted})
     with tempfile.TemporaryDirectory() as tmp:
-        omsd = Omsd(omsd_env(sim, Path(tmp) / "omsd.db", port, args.source), port, Path(tmp) / "omsd.log")
+        env = omsd_env(sim, Path(tmp) / "omsd.db", port, args.source, args.setting)
+        omsd = Omsd(env, port, Path(tmp) / "omsd.log")
         await omsd.start()
         while (sim.feed_config if args.source != "hook" else sim.hook_config) is None:  # noqa: ASYNC110 - sim state
             await asyncio.sleep(0.05)  # omsd creates its configuration at start-up
@@ -328,6 +332,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--account-limit", type=float, default=0.0, help="requests/s the whole account admits (0: none)")
     p.add_argument("--kill-only", action="store_true", help="every restart a SIGKILL")
     p.add_argument("--baseline", action="store_true", help="first the same run without restarts")
+    p.add_argument("--setting", action="append", default=[], help="OMSD_NAME=VALUE for omsd (repeatable)")
     return p.parse_args(argv)
 
 

@@ -374,3 +374,29 @@ async def test_default_concurrency_lets_an_approval_pass_get_orders_waiting_for_
         blocked.set()
         stop.set()
         await asyncio.wait_for(task, timeout=10)
+
+
+async def test_get_orders_waiting_out_a_pause_never_take_every_slot(store: Store) -> None:
+    """More Get orders than slots, all waiting (their route paused by a 429): an approval queued
+    behind them is still claimed and sent; a quarter of the slots stays for the other kind."""
+    fake = FakeVtex()
+    blocked = asyncio.Event()
+    fake.orders = {f"O{i}": snapshot() for i in range(10)}
+    fake.approvals[MKT] = answer("SOI003")
+    original = fake.get_order
+
+    async def waiting_get_order(order_id: str, *, priority: Priority = Priority.BACKGROUND) -> OrderSnapshot:
+        await blocked.wait()
+        return await original(order_id, priority=priority)
+
+    fake.get_order = waiting_get_order  # type: ignore[method-assign]
+    await queue(store, *(fetch(f"O{i}") for i in range(10)), send())
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner(store, fake, concurrency=4).run(stop, poll_s=0.05))
+    try:
+        await until(lambda: ("approve", MKT) in fake.calls, what="the approval sent while Get orders wait")
+        assert sum(1 for state in outbox(store).values() if state == "started") == 3  # 3 Get orders of the 4 slots
+    finally:
+        blocked.set()
+        stop.set()
+        await asyncio.wait_for(task, timeout=10)

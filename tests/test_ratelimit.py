@@ -203,11 +203,26 @@ def test_a_restart_starts_from_what_was_learned() -> None:
     step needs a whole quiet period from the restart."""
     r = AdaptiveRate(50.0, used_share=0.0)
     r.restore(14.0, 17.0, now=100.0)
-    assert r.learned() == (14.0, 17.0) and r.slots == 14
+    assert r.learned() == (14.0, 17.0, "") and r.slots == 14
     assert r.on_success(104.0) == 14.0
     assert r.on_success(105.0) == pytest.approx(14.0 + 0.05 * 17.0)
     r.restore(500.0, None, now=0.0)
-    assert r.learned() == (50.0, None)
+    assert r.learned() == (50.0, None, "")
+
+
+def test_a_restart_keeps_the_429s_adding_up_to_a_cut() -> None:
+    """Seven 429s among the recent answers survive a restart: the eighth cuts (more than 7 % of
+    the last 100), as it would have without the restart."""
+    r = AdaptiveRate(10.0, quiet_s=1000.0)
+    for n in range(7):
+        r.on_success(n)
+        r.on_429(n + 0.5)
+    rate, cut_from, recent = r.learned()
+    assert recent.count("1") == 7
+    again = AdaptiveRate(10.0, quiet_s=1000.0)
+    again.restore(rate, cut_from, now=0.0, recent=recent)
+    again.on_success(1.0)
+    assert again.on_429(2.0) == pytest.approx(7.0)
 
 
 def test_recovery_waits_while_429s_lean_towards_a_limit() -> None:

@@ -61,6 +61,11 @@ class EffectRunner:
         self._vtex = vtex
         self._slots = asyncio.Semaphore(concurrency)
         self._concurrency = concurrency
+        # Neither kind may take every slot: calls waiting out a Retry-After pause of their
+        # route (Get order, say) would keep the other kind's calls (approvals) from being
+        # claimed while their route is free. A quarter of the slots stays for the other.
+        self._per_kind = max(1, concurrency - concurrency // 4)
+        self._running: dict[str, int] = {"fetch_order": 0, "send_approval": 0}
         self.on_result = on_result
         self._clock = clock
         self._metrics = metrics or Metrics()
@@ -93,21 +98,28 @@ class EffectRunner:
         `started` and is recovered at the next start.
         """
         running: set[asyncio.Task[None]] = set()
+        per_kind = self._running
 
-        def finished(task: asyncio.Task[None]) -> None:
-            running.discard(task)
-            self.wake.set()  # a free slot
+        def finished(kind: str) -> Callable[[asyncio.Task[None]], None]:
+            def done(task: asyncio.Task[None]) -> None:
+                running.discard(task)
+                per_kind[kind] -= 1
+                self.wake.set()  # a free slot
+
+            return done
 
         async with asyncio.TaskGroup() as calls:
             while not stop.is_set():
                 self.progress()
                 self.wake.clear()
                 free = self._concurrency - len(running)
-                rows = await self._store.outbox.claim(free, now=self._clock()) if free > 0 else []
+                kinds = {k: self._per_kind - n for k, n in per_kind.items()}
+                rows = await self._store.outbox.claim(free, now=self._clock(), kinds=kinds) if free > 0 else []
                 for row in rows:
                     task = calls.create_task(self._perform(row), name=f"effect-{row.id}")
                     running.add(task)
-                    task.add_done_callback(finished)
+                    per_kind[row.effect.kind] += 1
+                    task.add_done_callback(finished(row.effect.kind))
                 if rows and len(running) < self._concurrency:
                     continue
                 # Woken by the processor (new effects) or by a finished call (a free slot).

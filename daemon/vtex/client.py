@@ -95,6 +95,7 @@ class Learned:
     rate: float  # requests per second it holds itself to
     limit_rate: float | None  # the rate at which the last limit showed (None: none yet)
     pauses_s: dict[str, float] = field(default_factory=dict)  # scope -> seconds left of its Retry-After
+    recent: str = ""  # the recent answers counted as evidence of a limit: 1 a 429, 0 not
 
 
 @dataclass(slots=True)
@@ -149,16 +150,16 @@ class VtexClient:
         self.on_learned: Callable[[], None] = lambda: None  # told when the rate or a pause changes
 
     def learned(self) -> Learned:
-        rate, limit_rate = self._rate.learned()
+        rate, limit_rate, recent = self._rate.learned()
         now = self._clock()
         pauses = {scope: until - now for scope, until in self._paused_until.items() if until > now}
-        return Learned(rate, limit_rate, pauses)
+        return Learned(rate, limit_rate, pauses, recent)
 
     def restore(self, learned: Learned) -> None:
         """Start from what an earlier run learned (the rate only when it adapts)."""
         now = self._clock()
         if self._adapt:
-            self._rate.restore(learned.rate, learned.limit_rate, now)
+            self._rate.restore(learned.rate, learned.limit_rate, now, learned.recent)
             self._spread(self._rate.slots)
             self._metrics.rate_effective.set(self._rate.rate)
         for scope, left in learned.pauses_s.items():
@@ -295,6 +296,7 @@ class VtexClient:
         if rate != before:
             self._spread(self._rate.slots)
             self._metrics.rate_effective.set(rate)
+        if rate != before or limited:
             self.on_learned()
 
     @staticmethod

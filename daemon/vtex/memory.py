@@ -1,6 +1,7 @@
-"""What omsd learned of VTEX, kept across restarts: the VTEX client's adapted rate (and the
-rate where the last limit showed), the Retry-After windows still open, and when VTEX last
-confirmed the feed and hook configurations.
+"""What omsd learned of VTEX, kept across restarts: the VTEX client's adapted rate (the rate
+where the last limit showed, and the recent answers that count as evidence of one), the
+Retry-After windows still open, and when VTEX last confirmed the feed and hook
+configurations.
 
 Without it every start began at `OMSD_RATE_LIMIT_PER_S` again: on an account whose limit is
 lower, each restart bought a burst of 429s and their pauses, and a restart that came while
@@ -70,6 +71,7 @@ class VtexMemory:
             "rate": learned.rate,
             "limit_rate": learned.limit_rate,
             "pauses": {scope: iso(now + timedelta(seconds=left)) for scope, left in learned.pauses_s.items()},
+            "recent": learned.recent,
         }
         checked = {kind: iso(at) for kind, at in self._setup.checked().items()}
         await self._store.learned.put({RATE: json.dumps(rate), CONFIGURATION: json.dumps(checked)}, now=now)
@@ -128,4 +130,5 @@ def _learned(record: dict[str, Any], now: datetime) -> Learned | None:
     for scope, until in raw.items() if isinstance(raw, dict) else ():
         if isinstance(scope, str) and isinstance(until, str) and (end := _time(until)) is not None and end > now:
             pauses[scope] = (end - now).total_seconds()
-    return Learned(rate, _positive(record.get("limit_rate")), pauses)
+    recent = record.get("recent")
+    return Learned(rate, _positive(record.get("limit_rate")), pauses, recent if isinstance(recent, str) else "")

@@ -161,17 +161,21 @@ class AdaptiveRate:
             self._last_change = now
         return self.rate
 
-    def learned(self) -> tuple[float, float | None]:
-        """What a restart should start from: the rate, and the rate where the last limit showed."""
-        return self.rate, None if math.isinf(self._cut_from) else self._cut_from
+    def learned(self) -> tuple[float, float | None, str]:
+        """What a restart should start from: the rate, the rate where the last limit showed, and
+        the recent answers counted as evidence (`1` a 429, `0` not, oldest first)."""
+        recent = "".join("1" if limited else "0" for limited in self._recent)
+        return self.rate, None if math.isinf(self._cut_from) else self._cut_from, recent
 
-    def restore(self, rate: float, cut_from: float | None, now: float) -> None:
-        """Start from what an earlier run learned. The quiet period starts now: the time the
-        process was down is no evidence."""
+    def restore(self, rate: float, cut_from: float | None, now: float, recent: str = "") -> None:
+        """Start from what an earlier run learned, the recent answers included (restarts a few
+        seconds apart would otherwise each forget the 429s that were adding up to a cut). The
+        quiet period starts now: the time the process was down is no evidence."""
         self.rate = min(self.ceiling, max(self.floor, rate))
         self._cut_from = math.inf if cut_from is None else min(cut_from, self.ceiling)
         self._last_change = now
         self._recent.clear()
+        self._recent.extend(c == "1" for c in recent if c in "01")
         self._answers.clear()
         self._last_second.clear()
         self._run = 0

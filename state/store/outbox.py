@@ -26,13 +26,19 @@ class Outbox:
         self._db = db
 
     # ---- effects ----------------------------------------------------------------------
-    async def claim(self, limit: int, *, now: datetime) -> list[OutboxRow]:
-        """Mark up to `limit` pending effects as started (at `now`) and return them."""
+    async def claim(self, limit: int, *, now: datetime, kinds: Mapping[str, int] | None = None) -> list[OutboxRow]:
+        """Mark up to `limit` pending effects as started (at `now`) and return them, oldest
+        first; with `kinds`, at most that many of each kind named (the others not at all)."""
         async with self._db.tx() as conn:
-            async with conn.execute(
-                "SELECT * FROM outbox WHERE state = 'pending' ORDER BY id LIMIT ?", (limit,)
-            ) as cur:
-                rows = list(await cur.fetchall())
+            rows: list[sqlite3.Row] = []
+            for kind, most in (kinds or {"": limit}).items():
+                if (most := min(most, limit - len(rows))) <= 0:
+                    continue
+                where = "state = 'pending'" + (" AND kind = ?" if kind else "")
+                params = (kind, most) if kind else (most,)
+                async with conn.execute(f"SELECT * FROM outbox WHERE {where} ORDER BY id LIMIT ?", params) as cur:  # noqa: S608
+                    rows += list(await cur.fetchall())
+            rows.sort(key=lambda r: int(r["id"]))
             await conn.executemany(
                 "UPDATE outbox SET state = 'started', started_at = ? WHERE id = ?", [(iso(now), r["id"]) for r in rows]
             )
