@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from omsd.daemon.cli import main
 from omsd.daemon.ops.metrics import Metrics
 from omsd.daemon.pipeline.effects import FETCH_PRIORITY
-from omsd.daemon.pipeline.linking import ParkedIntents
+from omsd.daemon.pipeline.linking import LOOKUP_GRACE_S, ParkedIntents
 from omsd.daemon.pipeline.processor import Processor
 from omsd.daemon.vtex.budget import Priority
 from omsd.state.events import (
@@ -165,8 +165,11 @@ async def test_replay_rebuilds_the_same_state(tmp_path: Path) -> None:
         assert await store.outbox.counts() == {"done": 1, "superseded": 1}
 
 
+LATER = NOW + timedelta(seconds=LOOKUP_GRACE_S)  # the intents parked at NOW have had their grace
+
+
 def parked_job(store: Store, metrics: Metrics | None = None, **kw: object) -> ParkedIntents:
-    options: dict[str, object] = {"ttl_s": 3600.0, "lookups_per_run": 5, "clock": lambda: NOW}
+    options: dict[str, object] = {"ttl_s": 3600.0, "lookups_per_run": 5, "clock": lambda: LATER}
     options.update(kw)
     return ParkedIntents(store, metrics or Metrics(), lambda: None, **options)  # type: ignore[arg-type]
 
@@ -224,6 +227,19 @@ async def test_a_derived_order_is_looked_up_at_once_at_the_approvals_priority(tm
             assert await store.read.pending_intents() == []
             [put] = await store.outbox.claim(10, now=NOW)
             assert put.effect.kind == "send_approval"
+
+
+async def test_no_job_lookup_for_an_intent_parked_moments_ago(tmp_path: Path) -> None:
+    """Within its grace a parked intent gets no background lookup: the order whose id derives from
+    it is being looked up at once, and guesses among the other unlinked orders would be wasted."""
+    async with await Store.open(tmp_path / "db") as store:
+        processor = Processor(store, Policy())
+        await store.journal.append([entry(IntentReceived(marketplace_order_id=MKT, source="api"))], now=NOW)
+        await store.journal.append([status_entry(HELD, 1, order_id=ODD)], now=NOW)
+        await processor.drain()
+        early = NOW + timedelta(seconds=LOOKUP_GRACE_S - 1)
+        assert await parked_job(store, clock=lambda: early).run_once() == 0
+        assert await parked_job(store).run_once() == 1
 
 
 async def test_no_lookup_without_a_parked_intent(tmp_path: Path) -> None:

@@ -239,6 +239,13 @@ class Queries:
         rows.sort(key=lambda r: (derived_marketplace_id(r["order_id"]) not in parked, r["status"] != HELD.value))
         return [(r["order_id"], int(r["seq"])) for r in rows[:limit]]
 
+    async def oldest_parked_at(self) -> datetime | None:
+        """When the journal row of the oldest parked intent was received (None: none parked)."""
+        rows = await self._db.rows(
+            'SELECT MIN(j.received_at) AS at FROM pending_intents p JOIN journal j ON j."offset" = p.journal_offset'
+        )
+        return from_iso(rows[0]["at"]) if rows and rows[0]["at"] else None
+
     async def parked_before(self, cutoff: datetime) -> list[tuple[str, int]]:
         """Parked intents whose journal entry was received before `cutoff`, as
         (marketplace_order_id, journal_offset): the journal's time, so a replay agrees."""
