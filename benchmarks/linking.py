@@ -42,7 +42,7 @@ from pathlib import Path
 
 import aiohttp
 from latency import free_port, pct  # beside this script
-from restarts import API_TOKEN, Omsd, omsd_env
+from restarts import Omsd, omsd_env, post_intent
 
 from omsd.sim.faults import Faults
 from omsd.sim.orders import SimOrder
@@ -66,21 +66,6 @@ class Books:
     intent_at: dict[str, datetime] = field(default_factory=dict)  # order id -> intent sent
     by_mkt: set[str] = field(default_factory=set)  # order ids whose intent named only the marketplace id
     samples: list[tuple[float, float, float]] = field(default_factory=list)  # (wall, RSS MB, CPU seconds)
-
-
-async def post_intent(http: aiohttp.ClientSession, port: int, order: SimOrder, by_mkt: bool) -> None:
-    body = {"marketplaceOrderId": order.marketplace_order_id}
-    if not by_mkt:
-        body["orderId"] = order.order_id
-    headers = {"Authorization": f"Bearer {API_TOKEN}"}
-    while True:
-        try:
-            async with http.post(f"http://127.0.0.1:{port}/v1/approvals", json=body, headers=headers) as resp:
-                if resp.status < 300:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.2)
 
 
 async def drive(sim: Simulator, args: argparse.Namespace, port: int, books: Books, by_mkt_share: float) -> None:
@@ -111,7 +96,7 @@ async def drive(sim: Simulator, args: argparse.Namespace, port: int, books: Book
                     if by_mkt:
                         books.by_mkt.add(order.order_id)
                     books.intent_at[order.order_id] = datetime.now(UTC)
-                    intents.append(asyncio.create_task(post_intent(http, port, order, by_mkt)))
+                    intents.append(asyncio.create_task(post_intent(http, port, order, by_mkt=by_mkt)))
             await asyncio.sleep(0.02)
         await asyncio.gather(*intents)
 

@@ -147,11 +147,17 @@ class Orders:
     intent_at: dict[str, float]  # order id -> when its intent was first sent (monotonic)
 
 
-async def post_intent(http: aiohttp.ClientSession, port: int, order: SimOrder, into: Orders) -> None:
-    """Send the intent, retrying while omsd is down (a connector would)."""
-    body = {"marketplaceOrderId": order.marketplace_order_id, "orderId": order.order_id}
+async def post_intent(
+    http: aiohttp.ClientSession, port: int, order: SimOrder, into: Orders | None = None, *, by_mkt: bool = False
+) -> None:
+    """Send the intent (both ids, or only the marketplace's), retrying while omsd is down (a
+    connector would)."""
+    body = {"marketplaceOrderId": order.marketplace_order_id}
+    if not by_mkt:
+        body["orderId"] = order.order_id
     headers = {"Authorization": f"Bearer {API_TOKEN}"}
-    into.intent_at.setdefault(order.order_id, time.monotonic())
+    if into is not None:
+        into.intent_at.setdefault(order.order_id, time.monotonic())
     while True:
         try:
             async with http.post(f"http://127.0.0.1:{port}/v1/approvals", json=body, headers=headers) as resp:
