@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from omsd.state.apply import View, apply, needs, read
 from omsd.state.batch import Batch, JournalRow
@@ -13,11 +16,14 @@ from omsd.state.events import (
     AnyEntry,
     IntentExpired,
     IntentReceived,
+    IntentRecorded,
     NotificationReceived,
+    StatusChanged,
     current_version,
 )
 from omsd.state.models import FetchOrder, Inflight, Order, Policy
-from tests.machine_helpers import FREE, HELD, MKT, OID, T0, fetched, intent, order, status
+from omsd.state.routing import derived_marketplace_id
+from tests.machine_helpers import FREE, HELD, MKT, OID, T0, at, fetched, intent, order, status
 
 POLICY = Policy()
 
@@ -202,3 +208,73 @@ def test_the_same_rows_over_the_same_view_give_the_same_batch() -> None:
     """Pure: applying twice gives equal batches (a crash before the commit changes nothing)."""
     entries: list[Any] = [api_intent(), status(HELD, t=1), fetched(HELD, seq=0, t=2), status(FREE, t=3)]
     assert run(*entries) == run(*entries)
+
+
+# ---- applying in batches over the store's views is applying all at once ------------------------
+
+LINKED_IDS = {"MKP-1-01": "1", "MKP-2-01": "2", "SLR-77-09": "3"}  # the last id does not derive from its marketplace id
+STATES = ["order-created", "order-accepted", HELD, FREE]
+
+
+@st.composite
+def linking_journal(draw: st.DrawFn) -> list[AnyEntry]:
+    """Intents by marketplace id (or both ids), status events and Get order answers, in any order."""
+    out: list[AnyEntry] = []
+    for n in range(draw(st.integers(1, 25))):
+        oid = draw(st.sampled_from(sorted(LINKED_IDS)))
+        match draw(st.sampled_from(["intent", "both", "status", "fetched"])):
+            case "intent":
+                out.append(IntentReceived(marketplace_order_id=LINKED_IDS[oid], source="api"))
+            case "both":
+                out.append(IntentRecorded(order_id=oid, marketplace_order_id=LINKED_IDS[oid], source="api"))
+            case "status":
+                out.append(
+                    StatusChanged(
+                        order_id=oid, source="feed", state=draw(st.sampled_from(STATES)), current_change=at(n)
+                    )
+                )
+            case _:
+                state = draw(st.sampled_from(STATES))
+                out.append(
+                    fetched(state, seq=draw(st.integers(1, 4)), t=n, mkt=LINKED_IDS[oid]).model_copy(
+                        update={"order_id": oid}
+                    )
+                )
+    return out
+
+
+def store_view(orders: dict[str, Order], parked: dict[str, tuple[str, int]], ids: set[str], mkts: set[str]) -> View:
+    """What `Queries.view` would read from these rows."""
+    linked = {o.marketplace_order_id: o for o in orders.values() if o.marketplace_order_id in mkts}
+    derived: dict[str, Order] = {}
+    for o in sorted(orders.values(), key=lambda o: o.order_id, reverse=True):  # the smallest id wins
+        if o.marketplace_order_id is None and (d := derived_marketplace_id(o.order_id)) in mkts:
+            derived[d] = o
+    return View(
+        orders={k: o for k, o in orders.items() if k in ids},
+        by_marketplace_id=linked,
+        parked={m: p for m, p in parked.items() if m in mkts},
+        derived=derived,
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(journal=linking_journal(), cuts=st.sets(st.integers(1, 24)))
+def test_batches_over_the_stores_views_give_what_one_pass_gives(journal: list[AnyEntry], cuts: set[int]) -> None:
+    """The processor applies the journal in batches, each over what the store holds (the derived
+    look-up included); a replay applies it in one pass from nothing: the orders and the parked
+    intents come out the same."""
+    entries = [(r, read(r)) for r in rows(*journal)]
+    one_pass = apply(entries, View(), POLICY)
+    orders: dict[str, Order] = {}
+    parked: dict[str, tuple[str, int]] = {}
+    bounds = [0, *sorted(c for c in cuts if c < len(entries)), len(entries)]
+    for lo, hi in itertools.pairwise(bounds):
+        chunk = entries[lo:hi]
+        batch = apply(chunk, store_view(orders, parked, *needs(chunk)), POLICY)
+        orders.update(batch.orders)
+        for mkt in batch.remove_pending:
+            parked.pop(mkt, None)
+        parked.update(batch.add_pending)
+    assert orders == one_pass.orders
+    assert parked == one_pass.add_pending  # from nothing, what is parked at the end
