@@ -20,6 +20,12 @@ their order):
 
     .venv/bin/python benchmarks/latency.py --sources hook --faults none --latency 0.05 --early 20
 
+and for its sixth (VTEX drops the feed and hook configurations 10 s into a hook+feed run of
+80 orders with the standard faults; goal: the hook recreated within 10 s of the first
+change it missed):
+
+    .venv/bin/python benchmarks/latency.py --sources both --faults mix --orders 80 --free 0 --drop-at 10
+
 Per held order: release (the simulator's status change out of
 waiting-for-manual-authorization) → the first approval PUT reaching the
 simulator's handler (after its added latency; a PUT refused with 429 never
@@ -121,7 +127,7 @@ def settings_for(sim: Simulator, db: Path, source: str, args: argparse.Namespace
         listen=f"127.0.0.1:{port}",
         api_token=API_TOKEN,
         source=source,
-        hook_secret="bench-hook-secret-0123456789" if source == "hook" else None,
+        hook_secret="bench-hook-secret-0123456789" if source in ("hook", "both") else None,
         log_level="error",
         rate_adapt=args.rate_adapt,
         **budget,
@@ -281,6 +287,7 @@ async def one_run(args: argparse.Namespace, source: str, faults: Faults, label: 
     with tempfile.TemporaryDirectory() as tmp, latency_trace.tracing(trace, enabled=args.trace):
         daemon, stop, task = await start_daemon(settings_for(sim, Path(tmp) / "omsd.db", source, args))
         t0 = time.monotonic()
+        dropped = asyncio.create_task(drop_configurations(sim, args.drop_at)) if args.drop_at is not None else None
         try:
             driven = await drive(args, sim, daemon.url, run)
         finally:
@@ -289,12 +296,54 @@ async def one_run(args: argparse.Namespace, source: str, faults: Faults, label: 
             await sim.stop()
     result = measure(f"{source}, {label}", sim, driven.held, driven.free, driven.sent)
     result.seconds = time.monotonic() - t0
+    if dropped is not None:
+        print(f"{source}, {label}: {dropped_report(await dropped, driven.held + driven.free)}", flush=True)
     if args.trace:
         print(
             f"\n{source}, {label}: where the time goes\n{latency_trace.for_run(trace, driven.held, release_time)}\n",
             flush=True,
         )
     return result
+
+
+@dataclass
+class Dropped:
+    at: datetime
+    feed_back: datetime | None = None
+    hook_back: datetime | None = None
+
+
+async def drop_configurations(sim: Simulator, after_s: float) -> Dropped:
+    """VTEX deletes the feed and hook configurations `after_s` into the run (issue #16's sixth
+    item): note when omsd has recreated each (within 120 s)."""
+    await asyncio.sleep(after_s)
+    dropped = Dropped(datetime.now(UTC))
+    sim.feed_config = None
+    sim.hook_config = None
+    for _ in range(1200):
+        now = datetime.now(UTC)
+        if dropped.feed_back is None and sim.feed_config is not None:
+            dropped.feed_back = now
+        if dropped.hook_back is None and sim.hook_config is not None:
+            dropped.hook_back = now
+        if dropped.feed_back and dropped.hook_back:
+            break
+        await asyncio.sleep(0.1)
+    return dropped
+
+
+def dropped_report(dropped: Dropped, orders: list[SimOrder]) -> str:
+    """When each configuration came back, from the drop and from the first change the hook missed."""
+    changes = [parse_vtex(at) for o in orders for _, at in o.history if parse_vtex(at) > dropped.at]
+    first = min(changes, default=None)
+
+    def back(at: datetime | None) -> str:
+        if at is None:
+            return "not recreated"
+        since_miss = f", {(at - first).total_seconds():.2f} s after the first change it missed" if first else ""
+        return f"{(at - dropped.at).total_seconds():.2f} s after the drop{since_miss}"
+
+    return f"configurations dropped: feed back {back(dropped.feed_back)}; hook back {back(dropped.hook_back)}"
 
 
 def pct(values: list[float], q: float) -> str:
@@ -356,7 +405,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rate-adapt", action=argparse.BooleanOptionalAction, default=True, help="OMSD_RATE_ADAPT")
     p.add_argument("--rate", type=float, help="OMSD_RATE_LIMIT_PER_S (default: the Settings' default)")
     p.add_argument("--trace", action="store_true", help="time each step of each held order (latency_trace.py)")
-    p.add_argument("--sources", nargs="+", default=["hook", "feed"], choices=["hook", "feed"])
+    p.add_argument("--sources", nargs="+", default=["hook", "feed"], choices=["hook", "feed", "both"])
+    p.add_argument("--drop-at", type=float, help="VTEX deletes both configurations this many seconds into each run")
     return p.parse_args(argv)
 
 
