@@ -31,6 +31,7 @@ from tests.http_mock import aioresponses
 
 BASE = "https://shop.vtexcommercestable.com.br"
 SETTINGS = make_settings(source="both", hook_secret=HOOK_SECRET)
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 class ConfigVtex:
@@ -205,3 +206,18 @@ async def test_the_learned_rate_and_an_open_retry_after_survive_a_restart(tmp_pa
             m.get(f"{BASE}/api/oms/pvt/orders/Y", payload={"orderId": "Y"})
             await second.get_order("Y")
         assert later.calls and 25 < later.calls[0] <= 30  # the rest of the window, then the call
+
+
+async def test_an_unreadable_memory_is_ignored(tmp_path: Path) -> None:
+    """A record that does not read (hand-edited, truncated) costs only re-learning: the client
+    starts at the configured rate and the configurations are read."""
+    settings = make_settings(rate_limit_per_s=50)
+    async with await Store.open(tmp_path / "db") as store, aiohttp.ClientSession() as session:
+        await store.learned.put({"rate": '{"rate": "fast", "pauses": 3}', "configuration": "[not an object"}, now=NOW)
+        client = VtexClient(settings, session)
+        vtex = ConfigVtex()
+        setup, _ = setup_for(vtex)
+        await VtexMemory(store, client, setup).restore()
+        assert client.learned().rate == 50.0
+        assert await setup.confirm_until(asyncio.Event())
+        assert vtex.reads == ["feed", "hook"]
