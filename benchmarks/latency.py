@@ -15,6 +15,22 @@ With `--durability local replicated` each run is made twice on the same seed, th
 second with Litestream and a file:// replica (OMSD_DURABILITY=replicated: the 202 and
 the PUT wait for the replica).
 
+`--early` of the held orders get their intent 0.5 to 2 s *before* VTEX has the order
+(the connector knows both ids; VTEX's id is `MKP-{marketplace id}-01`): Get order
+answers 404 until the order exists (issue #16's first item).
+
+Issue #16's goal for the hook without faults (release → PUT p99 ≤ 2 × one VTEX call
++ 50 ms, 150 ms at 50 ms per call, over 100 orders including intents that precede
+their order):
+
+    .venv/bin/python benchmarks/latency.py --sources hook --faults none --latency 0.05 --early 20
+
+and for its sixth (VTEX drops the feed and hook configurations 10 s into a hook+feed run of
+80 orders with the standard faults; goal: the hook recreated within 10 s of the first
+change it missed):
+
+    .venv/bin/python benchmarks/latency.py --sources both --faults mix --orders 80 --free 0 --drop-at 10
+
 Per held order: release (the simulator's status change out of
 waiting-for-manual-authorization) → the first approval PUT reaching the
 simulator's handler (after its added latency; a PUT refused with 429 never
@@ -75,6 +91,12 @@ def no_faults() -> Faults:
     return Faults(short_batches=False)
 
 
+def with_latency(faults: Faults, seconds: float | None) -> Faults:
+    if seconds is not None:
+        faults.latency_s = (seconds, seconds)
+    return faults
+
+
 @dataclass
 class Result:
     name: str
@@ -109,7 +131,7 @@ def settings_for(
         listen=f"127.0.0.1:{port}",
         api_token=API_TOKEN,
         source=source,
-        hook_secret="bench-hook-secret-0123456789" if source == "hook" else None,
+        hook_secret="bench-hook-secret-0123456789" if source in ("hook", "both") else None,
         log_level="error",
         rate_adapt=args.rate_adapt,
         **budget,
@@ -208,17 +230,40 @@ async def arrive(
 ) -> None:
     """Create the orders at their arrival times; a held order's intent goes at once."""
     rng = random.Random(run)
-    kinds = ["held"] * args.orders + ["free"] * args.free
+    kinds = ["early"] * args.early + ["held"] * (args.orders - args.early) + ["free"] * args.free
     arrivals = sorted((rng.uniform(0, args.arrival), kind, i) for i, kind in enumerate(kinds))
     t0 = time.monotonic()
+    early: list[asyncio.Task[None]] = []
     for at, kind, i in arrivals:
         await asyncio.sleep(max(0.0, t0 + at - time.monotonic()))
         if kind == "free":
             into.free.append(sim.create(f"F{run}-{i:05d}"))
             continue
-        order = sim.create(f"H{run}-{i:05d}", held=True, decide_after_s=1 + rng.uniform(0, args.spread))
+        decide_after_s = 1 + rng.uniform(0, args.spread)
+        if kind == "early":
+            early.append(asyncio.create_task(intent_first(sim, http, url, f"H{run}-{i:05d}", decide_after_s, into)))
+            continue
+        order = sim.create(f"H{run}-{i:05d}", held=True, decide_after_s=decide_after_s)
         into.held.append(order)
         into.sent[order.order_id] = await send_intent(http, url, order)
+    await asyncio.gather(*early)
+
+
+async def intent_first(
+    sim: Simulator, http: aiohttp.ClientSession, url: str, mkt: str, decide_after_s: float, into: Driven
+) -> None:
+    """The intent (both ids) 0.5 to 2 s before VTEX has the order, then the order, created held."""
+    order_id = f"MKP-{mkt}-01"  # the simulator's ids (sim/orders.py)
+    sent = datetime.now(UTC)
+    body = {"marketplaceOrderId": mkt, "orderId": order_id}
+    async with http.post(f"{url}/v1/approvals", json=body, headers={"Authorization": f"Bearer {API_TOKEN}"}) as resp:
+        if resp.status >= 300:
+            raise RuntimeError(f"intent refused: {resp.status} {await resp.text()}")
+    await asyncio.sleep(0.5 + 1.5 * random.Random(mkt).random())
+    order = sim.create(mkt, held=True, decide_after_s=decide_after_s)
+    assert order.order_id == order_id, order.order_id
+    into.held.append(order)
+    into.sent[order.order_id] = sent
 
 
 async def drive(args: argparse.Namespace, sim: Simulator, url: str, run: int) -> Driven:
@@ -248,6 +293,7 @@ async def one_run(
     with tempfile.TemporaryDirectory() as tmp, latency_trace.tracing(trace, enabled=args.trace):
         daemon, stop, task = await start_daemon(settings_for(sim, Path(tmp) / "omsd.db", source, args, durability))
         t0 = time.monotonic()
+        dropped = asyncio.create_task(drop_configurations(sim, args.drop_at)) if args.drop_at is not None else None
         try:
             driven = await drive(args, sim, daemon.url, run)
         finally:
@@ -257,12 +303,54 @@ async def one_run(
     name = f"{source}, {label}" + (f", {durability}" if args.durability != ["local"] else "")
     result = measure(name, sim, driven.held, driven.free, driven.sent)
     result.seconds = time.monotonic() - t0
+    if dropped is not None:
+        print(f"{source}, {label}: {dropped_report(await dropped, driven.held + driven.free)}", flush=True)
     if args.trace:
         print(
             f"\n{source}, {label}: where the time goes\n{latency_trace.for_run(trace, driven.held, release_time)}\n",
             flush=True,
         )
     return result
+
+
+@dataclass
+class Dropped:
+    at: datetime
+    feed_back: datetime | None = None
+    hook_back: datetime | None = None
+
+
+async def drop_configurations(sim: Simulator, after_s: float) -> Dropped:
+    """VTEX deletes the feed and hook configurations `after_s` into the run (issue #16's sixth
+    item): note when omsd has recreated each (within 120 s)."""
+    await asyncio.sleep(after_s)
+    dropped = Dropped(datetime.now(UTC))
+    sim.feed_config = None
+    sim.hook_config = None
+    for _ in range(1200):
+        now = datetime.now(UTC)
+        if dropped.feed_back is None and sim.feed_config is not None:
+            dropped.feed_back = now
+        if dropped.hook_back is None and sim.hook_config is not None:
+            dropped.hook_back = now
+        if dropped.feed_back and dropped.hook_back:
+            break
+        await asyncio.sleep(0.1)
+    return dropped
+
+
+def dropped_report(dropped: Dropped, orders: list[SimOrder]) -> str:
+    """When each configuration came back, from the drop and from the first change the hook missed."""
+    changes = [parse_vtex(at) for o in orders for _, at in o.history if parse_vtex(at) > dropped.at]
+    first = min(changes, default=None)
+
+    def back(at: datetime | None) -> str:
+        if at is None:
+            return "not recreated"
+        since_miss = f", {(at - first).total_seconds():.2f} s after the first change it missed" if first else ""
+        return f"{(at - dropped.at).total_seconds():.2f} s after the drop{since_miss}"
+
+    return f"configurations dropped: feed back {back(dropped.feed_back)}; hook back {back(dropped.hook_back)}"
 
 
 def pct(values: list[float], q: float) -> str:
@@ -292,7 +380,7 @@ def table(results: list[Result]) -> str:
 async def main(args: argparse.Namespace) -> None:
     logs.configure("error", "json")
     runs: list[tuple[str, Faults, str, str]] = [
-        (source, make(), label, durability)
+        (source, with_latency(make(), args.latency), label, durability)
         for source in args.sources
         for key, make, label in (
             ("none", no_faults, "no faults"),
@@ -317,6 +405,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--orders", type=int, default=100, help="held orders per run")
     p.add_argument("--free", type=int, default=20, help="orders never held, intent after release")
+    p.add_argument("--early", type=int, default=0, help="of the held orders, those whose intent precedes the order")
+    p.add_argument("--latency", type=float, help="seconds per VTEX call, also without faults (default: the mix's)")
     p.add_argument("--arrival", type=float, default=50.0, help="orders arrive over this many seconds (0: at once)")
     p.add_argument("--spread", type=float, default=10.0, help="a held order is released 1 to 1 + this s after its hold")
     p.add_argument("--timeout", type=float, default=30.0, help="a run gives up this long after the last intent")
@@ -324,7 +414,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rate-adapt", action=argparse.BooleanOptionalAction, default=True, help="OMSD_RATE_ADAPT")
     p.add_argument("--rate", type=float, help="OMSD_RATE_LIMIT_PER_S (default: the Settings' default)")
     p.add_argument("--trace", action="store_true", help="time each step of each held order (latency_trace.py)")
-    p.add_argument("--sources", nargs="+", default=["hook", "feed"], choices=["hook", "feed"])
+    p.add_argument("--sources", nargs="+", default=["hook", "feed"], choices=["hook", "feed", "both"])
     p.add_argument(
         "--durability",
         nargs="+",
@@ -332,6 +422,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["local", "replicated"],
         help="OMSD_DURABILITY; replicated runs Litestream to a file:// replica (same seed: side by side)",
     )
+    p.add_argument("--drop-at", type=float, help="VTEX deletes both configurations this many seconds into each run")
     return p.parse_args(argv)
 
 

@@ -47,6 +47,7 @@ from .relay.relay import Relay
 from .relay.webhooks import endpoints as relay_endpoints
 from .vtex.client import VtexClient
 from .vtex.configuration import VtexSetup
+from .vtex.memory import VtexMemory
 
 log = get_logger("omsd.app")
 
@@ -212,6 +213,10 @@ class Daemon:
 
             setup = self.setup = VtexSetup(client, s, health, metrics, on_recreated=recreated)
             poller.on_missing = setup.feed_missing
+            if s.source == "both":  # the feed shows when the hook missed events: check the hook then
+                poller.on_hook_missed = setup.hook_missed
+            memory = VtexMemory(store, client, setup)
+            await memory.restore()  # the rate learned, the Retry-After windows open, the last confirmations
             if health.store_ok.is_set():
                 await runner.recover()  # else the effect runner recovers when writes work again
 
@@ -289,6 +294,8 @@ class Daemon:
                     *([] if host else [Loop("watchdog", functools.partial(watchdog_loop, notify, self.progress))]),
                     Loop("store-probe", functools.partial(probe.run, writable=health.store_ok)),
                     Loop("timer-alarm", timers.run),
+                    Loop("vtex-memory", memory.run),
+                    Loop("vtex-setup", setup.run),
                     *([Loop("replica", replica.run)] if replica.enabled else []),
                 ],
                 on_stopping=notify.stopping,

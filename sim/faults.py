@@ -1,13 +1,21 @@
 """Switchable misbehaviour: what VTEX documents can go wrong (429 with Retry-After, 5xx,
 lost answers, duplicates, short batches, pushes given up), and the UNCONFIRMED readings
 of the doc that a client must survive either way (EOI011 synchronous or notified, hook
-pushes without LastState/CurrentChange)."""
+pushes without LastState/CurrentChange).
+
+An account-wide limit (`account_limit_per_s`): VTEX's rate limits are "per IP, account,
+route" and undisclosed (doc §1.5, §5: Get order's is 6,000 a minute per account, whoever
+sends them). The simulator can hold the whole account to a sliding window of one second:
+a request that would make the last second hold more than the limit is answered 429 with
+`Retry-After` (whole seconds until the window frees a place) and does not count."""
 
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -38,6 +46,7 @@ class Faults:
     hook_duplicate_rate: float = 0.0  # §2.4 UNCONFIRMED: a push is delivered twice
     hook_give_up_rate: float = 0.0  # §2.4: a push is never delivered (VTEX gave up on it)
     hook_without_current_change: bool = False  # §2.3: pushes shaped like the guide's example
+    account_limit_per_s: float = 0.0  # requests the whole account admits in any second (0: no limit)
 
 
 @dataclass
@@ -78,22 +87,26 @@ class FaultInjector:
         self.faults = faults
         self._rng = rng
         self.rate_limited = 0
+        self.account_limited = 0  # of `rate_limited`: refused by the account's limit
         self.windows = RetryAfterWindows()
+        self.arrivals: list[tuple[float, str]] = []  # (monotonic time, route) of every API request
+        self._admitted: deque[float] = deque()  # requests the account's limit let through, last second
 
     def _chance(self, rate: float) -> bool:
         return bool(rate) and self._rng.random() < rate
 
-    def too_many_requests(self, route: str = "") -> web.Response:
+    def too_many_requests(self, route: str = "", retry_after_s: float | None = None) -> web.Response:
         f = self.faults
         self.rate_limited += 1
         headers = {}
+        wait_s = f.retry_after_s if retry_after_s is None else retry_after_s
         if f.retry_after == "seconds":
-            seconds = int(f.retry_after_s) if f.retry_after_s >= 1 else f.retry_after_s
+            seconds = int(wait_s) if wait_s >= 1 else wait_s
             headers["Retry-After"] = str(seconds)
             self.windows.announce(route, seconds, time.monotonic())
         elif f.retry_after == "date":
             now = datetime.now(UTC)
-            until = (now + timedelta(seconds=f.retry_after_s)).replace(microsecond=0)  # what the header can say
+            until = (now + timedelta(seconds=wait_s)).replace(microsecond=0)  # what the header can say
             headers["Retry-After"] = format_datetime(until, usegmt=True)
             self.windows.announce(route, (until - now).total_seconds(), time.monotonic())
         return web.json_response({"error": "Too Many Requests"}, status=429, headers=headers)
@@ -102,7 +115,12 @@ class FaultInjector:
         """A faulty answer for this request, or None to let it through."""
         f = self.faults
         route = route_of(request)
-        self.windows.arrived(route, time.monotonic())
+        now = time.monotonic()
+        self.windows.arrived(route, now)
+        self.arrivals.append((now, route))
+        if f.account_limit_per_s > 0 and (wait_s := self._over_account_limit(now)) is not None:
+            self.account_limited += 1
+            return self.too_many_requests(route, wait_s)
         lo, hi = f.latency_s
         if hi > 0:
             await asyncio.sleep(self._rng.uniform(lo, hi))
@@ -119,6 +137,17 @@ class FaultInjector:
                 await handler(request)  # enqueued, and still a 503: the outcome is unknown
             return web.json_response({"error": "Service Unavailable"}, status=503)
         return None
+
+    def _over_account_limit(self, now: float) -> float | None:
+        """Seconds until the account's window frees a place (whole, at least 1), when the last
+        second already holds its limit; else the request is admitted and counted."""
+        admitted = self._admitted
+        while admitted and admitted[0] <= now - 1.0:
+            admitted.popleft()
+        if len(admitted) < self.faults.account_limit_per_s:
+            admitted.append(now)
+            return None
+        return float(max(1, math.ceil(admitted[0] + 1.0 - now)))
 
     def eoi000(self) -> bool:
         return self._chance(self.faults.rate_eoi000)

@@ -41,6 +41,7 @@ class FeedQueue:
         self.deliveries = 0
         self.deleted = 0
         self.expired = 0
+        self.commit_lag_s: list[float] = []  # per deleted message: from its change to its commit
 
     def put(self, body: dict[str, Any]) -> None:
         msg_id = uuid.uuid4().hex
@@ -79,8 +80,9 @@ class FeedQueue:
         msg_id = self._handles.pop(handle, None)
         if msg_id is None or msg_id not in self.messages:
             return False
-        del self.messages[msg_id]
+        message = self.messages.pop(msg_id)
         self.deleted += 1
+        self.commit_lag_s.append(self._clock() - message.sent_at)
         return True
 
     def oldest_age_s(self) -> float:

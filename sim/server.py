@@ -110,6 +110,16 @@ class Simulator:
         return self.injector.rate_limited
 
     @property
+    def account_limited(self) -> int:
+        """429s the account's limit answered (of `rate_limited`)."""
+        return self.injector.account_limited
+
+    @property
+    def arrivals(self) -> list[tuple[float, str]]:
+        """(monotonic time, route) of every API request that reached the simulator."""
+        return self.injector.arrivals
+
+    @property
     def inside_retry_after(self) -> dict[str, int]:
         """Requests that arrived inside a Retry-After window announced for their own route,
         and inside one announced for any route (sim/faults.py, RetryAfterWindows)."""
@@ -297,6 +307,7 @@ class Simulator:
             "eoi011": sum(1 for n in notified if n.get("code") == "EOI011") + self.channel.eoi011_sync_answers,
             "notification_failures": self.channel.notification_failures,
             "rate_limited": self.rate_limited,
+            "account_limited": self.account_limited,
             "inside_retry_after": self.inside_retry_after,
             "hook_pushes": len(self.hook.pushes),
             "hook_pushes_lost": self.hook.pushes_lost,

@@ -26,7 +26,9 @@ from .events import (
     IntentReceived,
     IntentRecorded,
     NotificationReceived,
+    OrderFetched,
     OrderSnapshot,
+    StatusChanged,
     UnreadableEntry,
     read_entry,
 )
@@ -40,12 +42,15 @@ CAUSE_MAX = 500  # a history cause built from an error message is cut to this
 @dataclass(frozen=True, slots=True)
 class View:
     """What the store holds, before a batch, for the ids its rows name: the orders by id,
-    the latest updated order per marketplace id, and the parked intents (source, offset)
-    by marketplace id. An id the rows name that is absent here does not exist."""
+    the latest updated order per marketplace id, the parked intents (source, offset) by
+    marketplace id, and per marketplace id an order not linked to any whose VTEX id derives
+    from it (`routing.derived_marketplace_id`). An id the rows name that is absent here
+    does not exist."""
 
     orders: Mapping[str, Order] = field(default_factory=dict)
     by_marketplace_id: Mapping[str, Order] = field(default_factory=dict)
     parked: Mapping[str, tuple[str, int]] = field(default_factory=dict)
+    derived: Mapping[str, Order] = field(default_factory=dict)
 
 
 EMPTY = View()
@@ -62,12 +67,16 @@ def read(row: JournalRow) -> Entry | str | None:
 
 
 def needs(entries: Iterable[tuple[JournalRow, Entry | str | None]]) -> tuple[set[str], set[str]]:
-    """The order ids and the marketplace ids a run of rows names: what its `View` must cover."""
+    """The order ids and the marketplace ids a run of rows names: what its `View` must cover.
+    A status event also names the marketplace id its order's id derives from (an intent
+    may wait parked on it)."""
     order_ids: set[str] = set()
     mkts: set[str] = set()
     for row, entry in entries:
         if row.order_id is not None:
             order_ids.add(row.order_id)
+        if isinstance(entry, StatusChanged) and (derived := routing.derived_marketplace_id(entry.order_id)):
+            mkts.add(derived)
         if isinstance(entry, BaseModel):
             if (order_id := getattr(entry, "order_id", None)) is not None:
                 order_ids.add(order_id)
@@ -88,6 +97,7 @@ class Applier:
         self._fresh = fresh
         self._orders: dict[str, Order | None] = {}  # every order the batch has looked at, as it stands now
         self._by_mkt: dict[str, str] = {}  # marketplace id -> order id, of the orders in `_orders`
+        self._by_derived: dict[str, str] = {}  # derived marketplace id -> id of an unlinked order in `_orders`
         self.batch = Batch(offset=0)
 
     def apply(self, row: JournalRow, entry: Entry | str | None) -> None:
@@ -126,6 +136,27 @@ class Applier:
         self.batch.before[order_id] = order
         if order is not None and order.marketplace_order_id is not None:
             self._by_mkt.setdefault(order.marketplace_order_id, order_id)
+        elif order is not None:
+            self._derives(order_id)
+
+    def _derives(self, order_id: str) -> None:
+        """Index an unlinked order by the marketplace id its id derives from; of two (a split
+        order: `-01`, `-02`), the smallest id, as the store's look-up does."""
+        if (derived := routing.derived_marketplace_id(order_id)) is not None:
+            known = self._by_derived.get(derived)
+            if known is None or order_id < known:
+                self._by_derived[derived] = order_id
+
+    def _derived_from(self, mkt: str) -> Order | None:
+        """An order, not linked to any marketplace id, whose VTEX id derives from `mkt`."""
+        stored = self._view.derived.get(mkt)
+        ids = [i for i in (self._by_derived.get(mkt), stored.order_id if stored else None) if i is not None]
+        if not ids:
+            return None
+        order_id = min(ids)
+        if order_id not in self._orders and stored is not None:
+            self._known(order_id, stored)
+        return self._orders.get(order_id)
 
     def _by_marketplace_id(self, mkt: str) -> Order | None:
         if (order_id := self._by_mkt.get(mkt)) is not None:
@@ -184,6 +215,8 @@ class Applier:
                 self._outcome(
                     outcomes.outcome(outcomes.INTENT_ACCEPTED, row.offset, at, None, mkt, source=source, parked=True)
                 )
+                if (lookup := routing.lookup(self._derived_from(mkt), mkt, again=True)) is not None:
+                    self._decide(row, lookup)
             case routing.AlreadyParked():
                 pass
             case routing.Unrouted(code=code):
@@ -227,6 +260,9 @@ class Applier:
         if before is not None and before.stuck is not None:
             self._hold(row, event, before)
             return
+        if isinstance(event, OrderFetched) and (mkt := routing.answers_parked(before, event)) and self._parked(mkt):
+            self._release_parked(row, event.order_id, mkt)  # first: the answer then decides the approval
+            before = self._order(event.order_id)
         try:
             decision = decide(before, event, row.received_at, self._policy)
         except Exception as exc:  # a bug must not stop every other order, nor lose this event
@@ -238,6 +274,8 @@ class Applier:
         self.batch.touched[after.order_id] = row.offset
         if after.marketplace_order_id is not None:
             self._by_mkt.setdefault(after.marketplace_order_id, after.order_id)
+        elif before is None:
+            self._derives(after.order_id)
         if self._emit_effects:
             self.batch.effects.extend(decision.effects)
         for fact in outcomes.of_decision(before, after, event, row.offset, row.received_at, released=released):
@@ -262,6 +300,17 @@ class Applier:
                 )
         if (mkt := routing.newly_linked(before, after)) is not None:
             self._release_parked(row, after.order_id, mkt)
+        elif isinstance(event, StatusChanged) and not after.link_checked:
+            self._look_up_if_parked(row, after)
+
+    def _look_up_if_parked(self, row: JournalRow, order: Order) -> None:
+        """A status event of an order whose id derives from a marketplace id an intent waits
+        parked on (the intent came first): look the link up now."""
+        mkt = routing.derived_marketplace_id(order.order_id)
+        if mkt is None or self._parked(mkt) is None:
+            return
+        if (lookup := routing.lookup(order, mkt, again=False)) is not None:
+            self._decide(row, lookup)
 
     def _release_parked(self, row: JournalRow, order_id: str, mkt: str) -> None:
         parked = self._parked(mkt)  # the intent parked now (one parked anew after an expiry included)

@@ -112,6 +112,17 @@ class Resync(_Event):
     reason: str
 
 
+class LinkLookup(_Event):
+    """An intent is parked on the marketplace id this order's VTEX id derives from
+    (`{affiliate}-{marketplace id}-{n}`, doc §3.6): ask Get order now, as urgently as the
+    approval, since the answer tells the link (the derived id is only a guess). `state.apply`
+    applies it in the step that parks the intent or first sees such an order; omsd does
+    not journal it."""
+
+    kind: Literal["link_lookup"] = "link_lookup"
+    marketplace_order_id: str
+
+
 class OrderSnapshot(_Event):
     """The whole state of an order whose older journal rows were pruned (`omsd prune`):
     it stands where the order's last pruned row stood, and applying it sets the order to
@@ -136,6 +147,7 @@ _OrderEvent = (
     | ResultNotified
     | TimerFired
     | Resync
+    | LinkLookup
     | OrderSnapshot
 )
 Event = Annotated[_OrderEvent, Field(discriminator="kind")]

@@ -25,6 +25,7 @@ from .events import (
     ApprovalFailed,
     Event,
     IntentRecorded,
+    LinkLookup,
     OrderFetched,
     OrderFetchFailed,
     OrderSnapshot,
@@ -69,7 +70,7 @@ class _Ctx:
     until the next change) instead of one copy per field set, and `decide` takes the
     last one as the result. Field reads inside the class go through `_get`."""
 
-    __slots__ = ("_base", "_built", "_changes", "causes", "effects", "now", "policy")
+    __slots__ = ("_base", "_built", "_changes", "causes", "effects", "moved", "now", "policy")
 
     def __init__(self, order: Order, now: datetime, policy: Policy) -> None:
         self._base = order
@@ -79,6 +80,7 @@ class _Ctx:
         self.policy = policy
         self.effects: list[Effect] = []
         self.causes: list[str] = []
+        self.moved = False  # the event brought a status newer than any known: the order exists and moved
 
     @property
     def order(self) -> Order:
@@ -124,7 +126,7 @@ class _Ctx:
         self.cause(cause)
 
     # ---- effects -------------------------------------------------------------
-    def fetch(self, purpose: Literal["link", "pre_approval", "confirm", "after_refusal"]) -> None:
+    def fetch(self, purpose: Literal["link", "link_intent", "pre_approval", "confirm", "after_refusal"]) -> None:
         seq = self.next_seq()
         self.effects.append(FetchOrder(order_id=self._base.order_id, seq=seq, purpose=purpose))
         self.set(inflight=Inflight(seq=seq, kind="fetch", purpose=purpose))
@@ -209,6 +211,9 @@ def _observe(ctx: _Ctx, state: str | None, at: datetime | None, source: str, las
         return
     if state != o.status:
         ctx.cause(f"status {o.status or '-'} -> {state} ({source})")
+    if state != o.status or (at is not None and (current is None or at > current)):
+        ctx.moved = True
+        ctx.set(stale_checks=0)  # answers were stale against the status it replaces, not this one
     ctx.set(status=state, status_at=at or current, status_source=source)
     if status == HELD:
         ctx.set(released_at=None)
@@ -288,16 +293,31 @@ def _on_code(ctx: _Ctx, code: str, where: str) -> None:
             ctx.set(timer=None)
             ctx.fetch("after_refusal")
         case ResultCode.NOT_INTEGRATED:
-            count = ctx.order.eoi008 + 1
-            ctx.set(eoi008=count)
-            ctx.settle()
-            if count > ctx.policy.max_eoi008:
-                ctx.goto(Phase.DEAD, f"{where}: EOI008 {count} times, order never integrated")
+            o = ctx.order
+            if o.sent_on is not None and o.status_at is not None and o.status_at > o.sent_on:
+                # VTEX may have refused before a change omsd knows of (the PUT was decided on an
+                # older status): check again at once, once per newer status like EOI011
+                ctx.set(eoi008=o.eoi008 + 1)
+                ctx.settle()
+                ctx.goto(Phase.CHECKING, f"{where}: EOI008 for a PUT older than the known {o.status}: checking again")
+                ctx.fetch("pre_approval")
                 return
-            ctx.goto(Phase.RETRY_WAIT, f"{where}: EOI008 order not integrated yet, re-check {count}")
-            ctx.timer("retry", ctx.policy.eoi008_recheck_s)
+            _not_integrated(ctx, where)
         case _:
             _transient(ctx, f"{where}: {code}")
+
+
+def _not_integrated(ctx: _Ctx, where: str) -> None:
+    """EOI008, or Get order 404: VTEX has not integrated the order yet. Re-check after
+    `eoi008_recheck_s`, or sooner: a newer status ends the wait (`_advance`)."""
+    count = ctx.order.eoi008 + 1
+    ctx.set(eoi008=count)
+    ctx.settle()
+    if count > ctx.policy.max_eoi008:
+        ctx.goto(Phase.DEAD, f"{where}: EOI008 {count} times, order never integrated")
+        return
+    ctx.goto(Phase.RETRY_WAIT, f"{where}: EOI008 order not integrated yet, re-check {count}")
+    ctx.timer("retry", ctx.policy.eoi008_recheck_s)
 
 
 def _on_status_changed(ctx: _Ctx, event: StatusChanged) -> bool:
@@ -357,8 +377,15 @@ def _on_fetch_failed(ctx: _Ctx, event: OrderFetchFailed) -> bool:
     if not o.has_intent or o.phase in TERMINAL_PHASES:
         ctx.cause(f"Get order failed: {event.error}")
         return False
-    if event.not_found:
-        _on_code(ctx, ResultCode.NOT_INTEGRATED, "Get order 404")
+    if event.not_found and o.status is not None and o.stale_checks == 0:
+        # VTEX has shown the order: this call left before the order existed, or Get order lags
+        # the events. Ask again at once, once (the next 404 waits like any other).
+        ctx.set(stale_checks=1, last_code=ResultCode.NOT_INTEGRATED.value)
+        ctx.goto(Phase.CHECKING, f"Get order 404 for an order VTEX showed as {o.status}: checking again")
+        ctx.fetch("pre_approval")
+    elif event.not_found:
+        ctx.set(last_code=ResultCode.NOT_INTEGRATED.value)
+        _not_integrated(ctx, "Get order 404")
     else:
         _transient(ctx, f"Get order: {event.error}")
     return False
@@ -492,6 +519,21 @@ def _on_resync(ctx: _Ctx, event: Resync) -> bool:
     return True
 
 
+def _on_link_lookup(ctx: _Ctx, event: LinkLookup) -> bool:
+    """An intent waits parked on the marketplace id this order's id derives from: Get order
+    now, at the approval's priority (it replaces a background lookup still queued). Its
+    answer links the ids, or shows the guess was wrong."""
+    o = ctx.order
+    if o.has_intent or o.marketplace_order_id is not None:
+        ctx.cause(f"link lookup for {event.marketplace_order_id} not needed: the order is linked")
+        return False
+    if o.inflight is not None and o.inflight.purpose == "link_intent":
+        return False  # asked already
+    ctx.cause(f"an intent waits parked on {event.marketplace_order_id}, which this id derives from: Get order now")
+    ctx.fetch("link_intent")
+    return False
+
+
 def _on_snapshot(ctx: _Ctx, event: OrderSnapshot) -> bool:
     """A pruned history: the order is what the snapshot says, nothing more to decide."""
     ctx.order = event.order
@@ -520,6 +562,8 @@ def _apply(ctx: _Ctx, event: Event) -> bool:
             return _on_timer(ctx, event)
         case Resync():
             return _on_resync(ctx, event)
+        case LinkLookup():
+            return _on_link_lookup(ctx, event)
         case OrderSnapshot():
             return _on_snapshot(ctx, event)
         case _ as unreachable:
@@ -601,6 +645,12 @@ def _advance(ctx: _Ctx) -> None:
     if o.phase == Phase.TRACKING:
         ctx.set(phase=Phase.WAITING_RELEASE)
         o = ctx.order
+    if o.phase == Phase.RETRY_WAIT and ctx.moved:
+        # A newer status proves the order exists and moved: whatever the wait was for (a
+        # 404, EOI008, a failure), the status decides now, not the re-check timer.
+        ctx.settle()
+        ctx.goto(Phase.WAITING_RELEASE, f"{o.status} ends the wait for a re-check")
+        o = ctx.order
     if _check_again(o):
         ctx.set(timer=None, await_newer_than=None)
         awaiting = o.phase == Phase.AWAITING_RESULT
@@ -637,7 +687,9 @@ def _leave_waiting(ctx: _Ctx) -> None:
     if not sending and free and (not is_creating(status) or approvable(o) or o.creating_checks == 0):
         ctx.set(timer=None)
         ctx.goto(Phase.CHECKING, "not held: confirming with Get order")
-        if o.inflight is None or o.inflight.purpose != "pre_approval":
+        # a Get order at the approval's priority in flight (before an approval, or the link
+        # lookup of an intent that waited parked) is the check; anything else may wait long
+        if o.inflight is None or o.inflight.purpose not in ("pre_approval", "link_intent"):
             ctx.fetch("pre_approval")
         return
     if free:

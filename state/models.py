@@ -96,7 +96,7 @@ class FetchOrder(_Frozen):
     kind: Literal["fetch_order"] = "fetch_order"
     order_id: str
     seq: int
-    purpose: Literal["link", "pre_approval", "confirm", "after_refusal"]
+    purpose: Literal["link", "link_intent", "pre_approval", "confirm", "after_refusal"]
 
 
 class SendApproval(_Frozen):

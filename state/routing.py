@@ -7,6 +7,13 @@ records it as unrouted. A notification that did not come by omsd's secret path i
 always unrouted: it never makes an intent nor reaches an order. `newly_linked` and `release` turn a parked intent into
 an `IntentRecorded` the moment an order learns its marketplace id.
 
+An intent parked on a marketplace id is the connector asking for an approval now, so
+finding its order is part of the approval, not background work: `lookup` asks Get order
+at once for an order whose VTEX id derives from the parked id (when the intent is
+parked, or when such an order is first seen), and `answers_parked` releases the intent
+onto the order in the step that applies that Get order's answer, so the answer also
+decides the approval.
+
 Pure: the processor looks up the linked order and the parked intents and
 performs what these functions return.
 """
@@ -17,7 +24,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .codes import ResultCode
-from .events import IntentReceived, IntentRecorded, NotificationReceived, ResultNotified
+from .events import IntentReceived, IntentRecorded, LinkLookup, NotificationReceived, OrderFetched, ResultNotified
 from .models import Order
 
 
@@ -136,3 +143,26 @@ def contradiction(order: Order | None, marketplace_order_id: str | None) -> str 
         f"orderId {order.order_id} belongs to marketplaceOrderId {order.marketplace_order_id}, "
         f"not {marketplace_order_id}"
     )
+
+
+def lookup(order: Order | None, marketplace_order_id: str, *, again: bool) -> LinkLookup | None:
+    """The urgent link lookup of an order whose id derives from `marketplace_order_id`, on
+    which an intent waits parked; None when the order cannot be the one: unknown, linked,
+    with an intent of its own, asked already, or (unless `again`: a new intent) looked up
+    already (Get order told no marketplace id, or a different one)."""
+    if order is None or order.marketplace_order_id is not None or order.has_intent:
+        return None
+    if order.inflight is not None and order.inflight.purpose == "link_intent":
+        return None
+    if order.link_checked and not again:
+        return None
+    return LinkLookup(order_id=order.order_id, marketplace_order_id=marketplace_order_id)
+
+
+def answers_parked(before: Order | None, event: OrderFetched) -> str | None:
+    """The marketplace id a Get order answer links to an order that has none and no intent:
+    if an intent waits parked on it, it is released before the answer is applied, so the
+    answer (fresh, omsd's own) is the approval's check and no second Get order is needed."""
+    if before is None or before.marketplace_order_id is not None or before.has_intent:
+        return None
+    return event.marketplace_order_id

@@ -9,6 +9,7 @@ from omsd.state.events import (
     ApprovalAnswered,
     ApprovalFailed,
     IntentRecorded,
+    LinkLookup,
     OrderFetched,
     OrderFetchFailed,
     ResultNotified,
@@ -105,3 +106,7 @@ def timer(token: int = 5, reason: str = "retry") -> TimerFired:
 
 def resync() -> Resync:
     return Resync(order_id=OID, reason="test")
+
+
+def link_lookup(mkt: str = MKT) -> LinkLookup:
+    return LinkLookup(order_id=OID, marketplace_order_id=mkt)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from omsd.state.apply import View, apply, needs, read
 from omsd.state.batch import Batch, JournalRow
@@ -13,11 +16,14 @@ from omsd.state.events import (
     AnyEntry,
     IntentExpired,
     IntentReceived,
+    IntentRecorded,
     NotificationReceived,
+    StatusChanged,
     current_version,
 )
-from omsd.state.models import Order, Policy
-from tests.machine_helpers import FREE, HELD, MKT, OID, T0, fetched, intent, order, status
+from omsd.state.models import FetchOrder, Inflight, Order, Policy
+from omsd.state.routing import derived_marketplace_id
+from tests.machine_helpers import FREE, HELD, MKT, OID, T0, at, fetched, intent, order, status
 
 POLICY = Policy()
 
@@ -38,6 +44,12 @@ def rows(*entries: AnyEntry | str) -> list[JournalRow]:
 
 def run(*entries: AnyEntry | str, view: View | None = None) -> Batch:
     return apply([(r, read(r)) for r in rows(*entries)], view or View(), POLICY)
+
+
+def unlinked(**kw: Any) -> Order:
+    """An order seen in the feed (released), no marketplace id known, no intent."""
+    values: dict[str, Any] = {"marketplace_order_id": None, "link_checked": False, "status": FREE, "held": False}
+    return order("tracking", **(values | kw))
 
 
 def by_mkt(o: Order) -> View:
@@ -75,10 +87,45 @@ CASES: dict[str, Case] = {
     ),
     "an intent parked already: nothing more": Case((api_intent(),), view=View(parked={MKT: ("cli", 7)})),
     "an intent parked earlier in the batch, then its order linked by Get order: released at once": Case(
-        (api_intent(), status(HELD, t=1), fetched(HELD, seq=0, t=2)),
+        (api_intent(), status(HELD, t=1), fetched(HELD, seq=1, t=2)),
         removed={MKT},
         phase="waiting_release",
         notes=("intent_parked", "intent_linked"),
+    ),
+    "an intent by marketplace id, an unlinked order whose id derives from it: its Get order now": Case(
+        (api_intent(),),
+        view=View(derived={MKT: unlinked()}),
+        parked={MKT: ("api", 1)},
+        phase="tracking",
+        effects=("fetch_order",),
+        notes=("intent_parked",),
+    ),
+    "an intent by marketplace id, the derived order looked up already: asked again": Case(
+        (api_intent(),),
+        view=View(derived={MKT: unlinked(link_checked=True)}),
+        parked={MKT: ("api", 1)},
+        phase="tracking",
+        effects=("fetch_order",),
+        notes=("intent_parked",),
+    ),
+    "the first event of an order whose id derives from a parked marketplace id: its Get order now": Case(
+        (status(FREE, t=1),), view=View(parked={MKT: ("api", 7)}), phase="tracking", effects=("fetch_order",)
+    ),
+    "the event of an order looked up already: nothing more": Case(
+        (status(FREE, t=1),),
+        view=View(orders={OID: unlinked(link_checked=True)}, parked={MKT: ("api", 7)}),
+        phase="tracking",
+    ),
+    "the link Get order names the parked id: the intent first, then the answer sends the approval": Case(
+        (fetched(FREE, seq=5, t=2),),
+        view=View(
+            orders={OID: unlinked(inflight=Inflight(seq=5, kind="fetch", purpose="link_intent"))},
+            parked={MKT: ("api", 7)},
+        ),
+        removed={MKT},
+        phase="sending",
+        effects=("send_approval",),
+        notes=("intent_linked",),
     ),
     "an authenticated EOI011 notification without order: parked as an intent": Case(
         (held_notice(),), parked={MKT: ("notification", 1)}, notes=("intent_parked",)
@@ -103,6 +150,7 @@ CASES: dict[str, Case] = {
         ),
         removed={MKT},
         phase="waiting_release",
+        effects=("fetch_order",),  # the order's first event asked its link lookup at once (#20)
         notes=("intent_parked", "intent_expired", "intent_parked", "intent_linked"),
         expired=1,
     ),
@@ -154,6 +202,16 @@ def test_needs_names_every_id_the_rows_name() -> None:
     """The view must cover the order ids and marketplace ids of every row, routed ones included."""
     entries = [(r, read(r)) for r in rows(api_intent(), status(HELD), fetched(HELD, mkt="999"))]
     assert needs(entries) == ({OID}, {MKT, "999"})
+    # a status event names the marketplace id its order's id derives from
+    assert needs([(r, read(r)) for r in rows(status(HELD))]) == ({OID}, {MKT})
+
+
+def test_the_urgent_link_lookup_is_asked_at_the_approvals_purpose() -> None:
+    """The Get order asked for an order whose id derives from a parked id is a `link_intent`
+    (the effect runner asks it at the approval's priority), not a background `link`."""
+    batch = run(api_intent(), view=View(derived={MKT: unlinked()}))
+    [effect] = batch.effects
+    assert isinstance(effect, FetchOrder) and effect.purpose == "link_intent" and effect.order_id == OID
 
 
 def test_live_names_the_effect_each_order_waits_for() -> None:
@@ -167,3 +225,73 @@ def test_the_same_rows_over_the_same_view_give_the_same_batch() -> None:
     """Pure: applying twice gives equal batches (a crash before the commit changes nothing)."""
     entries: list[Any] = [api_intent(), status(HELD, t=1), fetched(HELD, seq=0, t=2), status(FREE, t=3)]
     assert run(*entries) == run(*entries)
+
+
+# ---- applying in batches over the store's views is applying all at once ------------------------
+
+LINKED_IDS = {"MKP-1-01": "1", "MKP-2-01": "2", "SLR-77-09": "3"}  # the last id does not derive from its marketplace id
+STATES = ["order-created", "order-accepted", HELD, FREE]
+
+
+@st.composite
+def linking_journal(draw: st.DrawFn) -> list[AnyEntry]:
+    """Intents by marketplace id (or both ids), status events and Get order answers, in any order."""
+    out: list[AnyEntry] = []
+    for n in range(draw(st.integers(1, 25))):
+        oid = draw(st.sampled_from(sorted(LINKED_IDS)))
+        match draw(st.sampled_from(["intent", "both", "status", "fetched"])):
+            case "intent":
+                out.append(IntentReceived(marketplace_order_id=LINKED_IDS[oid], source="api"))
+            case "both":
+                out.append(IntentRecorded(order_id=oid, marketplace_order_id=LINKED_IDS[oid], source="api"))
+            case "status":
+                out.append(
+                    StatusChanged(
+                        order_id=oid, source="feed", state=draw(st.sampled_from(STATES)), current_change=at(n)
+                    )
+                )
+            case _:
+                state = draw(st.sampled_from(STATES))
+                out.append(
+                    fetched(state, seq=draw(st.integers(1, 4)), t=n, mkt=LINKED_IDS[oid]).model_copy(
+                        update={"order_id": oid}
+                    )
+                )
+    return out
+
+
+def store_view(orders: dict[str, Order], parked: dict[str, tuple[str, int]], ids: set[str], mkts: set[str]) -> View:
+    """What `Queries.view` would read from these rows."""
+    linked = {o.marketplace_order_id: o for o in orders.values() if o.marketplace_order_id in mkts}
+    derived: dict[str, Order] = {}
+    for o in sorted(orders.values(), key=lambda o: o.order_id, reverse=True):  # the smallest id wins
+        if o.marketplace_order_id is None and (d := derived_marketplace_id(o.order_id)) in mkts:
+            derived[d] = o
+    return View(
+        orders={k: o for k, o in orders.items() if k in ids},
+        by_marketplace_id=linked,
+        parked={m: p for m, p in parked.items() if m in mkts},
+        derived=derived,
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(journal=linking_journal(), cuts=st.sets(st.integers(1, 24)))
+def test_batches_over_the_stores_views_give_what_one_pass_gives(journal: list[AnyEntry], cuts: set[int]) -> None:
+    """The processor applies the journal in batches, each over what the store holds (the derived
+    look-up included); a replay applies it in one pass from nothing: the orders and the parked
+    intents come out the same."""
+    entries = [(r, read(r)) for r in rows(*journal)]
+    one_pass = apply(entries, View(), POLICY)
+    orders: dict[str, Order] = {}
+    parked: dict[str, tuple[str, int]] = {}
+    bounds = [0, *sorted(c for c in cuts if c < len(entries)), len(entries)]
+    for lo, hi in itertools.pairwise(bounds):
+        chunk = entries[lo:hi]
+        batch = apply(chunk, store_view(orders, parked, *needs(chunk)), POLICY)
+        orders.update(batch.orders)
+        for mkt in batch.remove_pending:
+            parked.pop(mkt, None)
+        parked.update(batch.add_pending)
+    assert orders == one_pass.orders
+    assert parked == one_pass.add_pending  # from nothing, what is parked at the end

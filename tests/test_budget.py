@@ -114,8 +114,9 @@ async def test_a_cancelled_waiter_does_not_block_the_gate() -> None:
 
 
 def test_fetches_before_an_approval_share_its_priority() -> None:
-    """A pre-approval or after-refusal Get order goes at approval priority, the rest as background."""
-    assert FETCH_PRIORITY == {"pre_approval": A, "after_refusal": A, "link": B, "confirm": B}
+    """A pre-approval or after-refusal Get order, or the link lookup of an intent parked on the
+    order's derived id, goes at approval priority; the rest as background."""
+    assert FETCH_PRIORITY == {"pre_approval": A, "after_refusal": A, "link_intent": A, "link": B, "confirm": B}
 
 
 class Recorder:

@@ -289,12 +289,11 @@ async def test_interrupted_send_is_rechecked_not_resent(store: Store) -> None:
     assert recheck.effect.kind == "fetch_order"
 
 
-async def test_default_concurrency_lets_an_approval_pass_get_orders_waiting_for_the_budget(store: Store) -> None:
-    """With the default OMSD_EFFECT_CONCURRENCY, an approval queued behind 16 Get orders that
-    wait (e.g. out a 429 pause on their route) is still claimed and sent."""
-    fake = FakeVtex()
+def block_get_orders(fake: FakeVtex, orders: int) -> asyncio.Event:
+    """Get orders of O0..O{orders-1} that wait (as out a 429 pause) until the event is set; the
+    approval of MKT answers SOI003."""
     blocked = asyncio.Event()
-    fake.orders = {f"O{i}": snapshot() for i in range(16)}
+    fake.orders = {f"O{i}": snapshot() for i in range(orders)}
     fake.approvals[MKT] = answer("SOI003")
     original = fake.get_order
 
@@ -303,12 +302,37 @@ async def test_default_concurrency_lets_an_approval_pass_get_orders_waiting_for_
         return await original(order_id, priority=priority)
 
     fake.get_order = waiting_get_order  # type: ignore[method-assign]
+    return blocked
+
+
+async def test_default_concurrency_lets_an_approval_pass_get_orders_waiting_for_the_budget(store: Store) -> None:
+    """With the default OMSD_EFFECT_CONCURRENCY, an approval queued behind 16 Get orders that
+    wait (e.g. out a 429 pause on their route) is still claimed and sent."""
+    fake = FakeVtex()
+    blocked = block_get_orders(fake, 16)
     await queue(store, *(fetch(f"O{i}") for i in range(16)), send())
     stop = asyncio.Event()
     concurrency = Settings.model_fields["effect_concurrency"].default
     task = asyncio.create_task(runner(store, fake, concurrency=concurrency).run(stop, poll_s=0.05))
     try:
         await until(lambda: ("approve", MKT) in fake.calls, what="the approval sent while Get orders wait")
+    finally:
+        blocked.set()
+        stop.set()
+        await asyncio.wait_for(task, timeout=10)
+
+
+async def test_get_orders_waiting_out_a_pause_never_take_every_slot(store: Store) -> None:
+    """More Get orders than slots, all waiting (their route paused by a 429): an approval queued
+    behind them is still claimed and sent; a quarter of the slots stays for the other kind."""
+    fake = FakeVtex()
+    blocked = block_get_orders(fake, 10)
+    await queue(store, *(fetch(f"O{i}") for i in range(10)), send())
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner(store, fake, concurrency=4).run(stop, poll_s=0.05))
+    try:
+        await until(lambda: ("approve", MKT) in fake.calls, what="the approval sent while Get orders wait")
+        assert sum(1 for state in outbox(store).values() if state == "started") == 3  # 3 Get orders of the 4 slots
     finally:
         blocked.set()
         stop.set()

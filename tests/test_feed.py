@@ -112,7 +112,10 @@ async def test_missing_feed_config_is_created_from_settings(settings: Settings) 
         recreated.append(reason)
 
     metrics = Metrics()
-    setup = VtexSetup(vtex, settings, Health(settings, metrics), metrics, on_recreated=on_recreated)
+    now = [datetime(2026, 1, 1, tzinfo=UTC)]
+    setup = VtexSetup(
+        vtex, settings, Health(settings, metrics), metrics, on_recreated=on_recreated, clock=lambda: now[0]
+    )
     assert await setup.confirm_until(asyncio.Event())
     [body] = vtex.saved_feed
     assert body["filter"]["type"] == "FromWorkflow" and len(body["filter"]["status"]) == 30
@@ -122,6 +125,9 @@ async def test_missing_feed_config_is_created_from_settings(settings: Settings) 
     await setup.check()
     assert len(vtex.saved_feed) == 1
     vtex.feed_config = None
+    await setup.feed_missing()  # within a request's timeout of the check: that GET may predate it
+    assert len(vtex.saved_feed) == 1
+    now[0] += timedelta(seconds=settings.http_timeout_s)
     await setup.feed_missing()
     assert len(vtex.saved_feed) == 2 and recreated == ["feed configuration recreated"]
 
@@ -302,7 +308,7 @@ async def test_a_failed_commit_is_retried_while_the_feed_is_idle(settings: Setti
 
 async def test_readers_that_all_find_the_feed_missing_recreate_it_once(settings: Settings) -> None:
     """Four readers (a backlog brought them in) answered 404 at once: the configuration is
-    POSTed once, the others find it."""
+    read and POSTed once; the others find it confirmed since their 404 and read nothing."""
 
     class Missing(DurableFeed):
         """A backlog (three full batches), then the configuration is gone for four GETs at once."""
@@ -332,12 +338,20 @@ async def test_readers_that_all_find_the_feed_missing_recreate_it_once(settings:
         stop = asyncio.Event()
         poller = FeedPoller(store, vtex, four)
         metrics = Metrics()
-        poller.on_missing = VtexSetup(vtex, four, Health(four, metrics), metrics).feed_missing
+        setup = VtexSetup(vtex, four, Health(four, metrics), metrics)
+        handled = 0
+
+        async def missing() -> None:
+            nonlocal handled
+            await setup.feed_missing()
+            handled += 1
+
+        poller.on_missing = missing
         task = asyncio.create_task(poller.run(stop))
-        await until(lambda: vtex.config_reads >= 4 or task.done(), timeout=10, what="every reader checked the config")
+        await until(lambda: handled >= 4 or task.done(), timeout=10, what="every reader handled its 404")
         stop.set()
         await task
-    assert len(vtex.saved_feed) == 1
+    assert len(vtex.saved_feed) == 1 and vtex.config_reads == 1
 
 
 class TrickleFeed(DurableFeed):
@@ -643,3 +657,16 @@ async def test_handles_journaled_during_a_commit_wait_for_the_next_round(setting
         await poller.flush_commits(everything=everything)
         assert len(vtex.committed) == (110 if everything else 100)
         assert len(await store.journal.pending_acks()) == (0 if everything else 10)
+
+
+async def test_the_feed_tells_which_changes_the_hook_had_not_pushed(settings: Settings) -> None:
+    """With the hook as well, each round's new feed events (those the hook had not pushed, or
+    they would be duplicates) are reported by their oldest change time; duplicates are not."""
+    async with await Store.open(settings.db) as store:
+        later = {**ITEM, "eventId": "E2", "handle": "h2", "currentChange": "2026-01-01T00:00:09.0000000Z"}
+        vtex = FakeVtex([[later, ITEM], [{**ITEM, "handle": "h1-again"}]])
+        poller = FeedPoller(store, vtex, settings)
+        missed: list[datetime] = []
+        poller.on_hook_missed = missed.append
+        await feed_until(poller, lambda: len(vtex.committed) == 3, what="both batches committed")
+    assert missed == [datetime(2026, 1, 1, 0, 0, 1, tzinfo=UTC)]

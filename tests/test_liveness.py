@@ -6,11 +6,16 @@ Get orders and approval PUTs are answered truthfully, but each answer (and each
 notification) is delivered whenever the scheduler picks it, so it may arrive after newer
 events. Bogus events dated far in the future may show up too.
 
+The intent may come before VTEX has the order at all: Get order then answers 404, and
+an approval PUT `EOI008`.
+
 A first, free phase may fire any timer. Then VTEX releases the order for good, and from
 there on the scheduler only fires timers whose delay is at most the short knobs (retry,
 creating re-check, EOI008): the slow held re-check and the confirm timeout never fire.
-The properties: the approval PUT still goes out, and until it does the order is never
-parked without work in flight or a short timer.
+The properties: the approval PUT still goes out; until it does the order is never
+parked without work in flight or a short timer; and once omsd has seen the release, no
+retry timer has to fire for it (the model's VTEX answers every call, so a wait for a
+re-check after a 404 or an `EOI008` is all a retry timer could be for).
 """
 
 from __future__ import annotations
@@ -22,14 +27,21 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from omsd.state.apply import View, read
+from omsd.state.apply import apply as apply_rows
+from omsd.state.batch import JournalRow
 from omsd.state.events import (
+    AnyEntry,
     ApprovalAnswered,
     Event,
+    IntentReceived,
     IntentRecorded,
     OrderFetched,
+    OrderFetchFailed,
     ResultNotified,
     StatusChanged,
     TimerFired,
+    current_version,
 )
 from omsd.state.machine import decide
 from omsd.state.models import Effect, FetchOrder, Order, Policy, is_superseded
@@ -80,6 +92,7 @@ class World:
     released: bool = False  # VTEX released the order for good (the second phase)
     release_seen: bool = False  # ... and omsd applied that release event
     approved: bool = False  # VTEX took an approval PUT
+    fired_after_release: list[str] = field(default_factory=list)  # timers fired once the release was seen
     trace: list[str] = field(default_factory=list)
 
     def tick(self, seconds: float = 1) -> None:
@@ -131,6 +144,10 @@ class World:
             self.trace.append(f"superseded {effect.kind} {effect.seq}")
             return
         self.tick()
+        if isinstance(effect, FetchOrder) and self.truth is None:
+            self.wire.append(OrderFetchFailed(order_id=OID, seq=effect.seq, error="HTTP 404", not_found=True))
+            self.trace.append(f"Get order {effect.seq} answered 404")
+            return
         if isinstance(effect, FetchOrder):
             self.wire.append(
                 OrderFetched(
@@ -165,6 +182,8 @@ class World:
     def fire_timer(self) -> None:
         assert self.order is not None and self.order.timer is not None
         timer = self.order.timer
+        if self.release_seen:
+            self.fired_after_release.append(timer.reason)
         self.now = max(self.now, timer.due_at)
         self.apply(TimerFired(order_id=OID, token=timer.token, reason=timer.reason))
 
@@ -184,7 +203,7 @@ class World:
             self.release_seen = True
 
 
-def _brief(event: Event) -> str:
+def _brief(event: Event | AnyEntry) -> str:
     for name in ("state", "status", "code", "reason"):
         value = getattr(event, name, None)
         if value is not None:
@@ -227,6 +246,11 @@ def _first_phase(world: World, data: st.DataObject) -> None:
         if round_ == intent_round:
             world.intent_sent = True
             world.wire.append(INTENT)
+            # omsd may act on the intent before VTEX's next change (in round 0: before the
+            # order exists, so Get order answers 404)
+            for _ in range(data.draw(st.integers(0, 6), label="steps before the change")):
+                if world.approved or not _step(world, data, slow_timers=True):
+                    break
         world.move(data.draw(st.sampled_from(world.next_statuses())), data.draw(st.sampled_from(["feed", "hook"])))
         if data.draw(st.integers(0, 5), label="bogus event") == 0:
             bogus = data.draw(st.sampled_from([HELD, FREE, ACCEPTED]))
@@ -292,3 +316,149 @@ def test_a_seen_release_is_never_parked(data: st.DataObject) -> None:
     """After omsd saw the release, the order always has a call in flight or a short timer
     (or waits for VTEX's result of a PUT it made) until the approval goes out."""
     _run(data, parked=True)
+
+
+@pytest.mark.timeout(600)
+@settings(max_examples=600, deadline=None)
+@given(st.data())
+def test_a_seen_release_waits_for_no_retry_timer(data: st.DataObject) -> None:
+    """An intent that came before its order (Get order 404, EOI008) or any other wait for a
+    re-check: once omsd has applied the release, the approval goes out without a retry timer
+    firing (the release, or any newer status, ends the wait at once)."""
+    world = _run(data, parked=False)
+    assert "retry" not in world.fired_after_release, _story(world)
+
+
+# ---- an intent that names only the marketplace id -----------------------------------------
+# The connector names only the marketplace id; VTEX's events name only its order id, which
+# derives from it (`MKP-123-01` for `123`). omsd parks the intent until a Get order links the
+# two. The model plays the processor: each journal row is applied over the view the store
+# would give (`state.apply`), the effects are performed truthfully in any order, and the
+# background link job never runs, nor the slow timers.
+
+LINK_PATH = (CREATED, ACCEPTED, HELD, FREE)
+
+
+@dataclass
+class Store:
+    """What the processor's view would hold, VTEX's truth, and the wire."""
+
+    now: datetime = field(default_factory=lambda: at(100))
+    truth: str | None = None
+    truth_at: datetime | None = None
+    order: Order | None = None
+    parked: dict[str, tuple[str, int]] = field(default_factory=dict)
+    wire: list[AnyEntry] = field(default_factory=list)
+    outbox: list[Effect] = field(default_factory=list)
+    offset: int = 0
+    timer_set_at: dict[int, datetime] = field(default_factory=dict)
+    intent_sent: bool = False
+    approved: bool = False
+    trace: list[str] = field(default_factory=list)
+
+    def view(self) -> View:
+        o = self.order
+        orders = {OID: o} if o is not None else {}
+        linked = {MKT: o} if o is not None and o.marketplace_order_id == MKT else {}
+        derived = {MKT: o} if o is not None and o.marketplace_order_id is None else {}
+        return View(orders=orders, by_marketplace_id=linked, parked=dict(self.parked), derived=derived)
+
+    def apply(self, entry: AnyEntry) -> None:
+        self.now += timedelta(seconds=1)
+        self.offset += 1
+        payload = entry.model_dump_json()
+        order_id = getattr(entry, "order_id", None)
+        row = JournalRow(
+            self.offset, entry.kind, "test", order_id, payload, None, self.now, current_version(entry.kind)
+        )
+        before = self.order
+        batch = apply_rows([(row, read(row))], self.view(), POLICY)
+        self.order = batch.orders.get(OID, self.order)
+        for mkt in batch.remove_pending:
+            self.parked.pop(mkt, None)
+        self.parked.update(batch.add_pending)
+        self.outbox.extend(batch.effects)
+        timer = self.order.timer if self.order else None
+        if timer is not None and (before is None or before.timer is None or before.timer.token != timer.token):
+            self.timer_set_at[timer.token] = self.now
+        phase = self.order.phase if self.order else None
+        self.trace.append(f"{entry.kind} {_brief(entry)} -> {phase} parked={sorted(self.parked)}")
+
+    def move(self) -> None:
+        """VTEX's next status; its event goes on the wire (by hook and by feed: twice)."""
+        self.now += timedelta(seconds=1)
+        nxt = LINK_PATH[LINK_PATH.index(self.truth) + 1] if self.truth else LINK_PATH[0]
+        event = StatusChanged(order_id=OID, source="hook", state=nxt, last_state=self.truth, current_change=self.now)
+        self.truth, self.truth_at = nxt, self.now
+        self.wire += [event, event.model_copy(update={"source": "feed"})]
+        self.trace.append(f"VTEX -> {nxt}")
+
+    def perform(self, effect: Effect) -> None:
+        if is_superseded(self.order, effect.seq):
+            return
+        self.now += timedelta(seconds=1)
+        if isinstance(effect, FetchOrder):
+            if self.truth is None:
+                self.wire.append(OrderFetchFailed(order_id=OID, seq=effect.seq, error="HTTP 404", not_found=True))
+                return
+            self.wire.append(
+                OrderFetched(
+                    order_id=OID,
+                    seq=effect.seq,
+                    status=self.truth,
+                    marketplace_order_id=MKT,
+                    last_change=self.truth_at,
+                    fetched_at=self.now,
+                )
+            )
+            self.trace.append(f"Get order {effect.seq} ({effect.purpose}): {self.truth}")
+            return
+        code = "EOI011" if self.truth == HELD else "EOI008" if self.truth in (None, CREATED) else "SOI002"
+        self.approved = self.approved or code == "SOI002"
+        self.trace.append(f"PUT {effect.seq}: {code}")
+        self.wire.append(ApprovalAnswered(order_id=OID, seq=effect.seq, code=code, http_status=200))
+
+    def short_timer(self) -> bool:
+        timer = self.order.timer if self.order else None
+        if timer is None:
+            return False
+        return (timer.due_at - self.timer_set_at.get(timer.token, self.now)).total_seconds() <= SHORT_S
+
+
+@pytest.mark.timeout(600)
+@settings(max_examples=400, deadline=None)
+@given(st.data())
+def test_a_parked_intent_is_approved_without_the_link_job(data: st.DataObject) -> None:
+    """An intent by marketplace id, before or after its order's events, in any interleaving with
+    them and with the answers: once VTEX released the order, the approval goes out without the
+    background link job and without a slow timer (the order whose id derives from the parked id
+    is looked up at once)."""
+    store = Store()
+    for _ in range(300):
+        if store.approved:
+            return
+        actions: list[tuple[str, int]] = [("deliver", i) for i in range(len(store.wire))]
+        actions += [("perform", i) for i in range(len(store.outbox))]
+        if store.truth != FREE:
+            actions.append(("vtex", 0))
+        if not store.intent_sent:
+            actions.append(("intent", 0))
+        if store.short_timer():
+            actions.append(("timer", 0))
+        assert actions, "nothing left to happen but no approval went out:\n" + "\n".join(store.trace[-40:])
+        kind, i = data.draw(st.sampled_from(actions))
+        if kind == "deliver":
+            store.apply(store.wire.pop(i))
+        elif kind == "perform":
+            store.perform(store.outbox.pop(i))
+        elif kind == "vtex":
+            store.move()
+        elif kind == "intent":
+            store.intent_sent = True
+            store.wire.append(IntentReceived(marketplace_order_id=MKT, source="api"))
+        else:
+            assert store.order is not None and store.order.timer is not None
+            timer = store.order.timer
+            store.now = max(store.now, timer.due_at)
+            store.apply(TimerFired(order_id=OID, token=timer.token, reason=timer.reason))
+    raise AssertionError("no approval after 300 steps:\n" + "\n".join(store.trace[-40:]))

@@ -25,6 +25,7 @@ from tests.machine_helpers import (
     fetched,
     future_status,
     intent,
+    link_lookup,
     notified,
     order,
     resync,
@@ -71,6 +72,48 @@ EDGES = [
         "tracking",
     ),
     Edge("resync of a linked order without intent does nothing", order("tracking"), resync(), "tracking"),
+    Edge(
+        "an intent parked on the derived id: the link is looked up at once",
+        order("tracking", marketplace_order_id=None, link_checked=False),
+        link_lookup(),
+        "tracking",
+        ["fetch:link_intent"],
+    ),
+    Edge(
+        "an intent parked on the derived id: it replaces a background lookup still queued",
+        order("tracking", marketplace_order_id=None, inflight=Inflight(seq=5, kind="fetch", purpose="link")),
+        link_lookup(),
+        "tracking",
+        ["fetch:link_intent"],
+    ),
+    Edge(
+        "an urgent lookup in flight: nothing more",
+        order("tracking", marketplace_order_id=None, inflight=Inflight(seq=5, kind="fetch", purpose="link_intent")),
+        link_lookup(),
+        "tracking",
+    ),
+    Edge("a linked order needs no lookup", order("tracking"), link_lookup(), "tracking"),
+    Edge(
+        "an intent while the urgent lookup of a free order is in flight: that Get order is the check",
+        order(
+            "tracking",
+            status=FREE,
+            held=False,
+            marketplace_order_id=None,
+            inflight=Inflight(seq=5, kind="fetch", purpose="link_intent"),
+        ),
+        intent(),
+        "checking",
+        [],
+        {"inflight": Inflight(seq=5, kind="fetch", purpose="link_intent")},
+    ),
+    Edge(
+        "the urgent lookup's answer decides the approval",
+        order("checking", purpose="link_intent"),
+        fetched(FREE, seq=5),
+        "sending",
+        ["send"],
+    ),
     Edge("resync of an order never seen asks nothing", None, resync(), "tracking"),
     Edge(
         "a transient link failure leaves the link to look up again",
@@ -141,11 +184,66 @@ EDGES = [
         {"timer_reason": "retry", "attempts": 1},
     ),
     Edge(
-        "Get order 404: re-check later",
-        order("checking"),
+        "Get order 404 for an order never seen: re-check later",
+        order("checking", status=None, status_at=None, held=False),
         fetch_failed(not_found=True),
         "retry_wait",
         [],
+        {"eoi008": 1, "last_code": "EOI008"},
+    ),
+    Edge(
+        "Get order 404 for an order VTEX showed: ask again at once, once",
+        order("checking"),
+        fetch_failed(not_found=True),
+        "checking",
+        ["fetch:pre_approval"],
+        {"eoi008": 0, "stale_checks": 1},
+    ),
+    Edge(
+        "Get order 404 again for an order VTEX showed: re-check later",
+        order("checking", stale_checks=1),
+        fetch_failed(not_found=True),
+        "retry_wait",
+        [],
+        {"eoi008": 1},
+    ),
+    Edge(
+        "a newer status ends a wait after a 404",
+        order("retry_wait", status=None, status_at=None, held=False, eoi008=1, last_code="EOI008"),
+        status("order-created", 10),
+        "checking",
+        ["fetch:pre_approval"],
+    ),
+    Edge(
+        "a release ends a wait after EOI008",
+        order("retry_wait", status="order-created", eoi008=1, last_code="EOI008", held=False),
+        status(FREE, 10, last_state=HELD_S),
+        "checking",
+        ["fetch:pre_approval"],
+        {"timer": None},
+    ),
+    Edge(
+        "a hold ends a wait after a failure: wait for the release instead",
+        order("retry_wait", status=FREE, status_at=at(0)),
+        status(HELD_S, 10),
+        "waiting_release",
+        [],
+        {"timer_reason": "held_recheck", "attempts": 1},
+    ),
+    Edge(
+        "the same status again keeps the wait",
+        order("retry_wait", status=FREE, status_at=at(10)),
+        status(FREE, 10),
+        "retry_wait",
+        [],
+        {"timer_reason": "retry"},
+    ),
+    Edge(
+        "EOI008 for a PUT older than the known status: check again at once",
+        order("sending", status=FREE, status_at=at(30), sent_on=at(10)),
+        answered("EOI008", http_status=400),
+        "checking",
+        ["fetch:pre_approval"],
         {"eoi008": 1},
     ),
     Edge(
@@ -578,7 +676,8 @@ WEIGHTED = st.one_of(
 CODES = st.sampled_from(["SOI002", "SOI003", "EOI000", "EOI001", "EOI008", "EOI009", "EOI011", "EOI006"])
 
 # One step of the world: ("status", state, t) | ("intent",) | ("result", index, state_or_code)
-# | ("fail", index, retryable, not_found) | ("notify", code) | ("timer", token_delta) | ("resync",) | ("dup",)
+# | ("fail", index, retryable, not_found) | ("notify", code) | ("timer", token_delta) | ("resync",) | ("lookup",)
+# | ("dup",)
 STEP = st.one_of(
     st.tuples(st.just("status"), WEIGHTED, st.integers(0, 60)),
     st.tuples(st.just("intent")),
@@ -587,6 +686,7 @@ STEP = st.one_of(
     st.tuples(st.just("notify"), CODES),
     st.tuples(st.just("timer"), st.integers(-1, 0)),
     st.tuples(st.just("resync")),
+    st.tuples(st.just("lookup")),
     st.tuples(st.just("dup")),
 )
 
@@ -634,6 +734,8 @@ def test_never_approves_while_held_or_canceled(steps: list[tuple[Any, ...]]) -> 
             event = timer(o.timer.token + step[1], o.timer.reason)
         elif kind == "resync":
             event = resync()
+        elif kind == "lookup":
+            event = link_lookup()
         elif kind == "dup" and history:
             event = history[-1]
         if event is None:

@@ -28,7 +28,8 @@ OTHER = "MKP-999-01"
 async def _linking_order(db: Path) -> None:
     """An order whose link lookup (Get order) is pending, with an intent parked on its marketplace id."""
     async with await Store.open(db) as store:
-        # Ids are linked lazily: the parked-intents job asks for the lookup with a resync.
+        # The order's id derives from the parked id: its first event asks the lookup at once (the
+        # job's resync that follows finds it in flight and asks nothing more).
         lookup = entry(Resync(order_id=OID, reason="link lookup for a parked intent"))
         await store.journal.append(
             [entry(IntentReceived(marketplace_order_id=MKT, source="api")), status_entry(HELD, 1), lookup], now=NOW
@@ -202,9 +203,9 @@ def test_dry_run_changes_nothing_and_shows_the_differences(
     }
     [order] = report["orders"]
     assert order["differences"] == {"phase": {"stored": "dead", "rebuilt": "tracking"}}
-    assert order["calls"] == ["fetch_order seq 1 (link)"]
+    assert order["calls"] == ["fetch_order seq 1 (link_intent)"]
     assert main(["replay", "--dry-run"]) == 0
-    assert "would call: fetch_order seq 1 (link)" in capsys.readouterr().out
+    assert "would call: fetch_order seq 1 (link_intent)" in capsys.readouterr().out
     assert main(["replay"]) == 0
     assert _pending_effects(db) == [(OID, 1, "fetch_order")]
     assert _phases(db) == {OID: "tracking"}

@@ -231,3 +231,14 @@ async def test_routes_follow_the_connector_endpoints_path(sim: Simulator, run_da
         await until(reached(daemon, order.order_id, Phase.APPROVED))
     assert any(n["code"] == "SOI002" for n in sim.notifications_sent)
     assert order.approvals_applied == 1
+
+
+async def test_a_dropped_hook_is_recreated_from_the_feeds_evidence(sim: Simulator, run_daemon: Any) -> None:
+    """With hook and feed, VTEX drops the hook configuration: the feed delivers changes the hook
+    never pushed, and omsd recreates the hook configuration without waiting for the self-check."""
+    async with run_daemon(sim, **hooked(source="both", self_check_s=3600)) as daemon:
+        assert daemon.setup is not None and sim.hook_config is not None
+        sim.hook_config = None
+        order = sim.create("DROP1", held=True, decision=None)
+        await until(lambda: sim.hook_config is not None, what="the hook configuration recreated")
+        assert order.status == "waiting-for-manual-authorization"

@@ -241,6 +241,23 @@ async def test_429_carries_retry_after_in_the_configured_form(sim: Simulator) ->
     assert seen["none"] is None
 
 
+async def test_the_account_limit_is_a_sliding_second_over_every_route(sim: Simulator) -> None:
+    """With an account limit, any second holds at most that many admitted requests, whatever the
+    route; the next gets 429 with Retry-After (whole seconds until a place frees) and does not
+    count against the window."""
+    sim.faults.account_limit_per_s = 3
+    async with aiohttp.ClientSession(headers=headers(sim)) as s:
+        statuses = []
+        for path in ("oms/pvt/orders/x", "orders/feed/config", "oms/pvt/orders/y", "orders/feed/config"):
+            async with s.get(f"{sim.base_url}/api/{path}") as r:
+                statuses.append(r.status)
+                retry_after = r.headers.get("Retry-After")
+    assert 429 not in statuses[:3] and statuses[3] == 429
+    assert retry_after == "1"
+    assert sim.account_limited == 1 and sim.rate_limited == 1
+    assert len(sim.arrivals) == 4
+
+
 async def test_held_orders_are_decided_after_a_delay(sim: Simulator) -> None:
     """A held order is authorized (→ release status) or rejected (→ cancel → canceled) later."""
     a = sim.create("H1", held=True, decision="authorize", decide_after_s=0.05)

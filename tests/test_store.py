@@ -16,8 +16,10 @@ from hypothesis import strategies as st
 
 from omsd.daemon.cli import main
 from omsd.daemon.ops.metrics import Metrics
-from omsd.daemon.pipeline.linking import ParkedIntents
+from omsd.daemon.pipeline.effects import FETCH_PRIORITY
+from omsd.daemon.pipeline.linking import LOOKUP_GRACE_S, ParkedIntents
 from omsd.daemon.pipeline.processor import Processor
+from omsd.daemon.vtex.budget import Priority
 from omsd.state.events import (
     UPCASTERS,
     VERSIONS,
@@ -30,12 +32,12 @@ from omsd.state.events import (
     UnreadableEntry,
     read_entry,
 )
-from omsd.state.models import Policy
+from omsd.state.models import FetchOrder, Policy
 from omsd.state.statuses import Phase
 from omsd.state.store import NewEntry, SchemaTooNew, Store, StoreError
 from omsd.state.store.schema import MIGRATIONS, SCHEMA_VERSION
 from tests.machine_helpers import FREE, HELD, MKT, OID, at
-from tests.store_helpers import NOW, answer_fetch, entry, status_entry
+from tests.store_helpers import NOW, answer_fetch, entry, fail_fetch, status_entry
 
 
 async def test_append_is_durable_and_deduplicated(tmp_path: Path) -> None:
@@ -163,20 +165,28 @@ async def test_replay_rebuilds_the_same_state(tmp_path: Path) -> None:
         assert await store.outbox.counts() == {"done": 1, "superseded": 1}
 
 
+LATER = NOW + timedelta(seconds=LOOKUP_GRACE_S)  # the intents parked at NOW have had their grace
+
+
 def parked_job(store: Store, metrics: Metrics | None = None, **kw: object) -> ParkedIntents:
-    options: dict[str, object] = {"ttl_s": 3600.0, "lookups_per_run": 5, "clock": lambda: NOW}
+    options: dict[str, object] = {"ttl_s": 3600.0, "lookups_per_run": 5, "clock": lambda: LATER}
     options.update(kw)
     return ParkedIntents(store, metrics or Metrics(), lambda: None, **options)  # type: ignore[arg-type]
 
 
+# An order id that does not derive from MKT (VTEX's ids usually do; the job is for those that don't).
+ODD = "SLR-00987-01"
+
+
 async def test_intent_by_marketplace_id_is_parked_until_linked(tmp_path: Path) -> None:
-    """An intent naming only the marketplace id waits parked; the lookup job's Get order links it, then it applies."""
+    """An intent naming only the marketplace id waits parked; when no order's id derives from it,
+    the lookup job's Get order links it, then it applies."""
     async with await Store.open(tmp_path / "db") as store:
         processor = Processor(store, Policy())
         await store.journal.append([entry(IntentReceived(marketplace_order_id=MKT, source="api"))], now=NOW)
         await processor.drain()
         assert [p[0] for p in await store.read.pending_intents()] == [MKT]
-        await store.journal.append([status_entry(HELD, 1)], now=NOW)
+        await store.journal.append([status_entry(HELD, 1, order_id=ODD)], now=NOW)
         await processor.drain()
         assert await store.outbox.counts() == {}  # first sight asks no Get order
         metrics = Metrics()
@@ -185,10 +195,51 @@ async def test_intent_by_marketplace_id_is_parked_until_linked(tmp_path: Path) -
         await processor.drain()
         await answer_fetch(store, HELD, t=1)  # the lookup links the ids
         await processor.drain()
-        order = await store.read.load_order(OID)
+        order = await store.read.load_order(ODD)
         assert order is not None and order.has_intent and order.phase == Phase.WAITING_RELEASE
         assert await store.read.pending_intents() == []
-        assert metrics.sample("omsd_link_lookups_total") == 1
+        assert metrics.sample("omsd_link_lookups_total", trigger="job") == 1
+
+
+async def test_a_derived_order_is_looked_up_at_once_at_the_approvals_priority(tmp_path: Path) -> None:
+    """An intent parked on a marketplace id, and an order whose id derives from it: its Get order
+    is asked in the step that parks the intent (or first sees the order), at the approval's
+    priority, and its answer both releases the intent and confirms the approval: no job, no
+    second Get order."""
+    for intent_first in (True, False):
+        async with await Store.open(tmp_path / f"db{intent_first}") as store:
+            metrics = Metrics()
+            processor = Processor(store, Policy(), metrics=metrics)
+            intent_row = entry(IntentReceived(marketplace_order_id=MKT, source="api"))
+            rows = [intent_row, status_entry(FREE, 1)] if intent_first else [status_entry(FREE, 1), intent_row]
+            for row in rows:
+                await store.journal.append([row], now=NOW)
+                await processor.drain()
+            [pending] = await store.outbox.claim(10, now=NOW)
+            assert isinstance(pending.effect, FetchOrder) and pending.effect.purpose == "link_intent"
+            assert FETCH_PRIORITY[pending.effect.purpose] == Priority.APPROVAL
+            assert metrics.sample("omsd_link_lookups_total", trigger="intent") == 1
+            await store.outbox.requeue(pending.id)
+            await answer_fetch(store, FREE, t=1)
+            await processor.drain()
+            order = await store.read.load_order(OID)
+            assert order is not None and order.phase == Phase.SENDING, intent_first
+            assert await store.read.pending_intents() == []
+            [put] = await store.outbox.claim(10, now=NOW)
+            assert put.effect.kind == "send_approval"
+
+
+async def test_no_job_lookup_for_an_intent_parked_moments_ago(tmp_path: Path) -> None:
+    """Within its grace a parked intent gets no background lookup: the order whose id derives from
+    it is being looked up at once, and guesses among the other unlinked orders would be wasted."""
+    async with await Store.open(tmp_path / "db") as store:
+        processor = Processor(store, Policy())
+        await store.journal.append([entry(IntentReceived(marketplace_order_id=MKT, source="api"))], now=NOW)
+        await store.journal.append([status_entry(HELD, 1, order_id=ODD)], now=NOW)
+        await processor.drain()
+        early = NOW + timedelta(seconds=LOOKUP_GRACE_S - 1)
+        assert await parked_job(store, clock=lambda: early).run_once() == 0
+        assert await parked_job(store).run_once() == 1
 
 
 async def test_no_lookup_without_a_parked_intent(tmp_path: Path) -> None:
@@ -209,7 +260,7 @@ async def test_lookup_job_sees_orders_the_processor_applied_after_an_idle_run(tm
         await store.journal.append([entry(IntentReceived(marketplace_order_id=MKT, source="api"))], now=NOW)
         await processor.drain()
         job = parked_job(store)
-        await store.journal.append([status_entry(HELD, 1)], now=NOW)
+        await store.journal.append([status_entry(HELD, 1, order_id=ODD)], now=NOW)
         assert await job.run_once() == 0  # not applied yet
         assert await job.run_once() == 0
         await processor.drain()
@@ -217,8 +268,9 @@ async def test_lookup_job_sees_orders_the_processor_applied_after_an_idle_run(tm
 
 
 async def test_link_candidates_prefer_the_derived_id_and_skip_closed_orders(tmp_path: Path) -> None:
-    """Lookups go first to the order whose VTEX id contains the parked marketplace id, never to
-    closed orders, orders with a known marketplace id, or more than the bound per run."""
+    """Lookups go first to the order whose VTEX id contains the parked marketplace id (here its
+    urgent lookup failed), never to closed orders, orders with a known marketplace id, or more
+    than the bound per run."""
     async with await Store.open(tmp_path / "db") as store:
         entries = [entry(IntentReceived(marketplace_order_id="777", source="api"))]
         for i, (oid, state) in enumerate(
@@ -228,9 +280,31 @@ async def test_link_candidates_prefer_the_derived_id_and_skip_closed_orders(tmp_
             entries.append(entry(ev, dedup_key=f"s:{oid}"))
         entries.append(entry(IntentRecorded(order_id="D-4-01", marketplace_order_id="444", source="api")))
         await store.journal.append(entries, now=NOW)
-        await Processor(store, Policy()).drain()
+        processor = Processor(store, Policy())
+        await processor.drain()
+        assert [oid for oid, _ in await store.read.link_candidates(10)] == ["A-1-01"]  # GHB's is in flight
+        await fail_fetch(store)
+        await processor.drain()
         assert [oid for oid, _ in await store.read.link_candidates(10)] == ["GHB-777-01", "A-1-01"]
         assert [oid for oid, _ in await store.read.link_candidates(1)] == ["GHB-777-01"]
+
+
+async def test_a_wave_of_lookups_in_flight_does_not_block_the_next(tmp_path: Path) -> None:
+    """Background lookups still queued (a saturated budget) do not hold the next run back, but at
+    most two runs' worth are in flight at once."""
+    async with await Store.open(tmp_path / "db") as store:
+        entries = [entry(IntentReceived(marketplace_order_id=MKT, source="api"))]
+        entries += [status_entry(HELD, i, order_id=f"SLR-{i:05d}-01") for i in range(12)]
+        await store.journal.append(entries, now=NOW)
+        processor = Processor(store, Policy())
+        await processor.drain()
+        job = parked_job(store, lookups_per_run=5)
+        assert await job.run_once() == 5
+        await processor.drain()
+        assert await job.run_once() == 5  # the first five wait unanswered
+        await processor.drain()
+        assert await job.run_once() == 0
+        assert await store.outbox.link_lookups_in_flight() == 10
 
 
 async def test_parked_intent_expires_with_a_record(tmp_path: Path) -> None:

@@ -15,7 +15,6 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from asyncio_throttle import throttler as throttler_module
 
 from omsd.daemon.ops.metrics import Metrics
 from omsd.daemon.vtex.budget import Priority
@@ -426,7 +425,7 @@ RATE = "omsd_vtex_rate_limit_effective_per_second"
 
 
 async def test_429s_in_a_row_lower_the_effective_rate_and_quiet_restores_it(session: aiohttp.ClientSession) -> None:
-    """Three 429s in a row cut the throttle and the gauge to 70 %; 5 s later a success adds 5 % back."""
+    """Three 429s in a row cut the throttle and the gauge to 70 %; 5 s of calls at that rate add 5 % back."""
     sleeps, metrics = Sleeps(), Metrics()
     with aioresponses() as m:
         for _ in range(3):
@@ -436,11 +435,13 @@ async def test_429s_in_a_row_lower_the_effective_rate_and_quiet_restores_it(sess
         assert metrics.sample(RATE) == 10
         await c.get_order("X")
         assert metrics.sample(RATE) == pytest.approx(7.0)
-        assert (c._throttler.rate_limit, c._throttler.period) == spread(7)
-        sleeps.now += 5.0
+        assert (c._window.calls, c._window.period) == spread(7)
+        cut_at = sleeps.now
+        while sleeps.now < cut_at + 5.0:  # the send window spaces them: 7 per 1.05 s
+            await c.get_order("X")
         await c.get_order("X")
     assert metrics.sample(RATE) == pytest.approx(7.5)
-    assert (c._throttler.rate_limit, c._throttler.period) == spread(7)
+    assert (c._window.calls, c._window.period) == spread(7)
 
 
 async def test_a_lone_429_pauses_but_keeps_the_rate(session: aiohttp.ClientSession) -> None:
@@ -452,7 +453,7 @@ async def test_a_lone_429_pauses_but_keeps_the_rate(session: aiohttp.ClientSessi
         c = VtexClient(make_settings(rate_limit_per_s=10), session, sleep=sleeps, clock=sleeps.clock, metrics=metrics)
         await c.get_order("X")
     assert sleeps.calls == [1.0]
-    assert metrics.sample(RATE) == 10 and (c._throttler.rate_limit, c._throttler.period) == spread(10)
+    assert metrics.sample(RATE) == 10 and (c._window.calls, c._window.period) == spread(10)
 
 
 async def test_without_adaptation_the_rate_stays_configured(session: aiohttp.ClientSession) -> None:
@@ -466,7 +467,7 @@ async def test_without_adaptation_the_rate_stays_configured(session: aiohttp.Cli
         c = VtexClient(settings, session, sleep=sleeps, clock=sleeps.clock, metrics=metrics)
         await c.get_order("X")
     assert sleeps.calls == [1.0, 1.0, 1.0]
-    assert metrics.sample(RATE) == 10 and (c._throttler.rate_limit, c._throttler.period) == spread(10)
+    assert metrics.sample(RATE) == 10 and (c._window.calls, c._window.period) == spread(10)
 
 
 def busiest(times: list[float], period: float) -> int:
@@ -480,10 +481,7 @@ async def test_many_callers_never_exceed_a_window(session: aiohttp.ClientSession
     """Many concurrent callers of every class: no 1 s window holds more than the rate, no 100 ms
     window more than a tenth of it, and the calls still use the whole rate."""
     sleeps = Sleeps()
-    with aioresponses() as m, pytest.MonkeyPatch.context() as mp:
-        # asyncio-throttle's own clock and sleep: the fake ones
-        mp.setattr(throttler_module, "time", SimpleNamespace(monotonic=sleeps.clock))
-        mp.setattr(throttler_module, "asyncio", SimpleNamespace(sleep=sleeps))
+    with aioresponses() as m:
         m.get(re.compile(rf"{BASE}/api/oms/pvt/orders/.*"), payload={"orderId": "X"}, repeat=True)
         m.get(f"{BASE}/api/orders/feed?maxlot=10", payload=[], repeat=True)
         m.post(f"{BASE}/api/orders/feed", status=200, repeat=True)
@@ -497,5 +495,100 @@ async def test_many_callers_never_exceed_a_window(session: aiohttp.ClientSession
     assert len(times) == rate * 5
     assert busiest(times, 1.0) == rate
     assert busiest(times, 0.1) == rate // 10
-    # five seconds' worth, but for the margin and the throttle's polling (a fiftieth of its window)
-    assert max(times) - min(times) < 5.0 * (1 + MARGIN) * 1.02
+    # five seconds' worth, but for the margin
+    assert max(times) - min(times) < 5.0 * (1 + MARGIN)
+
+
+# ---- Get orders coalesced ------------------------------------------------------------------
+
+
+class SlowOrders:
+    """A loopback Get order that holds each answer until `release` is set, counting the calls
+    per order and how many are on the wire at once."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {}
+        self.on_wire = 0
+        self.most_on_wire: dict[str, int] = {}
+        self.release = asyncio.Event()
+        self.arrived = asyncio.Event()
+
+    async def order(self, request: web.Request) -> web.Response:
+        order_id = request.match_info["order_id"]
+        self.calls[order_id] = self.calls.get(order_id, 0) + 1
+        self.on_wire += 1
+        self.most_on_wire[order_id] = max(self.most_on_wire.get(order_id, 0), self.on_wire)
+        self.arrived.set()
+        await self.release.wait()
+        self.on_wire -= 1
+        return web.json_response({"orderId": order_id, "status": "handling"})
+
+
+@pytest.fixture
+async def slow_orders() -> AsyncIterator[tuple[SlowOrders, str]]:
+    fake = SlowOrders()
+    app = web.Application()
+    app.router.add_get("/api/oms/pvt/orders/{order_id}", fake.order)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield fake, f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        fake.release.set()
+        await runner.cleanup()
+
+
+async def test_a_get_order_still_queued_answers_the_next_for_the_same_order(
+    session: aiohttp.ClientSession, slow_orders: tuple[SlowOrders, str]
+) -> None:
+    """Two Get orders of one order while the first waits for a slot: one request, one answer for both."""
+    fake, base = slow_orders
+    metrics = Metrics()
+    c = VtexClient(make_settings(vtex_base_url=base, rate_limit_per_s=2), session, metrics=metrics)
+    fake.release.set()
+    await c.get_order("OTHER")  # the window's one call for now: the next ones queue
+    first = asyncio.create_task(c.get_order("A"))
+    await until(lambda: "A" in c._order_calls, what="the first call queued")
+    second = await c.get_order("A")
+    assert (await first).order_id == second.order_id == "A"
+    assert fake.calls["A"] == 1
+    assert metrics.sample("omsd_vtex_get_orders_coalesced_total") == 1
+
+
+async def test_one_get_order_on_the_wire_per_order(
+    session: aiohttp.ClientSession, slow_orders: tuple[SlowOrders, str]
+) -> None:
+    """A Get order asked while one of the same order is on the wire waits for its answer, then
+    asks anew (its answer may predate what the caller knows): never two on the wire at once."""
+    fake, base = slow_orders
+    c = VtexClient(make_settings(vtex_base_url=base, rate_limit_per_s=100), session)
+    first = asyncio.create_task(c.get_order("A"))
+    await asyncio.wait_for(fake.arrived.wait(), timeout=10)
+    second = asyncio.create_task(c.get_order("A", priority=Priority.APPROVAL))
+    await until(lambda: c._order_calls["A"].sent, what="the first on the wire")
+    fake.release.set()
+    await asyncio.gather(first, second)
+    assert fake.calls["A"] == 2
+    assert fake.most_on_wire["A"] == 1
+
+
+async def test_an_urgent_get_order_does_not_wait_behind_a_queued_background_one(
+    session: aiohttp.ClientSession, slow_orders: tuple[SlowOrders, str]
+) -> None:
+    """A Get order before an approval is not absorbed by a background one of the same order that
+    still waits for a slot: it asks on its own, at its priority."""
+    fake, base = slow_orders
+    metrics = Metrics()
+    c = VtexClient(make_settings(vtex_base_url=base, rate_limit_per_s=2), session, metrics=metrics)
+    other = asyncio.create_task(c.get_order("OTHER"))  # on the wire (held), and the window full
+    await asyncio.wait_for(fake.arrived.wait(), timeout=10)
+    background = asyncio.create_task(c.get_order("A", priority=Priority.BACKGROUND))
+    await until(lambda: "A" in c._order_calls, what="the background call queued")
+    urgent = asyncio.create_task(c.get_order("A", priority=Priority.APPROVAL))
+    # both reach VTEX while every answer is held: the urgent one waited for nobody's answer
+    await until(lambda: fake.calls.get("A") == 2, what="both Get orders on the wire")
+    fake.release.set()
+    await asyncio.gather(other, background, urgent)
+    assert metrics.sample("omsd_vtex_get_orders_coalesced_total") == 0

@@ -127,7 +127,7 @@ class Settings(PolicySettings, ReplicaSettings):
     rate_limited_wait_s: float = Field(default=60.0, ge=0, le=3600)
 
     # Keeping VTEX's side configured, and noticing trouble
-    self_check_s: float = Field(default=300.0, ge=5, le=86400)
+    self_check_s: float = Field(default=300.0, ge=60, le=86400)  # reads the feed configuration: once a minute at most
     queue_age_alarm_s: float | None = Field(default=None, gt=0, le=1209600)  # default: 75% of the retention
     ready_stale_s: float = Field(default=120.0, gt=0, le=DAY)
 

@@ -46,6 +46,7 @@ class Intake:
     entry: NewEntry
     handle: str | None
     accepted: bool
+    changed_at: datetime | None = None  # an accepted status event's change time
 
 
 def status_dedup_key(order_id: str, state: str, change: datetime | None) -> str:
@@ -73,13 +74,14 @@ def feed_item(item: object, received_at: datetime) -> Intake:
         reason = f"feed item must be a JSON object, got {type(item).__name__}"
         return Intake(entry=rejected("feed", item, reason, received_at), handle=None, accepted=False)
     try:
-        entry = _status_entry(FeedItem.model_validate(item).event("feed"), received_at)
+        event = FeedItem.model_validate(item).event("feed")
+        entry = _status_entry(event, received_at)
     except ValidationError as exc:
         reason = reason_of(exc, FEED_NAMES)
     except (ValueError, TypeError, OverflowError, RecursionError) as exc:
         reason = f"unreadable feed item ({type(exc).__name__})"
     else:
-        return Intake(entry=entry, handle=handle, accepted=True)
+        return Intake(entry=entry, handle=handle, accepted=True, changed_at=event.current_change)
     return Intake(entry=rejected("feed", item, reason, received_at), handle=handle, accepted=False)
 
 

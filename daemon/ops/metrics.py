@@ -154,6 +154,11 @@ class Metrics:
             "omsd_vtex_rate_limited_wait_seconds", "Seconds paused because of 429", registry=r
         )
         self.retries = Counter("omsd_vtex_retries", "Retries of idempotent VTEX calls", registry=r)
+        self.get_orders_coalesced = Counter(
+            "omsd_vtex_get_orders_coalesced",
+            "Get orders answered by another call for the same order still queued for a slot",
+            registry=r,
+        )
         self.rate_effective = Gauge(
             "omsd_vtex_rate_limit_effective_per_second",
             "Requests per second the VTEX client allows itself now (429s lower it, quiet raises it)",
@@ -183,7 +188,11 @@ class Metrics:
             "omsd_intents_expired", "Parked intents dropped after OMSD_PARKED_INTENT_TTL_S unlinked", registry=r
         )
         self.link_lookups = Counter(
-            "omsd_link_lookups", "Get orders asked to link a parked intent's marketplace id", registry=r
+            "omsd_link_lookups",
+            "Get orders asked to link a parked intent's marketplace id, by trigger: intent (an order whose id "
+            "derives from it, at the approval's priority) or job (the background lookups)",
+            ["trigger"],
+            registry=r,
         )
         self.outcomes = Counter(
             "omsd_outcomes", "Outcome events written for the connector, by type", ["type"], registry=r
@@ -209,6 +218,8 @@ class Metrics:
         self.event_waiters = Gauge(
             "omsd_event_waiters", "Long polls and event streams waiting for the next outcome", registry=r
         )
+        for trigger in ("intent", "job"):
+            self.link_lookups.labels(trigger=trigger)
         self.store_probes = Counter(
             "omsd_store_probes", "Write probes of the database, by result (ok, refused)", ["result"], registry=r
         )

@@ -28,11 +28,13 @@ from ..vtex.errors import AuthFailed, NotFound, RateLimited, VtexError
 log = get_logger("omsd.effects")
 
 INTERRUPTED = "interrupted: outcome unknown"
-# A Get order right before an approval (or after a refusal, to decide on the next one)
-# is as urgent as the approval itself; linking ids and confirmation checks can wait.
+# A Get order right before an approval (or after a refusal, to decide on the next one), or
+# the one that links an intent waiting parked to the order its id names, is as urgent as the
+# approval itself; the background link lookups and confirmation checks can wait.
 FETCH_PRIORITY: dict[str, Priority] = {
     "pre_approval": Priority.APPROVAL,
     "after_refusal": Priority.APPROVAL,
+    "link_intent": Priority.APPROVAL,
     "link": Priority.BACKGROUND,
     "confirm": Priority.BACKGROUND,
 }
@@ -60,6 +62,11 @@ class EffectRunner:
         self._vtex = vtex
         self._slots = asyncio.Semaphore(concurrency)
         self._concurrency = concurrency
+        # Neither kind may take every slot: calls waiting out a Retry-After pause of their
+        # route (Get order, say) would keep the other kind's calls (approvals) from being
+        # claimed while their route is free. A quarter of the slots stays for the other.
+        self._per_kind = max(1, concurrency - concurrency // 4)
+        self._running: dict[str, int] = {"fetch_order": 0, "send_approval": 0}
         self.on_result = on_result
         self._clock = clock
         self._metrics = metrics or Metrics()
@@ -96,21 +103,28 @@ class EffectRunner:
         `started` and is recovered at the next start.
         """
         running: set[asyncio.Task[None]] = set()
+        per_kind = self._running
 
-        def finished(task: asyncio.Task[None]) -> None:
-            running.discard(task)
-            self.wake.set()  # a free slot
+        def finished(kind: str) -> Callable[[asyncio.Task[None]], None]:
+            def done(task: asyncio.Task[None]) -> None:
+                running.discard(task)
+                per_kind[kind] -= 1
+                self.wake.set()  # a free slot
+
+            return done
 
         async with asyncio.TaskGroup() as calls:
             while not stop.is_set():
                 self.progress()
                 self.wake.clear()
                 free = self._concurrency - len(running)
-                rows = await self._store.outbox.claim(free, now=self._clock()) if free > 0 else []
+                kinds = {k: self._per_kind - n for k, n in per_kind.items()}
+                rows = await self._store.outbox.claim(free, now=self._clock(), kinds=kinds) if free > 0 else []
                 for row in rows:
                     task = calls.create_task(self._perform(row), name=f"effect-{row.id}")
                     running.add(task)
-                    task.add_done_callback(finished)
+                    per_kind[row.effect.kind] += 1
+                    task.add_done_callback(finished(row.effect.kind))
                 if rows and len(running) < self._concurrency:
                     continue
                 # Woken by the processor (new effects) or by a finished call (a free slot).

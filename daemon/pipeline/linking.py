@@ -2,9 +2,11 @@
 what omsd appends to the journal on its own initiative (run as scheduled jobs).
 
 - `ParkedIntents`: an intent that names only a marketplace id waits parked until an order
-  is linked to it. Linking is lazy: only while intents are parked does this job ask for a
-  few link lookups per run (a `Resync` of an unlinked order, which the machine answers with
-  a lowest-priority Get order), and it expires intents parked longer than
+  is linked to it. An order whose VTEX id derives from the parked id is looked up at once
+  by the processor (`state.routing.lookup`); this job is for the ids that follow no
+  pattern: only while an intent has been parked for `LOOKUP_GRACE_S` does it ask for a few
+  link lookups per run (a `Resync` of an unlinked order, which the machine answers with a
+  lowest-priority Get order; at most two runs' worth in flight), and it expires intents parked longer than
   `OMSD_PARKED_INTENT_TTL_S` (an `IntentExpired` journal row, the operator's record).
 - `resync_waiting`: after VTEX's feed or hook configuration was found missing and
   recreated, every order whose intent waits for a status event is re-checked at once:
@@ -26,6 +28,11 @@ from ..ops.logs import get_logger
 from ..ops.metrics import Metrics
 
 log = get_logger("omsd.jobs")
+
+# The job looks orders up only for an intent parked at least this long: before, the order whose
+# VTEX id derives from the intent's marketplace id (VTEX's ids usually do) is being looked up at
+# once by the processor, and a wave of guesses among the other unlinked orders would be wasted.
+LOOKUP_GRACE_S = 5.0
 
 Clock = Callable[[], datetime]
 
@@ -75,7 +82,7 @@ class ParkedIntents:
         added = [not r.duplicate for r in results]
         expiries, looked_up = sum(added[: len(entries)]), sum(added[len(entries) :])
         if looked_up:
-            self._metrics.link_lookups.inc(looked_up)
+            self._metrics.link_lookups.labels(trigger="job").inc(looked_up)
         if expiries or looked_up:
             log.debug("parked_intents_job", expiries=expiries, lookups=looked_up)
             self._wake()
@@ -85,11 +92,17 @@ class ParkedIntents:
         limit = self._lookups_per_run
         if limit == 0:
             return []
+        oldest = await self._store.read.oldest_parked_at()
+        if oldest is None or now - oldest < timedelta(seconds=LOOKUP_GRACE_S):
+            return []  # an intent parked moments ago: the order whose id derives from it is looked up at once
         applied = await self._store.read.processor_offset()
         if self._idle_at == applied:
             return []  # the orders table has not changed since no candidate was left: spare the query
-        if await self._store.outbox.link_lookups_in_flight():
-            return []  # one wave at a time: the likeliest candidates' answers come first
+        # A wave waiting behind a saturated budget does not hold the next back, but the lookups
+        # in flight stay bounded (two runs' worth): they wait in the effect runner's slots.
+        limit = min(limit, 2 * limit - await self._store.outbox.link_lookups_in_flight())
+        if limit <= 0:
+            return []
         candidates = await self._store.read.link_candidates(limit)
         self._idle_at = applied if not candidates else None
         return [

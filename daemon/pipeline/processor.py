@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from omsd.state.apply import apply, needs, read
 from omsd.state.batch import Batch, Transition
 from omsd.state.events import Resync
-from omsd.state.models import Order, Policy
+from omsd.state.models import FetchOrder, Order, Policy
 from omsd.state.statuses import STUCK, Phase
 from omsd.state.store import Store
 
@@ -154,6 +154,8 @@ class Processor:
             self._metrics.outcomes.labels(type=fact.type).inc()
         if not_applied := sum(1 for n in batch.notes if n.event == "event_not_applied"):
             self._metrics.events_not_applied.inc(not_applied)
+        if lookups := sum(1 for e in batch.effects if isinstance(e, FetchOrder) and e.purpose == "link_intent"):
+            self._metrics.link_lookups.labels(trigger="intent").inc(lookups)
         if batch.effects and self._on_effects is not None:
             self._on_effects()
         if batch.add_pending:

@@ -8,7 +8,7 @@ times. The scope is `OMSD_RETRY_AFTER_SCOPE`: `route` (the default) pauses the
 calls to the same VTEX operation (the feed's GET and commit are one), `account`
 pauses every call (docs/vtex-decisions.md). The pause is checked after a send
 slot is granted, so no call queued for a slot slips out inside it.
-Calls leave evenly through asyncio-throttle's sliding window: no one-second window
+Calls leave evenly through a sliding window (`rate.SendWindow`): no one-second window
 holds more than the rate, and at most a tenth of it leaves at once; 429s that show
 a limit lower the rate, which recovers slowly once they stop (daemon/vtex/rate.py).
 Every call names a priority class; under a saturated budget the gate in front of
@@ -16,7 +16,12 @@ the throttle serves commits, then approvals, then feed reads, then the rest, wit
 a minimum share for the last two (daemon/vtex/budget.py).
 Network errors, timeouts and 5xx are retried with capped backoff for idempotent
 calls only; the approval PUT is never blindly repeated (the machine re-checks
-the order with Get order instead)."""
+the order with Get order instead).
+Get orders are coalesced: one in flight per order, and a call for an order whose Get
+order is still queued for a slot (not sent) takes that call's answer, which is as
+fresh as its own would be (`omsd_vtex_get_orders_coalesced_total`).
+What the client learned (the adapted rate, the Retry-After pauses still open) is
+`learned()`, and `restore()` starts from it after a restart (daemon/vtex/memory.py)."""
 
 from __future__ import annotations
 
@@ -25,14 +30,13 @@ import json
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
 from urllib.parse import quote
 
 import aiohttp
-from asyncio_throttle.throttler import Throttler
 from pydantic import ValidationError
 
 from ..config.settings import Settings
@@ -41,7 +45,7 @@ from ..ops.metrics import Metrics
 from .budget import Priority, PriorityGate
 from .errors import AuthFailed, BadResponse, NotFound, RateLimited, VtexRejected, VtexUnavailable
 from .models import ApprovalResponse, FeedConfig, HookConfig, OrderSnapshot
-from .rate import AdaptiveRate, spread
+from .rate import AdaptiveRate, SendWindow, spread
 
 log = get_logger("omsd.vtex")
 
@@ -85,6 +89,25 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
     return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
+@dataclass(frozen=True, slots=True)
+class Learned:
+    """What the client learned of VTEX's limits, for the next run to start from."""
+
+    rate: float  # requests per second it holds itself to
+    limit_rate: float | None  # the rate at which the last limit showed (None: none yet)
+    pauses_s: dict[str, float] = field(default_factory=dict)  # scope -> seconds left of its Retry-After
+    recent: str = ""  # the recent answers counted as evidence of a limit: 1 a 429, 0 not
+
+
+@dataclass(slots=True)
+class _OrderCall:
+    """A Get order under way: queued for a slot until `sent`."""
+
+    priority: Priority
+    done: asyncio.Future[OrderSnapshot]
+    sent: bool = False
+
+
 class VtexApi(Protocol):
     """What the daemon needs from VTEX; the real client and test fakes implement it."""
 
@@ -117,14 +140,32 @@ class VtexClient:
         self._paused_until: dict[str, float] = {}  # scope → end of its Retry-After pause
         self._rate = AdaptiveRate(settings.rate_limit_per_s, now=clock())
         self._adapt = settings.rate_adapt
-        # asyncio-throttle reads `rate_limit` and `period` on every acquire: a new rate applies at once.
-        self._throttler = Throttler(rate_limit=1, period=1.0)
+        self._window = SendWindow()  # a new setting applies to the next call
         self._spread(self._rate.slots)
         self._gate = PriorityGate()
         self._metrics = metrics or Metrics()
         self._metrics.rate_effective.set(self._rate.rate)
         self._max_rate_limited = max_rate_limited
         self._timeout = aiohttp.ClientTimeout(total=settings.http_timeout_s)
+        self._order_calls: dict[str, _OrderCall] = {}  # order id -> its Get order under way
+        self.on_learned: Callable[[], None] = lambda: None  # told when the rate or a pause changes
+
+    def learned(self) -> Learned:
+        rate, limit_rate, recent = self._rate.learned()
+        now = self._clock()
+        pauses = {scope: until - now for scope, until in self._paused_until.items() if until > now}
+        return Learned(rate, limit_rate, pauses, recent)
+
+    def restore(self, learned: Learned) -> None:
+        """Start from what an earlier run learned (the rate only when it adapts)."""
+        now = self._clock()
+        if self._adapt:
+            self._rate.restore(learned.rate, learned.limit_rate, now, learned.recent)
+            self._spread(self._rate.slots)
+            self._metrics.rate_effective.set(self._rate.rate)
+        for scope, left in learned.pauses_s.items():
+            if left > 0:
+                self._paused_until[scope] = max(self._paused_until.get(scope, 0.0), now + left)
 
     def __repr__(self) -> str:
         return f"VtexClient(base={self._base!r}, account={self._settings.account!r})"
@@ -147,6 +188,7 @@ class VtexClient:
         body: Any = None,
         idempotent: bool,
         priority: Priority,
+        on_sent: Callable[[], None] | None = None,
     ) -> tuple[int, Any]:
         """One logical call. Returns (status, parsed JSON or None) for any status < 500
         except 429; raises VtexUnavailable or RateLimited otherwise."""
@@ -156,6 +198,8 @@ class VtexClient:
         limited = 0
         while True:
             await self._slot(priority, scope)
+            if on_sent is not None:
+                on_sent()
             started = self._clock()
             status, retry_after, text, failure = await self._send(method, url, params, body)
             self._metrics.on_vtex_call(method, route, failure.kind if failure else status, self._clock() - started)
@@ -166,6 +210,7 @@ class VtexClient:
                 if wait_s is None:
                     wait_s = self._settings.rate_limited_wait_s
                 self._paused_until[scope] = max(self._paused_until.get(scope, 0.0), self._clock() + wait_s)
+                self.on_learned()
                 self._metrics.rate_limited_wait.inc(wait_s)
                 self._adjust_rate(limited=True)
                 log.warning(
@@ -234,26 +279,29 @@ class VtexClient:
         while True:
             while (wait := self._paused_until.get(scope, 0.0) - self._clock()) > 0:
                 await self._sleep(wait)
-            # the throttle takes a slot; leaving the block gives nothing back
-            async with self._gate.turn(priority), self._throttler:
+            async with self._gate.turn(priority):
+                while (wait := self._window.delay(self._clock())) > 0:
+                    await self._sleep(wait)
+                self._window.take(self._clock())  # the slot is spent, whether it is used or not
                 if not self._paused(scope):
                     return
 
     def _spread(self, slots: int) -> None:
         """Spend `slots` calls a second evenly (daemon/vtex/rate.py `spread`)."""
-        calls, period = spread(slots)
-        self._throttler.rate_limit, self._throttler.period = calls, period
-        # asyncio-throttle polls while its window is full: often enough to waste little of it
-        self._throttler.retry_interval = period / 50
+        self._window.set(*spread(slots))
 
     def _adjust_rate(self, *, limited: bool) -> None:
         """Feed an answer to the adaptive rate and apply the result to the throttle."""
         if not self._adapt:
             return
         now = self._clock()
+        before = self._rate.rate
         rate = self._rate.on_429(now) if limited else self._rate.on_success(now)
-        self._spread(self._rate.slots)
-        self._metrics.rate_effective.set(rate)
+        if rate != before:
+            self._spread(self._rate.slots)
+            self._metrics.rate_effective.set(rate)
+        if rate != before or limited:
+            self.on_learned()
 
     @staticmethod
     def _raise_for(method: str, route: str, status: int, body: Any) -> None:
@@ -322,9 +370,49 @@ class VtexClient:
 
     # ---- orders -------------------------------------------------------------------------
     async def get_order(self, order_id: str, *, priority: Priority = Priority.BACKGROUND) -> OrderSnapshot:
-        """Priority: APPROVAL right before an approval, BACKGROUND for what can wait."""
+        """Priority: APPROVAL right before an approval, BACKGROUND for what can wait.
+
+        Coalesced: while a Get order of the same order waits for a slot at this priority or a
+        more urgent one, this call takes its answer (it leaves later than this call was asked,
+        so it is as fresh); while one is on the wire, this call waits for it to come back and
+        then asks anew (one in flight per order). One queued at a lower priority is not
+        waited for: this call goes ahead of it."""
+        while (under_way := self._order_calls.get(order_id)) is not None:
+            if under_way.sent:
+                await asyncio.wait([under_way.done])
+                continue
+            if under_way.priority > priority:
+                break
+            self._metrics.get_orders_coalesced.inc()
+            await asyncio.wait([under_way.done])
+            if not under_way.done.cancelled():
+                return under_way.done.result()  # its answer, or its error
+            # it was cancelled (a shutdown): ask anew
+        call = _OrderCall(priority, asyncio.get_running_loop().create_future())
+        self._order_calls[order_id] = call
+
+        def sent() -> None:
+            call.sent = True
+
+        try:
+            snapshot = await self._get_order(order_id, priority, sent)
+        except asyncio.CancelledError:
+            call.done.cancel()
+            raise
+        except BaseException as exc:
+            call.done.set_exception(exc)
+            call.done.exception()  # retrieved: nobody may be waiting for it
+            raise
+        else:
+            call.done.set_result(snapshot)
+            return snapshot
+        finally:
+            if self._order_calls.get(order_id) is call:
+                del self._order_calls[order_id]
+
+    async def _get_order(self, order_id: str, priority: Priority, on_sent: Callable[[], None]) -> OrderSnapshot:
         path = ORDER.format(order_id=quote(order_id, safe=""))
-        status, body = await self._request("GET", ORDER, path, idempotent=True, priority=priority)
+        status, body = await self._request("GET", ORDER, path, idempotent=True, priority=priority, on_sent=on_sent)
         if status != 200:
             self._raise_for("GET", ORDER, status, body)
         try:

@@ -6,7 +6,8 @@
 - `outbox` (`outbox.py`): effects to perform, and timers that come due;
 - `outcomes` (`outcomes.py`): the outcome stream for the connector, and its relay's deliveries;
 - `read` (`queries.py`): the derived rows, read;
-- `retention` (`retention.py`): snapshots of quiet orders, the vacuum.
+- `retention` (`retention.py`): snapshots of quiet orders, the vacuum;
+- `learned` (`learned.py`): what the daemon learned of VTEX, kept across restarts.
 
 The store applies no domain rule: what to write comes decided (`state.apply`'s batch).
 """
@@ -21,6 +22,7 @@ from ..batch import Batch, HistoryRow, JournalRow, UnreadableRow
 from .db import Database, SchemaTooNew, StoreError, StoreUnwritable, database_bytes
 from .derived import Derived
 from .journal import Journal
+from .learned import Learned
 from .outbox import Outbox
 from .outcomes import Outcomes
 from .queries import Queries
@@ -58,6 +60,7 @@ class Store:
         self.outcomes = Outcomes(db)
         self.read = Queries(db)
         self.retention = Retention(db)
+        self.learned = Learned(db)
 
     @property
     def path(self) -> Path:

@@ -13,16 +13,18 @@ import aiosqlite
 
 from ..batch import Batch, HistoryRow, UnreadableRow
 from ..models import Effect, Order
+from ..routing import derived_marketplace_id
 from ..statuses import STUCK
 from . import outbox, outcomes
 from .db import Database
 from .rows import iso
 
 _UPSERT_ORDER = (
-    "INSERT INTO orders (order_id, marketplace_order_id, phase, status, data, updated_at) "
-    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(order_id) DO UPDATE SET "
+    "INSERT INTO orders (order_id, marketplace_order_id, phase, status, data, updated_at, derived_marketplace_id) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(order_id) DO UPDATE SET "
     "marketplace_order_id = excluded.marketplace_order_id, phase = excluded.phase, "
-    "status = excluded.status, data = excluded.data, updated_at = excluded.updated_at"
+    "status = excluded.status, data = excluded.data, updated_at = excluded.updated_at, "
+    "derived_marketplace_id = excluded.derived_marketplace_id"
 )
 _TABLES = ("orders", "timers", "history", "pending_intents", "unreadable")
 
@@ -98,7 +100,15 @@ async def _orders(conn: aiosqlite.Connection, orders: Iterable[Order], now: date
     await conn.executemany(
         _UPSERT_ORDER,
         [
-            (o.order_id, o.marketplace_order_id, _phase(o), o.status, o.model_dump_json(), iso(o.updated_at or now))
+            (
+                o.order_id,
+                o.marketplace_order_id,
+                _phase(o),
+                o.status,
+                o.model_dump_json(),
+                iso(o.updated_at or now),
+                derived_marketplace_id(o.order_id),
+            )
             for o in orders
         ],
     )

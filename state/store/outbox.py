@@ -21,10 +21,7 @@ from .db import Database, marks, parts
 from .journal import insert
 from .rows import Appended, NewEntry, OutboxRow, from_iso, iso
 
-_CLAIMABLE = (
-    "SELECT * FROM outbox WHERE state = 'pending' "
-    "AND order_id NOT IN (SELECT order_id FROM orders WHERE phase = ?) ORDER BY id LIMIT ?"
-)
+_CLAIMABLE = "state = 'pending' AND order_id NOT IN (SELECT order_id FROM orders WHERE phase = ?)"
 
 
 class Outbox:
@@ -32,12 +29,20 @@ class Outbox:
         self._db = db
 
     # ---- effects ----------------------------------------------------------------------
-    async def claim(self, limit: int, *, now: datetime) -> list[OutboxRow]:
-        """Mark up to `limit` pending effects as started (at `now`) and return them. Those of
-        a stuck order wait (its pending effects are decided again when its events are)."""
+    async def claim(self, limit: int, *, now: datetime, kinds: Mapping[str, int] | None = None) -> list[OutboxRow]:
+        """Mark up to `limit` pending effects as started (at `now`) and return them, oldest
+        first; with `kinds`, at most that many of each kind named (the others not at all).
+        Those of a stuck order wait (its pending effects are decided again when its events are)."""
         async with self._db.tx() as conn:
-            async with conn.execute(_CLAIMABLE, (STUCK, limit)) as cur:
-                rows = list(await cur.fetchall())
+            rows: list[sqlite3.Row] = []
+            for kind, most in (kinds or {"": limit}).items():
+                if (most := min(most, limit - len(rows))) <= 0:
+                    continue
+                where = _CLAIMABLE + (" AND kind = ?" if kind else "")
+                params = (STUCK, kind, most) if kind else (STUCK, most)
+                async with conn.execute(f"SELECT * FROM outbox WHERE {where} ORDER BY id LIMIT ?", params) as cur:  # noqa: S608
+                    rows += list(await cur.fetchall())
+            rows.sort(key=lambda r: int(r["id"]))
             await conn.executemany(
                 "UPDATE outbox SET state = 'started', started_at = ? WHERE id = ?", [(iso(now), r["id"]) for r in rows]
             )

@@ -34,6 +34,7 @@ class Queries:
             orders=await self.load_orders(order_ids),
             by_marketplace_id=await self.orders_by_marketplace_ids(marketplace_ids),
             parked=await self.pending_intents_for(marketplace_ids),
+            derived=await self.unlinked_derived_from(marketplace_ids),
         )
 
     async def load_order(self, order_id: str) -> Order | None:
@@ -74,6 +75,20 @@ class Queries:
             for r in rows:  # ascending: the latest updated wins
                 order = Order.model_validate_json(r["data"])
                 found[order.marketplace_order_id or ""] = order
+        return found
+
+    async def unlinked_derived_from(self, marketplace_order_ids: Collection[str]) -> dict[str, Order]:
+        """Per marketplace id, an order linked to none whose VTEX id derives from it (of a split
+        order's, the smallest id, as `state.apply` picks; index `orders_derived`)."""
+        found: dict[str, Order] = {}
+        for part in parts(list(marketplace_order_ids)):
+            rows = await self._db.rows(
+                "SELECT derived_marketplace_id AS mkt, data FROM orders INDEXED BY orders_derived "  # noqa: S608
+                f"WHERE marketplace_order_id IS NULL AND derived_marketplace_id IN ({marks(part)}) "
+                "ORDER BY order_id DESC",
+                part,
+            )
+            found.update((r["mkt"], Order.model_validate_json(r["data"])) for r in rows)  # the smallest id wins
         return found
 
     async def pending_intents_for(self, marketplace_order_ids: Collection[str]) -> dict[str, tuple[str, int]]:
@@ -223,6 +238,13 @@ class Queries:
         rows.sort(key=lambda r: r["updated_at"], reverse=True)
         rows.sort(key=lambda r: (derived_marketplace_id(r["order_id"]) not in parked, r["status"] != HELD.value))
         return [(r["order_id"], int(r["seq"])) for r in rows[:limit]]
+
+    async def oldest_parked_at(self) -> datetime | None:
+        """When the journal row of the oldest parked intent was received (None: none parked)."""
+        rows = await self._db.rows(
+            'SELECT MIN(j.received_at) AS at FROM pending_intents p JOIN journal j ON j."offset" = p.journal_offset'
+        )
+        return from_iso(rows[0]["at"]) if rows and rows[0]["at"] else None
 
     async def parked_before(self, cutoff: datetime) -> list[tuple[str, int]]:
         """Parked intents whose journal entry was received before `cutoff`, as

@@ -146,6 +146,20 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX relay_due ON relay_deliveries(endpoint, state, next_at);
     CREATE INDEX relay_order ON relay_deliveries(endpoint, order_key, state, seq);
     """,
+    # 7: per order, the marketplace id its VTEX id derives from (`{affiliate}-{id}-{n}`), indexed
+    #    while the order is linked to none: an intent parked on that id looks the order up at once
+    #    (orders written before this migration have none until they are written again or replayed).
+    #    And what the VTEX client learned (the adapted rate, open Retry-After windows, when the
+    #    configurations were last read), so that a restart starts from it.
+    """
+    ALTER TABLE orders ADD COLUMN derived_marketplace_id TEXT;
+    CREATE INDEX orders_derived ON orders(derived_marketplace_id) WHERE marketplace_order_id IS NULL;
+    CREATE TABLE vtex_learned (
+        name       TEXT PRIMARY KEY,
+        data       TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    """,
 )
 
 ROUTED_KINDS = "('notification_received', 'intent_received')"
