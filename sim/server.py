@@ -337,3 +337,19 @@ async def serve(host: str, port: int, **kwargs: Any) -> None:
         await asyncio.Event().wait()
     finally:
         await sim.stop()
+
+
+async def serve_fleet(host: str, port: int, accounts: list[str], **kwargs: Any) -> None:
+    """`omsd sim --accounts a,b`: many accounts (sim/fleet.py), each's credentials printed."""
+    from .fleet import SimFleet
+
+    fleet = SimFleet(accounts, **kwargs)
+    await fleet.start(host, port)
+    print("simulated VTEX is listening; each account accepts:", flush=True)
+    for sim in fleet:
+        for name, value in sim.credentials():
+            print(f"  {sim.account:<12} {name:<24} {value}", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await fleet.stop()

@@ -31,20 +31,24 @@ def add(sub: Subparsers[argparse.ArgumentParser]) -> None:
         help="run the daemon until SIGTERM/SIGINT",
         description="Run the daemon (feed poller, processor, effect runner, HTTP server, timers) until "
         "SIGTERM or SIGINT, then stop polling, drain in-flight work within OMSD_SHUTDOWN_GRACE_S and exit 0. "
-        "Needs OMSD_ACCOUNT, OMSD_APP_KEY, OMSD_APP_TOKEN, OMSD_CONNECTOR_NAME, OMSD_CONNECTOR_ENDPOINT.",
+        "Needs OMSD_ACCOUNT, OMSD_APP_KEY, OMSD_APP_TOKEN, OMSD_CONNECTOR_NAME, OMSD_CONNECTOR_ENDPOINT. Without "
+        "OMSD_ACCOUNT and with an accounts directory (OMSD_ACCOUNTS_DIR, default /etc/omsd/accounts.d): every "
+        "account of it, one NAME.env each, in this one process; SIGHUP reads the directory again.",
     )
     d = command(
         sub,
         "demo",
         _demo,
         help="run the simulator and the daemon together on a scenario",
-        description="Start the built-in VTEX simulator and the daemon in one process on a temporary database, "
-        "run a scenario of orders (some held then authorized, some held then rejected, some put back on hold), "
-        "show live progress and a summary. Exit 0 only when every order reached the end it should.",
+        description="Start the built-in VTEX simulator (three seller accounts) and one omsd serving all three, in one "
+        "process on temporary databases, run a scenario of orders (some held then authorized, some held then "
+        "rejected, some put back on hold), show live progress and a summary. Exit 0 only when every order reached "
+        "the end it should.",
     )
     d.add_argument("--orders", type=int, default=60, help="number of orders (default 60)")
     d.add_argument("--seed", type=int, default=7, help="simulator random seed (default 7)")
     d.add_argument("--timeout", type=float, default=180.0, help="give up after this many seconds (default 180)")
+    d.add_argument("--accounts", type=int, default=3, choices=range(1, 6), help="seller accounts (1..5, default 3)")
     d.add_argument(
         "--replicated",
         action="store_true",
@@ -60,6 +64,11 @@ def add(sub: Subparsers[argparse.ArgumentParser]) -> None:
     sim.add_argument("--listen", default="127.0.0.1:8788", help="HOST:PORT (default 127.0.0.1:8788)")
     sim.add_argument("--seed", type=int, default=7)
     sim.add_argument("--visibility-s", type=float, default=None, help="override the feed visibility timeout")
+    sim.add_argument(
+        "--accounts",
+        metavar="A,B,...",
+        help="serve these seller accounts, each under /NAME (its base URL) with its own credentials",
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -161,14 +170,24 @@ def _demo(args: argparse.Namespace) -> int:
     if args.orders < 4:
         print("omsd: --orders must be at least 4", file=sys.stderr)
         return EXIT_CONFIG
-    return asyncio.run(run_demo(args.orders, args.seed, args.timeout, replicated=args.replicated))
+    return asyncio.run(
+        run_demo(args.orders, args.seed, args.timeout, replicated=args.replicated, accounts=args.accounts)
+    )
 
 
 def _sim(args: argparse.Namespace) -> int:
-    from omsd.sim.server import serve
+    from omsd.sim.server import serve, serve_fleet
 
     logs.configure("info", "auto")
     host, _, port = args.listen.rpartition(":")
+    kw = {"seed": args.seed, "visibility_override_s": args.visibility_s}
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(host, int(port), seed=args.seed, visibility_override_s=args.visibility_s))
+        if args.accounts:
+            try:
+                asyncio.run(serve_fleet(host, int(port), [a.strip() for a in args.accounts.split(",")], **kw))
+            except ValueError as exc:
+                print(f"omsd: --accounts: {exc}", file=sys.stderr)
+                return EXIT_CONFIG
+        else:
+            asyncio.run(serve(host, int(port), **kw))
     return EXIT_OK
