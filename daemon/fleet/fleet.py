@@ -97,7 +97,8 @@ class Fleet:
         return self.http.url
 
     def read(self) -> dict[str, AccountConfig]:
-        return read_accounts(self.path, self._environ)
+        known = {name: runner.config for name, runner in self.runners.items()}
+        return read_accounts(self.path, self._environ, known=known)
 
     async def run(self, stop: asyncio.Event) -> None:
         configs = self.read()  # an unreadable directory is the process's error (exit 2)
