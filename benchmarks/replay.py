@@ -2,11 +2,13 @@
 
     .venv/bin/python benchmarks/replay.py [--events 1000000] [--db PATH] [--profile]
 
-Each generated order lives a full approval: first sight (a link Get order), held,
-an approval intent by marketplace id (parked, then routed), released, the
-pre-approval Get order, the PUT and its answer, the notification, handling. The
-generator drives the pure machine per order to answer each effect with the right
-sequence number, and stores the state it reached as the "stored" state. The
+Each generated order lives a full approval in 10 journal rows: first sight, held, an
+approval intent by marketplace id (parked: ids are linked lazily), the link lookup
+for it and its Get order answer (which links the ids and releases the intent),
+released, the pre-approval Get order, the PUT and its SOI003, the SOI002
+notification, handling. The generator applies one order's rows as the daemon does
+(`state.apply`: routing and the machine) to answer each effect with the right
+sequence number, and stores the state they give as the "stored" state. The
 benchmark then runs `omsd replay`'s own code (plan + apply) and checks that every
 rebuilt order equals the stored one. Prints the figures docs/benchmarks.md records.
 """
@@ -27,19 +29,21 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from omsd.daemon.tools import replay
+from omsd.state.apply import Applier, read
+from omsd.state.batch import JournalRow
 from omsd.state.codes import ResultCode
 from omsd.state.events import (
     AnyEntry,
     ApprovalAnswered,
-    Event,
     IntentReceived,
-    IntentRecorded,
     NotificationReceived,
     OrderFetched,
+    Resync,
     StatusChanged,
+    current_version,
 )
-from omsd.state.machine import decide
 from omsd.state.models import Order, Policy, SendApproval
+from omsd.state.statuses import Phase
 from omsd.state.store import Batch, NewEntry, Store
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -47,20 +51,32 @@ FLOW = ["order-accepted", "waiting-for-manual-authorization", "waiting-ffmt-auth
 
 
 def _life(n: int) -> tuple[list[tuple[AnyEntry, datetime]], Order]:
-    """One order's journal entries and the state the machine reaches on them."""
+    """One order's journal entries and the state the daemon reaches on them.
+
+    The entries are what the daemon would journal: status changes; an intent naming
+    only the marketplace id (parked: ids are linked lazily); the link lookup the
+    parked-intents job asks for (a resync) and its Get order answer, which links the
+    ids and releases the intent; the release; the pre-approval Get order, the PUT and
+    its SOI003; the SOI002 notification (by omsd's secret path); handling. Each effect
+    is answered at once, as the effect runner would. The state is what `state.apply`
+    (routing and the machine, as the processor runs them) gives on these rows, so the
+    benchmarks compare a replay, or the processor, with the daemon's own reading."""
     oid, mkt = f"MKP-{n}-01", f"M{n}"
     t = T0 + timedelta(seconds=n)
-    order: Order | None = None
+    applier = Applier(Policy())
     out: list[tuple[AnyEntry, datetime]] = []
     status = FLOW[0]
 
-    def feed(event: Event, routed: AnyEntry | None = None) -> None:
-        nonlocal order, t
+    def feed(entry: AnyEntry) -> None:
+        nonlocal t
         t += timedelta(milliseconds=10)
-        out.append((routed or event, t))
-        decision = decide(order, event, t, Policy())
-        order = decision.order
-        for effect in decision.effects:  # answer each effect at once, as the effect runner would
+        out.append((entry, t))
+        kind = entry.kind
+        order_id, payload = getattr(entry, "order_id", None), entry.model_dump_json()
+        row = JournalRow(len(out), kind, "bench", order_id, payload, None, t, current_version(kind))
+        done = len(applier.batch.effects)
+        applier.apply(row, read(row))
+        for effect in applier.batch.effects[done:]:  # answer each effect at once, as the effect runner would
             if isinstance(effect, SendApproval):
                 feed(ApprovalAnswered(order_id=oid, seq=effect.seq, code=ResultCode.ENQUEUED, http_status=200))
             else:
@@ -70,21 +86,15 @@ def _life(n: int) -> tuple[list[tuple[AnyEntry, datetime]], Order]:
         status = state
         feed(StatusChanged(order_id=oid, source="feed", state=state, current_change=t + timedelta(seconds=k)))
         if k == 1:
-            feed(
-                IntentRecorded(order_id=oid, marketplace_order_id=mkt, source="api"),
-                IntentReceived(marketplace_order_id=mkt, source="api"),
-            )
+            feed(IntentReceived(marketplace_order_id=mkt, source="api"))
+            feed(Resync(order_id=oid, reason="link lookup for a parked intent"))
         if k == 2:
-            note = NotificationReceived(marketplace_order_id=mkt, code=ResultCode.APPROVED, flow="ApproveOrder")
-            feed(_routed(note, oid), note)
-    assert order is not None
-    return out, order
-
-
-def _routed(note: NotificationReceived, oid: str) -> Event:
-    from omsd.state.events import ResultNotified
-
-    return ResultNotified(order_id=oid, marketplace_order_id=note.marketplace_order_id, code=note.code, flow=note.flow)
+            code, flow = ResultCode.APPROVED, "ApproveOrder"
+            feed(NotificationReceived(marketplace_order_id=mkt, code=code, flow=flow, authenticated=True))
+    final = applier.finish().orders[oid]
+    if final.phase != Phase.APPROVED or final.sent != 1:
+        raise RuntimeError(f"the generated life does not end approved after one PUT: {final}")
+    return out, final
 
 
 async def generate(store: Store, events: int) -> None:
