@@ -67,12 +67,26 @@ def needs(entries: Iterable[tuple[JournalRow, Entry | str | None]]) -> tuple[set
         if row.order_id is not None:
             order_ids.add(row.order_id)
         if isinstance(entry, BaseModel):
-            if (order_id := getattr(entry, "order_id", None)) is not None:
+            names_order, names_mkt = _names(type(entry))
+            if names_order and (order_id := entry.order_id) is not None:  # type: ignore[union-attr]
                 order_ids.add(order_id)
             mkt = entry.order.marketplace_order_id if isinstance(entry, OrderSnapshot) else None
-            if (mkt := getattr(entry, "marketplace_order_id", mkt)) is not None:
+            if names_mkt:
+                mkt = entry.marketplace_order_id  # type: ignore[union-attr]
+            if mkt is not None:
                 mkts.add(mkt)
     return order_ids, mkts
+
+
+_NAMED: dict[type[BaseModel], tuple[bool, bool]] = {}
+
+
+def _names(cls: type[BaseModel]) -> tuple[bool, bool]:
+    """Whether entries of this class have an order id, and a marketplace id, field: asked of
+    the class once (`getattr` on a model without the field costs an exception per row)."""
+    if (found := _NAMED.get(cls)) is None:
+        found = _NAMED[cls] = ("order_id" in cls.model_fields, "marketplace_order_id" in cls.model_fields)
+    return found
 
 
 class Applier:
