@@ -90,8 +90,9 @@ def _names(cls: type[BaseModel]) -> tuple[bool, bool]:
 
 
 class Applier:
-    """Applies rows one at a time over a view and gathers the batch. `fresh`: a rebuild from
-    nothing (`omsd replay`): the view is empty and no transition is announced."""
+    """Applies rows one at a time over a view and gathers the batch. `fresh`: a rebuild
+    (`omsd replay`): no transition is announced; the view is empty, or (a rebuild in steps)
+    what the rows before gave, its `by_marketplace_id` the order each id was linked to first."""
 
     def __init__(self, policy: Policy, view: View = EMPTY, *, emit_effects: bool = True, fresh: bool = False) -> None:
         self._policy = policy
@@ -101,6 +102,13 @@ class Applier:
         self._orders: dict[str, Order | None] = {}  # every order the batch has looked at, as it stands now
         self._by_mkt: dict[str, str] = {}  # marketplace id -> order id, of the orders in `_orders`
         self.batch = Batch(offset=0)
+        if fresh:
+            # A rebuild in steps (`omsd replay`): the view holds what the rows before gave, and
+            # each marketplace id it names routes to the order first linked to it, as one pass
+            # over the whole journal routes it (an order loaded later must not take its place).
+            for mkt, order in view.by_marketplace_id.items():
+                self._known(order.order_id, order)
+                self._by_mkt[mkt] = order.order_id
 
     def apply(self, row: JournalRow, entry: Entry | str | None) -> None:
         """Apply one row as `read` gave it: an entry, why it is unreadable, or None (rejected)."""
@@ -117,6 +125,11 @@ class Applier:
                 self._expire(entry)
             case _:
                 self._decide(row, entry)
+
+    def links(self) -> dict[str, str]:
+        """Marketplace id -> the order its entries route to, as the view and the rows so far
+        linked them (a rebuild in steps carries the new ones to the next step)."""
+        return dict(self._by_mkt)
 
     def finish(self) -> Batch:
         """The batch, with only the effects the orders still wait for (an effect a later

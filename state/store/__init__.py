@@ -5,7 +5,8 @@
 - `derived` (`derived.py`): the one writer of every row derived from the journal;
 - `outbox` (`outbox.py`): effects to perform, and timers that come due;
 - `read` (`queries.py`): the derived rows, read;
-- `retention` (`retention.py`): snapshots of quiet orders, the vacuum.
+- `retention` (`retention.py`): snapshots of quiet orders, the vacuum;
+- `rebuild()` (`rebuild.py`): a replay's rebuilt state, staged in a scratch database.
 
 The store applies no domain rule: what to write comes decided (`state.apply`'s batch).
 """
@@ -22,18 +23,22 @@ from .derived import Derived
 from .journal import Journal
 from .outbox import Outbox
 from .queries import Queries
+from .rebuild import Candidate, PlanRow, Rebuild
 from .retention import Retention
 from .rows import Appended, NewEntry, OutboxRow, ParkedIntent, Pruned, from_iso, iso
 
 __all__ = [
     "Appended",
     "Batch",
+    "Candidate",
     "HistoryRow",
     "JournalRow",
     "NewEntry",
     "OutboxRow",
     "ParkedIntent",
+    "PlanRow",
     "Pruned",
+    "Rebuild",
     "SchemaTooNew",
     "Store",
     "StoreError",
@@ -71,11 +76,15 @@ class Store:
 
     @classmethod
     async def open_copy(cls, path: str | Path) -> Self:
-        """An in-memory copy, for previews that write: see `Database.open_copy`."""
+        """A scratch copy, for previews that write: see `Database.open_copy`."""
         return cls(await Database.open_copy(Path(path)))
 
     async def close(self) -> None:
         await self.db.close()
+
+    async def rebuild(self) -> Rebuild:
+        """Room for a rebuilt state too big for memory (see `Rebuild`); close it when done."""
+        return await Rebuild.begin(self.db)
 
     async def __aenter__(self) -> Self:
         return self

@@ -22,6 +22,10 @@ _INSERT = (
     "INSERT INTO journal (kind, version, source, order_id, dedup_key, event_id, payload, reason, received_at) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+_CHUNK = (
+    'SELECT "offset", kind, source, order_id, payload, reason, received_at, version FROM journal '
+    'WHERE "offset" > ? AND "offset" <= ? ORDER BY "offset" LIMIT ?'
+)
 _KEYS_PER_LOOKUP = 400  # two parameters per key: well under SQLite's limit of 32,766
 
 
@@ -129,15 +133,17 @@ class Journal:
         """The journal after offset `after` (up to `upto`, inclusive), in offset order, `size` rows at a time."""
         end = upto if upto is not None else await self.last_offset()
         while after < end:
-            rows = await self._db.rows(
-                'SELECT * FROM journal WHERE "offset" > ? AND "offset" <= ? ORDER BY "offset" LIMIT ?',
-                (after, end, size),
-            )
-            if not rows:
+            chunk = await self._chunk(after, end, size)
+            if not chunk:
                 return
-            chunk = [journal_row(r) for r in rows]
             after = chunk[-1].offset
             yield chunk
+
+    async def _chunk(self, after: int, end: int, size: int) -> list[JournalRow]:
+        async with self._db.reading() as conn, conn.execute(_CHUNK, (after, end, size)) as cur:
+            cur.row_factory = None  # plain tuples: cheaper than sqlite3.Row for a million rows
+            rows = await cur.fetchall()
+        return [JournalRow(o, k, s, oid, p, r, from_iso(at), v) for o, k, s, oid, p, r, at, v in rows]
 
     async def export(
         self,
