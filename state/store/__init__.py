@@ -6,7 +6,8 @@
 - `outbox` (`outbox.py`): effects to perform, and timers that come due;
 - `read` (`queries.py`): the derived rows, read;
 - `retention` (`retention.py`): snapshots of quiet orders, the vacuum;
-- `rebuild()` (`rebuild.py`): a replay's rebuilt state, staged in a scratch database.
+- `rebuild()` (`rebuild.py`): a replay's rebuilt state, staged in a scratch database;
+- `staging()` (`staging.py`): an ingest's entries, staged there and appended in one transaction.
 
 The store applies no domain rule: what to write comes decided (`state.apply`'s batch).
 """
@@ -26,6 +27,7 @@ from .queries import Queries
 from .rebuild import Candidate, PlanRow, Rebuild
 from .retention import Retention
 from .rows import Appended, NewEntry, OutboxRow, ParkedIntent, Pruned, from_iso, iso
+from .staging import Staging
 
 __all__ = [
     "Appended",
@@ -40,6 +42,7 @@ __all__ = [
     "Pruned",
     "Rebuild",
     "SchemaTooNew",
+    "Staging",
     "Store",
     "StoreError",
     "StoreUnwritable",
@@ -85,6 +88,10 @@ class Store:
     async def rebuild(self) -> Rebuild:
         """Room for a rebuilt state too big for memory (see `Rebuild`); close it when done."""
         return await Rebuild.begin(self.db)
+
+    async def staging(self) -> Staging:
+        """Room for entries to append all at once, too many for memory (see `Staging`); close it when done."""
+        return await Staging.begin(self.db)
 
     async def __aenter__(self) -> Self:
         return self

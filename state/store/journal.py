@@ -22,10 +22,9 @@ _INSERT = (
     "INSERT INTO journal (kind, version, source, order_id, dedup_key, event_id, payload, reason, received_at) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-_CHUNK = (
-    'SELECT "offset", kind, source, order_id, payload, reason, received_at, version FROM journal '
-    'WHERE "offset" > ? AND "offset" <= ? ORDER BY "offset" LIMIT ?'
-)
+_ROW = 'SELECT "offset", kind, source, order_id, payload, reason, received_at, version FROM journal'
+_CHUNK = f'{_ROW} WHERE "offset" > ? AND "offset" <= ? ORDER BY "offset" LIMIT ?'
+_AFTER = f'{_ROW} WHERE "offset" > ? ORDER BY "offset" LIMIT ?'
 _KEYS_PER_LOOKUP = 400  # two parameters per key: well under SQLite's limit of 32,766
 
 
@@ -43,24 +42,6 @@ class Journal:
                 "INSERT OR IGNORE INTO feed_acks (handle, received_at) VALUES (?, ?)",
                 [(handle, iso(now)) for handle in acks],
             )
-        return results
-
-    async def ingest(self, entries: Sequence[NewEntry]) -> list[Appended]:
-        """Append entries captured elsewhere, all or nothing. Besides the dedup keys, an
-        entry without keys that matches a journal row exactly (kind, order, time, payload)
-        is a duplicate, so ingesting the same export twice adds nothing."""
-        results: list[Appended] = []
-        async with self._db.tx() as conn:
-            for entry in entries:
-                if entry.dedup_key is None and entry.event_id is None:
-                    async with conn.execute(
-                        "SELECT 1 FROM journal WHERE order_id IS ? AND kind = ? AND received_at = ? AND payload = ?",
-                        (entry.order_id, entry.kind, iso(entry.received_at), entry.payload),
-                    ) as cur:
-                        if await cur.fetchone() is not None:
-                            results.append(Appended(offset=None, duplicate=True))
-                            continue
-                results.append(await insert(conn, entry))
         return results
 
     # ---- feed handles -------------------------------------------------------------------------
@@ -89,10 +70,7 @@ class Journal:
         return int(rows[0]["o"])
 
     async def after(self, offset: int, limit: int = 200) -> list[JournalRow]:
-        rows = await self._db.rows(
-            'SELECT * FROM journal WHERE "offset" > ? ORDER BY "offset" LIMIT ?', (offset, limit)
-        )
-        return [journal_row(r) for r in rows]
+        return await self._chunk(offset, None, limit)
 
     async def tail(
         self,
@@ -139,8 +117,10 @@ class Journal:
             after = chunk[-1].offset
             yield chunk
 
-    async def _chunk(self, after: int, end: int, size: int) -> list[JournalRow]:
-        async with self._db.reading() as conn, conn.execute(_CHUNK, (after, end, size)) as cur:
+    async def _chunk(self, after: int, end: int | None, size: int) -> list[JournalRow]:
+        """Up to `size` rows after offset `after` (up to `end`, inclusive; None: the last)."""
+        sql, params = (_CHUNK, (after, end, size)) if end is not None else (_AFTER, (after, size))
+        async with self._db.reading() as conn, conn.execute(sql, params) as cur:
             cur.row_factory = None  # plain tuples: cheaper than sqlite3.Row for a million rows
             rows = await cur.fetchall()
         return [JournalRow(o, k, s, oid, p, r, from_iso(at), v) for o, k, s, oid, p, r, at, v in rows]
@@ -185,7 +165,7 @@ async def insert(conn: aiosqlite.Connection, entry: NewEntry) -> Appended:
         ) as cur:
             if await cur.fetchone() is not None:
                 return Appended(offset=None, duplicate=True)
-    cur = await conn.execute(_INSERT, _values(entry))
+    cur = await conn.execute(_INSERT, row_values(entry))
     return Appended(offset=cur.lastrowid, duplicate=False)
 
 
@@ -212,7 +192,7 @@ async def insert_many(conn: aiosqlite.Connection, entries: Sequence[NewEntry]) -
         return results
     async with conn.execute('SELECT COALESCE(MAX("offset"), 0) FROM journal') as cur:
         before = int((await cur.fetchone())[0])  # type: ignore[index]
-    await conn.executemany(_INSERT, [_values(e) for e in fresh])
+    await conn.executemany(_INSERT, [row_values(e) for e in fresh])
     # The only writer, inside its transaction: the new rows are the ones past `before`,
     # their offsets rising in the order they were inserted.
     async with conn.execute('SELECT "offset" FROM journal WHERE "offset" > ? ORDER BY "offset"', (before,)) as cur:
@@ -224,7 +204,7 @@ async def insert_many(conn: aiosqlite.Connection, entries: Sequence[NewEntry]) -
     return results
 
 
-def _values(entry: NewEntry) -> tuple[object, ...]:
+def row_values(entry: NewEntry) -> tuple[object, ...]:
     return (
         entry.kind,
         entry.version or current_version(entry.kind),
