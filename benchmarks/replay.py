@@ -1,6 +1,8 @@
-"""Replay speed: rebuild order state from a generated journal of ~1,000,000 events.
+"""Replay speed and memory: `omsd replay`, end to end, on a generated journal of about
+1,000,000 events, beside a baseline in the same run.
 
-    .venv/bin/python benchmarks/replay.py [--events 1000000] [--db PATH] [--profile]
+    .venv/bin/python benchmarks/replay.py [--events 1000000] [--db PATH] [--baseline REF] [--runs N]
+    .venv/bin/python benchmarks/replay.py --events 300000 --profile      # cProfile of the replay, in-process
 
 Each generated order lives a full approval in 10 journal rows: first sight, held, an
 approval intent by marketplace id (parked: ids are linked lazily), the link lookup
@@ -8,25 +10,36 @@ for it and its Get order answer (which links the ids and releases the intent),
 released, the pre-approval Get order, the PUT and its SOI003, the SOI002
 notification, handling. The generator applies one order's rows as the daemon does
 (`state.apply`: routing and the machine) to answer each effect with the right
-sequence number, and stores the state they give as the "stored" state. The
-benchmark then runs `omsd replay`'s own code (plan + apply) and checks that every
-rebuilt order equals the stored one. Prints the figures docs/benchmarks.md records.
+sequence number, and stores the state they give as the derived state; the others
+are that journal with their own ids, a thousand orders interleaved.
+
+Then `python -m omsd.daemon replay` (what `omsd replay` runs) in a process of its own,
+for the baseline (`--baseline REF`: that commit's code, see benchmarks/commands.py)
+and for this tree, `--runs` times each, alternating: wall time, events per second, the
+command's peak RSS, and whether every order it leaves equals the generated one.
+`--db` keeps the generated database and reuses it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import os
 import platform
 import pstats
-import resource
+import sqlite3
+import sys
 import tempfile
 import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import commands
 
 from omsd.daemon.tools import replay
 from omsd.state.apply import Applier, read
@@ -132,50 +145,70 @@ def _renamed(entry: NewEntry, i: int) -> NewEntry:
     return replace(entry, payload=_rename(entry.payload, i), order_id=order_id)
 
 
-async def main(events: int, db: Path | None, profile: bool) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
+def identical(db: Path) -> bool:
+    """Every order in the database is the generated one (the life of order 0, renamed)."""
+    _, final = _life(0)
+    text = final.model_dump_json()
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        lives = conn.execute("SELECT COUNT(*) FROM orders").fetchone()[0]
+        expected_lives = conn.execute('SELECT MAX("offset") FROM journal').fetchone()[0] // len(_life(0)[0])
+        rows = conn.execute("SELECT order_id, data FROM orders")
+        same = all(data == _rename(text, int(order_id.split("-")[1])) for order_id, data in rows)
+    return same and lives == expected_lives
+
+
+async def profiled(path: Path) -> None:
+    async with await Store.open(path) as store:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        result = await replay.plan(store, Policy())
+        await replay.apply(store, result, datetime.now(UTC))
+        profiler.disable()
+        await result.close()
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+
+
+async def generated(path: Path, events: int) -> int:
+    async with await Store.open(path) as store:
+        if await store.journal.last_offset() == 0:
+            start = time.perf_counter()
+            await generate(store, events)
+            print(f"generated {await store.journal.last_offset():,} events in {time.perf_counter() - start:.1f} s")
+        return await store.journal.last_offset()
+
+
+def main(events: int, db: Path | None, baseline_ref: str | None, runs: int, profile: bool) -> None:
+    with tempfile.TemporaryDirectory() as tmp, commands.baseline(baseline_ref) as base:
         path = db or Path(tmp) / "replay.db"
-        async with await Store.open(path) as store:
-            if await store.journal.last_offset() == 0:
-                start = time.perf_counter()
-                await generate(store, events)
-                print(f"generated {await store.journal.last_offset():,} events in {time.perf_counter() - start:.1f} s")
-            stored = await store.read.orders_by_id()
-            total = await store.journal.last_offset()
-            profiler = cProfile.Profile() if profile else None
-            start, cpu = time.perf_counter(), time.process_time()
-            if profiler:
-                profiler.enable()
-            result = await replay.plan(store, Policy())
-            rebuilt_s = time.perf_counter() - start
-            await replay.apply(store, result, datetime.now(UTC))
-            elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
-            if profiler:
-                profiler.disable()
-                pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
-            same = await store.read.orders_by_id() == stored
-            summary = result.summary()
-            print(
-                f"replay: {total:,} events, {len(stored):,} orders: rebuilt in memory in {rebuilt_s:.1f} s, "
-                f"written in {elapsed - rebuilt_s:.1f} s; {total / elapsed:,.0f} events/s overall "
-                f"({total / rebuilt_s:,.0f} events/s rebuild; {total / cpu:,.0f} events per CPU second overall)"
-            )
-            print(f"rebuilt state identical to the stored one: {same} (summary {summary})")
-            size = sum(p.stat().st_size for p in path.parent.iterdir() if p.name.startswith(path.name))
-            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            where = f"Python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} cores"
-            print(f"database {size / 1e6:.0f} MB; peak RSS {rss:.0f} MB; {where}")
-            if not same:
-                raise SystemExit(1)
+        total = asyncio.run(generated(path, events))
+        if profile:
+            asyncio.run(profiled(path))
+            return
+        codes = ([base] if base else []) + [commands.Code("this tree")]
+        print(f"`omsd replay` of {total:,} journal events ({total // len(_life(0)[0]):,} orders), end to end")
+        print(f"{'code':<22} {'s':>7} {'events/s':>9} {'peak RSS':>9}  identical")
+        for _ in range(runs):
+            for code in codes:
+                done = commands.run(code, path, ["replay"])
+                same = "yes" if done.returncode == 0 and identical(path) else "NO"
+                rss = f"{done.peak_rss_mib:.0f} MiB"
+                print(
+                    f"{code.name:<22} {done.seconds:>7.1f} {total / done.seconds:>9,.0f} {rss:>9}  {same}", flush=True
+                )
+        size = sum(p.stat().st_size for p in path.parent.iterdir() if p.name.startswith(path.name))
+        where = f"Python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} cores"
+        print(f"database {size / 1e6:.0f} MB; {where}; load average {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--db", type=Path, help="keep the generated journal here (reused when it exists)")
-    parser.add_argument("--profile", action="store_true", help="print the top of a cProfile of the replay")
+    parser.add_argument("--baseline", metavar="REF", help="also run the code of this git commit, in the same run")
+    parser.add_argument("--runs", type=int, default=1, help="runs of each code, alternating")
+    parser.add_argument("--profile", action="store_true", help="print the top of a cProfile of the replay instead")
     args = parser.parse_args()
     from omsd.daemon.ops import logs
 
     logs.configure("warning", "json")
-    asyncio.run(main(args.events, args.db, args.profile))
+    main(args.events, args.db, args.baseline, args.runs, args.profile)

@@ -1,0 +1,79 @@
+"""Running `omsd` commands end to end for the benchmarks: wall time and peak memory of the
+process a user starts, with this tree or with a baseline taken from git.
+
+A baseline is `git archive REF daemon state sim` unpacked as `omsd/` in a temporary
+directory and put first on PYTHONPATH, so `python -m omsd.daemon` runs that code (with
+this tree's virtual environment and its libraries).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True, slots=True)
+class Code:
+    """Which omsd runs: this tree (`tree` None) or a baseline unpacked at `tree`."""
+
+    name: str
+    tree: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    seconds: float
+    peak_rss_mib: float  # the command's own maximum resident set size
+    returncode: int
+    stdout_tail: str
+
+
+@contextlib.contextmanager
+def baseline(ref: str | None) -> Iterator[Code | None]:
+    """The code at git `ref` (None: no baseline), unpacked for the length of the block."""
+    if ref is None:
+        yield None
+        return
+    git = ["git", "-C", str(ROOT)]
+    commit = subprocess.run([*git, "rev-parse", "--short", ref], check=True, capture_output=True, text=True)  # noqa: S603
+    files = [*git, "archive", commit.stdout.strip(), "daemon", "state", "sim"]
+    archive = subprocess.run(files, check=True, capture_output=True)  # noqa: S603 - git, fixed arguments
+    with tempfile.TemporaryDirectory(prefix="omsd-baseline-") as tmp:
+        with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+            tar.extractall(Path(tmp) / "omsd", filter="data")
+        yield Code(f"baseline {commit.stdout.strip()}", Path(tmp))
+
+
+def run(code: Code, db: Path, args: list[str]) -> Run:
+    """`omsd ARGS` with OMSD_DB=db, run by `code`; its stdout's last line is kept."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OMSD_")} | {"OMSD_DB": str(db)}
+    if code.tree is not None:
+        env["PYTHONPATH"] = str(code.tree)
+    command = [sys.executable, "-m", "omsd.daemon", *args]
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(command, env=env, stdout=out, stderr=err)  # noqa: S603 - this interpreter
+        _, status, usage = os.wait4(proc.pid, 0)  # (Popen.wait would not give the child's own rusage)
+        seconds = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        tail = _tail(out)
+        if proc.returncode not in (0, 1):
+            raise RuntimeError(f"omsd {' '.join(args)} ({code.name}) exited {proc.returncode}: {_tail(err)}")
+    return Run(seconds, usage.ru_maxrss / 1024, proc.returncode, tail.splitlines()[-1] if tail else "")
+
+
+def _tail(file: IO[bytes]) -> str:
+    file.seek(max(0, file.seek(0, os.SEEK_END) - 4096))
+    return file.read().decode(errors="replace").strip()
