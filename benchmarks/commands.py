@@ -15,7 +15,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,22 +55,36 @@ def baseline(ref: str | None) -> Iterator[Code | None]:
         yield Code(f"baseline {commit.stdout.strip()}", Path(tmp))
 
 
+# The command's peak RSS: Linux counts in a child's maximum the memory of the process it
+# was forked from (up to its exec), so a benchmark that holds a large generated journal
+# would show its own size. The command is forked by this small interpreter instead, which
+# times it and reports its rusage.
+_SPAWN = """
+import os, sys, time
+start = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+seconds = time.perf_counter() - start
+with open(sys.argv[1], "w") as out:
+    out.write(f"{seconds} {usage.ru_maxrss} {os.waitstatus_to_exitcode(status)}")
+"""
+
+
 def run(code: Code, db: Path, args: list[str]) -> Run:
     """`omsd ARGS` with OMSD_DB=db, run by `code`; its stdout's last line is kept."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("OMSD_")} | {"OMSD_DB": str(db)}
     if code.tree is not None:
         env["PYTHONPATH"] = str(code.tree)
-    command = [sys.executable, "-m", "omsd.daemon", *args]
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        start = time.perf_counter()
-        proc = subprocess.Popen(command, env=env, stdout=out, stderr=err)  # noqa: S603 - this interpreter
-        _, status, usage = os.wait4(proc.pid, 0)  # (Popen.wait would not give the child's own rusage)
-        seconds = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, tempfile.NamedTemporaryFile("r") as report:
+        command = [sys.executable, "-S", "-c", _SPAWN, report.name, sys.executable, "-m", "omsd.daemon", *args]
+        subprocess.run(command, env=env, stdout=out, stderr=err, check=True)  # noqa: S603 - this interpreter
+        seconds, maxrss_kib, returncode = report.read().split()
+        if int(returncode) not in (0, 1):
+            raise RuntimeError(f"omsd {' '.join(args)} ({code.name}) exited {returncode}: {_tail(err)}")
         tail = _tail(out)
-        if proc.returncode not in (0, 1):
-            raise RuntimeError(f"omsd {' '.join(args)} ({code.name}) exited {proc.returncode}: {_tail(err)}")
-    return Run(seconds, usage.ru_maxrss / 1024, proc.returncode, tail.splitlines()[-1] if tail else "")
+    return Run(float(seconds), int(maxrss_kib) / 1024, int(returncode), tail.splitlines()[-1] if tail else "")
 
 
 def _tail(file: IO[bytes]) -> str:
