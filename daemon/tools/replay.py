@@ -17,10 +17,8 @@ Parked intents are rebuilt with the orders, so a re-issued link lookup still rel
 
 from __future__ import annotations
 
-import contextlib
-import gc
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -31,6 +29,8 @@ from omsd.state.events import IntentReceived, NotificationReceived, Resync
 from omsd.state.models import Effect, FetchOrder, Order, Policy
 from omsd.state.statuses import TERMINAL_PHASES
 from omsd.state.store import Candidate, NewEntry, PlanRow, Rebuild, Store
+
+from .bulk import no_cycle_collection
 
 COMPARED = ("phase", "status", "intent_source", "timer")
 CHUNK_ROWS = 5_000  # journal rows applied in one step
@@ -63,7 +63,7 @@ async def rebuild(
     orders = _Orders(staged, CACHE_ORDERS)
     parked: dict[str, tuple[str, int]] = {}
     offset = applied = 0
-    with _no_cycle_collection():
+    with no_cycle_collection():
         async for rows in store.journal.chunks(0, upto, CHUNK_ROWS):
             entries = [(row, read(row)) for row in rows]
             order_ids, _ = needs(entries)
@@ -145,20 +145,6 @@ class _Orders:
         out = [self._cache[order_id] for order_id in self._dirty]
         self._dirty.clear()
         return out
-
-
-@contextlib.contextmanager
-def _no_cycle_collection() -> Iterator[None]:
-    """Pause Python's cycle collector while a rebuild runs: it makes no reference cycles
-    (reference counting frees its garbage), and each full collection walks every live
-    object again (docs/benchmarks.md measures it)."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 class UnknownOrder(LookupError):

@@ -220,6 +220,19 @@ class Database:
                 await self.conn.execute(f"PRAGMA max_page_count={int(pages)}")
             return await self.pages()
 
+    @asynccontextmanager
+    async def cache(self, kib: int) -> AsyncIterator[None]:
+        """SQLite's page cache at `kib` KiB for the block (one big transaction), then as it was."""
+        async with self.lock, self.conn.execute("PRAGMA main.cache_size") as cur:
+            was = (await cur.fetchone() or (-2000,))[0]
+        async with self.lock:
+            await self.conn.execute(f"PRAGMA main.cache_size = -{int(kib)}")
+        try:
+            yield
+        finally:
+            async with self.lock:
+                await self.conn.execute(f"PRAGMA main.cache_size = {int(was)}")
+
     async def checkpoint(self) -> None:
         """Copy the write-ahead log into the database and truncate it, if no reader holds
         it (then it stays as it is: the daemon's own checkpoints take over)."""

@@ -33,6 +33,9 @@ CREATE INDEX scratch.staged_event_hash ON staged(event_hash);
 CREATE TABLE scratch.probe (n INTEGER PRIMARY KEY, order_id TEXT, kind TEXT, received_at TEXT, payload TEXT);
 """
 _HASHED = {"dedup_key": "dedup_hash", "event_id": "event_hash"}
+# The database's page cache while the staged rows go in: their keys land all over the
+# journal's indexes (186,590 feed items: 2.4 s with SQLite's default 2 MiB, 1.5 s with 16).
+APPEND_CACHE_KIB = 16 * 1024
 _KEYS_PER_LOOKUP = 400  # four parameters per key over two queries: well under SQLite's limit
 _COLUMNS = "kind, version, source, order_id, dedup_key, event_id, payload, reason, received_at"  # as `row_values`
 _MARKS = "?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?"  # and the keys' hashes
@@ -95,7 +98,7 @@ class Staging:
         """Append every staged entry to the journal, in the order staged, in one
         transaction. Returns how many rows it added (an entry journaled meanwhile by
         another process, with the same key, is left out)."""
-        async with self._db.tx() as conn:
+        async with self._db.cache(APPEND_CACHE_KIB), self._db.tx() as conn:
             cur = await conn.execute(
                 f"INSERT OR IGNORE INTO main.journal ({_COLUMNS}) SELECT {_COLUMNS} FROM scratch.staged ORDER BY n"  # noqa: S608
             )
