@@ -592,10 +592,10 @@ def _advance(ctx: _Ctx) -> None:
     """Close or move the order after its facts changed."""
     if ctx.get("intent_source") is None:
         return  # no Get order just to link ids: linking is lazy (see `_on_resync`)
+    if ctx.get("phase") in TERMINAL_PHASES:
+        return
     o = ctx.order
     status = parse_status(o.status)
-    if o.phase in TERMINAL_PHASES:
-        return
     if is_cancel(status) or o.canceled:
         ctx.settle()
         ctx.goto(Phase.REJECTED, f"order is {o.status}: no approval, ever")
@@ -657,9 +657,10 @@ def decide(order: Order | None, event: Event, now: datetime, policy: Policy | No
     """Apply one journal event to one order."""
     policy = policy or Policy()
     ctx = _Ctx(order or Order(order_id=event.order_id), now, policy)
-    if _apply(ctx, event):
+    advance = _apply(ctx, event)
+    ctx.set(updated_at=now)  # before _advance (which never reads it): the Order it builds can be the result
+    if advance:
         _advance(ctx)
-    ctx.set(updated_at=now)
     return _decision(ctx.order, tuple(ctx.effects), "; ".join(ctx.causes))
 
 
