@@ -115,7 +115,7 @@ async def generate(store: Store, events: int) -> None:
     machine reached as the derived state."""
     orders = await append_lives(store, events)
     total = await store.journal.last_offset()
-    await store.derived.replace(Batch(offset=total, orders=orders), only=None, cursor=total, reissue=(), now=T0)
+    await store.derived.commit(Batch(offset=total, orders=orders), now=T0)
 
 
 async def append_lives(store: Store, events: int) -> dict[str, Order]:

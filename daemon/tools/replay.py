@@ -270,7 +270,7 @@ def _order_plan(c: Candidate) -> OrderPlan:
 
 async def apply(store: Store, result: Plan, now: datetime) -> None:
     """Write the plan: the rebuilt rows, the outbox, and a Resync per approval to re-check."""
-    await result.staged.install(selected=result.partial, parked=result.rebuilt.parked, cursor=result.cursor, now=now)
+    await store.derived.install(selected=result.partial, parked=result.rebuilt.parked, cursor=result.cursor, now=now)
     resyncs = [
         NewEntry.of(Resync(order_id=k, reason="replay: approval outcome unknown"), source="operator", received_at=now)
         for k in await result.staged.rechecks()

@@ -1,11 +1,11 @@
 """A rebuilt state too big for memory: what `omsd replay` computes from the journal (the
 orders, their history, unreadable rows, which order each marketplace id routes to),
 staged in a scratch database (`Database.attach_scratch`) in bounded steps while the
-journal is read, compared there with the stored state, and installed in one transaction.
+journal is read, compared there with the stored state, and installed by `Derived.install`
+in one transaction.
 
 The rebuild (`daemon/tools/replay.py`) keeps a bounded cache of orders: what leaves it,
-and every history row, comes here. Nothing here decides: the plan's rows come decided,
-and `install` writes the staged state as `Derived.replace` writes a batch.
+and every history row, comes here. Nothing here decides: the plan's rows come decided.
 """
 
 from __future__ import annotations
@@ -13,13 +13,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from datetime import datetime
 
 import aiosqlite
 
 from ..batch import HistoryRow, UnreadableRow
-from ..models import EFFECT_ADAPTER, Effect, Order
-from . import outbox
+from ..models import Effect, Order
 from .db import Database, marks, parts
 from .rows import iso
 
@@ -88,8 +86,6 @@ WHERE s.order_id > ? {only} AND NOT EXISTS (SELECT 1 FROM scratch.orders r WHERE
 ORDER BY s.order_id LIMIT ?
 """
 _ONLY = "AND {alias}.order_id IN (SELECT order_id FROM scratch.selected)"
-_SELECTED = "order_id IN (SELECT order_id FROM scratch.selected)"
-_DERIVED = ("orders", "timers", "history", "pending_intents", "unreadable")
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,70 +251,6 @@ class Rebuild:
         """The orders the plan re-checks with a resync (an approval of unknown outcome)."""
         rows = await self._db.rows("SELECT order_id FROM scratch.plan WHERE recheck ORDER BY order_id")
         return [r[0] for r in rows]
-
-    # ---- installing ----------------------------------------------------------------------
-    async def install(
-        self, *, selected: bool, parked: Mapping[str, tuple[str, int]], cursor: int | None, now: datetime
-    ) -> None:
-        """Write the staged state in one transaction: every derived row (not `selected`),
-        or those of the selected orders. Pending or started effects their orders no longer
-        wait for are superseded; the plan's reissued effects are queued again. A full
-        install writes the parked intents given, a partial one lets go of those parked
-        under a selected order's marketplace id."""
-        stamp = iso(now)
-        where = f"WHERE {_SELECTED}" if selected else ""
-        also = f"AND {_SELECTED}" if selected else ""
-        async with self._db.tx() as conn:
-            if selected:
-                for table in ("orders", "timers", "history"):
-                    await conn.execute(f"DELETE FROM main.{table} {where}")  # noqa: S608 - fixed fragments
-                await conn.execute(
-                    "DELETE FROM main.pending_intents WHERE marketplace_order_id IN "  # noqa: S608 - fixed fragments
-                    f"(SELECT marketplace_order_id FROM scratch.orders WHERE marketplace_order_id IS NOT NULL {also})"
-                )
-            else:
-                for table in _DERIVED:
-                    await conn.execute(f"DELETE FROM main.{table}")  # noqa: S608 - fixed names
-                await conn.executemany(
-                    "INSERT OR IGNORE INTO main.pending_intents (marketplace_order_id, source, journal_offset, "
-                    "created_at) VALUES (?, ?, ?, ?)",
-                    [(mkt, source, offset, stamp) for mkt, (source, offset) in parked.items()],
-                )
-                await conn.execute(
-                    "INSERT OR REPLACE INTO main.unreadable (journal_offset, kind, order_id, error, received_at, "
-                    "found_at) SELECT journal_offset, kind, order_id, error, received_at, ? FROM scratch.unreadable",
-                    (stamp,),
-                )
-            await conn.execute(
-                "INSERT INTO main.orders (order_id, marketplace_order_id, phase, status, data, updated_at) SELECT "  # noqa: S608
-                f"order_id, marketplace_order_id, phase, status, data, COALESCE(updated_at, ?) FROM scratch.orders "
-                f"{where} ORDER BY order_id",
-                (stamp,),
-            )
-            await conn.execute(
-                "INSERT INTO main.timers (order_id, token, reason, due_at) SELECT order_id, timer_token, "  # noqa: S608
-                f"timer_reason, timer_due FROM scratch.orders WHERE timer_token IS NOT NULL {also}"
-            )
-            # (a partial install: the history of the selected orders the rebuild gives)
-            rebuilt = f"WHERE order_id IN (SELECT order_id FROM scratch.orders WHERE {_SELECTED})" if selected else ""  # noqa: S608
-            await conn.execute(
-                "INSERT INTO main.history (order_id, journal_offset, from_phase, to_phase, status, cause, at) "  # noqa: S608
-                f"SELECT order_id, journal_offset, from_phase, to_phase, status, cause, at FROM scratch.history "
-                f"{rebuilt} ORDER BY rowid"
-            )
-            # An effect, pending or started, that its order no longer waits for is never performed.
-            await conn.execute(
-                "UPDATE main.outbox SET state = 'superseded', done_at = ? WHERE state IN ('pending', 'started') "  # noqa: S608
-                f"{also} AND seq IS NOT (SELECT r.waits_for FROM scratch.orders r WHERE r.order_id = outbox.order_id)",
-                (stamp,),
-            )
-            async with conn.execute("SELECT reissue FROM scratch.plan WHERE reissue IS NOT NULL") as cur:
-                reissue = [EFFECT_ADAPTER.validate_json(r[0]) for r in await cur.fetchall()]
-            await outbox.requeue_superseded(conn, reissue, stamp)
-            if cursor is not None:
-                await conn.execute("UPDATE main.cursor SET \"offset\" = ? WHERE name = 'processor'", (cursor,))
-        # The transaction wrote every derived row to the write-ahead log: give that space back.
-        await self._db.checkpoint()
 
     def _scratch_tx(self) -> AbstractAsyncContextManager[aiosqlite.Connection]:
         return self._db.tx(deferred=True)
