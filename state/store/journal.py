@@ -204,6 +204,17 @@ async def insert_many(conn: aiosqlite.Connection, entries: Sequence[NewEntry]) -
     return results
 
 
+async def append_staged(conn: aiosqlite.Connection) -> int:
+    """The entries an ingest staged (`staging.Staging`, scratch table `staged`), appended in
+    the order staged, inside the caller's transaction. An entry journaled meanwhile by
+    another process, with the same key, is left out. Returns how many rows it added."""
+    columns = "kind, version, source, order_id, dedup_key, event_id, payload, reason, received_at"
+    cur = await conn.execute(
+        f"INSERT OR IGNORE INTO main.journal ({columns}) SELECT {columns} FROM scratch.staged ORDER BY n"  # noqa: S608
+    )
+    return int(cur.rowcount)
+
+
 def row_values(entry: NewEntry) -> tuple[object, ...]:
     return (
         entry.kind,

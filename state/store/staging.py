@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .db import Database, marks
-from .journal import row_values
+from .journal import append_staged, row_values
 from .rows import NewEntry, iso
 
 _DDL = """
@@ -38,6 +38,7 @@ _HASHED = {"dedup_key": "dedup_hash", "event_id": "event_hash"}
 APPEND_CACHE_KIB = 16 * 1024
 _KEYS_PER_LOOKUP = 400  # four parameters per key over two queries: well under SQLite's limit
 _COLUMNS = "kind, version, source, order_id, dedup_key, event_id, payload, reason, received_at"  # as `row_values`
+# (journal.append_staged copies these columns into the journal)
 _MARKS = "?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?"  # and the keys' hashes
 
 
@@ -96,13 +97,9 @@ class Staging:
 
     async def append(self) -> int:
         """Append every staged entry to the journal, in the order staged, in one
-        transaction. Returns how many rows it added (an entry journaled meanwhile by
-        another process, with the same key, is left out)."""
+        transaction (`journal.append_staged`). Returns how many rows it added."""
         async with self._db.cache(APPEND_CACHE_KIB), self._db.tx() as conn:
-            cur = await conn.execute(
-                f"INSERT OR IGNORE INTO main.journal ({_COLUMNS}) SELECT {_COLUMNS} FROM scratch.staged ORDER BY n"  # noqa: S608
-            )
-            return cur.rowcount
+            return await append_staged(conn)
 
     async def _known(self, column: str, wanted: set[str]) -> set[str]:
         """The values among `wanted` that the journal, or the staged entries, hold in `column`.
