@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -314,7 +315,7 @@ async def quiet_cycle(omsd: Omsd, sim: Simulator, orders: int, tag: str) -> list
     async with aiohttp.ClientSession(headers=auth) as http:
         for i in range(orders):
             order = sim.create(f"{tag}-{i}", held=True, decision=None)
-            await wait_until(lambda o=order: o.status == "waiting-for-manual-authorization", 0.01)
+            await wait_until(functools.partial(lambda o: o.status == "waiting-for-manual-authorization", order), 0.01)
             body = {"marketplaceOrderId": order.marketplace_order_id, "orderId": order.order_id}
             async with http.post(f"{omsd.url}/v1/accounts/quiet/approvals", json=body) as resp:
                 assert resp.status == 202, await resp.text()
@@ -324,7 +325,7 @@ async def quiet_cycle(omsd: Omsd, sim: Simulator, orders: int, tag: str) -> list
                         break
                 await asyncio.sleep(0.02)
             sim.authorize(order.order_id)
-            await wait_until(lambda o=order: o.put_at, 0.005)
+            await wait_until(functools.partial(lambda o: o.put_at, order), 0.005)
             latency = release_latency(sim, order.order_id)
             if latency is not None:
                 out.append(latency)
