@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from omsd.daemon.config.accounts import accounts_dir, load_fleet_settings, read_accounts
-from omsd.daemon.config.settings import ConfigError
+from omsd.daemon.config.settings import ConfigError, warn_unknown_variables
 from tests.helpers import API_TOKEN
 
 ACCOUNT = "OMSD_APP_KEY=vtexappkey-a-X\nOMSD_APP_TOKEN=token-of-the-account\n"
@@ -99,3 +99,8 @@ def test_the_shared_settings_need_the_public_endpoint(tmp_path: Path) -> None:
     del env["OMSD_CONNECTOR_ENDPOINT"]
     with pytest.raises(ConfigError, match="OMSD_CONNECTOR_ENDPOINT"):
         load_fleet_settings(env)
+
+
+def test_the_fleets_variables_are_known(tmp_path: Path) -> None:
+    """OMSD_ACCOUNTS_DIR and OMSD_STATE_ROOT draw no "not a setting omsd reads" warning."""
+    assert warn_unknown_variables(main_env(tmp_path)) == []

@@ -33,7 +33,11 @@ event in SQLite before acknowledging it, runs a state machine per order, and
 sends the Channel Order API approval only after Get order confirms the order is
 neither held nor canceled.
 
-Configuration comes from OMSD_* environment variables (see README.md).
+Configuration comes from OMSD_* environment variables (see README.md). Without
+OMSD_ACCOUNT and with an accounts directory (OMSD_ACCOUNTS_DIR, default
+/etc/omsd/accounts.d: one NAME.env per seller account) `omsd run` serves every
+account in one process, `omsd accounts` lists them, and the other commands take
+`--account NAME`.
 The offline commands (init, approve, orders, show, journal, intents, dead, stuck,
 replay, ingest, export, retry, status, prune) need only OMSD_DB; `restore` needs
 OMSD_REPLICA too. Only `run`, `init` and `restore` create a database. `replay`,
