@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+import structlog
 
 from omsd.daemon.fleet.fleet import Fleet
 from omsd.daemon.intake import entries
@@ -265,9 +266,23 @@ async def test_metrics_label_what_matters_per_account(tmp_path: Path, sims: SimF
     assert 'omsd_orders{account="alpha",phase="approved"} 0.0' in lines
     assert 'omsd_orders{account="beta",phase="approved"} 0.0' in lines
     assert 'omsd_account_up{account="beta"} 1.0' in lines
+    # a scrape that no probe preceded still says each account is ready, as its /readyz would
+    assert 'omsd_ready{account="alpha"} 1.0' in lines and 'omsd_ready{account="beta"} 1.0' in lines
     assert sum(line.startswith("omsd_build_info{") for line in lines) == 1
     calls = [line for line in lines if line.startswith("omsd_vtex_requests_total{")]
     assert calls and all('account="' in line for line in calls)
     durations = [line for line in lines if line.startswith("omsd_vtex_request_duration_seconds_count{")]
     assert durations and not any("account=" in line for line in durations)
     assert sum(line.startswith("# TYPE omsd_alarm ") for line in lines) == 1
+
+
+async def test_a_requests_log_lines_name_its_account(tmp_path: Path, sims: SimFleet) -> None:
+    """Lines logged while serving /v1/accounts/beta/... carry account=beta (the operator reads one log)."""
+    env = main_env(tmp_path, fleet_port())
+    write_accounts(env, sims)
+    async with running_fleet(env) as fleet:
+        with structlog.testing.capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:
+            status, _ = await call("POST", f"{fleet.url}/v1/accounts/beta/approvals", json={"orderId": 7})
+    assert status == 400
+    rejected = [e for e in logs if e["event"] == "request_rejected"]
+    assert rejected and all(e.get("account") == "beta" for e in rejected)

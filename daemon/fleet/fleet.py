@@ -241,6 +241,8 @@ class Fleet:
         running = {
             name: Scraped(ctx.metrics, ctx.store, ctx.settings.db) for name, ctx in self.directory.running.items()
         }
+        for ctx in self.directory.running.values():  # as /readyz would answer, from the last probe (no write)
+            ctx.metrics.ready.set(0 if ctx.health.problems(ctx.probe.ok) else 1)
         return await self.metrics.render(running, self.watcher.version)
 
     async def _watchdog(self, stop: asyncio.Event) -> None:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+import structlog
 from aiohttp import web
 from pydantic import SecretStr
 
@@ -198,9 +199,11 @@ def build_fleet_app(directory: Directory, connector_endpoint: str) -> web.Applic
 
 def _dispatched(handler: Handler, audience: Audience) -> Handler:
     async def dispatched(request: web.Request) -> web.StreamResponse:
-        if context_of(request) is not None:
+        ctx = context_of(request)
+        if ctx is None:
+            return await _not_running(request, audience)
+        with structlog.contextvars.bound_contextvars(account=ctx.settings.account):  # its log lines name it
             return await handler(request)
-        return await _not_running(request, audience)
 
     dispatched.__name__ = handler.__name__
     return dispatched
