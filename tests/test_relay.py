@@ -20,7 +20,8 @@ from standardwebhooks import Webhook
 from omsd.daemon.ops.metrics import Metrics
 from omsd.daemon.ops.waiting import Watermark
 from omsd.daemon.pipeline.processor import Processor
-from omsd.daemon.relay.relay import SCHEDULE, Relay, alarm_name
+from omsd.daemon.relay import relay as relay_mod
+from omsd.daemon.relay.relay import RETRY_AFTER_MAX_S, SCHEDULE, Relay, alarm_name
 from omsd.daemon.relay.webhooks import Endpoint, endpoints
 from omsd.state.events import AnyEntry, IntentRecorded, NotificationReceived, StatusChanged
 from omsd.state.models import Policy
@@ -37,6 +38,7 @@ class Receiver:
     """The connector's side: records every POST; `answer` decides each status."""
 
     answer: Callable[[dict[str, Any]], int] = lambda body: 200
+    retry_after: str = "100"  # with a 429
     got: list[tuple[str, dict[str, str], str]] = field(default_factory=list)
 
     async def handle(self, request: web.Request) -> web.Response:
@@ -46,7 +48,7 @@ class Receiver:
         if request.path.startswith("/hooks"):
             body = Webhook(SECRET).verify(text, dict(request.headers))
         status = self.answer(body)
-        return web.Response(status=status, headers={"Retry-After": "100"} if status == 429 else {})
+        return web.Response(status=status, headers={"Retry-After": self.retry_after} if status == 429 else {})
 
     def bodies(self, path: str = "/hooks") -> list[dict[str, Any]]:
         return [Webhook(SECRET).verify(t, h) for p, h, t in self.got if p.startswith(path)]
@@ -271,3 +273,46 @@ def test_an_endpoint_never_shows_its_secret() -> None:
     """repr of an endpoint names its url, never the secret."""
     [ep] = endpoints(relay_url="https://c.example/h", relay_vtex_url=None, secret=SecretStr(SECRET), account="a")
     assert SECRET not in repr(ep) and isinstance(ep, Endpoint)
+
+
+@pytest.mark.parametrize("retry_after", ["1e12", "inf", "Fri, 31 Dec 9999 23:59:59 GMT"])
+async def test_a_huge_retry_after_is_capped_and_the_relay_goes_on(
+    store: Store, receiver: tuple[Receiver, str], retry_after: str
+) -> None:
+    """A Retry-After of inf, 1e12 s or the year 9999 waits at most RETRY_AFTER_MAX_S; the relay goes on."""
+    rec, base = receiver
+    rec.answer, rec.retry_after = (lambda body: 429), retry_after
+    r = await running(store, base)
+    await outcomes(store, r.mark, *intent_on("A-1-01", "1", 1))
+    await until(lambda: r.metrics.sample("omsd_relay_deliveries_total", endpoint="webhook", result="retried") >= 1)
+    next_at = await store.outcomes.next_due("webhook")
+    assert next_at is not None and next_at <= r.clock.wall() + timedelta(seconds=RETRY_AFTER_MAX_S)
+    rec.answer = lambda body: 200
+    r.clock.now += RETRY_AFTER_MAX_S
+    await until(lambda: len(rec.bodies()) == 3, what="delivered once the capped wait passed")
+    assert not r.task.done()
+    await stopped(r)
+
+
+async def test_a_bug_in_one_attempt_is_a_failed_attempt(
+    store: Store, receiver: tuple[Receiver, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unexpected exception in one delivery is that attempt's failure (recorded, retried), not the relay's end."""
+    rec, base = receiver
+    rec.answer = lambda body: 429
+
+    def broken(value: str | None) -> float:
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(relay_mod, "parse_retry_after", broken)
+    r = await running(store, base)
+    await outcomes(store, r.mark, *intent_on("A-1-01", "1", 1))
+    await until(lambda: r.metrics.sample("omsd_relay_deliveries_total", endpoint="webhook", result="retried") >= 1)
+    assert not r.task.done()
+    rows = await store.db.rows("SELECT last_error FROM relay_deliveries WHERE attempts = 1")
+    assert [row["last_error"] for row in rows] == ["ZeroDivisionError: a bug"]
+    monkeypatch.undo()
+    rec.answer = lambda body: 200
+    r.clock.now += SCHEDULE[0] * 1.2
+    await until(lambda: len(rec.bodies()) == 3, what="delivered on the next attempt")
+    await stopped(r)

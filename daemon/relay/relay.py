@@ -10,7 +10,10 @@ own events; one failing endpoint only its own; an order that keeps failing occup
 most WINDOW deliveries.
 
 Retries follow a schedule from seconds to hours (SCHEDULE, about 3 days in all) with
-±20 % jitter; a `Retry-After` (429, 503) is a floor. After the last attempt the delivery
+±20 % jitter; a `Retry-After` (429, 503) is a floor, capped at the schedule's longest
+step (a receiver's "in 10^12 seconds" or "in the year 9999" must not park an order for
+ever, nor overflow the clock). Whatever goes wrong in one attempt (a redirect, an
+exception nobody foresaw) is that attempt's failure, retried like a 5xx. After the last attempt the delivery
 is given up (kept as `failed`: `omsd relay status` lists it, `omsd relay retry` sends it
 again; the outcome stays in the pull API). A `410 Gone` means "stop": the endpoint is
 disabled (alarm `relay_disabled_<name>`, `omsd_relay_endpoint_disabled`) until `omsd
@@ -41,6 +44,7 @@ log = get_logger("omsd.relay")
 # Seconds before attempt n+1 (attempt 1 is at once): 71.7 hours in all, 15 attempts.
 SCHEDULE: tuple[float, ...] = (5, 30, 120, 600, 1800, 3600, 7200, 14400, 21600, 28800, 36000, 43200, 43200, 57600)
 JITTER = 0.2
+RETRY_AFTER_MAX_S = SCHEDULE[-1]  # a longer Retry-After (up to "the year 9999") waits this long
 WINDOW = 1000  # deliveries pending per endpoint; the cursor waits beyond
 IDLE_S = 1.0  # how often an idle endpoint looks again (the CLI's retry/replay write from outside)
 
@@ -127,9 +131,9 @@ class Relay:
 
     async def _post(self, endpoint: Endpoint, delivery: Delivery) -> bool:
         """One attempt; True when the connector took it (2xx)."""
-        request = endpoint.request(delivery.outcome)  # signed at the real time: receivers check it
         retry_after: float | None = None
         try:
+            request = endpoint.request(delivery.outcome)  # signed at the real time: receivers check it
             async with self._session.post(
                 request.url, data=request.body.encode(), headers=request.headers, timeout=self._timeout
             ) as resp:
@@ -146,6 +150,9 @@ class Relay:
             error = "timeout"
         except aiohttp.ClientError as exc:
             error = type(exc).__name__
+        except Exception as exc:  # a bug: this attempt failed; the relay and the other orders go on
+            error = f"{type(exc).__name__}: {exc}"
+            log.error("relay_attempt_error", endpoint=endpoint.name, seq=delivery.outcome.seq, error=error)
         await self._failed(endpoint, delivery, error, retry_after)
         return False
 
@@ -157,7 +164,7 @@ class Relay:
             log.error("relay_gave_up", endpoint=endpoint.name, seq=delivery.outcome.seq, attempts=attempt, error=error)
             return
         delay = SCHEDULE[attempt - 1] * (1 + JITTER * (2 * self._jitter() - 1))
-        delay = max(delay, retry_after or 0.0)
+        delay = max(delay, min(retry_after or 0.0, RETRY_AFTER_MAX_S))
         next_at = self._clock() + timedelta(seconds=delay)
         await self._store.outcomes.failed(endpoint.name, delivery.outcome.seq, next_at=next_at, error=error)
         self._metrics.relay_deliveries.labels(endpoint=endpoint.name, result="retried").inc()
