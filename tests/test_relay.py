@@ -39,6 +39,7 @@ class Receiver:
 
     answer: Callable[[dict[str, Any]], int] = lambda body: 200
     retry_after: str = "100"  # with a 429
+    location: str = "/moved"  # with a 3xx
     got: list[tuple[str, dict[str, str], str]] = field(default_factory=list)
 
     async def handle(self, request: web.Request) -> web.Response:
@@ -48,7 +49,10 @@ class Receiver:
         if request.path.startswith("/hooks"):
             body = Webhook(SECRET).verify(text, dict(request.headers))
         status = self.answer(body)
-        return web.Response(status=status, headers={"Retry-After": self.retry_after} if status == 429 else {})
+        headers = {"Retry-After": self.retry_after} if status == 429 else {}
+        if 300 <= status < 400:
+            headers["Location"] = self.location
+        return web.Response(status=status, headers=headers)
 
     def bodies(self, path: str = "/hooks") -> list[dict[str, Any]]:
         return [Webhook(SECRET).verify(t, h) for p, h, t in self.got if p.startswith(path)]
@@ -58,7 +62,7 @@ class Receiver:
 async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
     r = Receiver()
     app = web.Application()
-    app.router.add_post("/{tail:.*}", r.handle)
+    app.router.add_route("*", "/{tail:.*}", r.handle)
     server = TestServer(app)
     await server.start_server()
     try:
@@ -316,3 +320,21 @@ async def test_a_bug_in_one_attempt_is_a_failed_attempt(
     r.clock.now += SCHEDULE[0] * 1.2
     await until(lambda: len(rec.bodies()) == 3, what="delivered on the next attempt")
     await stopped(r)
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+async def test_a_redirect_is_a_failed_attempt_never_followed(
+    store: Store, receiver: tuple[Receiver, str], status: int
+) -> None:
+    """A 3xx is not followed (a 302 would turn the POST into a GET without body, counted as delivered): it fails,
+    naming the status and where it pointed."""
+    rec, base = receiver
+    rec.answer = lambda body: status if body else 200  # to /moved on the same server, which would take anything
+    r = await running(store, base)
+    await outcomes(store, r.mark, *intent_on("A-1-01", "1", 1))
+    await until(lambda: r.metrics.sample("omsd_relay_deliveries_total", endpoint="webhook", result="retried") >= 1)
+    await stopped(r)
+    assert [p for p, _, _ in rec.got] == ["/hooks"]  # tried once, not followed; the order's next waits behind it
+    assert r.metrics.sample("omsd_relay_deliveries_total", endpoint="webhook", result="delivered") == 0
+    rows = await store.db.rows("SELECT last_error FROM relay_deliveries WHERE attempts = 1")
+    assert [row["last_error"] for row in rows] == [f"HTTP {status}: a redirect to 127.0.0.1 (not followed)"]

@@ -12,12 +12,14 @@ most WINDOW deliveries.
 Retries follow a schedule from seconds to hours (SCHEDULE, about 3 days in all) with
 ±20 % jitter; a `Retry-After` (429, 503) is a floor, capped at the schedule's longest
 step (a receiver's "in 10^12 seconds" or "in the year 9999" must not park an order for
-ever, nor overflow the clock). Whatever goes wrong in one attempt (a redirect, an
-exception nobody foresaw) is that attempt's failure, retried like a 5xx. After the last attempt the delivery
-is given up (kept as `failed`: `omsd relay status` lists it, `omsd relay retry` sends it
-again; the outcome stays in the pull API). A `410 Gone` means "stop": the endpoint is
-disabled (alarm `relay_disabled_<name>`, `omsd_relay_endpoint_disabled`) until `omsd
-relay retry` enables it; nothing is lost meanwhile.
+ever, nor overflow the clock). Redirects are not followed: a 3xx is a failed attempt whose
+error names where it pointed (OMSD_RELAY_URL must be the final URL). Whatever goes wrong in
+one attempt (an exception nobody foresaw) is that attempt's failure, retried like a 5xx.
+After the last attempt the delivery is given up (kept as `failed`: `omsd relay status`
+lists it, `omsd relay retry` sends it again; the outcome stays in the pull API). A `410
+Gone` means "stop": the endpoint is disabled (alarm `relay_disabled_<name>`,
+`omsd_relay_endpoint_disabled`) until `omsd relay retry` enables it; nothing is lost
+meanwhile.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import asyncio
 import random
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 
@@ -47,6 +50,14 @@ JITTER = 0.2
 RETRY_AFTER_MAX_S = SCHEDULE[-1]  # a longer Retry-After (up to "the year 9999") waits this long
 WINDOW = 1000  # deliveries pending per endpoint; the cursor waits beyond
 IDLE_S = 1.0  # how often an idle endpoint looks again (the CLI's retry/replay write from outside)
+
+
+def _host(url: str, location: str | None) -> str:
+    """The host a redirect points at (a relative Location: the endpoint's own)."""
+    try:
+        return urlsplit(urljoin(url, location or "")).hostname or "?"
+    except ValueError:
+        return "?"
 
 
 def alarm_name(endpoint: str) -> str:
@@ -135,7 +146,11 @@ class Relay:
         try:
             request = endpoint.request(delivery.outcome)  # signed at the real time: receivers check it
             async with self._session.post(
-                request.url, data=request.body.encode(), headers=request.headers, timeout=self._timeout
+                request.url,
+                data=request.body.encode(),
+                headers=request.headers,
+                timeout=self._timeout,
+                allow_redirects=False,  # followed, a 302 would be a GET without the event, answered 200
             ) as resp:
                 await resp.read()
                 if 200 <= resp.status < 300:
@@ -144,6 +159,8 @@ class Relay:
                     await self._disable(endpoint, f"HTTP 410 for event {delivery.outcome.seq}")
                     return False
                 error = f"HTTP {resp.status}"
+                if 300 <= resp.status < 400:
+                    error += f": a redirect to {_host(request.url, resp.headers.get('Location'))} (not followed)"
                 if resp.status in (429, 503):
                     retry_after = parse_retry_after(resp.headers.get("Retry-After"))
         except TimeoutError:
