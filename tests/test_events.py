@@ -175,11 +175,15 @@ async def test_an_after_older_than_the_retention_is_gone(api: Api) -> None:
 
 @pytest.mark.parametrize(
     "query",
-    ["after=-1", "after=x", "limit=0", "limit=1001", "wait=61", "wait=nan", "type=bogus", "order=a%20b", "lots=1"],
+    [
+        *("after=-1", "after=x", "limit=0", "limit=1001", "wait=61", "wait=nan", "type=bogus", "order=a%20b", "lots=1"),
+        *("limit=%C2%B2", "limit=%E2%91%A0", "limit=%D9%A3", "limit=%EF%BC%91"),  # ², ①, Arabic 3, fullwidth 1
+    ],
 )
-async def test_bad_queries_are_400_with_the_reason(api: Api, query: str) -> None:
+@pytest.mark.parametrize("route", ["/v1/events", "/v1/events/stream"])
+async def test_bad_queries_are_400_with_the_reason(api: Api, query: str, route: str) -> None:
     """A bad parameter is a 400 that names it; nothing is read."""
-    status_, body = await get(api, f"/v1/events?{query}")
+    status_, body = await get(api, f"{route}?{query}")
     assert status_ == 400 and body["error"]
 
 

@@ -33,6 +33,7 @@ WAIT_MAX_S = 60.0  # a long poll longer than a minute meets proxies' idle timeou
 STREAM_PAGE = 500
 HEARTBEAT_S = 15.0
 _SEQ = re.compile(r"[0-9]{1,18}")
+_LIMIT = re.compile(r"[0-9]{1,4}")  # ASCII only: str.isdigit() also takes "²", which int() refuses
 _KEY = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{wire.ORDER_ID_MAX - 1}}}")
 
 
@@ -60,7 +61,7 @@ def _query(request: web.Request, *, after: str | None = None) -> Query:
     if not _SEQ.fullmatch(raw_after):
         raise BadQuery("after must be a sequence number (0 or more)")
     raw_limit = q.get("limit", str(LIMIT_DEFAULT))
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= LIMIT_MAX:
+    if not _LIMIT.fullmatch(raw_limit) or not 1 <= int(raw_limit) <= LIMIT_MAX:
         raise BadQuery(f"limit must be 1..{LIMIT_MAX}")
     try:
         wait_s = float(q.get("wait", "0"))
