@@ -173,6 +173,17 @@ async def test_an_after_older_than_the_retention_is_gone(api: Api) -> None:
     assert (await get(api, "/v1/events?after=2"))[0] == 200
 
 
+@pytest.mark.parametrize("route", ["/v1/events?after=3", "/v1/events/stream?after=3"])
+async def test_an_after_past_the_end_is_gone(api: Api, route: str) -> None:
+    """An `after` past the last seq ever written (a cursor from before a restore to an older copy) is 410 Gone
+    with `last`, not an empty 200 that would skip the events later given those seqs."""
+    await held_then_canceled(api.ctx.store, api.ctx.outcome_mark)
+    status_, body = await get(api, route)
+    assert status_ == 410 and (body["last"], body["resume_after"], body["oldest"]) == (2, 2, 1)
+    assert "past the end" in body["error"]
+    assert (await get(api, "/v1/events?after=2"))[0] == 200
+
+
 @pytest.mark.parametrize(
     "query",
     [
@@ -241,6 +252,13 @@ def test_omsd_events_prints_the_stream(db: Path, capsys: pytest.CaptureFixture[s
     _, typed = cli(capsys, "events", "--type", "intent.accepted")
     assert typed.split("\t")[2] == "intent.accepted" and len(typed.splitlines()) == 1
     assert cli(capsys, "events", "--order", "NONE-1")[1] == ""
+
+
+def test_omsd_events_refuses_an_after_past_the_end(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`omsd events --after N` past the last seq says so (exit 1), as the API answers 410."""
+    assert cli(capsys, "events", "--after", "2")[0] == 0
+    assert main(["events", "--after", "3"]) == 1
+    assert "past the end" in capsys.readouterr().err
 
 
 def test_omsd_relay_status_retry_and_replay(db: Path, capsys: pytest.CaptureFixture[str]) -> None:

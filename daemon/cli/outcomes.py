@@ -32,7 +32,10 @@ def add(sub: Subparsers[argparse.ArgumentParser]) -> None:
     e.add_argument("--order", metavar="ID", help="only this order (VTEX or marketplace order id)")
     e.add_argument("-f", "--follow", action="store_true", help="keep printing new events until interrupted")
     e.add_argument("--json", action="store_true", help="JSON lines, as the API gives them")
-    e.epilog = "exit codes: 0 printed (a follow ended by SIGINT/SIGTERM too); 2 bad usage or no database at OMSD_DB"
+    e.epilog = (
+        "exit codes: 0 printed (a follow ended by SIGINT/SIGTERM too); 1 --after past the last event; "
+        "2 bad usage or no database at OMSD_DB"
+    )
 
     r = command(
         sub,
@@ -64,6 +67,11 @@ async def _events(store: Store, args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     outcomes, kinds = store.outcomes, tuple(args.type)
     _, last = await outcomes.bounds()
+    if args.after is not None and args.after > last:
+        print(
+            f"omsd: --after {args.after} is past the end of the stream (the last event is seq {last})", file=sys.stderr
+        )
+        return EXIT_FAIL
     after = args.after if args.after is not None else max(0, last - args.limit)
 
     async def step() -> bool:
