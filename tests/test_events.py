@@ -283,4 +283,9 @@ def test_omsd_relay_status_retry_and_replay(db: Path, capsys: pytest.CaptureFixt
     _, out = cli(capsys, "relay", "status", "--json")
     assert json.loads(out)["taken_to_seq"] == 0
     assert cli(capsys, "relay", "replay")[0] == 2  # --from is required
+    assert main(["relay", "replay", "--from", "4"]) == 1  # past the next event (3): it would skip events
+    assert "past the end" in capsys.readouterr().err
+    _, out = cli(capsys, "relay", "status", "--json")
+    assert json.loads(out)["taken_to_seq"] == 0  # unchanged
+    assert cli(capsys, "relay", "replay", "--from", "3")[0] == 0  # from the next event on
     assert cli(capsys, "relay", "status", "--endpoint", "vtex")[0] == 1  # never configured here

@@ -12,7 +12,9 @@ from omsd.state.store import Store
 from omsd.state.store.outcomes import OutcomeRow
 
 from . import render
-from .common import EXIT_CONFIG, EXIT_FAIL, EXIT_OK, Subparsers, command, follow, offline
+from .common import EXIT_CONFIG, EXIT_FAIL, EXIT_OK, LIMIT, OFFSET, Subparsers, bounded, command, follow, offline
+
+SEQ = bounded("seq", 1, 2**63 - 1)
 
 
 def add(sub: Subparsers[argparse.ArgumentParser]) -> None:
@@ -26,8 +28,8 @@ def add(sub: Subparsers[argparse.ArgumentParser]) -> None:
         "every one after --after N; --follow goes on printing new ones until interrupted. The same events as "
         "GET /v1/events.",
     )
-    e.add_argument("--after", type=int, metavar="N", help="every event after seq N (not only the last)")
-    e.add_argument("--limit", type=int, default=30, help="the last this many events (default 30)")
+    e.add_argument("--after", type=OFFSET, metavar="N", help="every event after seq N (not only the last)")
+    e.add_argument("--limit", type=LIMIT, default=30, help="the last this many events (default 30)")
     e.add_argument("--type", action="append", default=[], choices=TYPES, help="only this type (repeatable)")
     e.add_argument("--order", metavar="ID", help="only this order (VTEX or marketplace order id)")
     e.add_argument("-f", "--follow", action="store_true", help="keep printing new events until interrupted")
@@ -50,9 +52,12 @@ def add(sub: Subparsers[argparse.ArgumentParser]) -> None:
     )
     r.add_argument("action", choices=["status", "retry", "replay"])
     r.add_argument("--endpoint", choices=["webhook", "vtex"], help="only this endpoint (default: every one)")
-    r.add_argument("--from", dest="from_seq", type=int, metavar="SEQ", help="replay: from this seq on")
+    r.add_argument("--from", dest="from_seq", type=SEQ, metavar="SEQ", help="replay: from this seq on")
     r.add_argument("--json", action="store_true", help="status as JSON lines")
-    r.epilog = "exit codes: 0 done; 1 no such endpoint in this database; 2 bad usage or no database at OMSD_DB"
+    r.epilog = (
+        "exit codes: 0 done; 1 no such endpoint in this database, or --from past the next event; "
+        "2 bad usage or no database at OMSD_DB"
+    )
 
 
 def _line(row: OutcomeRow) -> str:
@@ -62,9 +67,6 @@ def _line(row: OutcomeRow) -> str:
 
 
 async def _events(store: Store, args: argparse.Namespace) -> int:
-    if args.limit < 1 or (args.after is not None and args.after < 0):
-        print("omsd: --limit must be 1 or more and --after 0 or more", file=sys.stderr)
-        return EXIT_CONFIG
     outcomes, kinds = store.outcomes, tuple(args.type)
     _, last = await outcomes.bounds()
     if args.after is not None and args.after > last:
@@ -106,9 +108,17 @@ async def _relay(store: Store, args: argparse.Namespace) -> int:
             print(f"{name}: enabled; {count} given-up deliveries due again")
         return EXIT_OK
     if args.action == "replay":
-        if args.from_seq is None or args.from_seq < 1:
+        if args.from_seq is None:
             print("omsd: replay needs --from SEQ (1 or more)", file=sys.stderr)
             return EXIT_CONFIG
+        _, last = await store.outcomes.bounds()
+        if args.from_seq > last + 1:  # the cursor would pass events not written yet, never to send them
+            print(
+                f"omsd: --from {args.from_seq} is past the end of the stream (the last event is seq {last}; "
+                f"--from {last + 1} sends what comes next)",
+                file=sys.stderr,
+            )
+            return EXIT_FAIL
         for name in names:
             await store.outcomes.rewind(name, args.from_seq)
             print(f"{name}: every event from seq {args.from_seq} on goes out again")
