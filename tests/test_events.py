@@ -15,11 +15,12 @@ from omsd.daemon.cli import main
 from omsd.daemon.ops.replica import publish
 from omsd.daemon.ops.waiting import Watermark
 from omsd.daemon.pipeline.processor import Processor
+from omsd.state.events import IntentRecorded, StatusChanged
 from omsd.state.models import Policy
 from omsd.state.store import Store
 from tests.api_helpers import AUTH, Api
 from tests.helpers import until
-from tests.machine_helpers import FREE, HELD, MKT, intent, status
+from tests.machine_helpers import FREE, HELD, MKT, at, intent, status
 from tests.store_helpers import NOW, entry
 
 
@@ -53,6 +54,21 @@ async def test_deriving_again_never_rewrites_the_stream(store: Store) -> None:
     await store.derived.reset(now=NOW)
     await Processor(store, Policy()).drain()
     assert await store.outcomes.after(0, 10) == before
+
+
+async def test_deriving_again_leaves_no_gap_in_the_seqs(store: Store) -> None:
+    """Outcomes derived again (ids already written) take no seq: the next new outcome follows the last one."""
+    await held_then_canceled(store)
+    await store.derived.reset(now=NOW)
+    await Processor(store, Policy()).drain()  # the same two outcomes again: written already
+    other = [
+        StatusChanged(order_id="B-2-01", source="feed", state=HELD, current_change=at(1)),
+        IntentRecorded(order_id="B-2-01", marketplace_order_id="2", source="api"),
+    ]
+    await store.journal.append([entry(e) for e in other], now=NOW)
+    await Processor(store, Policy()).drain()
+    assert [r.seq for r in await store.outcomes.after(0, 10)] == [1, 2, 3]
+    assert await store.outcomes.bounds() == (0, 3)
 
 
 async def test_retention_keeps_what_a_relay_still_owes_and_reports_the_oldest(store: Store) -> None:

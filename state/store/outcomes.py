@@ -71,16 +71,27 @@ class EndpointState:
 
 async def write(conn: aiosqlite.Connection, outcomes: Iterable[Outcome]) -> int | None:
     """Insert outcomes inside the caller's transaction (an id already written is kept as it
-    was: deriving again never rewrites the stream). Returns the last seq, None if none."""
+    was: deriving again never rewrites the stream). Returns the last seq, None if none.
+    An id already there is skipped by `NOT EXISTS`, not by `INSERT OR IGNORE`, which would
+    spend an AUTOINCREMENT value on it and leave a gap in the seqs readers see."""
     rows = [
-        (o.id, o.type, iso(o.occurred_at), o.order_id, o.marketplace_order_id, o.journal_offset, json.dumps(o.data))
+        (
+            o.id,
+            o.type,
+            iso(o.occurred_at),
+            o.order_id,
+            o.marketplace_order_id,
+            o.journal_offset,
+            json.dumps(o.data),
+            o.id,
+        )
         for o in outcomes
     ]
     if not rows:
         return None
     await conn.executemany(
-        "INSERT OR IGNORE INTO outcomes (id, type, occurred_at, order_id, marketplace_order_id, journal_offset, data) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO outcomes (id, type, occurred_at, order_id, marketplace_order_id, journal_offset, data) "
+        "SELECT ?, ?, ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM outcomes WHERE id = ?)",
         rows,
     )
     async with conn.execute("SELECT COALESCE(MAX(seq), 0) FROM outcomes") as cur:
