@@ -17,7 +17,7 @@ from omsd.daemon.ops.waiting import Watermark
 from omsd.daemon.pipeline.processor import Processor
 from omsd.state.events import IntentRecorded, StatusChanged
 from omsd.state.models import Policy
-from omsd.state.store import Store
+from omsd.state.store import NewEntry, Store
 from tests.api_helpers import AUTH, Api
 from tests.helpers import until
 from tests.machine_helpers import FREE, HELD, MKT, at, intent, status
@@ -81,6 +81,23 @@ async def test_retention_keeps_what_a_relay_still_owes_and_reports_the_oldest(st
     await store.outcomes.delivered("webhook", [1])
     assert await store.outcomes.prune(NOW + timedelta(days=1)) == 1
     assert await store.outcomes.bounds() == (1, 2)
+
+
+async def test_retention_removes_only_a_prefix_of_the_stream(store: Store) -> None:
+    """Outcomes are pruned as a prefix of seqs, never from the middle: an old outcome after a newer one (rows
+    ingested with their own time, a clock stepped back) stays while the newer one before it does."""
+    await held_then_canceled(store)  # seqs 1, 2 at NOW
+    old = [
+        StatusChanged(order_id="B-2-01", source="feed", state=HELD, current_change=at(1)),
+        IntentRecorded(order_id="B-2-01", marketplace_order_id="2", source="api"),
+    ]
+    long_ago = NOW - timedelta(days=40)
+    await store.journal.append([NewEntry.of(e, source="test", received_at=long_ago) for e in old], now=NOW)
+    await Processor(store, Policy()).drain()  # seq 3, happened 40 days ago
+    assert (await store.outcomes.after(2, 10))[0].occurred_at == long_ago
+    assert await store.outcomes.prune(NOW - timedelta(days=30)) == 0
+    assert [r.seq for r in await store.outcomes.after(0, 10)] == [1, 2, 3]
+    assert await store.outcomes.prune(NOW + timedelta(days=1)) == 3  # all older: all go
 
 
 async def test_a_relay_takes_a_window_and_sends_each_order_in_order(store: Store) -> None:

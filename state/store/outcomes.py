@@ -137,14 +137,18 @@ class Outcomes:
         return (int(first) - 1 if first is not None else last), last
 
     async def prune(self, before: datetime) -> int:
-        """Remove outcomes that happened before `before`, except those a relay still has to
-        deliver (and every one after them). Returns how many went."""
+        """Remove the outcomes before the first one that happened at or after `before`: a
+        prefix of the stream, never a hole in it (`occurred_at` need not rise with `seq`: rows
+        ingested keep their time, a clock can step back); and none a relay still has to
+        deliver (nor any after it). Returns how many went."""
         async with self._db.tx() as conn:
             cur = await conn.execute(
-                "DELETE FROM outcomes WHERE occurred_at < ? "
+                # `+occurred_at`: scan by seq from the start (the prefix going), not the time index
+                "DELETE FROM outcomes WHERE "
+                "seq < COALESCE((SELECT seq FROM outcomes WHERE +occurred_at >= ? ORDER BY seq LIMIT 1), ?) "
                 "AND seq < COALESCE((SELECT MIN(seq) FROM relay_deliveries WHERE state = 'pending'), ?) "
                 "AND seq <= COALESCE((SELECT MIN(seq) FROM relay_endpoints WHERE disabled_at IS NULL), ?)",
-                (iso(before), _MAX_SEQ, _MAX_SEQ),
+                (iso(before), _MAX_SEQ, _MAX_SEQ, _MAX_SEQ),
             )
             return cur.rowcount
 
