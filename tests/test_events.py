@@ -83,6 +83,21 @@ async def test_retention_keeps_what_a_relay_still_owes_and_reports_the_oldest(st
     assert await store.outcomes.bounds() == (1, 2)
 
 
+async def test_retention_keeps_what_a_relay_gave_up_on_for_its_retry(store: Store) -> None:
+    """A given-up delivery keeps its outcome (and every later one) through the retention: `omsd relay retry`
+    sends it, and the order's later events follow it."""
+    await store.outcomes.endpoint("webhook")
+    await held_then_canceled(store)
+    await store.outcomes.take("webhook", 10, NOW)
+    await store.outcomes.failed("webhook", 1, next_at=None, error="HTTP 500")  # given up
+    [second] = await store.outcomes.due("webhook", NOW, 10)
+    await store.outcomes.delivered("webhook", [second.outcome.seq])
+    assert await store.outcomes.prune(NOW + timedelta(days=60)) == 0
+    assert await store.outcomes.retry("webhook", NOW) == 1
+    [again] = await store.outcomes.due("webhook", NOW, 10)
+    assert (again.outcome.seq, again.outcome.type) == (1, "intent.accepted")
+
+
 async def test_retention_removes_only_a_prefix_of_the_stream(store: Store) -> None:
     """Outcomes are pruned as a prefix of seqs, never from the middle: an old outcome after a newer one (rows
     ingested with their own time, a clock stepped back) stays while the newer one before it does."""
@@ -322,3 +337,21 @@ def test_omsd_relay_status_retry_and_replay(db: Path, capsys: pytest.CaptureFixt
     assert json.loads(out)["taken_to_seq"] == 0  # unchanged
     assert cli(capsys, "relay", "replay", "--from", "3")[0] == 0  # from the next event on
     assert cli(capsys, "relay", "status", "--endpoint", "vtex")[0] == 1  # never configured here
+
+
+def test_omsd_relay_reports_and_drops_deliveries_whose_event_is_gone(
+    db: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A delivery whose outcome an older retention removed: `relay status` counts it, `relay retry` drops it."""
+
+    async def prune_under_it() -> None:
+        async with await Store.open(db) as s, s.db.tx() as conn:
+            await conn.execute("DELETE FROM outcomes WHERE seq = 1")
+
+    asyncio.run(prune_under_it())
+    _, out = cli(capsys, "relay", "status", "--json")
+    assert json.loads(out)["events_gone"] == 1 and json.loads(out)["pending"] == 2
+    code, out = cli(capsys, "relay", "retry")
+    assert code == 0 and "1 whose events an older retention removed dropped" in out
+    _, out = cli(capsys, "relay", "status", "--json")
+    assert json.loads(out)["events_gone"] == 0 and json.loads(out)["pending"] == 1

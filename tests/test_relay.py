@@ -338,3 +338,27 @@ async def test_a_redirect_is_a_failed_attempt_never_followed(
     assert r.metrics.sample("omsd_relay_deliveries_total", endpoint="webhook", result="delivered") == 0
     rows = await store.db.rows("SELECT last_error FROM relay_deliveries WHERE attempts = 1")
     assert [row["last_error"] for row in rows] == [f"HTTP {status}: a redirect to 127.0.0.1 (not followed)"]
+
+
+async def test_deliveries_whose_event_is_gone_are_dropped_and_reported(
+    store: Store, receiver: tuple[Receiver, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deliveries whose outcome an older retention removed (it spared only pending ones) show in the endpoint's
+    state; the relay drops them (error line, metric) instead of letting them block their order and the window."""
+    monkeypatch.setattr(relay_mod, "WINDOW", 2)
+    rec, base = receiver
+    await store.outcomes.endpoint("webhook")
+    await outcomes(store, Watermark(), *intent_on("A-1-01", "1", 1), *intent_on("B-2-01", "2", 1))  # seqs 1..4
+    await store.outcomes.take("webhook", 10, NOW)
+    async with store.db.tx() as conn:  # as an older omsd left them: given up, retried, their outcomes pruned
+        await conn.execute("DELETE FROM outcomes WHERE seq IN (1, 3)")
+    [state] = await store.outcomes.endpoints()
+    assert (state.pending, state.orphaned) == (4, 2)
+    r = await running(store, base)
+    await outcomes(store, r.mark, *intent_on("C-3-01", "3", 1))  # seqs 5, 6: beyond the window of 2
+    await until(lambda: len(rec.bodies()) == 4, what="the rest delivered")
+    await stopped(r)
+    assert sorted(b["seq"] for b in rec.bodies()) == [2, 4, 5, 6]
+    assert r.metrics.sample("omsd_relay_deliveries_total", endpoint="webhook", result="dropped") == 2
+    [state] = await store.outcomes.endpoints()
+    assert (state.pending, state.orphaned) == (0, 0)

@@ -104,8 +104,10 @@ async def _relay(store: Store, args: argparse.Namespace) -> int:
     now = args.clock()
     if args.action == "retry":
         for name in names:
+            gone = await store.outcomes.drop_orphans(name)
             count = await store.outcomes.retry(name, now)
-            print(f"{name}: enabled; {count} given-up deliveries due again")
+            print(f"{name}: enabled; {count} given-up deliveries due again", end="")
+            print(f"; {gone} whose events an older retention removed dropped" if gone else "")
         return EXIT_OK
     if args.action == "replay":
         if args.from_seq is None:
@@ -135,14 +137,15 @@ async def _relay(store: Store, args: argparse.Namespace) -> int:
                 "given_up": s.failed,
                 "oldest_undelivered_s": round(max(0.0, age), 1),
                 "disabled": s.disabled_reason if s.disabled_at else None,
+                "events_gone": s.orphaned,
             }
         )
     if args.json:
         for view in views:
             print(json.dumps(view, sort_keys=True))
         return EXIT_OK
-    columns = ("endpoint", "taken to seq", "pending", "given up", "oldest undelivered (s)", "disabled")
-    keys = ("endpoint", "taken_to_seq", "pending", "given_up", "oldest_undelivered_s", "disabled")
+    columns = ("endpoint", "taken to seq", "pending", "given up", "oldest undelivered (s)", "disabled", "events gone")
+    keys = ("endpoint", "taken_to_seq", "pending", "given_up", "oldest_undelivered_s", "disabled", "events_gone")
     rows = (["-" if v[k] is None else str(v[k]) for k in keys] for v in views)
     render.table(f"{len(views)} relay endpoints", columns, rows)
     return EXIT_OK

@@ -101,6 +101,7 @@ class Relay:
     async def _serve(self, endpoint: Endpoint, stop: asyncio.Event) -> None:
         outcomes = self._store.outcomes
         await outcomes.endpoint(endpoint.name)
+        await self._drop_orphans(endpoint)
         while not stop.is_set():
             if await self._disabled(endpoint):
                 await wait_any(stop, within_s=self._idle_s)
@@ -112,6 +113,13 @@ class Relay:
                 await self._deliver(endpoint, due)
                 continue
             await self._rest(endpoint, seen, stop)
+
+    async def _drop_orphans(self, endpoint: Endpoint) -> None:
+        """Deliveries whose event an older omsd's retention removed cannot be sent: they go,
+        said once (they would block their order, and fill the window, for ever)."""
+        if dropped := await self._store.outcomes.drop_orphans(endpoint.name):
+            self._metrics.relay_deliveries.labels(endpoint=endpoint.name, result="dropped").inc(dropped)
+            log.error("relay_deliveries_dropped", endpoint=endpoint.name, count=dropped, reason="their events are gone")
 
     async def _rest(self, endpoint: Endpoint, seen: int, stop: asyncio.Event) -> None:
         """Wait for a new outcome, the next retry, a look from outside, or `stop`."""

@@ -67,6 +67,7 @@ class EndpointState:
     pending: int
     failed: int
     oldest_undelivered: datetime | None  # when the oldest outcome not yet delivered happened
+    orphaned: int = 0  # deliveries (pending or failed) whose outcome is gone: an older retention removed it
 
 
 async def write(conn: aiosqlite.Connection, outcomes: Iterable[Outcome]) -> int | None:
@@ -140,13 +141,14 @@ class Outcomes:
         """Remove the outcomes before the first one that happened at or after `before`: a
         prefix of the stream, never a hole in it (`occurred_at` need not rise with `seq`: rows
         ingested keep their time, a clock can step back); and none a relay still has to
-        deliver (nor any after it). Returns how many went."""
+        deliver or gave up on (`omsd relay retry` sends it again), nor any after it. Returns
+        how many went."""
         async with self._db.tx() as conn:
             cur = await conn.execute(
                 # `+occurred_at`: scan by seq from the start (the prefix going), not the time index
                 "DELETE FROM outcomes WHERE "
                 "seq < COALESCE((SELECT seq FROM outcomes WHERE +occurred_at >= ? ORDER BY seq LIMIT 1), ?) "
-                "AND seq < COALESCE((SELECT MIN(seq) FROM relay_deliveries WHERE state = 'pending'), ?) "
+                "AND seq < COALESCE((SELECT MIN(seq) FROM relay_deliveries), ?) "  # pending or given up
                 "AND seq <= COALESCE((SELECT MIN(seq) FROM relay_endpoints WHERE disabled_at IS NULL), ?)",
                 (iso(before), _MAX_SEQ, _MAX_SEQ, _MAX_SEQ),
             )
@@ -170,8 +172,11 @@ class Outcomes:
             "SELECT e.name, e.seq, e.disabled_at, e.disabled_reason, "
             "(SELECT COUNT(*) FROM relay_deliveries d WHERE d.endpoint = e.name AND d.state = 'pending') AS pending, "
             "(SELECT COUNT(*) FROM relay_deliveries d WHERE d.endpoint = e.name AND d.state = 'failed') AS failed, "
+            "(SELECT COUNT(*) FROM relay_deliveries d WHERE d.endpoint = e.name "
+            "AND NOT EXISTS (SELECT 1 FROM outcomes g WHERE g.seq = d.seq)) AS orphaned, "
             "(SELECT MIN(o.occurred_at) FROM outcomes o WHERE o.seq = COALESCE("
-            "(SELECT MIN(d.seq) FROM relay_deliveries d WHERE d.endpoint = e.name AND d.state = 'pending'), "
+            "(SELECT MIN(d.seq) FROM relay_deliveries d WHERE d.endpoint = e.name AND d.state = 'pending' "
+            "AND EXISTS (SELECT 1 FROM outcomes g WHERE g.seq = d.seq)), "
             "(SELECT MIN(o2.seq) FROM outcomes o2 WHERE o2.seq > e.seq))) AS oldest "
             "FROM relay_endpoints e ORDER BY e.name"
         )
@@ -184,6 +189,7 @@ class Outcomes:
                 int(r["pending"]),
                 int(r["failed"]),
                 from_iso(r["oldest"]) if r["oldest"] else None,
+                int(r["orphaned"]),
             )
             for r in rows
         ]
@@ -272,6 +278,18 @@ class Outcomes:
             cur = await conn.execute(
                 "UPDATE relay_deliveries SET state = 'pending', next_at = ? WHERE endpoint = ? AND state = 'failed'",
                 (iso(now), name),
+            )
+            return cur.rowcount
+
+    async def drop_orphans(self, name: str) -> int:
+        """Delete the endpoint's deliveries whose outcome is gone (an older omsd's retention
+        spared only pending ones: a given-up delivery lost its outcome and, once retried,
+        blocked its order and the window for ever). Returns how many went."""
+        async with self._db.tx() as conn:
+            cur = await conn.execute(
+                "DELETE FROM relay_deliveries WHERE endpoint = ? "
+                "AND NOT EXISTS (SELECT 1 FROM outcomes g WHERE g.seq = relay_deliveries.seq)",
+                (name,),
             )
             return cur.rowcount
 
