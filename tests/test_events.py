@@ -133,6 +133,19 @@ async def test_a_relay_takes_a_window_and_sends_each_order_in_order(store: Store
     assert second.outcome.type == "intent.canceled"
 
 
+async def test_deliveries_keyed_by_an_older_omsd_are_keyed_again(store: Store) -> None:
+    """`rekey` (the relay's start) keys deliveries taken by an older omsd (VTEX id first) by marketplace id, so
+    they wait in one line with the order's others."""
+    await store.outcomes.endpoint("webhook")
+    await held_then_canceled(store)
+    await store.outcomes.take("webhook", 10, NOW)
+    async with store.db.tx() as conn:
+        await conn.execute("UPDATE relay_deliveries SET order_key = 'MKP-OLD-01' WHERE seq = 2")
+    assert len(await store.outcomes.due("webhook", NOW, 10)) == 2
+    await store.outcomes.rekey("webhook")
+    assert [d.outcome.seq for d in await store.outcomes.due("webhook", NOW, 10)] == [1]
+
+
 # ---- the pull API ---------------------------------------------------------------------------
 async def test_events_after_a_seq_with_where_to_resume(api: Api) -> None:
     """GET /v1/events: the outcomes after `after`, and `next` past every one looked at."""

@@ -23,12 +23,12 @@ from omsd.daemon.pipeline.processor import Processor
 from omsd.daemon.relay import relay as relay_mod
 from omsd.daemon.relay.relay import RETRY_AFTER_MAX_S, SCHEDULE, Relay, alarm_name
 from omsd.daemon.relay.webhooks import Endpoint, endpoints
-from omsd.state.events import AnyEntry, IntentRecorded, NotificationReceived, StatusChanged
+from omsd.state.events import AnyEntry, IntentReceived, IntentRecorded, NotificationReceived, StatusChanged
 from omsd.state.models import Policy
 from omsd.state.store import Store
 from tests.helpers import FakeClock, quiet_health, until
-from tests.machine_helpers import HELD, at
-from tests.store_helpers import NOW, entry
+from tests.machine_helpers import HELD, MKT, at, status
+from tests.store_helpers import NOW, answer_fetch, entry
 
 SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # base64 of 24 bytes
 
@@ -269,6 +269,10 @@ async def test_vtex_results_are_reposted_as_vtex_sent_them(store: Store, receive
     assert sorted(b["type"] for b in rec.bodies()) == ["intent.accepted", "vtex.processing_result"]
 
 
+async def _taken_to(store: Store, seq: int) -> bool:
+    return [e.cursor for e in await store.outcomes.endpoints()] == [seq]
+
+
 def _made(rec: Receiver, attempts: int) -> bool:
     return len(rec.got) >= attempts
 
@@ -362,3 +366,31 @@ async def test_deliveries_whose_event_is_gone_are_dropped_and_reported(
     assert r.metrics.sample("omsd_relay_deliveries_total", endpoint="webhook", result="dropped") == 2
     [state] = await store.outcomes.endpoints()
     assert (state.pending, state.orphaned) == (0, 0)
+
+
+async def test_a_parked_intent_and_its_order_are_one_order_for_the_relay(
+    store: Store, receiver: tuple[Receiver, str]
+) -> None:
+    """Deliveries are keyed by marketplace id when known: the intent.accepted of an intent parked by marketplace id
+    (no VTEX id yet) holds back its order's later events, so a retried intent.accepted never arrives after them."""
+    rec, base = receiver
+    refused = {"n": 0}
+
+    def answer(body: dict[str, Any]) -> int:
+        if body.get("type") == "intent.accepted" and refused["n"] == 0:
+            refused["n"] += 1
+            return 500
+        return 200
+
+    rec.answer = answer
+    r = await running(store, base)
+    await outcomes(store, r.mark, IntentReceived(marketplace_order_id=MKT, source="api"))  # parked: order_id None
+    await until(lambda: refused["n"] == 1, what="the first attempt of intent.accepted, refused")
+    await outcomes(store, r.mark, status(HELD, t=1))
+    await answer_fetch(store, HELD, t=2)  # linked: the parked intent applies to the order
+    await outcomes(store, r.mark, status("canceled", t=3))
+    await until(functools.partial(_taken_to, store, 2), what="intent.canceled taken")
+    r.clock.now += SCHEDULE[0] * 1.5
+    await until(lambda: len(rec.bodies()) == 3, what="both delivered")
+    await stopped(r)
+    assert [b["type"] for b in rec.bodies()] == ["intent.accepted", "intent.accepted", "intent.canceled"]

@@ -101,6 +101,7 @@ class Relay:
     async def _serve(self, endpoint: Endpoint, stop: asyncio.Event) -> None:
         outcomes = self._store.outcomes
         await outcomes.endpoint(endpoint.name)
+        await outcomes.rekey(endpoint.name)
         await self._drop_orphans(endpoint)
         while not stop.is_set():
             if await self._disabled(endpoint):

@@ -6,8 +6,8 @@ gap-free and rising. Here they are read (`after`, `bounds`), kept for the retent
 handed to the relay: each endpoint has a cursor, and takes outcomes past it into
 `relay_deliveries` (at most a window's worth at a time), which it deletes once the
 connector acknowledged them. A delivery is due only when it is the oldest pending one of
-its order, so one order's events go out in order, and a failing order holds back only
-its own.
+its order (keyed by marketplace id when known: `order_key`), so one order's events go out
+in order, and a failing order holds back only its own.
 """
 
 from __future__ import annotations
@@ -68,6 +68,13 @@ class EndpointState:
     failed: int
     oldest_undelivered: datetime | None  # when the oldest outcome not yet delivered happened
     orphaned: int = 0  # deliveries (pending or failed) whose outcome is gone: an older retention removed it
+
+
+def order_key(order_id: str | None, marketplace_order_id: str | None) -> str:
+    """What the relay keeps in order: the marketplace id when known, which every outcome of
+    an intent carries from its parking on (its `intent.accepted` has no VTEX id yet, its
+    order's later events have both); else the VTEX id."""
+    return marketplace_order_id or order_id or "-"
 
 
 async def write(conn: aiosqlite.Connection, outcomes: Iterable[Outcome]) -> int | None:
@@ -221,7 +228,7 @@ class Outcomes:
             wanted = [r for r in found if not types or r["type"] in types]
             await conn.executemany(
                 "INSERT OR IGNORE INTO relay_deliveries (endpoint, seq, order_key, next_at) VALUES (?, ?, ?, ?)",
-                [(name, r["seq"], r["order_id"] or r["marketplace_order_id"] or "-", iso(now)) for r in wanted],
+                [(name, r["seq"], order_key(r["order_id"], r["marketplace_order_id"]), iso(now)) for r in wanted],
             )
             await conn.execute("UPDATE relay_endpoints SET seq = ? WHERE name = ?", (found[-1]["seq"], name))
             return len(wanted)
@@ -280,6 +287,17 @@ class Outcomes:
                 (iso(now), name),
             )
             return cur.rowcount
+
+    async def rekey(self, name: str) -> None:
+        """Key the endpoint's deliveries as `take` does now (an older omsd keyed them by VTEX
+        id first): an order's deliveries taken before an upgrade stay in order with the rest."""
+        async with self._db.tx() as conn:
+            await conn.execute(
+                "UPDATE relay_deliveries SET order_key = (SELECT COALESCE(o.marketplace_order_id, o.order_id, '-') "
+                "FROM outcomes o WHERE o.seq = relay_deliveries.seq) WHERE endpoint = ? "
+                "AND EXISTS (SELECT 1 FROM outcomes o WHERE o.seq = relay_deliveries.seq)",
+                (name,),
+            )
 
     async def drop_orphans(self, name: str) -> int:
         """Delete the endpoint's deliveries whose outcome is gone (an older omsd's retention
