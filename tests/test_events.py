@@ -352,6 +352,22 @@ def test_omsd_relay_status_retry_and_replay(db: Path, capsys: pytest.CaptureFixt
     assert cli(capsys, "relay", "status", "--endpoint", "vtex")[0] == 1  # never configured here
 
 
+def test_omsd_relay_status_shows_the_last_delivery_error(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`relay status` shows why the oldest failing delivery failed (a certificate refused, say); none when none."""
+    _, out = cli(capsys, "relay", "status", "--json")
+    assert json.loads(out)["last_error"] is None
+
+    async def refused() -> None:
+        async with await Store.open(db) as s:
+            await s.outcomes.failed("webhook", 1, next_at=NOW, error="ClientConnectorCertificateError")
+
+    asyncio.run(refused())
+    _, out = cli(capsys, "relay", "status", "--json")
+    assert json.loads(out)["last_error"] == "ClientConnectorCertificateError"
+    _, table = cli(capsys, "relay", "status")
+    assert "ClientConnectorCertificateError" in table
+
+
 def test_omsd_relay_reports_and_drops_deliveries_whose_event_is_gone(
     db: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

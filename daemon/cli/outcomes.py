@@ -46,9 +46,10 @@ def add(sub: Subparsers[argparse.ArgumentParser]) -> None:
         help="the relay's endpoints: status, retry what it gave up, replay from a seq",
         description="`omsd relay status` shows each relay endpoint (webhook: OMSD_RELAY_URL; vtex: "
         "OMSD_RELAY_VTEX_URL): how far it is, deliveries pending and given up, the oldest undelivered event, "
-        "whether it is disabled (the connector answered 410). `omsd relay retry` enables it again and sends what "
-        "it gave up; `omsd relay replay --from SEQ` sends every event from SEQ on again (receivers deduplicate "
-        "by webhook-id). The running daemon picks the change up within a second.",
+        "whether it is disabled (the connector answered 410), why the oldest failing delivery failed. "
+        "`omsd relay retry` enables it again and sends what it gave up; `omsd relay replay --from SEQ` sends every "
+        "event from SEQ on again (receivers deduplicate by webhook-id). The running daemon picks the change up "
+        "within a second.",
     )
     r.add_argument("action", choices=["status", "retry", "replay"])
     r.add_argument("--endpoint", choices=["webhook", "vtex"], help="only this endpoint (default: every one)")
@@ -138,14 +139,21 @@ async def _relay(store: Store, args: argparse.Namespace) -> int:
                 "oldest_undelivered_s": round(max(0.0, age), 1),
                 "disabled": s.disabled_reason if s.disabled_at else None,
                 "events_gone": s.orphaned,
+                "last_error": s.last_error,
             }
         )
     if args.json:
         for view in views:
             print(json.dumps(view, sort_keys=True))
         return EXIT_OK
-    columns = ("endpoint", "taken to seq", "pending", "given up", "oldest undelivered (s)", "disabled", "events gone")
-    keys = ("endpoint", "taken_to_seq", "pending", "given_up", "oldest_undelivered_s", "disabled", "events_gone")
+    columns = (
+        *("endpoint", "taken to seq", "pending", "given up", "oldest undelivered (s)", "disabled", "events gone"),
+        "last error",
+    )
+    keys = (
+        *("endpoint", "taken_to_seq", "pending", "given_up", "oldest_undelivered_s", "disabled", "events_gone"),
+        "last_error",
+    )
     rows = (["-" if v[k] is None else str(v[k]) for k in keys] for v in views)
     render.table(f"{len(views)} relay endpoints", columns, rows)
     return EXIT_OK

@@ -68,6 +68,7 @@ class EndpointState:
     failed: int
     oldest_undelivered: datetime | None  # when the oldest outcome not yet delivered happened
     orphaned: int = 0  # deliveries (pending or failed) whose outcome is gone: an older retention removed it
+    last_error: str | None = None  # why the oldest delivery that failed failed (HTTP 503, a certificate refused)
 
 
 def order_key(order_id: str | None, marketplace_order_id: str | None) -> str:
@@ -181,6 +182,8 @@ class Outcomes:
             "(SELECT COUNT(*) FROM relay_deliveries d WHERE d.endpoint = e.name AND d.state = 'failed') AS failed, "
             "(SELECT COUNT(*) FROM relay_deliveries d WHERE d.endpoint = e.name "
             "AND NOT EXISTS (SELECT 1 FROM outcomes g WHERE g.seq = d.seq)) AS orphaned, "
+            "(SELECT d.last_error FROM relay_deliveries d WHERE d.endpoint = e.name AND d.last_error IS NOT NULL "
+            "ORDER BY d.seq LIMIT 1) AS last_error, "
             "(SELECT MIN(o.occurred_at) FROM outcomes o WHERE o.seq = COALESCE("
             "(SELECT MIN(d.seq) FROM relay_deliveries d WHERE d.endpoint = e.name AND d.state = 'pending' "
             "AND EXISTS (SELECT 1 FROM outcomes g WHERE g.seq = d.seq)), "
@@ -197,6 +200,7 @@ class Outcomes:
                 int(r["failed"]),
                 from_iso(r["oldest"]) if r["oldest"] else None,
                 int(r["orphaned"]),
+                r["last_error"],
             )
             for r in rows
         ]
