@@ -133,6 +133,18 @@ async def test_a_relay_takes_a_window_and_sends_each_order_in_order(store: Store
     assert second.outcome.type == "intent.canceled"
 
 
+async def test_a_relay_retry_sends_what_waits_for_a_retry_now(store: Store) -> None:
+    """`retry` makes due now the deliveries waiting out a backoff too (the receiver was fixed, or moved to a new
+    OMSD_RELAY_URL), not only the given-up ones."""
+    await store.outcomes.endpoint("webhook")
+    await held_then_canceled(store)
+    await store.outcomes.take("webhook", 10, NOW)
+    await store.outcomes.failed("webhook", 1, next_at=NOW + timedelta(hours=16), error="HTTP 503")
+    assert await store.outcomes.due("webhook", NOW, 10) == []
+    assert await store.outcomes.retry("webhook", NOW) == 0  # none given up
+    assert [d.outcome.seq for d in await store.outcomes.due("webhook", NOW, 10)] == [1]
+
+
 async def test_deliveries_keyed_by_an_older_omsd_are_keyed_again(store: Store) -> None:
     """`rekey` (the relay's start) keys deliveries taken by an older omsd (VTEX id first) by marketplace id, so
     they wait in one line with the order's others."""

@@ -47,9 +47,9 @@ def add(sub: Subparsers[argparse.ArgumentParser]) -> None:
         description="`omsd relay status` shows each relay endpoint (webhook: OMSD_RELAY_URL; vtex: "
         "OMSD_RELAY_VTEX_URL): how far it is, deliveries pending and given up, the oldest undelivered event, "
         "whether it is disabled (the connector answered 410), why the oldest failing delivery failed. "
-        "`omsd relay retry` enables it again and sends what it gave up; `omsd relay replay --from SEQ` sends every "
-        "event from SEQ on again (receivers deduplicate by webhook-id). The running daemon picks the change up "
-        "within a second.",
+        "`omsd relay retry` enables it again and sends at once what it gave up or holds for a retry; "
+        "`omsd relay replay --from SEQ` sends every event from SEQ on again (receivers deduplicate by "
+        "webhook-id). The running daemon picks the change up within a second.",
     )
     r.add_argument("action", choices=["status", "retry", "replay"])
     r.add_argument("--endpoint", choices=["webhook", "vtex"], help="only this endpoint (default: every one)")
@@ -107,7 +107,7 @@ async def _relay(store: Store, args: argparse.Namespace) -> int:
         for name in names:
             gone = await store.outcomes.drop_orphans(name)
             count = await store.outcomes.retry(name, now)
-            print(f"{name}: enabled; {count} given-up deliveries due again", end="")
+            print(f"{name}: enabled; {count} given-up deliveries due again, and every one waiting for a retry", end="")
             print(f"; {gone} whose events an older retention removed dropped" if gone else "")
         return EXIT_OK
     if args.action == "replay":

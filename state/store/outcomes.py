@@ -281,7 +281,8 @@ class Outcomes:
             )
 
     async def retry(self, name: str, now: datetime) -> int:
-        """Enable the endpoint again and make every delivery it gave up on due now."""
+        """Enable the endpoint again and make every delivery it gave up on, or that waits out a
+        backoff, due now. Returns how many it had given up on."""
         async with self._db.tx() as conn:
             await conn.execute(
                 "UPDATE relay_endpoints SET disabled_at = NULL, disabled_reason = NULL WHERE name = ?", (name,)
@@ -289,6 +290,10 @@ class Outcomes:
             cur = await conn.execute(
                 "UPDATE relay_deliveries SET state = 'pending', next_at = ? WHERE endpoint = ? AND state = 'failed'",
                 (iso(now), name),
+            )
+            await conn.execute(
+                "UPDATE relay_deliveries SET next_at = ? WHERE endpoint = ? AND state = 'pending' AND next_at > ?",
+                (iso(now), name, iso(now)),
             )
             return cur.rowcount
 
