@@ -15,7 +15,7 @@ from omsd.daemon.cli import main
 from omsd.daemon.ops.replica import publish
 from omsd.daemon.ops.waiting import Watermark
 from omsd.daemon.pipeline.processor import Processor
-from omsd.state.events import IntentRecorded, StatusChanged
+from omsd.state.events import AnyEntry, IntentRecorded, StatusChanged
 from omsd.state.models import Policy
 from omsd.state.store import NewEntry, Store
 from tests.api_helpers import AUTH, Api
@@ -61,7 +61,7 @@ async def test_deriving_again_leaves_no_gap_in_the_seqs(store: Store) -> None:
     await held_then_canceled(store)
     await store.derived.reset(now=NOW)
     await Processor(store, Policy()).drain()  # the same two outcomes again: written already
-    other = [
+    other: list[AnyEntry] = [
         StatusChanged(order_id="B-2-01", source="feed", state=HELD, current_change=at(1)),
         IntentRecorded(order_id="B-2-01", marketplace_order_id="2", source="api"),
     ]
@@ -102,7 +102,7 @@ async def test_retention_removes_only_a_prefix_of_the_stream(store: Store) -> No
     """Outcomes are pruned as a prefix of seqs, never from the middle: an old outcome after a newer one (rows
     ingested with their own time, a clock stepped back) stays while the newer one before it does."""
     await held_then_canceled(store)  # seqs 1, 2 at NOW
-    old = [
+    old: list[AnyEntry] = [
         StatusChanged(order_id="B-2-01", source="feed", state=HELD, current_change=at(1)),
         IntentRecorded(order_id="B-2-01", marketplace_order_id="2", source="api"),
     ]
