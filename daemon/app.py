@@ -127,8 +127,7 @@ class Daemon:
                 health.store_unwritable(store.db.read_only)
             probe = StoreProbe(store.db, metrics, every_s=s.store_probe_s)
             await probe.probe()
-            if replica.enabled:
-                await replica.first_sync()
+            on_replica = await replica.first_sync() if replica.enabled else False
             session = await stack.enter_async_context(aiohttp.ClientSession())
             client = VtexClient(s, session, metrics=metrics)
 
@@ -141,9 +140,12 @@ class Daemon:
             )
             timers = Timers(store, lambda: processor.wake.set())
             # The outcomes readers see (the /v1/events routes, the relay): the last committed, or
-            # under replicated durability the last on the replica (`publish`).
-            mark = Watermark((await store.outcomes.bounds())[1])
-            committed = Watermark(mark.value) if s.replicated else mark
+            # under replicated durability the last on the replica (`publish`). Unless the first
+            # sync reached it, what the last run committed may not be there: readers wait (they
+            # never move back: a reader's `after` above the mark just waits) for publish's sync.
+            last = (await store.outcomes.bounds())[1]
+            mark = Watermark(last if on_replica or not s.replicated else 0)
+            committed = Watermark(last) if s.replicated else mark
             processor = self.processor = Processor(
                 store,
                 s.policy(),
