@@ -72,6 +72,9 @@ class ConfigVtex:
     async def approve(self, marketplace_order_id: str) -> ApprovalResponse:
         raise NotImplementedError
 
+    def paused_s(self, call: str) -> float:
+        return 0.0
+
 
 def setup_for(vtex: ConfigVtex, **kw: Any) -> tuple[VtexSetup, Health]:
     metrics = Metrics()

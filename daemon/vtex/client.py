@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 from urllib.parse import quote
 
 import aiohttp
@@ -69,6 +69,8 @@ ORDER_STATUS = "/api/order-integration/orders/status"
 
 
 Sleep = Callable[[float], Awaitable[None]]
+Call = Literal["get_order", "approve"]  # the calls the effect runner makes
+CALL_ROUTES: dict[Call, str] = {"get_order": ORDER, "approve": ORDER_STATUS}
 
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
@@ -119,6 +121,10 @@ class VtexApi(Protocol):
     async def save_hook_config(self, body: Mapping[str, Any]) -> None: ...
     async def get_order(self, order_id: str, *, priority: Priority = Priority.BACKGROUND) -> OrderSnapshot: ...
     async def approve(self, marketplace_order_id: str) -> ApprovalResponse: ...
+    def paused_s(self, call: Call) -> float:
+        """Seconds until a call of this kind may leave (a 429's Retry-After still open on its
+        scope); 0 when it may go now."""
+        ...
 
 
 class VtexClient:
@@ -269,21 +275,26 @@ class VtexClient:
     def _paused(self, scope: str) -> bool:
         return self._clock() < self._paused_until.get(scope, 0.0)
 
+    def paused_s(self, call: Call) -> float:
+        """Seconds until a call of this kind may leave its scope's Retry-After pause (0: now)."""
+        return max(0.0, self._paused_until.get(self._scope(CALL_ROUTES[call]), 0.0) - self._clock())
+
     async def _slot(self, priority: Priority, scope: str) -> None:
         """Take a throttle slot outside any 429 pause of `scope`, in priority order. One
         caller at a time passes the gate to the throttle, so the gate decides who goes
         next; a caller waits out its scope's pause before queueing at the gate, so a
-        paused route holds up no other. A slot granted inside a pause that began while
-        the caller waited is not used: the caller leaves the gate, waits the pause out and
-        queues again, so nothing is sent before Retry-After has elapsed."""
+        paused route holds up no other. A caller whose scope was paused while it waited
+        leaves the gate without taking the slot (the next caller takes it: a pause on one
+        route spends no slot of the others), waits the pause out and queues again, so
+        nothing is sent before Retry-After has elapsed."""
         while True:
             while (wait := self._paused_until.get(scope, 0.0) - self._clock()) > 0:
                 await self._sleep(wait)
             async with self._gate.turn(priority):
-                while (wait := self._window.delay(self._clock())) > 0:
+                while not self._paused(scope) and (wait := self._window.delay(self._clock())) > 0:
                     await self._sleep(wait)
-                self._window.take(self._clock())  # the slot is spent, whether it is used or not
                 if not self._paused(scope):
+                    self._window.take(self._clock())
                     return
 
     def _spread(self, slots: int) -> None:
