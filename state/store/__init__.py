@@ -27,11 +27,12 @@ from .outbox import Outbox
 from .outcomes import Outcomes
 from .queries import Queries
 from .retention import Retention
-from .rows import Appended, NewEntry, OutboxRow, ParkedIntent, Pruned, from_iso, iso
+from .rows import Appended, ClaimClass, NewEntry, OutboxRow, ParkedIntent, Pruned, from_iso, iso
 
 __all__ = [
     "Appended",
     "Batch",
+    "ClaimClass",
     "HistoryRow",
     "JournalRow",
     "NewEntry",
