@@ -28,12 +28,13 @@ import argparse
 import asyncio
 import bisect
 import itertools
+import json
 import math
 import multiprocessing
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -43,10 +44,12 @@ from aiohttp import web
 
 from omsd.daemon.app import Daemon
 from omsd.daemon.config.settings import Settings
-from omsd.daemon.intake.feed import FeedPoller
+from omsd.daemon.intake.feed import COMMIT_MAX, FeedPoller
 from omsd.daemon.ops import logs
 from omsd.daemon.tools.demo import free_port
 from omsd.daemon.vtex.client import VtexClient
+from omsd.daemon.vtex.models import feed_config_body
+from omsd.daemon.vtex.rate import MARGIN
 from omsd.sim.faults import Faults, Handler
 from omsd.sim.feed import FeedQueue
 from omsd.sim.server import DEFAULT_APP_KEY, DEFAULT_APP_TOKEN, Simulator
@@ -88,7 +91,7 @@ class BenchSimulator(Simulator):
     def __init__(self, latency_s: float) -> None:
         super().__init__(faults=Faults(latency_s=(latency_s, latency_s), short_batches=False), seed=1)
         self.feed.queue = SampledQueue(self.runtime.rng, self.runtime.monotonic)
-        self.arrivals: list[tuple[float, str]] = []
+        self.bench_arrivals: list[tuple[float, str, int]] = []  # when, what, items returned or handles committed
 
     def app(self) -> web.Application:
         app = super().app()
@@ -99,9 +102,18 @@ class BenchSimulator(Simulator):
 
     @web.middleware
     async def _log(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path.startswith("/api/"):
-            self.arrivals.append((time.monotonic(), f"{request.method} {request.path.split('/')[2]}"))
-        return await handler(request)
+        if not request.path.startswith("/api/"):
+            return await handler(request)
+        arrived = time.monotonic()
+        feed = request.path == "/api/orders/feed"
+        size = len((await request.json()).get("handles", [])) if feed and request.method == "POST" else -1
+        response = await handler(request)
+        if feed and request.method == "GET" and isinstance(response, web.Response) and response.body:
+            size = len(json.loads(bytes(response.body)))  # type: ignore[arg-type]
+        # the kind as it always was (GET orders: the feed and its configuration alike); the size
+        # is the items a feed GET returned or the handles a commit carried, -1 for other calls
+        self.bench_arrivals.append((arrived, f"{request.method} {request.path.split('/')[2]}", size))
+        return response
 
     async def _load(self, request: web.Request) -> web.Response:
         n = int(request.query["n"])
@@ -118,12 +130,14 @@ class BenchSimulator(Simulator):
                     "currentChange": "2026-11-27T10:00:01.0000000Z",
                 }
             )
-        self.arrivals = []
+        self.bench_arrivals = []
         return web.json_response({"queued": n})
 
     async def _read_log(self, request: web.Request) -> web.Response:
         q = self.feed.queue
-        return web.json_response({"arrivals": self.arrivals, "deleted": q.deleted, "queue": len(q.messages)})
+        return web.json_response(
+            {"arrivals": self.bench_arrivals, "deleted": q.deleted, "queue": len(q.messages), "deliveries": q.deliveries}
+        )
 
 
 def run_simulator(conn: Connection, latency_s: float) -> None:
@@ -148,6 +162,9 @@ class Result:
     busiest_burst: int = 0  # the busiest 100 ms
     busiest_sent: int = 0
     busiest_burst_sent: int = 0
+    sizes: dict[str, list[int]] = field(default_factory=dict)  # per kind of call: items returned, handles committed
+    per_second: list[int] = field(default_factory=list)  # calls in each second from the first
+    deliveries: int = 0  # items the feed handed out (a re-read item counts again)
 
     @property
     def rate(self) -> float:
@@ -162,17 +179,54 @@ async def log_of(session: aiohttp.ClientSession, base: str) -> dict[str, Any]:
 
 def measure(name: str, log: dict[str, Any]) -> Result:
     """Events committed, and calls, from the first request to the last commit."""
-    arrivals = [(float(t), kind) for t, kind in log["arrivals"]]
+    arrivals = [(float(t), kind, int(n)) for t, kind, n in log["arrivals"]]
     start = arrivals[0][0]
-    end = max(t for t, kind in arrivals if kind == "POST orders")
-    within = [(t, kind) for t, kind in arrivals if t <= end]
-    times = [t for t, _ in within]
+    end = max(t for t, kind, _ in arrivals if kind == "POST orders")
+    within = [(t, kind, n) for t, kind, n in arrivals if t <= end]
+    times = [t for t, _, _ in within]
     kinds: dict[str, int] = {}
-    for _, kind in within:
+    sizes: dict[str, list[int]] = {}
+    per_second = [0] * (int(end - start) + 1)
+    for t, kind, n in within:
         kinds[kind] = kinds.get(kind, 0) + 1
+        sizes.setdefault(kind, []).append(n)
+        per_second[int(t - start)] += 1
     result = Result(name, int(log["deleted"]), end - start, len(within), busiest_window(times), kinds)
     result.busiest_burst = busiest_window(times, 0.1)
+    result.sizes, result.per_second, result.deliveries = sizes, per_second, int(log.get("deliveries", 0))
     return result
+
+
+def budget_spent(r: Result, budget: float) -> None:
+    """Where a drain's budget went: the calls by what they carried, what the client's
+    margin keeps back by design, and the slots no call took (by second: the ramp-up at
+    the start and the tail at the end against the rest)."""
+    slots = budget * r.seconds
+    gets = [n for n in r.sizes.get("GET orders", []) if n >= 0]
+    posts = [n for n in r.sizes.get("POST orders", []) if n >= 0]
+    full_gets = sum(1 for n in gets if n >= 10)
+    full_posts = sum(1 for n in posts if n >= COMMIT_MAX)
+    margin = slots * MARGIN / (1 + MARGIN)
+    usable = budget / (1 + MARGIN)
+    idle = [max(0.0, usable * min(1.0, r.seconds - s) - calls) for s, calls in enumerate(r.per_second)]
+    print(f"{'':<32} where the budget went ({budget:g} calls/s x {r.seconds:.1f} s = {slots:.0f} slots):")
+    rows = [
+        ("GETs of 10 items", full_gets, ""),
+        ("GETs of fewer", len(gets) - full_gets, f"({sum(n for n in gets if n < 10)} items)"),
+        (f"commits of {COMMIT_MAX} handles", full_posts, ""),
+        ("commits of fewer", len(posts) - full_posts, f"({sum(n for n in posts if n < COMMIT_MAX)} handles)"),
+        ("other calls", r.calls - len(gets) - len(posts), ""),
+        ("items read again", r.deliveries - r.events, "(their GETs are counted above)"),
+        ("client's margin (by design)", round(margin), f"(at most {budget:g} calls a {1 + MARGIN:g} s)"),
+        ("idle, first second", round(idle[0]), ""),
+        ("idle, last second", round(idle[-1]) if len(idle) > 1 else 0, ""),
+        ("idle, in between", round(sum(idle[1:-1])), ""),
+    ]
+    steady = sorted(r.per_second[1:-1]) or [0]
+    print(f"{'':<34}calls a second: first {r.per_second[0]}, then min {steady[0]}, median {steady[len(steady) // 2]}, "
+          f"max {steady[-1]} (the client's ceiling: {usable:.1f})")  # fmt: skip
+    for what, n, note in rows:
+        print(f"{'':<34}{what:<30} {n:>6} {n / slots:>7.1%} {note}")
 
 
 def busiest_window(times: list[float], period: float = 1.0) -> int:
@@ -212,9 +266,12 @@ async def drain_with_omsd(
 
 
 async def intake(settings: Settings, stop: asyncio.Event) -> None:
-    """omsd's feed poller and VTEX client alone: no processor, no effects."""
+    """omsd's feed poller and VTEX client alone: no processor, no effects (the feed's
+    configuration made first, as the daemon's start-up does)."""
     async with await Store.open(settings.db) as store, aiohttp.ClientSession() as session:
-        await FeedPoller(store, VtexClient(settings, session), settings).run(stop)
+        vtex = VtexClient(settings, session)
+        await vtex.save_feed_config(feed_config_body(settings))
+        await FeedPoller(store, vtex, settings).run(stop)
 
 
 async def drain_plainly(base: str, events: int, seconds: float) -> Result:
@@ -256,6 +313,8 @@ def report(results: list[Result], budgets: list[float], baseline: Result) -> Non
             f"{per_s / budget:>8.0%} {r.busiest:>6} / {budget:g}"
         )
         print(f"{'':<32} calls: {r.kinds}; x{r.rate / baseline.rate:.1f} the plain consumer")
+        if r.busiest_sent:
+            budget_spent(r, budget)
         print(f"{'':<32} busiest 100 ms at the simulator: {r.busiest_burst} / {budget / 10:g}")
         if r.busiest_sent:
             print(

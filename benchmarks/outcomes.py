@@ -5,8 +5,9 @@ and whether anything is lost when omsd and the receiver are killed.
     .venv/bin/python benchmarks/outcomes.py backlog [--events 20000]
     .venv/bin/python benchmarks/outcomes.py restarts [--orders 300] [--arrival 60] [--kills 20] [--receiver-kills 5]
 
-`latency`: omsd (hook source, no faults) and the simulator in this process; every order is
-held, then authorized, with its intent sent; a long-polling reader (`wait=30`) and the
+`latency`: omsd (hook source, no faults) as its own process, then again (same seed) in
+this process with the simulator and the readers; every order is held, then authorized,
+with its intent sent; a long-polling reader (`wait=30`) and the
 relay's receiver note when each event arrives. For each event that carries VTEX's result
 (`vtex.processing_result`, `approval.confirmed`), latency = arrival − `occurred_at` (when
 omsd journaled VTEX's notification). Baseline in the same run: a reader that polls every
@@ -152,7 +153,9 @@ async def blind_poller(url: str, stop: asyncio.Event, arrived: dict[int, float])
             await asyncio.sleep(1.0)
 
 
-async def long_poller(url: str, stop: asyncio.Event, arrived: dict[int, float]) -> None:
+async def long_poller(
+    url: str, stop: asyncio.Event, arrived: dict[int, float], seen: dict[int, dict[str, Any]]
+) -> None:
     after = 0
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {API_TOKEN}"}) as http:
         while not stop.is_set():
@@ -162,11 +165,23 @@ async def long_poller(url: str, stop: asyncio.Event, arrived: dict[int, float]) 
             now = time.time()
             for e in body["events"]:
                 arrived.setdefault(e["seq"], now)
+                seen.setdefault(e["seq"], e)
             after = body["next"]
 
 
 async def latency(args: argparse.Namespace) -> None:
+    """The same orders (same seed) twice: omsd as its own process (as it runs beside a
+    connector), and omsd in this process, sharing one event loop with the simulator, the
+    readers and the receiver (what the other benchmarks do)."""
     logs.configure("warning", "json")
+    print(
+        f"{args.orders} orders, hook source, no faults; VTEX's result = the events carrying it ({', '.join(FROM_VTEX)})"
+    )
+    for separate in (True, False):
+        await one_latency(args, separate)
+
+
+async def one_latency(args: argparse.Namespace, separate: bool) -> None:
     sim = Simulator(seed=args.seed, faults=no_faults())
     await sim.start()
     receiver = Receiver()
@@ -174,44 +189,59 @@ async def latency(args: argparse.Namespace) -> None:
     port = free_port()
     long_polled: dict[int, float] = {}
     polled: dict[int, float] = {}
+    events: dict[int, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        daemon = Daemon(settings(sim, Path(tmp) / "omsd.db", port, relay_url))
+        db = Path(tmp) / "omsd.db"
+        daemon: Daemon | None = None
+        process: Omsd | None = None
         stop, readers_stop = asyncio.Event(), asyncio.Event()
-        task = await started(daemon, stop)
+        if separate:
+            env = omsd_env(sim, db, port, "hook")
+            env.update({"OMSD_RELAY_URL": relay_url, "OMSD_RELAY_SECRET": SECRET, "OMSD_RATE_LIMIT_PER_S": "200"})
+            process = Omsd(env, port, Path(tmp) / "omsd.log")
+            await process.start()
+            url = f"http://127.0.0.1:{port}"
+        else:
+            daemon = Daemon(settings(sim, db, port, relay_url))
+            task = await started(daemon, stop)
+            url = daemon.url
         readers = [
-            asyncio.create_task(long_poller(daemon.url, readers_stop, long_polled)),
-            asyncio.create_task(blind_poller(daemon.url, readers_stop, polled)),
+            asyncio.create_task(long_poller(url, readers_stop, long_polled, events)),
+            asyncio.create_task(blind_poller(url, readers_stop, polled)),
         ]
         rng = random.Random(args.seed)
         async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {API_TOKEN}"}) as http:
             for n in range(args.orders):
                 order = sim.create(f"L{n:05d}", held=True, decision="authorize", decide_after_s=rng.uniform(0.2, 2))
                 body = {"marketplaceOrderId": order.marketplace_order_id, "orderId": order.order_id}
-                async with http.post(f"{daemon.url}/v1/approvals", json=body) as resp:
+                async with http.post(f"{url}/v1/approvals", json=body) as resp:
                     assert resp.status == 202, await resp.text()
                 await asyncio.sleep(rng.uniform(0, 0.05))
-        store = daemon.store
-        assert store is not None
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            confirmed = [e for e in await store.outcomes.after(0, 100_000) if e.type == "approval.confirmed"]
-            if len(confirmed) == args.orders:
+            if sum(e["type"] == "approval.confirmed" for e in events.values()) == args.orders:
                 break
             await asyncio.sleep(0.2)
         await asyncio.sleep(2.5)  # the blind poller's next round, the relay's last deliveries
-        events = [e for e in await store.outcomes.after(0, 100_000) if e.type in FROM_VTEX]
         readers_stop.set()
         for r in readers:
             r.cancel()
-        stop.set()
-        await asyncio.wait_for(task, timeout=30)
+        if process is not None:
+            await process.stop(signal.SIGTERM)
+        else:
+            stop.set()
+            await asyncio.wait_for(task, timeout=30)
     await runner.cleanup()
     await sim.stop()
+    carrying = [e for e in events.values() if e["type"] in FROM_VTEX]
 
     def lag(seen: dict[int, float]) -> list[float]:
-        return [seen[e.seq] - e.occurred_at.timestamp() for e in events if e.seq in seen]
+        return [
+            seen[e["seq"]] - datetime.fromisoformat(e["occurred_at"]).timestamp() for e in carrying if e["seq"] in seen
+        ]
 
-    print(f"events carrying VTEX's result: {len(events)} ({args.orders} orders, hook source, no faults)")
+    where = "omsd as its own process" if separate else "omsd in the benchmark's process (one event loop for all)"
+    print(f"{where}: {len(carrying)} events carrying VTEX's result")
     print(f"  VTEX's result -> long-polling reader (wait=30): {ms(lag(long_polled))}")
     print(f"  VTEX's result -> relay receiver:                {ms(lag(receiver.arrived))}")
     print(f"  baseline, a reader polling every second:        {ms(lag(polled))}")

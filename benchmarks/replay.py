@@ -1,45 +1,62 @@
-"""Replay speed: rebuild order state from a generated journal of ~1,000,000 events.
+"""Replay speed and memory: `omsd replay`, end to end, on a generated journal of about
+1,000,000 events, beside a baseline in the same run.
 
-    .venv/bin/python benchmarks/replay.py [--events 1000000] [--db PATH] [--profile]
+    .venv/bin/python benchmarks/replay.py [--events 1000000] [--db PATH] [--baseline REF] [--runs N]
+    .venv/bin/python benchmarks/replay.py --events 300000 --profile      # cProfile of the replay, in-process
 
-Each generated order lives a full approval: first sight (a link Get order), held,
-an approval intent by marketplace id (parked, then routed), released, the
-pre-approval Get order, the PUT and its answer, the notification, handling. The
-generator drives the pure machine per order to answer each effect with the right
-sequence number, and stores the state it reached as the "stored" state. The
-benchmark then runs `omsd replay`'s own code (plan + apply) and checks that every
-rebuilt order equals the stored one. Prints the figures docs/benchmarks.md records.
+Each generated order lives a full approval in 10 journal rows: first sight, held, an
+approval intent by marketplace id (parked: ids are linked lazily), the link lookup
+for it and its Get order answer (which links the ids and releases the intent),
+released, the pre-approval Get order, the PUT and its SOI003, the SOI002
+notification, handling. The generator applies one order's rows as the daemon does
+(`state.apply`: routing and the machine) to answer each effect with the right
+sequence number, and stores the state they give as the derived state; the others
+are that journal with their own ids, a thousand orders interleaved.
+
+Then `python -m omsd.daemon replay` (what `omsd replay` runs) in a process of its own,
+for the baseline (`--baseline REF`: that commit's code, see benchmarks/commands.py)
+and for this tree, `--runs` times each, alternating: wall time, events per second, the
+command's peak RSS, and whether every order it leaves equals the generated one.
+`--db` keeps the generated database and reuses it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import os
 import platform
 import pstats
-import resource
+import sqlite3
+import sys
 import tempfile
 import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+
+import commands
+
 from omsd.daemon.tools import replay
+from omsd.state.apply import Applier, read
+from omsd.state.batch import JournalRow
 from omsd.state.codes import ResultCode
 from omsd.state.events import (
     AnyEntry,
     ApprovalAnswered,
-    Event,
     IntentReceived,
-    IntentRecorded,
     NotificationReceived,
     OrderFetched,
+    Resync,
     StatusChanged,
+    current_version,
 )
-from omsd.state.machine import decide
 from omsd.state.models import Order, Policy, SendApproval
+from omsd.state.statuses import Phase
 from omsd.state.store import Batch, NewEntry, Store
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -47,20 +64,32 @@ FLOW = ["order-accepted", "waiting-for-manual-authorization", "waiting-ffmt-auth
 
 
 def _life(n: int) -> tuple[list[tuple[AnyEntry, datetime]], Order]:
-    """One order's journal entries and the state the machine reaches on them."""
+    """One order's journal entries and the state the daemon reaches on them.
+
+    The entries are what the daemon would journal: status changes; an intent naming
+    only the marketplace id (parked: ids are linked lazily); the link lookup the
+    parked-intents job asks for (a resync) and its Get order answer, which links the
+    ids and releases the intent; the release; the pre-approval Get order, the PUT and
+    its SOI003; the SOI002 notification (by omsd's secret path); handling. Each effect
+    is answered at once, as the effect runner would. The state is what `state.apply`
+    (routing and the machine, as the processor runs them) gives on these rows, so the
+    benchmarks compare a replay, or the processor, with the daemon's own reading."""
     oid, mkt = f"MKP-{n}-01", f"M{n}"
     t = T0 + timedelta(seconds=n)
-    order: Order | None = None
+    applier = Applier(Policy())
     out: list[tuple[AnyEntry, datetime]] = []
     status = FLOW[0]
 
-    def feed(event: Event, routed: AnyEntry | None = None) -> None:
-        nonlocal order, t
+    def feed(entry: AnyEntry) -> None:
+        nonlocal t
         t += timedelta(milliseconds=10)
-        out.append((routed or event, t))
-        decision = decide(order, event, t, Policy())
-        order = decision.order
-        for effect in decision.effects:  # answer each effect at once, as the effect runner would
+        out.append((entry, t))
+        kind = entry.kind
+        order_id, payload = getattr(entry, "order_id", None), entry.model_dump_json()
+        row = JournalRow(len(out), kind, "bench", order_id, payload, None, t, current_version(kind))
+        done = len(applier.batch.effects)
+        applier.apply(row, read(row))
+        for effect in applier.batch.effects[done:]:  # answer each effect at once, as the effect runner would
             if isinstance(effect, SendApproval):
                 feed(ApprovalAnswered(order_id=oid, seq=effect.seq, code=ResultCode.ENQUEUED, http_status=200))
             else:
@@ -70,21 +99,15 @@ def _life(n: int) -> tuple[list[tuple[AnyEntry, datetime]], Order]:
         status = state
         feed(StatusChanged(order_id=oid, source="feed", state=state, current_change=t + timedelta(seconds=k)))
         if k == 1:
-            feed(
-                IntentRecorded(order_id=oid, marketplace_order_id=mkt, source="api"),
-                IntentReceived(marketplace_order_id=mkt, source="api"),
-            )
+            feed(IntentReceived(marketplace_order_id=mkt, source="api"))
+            feed(Resync(order_id=oid, reason="link lookup for a parked intent"))
         if k == 2:
-            note = NotificationReceived(marketplace_order_id=mkt, code=ResultCode.APPROVED, flow="ApproveOrder")
-            feed(_routed(note, oid), note)
-    assert order is not None
-    return out, order
-
-
-def _routed(note: NotificationReceived, oid: str) -> Event:
-    from omsd.state.events import ResultNotified
-
-    return ResultNotified(order_id=oid, marketplace_order_id=note.marketplace_order_id, code=note.code, flow=note.flow)
+            code, flow = ResultCode.APPROVED, "ApproveOrder"
+            feed(NotificationReceived(marketplace_order_id=mkt, code=code, flow=flow, authenticated=True))
+    final = applier.finish().orders[oid]
+    if final.phase != Phase.APPROVED or final.sent != 1:
+        raise RuntimeError(f"the generated life does not end approved after one PUT: {final}")
+    return out, final
 
 
 async def generate(store: Store, events: int) -> None:
@@ -92,7 +115,7 @@ async def generate(store: Store, events: int) -> None:
     machine reached as the derived state."""
     orders = await append_lives(store, events)
     total = await store.journal.last_offset()
-    await store.derived.replace(Batch(offset=total, orders=orders), only=None, cursor=total, reissue=(), now=T0)
+    await store.derived.commit(Batch(offset=total, orders=orders), now=T0)
 
 
 async def append_lives(store: Store, events: int) -> dict[str, Order]:
@@ -122,50 +145,70 @@ def _renamed(entry: NewEntry, i: int) -> NewEntry:
     return replace(entry, payload=_rename(entry.payload, i), order_id=order_id)
 
 
-async def main(events: int, db: Path | None, profile: bool) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
+def identical(db: Path) -> bool:
+    """Every order in the database is the generated one (the life of order 0, renamed)."""
+    _, final = _life(0)
+    text = final.model_dump_json()
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        lives = conn.execute("SELECT COUNT(*) FROM orders").fetchone()[0]
+        expected_lives = conn.execute('SELECT MAX("offset") FROM journal').fetchone()[0] // len(_life(0)[0])
+        rows = conn.execute("SELECT order_id, data FROM orders")
+        same = all(data == _rename(text, int(order_id.split("-")[1])) for order_id, data in rows)
+    return same and lives == expected_lives
+
+
+async def profiled(path: Path) -> None:
+    async with await Store.open(path) as store:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        result = await replay.plan(store, Policy())
+        await replay.apply(store, result, datetime.now(UTC))
+        profiler.disable()
+        await result.close()
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+
+
+async def generated(path: Path, events: int) -> int:
+    async with await Store.open(path) as store:
+        if await store.journal.last_offset() == 0:
+            start = time.perf_counter()
+            await generate(store, events)
+            print(f"generated {await store.journal.last_offset():,} events in {time.perf_counter() - start:.1f} s")
+        return await store.journal.last_offset()
+
+
+def main(events: int, db: Path | None, baseline_ref: str | None, runs: int, profile: bool) -> None:
+    with tempfile.TemporaryDirectory() as tmp, commands.baseline(baseline_ref) as base:
         path = db or Path(tmp) / "replay.db"
-        async with await Store.open(path) as store:
-            if await store.journal.last_offset() == 0:
-                start = time.perf_counter()
-                await generate(store, events)
-                print(f"generated {await store.journal.last_offset():,} events in {time.perf_counter() - start:.1f} s")
-            stored = await store.read.orders_by_id()
-            total = await store.journal.last_offset()
-            profiler = cProfile.Profile() if profile else None
-            start, cpu = time.perf_counter(), time.process_time()
-            if profiler:
-                profiler.enable()
-            result = await replay.plan(store, Policy())
-            rebuilt_s = time.perf_counter() - start
-            await replay.apply(store, result, datetime.now(UTC))
-            elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
-            if profiler:
-                profiler.disable()
-                pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
-            same = await store.read.orders_by_id() == stored
-            summary = result.summary()
-            print(
-                f"replay: {total:,} events, {len(stored):,} orders: rebuilt in memory in {rebuilt_s:.1f} s, "
-                f"written in {elapsed - rebuilt_s:.1f} s; {total / elapsed:,.0f} events/s overall "
-                f"({total / rebuilt_s:,.0f} events/s rebuild; {total / cpu:,.0f} events per CPU second overall)"
-            )
-            print(f"rebuilt state identical to the stored one: {same} (summary {summary})")
-            size = sum(p.stat().st_size for p in path.parent.iterdir() if p.name.startswith(path.name))
-            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            where = f"Python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} cores"
-            print(f"database {size / 1e6:.0f} MB; peak RSS {rss:.0f} MB; {where}")
-            if not same:
-                raise SystemExit(1)
+        total = asyncio.run(generated(path, events))
+        if profile:
+            asyncio.run(profiled(path))
+            return
+        codes = ([base] if base else []) + [commands.Code("this tree")]
+        print(f"`omsd replay` of {total:,} journal events ({total // len(_life(0)[0]):,} orders), end to end")
+        print(f"{'code':<22} {'s':>7} {'events/s':>9} {'peak RSS':>9}  identical")
+        for _ in range(runs):
+            for code in codes:
+                done = commands.run(code, path, ["replay"])
+                same = "yes" if done.returncode == 0 and identical(path) else "NO"
+                rss = f"{done.peak_rss_mib:.0f} MiB"
+                print(
+                    f"{code.name:<22} {done.seconds:>7.1f} {total / done.seconds:>9,.0f} {rss:>9}  {same}", flush=True
+                )
+        size = sum(p.stat().st_size for p in path.parent.iterdir() if p.name.startswith(path.name))
+        where = f"Python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} cores"
+        print(f"database {size / 1e6:.0f} MB; {where}; load average {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--db", type=Path, help="keep the generated journal here (reused when it exists)")
-    parser.add_argument("--profile", action="store_true", help="print the top of a cProfile of the replay")
+    parser.add_argument("--baseline", metavar="REF", help="also run the code of this git commit, in the same run")
+    parser.add_argument("--runs", type=int, default=1, help="runs of each code, alternating")
+    parser.add_argument("--profile", action="store_true", help="print the top of a cProfile of the replay instead")
     args = parser.parse_args()
     from omsd.daemon.ops import logs
 
     logs.configure("warning", "json")
-    asyncio.run(main(args.events, args.db, args.profile))
+    main(args.events, args.db, args.baseline, args.runs, args.profile)

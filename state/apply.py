@@ -78,17 +78,32 @@ def needs(entries: Iterable[tuple[JournalRow, Entry | str | None]]) -> tuple[set
         if isinstance(entry, StatusChanged) and (derived := routing.derived_marketplace_id(entry.order_id)):
             mkts.add(derived)
         if isinstance(entry, BaseModel):
-            if (order_id := getattr(entry, "order_id", None)) is not None:
+            names_order, names_mkt = _names(type(entry))
+            if names_order and (order_id := entry.order_id) is not None:  # type: ignore[union-attr]
                 order_ids.add(order_id)
             mkt = entry.order.marketplace_order_id if isinstance(entry, OrderSnapshot) else None
-            if (mkt := getattr(entry, "marketplace_order_id", mkt)) is not None:
+            if names_mkt:
+                mkt = entry.marketplace_order_id  # type: ignore[union-attr]
+            if mkt is not None:
                 mkts.add(mkt)
     return order_ids, mkts
 
 
+_NAMED: dict[type[BaseModel], tuple[bool, bool]] = {}
+
+
+def _names(cls: type[BaseModel]) -> tuple[bool, bool]:
+    """Whether entries of this class have an order id, and a marketplace id, field: asked of
+    the class once (`getattr` on a model without the field costs an exception per row)."""
+    if (found := _NAMED.get(cls)) is None:
+        found = _NAMED[cls] = ("order_id" in cls.model_fields, "marketplace_order_id" in cls.model_fields)
+    return found
+
+
 class Applier:
-    """Applies rows one at a time over a view and gathers the batch. `fresh`: a rebuild from
-    nothing (`omsd replay`): the view is empty and no transition is announced."""
+    """Applies rows one at a time over a view and gathers the batch. `fresh`: a rebuild
+    (`omsd replay`): no transition is announced; the view is empty, or (a rebuild in steps)
+    what the rows before gave, its `by_marketplace_id` the order each id was linked to first."""
 
     def __init__(self, policy: Policy, view: View = EMPTY, *, emit_effects: bool = True, fresh: bool = False) -> None:
         self._policy = policy
@@ -99,6 +114,13 @@ class Applier:
         self._by_mkt: dict[str, str] = {}  # marketplace id -> order id, of the orders in `_orders`
         self._by_derived: dict[str, str] = {}  # derived marketplace id -> id of an unlinked order in `_orders`
         self.batch = Batch(offset=0)
+        if fresh:
+            # A rebuild in steps (`omsd replay`): the view holds what the rows before gave, and
+            # each marketplace id it names routes to the order first linked to it, as one pass
+            # over the whole journal routes it (an order loaded later must not take its place).
+            for mkt, order in view.by_marketplace_id.items():
+                self._known(order.order_id, order)
+                self._by_mkt[mkt] = order.order_id
 
     def apply(self, row: JournalRow, entry: Entry | str | None) -> None:
         """Apply one row as `read` gave it: an entry, why it is unreadable, or None (rejected)."""
@@ -117,6 +139,11 @@ class Applier:
                 pass
             case _:
                 self._decide(row, entry)
+
+    def links(self) -> dict[str, str]:
+        """Marketplace id -> the order its entries route to, as the view and the rows so far
+        linked them (a rebuild in steps carries the new ones to the next step)."""
+        return dict(self._by_mkt)
 
     def finish(self) -> Batch:
         """The batch, with only the effects the orders still wait for (an effect a later

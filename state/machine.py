@@ -37,14 +37,12 @@ from .events import (
 from .models import Decision, Effect, FetchOrder, FetchPurpose, Inflight, Order, Policy, SendApproval, Timer, later
 from .statuses import HELD, TERMINAL_PHASES, Phase, Status, is_approved, is_cancel, is_creating
 
+_STATUSES: dict[str, Status] = {s.value: s for s in Status}
+
 
 def parse_status(value: str | None) -> Status | None:
-    if value is None:
-        return None
-    try:
-        return Status(value)
-    except ValueError:
-        return None
+    """The known status `value` names (None: none, or one omsd does not know)."""
+    return _STATUSES.get(value) if value is not None else None
 
 
 class UnsafeApproval(RuntimeError):
@@ -68,7 +66,7 @@ class _Ctx:
     """Mutable scratch for one decision. Changes gather in a dict over the order the
     decision started from; `order` builds the changed Order when read (one copy, kept
     until the next change) instead of one copy per field set, and `decide` takes the
-    last one as the result. Field reads inside the class go through `_get`."""
+    last one as the result. Field reads that need no Order go through `get`."""
 
     __slots__ = ("_base", "_built", "_changes", "causes", "effects", "moved", "now", "policy")
 
@@ -100,12 +98,16 @@ class _Ctx:
         compares every decision with one made by `model_copy` per change."""
         new = object.__new__(Order)
         object.__setattr__(new, "__dict__", {**order.__dict__, **changes})
-        object.__setattr__(new, "__pydantic_fields_set__", order.__pydantic_fields_set__ | changes.keys())
+        fields_set = order.__pydantic_fields_set__
+        if not changes.keys() <= fields_set:  # else the same set serves (a frozen model's never changes)
+            fields_set = fields_set | changes.keys()
+        object.__setattr__(new, "__pydantic_fields_set__", fields_set)
         object.__setattr__(new, "__pydantic_extra__", None)
         object.__setattr__(new, "__pydantic_private__", None)
         return new
 
-    def _get(self, name: str) -> Any:
+    def get(self, name: str) -> Any:
+        """A field of the order as changed so far, without building it."""
         changes = self._changes
         return changes[name] if name in changes else getattr(self._base, name)
 
@@ -117,7 +119,7 @@ class _Ctx:
         self.causes.append(text)
 
     def next_seq(self) -> int:
-        seq: int = self._get("seq") + 1
+        seq: int = self.get("seq") + 1
         self.set(seq=seq)
         return seq
 
@@ -148,8 +150,8 @@ class _Ctx:
         self.effects.append(SendApproval(order_id=self.order.order_id, seq=seq, marketplace_order_id=mkt))
         self.set(
             inflight=Inflight(seq=seq, kind="send", purpose="approve"),
-            sent=self._get("sent") + 1,
-            sent_on=self._get("status_at"),
+            sent=self.get("sent") + 1,
+            sent_on=self.get("status_at"),
         )
 
     def timer(
@@ -648,12 +650,12 @@ def _stale_answer(ctx: _Ctx, event: OrderFetched, purpose: str) -> None:
 
 def _advance(ctx: _Ctx) -> None:
     """Close or move the order after its facts changed."""
+    if ctx.get("intent_source") is None:
+        return  # no Get order just to link ids: linking is lazy (see `_on_resync`)
+    if ctx.get("phase") in TERMINAL_PHASES:
+        return
     o = ctx.order
     status = parse_status(o.status)
-    if not o.has_intent:
-        return  # no Get order just to link ids: linking is lazy (see `_on_resync`)
-    if o.phase in TERMINAL_PHASES:
-        return
     if is_cancel(status) or o.canceled:
         ctx.settle()
         ctx.goto(Phase.REJECTED, f"order is {o.status}: no approval, ever")
@@ -745,7 +747,20 @@ def decide(order: Order | None, event: Event, now: datetime, policy: Policy | No
     """Apply one journal event to one order."""
     policy = policy or Policy()
     ctx = _Ctx(order or Order(order_id=event.order_id), now, policy)
-    if _apply(ctx, event):
+    advance = _apply(ctx, event)
+    ctx.set(updated_at=now)  # before _advance (which never reads it): the Order it builds can be the result
+    if advance:
         _advance(ctx)
-    ctx.set(updated_at=now)
-    return Decision(order=ctx.order, effects=tuple(ctx.effects), cause="; ".join(ctx.causes))
+    return _decision(ctx.order, tuple(ctx.effects), "; ".join(ctx.causes))
+
+
+def _decision(order: Order, effects: tuple[Effect, ...], cause: str) -> Decision:
+    """`Decision(order=order, effects=effects, cause=cause)` without validating again what
+    the machine built from validated models: one per event, a fifth of a cheap event's cost.
+    tests/test_machine_ctx.py compares it with the validated construction."""
+    decision = object.__new__(Decision)
+    object.__setattr__(decision, "__dict__", {"order": order, "effects": effects, "cause": cause})
+    object.__setattr__(decision, "__pydantic_fields_set__", {"order", "effects", "cause"})
+    object.__setattr__(decision, "__pydantic_extra__", None)
+    object.__setattr__(decision, "__pydantic_private__", None)
+    return decision

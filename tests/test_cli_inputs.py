@@ -56,9 +56,10 @@ def test_numbers_and_kinds_out_of_range_are_usage_errors(
 def test_ingest_stops_reading_at_its_limit(
     db: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`omsd ingest /dev/zero` (an input that never ends) stops at the size limit: exit 2, one
-    line, nothing appended."""
-    monkeypatch.setattr(ingest, "MAX_INPUT", 2**20)
+    """`omsd ingest /dev/zero` (an input that never ends, and no line ends in it) stops at the
+    limit of one line: exit 2, one line, nothing appended. (Ingest streams: a long input of
+    short lines has no limit.)"""
+    monkeypatch.setattr(ingest, "MAX_ITEM", 2**20)
     assert main(["ingest", "/dev/zero"]) == 2
     err = capsys.readouterr().err
     assert "larger than 1 MiB" in err and err.count("\n") == 1

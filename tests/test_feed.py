@@ -569,6 +569,40 @@ async def test_a_full_post_of_handles_is_committed_without_waiting_for_the_round
     assert vtex.durable_at_commit == [100]
 
 
+async def test_a_flowing_backlog_is_committed_in_whole_posts(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While batches keep coming, handles go a whole POST (100) at a time, oldest first, and
+    the few left over wait for the next one or the round's end: a POST of ten handles after
+    each POST's worth spent a call of the budget that a GET of ten items could have had."""
+    monkeypatch.setattr(feed, "COMMIT_LINGER_S", 3600.0)
+    quiet = settings.model_copy(update={"poll_interval_s": 3600.0, "feed_concurrency": 1})
+    sizes: list[int] = []
+
+    class Recording(OneAtATime):
+        async def commit_feed(self, handles: list[str]) -> None:
+            sizes.append(len(handles))
+            await super().commit_feed(handles)
+
+    async with await Store.open(settings.db) as store:
+        vtex = Recording(settings.db, [batch(n * 10) for n in range(25)])
+        pending_acks = store.journal.pending_acks
+
+        async def once_more_came(limit: int = 100) -> list[str]:  # the committer looks when 110 wait
+            wanted = min(len(vtex.committed) + 110, 250)
+            await until(lambda: vtex.journaled() >= wanted, timeout=10, what="another batch journaled")
+            return await pending_acks(limit)
+
+        monkeypatch.setattr(store.journal, "pending_acks", once_more_came)
+        stop = asyncio.Event()
+        task = asyncio.create_task(FeedPoller(store, vtex, quiet).run(stop))
+        await until(lambda: len(vtex.committed) == 250 or task.done(), timeout=10, what="250 handles committed")
+        stop.set()
+        await task
+    assert sizes == [100, 100, 50]
+    assert vtex.committed == [f"h{n}" for n in range(250)]
+
+
 async def test_a_round_that_ends_while_its_last_batch_is_being_written_still_commits_it(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:

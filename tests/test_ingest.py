@@ -9,10 +9,14 @@ import json
 import sqlite3
 from pathlib import Path
 from typing import Any
+from unittest.mock import ANY
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from omsd.daemon.cli import main
+from omsd.daemon.tools import ingest
 from omsd.sim.server import Simulator
 from omsd.state.statuses import Phase
 from tests.helpers import approve, reached, until
@@ -210,3 +214,90 @@ async def test_round_trip_of_a_real_run(
     await _cli(capsys, "ingest", str(export))
     await _cli(capsys, "replay")
     assert sorted((await _cli(capsys, "orders", "--json")).splitlines()) == orders
+
+
+# ---- streaming: any size in bounded memory, still all or nothing --------------------------------
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(JSON_VALUES, max_size=6), st.integers(1, 9), st.data())
+def test_a_json_array_is_read_item_by_item_as_json_reads_it(
+    items: list[object], block: int, data: st.DataObject
+) -> None:
+    """Read in blocks of any size, an array gives json.loads' items; a damaged one raises NotAnArray."""
+    text = json.dumps(items, separators=data.draw(st.sampled_from([(",", ":"), (", ", ": ")])))
+    if data.draw(st.booleans()):  # damage it: a character changed, dropped or added
+        at = data.draw(st.integers(0, len(text) - 1))
+        text = text[:at] + data.draw(st.sampled_from(["", ",", "]", "[", "x", " ", "1", '"'])) + text[at + 1 :]
+    try:
+        expected: object = json.loads(text)
+    except ValueError:
+        expected = None
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ingest, "_BLOCK", block)
+        try:
+            got: object = [item for _, item, _ in ingest.read_items(io.StringIO(text))]
+        except ingest.NotAnArray:
+            got = None
+    if not text.lstrip().startswith("["):
+        return  # read as JSON lines instead
+    assert got == (expected if isinstance(expected, list) else None)
+
+
+@pytest.fixture
+def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two input items a chunk: every behaviour crosses chunks."""
+    monkeypatch.setattr(ingest, "CHUNK_ITEMS", 2)
+
+
+def _feed(n: int) -> dict[str, object]:
+    return {**FEED, "orderId": f"A-{n}", "eventId": f"e-{n}", "handle": f"h-{n}"}
+
+
+@pytest.mark.usefixtures("small_chunks")
+def test_duplicates_are_found_across_chunks(db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An item repeated chunks later, or an export's keyless row repeated, is a duplicate."""
+    payload = {"kind": "intent_received", "marketplace_order_id": "M-9", "source": "api"}
+    row = {"kind": "intent_received", "payload": payload, "source": "api", "received_at": "2026-11-01T10:00:00+00:00"}
+    code, report = _run(capsys, _write(tmp_path, [_feed(1), _feed(2), row, _feed(3), _feed(1), row, _feed(2)]))
+    assert code == 0 and report["added"] == 4 and report["duplicates"] == [5, 6, 7]
+
+
+@pytest.mark.usefixtures("small_chunks")
+@pytest.mark.parametrize("damage", ["bad line", "malformed array", "unreadable text"])
+def test_nothing_is_appended_when_the_input_fails_late(
+    damage: str, db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--strict with a bad line, an array that breaks, text that does not decode: chunks already
+    staged never reach the journal, and no scratch file is left beside the database."""
+    good = [_feed(n) for n in range(1, 8)]
+    if damage == "bad line":
+        code, report = _run(capsys, _write(tmp_path, [*good, {"hello": 1}]), "--strict")
+        assert code == 1 and report["refused_all"] is True
+    elif damage == "malformed array":
+        code, report = _run(capsys, _write(tmp_path, json.dumps(good)[:-20]))
+        assert code == 1 and report["added"] == 0
+        assert report["bad"] == [{"line": 1, "reason": ANY}]
+        assert report["bad"][0]["reason"].startswith("not a JSON array: ")
+    else:
+        path = tmp_path / "in.jsonl"
+        path.write_bytes(("\n".join(json.dumps(x) for x in good) + "\n").encode() + b"\xff\xfe\n")
+        assert main(["ingest", str(path)]) == 2
+        assert "cannot read" in capsys.readouterr().err
+    assert _journal(db) == []
+    assert [p.name for p in db.parent.iterdir() if p.name.endswith(".scratch")] == []
+
+
+@pytest.mark.usefixtures("small_chunks")
+def test_a_dry_run_in_chunks_changes_nothing(db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--dry-run works on a scratch copy (not in memory): the database is untouched, no file is left."""
+    code, report = _run(capsys, _write(tmp_path, [_feed(n) for n in range(1, 6)]), "--dry-run")
+    assert code == 0 and report["added"] == 5 and len(report["decisions"]) == 5  # type: ignore[arg-type]
+    assert _journal(db) == []
+    assert [p.name for p in db.parent.iterdir() if p.name.endswith(".scratch")] == []

@@ -1,4 +1,4 @@
-"""`decide` builds one Order per decision: the same result as one copy per field set."""
+"""`decide` builds one Order per decision, and its Decision without validating again: the same results."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from omsd.state import machine
 from omsd.state.events import Event
 from omsd.state.machine import decide
-from omsd.state.models import Order, Policy
+from omsd.state.models import Decision, Order, Policy
 from tests.machine_helpers import (
     FREE,
     HELD,
@@ -81,3 +81,20 @@ def test_one_build_per_decision_equals_one_copy_per_set(steps: list[tuple[Any, .
         assert got == want
         assert got.order.model_fields_set == want.order.model_fields_set
         fast, slow = got.order, want.order
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(STEP, max_size=30))
+def test_a_decision_built_without_validation_equals_the_validated_one(steps: list[tuple[Any, ...]]) -> None:
+    """`decide` builds its Decision without validating again: the validated model's, fields set included."""
+    order: Order | None = None
+    for i, step in enumerate(steps):
+        event = _next_event(order, step)
+        if event is None:
+            continue
+        got = decide(order, event, at(100 + i), POLICY)
+        want = Decision(order=got.order, effects=got.effects, cause=got.cause)
+        assert got == want
+        assert got.model_fields_set == want.model_fields_set
+        assert got.model_dump_json() == want.model_dump_json()
+        order = got.order

@@ -8,21 +8,40 @@ import hashlib
 import io
 import json
 import sqlite3
+import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from omsd.daemon.cli import main
 from omsd.daemon.cli.render import Meter
 from omsd.daemon.pipeline.processor import Processor
-from omsd.state.events import ApprovalAnswered, IntentReceived, IntentRecorded, Resync, StatusChanged
+from omsd.daemon.tools import replay
+from omsd.state.apply import Applier, read
+from omsd.state.batch import Batch
+from omsd.state.events import (
+    AnyEntry,
+    ApprovalAnswered,
+    IntentExpired,
+    IntentReceived,
+    IntentRecorded,
+    NotificationReceived,
+    OrderFetched,
+    Resync,
+    StatusChanged,
+    TimerFired,
+)
 from omsd.state.models import Policy
 from omsd.state.statuses import Phase
 from omsd.state.store import NewEntry, Store
-from tests.machine_helpers import FREE, HELD, MKT, OID
+from tests.machine_helpers import FREE, HELD, MKT, OID, at
 from tests.store_helpers import NOW, answer_fetch, entry, status_entry
 
 OTHER = "MKP-999-01"
+POLICY = Policy()
 
 
 async def _linking_order(db: Path) -> None:
@@ -174,6 +193,18 @@ def test_replay_to_offset_rebuilds_as_of_then(tmp_path: Path, monkeypatch: pytes
     assert _sql(db, 'SELECT "offset" FROM cursor') == [(1,)]
 
 
+def test_a_replay_writes_every_column_the_processor_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rebuilt orders rows equal the processor's, column by column (the marketplace id an
+    unlinked order's id derives from, which the urgent link lookup searches, included)."""
+    db = tmp_path / "o.db"
+    monkeypatch.setenv("OMSD_DB", str(db))
+    asyncio.run(_two_orders(db))
+    before = _sql(db, "SELECT * FROM orders ORDER BY order_id")
+    assert any(row[-1] is not None for row in before)  # a derived marketplace id to keep
+    assert main(["replay"]) == 0
+    assert _sql(db, "SELECT * FROM orders ORDER BY order_id") == before
+
+
 def _digests(db: Path) -> dict[str, str]:
     files = [p for p in (db, db.with_name(db.name + "-wal")) if p.exists()]
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
@@ -256,3 +287,147 @@ def test_previews_leave_a_live_write_ahead_log_alone(
         assert set(before) == {"o.db", "o.db-wal"}
         assert main(command) == 0
         assert _digests(db) == before
+
+
+# ---- a replay in bounded memory: chunks, a small cache, a scratch database -------------------
+
+ORDER_IDS = st.sampled_from(["A-1", "A-2", "B-1"])
+MKTS = st.sampled_from(["M1", "M2"])  # A-1 and A-2 may both learn M1: two orders, one marketplace id
+STATES = st.sampled_from([HELD, FREE, "order-accepted", "ready-for-handling", "canceled"])
+SEQS = st.integers(1, 6)
+AnyRow = AnyEntry | str | None  # an entry; an order id alone: a row that does not read; None: a rejected row
+
+
+def _status(order_id: str, state: str, t: int) -> StatusChanged:
+    return StatusChanged(order_id=order_id, source="feed", state=state, current_change=at(t))
+
+
+def _fetched(order_id: str, seq: int, state: str, mkt: str | None) -> OrderFetched:
+    return OrderFetched(order_id=order_id, seq=seq, status=state, marketplace_order_id=mkt, fetched_at=at(60))
+
+
+def _notified(mkt: str, code: str, authenticated: bool) -> NotificationReceived:
+    return NotificationReceived(marketplace_order_id=mkt, code=code, flow="ApproveOrder", authenticated=authenticated)
+
+
+ROW: st.SearchStrategy[AnyRow] = st.one_of(
+    st.builds(_status, ORDER_IDS, STATES, st.integers(0, 50)),
+    st.builds(lambda m: IntentReceived(marketplace_order_id=m, source="api"), MKTS),
+    st.builds(lambda o, m: IntentRecorded(order_id=o, marketplace_order_id=m, source="cli"), ORDER_IDS, MKTS),
+    st.builds(_fetched, ORDER_IDS, SEQS, STATES, st.none() | MKTS),
+    st.builds(
+        lambda o, q, c: ApprovalAnswered(order_id=o, seq=q, code=c, http_status=200),
+        ORDER_IDS,
+        SEQS,
+        st.sampled_from(["SOI003", "EOI011", "EOI008"]),
+    ),
+    st.builds(_notified, MKTS, st.sampled_from(["SOI002", "EOI011"]), st.booleans()),
+    st.builds(lambda o, k: TimerFired(order_id=o, token=k, reason="held_recheck"), ORDER_IDS, SEQS),
+    st.builds(lambda o: Resync(order_id=o, reason="test"), ORDER_IDS),
+    st.builds(lambda m, k: IntentExpired(marketplace_order_id=m, parked_offset=k, ttl_s=1.0), MKTS, st.integers(1, 30)),
+    ORDER_IDS,
+    st.none(),
+)
+
+
+def _journal_entry(n: int, row: AnyRow) -> NewEntry:
+    received = at(100 + n)
+    if row is None:
+        return NewEntry(kind="rejected", source="feed", payload='{"bad": true}', received_at=received, reason="bad")
+    if isinstance(row, str):
+        return NewEntry(kind="status_changed", source="feed", payload="{not json", received_at=received, order_id=row)
+    return NewEntry.of(row, source="test", received_at=received)
+
+
+async def _replayed_in_steps(db: Path, chunk: int, cache: int) -> tuple[Batch, dict[str, object]]:
+    """The one-pass rebuild (every row applied by one Applier, all in memory: the replay
+    before it streamed) and the state a streaming replay writes, chunk rows at a time with
+    `cache` orders in memory."""
+    async with await Store.open(db) as store:
+        rows = await store.journal.since(0, limit=10_000)
+        one_pass = Applier(POLICY, emit_effects=False, fresh=True)
+        for row in rows:
+            one_pass.apply(row, read(row))
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(replay, "CHUNK_ROWS", chunk)
+            mp.setattr(replay, "CACHE_ORDERS", cache)
+            mp.setattr(replay, "EVICT_ORDERS", 1)
+            plan = await replay.plan(store, POLICY)
+            await replay.apply(store, plan, NOW)
+        orders = await store.read.orders_by_id()
+        state: dict[str, object] = {
+            "orders": orders,
+            "history": {k: await store.read.history(k) for k in orders},
+            "parked": {m: (s, o) for m, s, o in await store.read.pending_intents()},
+            "unreadable": [replace(u, found_at=None) for u in await store.read.unreadable_rows()],
+        }
+    return one_pass.finish(), state
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(ROW, max_size=30), st.integers(1, 7), st.integers(1, 3))
+@example(  # A-2, then A-1 learn M1: the last intent under M1 goes to A-2, linked first, in any chunk
+    [
+        IntentReceived(marketplace_order_id="M1", source="api"),
+        IntentReceived(marketplace_order_id="M1", source="api"),
+        IntentRecorded(order_id="A-2", marketplace_order_id="M1", source="cli"),
+        _status("A-1", HELD, 0),
+        _fetched("A-1", 1, HELD, "M1"),
+        IntentReceived(marketplace_order_id="M1", source="api"),
+    ],
+    2,  # rows a chunk
+    1,  # orders in memory
+)
+def test_a_replay_in_steps_rebuilds_what_one_pass_does(rows: list[AnyRow], chunk: int, cache: int) -> None:
+    """Chunks of any size and a cache of a few orders (the rest staged) give the one-pass state exactly."""
+    with tempfile.TemporaryDirectory() as tmp:
+        db = Path(tmp) / "o.db"
+
+        async def journal() -> None:
+            async with await Store.open(db) as store:
+                await store.journal.append([_journal_entry(n, r) for n, r in enumerate(rows)], now=NOW)
+
+        asyncio.run(journal())
+        batch, state = asyncio.run(_replayed_in_steps(db, chunk, cache))
+    assert state["orders"] == batch.orders
+    assert state["history"] == {k: [h for h in batch.history if h.order_id == k] for k in batch.orders}
+    assert state["parked"] == batch.add_pending
+    assert state["unreadable"] == batch.unreadable
+
+
+def _scratch_files(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.endswith(".scratch"))
+
+
+async def test_the_staged_state_never_shows_in_the_directory(tmp_path: Path) -> None:
+    """The scratch database is unlinked once attached: a replay killed at any point leaves no file behind."""
+    db = tmp_path / "o.db"
+    await _two_orders(db)
+    async with await Store.open(db) as store:
+        plan = await replay.plan(store, POLICY)
+        assert plan.summary()["orders"] == 2
+        assert _scratch_files(tmp_path) == []
+        await replay.apply(store, plan, NOW)
+        await plan.close()
+    assert _scratch_files(tmp_path) == []
+
+
+async def test_a_replay_that_fails_while_installing_changes_nothing(tmp_path: Path) -> None:
+    """The rebuilt state goes in with one transaction: a failure inside it leaves every derived row as it was."""
+    db = tmp_path / "o.db"
+    await _two_orders(db)
+    _corrupt(db, OID)
+    before = [_sql(db, f"SELECT * FROM {t} ORDER BY 1") for t in ("orders", "timers", "history", "outbox", "cursor")]
+    async with await Store.open(db) as store:
+        plan = await replay.plan(store, POLICY)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr("omsd.state.store.outbox.requeue_superseded", _fail)
+            with pytest.raises(RuntimeError, match="disk on fire"):
+                await replay.apply(store, plan, NOW)
+    assert [
+        _sql(db, f"SELECT * FROM {t} ORDER BY 1") for t in ("orders", "timers", "history", "outbox", "cursor")
+    ] == before
+
+
+async def _fail(*args: object) -> None:
+    raise RuntimeError("disk on fire")

@@ -111,30 +111,43 @@ async def _replay(store: Store, args: argparse.Namespace) -> int:
         return EXIT_FAIL
     finally:
         meter.close()
-    if not args.dry_run:
-        await replay.apply(store, result, args.clock())
-    _print_replay(result, args.dry_run, args.json)
+    try:
+        if not args.dry_run:
+            await replay.apply(store, result, args.clock())
+        await _print_replay(result, args.dry_run, args.json)
+    finally:
+        await result.close()
     return EXIT_OK
 
 
-def _print_replay(result: replay.Plan, dry_run: bool, as_json: bool) -> None:
-    shown = [o for o in result.orders if o.differences() or o.calls()]
-    summary = {**result.summary(), "dry_run": dry_run, "offset": result.rebuilt.batch.offset}
-    if as_json:
-        print(json.dumps({"summary": summary, "orders": [o.view() for o in shown]}, sort_keys=True))
+async def _print_replay(result: replay.Plan, dry_run: bool, as_json: bool) -> None:
+    """The orders that differ or need a call, then the summary; written as they are read
+    (a replay that changes every order shows every order, whatever their number)."""
+    summary = {**result.summary(), "dry_run": dry_run, "offset": result.rebuilt.offset}
+    out = sys.stdout
+    if as_json:  # the same text as json.dumps({"orders": [...], "summary": ...}, sort_keys=True)
+        out.write('{"orders": [')
+        first = True
+        async for page in result.shown():
+            for o in page:
+                out.write(("" if first else ", ") + json.dumps(o.view(), sort_keys=True))
+                first = False
+        out.write(f'], "summary": {json.dumps(summary, sort_keys=True)}}}\n')
         return
-    for o in shown:
-        diffs = ", ".join(f"{k} {render.short(a)} -> {render.short(b)}" for k, (a, b) in o.differences().items())
-        calls = "; ".join(o.calls())
-        print(
-            f"{o.order_id}: {diffs or 'unchanged'}"
-            + (f"; {'would call' if dry_run else 'calls'}: {calls}" if calls else "")
-        )
+    async for page in result.shown():
+        for o in page:
+            diffs = ", ".join(f"{k} {render.short(a)} -> {render.short(b)}" for k, (a, b) in o.differences().items())
+            calls = "; ".join(o.calls())
+            out.write(
+                f"{o.order_id}: {diffs or 'unchanged'}"
+                + (f"; {'would call' if dry_run else 'calls'}: {calls}" if calls else "")
+                + "\n"
+            )
     verb = "would rebuild" if dry_run else "rebuilt"
     counts = f"{summary['unchanged']} unchanged, {summary['changed']} changed"
-    print(
+    out.write(
         f"{verb} {summary['orders']} orders from {summary['events']} journal entries (to offset {summary['offset']}): "
-        f"{counts}, {summary['newly_actionable']} newly actionable"
+        f"{counts}, {summary['newly_actionable']} newly actionable\n"
     )
 
 

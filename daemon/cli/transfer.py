@@ -8,8 +8,9 @@ import asyncio
 import contextlib
 import json
 import sys
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from omsd.state.events import ENTRY_KINDS
 from omsd.state.store import Store
@@ -28,7 +29,8 @@ def add(sub: Subparsers[argparse.ArgumentParser]) -> None:
         description="Append events captured elsewhere: feed items as GET /api/orders/feed returns them, hook "
         "pushes (PascalCase), processing-result notifications, or journal rows as `omsd export` writes them. "
         "FILE (or - for stdin) is a JSON array or JSON lines; the kind is detected per item unless --kind. "
-        "Same validation and dedup as live intake; all good lines are appended in one transaction. "
+        "Same validation and dedup as live intake; all good lines are appended in one transaction, read and "
+        "staged in bounded memory whatever the input's size. "
         "Exit 1 when a line was refused (with --strict nothing is appended). Refuses to run beside a daemon.",
     )
     ing.add_argument("file", metavar="FILE", help="a file, or - for standard input")
@@ -90,65 +92,95 @@ def add(sub: Subparsers[argparse.ArgumentParser]) -> None:
     r.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
 
-def _read_input(name: str) -> str:
-    """The whole input as text, refused past MAX_INPUT bytes (`/dev/zero` never ends)."""
-    limit = ingest.MAX_INPUT
-    if name == "-" and not hasattr(sys.stdin, "buffer"):  # a text stream stands in for stdin
-        text = sys.stdin.read(limit + 1)
-        data = text.encode("utf-8")
-    else:
-        with contextlib.ExitStack() as stack:
-            stream = sys.stdin.buffer if name == "-" else stack.enter_context(Path(name).open("rb"))
-            data = stream.read(limit + 1)
-    if len(data) > limit:
-        raise ingest.InputTooLarge(f"larger than {limit // 2**20} MiB: split it (JSON lines split at any line)")
-    return data.decode("utf-8")
+def _open_input(name: str) -> TextIO:
+    return sys.stdin if name == "-" else Path(name).open(encoding="utf-8")
 
 
 async def _ingest(store: Store, args: argparse.Namespace) -> int:
+    """Bad lines and duplicates are found while the input streams in, and shown first (as
+    they were before ingest streamed): they wait in spool files, not in memory."""
     try:
-        text = await asyncio.to_thread(_read_input, args.file)
-    except (OSError, UnicodeDecodeError, ingest.InputTooLarge) as exc:
+        stream = await asyncio.to_thread(_open_input, args.file)
+    except OSError as exc:
         print(f"omsd: cannot read {args.file}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    lines = ingest.parse(text, args.kind, args.clock())
-    bad = [line for line in lines if line.entry is None]
-    good = [line for line in lines if line.entry is not None]
-    if args.strict and bad:
-        good = []
-    entries = [line.entry for line in good if line.entry is not None]
-    # With --dry-run `store` is read-only: the work happens on a scratch copy in memory.
-    async with await Store.open_copy(store.path) if args.dry_run else contextlib.nullcontext(store) as target:
-        appended = await target.journal.ingest(entries) if entries else []
-        decided = await ingest.decisions(target, load_policy(), args.clock)
-    dups = [line.number for line, a in zip(good, appended, strict=True) if a.duplicate]
-    report = {
-        "dry_run": args.dry_run,
-        "added": len(appended) - len(dups),
-        "duplicates": dups,
-        "bad": [{"line": line.number, "reason": line.error} for line in bad],
-        "refused_all": bool(args.strict and bad),
-        "decisions": decided,
-    }
-    _print_ingest(report, args.json)
-    return EXIT_FAIL if bad else EXIT_OK
+    with (
+        stream if stream is not sys.stdin else contextlib.nullcontext(stream),
+        tempfile.TemporaryFile("w+", encoding="utf-8") as bad,
+        tempfile.TemporaryFile("w+", encoding="utf-8") as duplicates,
+    ):
+        # With --dry-run `store` is read-only: the work happens on a scratch copy.
+        async with await Store.open_copy(store.path) if args.dry_run else contextlib.nullcontext(store) as target:
+            try:
+                result = await ingest.append(
+                    target,
+                    ingest.chunks(stream, args.kind, args.clock()),
+                    strict=args.strict,
+                    on_bad=lambda n, why: bad.write(json.dumps({"line": n, "reason": why}, sort_keys=True) + "\n"),
+                    on_duplicate=lambda n: duplicates.write(f"{n}\n"),
+                )
+            except ingest.NotAnArray as exc:  # the whole input is one bad item: nothing appended
+                result = ingest.Ingested(bad=1)
+                bad.seek(0)
+                bad.truncate()
+                bad.write(json.dumps({"line": 1, "reason": f"not a JSON array: {exc}"}, sort_keys=True) + "\n")
+            except (OSError, UnicodeDecodeError, ingest.InputTooLarge) as exc:
+                print(f"omsd: cannot read {args.file}: {exc}", file=sys.stderr)
+                return EXIT_CONFIG
+            if result.refused_all:
+                duplicates.truncate(0)
+            bad.seek(0)
+            duplicates.seek(0)
+            out = _IngestReport(args.json, args.dry_run, result)
+            out.head(bad, duplicates)
+            await ingest.decisions(target, load_policy(), args.clock, out.decision)
+            out.tail(duplicates)
+    return EXIT_FAIL if result.bad else EXIT_OK
 
 
-def _print_ingest(report: dict[str, Any], as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(report, sort_keys=True))
-        return
-    for bad in report["bad"]:
-        print(f"line {bad['line']}: {bad['reason']}", file=sys.stderr)
-    for n in report["duplicates"]:
-        print(f"line {n}: duplicate (already in the journal)")
-    for d in report["decisions"]:
-        print(f"  {d}")
-    if report["refused_all"]:
-        print(f"nothing added: {len(report['bad'])} bad line(s) and --strict", file=sys.stderr)
-        return
-    verb = "would add" if report["dry_run"] else "added"
-    print(f"{verb} {report['added']} entries; {len(report['duplicates'])} duplicates; {len(report['bad'])} bad lines")
+class _IngestReport:
+    """What `omsd ingest` prints, written as it is known: bad lines (stderr), duplicates,
+    each decision, the summary. `--json`: the same as one object, keys in order."""
+
+    def __init__(self, as_json: bool, dry_run: bool, result: ingest.Ingested) -> None:
+        self._json = as_json
+        self._dry_run = dry_run
+        self._result = result
+        self._first = True
+
+    def head(self, bad: TextIO, duplicates: TextIO) -> None:
+        out = sys.stdout
+        if self._json:
+            out.write(f'{{"added": {self._result.added}, "bad": [')
+            out.write(", ".join(line.rstrip("\n") for line in bad))
+            out.write('], "decisions": [')
+            return
+        for line in bad:
+            item = json.loads(line)
+            print(f"line {item['line']}: {item['reason']}", file=sys.stderr)
+        for line in duplicates:
+            out.write(f"line {line.rstrip()}: duplicate (already in the journal)\n")
+
+    def decision(self, text: str) -> None:
+        if self._json:
+            sys.stdout.write(("" if self._first else ", ") + json.dumps(text))
+            self._first = False
+        else:
+            sys.stdout.write(f"  {text}\n")
+
+    def tail(self, duplicates: TextIO) -> None:
+        r, out = self._result, sys.stdout
+        if self._json:
+            duplicates.seek(0)
+            dups = ", ".join(line.rstrip() for line in duplicates)
+            out.write(f'], "dry_run": {json.dumps(self._dry_run)}, "duplicates": [{dups}], ')
+            out.write(f'"refused_all": {json.dumps(r.refused_all)}}}\n')
+            return
+        if r.refused_all:
+            print(f"nothing added: {r.bad} bad line(s) and --strict", file=sys.stderr)
+            return
+        verb = "would add" if self._dry_run else "added"
+        out.write(f"{verb} {r.added} entries; {r.duplicates} duplicates; {r.bad} bad lines\n")
 
 
 async def _export(store: Store, args: argparse.Namespace) -> int:

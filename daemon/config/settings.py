@@ -523,8 +523,9 @@ def load_policy() -> Policy:
     return _build(PolicySettings).policy()
 
 
-# OMSD_* variables read outside Settings: where `omsd --instance` finds an instance's files.
-OTHER_VARIABLES = frozenset({"OMSD_ETC", "OMSD_STATE_ROOT"})
+# OMSD_* variables read outside Settings: where `omsd --instance` finds an instance's files,
+# and scripts/container's switch (exported on a workstation, it reaches every omsd command).
+OTHER_VARIABLES = frozenset({"OMSD_ETC", "OMSD_STATE_ROOT", "OMSD_SKIP_CONTAINER"})
 
 
 def known_variables() -> frozenset[str]:

@@ -84,6 +84,7 @@ class _Pipeline:
     written: asyncio.Event = field(default_factory=asyncio.Event)  # the writer is done: one last commit round
     unflushed: int = 0  # handles journaled since the last commit round began
     journaling: bool = False  # the writer is writing batches (their handles are not counted yet)
+    round_over: bool = False  # the first reader's round ended: commit whatever waits
 
     def full_batch(self) -> None:
         """A full batch: one more reader joins (a backlog ramps up to every reader)."""
@@ -163,26 +164,32 @@ class FeedPoller:
                 self.on_hook_missed(min(new))
         return len(acks)
 
-    async def flush_commits(self, *, everything: bool = True) -> None:
+    async def flush_commits(self, *, everything: bool = True) -> int:
         """Commit every durable handle not yet committed: up to COMMIT_MAX per request,
         COMMITS_IN_FLIGHT requests at once. A failure stops the round (retried later).
-        Not `everything`: after the first requests, only full ones go on; handles journaled
-        while they were in flight wait for the committer's next round, so a slow budget
-        does not turn into one commit per batch (at 20 calls/s: 1,677 commits for 2,002 GETs)."""
-        first = True
+        Not `everything` (a backlog flows): only full requests go, the oldest handles
+        first; fewer than COMMIT_MAX wait for the next round (a backlog fills it within
+        a fraction of a second; the round's end, the linger and the stop take the rest).
+        Each request spends a call of the budget that a GET of ten items could have had:
+        at 100 calls/s a partial commit after each POST's worth was 295 commits for 20,000
+        handles instead of 200; and at 20 calls/s, one commit per batch was 1,677 commits
+        for 2,002 GETs. Returns how many handles it left for the next round that way."""
         while handles := await self._store.journal.pending_acks(limit=COMMIT_MAX * COMMITS_IN_FLIGHT):
-            if not (first or everything) and len(handles) < COMMIT_MAX:
-                return
-            first = False
+            if not everything:
+                whole = len(handles) // COMMIT_MAX * COMMIT_MAX
+                if not whole:
+                    return len(handles)
+                handles = handles[:whole]
             if self._durable is not None:
                 try:
                     await self._durable()  # one sync covers every handle read above
                 except ReplicaUnavailable as exc:
                     log.warning("feed_commit_paused", handles=len(handles), error=f"replica not current: {exc}")
-                    return
+                    return 0
             chunks = [handles[i : i + COMMIT_MAX] for i in range(0, len(handles), COMMIT_MAX)]
             if not all(await asyncio.gather(*(self._commit(chunk) for chunk in chunks))):
-                return
+                return 0
+        return 0
 
     async def _commit(self, handles: list[str]) -> bool:
         try:
@@ -248,12 +255,19 @@ class FeedPoller:
                 await self._wait(p.journaled, p.written, within_s=self._settings.poll_interval_s)
                 if p.journaled.is_set():
                     await self._wait(p.commit_now, p.written, within_s=self._commit_linger_s)
+                last = p.written.is_set()
+                # A POST's worth journaled while the round goes on: whole POSTs only. Anything
+                # else (the round's end, the linger, a retry, the stop): whatever waits.
+                flowing = p.commit_now.is_set() and not p.round_over and not last
                 p.journaled.clear()
                 p.commit_now.clear()
                 p.unflushed = 0
-                last = p.written.is_set()
+                p.round_over = False
                 try:
-                    await self.flush_commits(everything=last)
+                    if left := await self.flush_commits(everything=not flowing):
+                        # they wait as if just journaled: for the next POST's worth, the round's end, the linger
+                        p.unflushed = max(p.unflushed, left)
+                        p.journaled.set()
                 except StoreUnwritable as exc:
                     log.warning("feed_commit_paused", error=exc.reason)
                 if last:
@@ -306,6 +320,7 @@ class FeedPoller:
                 continue
             in_a_row = in_round = 0
             if p.waiting():
+                p.round_over = True
                 p.commit_now.set()
             spent = (self._clock() - began).total_seconds()
             began = None

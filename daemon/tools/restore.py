@@ -119,15 +119,20 @@ async def _check(path: Path, policy: Policy, report: RestoreReport) -> None:
                 return
             cursor = await store.read.processor_offset()
             result = await replay.plan(store, policy, to_offset=cursor)
+            try:
+                shown: list[dict[str, object]] = []
+                async for page in result.shown():
+                    shown += [o.view() for o in page if o.differences()][: SHOWN_DIFFERENCES - len(shown)]
+            finally:
+                await result.close()
     except StoreError as exc:
         report.integrity = f"cannot read the restored database: {exc}"
         return
-    differ = [o for o in result.orders if o.differences()]
     report.replay = {
-        "orders": len(result.orders),
+        "orders": result.orders,
         "to_offset": cursor,
-        "differences": [o.view() for o in differ[:SHOWN_DIFFERENCES]],
-        "differing_orders": len(differ),
+        "differences": shown,
+        "differing_orders": result.changed,
     }
     position = await journal_position(path)
     last, at = position.get("last_offset"), position.get("last_event_at")

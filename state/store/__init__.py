@@ -8,6 +8,8 @@
 - `read` (`queries.py`): the derived rows, read;
 - `retention` (`retention.py`): snapshots of quiet orders, the vacuum;
 - `learned` (`learned.py`): what the daemon learned of VTEX, kept across restarts.
+- `rebuild()` (`rebuild.py`): a replay's rebuilt state, staged in a scratch database;
+- `staging()` (`staging.py`): an ingest's entries, staged there and appended in one transaction.
 
 The store applies no domain rule: what to write comes decided (`state.apply`'s batch).
 """
@@ -26,20 +28,26 @@ from .learned import Learned
 from .outbox import Outbox
 from .outcomes import Outcomes
 from .queries import Queries
+from .rebuild import Candidate, PlanRow, Rebuild
 from .retention import Retention
 from .rows import Appended, ClaimClass, NewEntry, OutboxRow, ParkedIntent, Pruned, from_iso, iso
+from .staging import Staging
 
 __all__ = [
     "Appended",
     "Batch",
+    "Candidate",
     "ClaimClass",
     "HistoryRow",
     "JournalRow",
     "NewEntry",
     "OutboxRow",
     "ParkedIntent",
+    "PlanRow",
     "Pruned",
+    "Rebuild",
     "SchemaTooNew",
+    "Staging",
     "Store",
     "StoreError",
     "StoreUnwritable",
@@ -83,11 +91,19 @@ class Store:
 
     @classmethod
     async def open_copy(cls, path: str | Path) -> Self:
-        """An in-memory copy, for previews that write: see `Database.open_copy`."""
+        """A scratch copy, for previews that write: see `Database.open_copy`."""
         return cls(await Database.open_copy(Path(path)))
 
     async def close(self) -> None:
         await self.db.close()
+
+    async def rebuild(self) -> Rebuild:
+        """Room for a rebuilt state too big for memory (see `Rebuild`); close it when done."""
+        return await Rebuild.begin(self.db)
+
+    async def staging(self) -> Staging:
+        """Room for entries to append all at once, too many for memory (see `Staging`); close it when done."""
+        return await Staging.begin(self.db)
 
     async def __aenter__(self) -> Self:
         return self

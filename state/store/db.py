@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import sqlite3
+import tempfile
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -167,19 +168,63 @@ class Database:
 
     @classmethod
     async def open_copy(cls, path: Path) -> Self:
-        """An in-memory copy of the database (sqlite's backup API, the file opened
-        read-only): a scratch database for previews that write (`omsd ingest --dry-run`)."""
+        """A copy of the database (sqlite's backup API, the file opened read-only) in a
+        scratch file (`scratch_file`: gone when the copy is closed, or its process ends):
+        a database to write to for previews (`omsd ingest --dry-run`). On disk, not in
+        memory: a preview of a large database must not need its size in memory."""
         source = await cls.open_readonly(path)
-        conn = await aiosqlite.connect(":memory:", isolation_level=None)
+        copy = scratch_file(path)
         try:
-            await source.conn.backup(conn)
+            conn = await aiosqlite.connect(copy, isolation_level=None)
+            try:
+                await source.conn.backup(conn)
+                # No write-ahead log (it would be a file of its own, by name), no fsync.
+                await conn.execute("PRAGMA journal_mode=OFF")
+                await conn.execute("PRAGMA synchronous=OFF")
+            except BaseException:
+                await conn.close()
+                raise
+        except sqlite3.Error as exc:
+            raise store_error(exc, f"cannot copy database {path}") from exc
         finally:
+            copy.unlink(missing_ok=True)
             await source.close()
         conn.row_factory = sqlite3.Row
         return cls(conn, path)
 
     async def close(self) -> None:
         await self.conn.close()
+
+    # ---- scratch -------------------------------------------------------------------
+    async def attach_scratch(self, ddl: str) -> None:
+        """Attach a scratch database to this connection as `scratch` and create `ddl` in it:
+        room for work too big for memory (a replay's rebuilt state, an ingest's staged rows).
+        Its file (`scratch_file`) is removed from the directory once attached: it lives until
+        `detach_scratch` or the connection closes, and a crash leaves nothing behind. No
+        rollback journal, no fsync: what counts is copied from it into the database, in a
+        transaction of the database's own. Works on a read-only connection too (previews)."""
+        path = scratch_file(self.path)
+        try:
+            async with self.lock:
+                await self.conn.execute("ATTACH DATABASE ? AS scratch", (str(path),))
+                try:
+                    await self.conn.execute("PRAGMA scratch.journal_mode=OFF")
+                    await self.conn.execute("PRAGMA scratch.synchronous=OFF")
+                    for statement in _statements(ddl):
+                        await self.conn.execute(statement)
+                except BaseException:
+                    await self.conn.execute("DETACH DATABASE scratch")
+                    raise
+        except sqlite3.Error as exc:
+            raise store_error(exc, "cannot make a scratch database") from exc
+        finally:
+            path.unlink(missing_ok=True)
+
+    async def detach_scratch(self) -> None:
+        """Let the scratch database go (its file with it)."""
+        async with self.lock:
+            with contextlib.suppress(sqlite3.Error):
+                await self.conn.execute("DETACH DATABASE scratch")
 
     async def schema_version(self) -> int:
         async with self.conn.execute("PRAGMA user_version") as cur:
@@ -219,6 +264,27 @@ class Database:
                 await self.conn.execute(f"PRAGMA max_page_count={int(pages)}")
             return await self.pages()
 
+    @asynccontextmanager
+    async def cache(self, kib: int) -> AsyncIterator[None]:
+        """SQLite's page cache at `kib` KiB for the block (one big transaction), then as it was."""
+        async with self.lock, self.conn.execute("PRAGMA main.cache_size") as cur:
+            was = (await cur.fetchone() or (-2000,))[0]
+        async with self.lock:
+            await self.conn.execute(f"PRAGMA main.cache_size = -{int(kib)}")
+        try:
+            yield
+        finally:
+            async with self.lock:
+                await self.conn.execute(f"PRAGMA main.cache_size = {int(was)}")
+
+    async def checkpoint(self) -> None:
+        """Copy the write-ahead log into the database and truncate it, if no reader holds
+        it (then it stays as it is: the daemon's own checkpoints take over)."""
+        async with self.lock:
+            with contextlib.suppress(sqlite3.Error):
+                async with self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cur:
+                    await cur.fetchall()
+
     async def pages(self) -> int:
         async with self.conn.execute("PRAGMA page_count") as cur:
             row = await cur.fetchone()
@@ -231,12 +297,14 @@ class Database:
 
     # ---- transactions ------------------------------------------------------------------
     @asynccontextmanager
-    async def tx(self) -> AsyncIterator[aiosqlite.Connection]:
+    async def tx(self, *, deferred: bool = False) -> AsyncIterator[aiosqlite.Connection]:
         """One write transaction. A sqlite3 error leaves as StoreError (StoreUnwritable
-        when SQLite refused the write); nothing was written either way."""
+        when SQLite refused the write); nothing was written either way. `deferred`: for
+        writes to the scratch database only, so that the database itself is not locked
+        for writing (a preview beside the running daemon)."""
         async with self.lock:
             try:
-                await self.conn.execute("BEGIN IMMEDIATE")
+                await self.conn.execute("BEGIN" if deferred else "BEGIN IMMEDIATE")
                 yield self.conn
                 await self.conn.execute("COMMIT")
             except sqlite3.Error as exc:
@@ -400,6 +468,20 @@ def _tighten(path: Path) -> None:
 
 def _statements(script: str) -> list[str]:
     return [s.strip() for s in script.split(";") if s.strip()]
+
+
+def scratch_file(beside: Path) -> Path:
+    """A new, empty, private (0600) file for a scratch database: beside the database, whose
+    disk has room for it (a temporary directory is often memory), else in the system's
+    temporary directory when the database's directory cannot be written."""
+    for directory in (beside.parent, Path(tempfile.gettempdir())):
+        try:
+            fd, name = tempfile.mkstemp(prefix=f".{beside.name}.", suffix=".scratch", dir=directory)
+        except OSError:
+            continue
+        os.close(fd)
+        return Path(name)
+    raise StoreError(f"cannot create a scratch file beside {beside} nor in {tempfile.gettempdir()}")
 
 
 def database_bytes(db: Path) -> float:

@@ -1,18 +1,18 @@
 """The derived rows: orders, their timers, their history, parked intents, unreadable rows
 and the processor's offset. Everything here can be rebuilt from the journal (`omsd
 replay`); this module is their one writer, used by the processor's commit, by a replay's
-replace and by a reset, so the three cannot write them differently.
+install (of the state `rebuild.Rebuild` staged) and by a reset.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 
 import aiosqlite
 
 from ..batch import Batch, HistoryRow, UnreadableRow
-from ..models import Effect, Order
+from ..models import EFFECT_ADAPTER, Order
 from ..routing import derived_marketplace_id
 from ..statuses import STUCK
 from . import outbox, outcomes
@@ -27,6 +27,7 @@ _UPSERT_ORDER = (
     "derived_marketplace_id = excluded.derived_marketplace_id"
 )
 _TABLES = ("orders", "timers", "history", "pending_intents", "unreadable")
+_SELECTED = "order_id IN (SELECT order_id FROM scratch.selected)"  # a partial replay's orders (rebuild.py)
 
 
 class Derived:
@@ -53,38 +54,66 @@ class Derived:
             await _cursor(conn, batch.offset)
         return last
 
-    async def replace(
-        self, batch: Batch, *, only: set[str] | None, cursor: int | None, reissue: Sequence[Effect], now: datetime
+    async def install(
+        self, *, selected: bool, parked: Mapping[str, tuple[str, int]], cursor: int | None, now: datetime
     ) -> None:
-        """Write a rebuilt state in one transaction: every derived row (`only` None), or
-        those of the orders in `only`. Pending or started effects their orders no longer
-        wait for are superseded; `reissue` effects are queued again."""
+        """Write a rebuilt state `Rebuild` staged (its scratch database's orders, history and
+        unreadable rows; its plan's reissued effects) in one transaction: every derived row
+        (not `selected`), or those of the orders `Rebuild.select` kept. Pending or started
+        effects their orders no longer wait for are superseded; reissued effects are queued
+        again. A full install writes the parked intents given; a partial one lets go of
+        those parked under a selected order's marketplace id. Then the write-ahead log, which
+        took every derived row, is truncated."""
         stamp = iso(now)
-        orders = {k: v for k, v in batch.orders.items() if only is None or k in only}
-        history = [h for h in batch.history if only is None or h.order_id in orders]
+        where = f"WHERE {_SELECTED}" if selected else ""
+        also = f"AND {_SELECTED}" if selected else ""
         async with self._db.tx() as conn:
-            if only is None:
-                for table in _TABLES:
-                    await conn.execute(f"DELETE FROM {table}")  # noqa: S608 - fixed names
-                await _parked(conn, (), batch.add_pending, stamp)
-                await _unreadable(conn, batch.unreadable, stamp)
-            else:
+            if selected:
                 for table in ("orders", "timers", "history"):
-                    await conn.executemany(f"DELETE FROM {table} WHERE order_id = ?", [(k,) for k in only])  # noqa: S608
-                # the rebuilt orders are linked to these marketplace ids: nothing waits parked for them
-                await _parked(
-                    conn, {o.marketplace_order_id for o in orders.values() if o.marketplace_order_id}, {}, stamp
+                    await conn.execute(f"DELETE FROM main.{table} {where}")  # noqa: S608 - fixed fragments
+                await conn.execute(
+                    "DELETE FROM main.pending_intents WHERE marketplace_order_id IN "  # noqa: S608 - fixed fragments
+                    f"(SELECT marketplace_order_id FROM scratch.orders WHERE marketplace_order_id IS NOT NULL {also})"
                 )
-            await _orders(conn, orders.values(), now)
-            await _timers(conn, orders, orders)
-            await write_history(conn, history)
-            # an effect, pending or started, that its order no longer waits for is never performed
-            keys = orders if only is None else only
-            live = {k: o.inflight.seq if (o := orders.get(k)) and o.inflight else None for k in keys}
-            await outbox.supersede(conn, live, stamp, started=True, everyone=only is None)
+            else:
+                for table in _TABLES:
+                    await conn.execute(f"DELETE FROM main.{table}")  # noqa: S608 - fixed names
+                await _parked(conn, (), dict(parked), stamp)
+                await conn.execute(
+                    "INSERT OR REPLACE INTO main.unreadable (journal_offset, kind, order_id, error, received_at, "
+                    "found_at) SELECT journal_offset, kind, order_id, error, received_at, ? FROM scratch.unreadable",
+                    (stamp,),
+                )
+            await conn.execute(
+                "INSERT INTO main.orders (order_id, marketplace_order_id, phase, status, data, updated_at, "  # noqa: S608
+                "derived_marketplace_id) SELECT order_id, marketplace_order_id, phase, status, data, "
+                f"COALESCE(updated_at, ?), derived_marketplace_id FROM scratch.orders "
+                f"{where} ORDER BY order_id",
+                (stamp,),
+            )
+            await conn.execute(
+                "INSERT INTO main.timers (order_id, token, reason, due_at) SELECT order_id, timer_token, "  # noqa: S608
+                f"timer_reason, timer_due FROM scratch.orders WHERE timer_token IS NOT NULL {also}"
+            )
+            # (a partial install: the history of the selected orders the rebuild gives)
+            rebuilt = f"WHERE order_id IN (SELECT order_id FROM scratch.orders WHERE {_SELECTED})" if selected else ""  # noqa: S608
+            await conn.execute(
+                "INSERT INTO main.history (order_id, journal_offset, from_phase, to_phase, status, cause, at) "  # noqa: S608
+                f"SELECT order_id, journal_offset, from_phase, to_phase, status, cause, at FROM scratch.history "
+                f"{rebuilt} ORDER BY rowid"
+            )
+            # An effect, pending or started, that its order no longer waits for is never performed.
+            await conn.execute(
+                "UPDATE main.outbox SET state = 'superseded', done_at = ? WHERE state IN ('pending', 'started') "  # noqa: S608
+                f"{also} AND seq IS NOT (SELECT r.waits_for FROM scratch.orders r WHERE r.order_id = outbox.order_id)",
+                (stamp,),
+            )
+            async with conn.execute("SELECT reissue FROM scratch.plan WHERE reissue IS NOT NULL") as cur:
+                reissue = [EFFECT_ADAPTER.validate_json(r[0]) for r in await cur.fetchall()]
             await outbox.requeue_superseded(conn, reissue, stamp)
             if cursor is not None:
                 await _cursor(conn, cursor)
+        await self._db.checkpoint()
 
     async def reset(self, *, now: datetime) -> None:
         """Forget everything derived from the journal so the processor rebuilds it. Pending

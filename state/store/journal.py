@@ -22,6 +22,9 @@ _INSERT = (
     "INSERT INTO journal (kind, version, source, order_id, dedup_key, event_id, payload, reason, received_at) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+_ROW = 'SELECT "offset", kind, source, order_id, payload, reason, received_at, version FROM journal'
+_CHUNK = f'{_ROW} WHERE "offset" > ? AND "offset" <= ? ORDER BY "offset" LIMIT ?'
+_AFTER = f'{_ROW} WHERE "offset" > ? ORDER BY "offset" LIMIT ?'
 _KEYS_PER_LOOKUP = 400  # two parameters per key: well under SQLite's limit of 32,766
 
 
@@ -39,24 +42,6 @@ class Journal:
                 "INSERT OR IGNORE INTO feed_acks (handle, received_at) VALUES (?, ?)",
                 [(handle, iso(now)) for handle in acks],
             )
-        return results
-
-    async def ingest(self, entries: Sequence[NewEntry]) -> list[Appended]:
-        """Append entries captured elsewhere, all or nothing. Besides the dedup keys, an
-        entry without keys that matches a journal row exactly (kind, order, time, payload)
-        is a duplicate, so ingesting the same export twice adds nothing."""
-        results: list[Appended] = []
-        async with self._db.tx() as conn:
-            for entry in entries:
-                if entry.dedup_key is None and entry.event_id is None:
-                    async with conn.execute(
-                        "SELECT 1 FROM journal WHERE order_id IS ? AND kind = ? AND received_at = ? AND payload = ?",
-                        (entry.order_id, entry.kind, iso(entry.received_at), entry.payload),
-                    ) as cur:
-                        if await cur.fetchone() is not None:
-                            results.append(Appended(offset=None, duplicate=True))
-                            continue
-                results.append(await insert(conn, entry))
         return results
 
     # ---- feed handles -------------------------------------------------------------------------
@@ -85,10 +70,7 @@ class Journal:
         return int(rows[0]["o"])
 
     async def after(self, offset: int, limit: int = 200) -> list[JournalRow]:
-        rows = await self._db.rows(
-            'SELECT * FROM journal WHERE "offset" > ? ORDER BY "offset" LIMIT ?', (offset, limit)
-        )
-        return [journal_row(r) for r in rows]
+        return await self._chunk(offset, None, limit)
 
     async def tail(
         self,
@@ -129,15 +111,19 @@ class Journal:
         """The journal after offset `after` (up to `upto`, inclusive), in offset order, `size` rows at a time."""
         end = upto if upto is not None else await self.last_offset()
         while after < end:
-            rows = await self._db.rows(
-                'SELECT * FROM journal WHERE "offset" > ? AND "offset" <= ? ORDER BY "offset" LIMIT ?',
-                (after, end, size),
-            )
-            if not rows:
+            chunk = await self._chunk(after, end, size)
+            if not chunk:
                 return
-            chunk = [journal_row(r) for r in rows]
             after = chunk[-1].offset
             yield chunk
+
+    async def _chunk(self, after: int, end: int | None, size: int) -> list[JournalRow]:
+        """Up to `size` rows after offset `after` (up to `end`, inclusive; None: the last)."""
+        sql, params = (_CHUNK, (after, end, size)) if end is not None else (_AFTER, (after, size))
+        async with self._db.reading() as conn, conn.execute(sql, params) as cur:
+            cur.row_factory = None  # plain tuples: cheaper than sqlite3.Row for a million rows
+            rows = await cur.fetchall()
+        return [JournalRow(o, k, s, oid, p, r, from_iso(at), v) for o, k, s, oid, p, r, at, v in rows]
 
     async def export(
         self,
@@ -179,7 +165,7 @@ async def insert(conn: aiosqlite.Connection, entry: NewEntry) -> Appended:
         ) as cur:
             if await cur.fetchone() is not None:
                 return Appended(offset=None, duplicate=True)
-    cur = await conn.execute(_INSERT, _values(entry))
+    cur = await conn.execute(_INSERT, row_values(entry))
     return Appended(offset=cur.lastrowid, duplicate=False)
 
 
@@ -206,7 +192,7 @@ async def insert_many(conn: aiosqlite.Connection, entries: Sequence[NewEntry]) -
         return results
     async with conn.execute('SELECT COALESCE(MAX("offset"), 0) FROM journal') as cur:
         before = int((await cur.fetchone())[0])  # type: ignore[index]
-    await conn.executemany(_INSERT, [_values(e) for e in fresh])
+    await conn.executemany(_INSERT, [row_values(e) for e in fresh])
     # The only writer, inside its transaction: the new rows are the ones past `before`,
     # their offsets rising in the order they were inserted.
     async with conn.execute('SELECT "offset" FROM journal WHERE "offset" > ? ORDER BY "offset"', (before,)) as cur:
@@ -218,7 +204,18 @@ async def insert_many(conn: aiosqlite.Connection, entries: Sequence[NewEntry]) -
     return results
 
 
-def _values(entry: NewEntry) -> tuple[object, ...]:
+async def append_staged(conn: aiosqlite.Connection) -> int:
+    """The entries an ingest staged (`staging.Staging`, scratch table `staged`), appended in
+    the order staged, inside the caller's transaction. An entry journaled meanwhile by
+    another process, with the same key, is left out. Returns how many rows it added."""
+    columns = "kind, version, source, order_id, dedup_key, event_id, payload, reason, received_at"
+    cur = await conn.execute(
+        f"INSERT OR IGNORE INTO main.journal ({columns}) SELECT {columns} FROM scratch.staged ORDER BY n"  # noqa: S608
+    )
+    return int(cur.rowcount)
+
+
+def row_values(entry: NewEntry) -> tuple[object, ...]:
     return (
         entry.kind,
         entry.version or current_version(entry.kind),

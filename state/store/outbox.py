@@ -9,7 +9,7 @@ policy for rows a stopped process left started is the effect runner's; here are 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from datetime import datetime
 
 import aiosqlite
@@ -96,6 +96,22 @@ class Outbox:
         """(order id, seq) -> state of every outbox row."""
         rows = await self._db.rows("SELECT order_id, seq, state FROM outbox")
         return {(r["order_id"], int(r["seq"])): r["state"] for r in rows}
+
+    async def last_id(self) -> int:
+        """The newest outbox row's id (0: none)."""
+        rows = await self._db.rows("SELECT COALESCE(MAX(id), 0) FROM outbox")
+        return int(rows[0][0])
+
+    async def queued_after(self, last_id: int, page: int = 1000) -> AsyncIterator[list[tuple[str, int]]]:
+        """The effects queued since the row `last_id` (see `last_id`), as (order id, seq) in that
+        order, `page` at a time."""
+        key: tuple[str, int] = ("", -1)
+        while rows := await self._db.rows(
+            "SELECT order_id, seq FROM outbox WHERE id > ? AND (order_id, seq) > (?, ?) ORDER BY order_id, seq LIMIT ?",
+            (last_id, *key, page),
+        ):
+            key = (rows[-1][0], int(rows[-1][1]))
+            yield [(r[0], int(r[1])) for r in rows]
 
     async def counts(self) -> dict[str, int]:
         rows = await self._db.rows("SELECT state, COUNT(*) AS n FROM outbox GROUP BY state")

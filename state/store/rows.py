@@ -10,7 +10,8 @@ from ..models import Effect
 
 
 def iso(dt: datetime) -> str:
-    return dt.astimezone(UTC).isoformat(timespec="microseconds")
+    """The one text form of a time in the database: UTC, microseconds."""
+    return (dt if dt.tzinfo is UTC else dt.astimezone(UTC)).isoformat(timespec="microseconds")
 
 
 def from_iso(text: str) -> datetime:
