@@ -136,7 +136,12 @@ class BenchSimulator(Simulator):
     async def _read_log(self, request: web.Request) -> web.Response:
         q = self.feed.queue
         return web.json_response(
-            {"arrivals": self.bench_arrivals, "deleted": q.deleted, "queue": len(q.messages), "deliveries": q.deliveries}
+            {
+                "arrivals": self.bench_arrivals,
+                "deleted": q.deleted,
+                "queue": len(q.messages),
+                "deliveries": q.deliveries,
+            }
         )
 
 

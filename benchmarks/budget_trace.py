@@ -199,8 +199,8 @@ def main() -> None:
         ).fetchone()
         what = f"{pending['kind']} {pending['purpose'] or ''}".strip() if pending else "nothing queued"
         phases[f"omsd {row['phase'] if row else 'unknown'} ({what}), VTEX {status}"] += 1
-    for k, v in phases.most_common():
-        print(f"  {v}: {k}")
+    for where, n in phases.most_common():
+        print(f"  {n}: {where}")
 
 
 def bound(trace: dict[str, Any], limit: float) -> None:
