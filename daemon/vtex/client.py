@@ -99,6 +99,8 @@ class Learned:
     limit_rate: float | None  # the rate at which the last limit showed (None: none yet)
     pauses_s: dict[str, float] = field(default_factory=dict)  # scope -> seconds left of its Retry-After
     recent: str = ""  # the recent answers counted as evidence of a limit: 1 a 429, 0 not
+    # seconds since the rate last changed, and since each answer counted as use (rate.AdaptiveRate.evidence)
+    evidence: tuple[float, tuple[float, ...]] | None = None
 
 
 @dataclass(slots=True)
@@ -154,19 +156,19 @@ class VtexClient:
         self._max_rate_limited = max_rate_limited
         self._timeout = aiohttp.ClientTimeout(total=settings.http_timeout_s)
         self._order_calls: dict[str, _OrderCall] = {}  # order id -> its Get order under way
-        self.on_learned: Callable[[], None] = lambda: None  # told when the rate or a pause changes
+        self.on_learned: Callable[[], None] = lambda: None  # told when the rate, a pause or the evidence changes
 
     def learned(self) -> Learned:
         rate, limit_rate, recent = self._rate.learned()
         now = self._clock()
         pauses = {scope: until - now for scope, until in self._paused_until.items() if until > now}
-        return Learned(rate, limit_rate, pauses, recent)
+        return Learned(rate, limit_rate, pauses, recent, self._rate.evidence(now))
 
     def restore(self, learned: Learned) -> None:
         """Start from what an earlier run learned (the rate only when it adapts)."""
         now = self._clock()
         if self._adapt:
-            self._rate.restore(learned.rate, learned.limit_rate, now, learned.recent)
+            self._rate.restore(learned.rate, learned.limit_rate, now, learned.recent, evidence=learned.evidence)
             self._spread(self._rate.slots)
             self._metrics.rate_effective.set(self._rate.rate)
         for scope, left in learned.pauses_s.items():
@@ -311,8 +313,7 @@ class VtexClient:
         if rate != before:
             self._spread(self._rate.slots)
             self._metrics.rate_effective.set(rate)
-        if rate != before or limited:
-            self.on_learned()
+        self.on_learned()  # every answer is evidence (of a limit, or of the rate used)
 
     @staticmethod
     def _raise_for(method: str, route: str, status: int, body: Any) -> None:
