@@ -25,7 +25,13 @@ SIGKILLs) is
         --arrival 64 --restarts 20 --kill-only --baseline
 
 `--baseline` first runs the same orders (same seed) without restarts, and prints
-both side by side: what the restarts cost.
+both side by side: what the restarts cost. `--keep DIR` keeps each run's database
+and omsd's log, and a `trace.json` (the simulator's books); `benchmarks/budget_trace.py
+DIR/20-restarts` then says where the budget and the time went. A shorter variant at
+the same intensity (orders a second, seconds between restarts) for iteration:
+
+    .venv/bin/python benchmarks/restarts.py --faults issue16 --account-limit 15 --orders 200 \
+        --arrival 26 --restarts 8 --kill-only --quiet 60 --baseline
 
 Reported, from the simulator's books: feed events still in the queue (visible,
 i.e. never read or given back, and in flight, i.e. delivered to a process that
