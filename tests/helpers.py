@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import subprocess
+import sys
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -221,3 +222,27 @@ def fill_up(where: Path, leave: int = 0) -> Path:
     finally:
         os.close(fd)
     return filler
+
+
+async def omsd_run(
+    env: dict[str, str], port: int, log: Path, *, timeout: float = 30.0, own_group: bool = False
+) -> asyncio.subprocess.Process:
+    """`omsd run` as its own process, its output appended to `log`, once it answers /healthz
+    on `port`. `own_group`: in a new process group (with the Litestream it starts), so that
+    one killpg ends both."""
+    with log.open("a") as out:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "omsd.daemon", "run", env=env, stdout=out, stderr=out, start_new_session=own_group
+        )
+
+    async def healthy() -> bool:
+        if proc.returncode is not None:
+            raise AssertionError(f"omsd exited {proc.returncode}; see {log}")
+        try:
+            async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/healthz") as r:
+                return r.status == 200
+        except aiohttp.ClientError:
+            return False
+
+    await until(healthy, timeout=timeout, what="omsd healthy")
+    return proc

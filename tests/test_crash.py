@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from omsd.sim.orders import SimOrder
 from omsd.sim.server import Simulator
 from omsd.state.statuses import Phase
 from omsd.state.store import Store
-from tests.helpers import API_TOKEN, free_port, omsd_env, until
+from tests.helpers import API_TOKEN, free_port, omsd_env, omsd_run, until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -37,22 +36,7 @@ class Omsd:
 
     async def start(self) -> None:
         self.starts += 1
-        with self.log.open("a") as out:
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "omsd.daemon", "run", env=self.env, stdout=out, stderr=out
-            )
-
-        async def healthy() -> bool:
-            assert self.proc is not None
-            if self.proc.returncode is not None:
-                raise AssertionError(f"omsd exited {self.proc.returncode}; see {self.log}")
-            try:
-                async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{self.port}/healthz") as r:
-                    return r.status == 200
-            except aiohttp.ClientError:
-                return False
-
-        await until(healthy, timeout=30, what="omsd healthy")
+        self.proc = await omsd_run(self.env, self.port, self.log)
 
     async def kill(self) -> None:
         assert self.proc is not None

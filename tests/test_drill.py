@@ -13,7 +13,6 @@ import contextlib
 import os
 import shutil
 import signal
-import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from omsd.sim.orders import SimOrder
 from omsd.sim.server import Simulator
 from omsd.state.statuses import Phase
 from omsd.state.store import Store
-from tests.helpers import API_TOKEN, free_port, omsd_env, until
+from tests.helpers import API_TOKEN, free_port, omsd_env, omsd_run, until
 from tests.replica_helpers import S3_KEYS, file_replica, intents_in, moto_s3, s3_replica
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -40,22 +39,7 @@ class Machine:
         self.restored: list[bool] = []
 
     async def start(self) -> None:
-        with self.log.open("a") as out:
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "omsd.daemon", "run", env=self.env, stdout=out, stderr=out, start_new_session=True
-            )
-
-        async def ready() -> bool:
-            assert self.proc is not None
-            if self.proc.returncode is not None:
-                raise AssertionError(f"omsd exited {self.proc.returncode}; see {self.log}")
-            try:
-                async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{self.port}/healthz") as r:
-                    return r.status == 200
-            except aiohttp.ClientError:
-                return False
-
-        await until(ready, timeout=60, what="omsd up")
+        self.proc = await omsd_run(self.env, self.port, self.log, timeout=60, own_group=True)
 
     async def lose(self, *, disk: bool) -> None:
         """SIGKILL to omsd and Litestream together; with `disk`, the database's folder emptied."""
