@@ -167,6 +167,20 @@ EDGES = [
         ["fetch:pre_approval"],
     ),
     Edge(
+        "the event of a status a Get order told first says it left the hold: a release",
+        order(
+            "waiting_release",
+            status="order-accepted",
+            status_at=at(10),
+            creating_checks=1,
+            timer=Timer(token=5, reason="creating_recheck", due_at=at(105)),
+        ),
+        status("order-accepted", 10, last_state=HELD_S),
+        "checking",
+        ["fetch:pre_approval"],
+        {"released_at": at(10)},
+    ),
+    Edge(
         "a creation status while a speculative check waits: that check is the one",
         order("checking", status=None, status_at=None, held=False, purpose="speculative"),
         status("order-accepted", 10),
