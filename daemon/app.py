@@ -26,6 +26,7 @@ from .config.settings import ConfigError, Settings, db_folder_problem
 from .http.common import ApiContext
 from .http.server import HttpServer
 from .intake.feed import FeedPoller
+from .intake.reads import FeedReads
 from .ops import lock
 from .ops.health import Health
 from .ops.jobs import Jobs, add_retention
@@ -51,6 +52,7 @@ log = get_logger("omsd.app")
 
 STATUS_EVERY_S = 10.0
 ORPHAN_WAIT_S = SHUTDOWN_SYNC_S + 5.0  # how long a start waits for a dead omsd's Litestream to finish
+UNCLEAN_READS = "the last omsd stopped while reading the feed: a release may wait out the visibility timeout"
 
 
 class DaemonFailed(Exception):
@@ -167,9 +169,19 @@ class Daemon:
                 durable=replica.synced if s.replicated else None,
             )
 
-            async def recreated(reason: str) -> None:
-                if await resync_waiting(store, metrics, reason, datetime.now(UTC)):
+            async def recreated(reason: str, *, config: bool = True) -> None:
+                if await resync_waiting(store, metrics, reason, datetime.now(UTC), recreated=config):
                     processor.wake.set()
+
+            reads = FeedReads(store)
+
+            async def read_feed(stop: asyncio.Event) -> None:
+                """The feed poller, its reads marked: a start after a process that died reading
+                re-checks the orders whose release may be among the items it took."""
+                if await reads.begin() is not None:
+                    await recreated(UNCLEAN_READS, config=False)
+                await poller.run(stop)
+                await reads.end()
 
             setup = self.setup = VtexSetup(client, s, health, metrics, on_recreated=recreated)
             poller.on_missing = setup.feed_missing
@@ -219,7 +231,7 @@ class Daemon:
             runner.progress = self.progress.beat("effect-runner")
             await Supervisor(health.store_ok, grace_s=s.shutdown_grace_s, retry_s=s.store_probe_s).run(
                 stop,
-                intake=[Loop("feed-poller", poller.run)] if s.uses_feed else [],
+                intake=[Loop("feed-poller", read_feed)] if s.uses_feed else [],
                 work=[
                     Loop("processor", processor.run, beat=processor.progress),
                     Loop("effect-runner", runner.run, beat=runner.progress, restart=runner.recover),
