@@ -227,13 +227,14 @@ def _observe(ctx: _Ctx, state: str | None, at: datetime | None, source: str, las
     if not (o.status is None or at is None or current is None or at > current):
         if state != o.status:
             ctx.cause(f"older status {state} recorded, kept {o.status} ({source})")
-        elif at == current and last_state == HELD and o.released_at is None and status != HELD:
+        elif (
+            at == current and last_state == HELD and o.released_at is None and status != HELD and not is_cancel(status)
+        ):
             # The status omsd knows (a Get order told it, which names no previous status), and
             # the event says it left the hold: a release, read from the transition.
-            if not is_cancel(status):
-                ctx.set(released_at=at)
-                ctx.moved = True
-                ctx.cause(f"{state} left the hold ({source})")
+            ctx.set(released_at=at)
+            ctx.moved = True
+            ctx.cause(f"{state} left the hold ({source})")
         return
     if state != o.status:
         ctx.cause(f"status {o.status or '-'} -> {state} ({source})")
