@@ -25,7 +25,13 @@ SIGKILLs) is
         --arrival 64 --restarts 20 --kill-only --baseline
 
 `--baseline` first runs the same orders (same seed) without restarts, and prints
-both side by side: what the restarts cost.
+both side by side: what the restarts cost. `--keep DIR` keeps each run's database
+and omsd's log, and a `trace.json` (the simulator's books); `benchmarks/budget_trace.py
+DIR/20-restarts` then says where the budget and the time went. A shorter variant at
+the same intensity (orders a second, seconds between restarts) for iteration:
+
+    .venv/bin/python benchmarks/restarts.py --faults issue16 --account-limit 15 --orders 200 \
+        --arrival 26 --restarts 8 --kill-only --quiet 60 --baseline
 
 Reported, from the simulator's books: feed events still in the queue (visible,
 i.e. never read or given back, and in flight, i.e. delivered to a process that
@@ -43,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import shutil
@@ -54,6 +61,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+from aiohttp import web
 from latency import fault_mix, no_faults, pct, release_time  # beside this script
 
 from omsd.daemon.tools.demo import free_port
@@ -113,8 +121,10 @@ class Omsd:
         self.env, self.port, self.log = env, port, log
         self.proc: asyncio.subprocess.Process | None = None
         self.unclean: list[int] = []  # exit codes of SIGTERM stops that were not 0
+        self.lives: list[list[float]] = []  # [started, answered /healthz, stopped] per process (monotonic)
 
     async def start(self) -> None:
+        self.lives.append([time.monotonic()])
         with self.log.open("a") as out:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "omsd.daemon", "run", env=self.env, stdout=out, stderr=out
@@ -127,6 +137,7 @@ class Omsd:
                 try:
                     async with http.get(f"http://127.0.0.1:{self.port}/healthz") as resp:
                         if resp.status == 200:
+                            self.lives[-1].append(time.monotonic())
                             return
                 except aiohttp.ClientError:
                     pass
@@ -137,6 +148,7 @@ class Omsd:
         assert self.proc is not None
         self.proc.send_signal(sig)
         code = await asyncio.wait_for(self.proc.wait(), timeout=60)
+        self.lives[-1].append(time.monotonic())
         if sig == signal.SIGTERM and code != 0:
             self.unclean.append(code)
 
@@ -174,22 +186,32 @@ async def arrive(sim: Simulator, args: argparse.Namespace, port: int, into: Orde
     times = sorted(rng.uniform(0, args.arrival) for _ in range(args.orders))
     t0 = time.monotonic()
     intents: list[asyncio.Task[None]] = []
+    pending: list[SimOrder] = []
+    arrived = asyncio.Event()
+
+    async def free_intents() -> None:
+        """A free order's intent goes once it waits for the marketplace's approval (while orders
+        still arrive: before, these intents all waited for the last arrival)."""
+        while pending or not arrived.is_set():
+            for order in [o for o in pending if o.status == o.release_status]:
+                pending.remove(order)
+                intents.append(asyncio.create_task(post_intent(http, port, order, into)))
+            await asyncio.sleep(0.05)
+
     async with aiohttp.ClientSession() as http:
+        watcher = asyncio.create_task(free_intents())
         for n, at in enumerate(times):
             await asyncio.sleep(max(0.0, t0 + at - time.monotonic()))
             if n % 3 == 0:
                 into.free.append(sim.create(f"F{n:05d}"))
+                pending.append(into.free[-1])
                 continue
             decision = "reject" if rng.random() < 0.1 else "authorize"
             order = sim.create(f"H{n:05d}", held=True, decision=decision, decide_after_s=1 + rng.uniform(0, 10))
             into.held.append(order)
             intents.append(asyncio.create_task(post_intent(http, port, order, into)))
-        pending = list(into.free)
-        while pending:  # a free order's intent goes once it waits for the marketplace's approval
-            for order in [o for o in pending if o.status == o.release_status]:
-                pending.remove(order)
-                intents.append(asyncio.create_task(post_intent(http, port, order, into)))
-            await asyncio.sleep(0.05)
+        arrived.set()
+        await watcher
         await asyncio.gather(*intents)
 
 
@@ -291,11 +313,59 @@ def report(
     return Run(name, lines)
 
 
+def record_429s(sim: Simulator) -> list[tuple[float, str, bool]]:
+    """(monotonic time, route, from the account's limit) of every 429 the simulator answers."""
+    injector = sim.injector
+    answer = injector.too_many_requests
+    limited: list[tuple[float, str, bool]] = []
+
+    def recorded(route: str = "", retry_after_s: float | None = None) -> web.Response:
+        limited.append((time.monotonic(), route, retry_after_s is not None))
+        return answer(route, retry_after_s)
+
+    injector.too_many_requests = recorded  # type: ignore[method-assign]
+    return limited
+
+
+def write_trace(
+    path: Path,
+    sim: Simulator,
+    orders: Orders,
+    omsd: Omsd,
+    t0: float,
+    rates: list[tuple[float, float]],
+    limited: list[tuple[float, str, bool]],
+) -> None:
+    """What `benchmarks/budget_trace.py` reads beside omsd's database (`--keep`): the requests
+    as they reached the simulator, its 429s, omsd's lives, its rate, and every order's books.
+    Times are monotonic, the orders' own wall-clock (`wall_offset` converts)."""
+    trace = {
+        "t0": t0,
+        "wall_offset": time.time() - time.monotonic(),
+        "arrivals": sim.arrivals,
+        "limited": limited,
+        "lives": omsd.lives,
+        "rates": rates,
+        "orders": {
+            o.order_id: {
+                "held": o.was_held,
+                "history": o.history,
+                "put_at": [p.timestamp() for p in o.put_at],
+                "intent_at": orders.intent_at.get(o.order_id),
+                "approvals_applied": o.approvals_applied,
+            }
+            for o in orders.held + orders.free
+        },
+    }
+    path.write_text(json.dumps(trace))
+
+
 async def one_run(args: argparse.Namespace, restarts_wanted: int, name: str) -> Run:
     faults = FAULTS[args.faults]()
     faults.account_limit_per_s = args.account_limit
     faults.short_batches = faults.short_batches or args.short_batches
     sim = Simulator(seed=args.seed, faults=faults)
+    limited = record_429s(sim)
     await sim.start()
     port = free_port()
     run_args = argparse.Namespace(**{**vars(args), "restarts": restarts_wanted})
@@ -315,6 +385,8 @@ async def one_run(args: argparse.Namespace, restarts_wanted: int, name: str) -> 
             await asyncio.sleep(args.quiet)
             sampled.set()
             await sampler
+            if args.keep:
+                write_trace(Path(tmp) / "trace.json", sim, orders, omsd, t0, rates, limited)
             return report(name, sim, orders, restarts, omsd, time.monotonic() - t0, t0, args.account_limit, rates)
         finally:
             sampled.set()

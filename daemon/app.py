@@ -28,6 +28,7 @@ from .config.settings import ConfigError, Settings, db_folder_problem
 from .http.common import ApiContext
 from .http.server import HttpServer
 from .intake.feed import FeedPoller
+from .intake.reads import FeedReads
 from .ops import lock
 from .ops.health import Health
 from .ops.jobs import Jobs, SharedScheduler, add_retention
@@ -58,6 +59,7 @@ HOSTED_JOB_S = 60.0
 HOSTED_PROBE_OK_S = 600.0  # in a fleet, the write probe while writes work (a real write failing tells sooner)
 HOSTED_MAX_BATCH = 256  # in a fleet a batch is one turn across the accounts (ops/turns.py): keep it short
 ORPHAN_WAIT_S = SHUTDOWN_SYNC_S + 5.0  # how long a start waits for a dead omsd's Litestream to finish
+UNCLEAN_READS = "the last omsd stopped while reading the feed: a release may wait out the visibility timeout"
 
 
 class DaemonFailed(Exception):
@@ -168,8 +170,7 @@ class Daemon:
                 store.db, metrics, every_s=s.store_probe_s, ok_every_s=HOSTED_PROBE_OK_S if host else None
             )
             await probe.probe()
-            if replica.enabled:
-                await replica.first_sync()
+            on_replica = await replica.first_sync() if replica.enabled else False
             session = host.session if host else await stack.enter_async_context(aiohttp.ClientSession())
             client = VtexClient(s, session, metrics=metrics)
 
@@ -182,9 +183,12 @@ class Daemon:
             )
             timers = Timers(store, lambda: processor.wake.set())
             # The outcomes readers see (the /v1/events routes, the relay): the last committed, or
-            # under replicated durability the last on the replica (`publish`).
-            mark = Watermark((await store.outcomes.bounds())[1])
-            committed = Watermark(mark.value) if s.replicated else mark
+            # under replicated durability the last on the replica (`publish`). Unless the first
+            # sync reached it, what the last run committed may not be there: readers wait (they
+            # never move back: a reader's `after` above the mark just waits) for publish's sync.
+            last = (await store.outcomes.bounds())[1]
+            mark = Watermark(last if on_replica or not s.replicated else 0)
+            committed = Watermark(last) if s.replicated else mark
             processor = self.processor = Processor(
                 store,
                 s.policy(),
@@ -207,9 +211,19 @@ class Daemon:
                 durable=replica.synced if s.replicated else None,
             )
 
-            async def recreated(reason: str) -> None:
-                if await resync_waiting(store, metrics, reason, datetime.now(UTC)):
+            async def recreated(reason: str, *, config: bool = True) -> None:
+                if await resync_waiting(store, metrics, reason, datetime.now(UTC), recreated=config):
                     processor.wake.set()
+
+            reads = FeedReads(store)
+
+            async def read_feed(stop: asyncio.Event) -> None:
+                """The feed poller, its reads marked: a start after a process that died reading
+                re-checks the orders whose release may be among the items it took."""
+                if await reads.begin() is not None:
+                    await recreated(UNCLEAN_READS, config=False)
+                await poller.run(stop)
+                await reads.end()
 
             setup = self.setup = VtexSetup(client, s, health, metrics, on_recreated=recreated)
             poller.on_missing = setup.feed_missing
@@ -270,7 +284,7 @@ class Daemon:
             runner.progress = self.progress.beat("effect-runner")
             await Supervisor(health.store_ok, grace_s=s.shutdown_grace_s, retry_s=s.store_probe_s).run(
                 stop,
-                intake=[Loop("feed-poller", poller.run)] if s.uses_feed else [],
+                intake=[Loop("feed-poller", read_feed)] if s.uses_feed else [],
                 work=[
                     Loop(
                         "processor",

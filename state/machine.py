@@ -34,7 +34,7 @@ from .events import (
     StatusChanged,
     TimerFired,
 )
-from .models import Decision, Effect, FetchOrder, Inflight, Order, Policy, SendApproval, Timer, later
+from .models import Decision, Effect, FetchOrder, FetchPurpose, Inflight, Order, Policy, SendApproval, Timer, later
 from .statuses import HELD, TERMINAL_PHASES, Phase, Status, is_approved, is_cancel, is_creating
 
 _STATUSES: dict[str, Status] = {s.value: s for s in Status}
@@ -128,10 +128,16 @@ class _Ctx:
         self.cause(cause)
 
     # ---- effects -------------------------------------------------------------
-    def fetch(self, purpose: Literal["link", "link_intent", "pre_approval", "confirm", "after_refusal"]) -> None:
+    def fetch(self, purpose: FetchPurpose) -> None:
         seq = self.next_seq()
         self.effects.append(FetchOrder(order_id=self._base.order_id, seq=seq, purpose=purpose))
         self.set(inflight=Inflight(seq=seq, kind="fetch", purpose=purpose))
+
+    def check(self, *, speculative: bool = False) -> None:
+        """A Get order that decides the approval: on the release path when the order is known
+        free (`releasing`), else speculative (it may find the order still held or being
+        created; the effect runner serves it after the release path)."""
+        self.fetch("speculative" if speculative or not releasing(self.order) else "pre_approval")
 
     def send(self) -> None:
         # Explicit checks, not `assert`: `python -O` strips asserts, and this is the guarantee.
@@ -157,6 +163,17 @@ class _Ctx:
     def settle(self) -> None:
         """Leave whatever was in flight (its result will be recorded but ignored)."""
         self.set(inflight=None, timer=None)
+
+
+def releasing(order: Order) -> bool:
+    """The latest known status shows the order free: known, neither held nor canceling nor
+    canceled, and not a creation status unless it was reached from the hold. A Get order asked
+    now is the approval's own check (the release path); asked in any other state it is
+    speculative: the order may be unknown to omsd yet, held, or still being created."""
+    status = parse_status(order.status)
+    if status is None or status == HELD or is_cancel(status) or order.canceled:
+        return False
+    return not is_creating(status) or order.released_at is not None
 
 
 def approvable(order: Order) -> bool:
@@ -210,6 +227,14 @@ def _observe(ctx: _Ctx, state: str | None, at: datetime | None, source: str, las
     if not (o.status is None or at is None or current is None or at > current):
         if state != o.status:
             ctx.cause(f"older status {state} recorded, kept {o.status} ({source})")
+        elif (
+            at == current and last_state == HELD and o.released_at is None and status != HELD and not is_cancel(status)
+        ):
+            # The status omsd knows (a Get order told it, which names no previous status), and
+            # the event says it left the hold: a release, read from the transition.
+            ctx.set(released_at=at)
+            ctx.moved = True
+            ctx.cause(f"{state} left the hold ({source})")
         return
     if state != o.status:
         ctx.cause(f"status {o.status or '-'} -> {state} ({source})")
@@ -265,7 +290,7 @@ def _held_refusal(ctx: _Ctx) -> None:
         ctx.settle()
         ctx.set(await_newer_than=None)
         ctx.goto(Phase.CHECKING, f"EOI011 for a PUT older than the known {o.status}: checking again")
-        ctx.fetch("pre_approval")
+        ctx.check()
         return
     _wait_release(ctx, "EOI011: order held, waiting for release")
 
@@ -302,7 +327,7 @@ def _on_code(ctx: _Ctx, code: str, where: str) -> None:
                 ctx.set(eoi008=o.eoi008 + 1)
                 ctx.settle()
                 ctx.goto(Phase.CHECKING, f"{where}: EOI008 for a PUT older than the known {o.status}: checking again")
-                ctx.fetch("pre_approval")
+                ctx.check()
                 return
             _not_integrated(ctx, where)
         case _:
@@ -384,7 +409,7 @@ def _on_fetch_failed(ctx: _Ctx, event: OrderFetchFailed) -> bool:
         # the events. Ask again at once, once (the next 404 waits like any other).
         ctx.set(stale_checks=1, last_code=ResultCode.NOT_INTEGRATED.value)
         ctx.goto(Phase.CHECKING, f"Get order 404 for an order VTEX showed as {o.status}: checking again")
-        ctx.fetch("pre_approval")
+        ctx.check()
     elif event.not_found:
         ctx.set(last_code=ResultCode.NOT_INTEGRATED.value)
         _not_integrated(ctx, "Get order 404")
@@ -429,7 +454,7 @@ def _unknown_outcome(ctx: _Ctx, error: str) -> None:
     ctx.set(attempts=1, last_error=error)
     ctx.settle()
     ctx.goto(Phase.CHECKING, f"approval PUT failed ({error}), outcome unknown: checking with Get order at once")
-    ctx.fetch("pre_approval")
+    ctx.check()
 
 
 def _on_notified(ctx: _Ctx, event: ResultNotified) -> bool:
@@ -471,7 +496,7 @@ def _on_notified(ctx: _Ctx, event: ResultNotified) -> bool:
         ctx.settle()
         ctx.set(await_newer_than=None)
         ctx.goto(Phase.CHECKING, "notification SOI002 for no approval of omsd's: re-checking the order")
-        ctx.fetch("pre_approval")
+        ctx.check()
         return True
     if event.code not in (ResultCode.APPROVED, ResultCode.HELD) and not own_attempt:
         # An error for an approval omsd is not waiting on (e.g. the answer to an
@@ -493,7 +518,7 @@ def _on_timer(ctx: _Ctx, event: TimerFired) -> bool:
     if o.phase in (Phase.WAITING_RELEASE, Phase.RETRY_WAIT):
         ctx.set(await_newer_than=None)
         ctx.goto(Phase.CHECKING, f"timer {event.reason}: re-checking the order")
-        ctx.fetch("pre_approval")
+        ctx.check(speculative=o.timer.reason == "held_recheck")  # VTEX held it: probably still does
     elif o.phase == Phase.AWAITING_RESULT:
         ctx.goto(Phase.CHECKING, "no confirmation in time: re-checking the order")
         ctx.fetch("confirm")
@@ -517,7 +542,7 @@ def _on_resync(ctx: _Ctx, event: Resync) -> bool:
     ctx.settle()
     ctx.set(attempts=0, eoi008=0, stale_checks=0, await_newer_than=None, last_error=None)
     ctx.goto(Phase.CHECKING, f"resync: {event.reason}")
-    ctx.fetch("pre_approval")
+    ctx.check()
     return True
 
 
@@ -621,7 +646,10 @@ def _stale_answer(ctx: _Ctx, event: OrderFetched, purpose: str) -> None:
     what = f"Get order shows {event.status}, older than the known {o.status}"
     if count == 1:
         ctx.cause(f"{what}: checking again")
-        ctx.fetch("confirm" if purpose == "confirm" else "pre_approval")
+        if purpose == "confirm":
+            ctx.fetch("confirm")
+        else:
+            ctx.check()
         return
     ctx.settle()
     ctx.goto(Phase.RETRY_WAIT, f"{what} ({count} in a row): checking again later")
@@ -657,14 +685,36 @@ def _advance(ctx: _Ctx) -> None:
         ctx.set(timer=None, await_newer_than=None)
         awaiting = o.phase == Phase.AWAITING_RESULT
         ctx.goto(Phase.CHECKING, "released after the PUT was decided" if awaiting else "flagged status")
-        ctx.fetch("confirm" if awaiting else "pre_approval")
+        if awaiting:
+            ctx.fetch("confirm")
+        else:
+            ctx.check()
         return
     if o.phase == Phase.CHECKING and o.inflight is None:
         # A check whose Get order was superseded (e.g. a link fetch finished first).
-        ctx.fetch("pre_approval")
+        ctx.check()
         return
+    if o.phase == Phase.CHECKING and ctx.moved and o.inflight is not None:
+        if o.inflight.purpose == "speculative" and releasing(o):
+            # The order shows free now: its check goes on the release path (a speculative Get
+            # order still queued is superseded and never sent).
+            ctx.cause("the check moves to the release path")
+            ctx.check()
+            return
+        if o.inflight.purpose in ("pre_approval", "speculative") and o.status == HELD:
+            # Held now: the Get order could only find the hold (or a release whose event is on
+            # its way, which checks again): wait for the release instead of spending the call.
+            ctx.settle()
+            ctx.goto(Phase.WAITING_RELEASE, "held: the check waits for the release")
+            o = ctx.order
     if o.phase == Phase.WAITING_RELEASE:
         _leave_waiting(ctx)
+
+
+def _covers(purpose: str, o: Order) -> bool:
+    """A Get order of this purpose in flight is the check the order needs now: one on the
+    release path, or a speculative one while the order is not known free."""
+    return purpose in ("pre_approval", "link_intent") or (purpose == "speculative" and not releasing(o))
 
 
 def _check_again(o: Order) -> bool:
@@ -691,8 +741,8 @@ def _leave_waiting(ctx: _Ctx) -> None:
         ctx.goto(Phase.CHECKING, "not held: confirming with Get order")
         # a Get order at the approval's priority in flight (before an approval, or the link
         # lookup of an intent that waited parked) is the check; anything else may wait long
-        if o.inflight is None or o.inflight.purpose not in ("pre_approval", "link_intent"):
-            ctx.fetch("pre_approval")
+        if o.inflight is None or not _covers(o.inflight.purpose, o):
+            ctx.check()
         return
     if free:
         if o.timer is None or o.timer.reason != "creating_recheck":

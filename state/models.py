@@ -90,13 +90,21 @@ class Order(_Frozen):
         return self.status == HELD and self.phase not in (Phase.APPROVED, Phase.REJECTED)
 
 
+# Why a Get order is asked. `pre_approval`: the order is known free, its answer decides the
+# approval (the release path); `speculative`: the same check while the order may still be held,
+# being created or unknown to omsd (an intent before any status, a creation or held re-check);
+# `after_refusal`: after EOI009; `link_intent`: the lookup of an order an intent waits parked
+# for; `link`: the background link job; `confirm`: no SOI002 in time.
+FetchPurpose = Literal["link", "link_intent", "pre_approval", "speculative", "confirm", "after_refusal"]
+
+
 class FetchOrder(_Frozen):
     """Call Get order; append OrderFetched or OrderFetchFailed."""
 
     kind: Literal["fetch_order"] = "fetch_order"
     order_id: str
     seq: int
-    purpose: Literal["link", "link_intent", "pre_approval", "confirm", "after_refusal"]
+    purpose: FetchPurpose
 
 
 class SendApproval(_Frozen):

@@ -17,6 +17,7 @@ from tests.helpers import settings as make_settings
 from tests.helpers import until
 
 C, A, IN, B = Priority.COMMIT, Priority.APPROVAL, Priority.INTAKE, Priority.BACKGROUND
+CH, SP = Priority.CHECK, Priority.SPECULATIVE
 
 
 def drain(arbiter: Arbiter[str]) -> list[str]:
@@ -27,11 +28,12 @@ def drain(arbiter: Arbiter[str]) -> list[str]:
 
 
 def test_strict_priority_without_shares() -> None:
-    """Without minimum shares, commits go first, then approvals, then feed reads, then the rest, FIFO within."""
+    """Without minimum shares, commits go first, then approval PUTs, the release path's Get
+    orders, feed reads, speculative checks and the rest, FIFO within."""
     arb: Arbiter[str] = Arbiter(shares={})
-    for name, p in [("b1", B), ("i1", IN), ("a1", A), ("c1", C), ("b2", B), ("a2", A)]:
+    for name, p in [("b1", B), ("s1", SP), ("k1", CH), ("i1", IN), ("a1", A), ("c1", C), ("b2", B), ("a2", A)]:
         arb.push(p, name)
-    assert drain(arb) == ["c1", "a1", "a2", "i1", "b1", "b2"]
+    assert drain(arb) == ["c1", "a1", "a2", "k1", "i1", "s1", "b1", "b2"]
 
 
 def test_intake_keeps_its_share_under_a_flood_of_approvals() -> None:
@@ -55,6 +57,21 @@ def test_background_is_late_but_never_starved() -> None:
         arb.push(A, f"a{n}")
         served.append(arb.pop() or "")
     assert "b0" in served[:20] and served[0] == "a0"
+
+
+def test_speculative_checks_are_late_but_never_starved() -> None:
+    """A speculative check waiting behind an endless stream of release-path Get orders and feed
+    reads is served within twenty-one grants (its one in twenty, once a feed read due at the
+    same grant went first); the feed reads keep their one in four."""
+    arb: Arbiter[str] = Arbiter()
+    arb.push(SP, "s0")
+    served: list[str] = []
+    for n in range(25):
+        arb.push(CH, f"k{n}")
+        arb.push(IN, f"i{n}")
+        served.append(arb.pop() or "")
+    assert "s0" in served[:21] and served[0] == "k0"
+    assert sum(1 for x in served[:20] if x.startswith("i")) == 5
 
 
 def test_a_quiet_class_banks_no_credit() -> None:
@@ -113,10 +130,19 @@ async def test_a_cancelled_waiter_does_not_block_the_gate() -> None:
     assert done == ["kept"]
 
 
-def test_fetches_before_an_approval_share_its_priority() -> None:
+def test_fetches_on_the_release_path_go_after_approvals_and_before_the_feed() -> None:
     """A pre-approval or after-refusal Get order, or the link lookup of an intent parked on the
-    order's derived id, goes at approval priority; the rest as background."""
-    assert FETCH_PRIORITY == {"pre_approval": A, "after_refusal": A, "link_intent": A, "link": B, "confirm": B}
+    order's derived id, goes on the release path (after the PUTs, before feed reads); a
+    speculative check after feed reads; the rest as background."""
+    assert FETCH_PRIORITY == {
+        "pre_approval": CH,
+        "after_refusal": CH,
+        "link_intent": CH,
+        "speculative": SP,
+        "link": B,
+        "confirm": B,
+    }
+    assert A < CH < IN < SP < B
 
 
 class Recorder:

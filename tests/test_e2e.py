@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
+from omsd.daemon.intake.reads import FeedReads
 from omsd.sim.clock import vtex_time
 from omsd.sim.server import Simulator
 from omsd.state.statuses import Phase
+from omsd.state.store import Store
 from tests.helpers import API_TOKEN, approve, reached, until
 
 pytestmark = pytest.mark.e2e
@@ -262,3 +265,26 @@ def test_vtex_time_has_seven_fraction_digits() -> None:
 
     text = vtex_time(datetime(2026, 1, 2, 3, 4, 5, 123456, tzinfo=UTC))
     assert text == "2026-01-02T03:04:05.1234560Z"
+
+
+async def test_a_release_taken_by_a_process_that_died_reading_the_feed_is_checked_at_once(
+    sim: Simulator, run_daemon: Any, tmp_path: Path
+) -> None:
+    """A process died between a feed GET and journaling its items, the release among them: VTEX
+    hides them for the visibility timeout (240 s). The next start finds the feed's reads still
+    marked and re-checks the orders waiting for their release: the approval goes out at once,
+    not after the visibility timeout or the held re-check."""
+    db = tmp_path / "omsd.db"
+    async with run_daemon(sim, db=db, held_recheck_s=600) as daemon:
+        order = sim.create("K1", held=True, decision=None)
+        await until(lambda: order.status == "waiting-for-manual-authorization", what="sim holds the order")
+        await approve(daemon, "K1", order.order_id)
+        await until(reached(daemon, order.order_id, Phase.WAITING_RELEASE), what="omsd waits")
+    # what a SIGKILL while reading leaves behind: the mark, and items taken but never journaled
+    async with await Store.open(db) as store:
+        await FeedReads(store).begin()
+    sim.authorize(order.order_id)
+    assert sim.queue.receive(10, short=False, duplicate_rate=0.0), "the release taken by the dead process"
+    async with run_daemon(sim, db=db, held_recheck_s=600) as daemon:
+        await until(reached(daemon, order.order_id, Phase.APPROVED), what="approved without the release's event")
+    assert (order.approvals_applied, order.puts_while_held) == (1, 0)

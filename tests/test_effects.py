@@ -286,7 +286,8 @@ async def test_interrupted_send_is_rechecked_not_resent(store: Store) -> None:
     order = await store.read.load_order(OID)
     assert order is not None and order.phase == Phase.CHECKING
     [recheck] = await store.outbox.claim(10, now=NOW)  # nothing is resent blindly: a Get order first
-    assert recheck.effect.kind == "fetch_order"
+    assert isinstance(recheck.effect, FetchOrder)
+    assert recheck.effect.purpose == "pre_approval"  # the order is known free: on the release path
 
 
 def block_get_orders(fake: FakeVtex, orders: int) -> asyncio.Event:
@@ -335,5 +336,76 @@ async def test_get_orders_waiting_out_a_pause_never_take_every_slot(store: Store
         assert sum(1 for state in outbox(store).values() if state == "started") == 3  # 3 Get orders of the 4 slots
     finally:
         blocked.set()
+        stop.set()
+        await asyncio.wait_for(task, timeout=10)
+
+
+def speculative(order_id: str, seq: int = 5) -> FetchOrder:
+    return FetchOrder(order_id=order_id, seq=seq, purpose="speculative")
+
+
+def started(store: Store) -> list[str]:
+    """The orders whose effect is claimed, oldest row first."""
+    return [r["order_id"] for r in rows(store, "SELECT order_id FROM outbox WHERE state = 'started' ORDER BY id")]
+
+
+async def test_claims_go_by_urgency_and_keep_a_reserve_for_what_can_wait(store: Store) -> None:
+    """More effects than slots: approval PUTs are claimed first, then the release path's Get
+    orders, oldest first, whatever their age against speculative checks; the checks that can wait
+    keep their reserve (one slot of eight), so they are late, never starved."""
+    fake = FakeVtex()
+    fake.gate = asyncio.Event()  # every call stays in flight: what is claimed stays claimed
+    later = [speculative(f"S{i}") for i in range(3)]
+    checks = [fetch(f"C{i}") for i in range(8)]
+    puts = [send(f"P{i}", mkt=f"M{i}") for i in range(2)]
+    await queue(store, *later, *checks, *puts)
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner(store, fake, concurrency=8).run(stop, poll_s=0.05))
+    try:
+        await until(lambda: fake.in_flight == 8, what="eight calls in flight")
+        assert sorted(started(store)) == sorted(["S0", "P0", "P1", "C0", "C1", "C2", "C3", "C4"])
+    finally:
+        fake.gate.set()
+        stop.set()
+        await asyncio.wait_for(task, timeout=10)
+
+
+async def test_a_call_whose_route_is_paused_waits_in_the_outbox(store: Store) -> None:
+    """While a 429 pauses Get orders, they are not claimed (they would only hold slots): the
+    approval behind them is; once the pause is over they are claimed and performed."""
+    fake = FakeVtex()
+    fake.orders = {f"O{i}": snapshot() for i in range(3)}
+    fake.approvals[MKT] = answer("SOI003")
+    fake.paused["get_order"] = 0.2
+    await queue(store, *(fetch(f"O{i}") for i in range(3)), send())
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner(store, fake).run(stop, poll_s=60))
+    try:
+        await until(lambda: ("approve", MKT) in fake.calls, what="the approval sent")
+        assert fake.count("get_order") == 0 and started(store) == []
+        del fake.paused["get_order"]  # the pause is over when the runner looks again
+        await until(all_done(store), what="the Get orders performed after the pause")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=10)
+
+
+async def test_what_can_wait_holds_no_more_than_its_reserve(store: Store) -> None:
+    """Speculative checks alone in the outbox hold their reserve of the slots (one of eight),
+    no more: claimed, they would wait at the back of the budget while the release path's Get
+    orders, coming next, found no slot (as at the start of a backlog, before releases show)."""
+    fake = FakeVtex()
+    fake.gate = asyncio.Event()
+    await queue(store, *(speculative(f"S{i}") for i in range(5)))
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner(store, fake, concurrency=8).run(stop, poll_s=0.05))
+    try:
+        await until(lambda: fake.in_flight == 1, what="one speculative check in flight")
+        await queue(store, *(fetch(f"C{i}") for i in range(9)))
+        # Get orders hold at most three quarters of the slots (six of eight), the check included
+        await until(lambda: fake.in_flight == 6, what="the release path's Get orders in five more slots")
+        assert sorted(started(store)) == sorted(["S0", *(f"C{i}" for i in range(5))])
+    finally:
+        fake.gate.set()
         stop.set()
         await asyncio.wait_for(task, timeout=10)

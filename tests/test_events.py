@@ -15,11 +15,12 @@ from omsd.daemon.cli import main
 from omsd.daemon.ops.replica import publish
 from omsd.daemon.ops.waiting import Watermark
 from omsd.daemon.pipeline.processor import Processor
+from omsd.state.events import AnyEntry, IntentRecorded, StatusChanged
 from omsd.state.models import Policy
-from omsd.state.store import Store
+from omsd.state.store import NewEntry, Store
 from tests.api_helpers import AUTH, Api
 from tests.helpers import until
-from tests.machine_helpers import FREE, HELD, MKT, intent, status
+from tests.machine_helpers import FREE, HELD, MKT, at, intent, status
 from tests.store_helpers import NOW, entry
 
 
@@ -55,6 +56,21 @@ async def test_deriving_again_never_rewrites_the_stream(store: Store) -> None:
     assert await store.outcomes.after(0, 10) == before
 
 
+async def test_deriving_again_leaves_no_gap_in_the_seqs(store: Store) -> None:
+    """Outcomes derived again (ids already written) take no seq: the next new outcome follows the last one."""
+    await held_then_canceled(store)
+    await store.derived.reset(now=NOW)
+    await Processor(store, Policy()).drain()  # the same two outcomes again: written already
+    other: list[AnyEntry] = [
+        StatusChanged(order_id="B-2-01", source="feed", state=HELD, current_change=at(1)),
+        IntentRecorded(order_id="B-2-01", marketplace_order_id="2", source="api"),
+    ]
+    await store.journal.append([entry(e) for e in other], now=NOW)
+    await Processor(store, Policy()).drain()
+    assert [r.seq for r in await store.outcomes.after(0, 10)] == [1, 2, 3]
+    assert await store.outcomes.bounds() == (0, 3)
+
+
 async def test_retention_keeps_what_a_relay_still_owes_and_reports_the_oldest(store: Store) -> None:
     """Outcomes older than the cutoff go, except those a relay endpoint has not delivered;
     `bounds` then says where a reader may resume without a gap."""
@@ -65,6 +81,38 @@ async def test_retention_keeps_what_a_relay_still_owes_and_reports_the_oldest(st
     await store.outcomes.delivered("webhook", [1])
     assert await store.outcomes.prune(NOW + timedelta(days=1)) == 1
     assert await store.outcomes.bounds() == (1, 2)
+
+
+async def test_retention_keeps_what_a_relay_gave_up_on_for_its_retry(store: Store) -> None:
+    """A given-up delivery keeps its outcome (and every later one) through the retention: `omsd relay retry`
+    sends it, and the order's later events follow it."""
+    await store.outcomes.endpoint("webhook")
+    await held_then_canceled(store)
+    await store.outcomes.take("webhook", 10, NOW)
+    await store.outcomes.failed("webhook", 1, next_at=None, error="HTTP 500")  # given up
+    [second] = await store.outcomes.due("webhook", NOW, 10)
+    await store.outcomes.delivered("webhook", [second.outcome.seq])
+    assert await store.outcomes.prune(NOW + timedelta(days=60)) == 0
+    assert await store.outcomes.retry("webhook", NOW) == 1
+    [again] = await store.outcomes.due("webhook", NOW, 10)
+    assert (again.outcome.seq, again.outcome.type) == (1, "intent.accepted")
+
+
+async def test_retention_removes_only_a_prefix_of_the_stream(store: Store) -> None:
+    """Outcomes are pruned as a prefix of seqs, never from the middle: an old outcome after a newer one (rows
+    ingested with their own time, a clock stepped back) stays while the newer one before it does."""
+    await held_then_canceled(store)  # seqs 1, 2 at NOW
+    old: list[AnyEntry] = [
+        StatusChanged(order_id="B-2-01", source="feed", state=HELD, current_change=at(1)),
+        IntentRecorded(order_id="B-2-01", marketplace_order_id="2", source="api"),
+    ]
+    long_ago = NOW - timedelta(days=40)
+    await store.journal.append([NewEntry.of(e, source="test", received_at=long_ago) for e in old], now=NOW)
+    await Processor(store, Policy()).drain()  # seq 3, happened 40 days ago
+    assert (await store.outcomes.after(2, 10))[0].occurred_at == long_ago
+    assert await store.outcomes.prune(NOW - timedelta(days=30)) == 0
+    assert [r.seq for r in await store.outcomes.after(0, 10)] == [1, 2, 3]
+    assert await store.outcomes.prune(NOW + timedelta(days=1)) == 3  # all older: all go
 
 
 async def test_a_relay_takes_a_window_and_sends_each_order_in_order(store: Store) -> None:
@@ -83,6 +131,31 @@ async def test_a_relay_takes_a_window_and_sends_each_order_in_order(store: Store
     await store.outcomes.delivered("webhook", [again.outcome.seq])
     [second] = await store.outcomes.due("webhook", NOW, 10)
     assert second.outcome.type == "intent.canceled"
+
+
+async def test_a_relay_retry_sends_what_waits_for_a_retry_now(store: Store) -> None:
+    """`retry` makes due now the deliveries waiting out a backoff too (the receiver was fixed, or moved to a new
+    OMSD_RELAY_URL), not only the given-up ones."""
+    await store.outcomes.endpoint("webhook")
+    await held_then_canceled(store)
+    await store.outcomes.take("webhook", 10, NOW)
+    await store.outcomes.failed("webhook", 1, next_at=NOW + timedelta(hours=16), error="HTTP 503")
+    assert await store.outcomes.due("webhook", NOW, 10) == []
+    assert await store.outcomes.retry("webhook", NOW) == 0  # none given up
+    assert [d.outcome.seq for d in await store.outcomes.due("webhook", NOW, 10)] == [1]
+
+
+async def test_deliveries_keyed_by_an_older_omsd_are_keyed_again(store: Store) -> None:
+    """`rekey` (the relay's start) keys deliveries taken by an older omsd (VTEX id first) by marketplace id, so
+    they wait in one line with the order's others."""
+    await store.outcomes.endpoint("webhook")
+    await held_then_canceled(store)
+    await store.outcomes.take("webhook", 10, NOW)
+    async with store.db.tx() as conn:
+        await conn.execute("UPDATE relay_deliveries SET order_key = 'MKP-OLD-01' WHERE seq = 2")
+    assert len(await store.outcomes.due("webhook", NOW, 10)) == 2
+    await store.outcomes.rekey("webhook")
+    assert [d.outcome.seq for d in await store.outcomes.due("webhook", NOW, 10)] == [1]
 
 
 # ---- the pull API ---------------------------------------------------------------------------
@@ -173,13 +246,28 @@ async def test_an_after_older_than_the_retention_is_gone(api: Api) -> None:
     assert (await get(api, "/v1/events?after=2"))[0] == 200
 
 
+@pytest.mark.parametrize("route", ["/v1/events?after=3", "/v1/events/stream?after=3"])
+async def test_an_after_past_the_end_is_gone(api: Api, route: str) -> None:
+    """An `after` past the last seq ever written (a cursor from before a restore to an older copy) is 410 Gone
+    with `last`, not an empty 200 that would skip the events later given those seqs."""
+    await held_then_canceled(api.ctx.store, api.ctx.outcome_mark)
+    status_, body = await get(api, route)
+    assert status_ == 410 and (body["last"], body["resume_after"], body["oldest"]) == (2, 2, 1)
+    assert "past the end" in body["error"]
+    assert (await get(api, "/v1/events?after=2"))[0] == 200
+
+
 @pytest.mark.parametrize(
     "query",
-    ["after=-1", "after=x", "limit=0", "limit=1001", "wait=61", "wait=nan", "type=bogus", "order=a%20b", "lots=1"],
+    [
+        *("after=-1", "after=x", "limit=0", "limit=1001", "wait=61", "wait=nan", "type=bogus", "order=a%20b", "lots=1"),
+        *("limit=%C2%B2", "limit=%E2%91%A0", "limit=%D9%A3", "limit=%EF%BC%91"),  # ², ①, Arabic 3, fullwidth 1
+    ],
 )
-async def test_bad_queries_are_400_with_the_reason(api: Api, query: str) -> None:
+@pytest.mark.parametrize("route", ["/v1/events", "/v1/events/stream"])
+async def test_bad_queries_are_400_with_the_reason(api: Api, query: str, route: str) -> None:
     """A bad parameter is a 400 that names it; nothing is read."""
-    status_, body = await get(api, f"/v1/events?{query}")
+    status_, body = await get(api, f"{route}?{query}")
     assert status_ == 400 and body["error"]
 
 
@@ -239,6 +327,13 @@ def test_omsd_events_prints_the_stream(db: Path, capsys: pytest.CaptureFixture[s
     assert cli(capsys, "events", "--order", "NONE-1")[1] == ""
 
 
+def test_omsd_events_refuses_an_after_past_the_end(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`omsd events --after N` past the last seq says so (exit 1), as the API answers 410."""
+    assert cli(capsys, "events", "--after", "2")[0] == 0
+    assert main(["events", "--after", "3"]) == 1
+    assert "past the end" in capsys.readouterr().err
+
+
 def test_omsd_relay_status_retry_and_replay(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """status shows pending and given up; replay rewinds the cursor; retry makes given-up ones due."""
     _, out = cli(capsys, "relay", "status", "--json")
@@ -261,4 +356,43 @@ def test_omsd_relay_status_retry_and_replay(db: Path, capsys: pytest.CaptureFixt
     _, out = cli(capsys, "relay", "status", "--json")
     assert json.loads(out)["taken_to_seq"] == 0
     assert cli(capsys, "relay", "replay")[0] == 2  # --from is required
+    assert main(["relay", "replay", "--from", "4"]) == 1  # past the next event (3): it would skip events
+    assert "past the end" in capsys.readouterr().err
+    _, out = cli(capsys, "relay", "status", "--json")
+    assert json.loads(out)["taken_to_seq"] == 0  # unchanged
+    assert cli(capsys, "relay", "replay", "--from", "3")[0] == 0  # from the next event on
     assert cli(capsys, "relay", "status", "--endpoint", "vtex")[0] == 1  # never configured here
+
+
+def test_omsd_relay_status_shows_the_last_delivery_error(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`relay status` shows why the oldest failing delivery failed (a certificate refused, say); none when none."""
+    _, out = cli(capsys, "relay", "status", "--json")
+    assert json.loads(out)["last_error"] is None
+
+    async def refused() -> None:
+        async with await Store.open(db) as s:
+            await s.outcomes.failed("webhook", 1, next_at=NOW, error="ClientConnectorCertificateError")
+
+    asyncio.run(refused())
+    _, out = cli(capsys, "relay", "status", "--json")
+    assert json.loads(out)["last_error"] == "ClientConnectorCertificateError"
+    _, table = cli(capsys, "relay", "status")
+    assert "ClientConnectorCertificateError" in table
+
+
+def test_omsd_relay_reports_and_drops_deliveries_whose_event_is_gone(
+    db: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A delivery whose outcome an older retention removed: `relay status` counts it, `relay retry` drops it."""
+
+    async def prune_under_it() -> None:
+        async with await Store.open(db) as s, s.db.tx() as conn:
+            await conn.execute("DELETE FROM outcomes WHERE seq = 1")
+
+    asyncio.run(prune_under_it())
+    _, out = cli(capsys, "relay", "status", "--json")
+    assert json.loads(out)["events_gone"] == 1 and json.loads(out)["pending"] == 2
+    code, out = cli(capsys, "relay", "retry")
+    assert code == 0 and "1 whose events an older retention removed dropped" in out
+    _, out = cli(capsys, "relay", "status", "--json")
+    assert json.loads(out)["events_gone"] == 0 and json.loads(out)["pending"] == 1

@@ -275,10 +275,11 @@ def _release(world: World, data: st.DataObject) -> None:
         world.release_seen = True
 
 
-def _run(data: st.DataObject, parked: bool) -> World:
+def _run(data: st.DataObject, parked: bool, release_path: bool = False) -> World:
     """Play the first phase, then the release and a fair schedule without slow timers.
     With `parked`, check after every step that a seen release keeps the order busy;
-    without, check that the approval goes out."""
+    with `release_path`, that the Get order it waits for then is on the release path;
+    without either, check that the approval goes out."""
     world = World(divergent=data.draw(st.booleans(), label="divergent"))
     _first_phase(world, data)
     if world.approved:
@@ -289,6 +290,11 @@ def _run(data: st.DataObject, parked: bool) -> World:
             return world
         if parked:
             assert not world.release_seen or world.busy(), "order parked after the release:\n" + _story(world)
+        # (an order never held that rests in order-accepted shows nothing omsd can tell from
+        # being created: its checks stay speculative, and it is tried after one re-check)
+        if release_path and world.release_seen and world.order is not None and (world.held_once or world.truth == FREE):
+            inflight = world.order.inflight
+            assert inflight is None or inflight.purpose != "speculative", "a speculative check:\n" + _story(world)
         if not _step(world, data, slow_timers=False):
             assert parked, "nothing left to happen but no approval went out:\n" + _story(world)
             return world
@@ -316,6 +322,17 @@ def test_a_seen_release_is_never_parked(data: st.DataObject) -> None:
     """After omsd saw the release, the order always has a call in flight or a short timer
     (or waits for VTEX's result of a PUT it made) until the approval goes out."""
     _run(data, parked=True)
+
+
+@pytest.mark.timeout(600)
+@settings(max_examples=600, deadline=None)
+@given(st.data())
+def test_a_seen_release_is_checked_on_the_release_path(data: st.DataObject) -> None:
+    """After omsd saw the release (from the hold, or to a status past creation), the Get order
+    the order waits for is never a speculative one (which waits behind the release path): a
+    speculative check asked before (an intent before any status, a creation or held re-check)
+    is replaced by one on the release path."""
+    _run(data, parked=True, release_path=True)
 
 
 @pytest.mark.timeout(600)

@@ -151,7 +151,75 @@ EDGES = [
         "checking",
         ["fetch:pre_approval"],
     ),
-    Edge("intent on unknown order checks", None, intent(), "checking", ["fetch:pre_approval"]),
+    Edge("intent on unknown order: a speculative check", None, intent(), "checking", ["fetch:speculative"]),
+    Edge(
+        "a release while a speculative check waits: the check moves to the release path",
+        order("checking", status="order-accepted", held=False, purpose="speculative"),
+        status(FREE, 10, last_state=HELD_S),
+        "checking",
+        ["fetch:pre_approval"],
+    ),
+    Edge(
+        "a free status while a speculative check of an unknown order waits: on the release path",
+        order("checking", status=None, status_at=None, held=False, purpose="speculative"),
+        status(FREE, 10, last_state="order-accepted"),
+        "checking",
+        ["fetch:pre_approval"],
+    ),
+    Edge(
+        "the event of a status a Get order told first says it left the hold: a release",
+        order(
+            "waiting_release",
+            status="order-accepted",
+            status_at=at(10),
+            creating_checks=1,
+            timer=Timer(token=5, reason="creating_recheck", due_at=at(105)),
+        ),
+        status("order-accepted", 10, last_state=HELD_S),
+        "checking",
+        ["fetch:pre_approval"],
+        {"released_at": at(10)},
+    ),
+    Edge(
+        "a creation status while a speculative check waits: that check is the one",
+        order("checking", status=None, status_at=None, held=False, purpose="speculative"),
+        status("order-accepted", 10),
+        "checking",
+        [],
+        {"inflight": Inflight(seq=5, kind="fetch", purpose="speculative")},
+    ),
+    Edge(
+        "the hold shows while a speculative check waits: it waits for the release instead",
+        order("checking", status="order-accepted", held=False, purpose="speculative"),
+        status(HELD_S, 10),
+        "waiting_release",
+        [],
+        {"inflight": None, "timer_reason": "held_recheck"},
+    ),
+    Edge(
+        "a newer hold while the release's check waits: it waits for the next release instead",
+        order("checking", status=FREE, status_at=at(5)),
+        status(HELD_S, 10, last_state=FREE),
+        "waiting_release",
+        [],
+        {"inflight": None, "timer_reason": "held_recheck"},
+    ),
+    Edge(
+        "an older hold while the release's check waits: the check goes on",
+        order("checking", status=FREE, status_at=at(20)),
+        status(HELD_S, 10),
+        "checking",
+        [],
+        {"inflight": Inflight(seq=5, kind="fetch", purpose="pre_approval")},
+    ),
+    Edge(
+        "the hold shows while an intent's link lookup waits: the lookup goes on (it links the intent)",
+        order("checking", status=FREE, status_at=at(5), purpose="link_intent"),
+        status(HELD_S, 10, last_state=FREE),
+        "checking",
+        [],
+        {"inflight": Inflight(seq=5, kind="fetch", purpose="link_intent")},
+    ),
     Edge("release seen: check", order("waiting_release"), status(FREE, 10), "checking", ["fetch:pre_approval"]),
     Edge(
         "older release never moves status back",
@@ -212,7 +280,7 @@ EDGES = [
         order("retry_wait", status=None, status_at=None, held=False, eoi008=1, last_code="EOI008"),
         status("order-created", 10),
         "checking",
-        ["fetch:pre_approval"],
+        ["fetch:speculative"],
     ),
     Edge(
         "a release ends a wait after EOI008",
@@ -322,7 +390,7 @@ EDGES = [
         order("waiting_release"),
         timer(reason="held_recheck"),
         "checking",
-        ["fetch:pre_approval"],
+        ["fetch:speculative"],
     ),
     Edge(
         "EOI011 notification without intent creates one",
@@ -336,7 +404,7 @@ EDGES = [
     Edge("approved stays approved", order("approved"), status("canceled"), "approved"),
     Edge("rejected stays rejected", order("rejected"), intent(), "rejected"),
     Edge(
-        "resync revives dead", order("dead", attempts=4), resync(), "checking", ["fetch:pre_approval"], {"attempts": 0}
+        "resync revives dead", order("dead", attempts=4), resync(), "checking", ["fetch:speculative"], {"attempts": 0}
     ),
     Edge("resync leaves approved alone", order("approved"), resync(), "approved"),
     Edge("intent on canceled order rejects", order("tracking", status="canceled", canceled=True), intent(), "rejected"),
@@ -391,7 +459,7 @@ EDGES = [
         ),
         timer(reason="creating_recheck"),
         "checking",
-        ["fetch:pre_approval"],
+        ["fetch:speculative"],
         {"creating_overdue": True},
     ),
     Edge(
@@ -409,7 +477,7 @@ EDGES = [
         order("tracking", status="order-accepted", held=False),
         intent(),
         "checking",
-        ["fetch:pre_approval"],
+        ["fetch:speculative"],
     ),
     Edge(
         "intent on an order a Get order found being created: short re-check",
@@ -637,13 +705,13 @@ def test_order_accepted_reading_is_tried_after_one_short_recheck() -> None:
     and one short wait."""
     o, effects = _play(None, status("order-created", 1), status("order-accepted", 2, last_state="order-created"))
     o, effects = _play(o, fetched("order-accepted", seq=1, t=2), intent())
-    assert o.phase == Phase.CHECKING and effects == ["fetch:pre_approval"] and o.inflight is not None
+    assert o.phase == Phase.CHECKING and effects == ["fetch:speculative"] and o.inflight is not None
     o, effects = _play(o, fetched("order-accepted", seq=o.inflight.seq, t=2))
     assert o.phase == Phase.WAITING_RELEASE and effects == []
     assert o.timer is not None and o.timer.reason == "creating_recheck"
     assert o.timer.due_at == at(100 + POLICY.creating_recheck_s)
     o, effects = _play(o, timer(o.timer.token, "creating_recheck"))
-    assert effects == ["fetch:pre_approval"] and o.inflight is not None
+    assert effects == ["fetch:speculative"] and o.inflight is not None
     o, effects = _play(o, fetched("order-accepted", seq=o.inflight.seq, t=2))
     assert o.phase == Phase.SENDING and effects == ["send"]
 

@@ -178,7 +178,7 @@ MACHINE = {
         order("waiting_release"),
         notified("SOI002", True),
         "checking",
-        ["pre_approval"],
+        ["speculative"],
     ),
     "SOI002 while retrying: Get order": (order("retry_wait"), notified("SOI002", True), "checking", ["pre_approval"]),
     "SOI002 while a Get order is in flight: it decides": (order("checking"), notified("SOI002", True), "checking", []),
@@ -220,7 +220,7 @@ def test_soi002_for_no_approval_of_omsds_never_closes_with_nothing_sent() -> Non
     assert before.sent == 0
     decision = decide(before, notified("SOI002", True), at(30))
     assert decision.order.phase != Phase.APPROVED
-    assert decision.order.inflight == Inflight(seq=decision.order.seq, kind="fetch", purpose="pre_approval")
+    assert decision.order.inflight == Inflight(seq=decision.order.seq, kind="fetch", purpose="speculative")
 
 
 # ---- the journal: the flag is versioned ---------------------------------------------------

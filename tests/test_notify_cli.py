@@ -111,7 +111,8 @@ async def test_a_fresh_install_passes_its_first_check_with_warnings(
     assert rows["feed configuration"][0] == "warn" and "omsd run creates it" in rows["feed configuration"][1]
     assert rows["API token"] == (
         "warn",
-        "OMSD_API_TOKEN is not set: every /v1 write (POST /v1/approvals) is refused with 403",
+        "OMSD_API_TOKEN is not set: every /v1 write (POST /v1/approvals) is refused with 403, and the /v1 reads "
+        "(the outcome events, orders) are open to anyone who reaches OMSD_LISTEN",
     )
     sim_env.feed_config = {"filter": {"type": "FromWorkflow", "status": ["canceled"]}, "queue": {}}
     assert await run_cli("check") == 1

@@ -210,6 +210,52 @@ def test_a_restart_starts_from_what_was_learned() -> None:
     assert r.learned() == (50.0, None, "")
 
 
+def _calls(r: AdaptiveRate, start: float, end: float, per_s: float) -> float:
+    """Successful calls at `per_s` from `start` until `end`; the rate after the last."""
+    t = start
+    while t < end:
+        r.on_success(t)
+        t += 1.0 / per_s
+    return r.rate
+
+
+def _restarted(r: AdaptiveRate, at: float, down_s: float) -> AdaptiveRate:
+    """A new process `down_s` after `at`, going on from what `r` learned by then (as its clock)."""
+    rate, cut_from, recent = r.learned()
+    quiet_for, ages = r.evidence(at)
+    again = AdaptiveRate(10.0, decrease=0.7, increase=0.05, quiet_s=5.0, near_factor=4.0, used_share=0.75)
+    again.restore(
+        rate, cut_from, now=at + down_s, recent=recent, evidence=(quiet_for + down_s, ages_after(ages, down_s))
+    )
+    return again
+
+
+def ages_after(ages: tuple[float, ...], down_s: float) -> tuple[float, ...]:
+    return tuple(a + down_s for a in ages)
+
+
+def test_a_restart_goes_on_with_the_evidence_of_use() -> None:
+    """Cut to 7/s, the rate is used for 3 s, the process restarts (0.5 s down) and the calls go on
+    for 2 s: the quiet period and the calls before the restart count, so the rate climbs as it
+    would have without the restart (restarts every 3 s kept it at the cut)."""
+    r = cut_at(1.0, used_share=0.75)
+    assert _calls(r, 1.05, 4.0, per_s=7.0) == pytest.approx(7.0)
+    again = _restarted(r, at=4.0, down_s=0.5)
+    assert _calls(again, 4.5, 6.6, per_s=7.0) == pytest.approx(7.5)
+    fresh = cut_at(1.0, used_share=0.75)
+    fresh.restore(*fresh.learned()[:2], now=4.5, recent=fresh.learned()[2])  # as before: no evidence
+    assert _calls(fresh, 4.5, 6.6, per_s=7.0) == pytest.approx(7.0)
+
+
+def test_the_time_a_restart_was_down_counts_as_time_without_calls() -> None:
+    """A restart that kept the process down for most of the quiet period: the calls of that
+    period did not use the rate, so it does not climb."""
+    r = cut_at(1.0, used_share=0.75)
+    _calls(r, 1.05, 2.0, per_s=7.0)
+    again = _restarted(r, at=2.0, down_s=3.5)
+    assert _calls(again, 5.5, 6.6, per_s=7.0) == pytest.approx(7.0)
+
+
 def test_a_restart_keeps_the_429s_adding_up_to_a_cut() -> None:
     """Seven 429s among the recent answers survive a restart: the eighth cuts (more than 7 % of
     the last 100), as it would have without the restart."""

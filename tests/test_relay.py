@@ -20,14 +20,15 @@ from standardwebhooks import Webhook
 from omsd.daemon.ops.metrics import Metrics
 from omsd.daemon.ops.waiting import Watermark
 from omsd.daemon.pipeline.processor import Processor
-from omsd.daemon.relay.relay import SCHEDULE, Relay, alarm_name
+from omsd.daemon.relay import relay as relay_mod
+from omsd.daemon.relay.relay import RETRY_AFTER_MAX_S, SCHEDULE, Relay, alarm_name
 from omsd.daemon.relay.webhooks import Endpoint, endpoints
-from omsd.state.events import AnyEntry, IntentRecorded, NotificationReceived, StatusChanged
+from omsd.state.events import AnyEntry, IntentReceived, IntentRecorded, NotificationReceived, StatusChanged
 from omsd.state.models import Policy
 from omsd.state.store import Store
 from tests.helpers import FakeClock, quiet_health, until
-from tests.machine_helpers import HELD, at
-from tests.store_helpers import NOW, entry
+from tests.machine_helpers import HELD, MKT, at, status
+from tests.store_helpers import NOW, answer_fetch, entry
 
 SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # base64 of 24 bytes
 
@@ -37,6 +38,8 @@ class Receiver:
     """The connector's side: records every POST; `answer` decides each status."""
 
     answer: Callable[[dict[str, Any]], int] = lambda body: 200
+    retry_after: str = "100"  # with a 429
+    location: str = "/moved"  # with a 3xx
     got: list[tuple[str, dict[str, str], str]] = field(default_factory=list)
 
     async def handle(self, request: web.Request) -> web.Response:
@@ -46,7 +49,10 @@ class Receiver:
         if request.path.startswith("/hooks"):
             body = Webhook(SECRET).verify(text, dict(request.headers))
         status = self.answer(body)
-        return web.Response(status=status, headers={"Retry-After": "100"} if status == 429 else {})
+        headers = {"Retry-After": self.retry_after} if status == 429 else {}
+        if 300 <= status < 400:
+            headers["Location"] = self.location
+        return web.Response(status=status, headers=headers)
 
     def bodies(self, path: str = "/hooks") -> list[dict[str, Any]]:
         return [Webhook(SECRET).verify(t, h) for p, h, t in self.got if p.startswith(path)]
@@ -56,7 +62,7 @@ class Receiver:
 async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
     r = Receiver()
     app = web.Application()
-    app.router.add_post("/{tail:.*}", r.handle)
+    app.router.add_route("*", "/{tail:.*}", r.handle)
     server = TestServer(app)
     await server.start_server()
     try:
@@ -263,6 +269,10 @@ async def test_vtex_results_are_reposted_as_vtex_sent_them(store: Store, receive
     assert sorted(b["type"] for b in rec.bodies()) == ["intent.accepted", "vtex.processing_result"]
 
 
+async def _taken_to(store: Store, seq: int) -> bool:
+    return [e.cursor for e in await store.outcomes.endpoints()] == [seq]
+
+
 def _made(rec: Receiver, attempts: int) -> bool:
     return len(rec.got) >= attempts
 
@@ -271,3 +281,116 @@ def test_an_endpoint_never_shows_its_secret() -> None:
     """repr of an endpoint names its url, never the secret."""
     [ep] = endpoints(relay_url="https://c.example/h", relay_vtex_url=None, secret=SecretStr(SECRET), account="a")
     assert SECRET not in repr(ep) and isinstance(ep, Endpoint)
+
+
+@pytest.mark.parametrize("retry_after", ["1e12", "inf", "Fri, 31 Dec 9999 23:59:59 GMT"])
+async def test_a_huge_retry_after_is_capped_and_the_relay_goes_on(
+    store: Store, receiver: tuple[Receiver, str], retry_after: str
+) -> None:
+    """A Retry-After of inf, 1e12 s or the year 9999 waits at most RETRY_AFTER_MAX_S; the relay goes on."""
+    rec, base = receiver
+    rec.answer, rec.retry_after = (lambda body: 429), retry_after
+    r = await running(store, base)
+    await outcomes(store, r.mark, *intent_on("A-1-01", "1", 1))
+    await until(lambda: r.metrics.sample("omsd_relay_deliveries_total", endpoint="webhook", result="retried") >= 1)
+    next_at = await store.outcomes.next_due("webhook")
+    assert next_at is not None and next_at <= r.clock.wall() + timedelta(seconds=RETRY_AFTER_MAX_S)
+    rec.answer = lambda body: 200
+    r.clock.now += RETRY_AFTER_MAX_S
+    await until(lambda: len(rec.bodies()) == 3, what="delivered once the capped wait passed")
+    assert not r.task.done()
+    await stopped(r)
+
+
+async def test_a_bug_in_one_attempt_is_a_failed_attempt(
+    store: Store, receiver: tuple[Receiver, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unexpected exception in one delivery is that attempt's failure (recorded, retried), not the relay's end."""
+    rec, base = receiver
+    rec.answer = lambda body: 429
+
+    def broken(value: str | None) -> float:
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(relay_mod, "parse_retry_after", broken)
+    r = await running(store, base)
+    await outcomes(store, r.mark, *intent_on("A-1-01", "1", 1))
+    await until(lambda: r.metrics.sample("omsd_relay_deliveries_total", endpoint="webhook", result="retried") >= 1)
+    assert not r.task.done()
+    rows = await store.db.rows("SELECT last_error FROM relay_deliveries WHERE attempts = 1")
+    assert [row["last_error"] for row in rows] == ["ZeroDivisionError: a bug"]
+    monkeypatch.undo()
+    rec.answer = lambda body: 200
+    r.clock.now += SCHEDULE[0] * 1.2
+    await until(lambda: len(rec.bodies()) == 3, what="delivered on the next attempt")
+    await stopped(r)
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+async def test_a_redirect_is_a_failed_attempt_never_followed(
+    store: Store, receiver: tuple[Receiver, str], status: int
+) -> None:
+    """A 3xx is not followed (a 302 would turn the POST into a GET without body, counted as delivered): it fails,
+    naming the status and where it pointed."""
+    rec, base = receiver
+    rec.answer = lambda body: status if body else 200  # to /moved on the same server, which would take anything
+    r = await running(store, base)
+    await outcomes(store, r.mark, *intent_on("A-1-01", "1", 1))
+    await until(lambda: r.metrics.sample("omsd_relay_deliveries_total", endpoint="webhook", result="retried") >= 1)
+    await stopped(r)
+    assert [p for p, _, _ in rec.got] == ["/hooks"]  # tried once, not followed; the order's next waits behind it
+    assert r.metrics.sample("omsd_relay_deliveries_total", endpoint="webhook", result="delivered") == 0
+    rows = await store.db.rows("SELECT last_error FROM relay_deliveries WHERE attempts = 1")
+    assert [row["last_error"] for row in rows] == [f"HTTP {status}: a redirect to 127.0.0.1 (not followed)"]
+
+
+async def test_deliveries_whose_event_is_gone_are_dropped_and_reported(
+    store: Store, receiver: tuple[Receiver, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deliveries whose outcome an older retention removed (it spared only pending ones) show in the endpoint's
+    state; the relay drops them (error line, metric) instead of letting them block their order and the window."""
+    monkeypatch.setattr(relay_mod, "WINDOW", 2)
+    rec, base = receiver
+    await store.outcomes.endpoint("webhook")
+    await outcomes(store, Watermark(), *intent_on("A-1-01", "1", 1), *intent_on("B-2-01", "2", 1))  # seqs 1..4
+    await store.outcomes.take("webhook", 10, NOW)
+    async with store.db.tx() as conn:  # as an older omsd left them: given up, retried, their outcomes pruned
+        await conn.execute("DELETE FROM outcomes WHERE seq IN (1, 3)")
+    [state] = await store.outcomes.endpoints()
+    assert (state.pending, state.orphaned) == (4, 2)
+    r = await running(store, base)
+    await outcomes(store, r.mark, *intent_on("C-3-01", "3", 1))  # seqs 5, 6: beyond the window of 2
+    await until(lambda: len(rec.bodies()) == 4, what="the rest delivered")
+    await stopped(r)
+    assert sorted(b["seq"] for b in rec.bodies()) == [2, 4, 5, 6]
+    assert r.metrics.sample("omsd_relay_deliveries_total", endpoint="webhook", result="dropped") == 2
+    [state] = await store.outcomes.endpoints()
+    assert (state.pending, state.orphaned) == (0, 0)
+
+
+async def test_a_parked_intent_and_its_order_are_one_order_for_the_relay(
+    store: Store, receiver: tuple[Receiver, str]
+) -> None:
+    """Deliveries are keyed by marketplace id when known: the intent.accepted of an intent parked by marketplace id
+    (no VTEX id yet) holds back its order's later events, so a retried intent.accepted never arrives after them."""
+    rec, base = receiver
+    refused = {"n": 0}
+
+    def answer(body: dict[str, Any]) -> int:
+        if body.get("type") == "intent.accepted" and refused["n"] == 0:
+            refused["n"] += 1
+            return 500
+        return 200
+
+    rec.answer = answer
+    r = await running(store, base)
+    await outcomes(store, r.mark, IntentReceived(marketplace_order_id=MKT, source="api"))  # parked: order_id None
+    await until(lambda: refused["n"] == 1, what="the first attempt of intent.accepted, refused")
+    await outcomes(store, r.mark, status(HELD, t=1))
+    await answer_fetch(store, HELD, t=2)  # linked: the parked intent applies to the order
+    await outcomes(store, r.mark, status("canceled", t=3))
+    await until(functools.partial(_taken_to, store, 2), what="intent.canceled taken")
+    r.clock.now += SCHEDULE[0] * 1.5
+    await until(lambda: len(rec.bodies()) == 3, what="both delivered")
+    await stopped(r)
+    assert [b["type"] for b in rec.bodies()] == ["intent.accepted", "intent.accepted", "intent.canceled"]

@@ -15,11 +15,15 @@ import aiohttp
 import pytest
 
 from omsd.daemon.ops.replica import ALARM, ReplicaUnavailable, SyncBarrier
+from omsd.daemon.pipeline.processor import Processor
 from omsd.sim.server import Simulator
+from omsd.state.models import Policy
 from omsd.state.statuses import Phase
 from omsd.state.store import Store
-from tests.helpers import approve, reached, until
+from tests.helpers import API_TOKEN, approve, reached, until
 from tests.replica_helpers import file_replica, intents_in, restored_copy
+from tests.store_helpers import NOW, entry
+from tests.test_relay import intent_on
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -205,6 +209,43 @@ async def test_replica_down_pauses_intake_and_raises_the_alarm(
         await until(recovered, timeout=30, what="replica current again")
         assert (await post_intent(daemon, "UP-2"))[0] == 202
         await until(lambda: daemon.metrics.sample("omsd_replica_lag_bytes") == 0, what="nothing left to upload")
+
+
+async def events_after(daemon: Any, after: int) -> tuple[int, Any]:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(f"{daemon.url}/v1/events?after={after}", headers={"Authorization": f"Bearer {API_TOKEN}"}) as resp,
+    ):
+        return resp.status, await resp.json()
+
+
+async def test_a_start_with_the_replica_down_shows_no_outcome_it_has_not_synced(
+    sim: Simulator, run_daemon: Callable[..., Any], tmp_path: Path
+) -> None:
+    """Replicated durability, a restart while the replica is unreachable: outcomes the last run committed and no
+    sync covered are not shown (a lost disk would give their seqs to other events); readers wait, never go back,
+    and see them once a sync reaches the replica."""
+    folder, db = tmp_path / "replica", tmp_path / "omsd.db"
+    order = sim.create("R1")
+    async with run_daemon(sim, db=db, replica=file_replica(folder), durability="replicated") as daemon:
+        await approve(daemon, order.marketplace_order_id, order.order_id)
+        await until(reached(daemon, order.order_id, Phase.APPROVED), what="approved")
+        _, body = await events_after(daemon, 0)
+        seen = body["next"]
+    shutil.move(folder, tmp_path / "replica-away")
+    folder.write_text("not a folder: every upload fails")
+    async with await Store.open(db) as store:  # committed by the last run, killed before its sync
+        await store.journal.append([entry(e) for e in intent_on("Z-9-01", "9", 1)], now=NOW)
+        await Processor(store, Policy()).drain()
+    async with run_daemon(sim, db=db, replica=file_replica(folder), durability="replicated") as daemon:
+        assert await events_after(daemon, seen) == (200, {"events": [], "next": seen})
+        folder.unlink()
+        shutil.move(tmp_path / "replica-away", folder)
+
+        async def shown() -> bool:
+            return bool((await events_after(daemon, seen))[1]["events"])
+
+        await until(shown, timeout=30, what="the outcomes shown once on the replica")
 
 
 async def test_local_durability_answers_without_waiting_for_the_replica(

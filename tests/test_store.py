@@ -203,8 +203,8 @@ async def test_intent_by_marketplace_id_is_parked_until_linked(tmp_path: Path) -
 
 async def test_a_derived_order_is_looked_up_at_once_at_the_approvals_priority(tmp_path: Path) -> None:
     """An intent parked on a marketplace id, and an order whose id derives from it: its Get order
-    is asked in the step that parks the intent (or first sees the order), at the approval's
-    priority, and its answer both releases the intent and confirms the approval: no job, no
+    is asked in the step that parks the intent (or first sees the order), on the release
+    path, and its answer both releases the intent and confirms the approval: no job, no
     second Get order."""
     for intent_first in (True, False):
         async with await Store.open(tmp_path / f"db{intent_first}") as store:
@@ -217,7 +217,7 @@ async def test_a_derived_order_is_looked_up_at_once_at_the_approvals_priority(tm
                 await processor.drain()
             [pending] = await store.outbox.claim(10, now=NOW)
             assert isinstance(pending.effect, FetchOrder) and pending.effect.purpose == "link_intent"
-            assert FETCH_PRIORITY[pending.effect.purpose] == Priority.APPROVAL
+            assert FETCH_PRIORITY[pending.effect.purpose] == Priority.CHECK  # the release path's
             assert metrics.sample("omsd_link_lookups_total", trigger="intent") == 1
             await store.outbox.requeue(pending.id)
             await answer_fetch(store, FREE, t=1)

@@ -167,6 +167,53 @@ async def test_stuck_orders_are_retried_when_the_processor_starts(store: Store) 
     assert after is not None and after.phase == Phase.WAITING_RELEASE and after.has_intent
 
 
+@pytest.mark.parametrize("how", ["omsd retry", "start"])
+async def test_unsticking_tells_the_connector_how_the_order_ended(
+    store: Store, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """The held events applied by a retry (`omsd retry`, or the processor's start) write their outcomes too:
+    the intent gets its terminal event."""
+
+    def cancel_bug(order: Order | None, event: Event, now: Any, policy: Policy) -> Any:
+        if event.kind == "status_changed" and getattr(event, "state", None) == "canceled":
+            raise RuntimeError("a bug in decide")
+        return real(order, event, now, policy)
+
+    monkeypatch.setattr(apply_module, "decide", cancel_bug)
+    await journal(store, status(HELD, t=1), intent(), status("canceled", t=2))
+    await processor(store, Policy()).drain()
+    assert [o.type for o in await store.outcomes.after(0, 10)] == ["intent.accepted"]
+    monkeypatch.setattr(apply_module, "decide", real)  # fixed
+    fixed = processor(store, Policy())
+    fixed.offset = await store.read.processor_offset()
+    if how == "omsd retry":
+        await retry.retry(store, await retry.targets(store, None, STUCK), NOW)
+        await fixed.drain()
+    else:
+        assert await fixed.retry_stuck() == 1
+    after = await store.read.load_order(OID)
+    assert after is not None and after.phase == Phase.REJECTED and after.stuck is None
+    assert [(o.seq, o.type) for o in await store.outcomes.after(0, 10)] == [
+        (1, "intent.accepted"),
+        (2, "intent.canceled"),
+    ]
+
+
+async def test_a_replay_says_it_tells_the_connector_nothing_of_stuck_orders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`omsd replay` rebuilds a stuck order to its end but derives no outcome: it warns, and names `omsd retry`."""
+    db = tmp_path / "omsd.db"
+    async with await Store.open(db) as s:
+        await journal(s, status(HELD, t=1), intent())
+        await processor(s, OVERFLOWING).drain()
+    monkeypatch.setenv("OMSD_DB", str(db))
+    capsys.readouterr()
+    assert await run_cli("replay") == 0
+    err = capsys.readouterr().err
+    assert "1 order was stuck" in err and "omsd retry --all-stuck" in err
+
+
 async def _count(store: Store, phase: str, n: int) -> bool:
     return await store.read.count_orders(phase) == n
 
@@ -284,7 +331,8 @@ async def test_nothing_is_skipped_and_a_retry_gives_what_no_failure_would_have(
 ) -> None:
     """Safety: from the first event `decide` cannot apply, the order does not change and none of
     its effects is performed. Liveness: once the cause is gone, a retry applies every held
-    event in order, and the order is exactly what applying the journal without failure gives."""
+    event in order, and the order, and the outcome stream, are exactly what applying the
+    journal without failure gives."""
     events = [event_of(s) for s in steps]
     with tempfile.TemporaryDirectory() as tmp:
         reference, _ = await play(Path(tmp) / "ref.db", events, set(), chunk)
@@ -301,6 +349,7 @@ async def test_nothing_is_skipped_and_a_retry_gives_what_no_failure_would_have(
                 assert (None if stuck.stuck.new else stuck.model_copy(update={"stuck": None})) == expected
             await p.retry_stuck()
             assert await broken.read.load_order(OID) == await reference.read.load_order(OID)
+            assert await broken.outcomes.after(0, 100) == await reference.outcomes.after(0, 100)
         finally:
             await broken.close()
             await reference.close()

@@ -18,11 +18,11 @@ from aiohttp import web
 
 from omsd.daemon.ops.metrics import Metrics
 from omsd.daemon.vtex.budget import Priority
-from omsd.daemon.vtex.client import VtexClient, describe, parse_retry_after
+from omsd.daemon.vtex.client import FEED, ORDER, VtexClient, describe, parse_retry_after
 from omsd.daemon.vtex.errors import AuthFailed, BadResponse, NotFound, RateLimited, VtexUnavailable
 from omsd.daemon.vtex.models import FeedConfig, feed_config_body
 from omsd.daemon.vtex.rate import MARGIN, spread
-from tests.helpers import VTEX_TOKEN, until
+from tests.helpers import VTEX_TOKEN, FakeClock, until
 from tests.helpers import settings as make_settings
 from tests.http_mock import aioresponses
 
@@ -592,3 +592,40 @@ async def test_an_urgent_get_order_does_not_wait_behind_a_queued_background_one(
     fake.release.set()
     await asyncio.gather(other, background, urgent)
     assert metrics.sample("omsd_vtex_get_orders_coalesced_total") == 0
+
+
+async def test_a_caller_whose_route_was_paused_while_queued_leaves_its_slot_to_the_next(
+    session: aiohttp.ClientSession,
+) -> None:
+    """A Get order queued for a slot when a 429 pauses its route takes no slot on its turn: the
+    feed read queued behind it leaves at once, in the slot the Get order would have spent."""
+    clock = FakeClock()
+    parked = asyncio.Event()
+
+    async def sleep(seconds: float) -> None:  # only the pause is waited for: it lasts the test
+        parked.set()
+        await asyncio.Event().wait()
+
+    c = VtexClient(make_settings(rate_limit_per_s=1, rate_adapt=False), session, sleep=sleep, clock=clock)
+    order = c._scope(ORDER)
+    async with c._gate.turn(Priority.COMMIT):  # the gate is busy: both callers queue
+        queued = asyncio.create_task(c._slot(Priority.CHECK, order))
+        feed = asyncio.create_task(c._slot(Priority.INTAKE, c._scope(FEED)))
+        await asyncio.sleep(0)
+        c._paused_until[order] = clock.now + 5  # a 429 on Get order comes back meanwhile
+    await asyncio.wait_for(feed, timeout=10)
+    await asyncio.wait_for(parked.wait(), timeout=10)
+    assert len(c._window._sent) == 1  # the feed read's: the one slot a second was not spent on the pause
+    queued.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await queued
+
+
+def test_the_effect_runner_sees_how_long_a_call_stays_paused(session: aiohttp.ClientSession) -> None:
+    """`paused_s` tells the effect runner how long Get orders (or approvals) stay paused by a 429."""
+    clock = FakeClock()
+    c = VtexClient(make_settings(), session, clock=clock)
+    c._paused_until[c._scope(ORDER)] = clock.now + 2
+    assert c.paused_s("get_order") == 2 and c.paused_s("approve") == 0
+    clock.now += 3
+    assert c.paused_s("get_order") == 0

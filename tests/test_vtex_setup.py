@@ -14,7 +14,7 @@ import pytest
 from omsd.daemon.ops.health import Health
 from omsd.daemon.ops.metrics import Metrics
 from omsd.daemon.vtex.budget import Priority
-from omsd.daemon.vtex.client import VtexClient
+from omsd.daemon.vtex.client import Learned, VtexClient
 from omsd.daemon.vtex.configuration import HOOK_GRACE_S, VtexSetup
 from omsd.daemon.vtex.memory import VtexMemory
 from omsd.daemon.vtex.models import (
@@ -26,7 +26,7 @@ from omsd.daemon.vtex.models import (
     hook_config_body,
 )
 from omsd.state.store import Store
-from tests.helpers import HOOK_SECRET, until
+from tests.helpers import HOOK_SECRET, FakeClock, until
 from tests.helpers import settings as make_settings
 from tests.http_mock import aioresponses
 
@@ -71,6 +71,9 @@ class ConfigVtex:
 
     async def approve(self, marketplace_order_id: str) -> ApprovalResponse:
         raise NotImplementedError
+
+    def paused_s(self, call: str) -> float:
+        return 0.0
 
 
 def setup_for(vtex: ConfigVtex, **kw: Any) -> tuple[VtexSetup, Health]:
@@ -222,3 +225,27 @@ async def test_an_unreadable_memory_is_ignored(tmp_path: Path) -> None:
         assert client.learned().rate == 50.0
         assert await setup.confirm_until(asyncio.Event())
         assert vtex.reads == ["feed", "hook"]
+
+
+async def test_the_evidence_of_use_survives_a_restart_aged_by_the_time_down(tmp_path: Path) -> None:
+    """Since when the rate held, and when the answers that show it used came, are kept: a start
+    two seconds later goes on from them, each two seconds older (the time down had no calls)."""
+    settings = make_settings(rate_limit_per_s=50)
+    async with await Store.open(tmp_path / "db") as store, aiohttp.ClientSession() as session:
+        clock = FakeClock()
+        first = VtexClient(settings, session, clock=clock)
+        first.restore(Learned(10.0, 20.0))  # a rate cut in an earlier run, just now
+        for _ in range(5):
+            clock.now += 0.2
+            first._rate.on_success(clock.now)
+        quiet_for, ages = first.learned().evidence or (0.0, ())
+        assert quiet_for == pytest.approx(1.0) and len(ages) == 5
+        await VtexMemory(store, first, setup_for(ConfigVtex())[0], clock=lambda: NOW).save()
+
+        later = FakeClock()
+        second = VtexClient(settings, session, clock=later)
+        down = NOW + timedelta(seconds=2)
+        await VtexMemory(store, second, setup_for(ConfigVtex())[0], clock=lambda: down).restore()
+        quiet_again, ages_again = second.learned().evidence or (0.0, ())
+        assert quiet_again == pytest.approx(3.0, abs=0.01)
+        assert sorted(ages_again) == pytest.approx(sorted(a + 2.0 for a in ages), abs=0.06)

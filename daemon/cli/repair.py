@@ -94,6 +94,7 @@ async def _replay(store: Store, args: argparse.Namespace) -> int:
     if partial and args.to_offset is not None and not args.dry_run:
         print("omsd: --to-offset rebuilds every order: it cannot go with --order or --from-offset", file=sys.stderr)
         return EXIT_CONFIG
+    stuck = await store.read.count_orders(STUCK)
     meter = render.Meter("replayed", await store.journal.last_offset() if args.to_offset is None else args.to_offset)
     try:
         # Same policy knobs as the daemon (OMSD_MAX_ATTEMPTS etc.), so the replayed
@@ -117,6 +118,16 @@ async def _replay(store: Store, args: argparse.Namespace) -> int:
         await _print_replay(result, args.dry_run, args.json)
     finally:
         await result.close()
+    if stuck:
+        # A rebuild derives no outcome events (the stream keeps what it said): the held events of
+        # a stuck order it applies reach the connector only through `retry`, which writes them.
+        orders = "1 order was" if stuck == 1 else f"{stuck} orders were"
+        print(
+            f"omsd: warning: {orders} stuck on an event: a replay rebuilds their held events without telling "
+            "the connector how they end (no outcome events); `omsd retry --all-stuck` (or starting the fixed "
+            "daemon) applies them and tells it: do that before a replay",
+            file=sys.stderr,
+        )
     return EXIT_OK
 
 

@@ -7,7 +7,9 @@
 - `GET /v1/events/stream` is the same as Server-Sent Events: `id:` is the seq, `event:`
   the type, resuming from `Last-Event-ID` (or `?after=`), with a comment line as heartbeat.
 - An `after` older than what retention kept answers `410 Gone` with the oldest seq still
-  there (the Kubernetes watch convention): never a silent jump over lost outcomes.
+  there (the Kubernetes watch convention): never a silent jump over lost outcomes. So does
+  an `after` past the last seq ever written (a cursor from before a restore to an older
+  copy), with `last`: the seqs after it will be given to events the reader has not seen.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ WAIT_MAX_S = 60.0  # a long poll longer than a minute meets proxies' idle timeou
 STREAM_PAGE = 500
 HEARTBEAT_S = 15.0
 _SEQ = re.compile(r"[0-9]{1,18}")
+_LIMIT = re.compile(r"[0-9]{1,4}")  # ASCII only: str.isdigit() also takes "²", which int() refuses
 _KEY = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{wire.ORDER_ID_MAX - 1}}}")
 
 
@@ -60,7 +63,7 @@ def _query(request: web.Request, *, after: str | None = None) -> Query:
     if not _SEQ.fullmatch(raw_after):
         raise BadQuery("after must be a sequence number (0 or more)")
     raw_limit = q.get("limit", str(LIMIT_DEFAULT))
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= LIMIT_MAX:
+    if not _LIMIT.fullmatch(raw_limit) or not 1 <= int(raw_limit) <= LIMIT_MAX:
         raise BadQuery(f"limit must be 1..{LIMIT_MAX}")
     try:
         wait_s = float(q.get("wait", "0"))
@@ -78,8 +81,16 @@ def _query(request: web.Request, *, after: str | None = None) -> Query:
 
 
 async def _gone(ctx: ApiContext, after: int) -> web.Response | None:
-    """410 when outcomes after `after` were removed by retention."""
-    oldest, _ = await ctx.store.outcomes.bounds()
+    """410 when outcomes after `after` were removed by retention, or when `after` is past the
+    last seq ever written here (the reader's cursor is from a database restored since to an
+    older copy: the seqs after the last would be given to other events, which it would skip)."""
+    oldest, last = await ctx.store.outcomes.bounds()
+    if after > last:
+        error = (
+            f"after={after} is past the end of the stream (the last event is seq {last}; the database was "
+            "restored to an older copy?): re-sync from your own records, then resume after last"
+        )
+        return web.json_response({"error": error, "oldest": oldest + 1, "resume_after": last, "last": last}, status=410)
     if after >= oldest:
         return None
     return web.json_response(
@@ -87,6 +98,7 @@ async def _gone(ctx: ApiContext, after: int) -> web.Response | None:
             "error": f"events after {after} are no longer kept (OMSD_RETENTION_DAYS): resume from oldest",
             "oldest": oldest + 1,
             "resume_after": oldest,
+            "last": last,
         },
         status=410,
     )

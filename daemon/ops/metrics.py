@@ -199,7 +199,7 @@ class Metrics:
         )
         self.relay_deliveries = Counter(
             "omsd_relay_deliveries",
-            "Relay deliveries to the connector, by endpoint and result (delivered, retried, gave_up, disabled)",
+            "Relay deliveries to the connector by endpoint and result (delivered, retried, gave_up, disabled, dropped)",
             ["endpoint", "result"],
             registry=r,
         )

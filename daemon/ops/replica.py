@@ -161,12 +161,18 @@ class Replica:
             if was_running:
                 log.info("replication_stopped", exit_code=code)
 
-    async def first_sync(self) -> None:
+    async def first_sync(self) -> bool:
         """Once the store is open: one sync and one check, so the replica's state is known
-        before the daemon serves (a sync fails until the database holds data)."""
-        with contextlib.suppress(ReplicaUnavailable):
+        before the daemon serves (a sync fails until the database holds data). True when the
+        sync reached the replica: everything the database holds is on it."""
+        try:
             await self.barrier.wait()
+        except ReplicaUnavailable:
+            synced = False
+        else:
+            synced = True
         await self.check()
+        return synced
 
     # ---- the barrier -------------------------------------------------------------
     async def synced(self) -> None:

@@ -16,28 +16,34 @@ from datetime import UTC, datetime
 from omsd.state.codes import APPROVAL_SUCCESS
 from omsd.state.events import ApprovalAnswered, ApprovalFailed, Event, OrderFetched, OrderFetchFailed
 from omsd.state.models import FetchOrder, SendApproval
-from omsd.state.store import NewEntry, OutboxRow, Store
+from omsd.state.store import ClaimClass, NewEntry, OutboxRow, Store
 
 from ..ops.logs import get_logger
 from ..ops.metrics import Metrics
 from ..ops.waiting import wait_any
 from ..vtex.budget import Priority
-from ..vtex.client import VtexApi
+from ..vtex.client import Call, VtexApi
 from ..vtex.errors import AuthFailed, NotFound, RateLimited, VtexError
 
 log = get_logger("omsd.effects")
 
 INTERRUPTED = "interrupted: outcome unknown"
 # A Get order right before an approval (or after a refusal, to decide on the next one), or
-# the one that links an intent waiting parked to the order its id names, is as urgent as the
-# approval itself; the background link lookups and confirmation checks can wait.
+# the one that links an intent waiting parked to the order its id names, is on the release
+# path, right after the approval PUTs; a speculative check (the order may be held, being
+# created or unknown yet) comes after the feed's reads, and the background link lookups and
+# confirmation checks last.
 FETCH_PRIORITY: dict[str, Priority] = {
-    "pre_approval": Priority.APPROVAL,
-    "after_refusal": Priority.APPROVAL,
-    "link_intent": Priority.APPROVAL,
+    "pre_approval": Priority.CHECK,
+    "after_refusal": Priority.CHECK,
+    "link_intent": Priority.CHECK,
+    "speculative": Priority.SPECULATIVE,
     "link": Priority.BACKGROUND,
     "confirm": Priority.BACKGROUND,
 }
+RELEASE_PATH = tuple(p for p, priority in FETCH_PRIORITY.items() if priority == Priority.CHECK)
+LATER = tuple(sorted(FETCH_PRIORITY, key=lambda p: FETCH_PRIORITY[p]))[len(RELEASE_PATH) :]
+CALLS: dict[str, Call] = {"fetch_order": "get_order", "send_approval": "approve"}
 
 Clock = Callable[[], datetime]
 
@@ -62,11 +68,18 @@ class EffectRunner:
         self._vtex = vtex
         self._slots = asyncio.Semaphore(concurrency)
         self._concurrency = concurrency
-        # Neither kind may take every slot: calls waiting out a Retry-After pause of their
-        # route (Get order, say) would keep the other kind's calls (approvals) from being
-        # claimed while their route is free. A quarter of the slots stays for the other.
+        # Neither kind may take every slot: calls that meet a Retry-After pause of their route
+        # after they were claimed (Get order, say) wait it out in their slots, and would keep
+        # the other kind's calls (approvals) from being claimed while their route is free. A
+        # quarter of the slots stays for the other. (A kind whose route is paused when the
+        # runner claims is not claimed at all.)
         self._per_kind = max(1, concurrency - concurrency // 4)
         self._running: dict[str, int] = {"fetch_order": 0, "send_approval": 0}
+        # Work that can wait (speculative checks, lookups, confirmations) holds these slots, no
+        # more and no fewer while it waits: its minimum share of the budget (daemon/vtex/budget.py)
+        # always has calls to serve, and the release path has the rest.
+        self._reserve = max(1, concurrency // 8)
+        self._later = 0  # claimed calls that can wait (speculative checks, lookups, confirmations)
         self.on_result = on_result
         self._clock = clock
         self._metrics = metrics or Metrics()
@@ -105,10 +118,11 @@ class EffectRunner:
         running: set[asyncio.Task[None]] = set()
         per_kind = self._running
 
-        def finished(kind: str) -> Callable[[asyncio.Task[None]], None]:
+        def finished(kind: str, later: bool) -> Callable[[asyncio.Task[None]], None]:
             def done(task: asyncio.Task[None]) -> None:
                 running.discard(task)
                 per_kind[kind] -= 1
+                self._later -= later
                 self.wake.set()  # a free slot
 
             return done
@@ -118,17 +132,51 @@ class EffectRunner:
                 self.progress()
                 self.wake.clear()
                 free = self._concurrency - len(running)
-                kinds = {k: self._per_kind - n for k, n in per_kind.items()}
-                rows = await self._store.outbox.claim(free, now=self._clock(), kinds=kinds) if free > 0 else []
+                classes, room, paused_s = self._classes(free)
+                rows = (
+                    await self._store.outbox.claim(free, now=self._clock(), kinds=room, classes=classes)
+                    if free > 0
+                    else []
+                )
                 for row in rows:
+                    later = _later(row)
                     task = calls.create_task(self._perform(row), name=f"effect-{row.id}")
                     running.add(task)
                     per_kind[row.effect.kind] += 1
-                    task.add_done_callback(finished(row.effect.kind))
+                    self._later += later
+                    task.add_done_callback(finished(row.effect.kind, later))
                 if rows and len(running) < self._concurrency:
                     continue
-                # Woken by the processor (new effects) or by a finished call (a free slot).
-                await wait_any(self.wake, stop, within_s=poll_s)
+                # Woken by the processor (new effects), by a finished call (a free slot), or when
+                # a paused route may go again.
+                await wait_any(self.wake, stop, within_s=min(poll_s, paused_s or poll_s))
+
+    def _classes(self, free: int) -> tuple[list[ClaimClass], dict[str, int], float]:
+        """What to claim, most urgent first (docs/design.md, "Effects"): approval PUTs, then the
+        Get orders of the release path, then the rest (speculative checks, link lookups,
+        confirmations), oldest first within each. The rest hold the reserve, no more (claimed,
+        they wait at the back of the budget and would keep slots from the release path), and the
+        release path leaves it to them. No kind takes more than its share of the slots, and a
+        kind whose route is paused waits in the outbox (claimed, its calls would only hold
+        slots). Returns the classes, the room per kind, and how soon a paused route may go again
+        (0: none is paused)."""
+        room: dict[str, int] = {}
+        pauses: list[float] = []
+        for kind, call in CALLS.items():
+            paused = self._vtex.paused_s(call)
+            room[kind] = 0 if paused > 0 else self._per_kind - self._running[kind]
+            if paused > 0:
+                pauses.append(paused)
+        reserve = max(0, self._reserve - self._later)
+        classes = [
+            ClaimClass("send_approval", free, upto=free - reserve),
+            ClaimClass("fetch_order", free, RELEASE_PATH, upto=free - reserve),
+            ClaimClass("fetch_order", reserve, LATER),
+            # the reserve nothing could use goes to the release path
+            ClaimClass("send_approval", free),
+            ClaimClass("fetch_order", free, RELEASE_PATH),
+        ]
+        return classes, room, min(pauses, default=0.0)
 
     async def _perform(self, row: OutboxRow) -> None:
         async with self._slots:
@@ -204,3 +252,9 @@ class EffectRunner:
             message=answer.message,
             operation_id=answer.operation_id,
         )
+
+
+def _later(row: OutboxRow) -> bool:
+    """A claimed effect that can wait: not an approval PUT nor a Get order of the release path."""
+    effect = row.effect
+    return isinstance(effect, FetchOrder) and effect.purpose not in RELEASE_PATH

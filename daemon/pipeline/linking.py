@@ -116,8 +116,9 @@ class ParkedIntents:
         ]
 
 
-async def resync_waiting(store: Store, metrics: Metrics, reason: str, now: datetime) -> int:
-    """Append a Resync for every order whose intent waits for a status event. Returns how many."""
+async def resync_waiting(store: Store, metrics: Metrics, reason: str, now: datetime, *, recreated: bool = True) -> int:
+    """Append a Resync for every order whose intent waits for a status event. Returns how many
+    (counted in `omsd_config_resyncs` when a configuration was `recreated`)."""
     order_ids = await store.read.waiting_with_intent()
     if not order_ids:
         return 0
@@ -126,6 +127,7 @@ async def resync_waiting(store: Store, metrics: Metrics, reason: str, now: datet
         for order_id in order_ids
     ]
     await store.journal.append(entries, now=now)
-    metrics.config_resyncs.inc(len(entries))
+    if recreated:
+        metrics.config_resyncs.inc(len(entries))
     log.warning("waiting_orders_resynced", reason=reason, orders=len(entries))
     return len(entries)

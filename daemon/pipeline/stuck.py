@@ -5,7 +5,8 @@ that journal row (`Order.stuck`) and holds its later events: nothing is skipped,
 applied out of order, and none of its effects is performed. A retry (`omsd retry`, every
 start of the daemon) applies the order's rows again from that one on, up to where the
 processor stands, with the processor's own code over the order as it was before the row:
-the result is what the processor would have written had the row applied the first time.
+the result is what the processor would have written had the row applied the first time,
+outcomes for the connector included.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from omsd.state.apply import Applier, View, needs, read
 from omsd.state.batch import Batch, JournalRow
 from omsd.state.models import Order, Policy
+from omsd.state.outcomes import PROCESSING_RESULT
 from omsd.state.store import Store
 
 PAGE = 1000
@@ -59,7 +61,7 @@ async def reapply(store: Store, policy: Policy, order_id: str, upto: int) -> Rea
     applier = Applier(policy, View(orders, by_mkt, view.parked))
     for row, entry in entries:
         applier.apply(row, entry)
-    return Reapplied(stored, _only(applier.finish(), order_id, upto))
+    return Reapplied(stored, _only(applier.finish(), order_id, upto, stored.marketplace_order_id))
 
 
 async def _rows(store: Store, order: Order, upto: int) -> list[JournalRow]:
@@ -78,10 +80,15 @@ async def _rows(store: Store, order: Order, upto: int) -> list[JournalRow]:
         after = page[-1].offset
 
 
-def _only(batch: Batch, order_id: str, offset: int) -> Batch:
+def _only(batch: Batch, order_id: str, offset: int, marketplace_order_id: str | None = None) -> Batch:
     """What the batch decided for this order (a routed row may have named another), at the
-    processor's offset: the cursor does not move."""
+    processor's offset: the cursor does not move. Its outcomes too (the terminal event of
+    its intent, an approval sent, ...), but not VTEX's processing results: those were
+    written when their rows came (VTEX's word is passed on whatever omsd makes of it), and
+    one routed now to this order would have another id and reach the connector twice."""
     out = Batch(offset=offset)
+    after = batch.orders.get(order_id)
+    mkts = {marketplace_order_id, after.marketplace_order_id if after is not None else None} - {None}
     if order_id in batch.orders:
         out.orders[order_id] = batch.orders[order_id]
         out.before[order_id] = batch.before.get(order_id)
@@ -90,5 +97,11 @@ def _only(batch: Batch, order_id: str, offset: int) -> Batch:
     out.history = [h for h in batch.history if h.order_id == order_id]
     out.transitions = [t for t in batch.transitions if t.order_id == order_id]
     out.notes = [n for n in batch.notes if n.fields.get("order_id") in (None, order_id)]
+    out.outcomes = [
+        o
+        for o in batch.outcomes
+        if o.type != PROCESSING_RESULT
+        and (o.order_id == order_id or (o.order_id is None and o.marketplace_order_id in mkts))
+    ]
     out.add_pending, out.remove_pending = batch.add_pending, batch.remove_pending
     return out

@@ -56,7 +56,10 @@ async def run_checks(settings: Settings, *, bind_test: bool = True, unit: str | 
 def _api_token(settings: Settings) -> Result:
     if settings.api_token is not None:
         return Result("API token", True, "OMSD_API_TOKEN is set: /v1 needs it as a bearer token")
-    detail = "OMSD_API_TOKEN is not set: every /v1 write (POST /v1/approvals) is refused with 403"
+    detail = (
+        "OMSD_API_TOKEN is not set: every /v1 write (POST /v1/approvals) is refused with 403, and the /v1 reads "
+        "(the outcome events, orders) are open to anyone who reaches OMSD_LISTEN"
+    )
     return Result("API token", True, detail, warning=True)
 
 

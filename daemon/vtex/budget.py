@@ -11,13 +11,20 @@ Why these classes, in this order:
 - COMMIT: an uncommitted feed handle turns into a duplicate delivery after the
   visibility timeout, costing a GET and a commit again; commits are few (one per
   many handles).
-- APPROVAL: the approval PUT and the Get order right before it (`pre_approval`,
-  `after_refusal`): a released order is what omsd exists for.
+- APPROVAL: the approval PUT. Its order was just confirmed free by a Get order: it
+  finishes what the release path began, and the longer it waits the older that check.
+- CHECK: the Get order that decides an approval when the order is known free
+  (`pre_approval`), the one after a refusal (`after_refusal`), and the lookup that links
+  an intent waiting parked (`link_intent`): a released order is what omsd exists for.
 - INTAKE: feed GETs. A guaranteed share (one grant in four) so a flood of
   approvals or commits never stops omsd from reading the events that release orders.
-- BACKGROUND: link lookups, periodic re-checks, confirmation checks, configuration
-  self-checks: everything that can wait. A small share (one in twenty) so it is
-  late under load, never starved.
+- SPECULATIVE: a Get order that may find the order still held, being created or not
+  there yet (`speculative`: an intent before any status, creation and held re-checks).
+  Under load the feed tells the same for a tenth of a call; a small share (one in
+  twenty) so it is late, never starved.
+- BACKGROUND: link lookups, confirmation checks, configuration self-checks:
+  everything that can wait. A small share (one in twenty) so it is late under load,
+  never starved.
 
 `PriorityGate` is the asyncio face: `async with gate.turn(cls)` lets one caller at
 a time through, in the arbiter's order, to take its throttle slot.
@@ -38,11 +45,13 @@ T = TypeVar("T")
 class Priority(IntEnum):
     COMMIT = 0
     APPROVAL = 1
-    INTAKE = 2
-    BACKGROUND = 3
+    CHECK = 2
+    INTAKE = 3
+    SPECULATIVE = 4
+    BACKGROUND = 5
 
 
-MIN_SHARE: dict[Priority, float] = {Priority.INTAKE: 0.25, Priority.BACKGROUND: 0.05}
+MIN_SHARE: dict[Priority, float] = {Priority.INTAKE: 0.25, Priority.SPECULATIVE: 0.05, Priority.BACKGROUND: 0.05}
 
 
 class Arbiter(Generic[T]):

@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 from urllib.parse import quote
 
 import aiohttp
@@ -69,17 +70,22 @@ ORDER_STATUS = "/api/order-integration/orders/status"
 
 
 Sleep = Callable[[float], Awaitable[None]]
+Call = Literal["get_order", "approve"]  # the calls the effect runner makes
+CALL_ROUTES: dict[Call, str] = {"get_order": ORDER, "approve": ORDER_STATUS}
 
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
-    """Seconds to wait from a Retry-After header (delta-seconds or HTTP date)."""
+    """Seconds to wait from a Retry-After header (delta-seconds or HTTP date); None when
+    absent or unreadable ("inf" and "nan" included: no wait is infinite)."""
     if value is None or not value.strip():
         return None
     text = value.strip()
     try:
-        return max(0.0, float(text))
+        seconds = float(text)
     except ValueError:
         pass
+    else:
+        return max(0.0, seconds) if math.isfinite(seconds) else None
     try:
         when = parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError):
@@ -97,6 +103,8 @@ class Learned:
     limit_rate: float | None  # the rate at which the last limit showed (None: none yet)
     pauses_s: dict[str, float] = field(default_factory=dict)  # scope -> seconds left of its Retry-After
     recent: str = ""  # the recent answers counted as evidence of a limit: 1 a 429, 0 not
+    # seconds since the rate last changed, and since each answer counted as use (rate.AdaptiveRate.evidence)
+    evidence: tuple[float, tuple[float, ...]] | None = None
 
 
 @dataclass(slots=True)
@@ -119,6 +127,10 @@ class VtexApi(Protocol):
     async def save_hook_config(self, body: Mapping[str, Any]) -> None: ...
     async def get_order(self, order_id: str, *, priority: Priority = Priority.BACKGROUND) -> OrderSnapshot: ...
     async def approve(self, marketplace_order_id: str) -> ApprovalResponse: ...
+    def paused_s(self, call: Call) -> float:
+        """Seconds until a call of this kind may leave (a 429's Retry-After still open on its
+        scope); 0 when it may go now."""
+        ...
 
 
 class VtexClient:
@@ -148,19 +160,19 @@ class VtexClient:
         self._max_rate_limited = max_rate_limited
         self._timeout = aiohttp.ClientTimeout(total=settings.http_timeout_s)
         self._order_calls: dict[str, _OrderCall] = {}  # order id -> its Get order under way
-        self.on_learned: Callable[[], None] = lambda: None  # told when the rate or a pause changes
+        self.on_learned: Callable[[], None] = lambda: None  # told when the rate, a pause or the evidence changes
 
     def learned(self) -> Learned:
         rate, limit_rate, recent = self._rate.learned()
         now = self._clock()
         pauses = {scope: until - now for scope, until in self._paused_until.items() if until > now}
-        return Learned(rate, limit_rate, pauses, recent)
+        return Learned(rate, limit_rate, pauses, recent, self._rate.evidence(now))
 
     def restore(self, learned: Learned) -> None:
         """Start from what an earlier run learned (the rate only when it adapts)."""
         now = self._clock()
         if self._adapt:
-            self._rate.restore(learned.rate, learned.limit_rate, now, learned.recent)
+            self._rate.restore(learned.rate, learned.limit_rate, now, learned.recent, evidence=learned.evidence)
             self._spread(self._rate.slots)
             self._metrics.rate_effective.set(self._rate.rate)
         for scope, left in learned.pauses_s.items():
@@ -269,21 +281,26 @@ class VtexClient:
     def _paused(self, scope: str) -> bool:
         return self._clock() < self._paused_until.get(scope, 0.0)
 
+    def paused_s(self, call: Call) -> float:
+        """Seconds until a call of this kind may leave its scope's Retry-After pause (0: now)."""
+        return max(0.0, self._paused_until.get(self._scope(CALL_ROUTES[call]), 0.0) - self._clock())
+
     async def _slot(self, priority: Priority, scope: str) -> None:
         """Take a throttle slot outside any 429 pause of `scope`, in priority order. One
         caller at a time passes the gate to the throttle, so the gate decides who goes
         next; a caller waits out its scope's pause before queueing at the gate, so a
-        paused route holds up no other. A slot granted inside a pause that began while
-        the caller waited is not used: the caller leaves the gate, waits the pause out and
-        queues again, so nothing is sent before Retry-After has elapsed."""
+        paused route holds up no other. A caller whose scope was paused while it waited
+        leaves the gate without taking the slot (the next caller takes it: a pause on one
+        route spends no slot of the others), waits the pause out and queues again, so
+        nothing is sent before Retry-After has elapsed."""
         while True:
             while (wait := self._paused_until.get(scope, 0.0) - self._clock()) > 0:
                 await self._sleep(wait)
             async with self._gate.turn(priority):
-                while (wait := self._window.delay(self._clock())) > 0:
+                while not self._paused(scope) and (wait := self._window.delay(self._clock())) > 0:
                     await self._sleep(wait)
-                self._window.take(self._clock())  # the slot is spent, whether it is used or not
                 if not self._paused(scope):
+                    self._window.take(self._clock())
                     return
 
     def _spread(self, slots: int) -> None:
@@ -300,8 +317,7 @@ class VtexClient:
         if rate != before:
             self._spread(self._rate.slots)
             self._metrics.rate_effective.set(rate)
-        if rate != before or limited:
-            self.on_learned()
+        self.on_learned()  # every answer is evidence (of a limit, or of the rate used)
 
     @staticmethod
     def _raise_for(method: str, route: str, status: int, body: Any) -> None:

@@ -5,9 +5,10 @@ that models VTEX from its documentation.
 
 Script it by setting its attributes: `orders` (order id -> a snapshot, or an exception to
 raise), `approvals` (marketplace order id -> an answer or an exception), `batches` (what
-successive feed GETs return), `fail_commits` (how many commits fail), `feed_config` and
-`hook_config`. `gate`, when set, holds Get orders and approvals until it is set, so a test
-can keep calls in flight.
+successive feed GETs return), `fail_commits` (how many commits fail), `feed_config`,
+`hook_config` and `paused` (call -> seconds a 429 keeps its route paused, as `paused_s`
+tells). `gate`, when set, holds Get orders and approvals until it is set, so a test can
+keep calls in flight.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .budget import Priority
+from .client import Call
 from .errors import NotFound, VtexUnavailable
 from .models import ApprovalResponse, FeedConfig, HookConfig, OrderSnapshot
 
@@ -38,6 +40,7 @@ class FakeVtex:
         self.gate: asyncio.Event | None = None
         self.in_flight = 0
         self.most_in_flight = 0
+        self.paused: dict[str, float] = {}  # call -> seconds its route stays paused (as after a 429)
 
     def count(self, call: str) -> int:
         return sum(1 for c, _ in self.calls if c == call)
@@ -63,6 +66,9 @@ class FakeVtex:
     async def approve(self, marketplace_order_id: str) -> ApprovalResponse:
         answer: ApprovalResponse = await self._answer("approve", marketplace_order_id, self.approvals)
         return answer
+
+    def paused_s(self, call: Call) -> float:
+        return self.paused.get(call, 0.0)
 
     async def get_feed(self, maxlot: int) -> list[Any]:
         self.calls.append(("get_feed", str(maxlot)))

@@ -167,18 +167,40 @@ class AdaptiveRate:
         recent = "".join("1" if limited else "0" for limited in self._recent)
         return self.rate, None if math.isinf(self._cut_from) else self._cut_from, recent
 
-    def restore(self, rate: float, cut_from: float | None, now: float, recent: str = "") -> None:
+    def evidence(self, now: float) -> tuple[float, tuple[float, ...]]:
+        """What a restart should go on from to climb: how long ago the rate last changed, and how
+        long ago each answer that still counts as evidence of use came (see `restore`)."""
+        return now - self._last_change, tuple(now - t for t in self._answers)
+
+    def restore(
+        self,
+        rate: float,
+        cut_from: float | None,
+        now: float,
+        recent: str = "",
+        *,
+        evidence: tuple[float, tuple[float, ...]] | None = None,
+    ) -> None:
         """Start from what an earlier run learned, the recent answers included (restarts a few
-        seconds apart would otherwise each forget the 429s that were adding up to a cut). The
-        quiet period starts now: the time the process was down is no evidence."""
+        seconds apart would otherwise each forget the 429s that were adding up to a cut). With
+        `evidence` (seconds since the rate last changed, and since each answer counted as use,
+        both including the time the process was down), the quiet period and the calls that show
+        the rate used go on across the restart: the time it was down counts as time without
+        calls, so a climb still needs the budget used. Without, the quiet period starts now
+        (restarts a few seconds apart then kept the rate where it was: none lived a quiet period)."""
         self.rate = min(self.ceiling, max(self.floor, rate))
         self._cut_from = math.inf if cut_from is None else min(cut_from, self.ceiling)
-        self._last_change = now
         self._recent.clear()
         self._recent.extend(c == "1" for c in recent if c in "01")
         self._answers.clear()
         self._last_second.clear()
         self._run = 0
+        self._last_change = now
+        if evidence is not None:
+            quiet_for, ages = evidence
+            self._last_change = now - max(0.0, quiet_for)
+            horizon = self.quiet_s * self.near_factor
+            self._answers.extend(sorted(now - age for age in ages if 0.0 <= age <= horizon))
 
     @property
     def slots(self) -> int:

@@ -3,8 +3,9 @@
 It resumes from the last seq it handled (kept in a file: survive restarts of either side),
 handles each event (here: prints it), and saves the seq after handling it, so an event is
 handled at least once and in order. An event's `id` is stable: dedupe on it if handling
-twice matters. On 410 Gone (the cursor is older than omsd's retention) it says so and
-resumes from the oldest event kept.
+twice matters. On 410 Gone (the cursor is older than omsd's retention, or past the end
+of a database restored to an older copy) it says so and resumes after `resume_after`
+(the oldest event kept, or the last one there is).
 
     OMSD_URL=http://127.0.0.1:8787 OMSD_API_TOKEN=... python pull_client.py [--cursor FILE] [--until-idle]
 """

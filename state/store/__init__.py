@@ -30,13 +30,14 @@ from .outcomes import Outcomes
 from .queries import Queries
 from .rebuild import Candidate, PlanRow, Rebuild
 from .retention import Retention
-from .rows import Appended, NewEntry, OutboxRow, ParkedIntent, Pruned, from_iso, iso
+from .rows import Appended, ClaimClass, NewEntry, OutboxRow, ParkedIntent, Pruned, from_iso, iso
 from .staging import Staging
 
 __all__ = [
     "Appended",
     "Batch",
     "Candidate",
+    "ClaimClass",
     "HistoryRow",
     "JournalRow",
     "NewEntry",

@@ -9,7 +9,7 @@ policy for rows a stopped process left started is the effect runner's; here are 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from datetime import datetime
 
 import aiosqlite
@@ -19,7 +19,7 @@ from ..models import EFFECT_ADAPTER, Effect
 from ..statuses import STUCK
 from .db import Database, marks, parts
 from .journal import insert
-from .rows import Appended, NewEntry, OutboxRow, from_iso, iso
+from .rows import Appended, ClaimClass, NewEntry, OutboxRow, from_iso, iso
 
 _CLAIMABLE = "state = 'pending' AND order_id NOT IN (SELECT order_id FROM orders WHERE phase = ?)"
 
@@ -29,23 +29,50 @@ class Outbox:
         self._db = db
 
     # ---- effects ----------------------------------------------------------------------
-    async def claim(self, limit: int, *, now: datetime, kinds: Mapping[str, int] | None = None) -> list[OutboxRow]:
-        """Mark up to `limit` pending effects as started (at `now`) and return them, oldest
-        first; with `kinds`, at most that many of each kind named (the others not at all).
-        Those of a stuck order wait (its pending effects are decided again when its events are)."""
+    async def claim(
+        self,
+        limit: int,
+        *,
+        now: datetime,
+        kinds: Mapping[str, int] | None = None,
+        classes: Sequence[ClaimClass] | None = None,
+    ) -> list[OutboxRow]:
+        """Mark up to `limit` pending effects as started (at `now`) and return them. With
+        `classes`, class by class in that order (the caller's priority), each oldest first
+        and at most its `most`, returned in that order; without, oldest first. With `kinds`,
+        at most that many of each kind named in all (the others not at all). Those of a stuck
+        order wait (its pending effects are decided again when its events are)."""
+        ordered = classes is not None
+        if classes is None:
+            classes = [ClaimClass(kind, most) for kind, most in (kinds or {"": limit}).items()]
+        room = dict(kinds) if kinds is not None else None
         async with self._db.tx() as conn:
             rows: list[sqlite3.Row] = []
-            for kind, most in (kinds or {"": limit}).items():
-                if (most := min(most, limit - len(rows))) <= 0:
+            for c in classes:
+                most = min(c.most, (limit if c.upto is None else min(limit, c.upto)) - len(rows))
+                if room is not None:
+                    most = min(most, room.get(c.kind, 0))
+                if most <= 0:
                     continue
-                where = _CLAIMABLE + (" AND kind = ?" if kind else "")
-                params = (STUCK, kind, most) if kind else (STUCK, most)
-                async with conn.execute(f"SELECT * FROM outbox WHERE {where} ORDER BY id LIMIT ?", params) as cur:  # noqa: S608
-                    rows += list(await cur.fetchall())
+                where, params = _CLAIMABLE, [STUCK]
+                if c.kind:
+                    where += " AND kind = ?"
+                    params.append(c.kind)
+                if c.purposes is not None:
+                    where += f" AND json_extract(payload, '$.purpose') IN ({marks(c.purposes)})"
+                    params.extend(c.purposes)
+                sql = f"SELECT * FROM outbox WHERE {where} ORDER BY id LIMIT ?"  # noqa: S608
+                async with conn.execute(sql, (*params, most)) as cur:
+                    got = list(await cur.fetchall())
+                await conn.executemany(
+                    "UPDATE outbox SET state = 'started', started_at = ? WHERE id = ?",
+                    [(iso(now), r["id"]) for r in got],
+                )
+                rows += got
+                if room is not None:
+                    room[c.kind] -= len(got)
+        if not ordered:
             rows.sort(key=lambda r: int(r["id"]))
-            await conn.executemany(
-                "UPDATE outbox SET state = 'started', started_at = ? WHERE id = ?", [(iso(now), r["id"]) for r in rows]
-            )
         return [_outbox_row(r) for r in rows]
 
     async def finish(self, outbox_id: int, result: NewEntry, *, now: datetime) -> Appended:

@@ -6,8 +6,8 @@ gap-free and rising. Here they are read (`after`, `bounds`), kept for the retent
 handed to the relay: each endpoint has a cursor, and takes outcomes past it into
 `relay_deliveries` (at most a window's worth at a time), which it deletes once the
 connector acknowledged them. A delivery is due only when it is the oldest pending one of
-its order, so one order's events go out in order, and a failing order holds back only
-its own.
+its order (keyed by marketplace id when known: `order_key`), so one order's events go out
+in order, and a failing order holds back only its own.
 """
 
 from __future__ import annotations
@@ -67,20 +67,40 @@ class EndpointState:
     pending: int
     failed: int
     oldest_undelivered: datetime | None  # when the oldest outcome not yet delivered happened
+    orphaned: int = 0  # deliveries (pending or failed) whose outcome is gone: an older retention removed it
+    last_error: str | None = None  # why the oldest delivery that failed failed (HTTP 503, a certificate refused)
+
+
+def order_key(order_id: str | None, marketplace_order_id: str | None) -> str:
+    """What the relay keeps in order: the marketplace id when known, which every outcome of
+    an intent carries from its parking on (its `intent.accepted` has no VTEX id yet, its
+    order's later events have both); else the VTEX id."""
+    return marketplace_order_id or order_id or "-"
 
 
 async def write(conn: aiosqlite.Connection, outcomes: Iterable[Outcome]) -> int | None:
     """Insert outcomes inside the caller's transaction (an id already written is kept as it
-    was: deriving again never rewrites the stream). Returns the last seq, None if none."""
+    was: deriving again never rewrites the stream). Returns the last seq, None if none.
+    An id already there is skipped by `NOT EXISTS`, not by `INSERT OR IGNORE`, which would
+    spend an AUTOINCREMENT value on it and leave a gap in the seqs readers see."""
     rows = [
-        (o.id, o.type, iso(o.occurred_at), o.order_id, o.marketplace_order_id, o.journal_offset, json.dumps(o.data))
+        (
+            o.id,
+            o.type,
+            iso(o.occurred_at),
+            o.order_id,
+            o.marketplace_order_id,
+            o.journal_offset,
+            json.dumps(o.data),
+            o.id,
+        )
         for o in outcomes
     ]
     if not rows:
         return None
     await conn.executemany(
-        "INSERT OR IGNORE INTO outcomes (id, type, occurred_at, order_id, marketplace_order_id, journal_offset, data) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO outcomes (id, type, occurred_at, order_id, marketplace_order_id, journal_offset, data) "
+        "SELECT ?, ?, ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM outcomes WHERE id = ?)",
         rows,
     )
     async with conn.execute("SELECT COALESCE(MAX(seq), 0) FROM outcomes") as cur:
@@ -126,14 +146,19 @@ class Outcomes:
         return (int(first) - 1 if first is not None else last), last
 
     async def prune(self, before: datetime) -> int:
-        """Remove outcomes that happened before `before`, except those a relay still has to
-        deliver (and every one after them). Returns how many went."""
+        """Remove the outcomes before the first one that happened at or after `before`: a
+        prefix of the stream, never a hole in it (`occurred_at` need not rise with `seq`: rows
+        ingested keep their time, a clock can step back); and none a relay still has to
+        deliver or gave up on (`omsd relay retry` sends it again), nor any after it. Returns
+        how many went."""
         async with self._db.tx() as conn:
             cur = await conn.execute(
-                "DELETE FROM outcomes WHERE occurred_at < ? "
-                "AND seq < COALESCE((SELECT MIN(seq) FROM relay_deliveries WHERE state = 'pending'), ?) "
+                # `+occurred_at`: scan by seq from the start (the prefix going), not the time index
+                "DELETE FROM outcomes WHERE "
+                "seq < COALESCE((SELECT seq FROM outcomes WHERE +occurred_at >= ? ORDER BY seq LIMIT 1), ?) "
+                "AND seq < COALESCE((SELECT MIN(seq) FROM relay_deliveries), ?) "  # pending or given up
                 "AND seq <= COALESCE((SELECT MIN(seq) FROM relay_endpoints WHERE disabled_at IS NULL), ?)",
-                (iso(before), _MAX_SEQ, _MAX_SEQ),
+                (iso(before), _MAX_SEQ, _MAX_SEQ, _MAX_SEQ),
             )
             return cur.rowcount
 
@@ -155,8 +180,13 @@ class Outcomes:
             "SELECT e.name, e.seq, e.disabled_at, e.disabled_reason, "
             "(SELECT COUNT(*) FROM relay_deliveries d WHERE d.endpoint = e.name AND d.state = 'pending') AS pending, "
             "(SELECT COUNT(*) FROM relay_deliveries d WHERE d.endpoint = e.name AND d.state = 'failed') AS failed, "
+            "(SELECT COUNT(*) FROM relay_deliveries d WHERE d.endpoint = e.name "
+            "AND NOT EXISTS (SELECT 1 FROM outcomes g WHERE g.seq = d.seq)) AS orphaned, "
+            "(SELECT d.last_error FROM relay_deliveries d WHERE d.endpoint = e.name AND d.last_error IS NOT NULL "
+            "ORDER BY d.seq LIMIT 1) AS last_error, "
             "(SELECT MIN(o.occurred_at) FROM outcomes o WHERE o.seq = COALESCE("
-            "(SELECT MIN(d.seq) FROM relay_deliveries d WHERE d.endpoint = e.name AND d.state = 'pending'), "
+            "(SELECT MIN(d.seq) FROM relay_deliveries d WHERE d.endpoint = e.name AND d.state = 'pending' "
+            "AND EXISTS (SELECT 1 FROM outcomes g WHERE g.seq = d.seq)), "
             "(SELECT MIN(o2.seq) FROM outcomes o2 WHERE o2.seq > e.seq))) AS oldest "
             "FROM relay_endpoints e ORDER BY e.name"
         )
@@ -169,6 +199,8 @@ class Outcomes:
                 int(r["pending"]),
                 int(r["failed"]),
                 from_iso(r["oldest"]) if r["oldest"] else None,
+                int(r["orphaned"]),
+                r["last_error"],
             )
             for r in rows
         ]
@@ -200,7 +232,7 @@ class Outcomes:
             wanted = [r for r in found if not types or r["type"] in types]
             await conn.executemany(
                 "INSERT OR IGNORE INTO relay_deliveries (endpoint, seq, order_key, next_at) VALUES (?, ?, ?, ?)",
-                [(name, r["seq"], r["order_id"] or r["marketplace_order_id"] or "-", iso(now)) for r in wanted],
+                [(name, r["seq"], order_key(r["order_id"], r["marketplace_order_id"]), iso(now)) for r in wanted],
             )
             await conn.execute("UPDATE relay_endpoints SET seq = ? WHERE name = ?", (found[-1]["seq"], name))
             return len(wanted)
@@ -249,7 +281,8 @@ class Outcomes:
             )
 
     async def retry(self, name: str, now: datetime) -> int:
-        """Enable the endpoint again and make every delivery it gave up on due now."""
+        """Enable the endpoint again and make every delivery it gave up on, or that waits out a
+        backoff, due now. Returns how many it had given up on."""
         async with self._db.tx() as conn:
             await conn.execute(
                 "UPDATE relay_endpoints SET disabled_at = NULL, disabled_reason = NULL WHERE name = ?", (name,)
@@ -257,6 +290,33 @@ class Outcomes:
             cur = await conn.execute(
                 "UPDATE relay_deliveries SET state = 'pending', next_at = ? WHERE endpoint = ? AND state = 'failed'",
                 (iso(now), name),
+            )
+            await conn.execute(
+                "UPDATE relay_deliveries SET next_at = ? WHERE endpoint = ? AND state = 'pending' AND next_at > ?",
+                (iso(now), name, iso(now)),
+            )
+            return cur.rowcount
+
+    async def rekey(self, name: str) -> None:
+        """Key the endpoint's deliveries as `take` does now (an older omsd keyed them by VTEX
+        id first): an order's deliveries taken before an upgrade stay in order with the rest."""
+        async with self._db.tx() as conn:
+            await conn.execute(
+                "UPDATE relay_deliveries SET order_key = (SELECT COALESCE(o.marketplace_order_id, o.order_id, '-') "
+                "FROM outcomes o WHERE o.seq = relay_deliveries.seq) WHERE endpoint = ? "
+                "AND EXISTS (SELECT 1 FROM outcomes o WHERE o.seq = relay_deliveries.seq)",
+                (name,),
+            )
+
+    async def drop_orphans(self, name: str) -> int:
+        """Delete the endpoint's deliveries whose outcome is gone (an older omsd's retention
+        spared only pending ones: a given-up delivery lost its outcome and, once retried,
+        blocked its order and the window for ever). Returns how many went."""
+        async with self._db.tx() as conn:
+            cur = await conn.execute(
+                "DELETE FROM relay_deliveries WHERE endpoint = ? "
+                "AND NOT EXISTS (SELECT 1 FROM outcomes g WHERE g.seq = relay_deliveries.seq)",
+                (name,),
             )
             return cur.rowcount
 

@@ -71,6 +71,18 @@ class OutboxRow:
 
 
 @dataclass(frozen=True, slots=True)
+class ClaimClass:
+    """Pending effects to claim together: of `kind` (any: empty), with a purpose among
+    `purposes` (any: None), at most `most` of them, oldest first, and none once `upto` effects
+    are claimed in all (this class and those before it)."""
+
+    kind: str
+    most: int
+    purposes: tuple[str, ...] | None = None
+    upto: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ParkedIntent:
     """An approval intent that names a marketplace order id no VTEX order is linked to yet."""
 
