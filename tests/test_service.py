@@ -145,8 +145,12 @@ async def test_readiness_and_the_queue_age_alarm(sim: Simulator, run_daemon: Any
     message nears the retention limit, and 200 again once it clears."""
     async with run_daemon(sim, queue_age_alarm_s=0.3) as daemon, aiohttp.ClientSession() as s:
         assert daemon.setup is not None
-        async with s.get(f"{daemon.url}/readyz") as resp:
-            assert resp.status == 200
+
+        async def ready() -> bool:
+            async with s.get(f"{daemon.url}/readyz") as resp:
+                return resp.status == 200
+
+        await until(ready, what="ready once the first feed poll succeeded")
         sim.faults.refuse_commits = 10_000
         sim.visibility_override_s = 60
         sim.queue.visibility_timeout_s = 60
