@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from contextlib import AsyncExitStack
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -29,7 +31,7 @@ from .intake.feed import FeedPoller
 from .intake.reads import FeedReads
 from .ops import lock
 from .ops.health import Health
-from .ops.jobs import Jobs, add_retention
+from .ops.jobs import Jobs, SharedScheduler, add_retention
 from .ops.litestream import SHUTDOWN_SYNC_S
 from .ops.logs import get_logger, redact
 from .ops.metrics import Metrics
@@ -40,7 +42,7 @@ from .ops.supervisor import Loop, Supervisor, first_error
 from .ops.waiting import Watermark
 from .pipeline.effects import EffectRunner
 from .pipeline.linking import ParkedIntents, resync_waiting
-from .pipeline.processor import Processor
+from .pipeline.processor import MAX_BATCH, Processor
 from .pipeline.timers import Timers
 from .relay.relay import Relay
 from .relay.webhooks import endpoints as relay_endpoints
@@ -51,6 +53,11 @@ from .vtex.memory import VtexMemory
 log = get_logger("omsd.app")
 
 STATUS_EVERY_S = 10.0
+# In a fleet, the jobs that only look for work: the parked intents' while none is parked (one is: at
+# OMSD_LINK_INTERVAL_S), hook mode's check while intents wait (at least this: OMSD_WAITING_SELF_CHECK_S).
+HOSTED_JOB_S = 60.0
+HOSTED_PROBE_OK_S = 600.0  # in a fleet, the write probe while writes work (a real write failing tells sooner)
+HOSTED_MAX_BATCH = 256  # in a fleet a batch is one turn across the accounts (ops/turns.py): keep it short
 ORPHAN_WAIT_S = SHUTDOWN_SYNC_S + 5.0  # how long a start waits for a dead omsd's Litestream to finish
 UNCLEAN_READS = "the last omsd stopped while reading the feed: a release may wait out the visibility timeout"
 
@@ -63,18 +70,45 @@ class DaemonFailed(Exception):
         self.error = error
 
 
+@dataclass
+class Host:
+    """What a fleet (daemon/fleet) lends each account it runs, in place of the account's own:
+    the HTTP client session, the scheduler (jobs staggered by `stagger`), the HTTP server
+    (`serve(account, context)` attaches the account's routes, `serve(account, None)` detaches
+    them), the journal watcher (`watch(db, wake)` calls `wake` when the database changes, e.g.
+    `omsd approve` wrote to it; it returns the call that stops watching), the turns across
+    accounts for applying batches, the metrics every account shares, and a smaller SQLite page
+    cache and statement cache (a thousand accounts hold a thousand connections). A hosted account sends
+    nothing to systemd and runs no watchdog: the fleet does, once."""
+
+    session: aiohttp.ClientSession
+    scheduler: SharedScheduler
+    serve: Callable[[str, ApiContext | None], None]
+    watch: Callable[[Path, Callable[[], None]], Callable[[], None]]
+    turn: Callable[[str], AbstractAsyncContextManager[object]]
+    metrics: Metrics  # the fleet's families (daemon/fleet/metrics.py): the account adds its own
+    stagger: float = 0.0  # 0..1: where in each interval this account's jobs run
+    # The journal watcher wakes the processor, which wakes the effect runner: their own polls are
+    # only a safety net, and their beats for the fleet's check of stuck accounts.
+    poll_s: float = 300.0
+    cache_kib: int | None = None
+    statements: int | None = None  # prepared statements its connection keeps
+
+
 class Daemon:
     """One running omsd. `run(stop)` returns when `stop` is set and work is drained,
-    or raises DaemonFailed on a fatal error. Its parts are attributes once `run` built them."""
+    or raises DaemonFailed on a fatal error. Its parts are attributes once `run` built them.
+    With a `host` it is one account of a fleet (see `Host`)."""
 
-    def __init__(self, settings: Settings, notifier: Notifier | None = None) -> None:
+    def __init__(self, settings: Settings, notifier: Notifier | None = None, *, host: Host | None = None) -> None:
         self.settings = settings
+        self.host = host
         self.ready = asyncio.Event()
-        self.metrics = Metrics()
+        self.metrics = Metrics(aggregate=host.metrics if host else None)
         self.health = Health(settings, self.metrics)
-        self.notifier = notifier or Notifier()
+        self.notifier = notifier or (Notifier("", 0) if host else Notifier())
         self.progress = Progress()
-        self.http = HttpServer(settings, self.health)
+        self.http = HttpServer(settings)
         self.replica = Replica(settings, self.health, self.metrics)
         self.store: Store | None = None
         self.processor: Processor | None = None
@@ -99,13 +133,15 @@ class Daemon:
             await self._run(stop)
         except Exception as exc:
             # A loop or a call raised (VTEX refused the credentials, the database is
-            # unusable, a bug): resources are closed by now. One line says why.
+            # unusable, a bug): resources are closed by now. One line says why (in a fleet
+            # the fleet says it, with when it tries again).
             error = first_error(exc)
-            log.critical("omsd_fatal", error_type=type(error).__name__, error=str(error))
+            if self.host is None:
+                log.critical("omsd_fatal", error_type=type(error).__name__, error=str(error))
             raise DaemonFailed(error) from exc
 
     async def _run(self, stop: asyncio.Event) -> None:
-        s, notify, health, metrics = self.settings, self.notifier, self.health, self.metrics
+        s, notify, health, metrics, host = self.settings, self.notifier, self.health, self.metrics, self.host
         async with AsyncExitStack() as stack:
             stack.callback(notify.stopping)
             notify.status("opening the database")
@@ -122,15 +158,20 @@ class Daemon:
                 await replica.start(lock_fd)
             # On a database that refuses writes (a full disk, a read-only file system) omsd
             # starts read-only: it serves, is not ready, and the probe takes up writing.
-            store = self.store = await Store.open_or_read(s.db)
+            kept = {"statements": host.statements} if host is not None and host.statements else {}
+            store = self.store = await Store.open_or_read(s.db, **kept)
             stack.push_async_callback(store.close)
+            if host is not None and host.cache_kib is not None:
+                await store.db.limit_cache(host.cache_kib)
             store.db.on_unwritable, store.db.on_writable = health.store_unwritable, health.store_writable
             if store.db.read_only is not None:
                 health.store_unwritable(store.db.read_only)
-            probe = StoreProbe(store.db, metrics, every_s=s.store_probe_s)
+            probe = StoreProbe(
+                store.db, metrics, every_s=s.store_probe_s, ok_every_s=HOSTED_PROBE_OK_S if host else None
+            )
             await probe.probe()
             on_replica = await replica.first_sync() if replica.enabled else False
-            session = await stack.enter_async_context(aiohttp.ClientSession())
+            session = host.session if host else await stack.enter_async_context(aiohttp.ClientSession())
             client = VtexClient(s, session, metrics=metrics)
 
             runner = self.runner = EffectRunner(
@@ -155,6 +196,7 @@ class Daemon:
                 on_timer=timers.set_at,
                 on_outcomes=committed.advance,
                 metrics=metrics,
+                max_batch_size=HOSTED_MAX_BATCH if host else MAX_BATCH,
             )
             processor.listeners.append(self._count_transition)
             processor.on_stuck = health.orders_stuck
@@ -204,9 +246,19 @@ class Daemon:
                 outcome_mark=mark,
                 durable=replica.synced,
             )
-            await self.http.start(stack, context)
+            if host is None:
+                await self.http.start(stack, context)
+            else:
+                host.serve(s.account, context)
+                stack.callback(host.serve, s.account, None)
+                stack.callback(host.watch(s.db, processor.wake.set))
+                processor.turn = functools.partial(host.turn, s.account)
             endpoints = relay_endpoints(
-                relay_url=s.relay_url, relay_vtex_url=s.relay_vtex_url, secret=s.relay_secret, account=s.account
+                relay_url=s.relay_url,
+                relay_vtex_url=s.relay_vtex_url,
+                secret=s.relay_secret,
+                account=s.account,
+                scoped=host is not None,
             )
             relay = self.relay = Relay(
                 store,
@@ -224,7 +276,8 @@ class Daemon:
             jobs.start()
             stack.callback(jobs.shutdown)
 
-            log.info("omsd_ready", listen=self.url, db=str(s.db), account=s.account, vtex=s.base_url, source=s.source)
+            ready = log.debug if host else log.info  # a fleet says it once for all its accounts
+            ready("omsd_ready", listen=self.url, db=str(s.db), account=s.account, vtex=s.base_url, source=s.source)
             notify.ready(f"ready: {s.source} source, listening on {self.url}")
             self.ready.set()
             processor.progress = self.progress.beat("processor")
@@ -233,8 +286,17 @@ class Daemon:
                 stop,
                 intake=[Loop("feed-poller", read_feed)] if s.uses_feed else [],
                 work=[
-                    Loop("processor", processor.run, beat=processor.progress),
-                    Loop("effect-runner", runner.run, beat=runner.progress, restart=runner.recover),
+                    Loop(
+                        "processor",
+                        functools.partial(processor.run, poll_s=host.poll_s) if host else processor.run,
+                        beat=processor.progress,
+                    ),
+                    Loop(
+                        "effect-runner",
+                        functools.partial(runner.run, poll_s=host.poll_s) if host else runner.run,
+                        beat=runner.progress,
+                        restart=runner.recover,
+                    ),
                     *([Loop("relay", relay.run)] if endpoints else []),
                     *(
                         [Loop("outcomes", functools.partial(publish, committed, mark, replica.durable))]
@@ -243,7 +305,7 @@ class Daemon:
                     ),
                 ],
                 side=[
-                    Loop("watchdog", functools.partial(watchdog_loop, notify, self.progress)),
+                    *([] if host else [Loop("watchdog", functools.partial(watchdog_loop, notify, self.progress))]),
                     Loop("store-probe", functools.partial(probe.run, writable=health.store_ok)),
                     Loop("timer-alarm", timers.run),
                     Loop("vtex-memory", memory.run),
@@ -252,11 +314,16 @@ class Daemon:
                 ],
                 on_stopping=notify.stopping,
             )
-            log.info("omsd_stopped", offset=processor.offset)
+            (log.debug if host else log.info)("omsd_stopped", offset=processor.offset)
 
     def _jobs(self, store: Store, processor: Processor, setup: VtexSetup) -> Jobs:
-        s = self.settings
-        jobs = Jobs(self.health, self.metrics, self.progress)
+        s, host = self.settings, self.host
+        if host is None:
+            jobs = Jobs(self.health, self.metrics, self.progress)
+        else:
+            jobs = Jobs(
+                self.health, self.metrics, self.progress, shared=host.scheduler, prefix=s.account, stagger=host.stagger
+            )
         summary = Summary()
 
         async def report_status() -> None:
@@ -269,13 +336,27 @@ class Daemon:
             jobs.add(
                 "waiting_self_check",
                 functools.partial(setup.check_if_waiting, store.read.intents_waiting),
-                s.waiting_self_check_s,
+                max(s.waiting_self_check_s, HOSTED_JOB_S) if host else s.waiting_self_check_s,
             )
         parked = ParkedIntents(
             store, self.metrics, processor.wake.set, ttl_s=s.parked_intent_ttl_s, lookups_per_run=s.link_lookups_per_run
         )
-        jobs.add("parked_intents", parked.run_once, s.link_interval_s, misfire_grace_s=s.link_interval_s * 5)
-        jobs.add("status", report_status, STATUS_EVERY_S)
+        if host is None:
+            jobs.add("parked_intents", parked.run_once, s.link_interval_s, misfire_grace_s=s.link_interval_s * 5)
+        else:
+            # A thousand accounts' jobs every 2 s would be most of an idle fleet's work: the job runs
+            # at the link interval only while intents are parked (the processor says when one is).
+
+            async def parked_run() -> None:
+                await parked.run_once()
+                if await store.read.parked_count():
+                    jobs.soon("parked_intents", s.link_interval_s)
+
+            every = max(s.link_interval_s, HOSTED_JOB_S)
+            jobs.add("parked_intents", parked_run, every, misfire_grace_s=every)
+            processor.on_parked = functools.partial(jobs.soon, "parked_intents")
+        if host is None:  # a fleet reports one status line for all its accounts
+            jobs.add("status", report_status, STATUS_EVERY_S)
         # While Litestream runs, only it may checkpoint past its read lock (a TRUNCATE would stall
         # every writer for the busy timeout and force a full snapshot upload).
         add_retention(jobs, store, s.retention_days, truncate=not self.replica.enabled)

@@ -53,6 +53,7 @@ class Simulator:
         self.order_book.listeners += [self.feed.on_change, self.hook.on_change]
         self._runner: web.AppRunner | None = None
         self.base_url = ""
+        self.prefix = ""  # the path this account is served under in a `SimFleet` (sim/fleet.py)
 
     # ---- what callers read and switch -------------------------------------------------
     @property
@@ -207,7 +208,7 @@ class Simulator:
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not request.path.startswith("/api/"):
+        if not request.path.startswith(f"{self.prefix}/api/"):
             return await handler(request)
         faulty = await self.injector.apply(request, handler)
         if faulty is not None:
@@ -336,3 +337,19 @@ async def serve(host: str, port: int, **kwargs: Any) -> None:
         await asyncio.Event().wait()
     finally:
         await sim.stop()
+
+
+async def serve_fleet(host: str, port: int, accounts: list[str], **kwargs: Any) -> None:
+    """`omsd sim --accounts a,b`: many accounts (sim/fleet.py), each's credentials printed."""
+    from .fleet import SimFleet
+
+    fleet = SimFleet(accounts, **kwargs)
+    await fleet.start(host, port)
+    print("simulated VTEX is listening; each account accepts:", flush=True)
+    for sim in fleet:
+        for name, value in sim.credentials():
+            print(f"  {sim.account:<12} {name:<24} {value}", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await fleet.stop()

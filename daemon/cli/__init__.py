@@ -19,10 +19,11 @@ from datetime import UTC, datetime
 
 from omsd.state.store import StoreError
 
+from ..config.accounts import account_environment, accounts_dir
 from ..config.instance import instance_environment
 from ..config.settings import ConfigError, warn_unknown_variables
 from ..ops.metrics import omsd_version
-from . import looking, outcomes, records, repair, run, transfer, vtex
+from . import accounts, looking, outcomes, records, repair, run, transfer, vtex
 from .common import EXIT_CONFIG, EXIT_FAIL, EXIT_OK, Handler
 
 DESCRIPTION = """\
@@ -32,7 +33,11 @@ event in SQLite before acknowledging it, runs a state machine per order, and
 sends the Channel Order API approval only after Get order confirms the order is
 neither held nor canceled.
 
-Configuration comes from OMSD_* environment variables (see README.md).
+Configuration comes from OMSD_* environment variables (see README.md). Without
+OMSD_ACCOUNT and with an accounts directory (OMSD_ACCOUNTS_DIR, default
+/etc/omsd/accounts.d: one NAME.env per seller account) `omsd run` serves every
+account in one process, `omsd accounts` lists them, and the other commands take
+`--account NAME`.
 The offline commands (init, approve, orders, show, journal, intents, dead, stuck,
 replay, ingest, export, retry, status, prune) need only OMSD_DB; `restore` needs
 OMSD_REPLICA too. Only `run`, `init` and `restore` create a database. `replay`,
@@ -62,8 +67,14 @@ def parser() -> argparse.ArgumentParser:
         help="the same for the single-account unit omsd.service: /etc/omsd/omsd.env, /etc/omsd/credentials/, "
         "/var/lib/omsd/omsd.db",
     )
+    p.add_argument(
+        "--account",
+        metavar="NAME",
+        help="with an accounts directory (OMSD_ACCOUNTS_DIR: a fleet), the account the command is for: its "
+        "NAME.env and its database; required when the directory holds several (omsd accounts lists them)",
+    )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for group in (run, records, looking, outcomes, repair, transfer, vtex):
+    for group in (run, records, looking, outcomes, repair, transfer, vtex, accounts):
         group.add(sub)
     return p
 
@@ -78,6 +89,7 @@ def main(argv: list[str] | None = None, *, clock: Callable[[], datetime] | None 
             environment = instance_environment(args.instance, os.environ)
             os.environ.clear()
             os.environ.update(environment)
+        _for_account(args)
         warn_unknown_variables()
         return handler(args)
     except ConfigError as exc:
@@ -90,6 +102,27 @@ def main(argv: list[str] | None = None, *, clock: Callable[[], datetime] | None 
         return EXIT_FAIL
     except BrokenPipeError:
         return _reader_gone()
+
+
+FLEET_COMMANDS = frozenset({"run", "accounts", "demo", "sim", "healthcheck"})  # the process's, not an account's
+
+
+def _for_account(args: argparse.Namespace) -> None:
+    """With an accounts directory, a command that opens a database works on one account's
+    (`--account NAME`, or the only one): its settings become the environment it reads."""
+    directory = accounts_dir(os.environ)
+    if directory is None:
+        single = os.environ.get("OMSD_ACCOUNT")
+        if args.account is not None and args.account != single:
+            raise ConfigError(f"--account {args.account}: omsd serves one account here (OMSD_ACCOUNT={single})")
+        return
+    if args.command in FLEET_COMMANDS:
+        if args.account is not None:
+            raise ConfigError(f"--account: `omsd {args.command}` is for every account of {directory}")
+        return
+    environment = account_environment(args.account, os.environ)
+    os.environ.clear()
+    os.environ.update(environment)
 
 
 def _utcnow() -> datetime:

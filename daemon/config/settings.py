@@ -525,7 +525,7 @@ def load_policy() -> Policy:
 
 # OMSD_* variables read outside Settings: where `omsd --instance` finds an instance's files,
 # and scripts/container's switch (exported on a workstation, it reaches every omsd command).
-OTHER_VARIABLES = frozenset({"OMSD_ETC", "OMSD_STATE_ROOT", "OMSD_SKIP_CONTAINER"})
+OTHER_VARIABLES = frozenset({"OMSD_ETC", "OMSD_STATE_ROOT", "OMSD_SKIP_CONTAINER", "OMSD_ACCOUNTS_DIR"})
 
 
 def known_variables() -> frozenset[str]:

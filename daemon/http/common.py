@@ -20,7 +20,7 @@ from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, SecretStr, ValidationError
 
 from omsd.state.models import Order
 from omsd.state.statuses import STUCK
@@ -154,9 +154,24 @@ class ApiContext:
     # Returns once what was journaled before the call is as safe as acknowledging promises: at once
     # (local durability), or once on the replica (`Replica.synced`; ReplicaUnavailable: a 503)
     durable: Callable[[], Awaitable[None]] = _local
+    # In a fleet: the operator's token (the main environment's OMSD_API_TOKEN), which opens every
+    # account's /v1 routes besides the account's own token (`settings.api_token`, from NAME.env).
+    operator_token: SecretStr | None = None
 
 
 ctx_key = web.AppKey("ctx", ApiContext)
+
+
+class Resolver(Protocol):
+    """In a fleet's app (http/fleet.py): the running account a request is for, or None."""
+
+    def __call__(self, request: web.Request) -> ApiContext | None: ...
+
+
+resolver_key = web.AppKey("resolver", Resolver)
+
+
+REQUEST_CTX = web.RequestKey("account_ctx", ApiContext)
 
 
 AUTHENTICATED = web.RequestKey("authenticated", bool)
@@ -221,7 +236,27 @@ def error(status: int, reason: str) -> web.Response:
 
 
 def ctx_of(request: web.Request) -> ApiContext:
-    return request.app[ctx_key]
+    """The account this request is for: the one account's, or in a fleet the one its path names
+    (the fleet's dispatch answered already when there is none)."""
+    ctx = context_of(request)
+    if ctx is None:
+        raise web.HTTPNotFound()
+    return ctx
+
+
+def context_of(request: web.Request) -> ApiContext | None:
+    """`ctx_of`, or None for a fleet's request that names no running account."""
+    found: ApiContext | None = request.get(REQUEST_CTX)
+    if found is not None:
+        return found
+    single = request.app.get(ctx_key)
+    if single is not None:
+        return single
+    resolve = request.app.get(resolver_key)
+    ctx: ApiContext | None = resolve(request) if resolve is not None else None
+    if ctx is not None:
+        request[REQUEST_CTX] = ctx
+    return ctx
 
 
 @web.middleware
@@ -321,16 +356,22 @@ async def validated(request: web.Request, model: type[_Model], raw: Any, source:
 
 def authorized(request: web.Request, *, write: bool) -> web.Response | None:
     """None when the request may go on, else the 401/403 answer."""
-    token = ctx_of(request).settings.api_token
-    if token is None:
+    ctx = ctx_of(request)
+    tokens = [t for t in (ctx.settings.api_token, ctx.operator_token) if t is not None]
+    if not tokens:
         if write:
             return error(403, "OMSD_API_TOKEN is not set: /v1 writes are refused")
         return None
-    header = request.headers.get("Authorization", "")
-    scheme, _, given = header.partition(" ")
-    expected = token.get_secret_value()
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected.encode()):
-        ctx_of(request).attack_logs.api_unauthorized.hit(path=request.path[:64], remote=request.remote)
+    if not bearer_matches(request, tokens):
+        ctx.attack_logs.api_unauthorized.hit(path=request.path[:64], remote=request.remote)
         return error(401, "missing or wrong bearer token")
     request[AUTHENTICATED] = True
     return None
+
+
+def bearer_matches(request: web.Request, tokens: list[SecretStr]) -> bool:
+    """The request's bearer token is one of `tokens`; every one is compared, in constant time."""
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    presented = given.strip().encode()
+    matches = [hmac.compare_digest(presented, token.get_secret_value().encode()) for token in tokens]
+    return scheme.lower() == "bearer" and any(matches)

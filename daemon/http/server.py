@@ -13,29 +13,52 @@ import math
 import os
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
+from typing import Protocol
 
 from aiohttp import web
 
 from omsd.state.store import StoreUnwritable
 
-from ..config.settings import ConfigError, Settings
-from ..ops.health import Health
+from ..config.settings import ConfigError
 from ..ops.replica import ReplicaUnavailable
-from .common import ApiContext
+from .common import ApiContext, context_of
 from .guard import ConnectionGuard, install_accept_error_handler
 from .routes import build_app
 from .vtex import from_vtex
 
 
+class ServerSettings(Protocol):
+    """What the server reads of the settings (an account's `Settings`, a fleet's `FleetSettings`)."""
+
+    @property
+    def listen(self) -> str: ...
+    @property
+    def listen_host(self) -> str: ...
+    @property
+    def listen_port(self) -> int: ...
+    @property
+    def http_read_timeout_s(self) -> float: ...
+    @property
+    def http_keepalive_s(self) -> float: ...
+    @property
+    def http_max_connections(self) -> int: ...
+    @property
+    def http_max_connections_per_client(self) -> int: ...
+    @property
+    def store_probe_s(self) -> float: ...
+
+
 class HttpServer:
-    def __init__(self, settings: Settings, health: Health) -> None:
+    def __init__(self, settings: ServerSettings) -> None:
         self._settings = settings
-        self._health = health
         self.guard: ConnectionGuard | None = None
         self.url = ""
 
-    async def start(self, stack: AsyncExitStack, ctx: ApiContext) -> str:
-        """Listen on OMSD_LISTEN until `stack` closes; returns the server's URL."""
+    async def start(
+        self, stack: AsyncExitStack, ctx: ApiContext | None = None, *, app: web.Application | None = None
+    ) -> str:
+        """Listen on OMSD_LISTEN until `stack` closes, serving one account's routes (`ctx`) or a
+        fleet's (`app`, http/fleet.py); returns the server's URL."""
         s = self._settings
         loop = asyncio.get_running_loop()
         previous = loop.get_exception_handler()
@@ -47,7 +70,9 @@ class HttpServer:
             max_per_client=s.http_max_connections_per_client,
             reserved_for=from_vtex,
         )
-        app = build_app(ctx)
+        if app is None:
+            assert ctx is not None
+            app = build_app(ctx)
         app.middlewares.append(guard.middleware)
         app.middlewares.append(self._store_state)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0, keepalive_timeout=s.http_keepalive_s)
@@ -72,8 +97,11 @@ class HttpServer:
     ) -> web.StreamResponse:
         """While the database refuses writes, or (replicated durability) the replica is
         behind: 503 with Retry-After for every POST (they all journal), and /healthz says
-        why. A write refused, or a sync to the replica failed, meanwhile: 503 too."""
-        problem = self._health.intake_problem
+        why. A write refused, or a sync to the replica failed, meanwhile: 503 too. In a fleet:
+        the account the request is for."""
+        ctx = context_of(request)
+        health = ctx.health if ctx is not None else None
+        problem = health.intake_problem if health is not None else None
         if problem is not None and request.method == "POST":
             return self._unavailable(problem)
         try:
@@ -84,8 +112,8 @@ class HttpServer:
             return self._unavailable(f"replica not current: {exc.reason}")
         if problem is not None and request.path == "/healthz" and response.status == 200:
             body: dict[str, str] = {"status": "ok", "intake": "paused", "reason": problem}
-            if self._health.store_problem is not None:
-                body["database"] = self._health.store_problem
+            if health is not None and health.store_problem is not None:
+                body["database"] = health.store_problem
             return web.json_response(body)
         return response
 

@@ -16,6 +16,7 @@ from .common import (
     AUTHENTICATED,
     PING_MAX,
     Unreadable,
+    context_of,
     ctx_of,
     error,
     keep_rejected,
@@ -47,9 +48,10 @@ def _hook_authorized(request: web.Request) -> bool:
 def from_vtex(request: web.Request) -> bool:
     """The request proves VTEX's credential before its body is read: the hook's secret header,
     or the notification route's secret path (for the connection guard's reserved slots)."""
-    settings = ctx_of(request).settings
-    if request.method != "POST":
+    ctx = context_of(request)
+    if request.method != "POST" or ctx is None:
         return False
+    settings = ctx.settings
     if settings.hook_secret is not None:
         given = request.headers.get(settings.hook_header, "").encode("utf-8", "replace")
         if hmac.compare_digest(given, settings.hook_secret.get_secret_value().encode()):

@@ -13,7 +13,7 @@ counted: the `database_unwritable` alarm already says so.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from apscheduler.events import (
     EVENT_JOB_ERROR,
@@ -35,6 +35,7 @@ from .notify import Progress
 log = get_logger("omsd.jobs")
 
 FAILURES_BEFORE_ALARM = 3
+EVENTS = EVENT_JOB_EXECUTED | EVENT_JOB_ERROR | EVENT_JOB_MISSED | EVENT_JOB_MAX_INSTANCES
 
 
 def alarm_name(job_id: str) -> str:
@@ -42,7 +43,11 @@ def alarm_name(job_id: str) -> str:
 
 
 class Jobs:
-    """The scheduler, its jobs, and what their runs say about health."""
+    """The scheduler, its jobs, and what their runs say about health.
+
+    In a fleet the accounts share one scheduler (`scheduler`): each account's jobs are named
+    `PREFIX:job` there, and each account's first run comes `stagger` (0..1) of an interval
+    after the start, so that a thousand accounts' jobs do not all fire in the same second."""
 
     def __init__(
         self,
@@ -51,17 +56,24 @@ class Jobs:
         progress: Progress,
         *,
         failures_before_alarm: int = FAILURES_BEFORE_ALARM,
+        shared: SharedScheduler | None = None,
+        prefix: str = "",
+        stagger: float = 0.0,
     ) -> None:
-        self.scheduler = AsyncIOScheduler(timezone=UTC)
+        self.scheduler = shared.scheduler if shared else AsyncIOScheduler(timezone=UTC)
+        self._shared = shared
+        self._prefix = f"{prefix}:" if shared else ""
+        self._stagger = stagger
         self._health = health
         self._metrics = metrics
         self._progress = progress
         self._threshold = failures_before_alarm
         self._beats: dict[str, Callable[[], None]] = {}
         self.failures: dict[str, int] = {}  # failed runs in a row, by job
-        self.scheduler.add_listener(
-            self._on_event, EVENT_JOB_EXECUTED | EVENT_JOB_ERROR | EVENT_JOB_MISSED | EVENT_JOB_MAX_INSTANCES
-        )
+        if shared is not None:
+            shared.listen(prefix, self._on_event)
+        else:
+            self.scheduler.add_listener(self._on_event, EVENTS)
 
     def add(
         self, job_id: str, func: Callable[[], Awaitable[object]], every_s: float, misfire_grace_s: float | None = None
@@ -70,25 +82,45 @@ class Jobs:
         self._beats[job_id] = self._progress.beat(f"job:{job_id}", period_s=every_s)
         self.failures[job_id] = 0
         self._metrics.alarm.labels(name=alarm_name(job_id)).set(0)
+        first = {"start_date": datetime.now(UTC) + timedelta(seconds=every_s * self._stagger)} if self._stagger else {}
         self.scheduler.add_job(
             func,
             "interval",
             seconds=every_s,
-            id=job_id,
+            id=self._prefix + job_id,
             coalesce=True,
             max_instances=1,
             misfire_grace_time=max(1, int(misfire_grace_s if misfire_grace_s is not None else every_s)),
+            **first,
         )
 
+    def soon(self, job_id: str, in_s: float = 0.0) -> None:
+        """Run `job_id` in `in_s` seconds rather than at its next interval (sooner only)."""
+        job = self.scheduler.get_job(self._prefix + job_id)
+        if job is None:
+            return
+        when = datetime.now(UTC) + timedelta(seconds=in_s)
+        if job.next_run_time is None or job.next_run_time > when:
+            job.modify(next_run_time=when)
+
     def start(self) -> None:
-        self.scheduler.start()
+        if self._shared is None:
+            self.scheduler.start()
 
     def shutdown(self) -> None:
-        if self.scheduler.running:
+        if self._shared is not None:  # the fleet's scheduler goes on: take this account's jobs out of it
+            self._shared.forget(self._prefix[:-1])
+            for job_id in self.failures:
+                job = self.scheduler.get_job(self._prefix + job_id)
+                if job is not None:
+                    job.remove()
+        elif self.scheduler.running:
             self.scheduler.shutdown(wait=False)
 
     def _on_event(self, event: JobEvent) -> None:
-        job = event.job_id
+        job = event.job_id[len(self._prefix) :]
+        if job not in self.failures:
+            return
         if event.code == EVENT_JOB_MISSED:
             log.warning("scheduled_job_missed", job=job)
         elif event.code == EVENT_JOB_MAX_INSTANCES:
@@ -115,6 +147,35 @@ class Jobs:
         if self.failures[job]:
             self.failures[job] = 0
             self._health.clear_alarm(alarm_name(job))
+
+
+class SharedScheduler:
+    """One scheduler for a fleet's accounts, and one listener that hands each job's events to
+    its account's `Jobs` (jobs are named `ACCOUNT:job`): not a listener per account, each
+    called for every account's every run."""
+
+    def __init__(self) -> None:
+        self.scheduler = AsyncIOScheduler(timezone=UTC)
+        self._listeners: dict[str, Callable[[JobEvent], None]] = {}
+        self.scheduler.add_listener(self._on_event, EVENTS)
+
+    def listen(self, prefix: str, listener: Callable[[JobEvent], None]) -> None:
+        self._listeners[prefix] = listener
+
+    def forget(self, prefix: str) -> None:
+        self._listeners.pop(prefix, None)
+
+    def start(self) -> None:
+        self.scheduler.start()
+
+    def shutdown(self) -> None:
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
+
+    def _on_event(self, event: JobEvent) -> None:
+        listener = self._listeners.get(event.job_id.partition(":")[0])
+        if listener is not None:
+            listener(event)
 
 
 def add_retention(

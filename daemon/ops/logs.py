@@ -32,23 +32,44 @@ _SECRETS: set[str] = set()
 _MASK = "***"
 
 
+_PREFIX = 8  # secrets this long or longer are found by their first characters (see _scrub)
+_BY_PREFIX: dict[str, list[str]] = {}
+_SHORT: set[str] = set()
+
+
 def redact(*values: str | None) -> None:
     """Never let these strings reach a log line."""
     for value in values:
-        if value and len(value) >= 4:
+        if value and len(value) >= 4 and value not in _SECRETS:
             _SECRETS.add(value)
+            if len(value) >= _PREFIX:
+                _BY_PREFIX.setdefault(value[:_PREFIX], []).append(value)
+            else:
+                _SHORT.add(value)
 
 
 def _scrub(value: Any) -> Any:
     if isinstance(value, str):
-        for secret in _SECRETS:
-            if secret in value:
-                value = value.replace(secret, _MASK)
-        return value
+        return _scrub_text(value)
     if isinstance(value, dict):
         return {k: _scrub(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return type(value)(_scrub(v) for v in value)
+    return value
+
+
+def _scrub_text(value: str) -> str:
+    """Every registered secret in `value` masked. A fleet registers thousands (each account's
+    credentials): the long ones are looked up by the text's substrings of their prefix length,
+    so the cost grows with the text, not with the number of secrets."""
+    found = [s for s in _SHORT if s in value]
+    if len(value) >= _PREFIX and _BY_PREFIX:
+        for i in range(len(value) - _PREFIX + 1):
+            candidates = _BY_PREFIX.get(value[i : i + _PREFIX])
+            if candidates:
+                found.extend(s for s in candidates if value.startswith(s, i))
+    for secret in sorted(set(found), key=len, reverse=True):
+        value = value.replace(secret, _MASK)
     return value
 
 

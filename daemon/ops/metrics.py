@@ -18,6 +18,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics import MetricWrapperBase
 
 from omsd.state.outcomes import TYPES as OUTCOME_TYPES
 from omsd.state.statuses import STUCK, TERMINAL_PHASES, Phase
@@ -38,6 +39,36 @@ INTENT_BUCKETS = (1.0, 10.0, 60.0, 300.0, 3600.0, 6 * 3600.0, 86400.0, 3 * 86400
 HELD_REFUSAL = "EOI011"  # VTEX refused an approval because the order is held: must never happen
 PHASES = (*(p.value for p in Phase), STUCK)  # the `phase` label: the machine's, and stuck orders
 MAX_TRACKED = 100_000  # orders between release and PUT this process remembers
+# In a fleet (daemon/fleet/metrics.py): the families each account exports with an `account` label.
+# Every other family is the fleet's, one for all its accounts (`Metrics(aggregate=...)`).
+PER_ACCOUNT = frozenset(
+    {
+        "omsd_orders",
+        "omsd_alarm",
+        "omsd_ready",
+        "omsd_journal_oldest_unapplied_age_seconds",
+        "omsd_journal_offset",
+        "omsd_processor_offset",
+        "omsd_parked_intents",
+        "omsd_database_bytes",
+        "omsd_approvals_sent",
+        "omsd_approvals_confirmed",
+        "omsd_approvals_refused",
+        "omsd_dead_letters",
+        "omsd_events_in",
+        "omsd_feed_queue_messages",
+        "omsd_feed_oldest_message_age_seconds",
+        "omsd_vtex_rate_limit_effective_per_second",
+        "omsd_vtex_rate_limited",
+        "omsd_vtex_requests",
+        "omsd_relay_oldest_undelivered_seconds",
+        "omsd_relay_endpoint_disabled",
+        "omsd_replica_up",
+        "omsd_replica_lag_seconds",
+        "omsd_replica_lag_bytes",
+        "omsd_replica_last_sync_timestamp_seconds",
+    }
+)
 
 
 def omsd_version() -> str:
@@ -48,7 +79,10 @@ def omsd_version() -> str:
 
 
 class Metrics:
-    def __init__(self, monotonic: Callable[[], float] = time.monotonic) -> None:
+    """omsd's metrics. With `aggregate` (an account of a fleet) only the PER_ACCOUNT families are
+    this account's own; the others are `aggregate`'s, shared by every account of the fleet."""
+
+    def __init__(self, monotonic: Callable[[], float] = time.monotonic, *, aggregate: Metrics | None = None) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self._monotonic = monotonic
         self._released: dict[str, float] = {}  # order id -> when it left waiting_release
@@ -111,6 +145,8 @@ class Metrics:
             registry=r,
         )
         self._rest(r)
+        if aggregate is not None:
+            self._share(aggregate)
 
     def _rest(self, r: CollectorRegistry) -> None:
         self.rate_limited = Counter("omsd_vtex_rate_limited", "429 answers from VTEX", registry=r)
@@ -197,6 +233,19 @@ class Metrics:
             self.outcomes.labels(type=kind)
         # Exported at 0 from the start, so that increase() sees the first one (an alert).
         self.approvals_refused.labels(code=HELD_REFUSAL)
+
+    def _share(self, aggregate: Metrics) -> None:
+        for attribute, metric in list(vars(self).items()):
+            if isinstance(metric, MetricWrapperBase) and metric._name not in PER_ACCOUNT:
+                self.registry.unregister(metric)
+                setattr(self, attribute, getattr(aggregate, attribute))
+
+    def without_per_account(self) -> Metrics:
+        """The fleet's aggregate: its PER_ACCOUNT families are the accounts' (they export them)."""
+        for metric in list(vars(self).values()):
+            if isinstance(metric, MetricWrapperBase) and metric._name in PER_ACCOUNT:
+                self.registry.unregister(metric)
+        return self
 
     def _replica(self, r: CollectorRegistry) -> None:
         """OMSD_REPLICA: Litestream's replication, as omsd sees it (docs/operations.md, "Replication")."""

@@ -30,11 +30,13 @@ class StoreProbe:
         *,
         every_s: float,
         min_gap_s: float = 1.0,
+        ok_every_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._db = db
         self._metrics = metrics
         self._every_s = every_s
+        self._ok_every_s = ok_every_s if ok_every_s is not None else every_s * PROBE_OK_EVERY
         self._min_gap_s = min_gap_s
         self._clock = clock
         self._lock = asyncio.Lock()
@@ -59,8 +61,9 @@ class StoreProbe:
         return await self.probe()
 
     async def run(self, stop: asyncio.Event, writable: asyncio.Event) -> None:
-        """Probe every `every_s` while `writable` is clear, every PROBE_OK_EVERY × that while set."""
+        """Probe every `every_s` while `writable` is clear, every `ok_every_s` (PROBE_OK_EVERY ×
+        `every_s`) while set."""
         while not stop.is_set():
-            await wait_any(stop, within_s=self._every_s if not writable.is_set() else self._every_s * PROBE_OK_EVERY)
+            await wait_any(stop, within_s=self._every_s if not writable.is_set() else self._ok_every_s)
             if not stop.is_set():
                 await self.probe()

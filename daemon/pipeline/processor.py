@@ -11,7 +11,9 @@ pure the outcome is the same. What the batch decided is logged after the commit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Collection
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 
 from omsd.state.apply import apply, needs, read
@@ -27,6 +29,8 @@ from ..ops.waiting import wait_any
 from . import stuck
 
 log = get_logger("omsd.processor")
+
+MAX_BATCH = 2000  # the largest batch the processor reads; each full one doubles the next up to it
 
 # What an operator reads at info of an order's life is its intent, its approval (the effect
 # runner's `approval_answered`) and its outcome; the other notes of the pure core go to debug.
@@ -56,7 +60,7 @@ class Processor:
         policy: Policy,
         *,
         batch_size: int = 200,
-        max_batch_size: int = 2000,
+        max_batch_size: int = MAX_BATCH,
         on_effects: Callable[[], None] | None = None,
         on_timer: Callable[[datetime], None] | None = None,
         on_outcomes: Callable[[int], None] | None = None,
@@ -78,7 +82,10 @@ class Processor:
         self.offset = 0
         self.listeners: list[Callable[[Transition], None]] = []
         self.progress: Callable[[], None] = lambda: None  # called on every turn of `run`
+        # In a fleet, a turn across the accounts (ops/turns.py) for each batch `run` applies.
+        self.turn: Callable[[], AbstractAsyncContextManager[object]] = contextlib.nullcontext
         self.on_stuck: Callable[[int], None] = lambda n: None  # told how many orders are stuck
+        self.on_parked: Callable[[], None] = lambda: None  # told when a batch parked an intent
 
     async def run_once(self) -> int:
         """Apply the next batch of journal events. Returns how many rows were consumed."""
@@ -151,6 +158,8 @@ class Processor:
             self._metrics.link_lookups.labels(trigger="intent").inc(lookups)
         if batch.effects and self._on_effects is not None:
             self._on_effects()
+        if batch.add_pending:
+            self.on_parked()
         if self._on_timer is not None and (dues := [o.timer.due_at for o in batch.orders.values() if o.timer]):
             self._on_timer(min(dues))
         logger = log.bind()  # resolved once per batch, not once per line
@@ -188,7 +197,9 @@ class Processor:
         while not stop.is_set():
             self.progress()
             self.wake.clear()
-            if await self.run_once():
+            async with self.turn():
+                applied = await self.run_once()
+            if applied:
                 continue
             await wait_any(self.wake, stop, within_s=poll_s)
         await self.drain()

@@ -42,6 +42,9 @@ class Endpoint:
     secret: SecretStr | None
     account: str
     types: tuple[str, ...] = ()  # empty: every outcome
+    # In a fleet, one connector URL hears many accounts: each body names its account, and the
+    # id (what a receiver deduplicates by) is the account's and the outcome's.
+    scoped: bool = False
 
     def __repr__(self) -> str:  # never the secret
         return f"Endpoint(name={self.name!r}, url={self.url!r})"
@@ -52,10 +55,14 @@ class Endpoint:
             body = vtex_body(outcome)
         else:
             url = self.url
-            body = json.dumps({**outcome.view(), "timestamp": outcome.occurred_at.isoformat()}, separators=(",", ":"))
+            view = {**outcome.view(), "timestamp": outcome.occurred_at.isoformat()}
+            if self.scoped:
+                view |= {"id": f"{self.account}:{outcome.id}", "account": self.account}
+            body = json.dumps(view, separators=(",", ":"))
         headers = {"Content-Type": "application/json", "User-Agent": f"omsd/{omsd_version()}"}
         if self.secret is not None:
-            headers.update(sign(self.secret, outcome.id, body, now or datetime.now(UTC)))
+            msg_id = f"{self.account}:{outcome.id}" if self.scoped else outcome.id
+            headers.update(sign(self.secret, msg_id, body, now or datetime.now(UTC)))
         return Request(url, body, headers)
 
 
@@ -85,11 +92,11 @@ def vtex_body(outcome: OutcomeRow) -> str:
 
 
 def endpoints(
-    *, relay_url: str | None, relay_vtex_url: str | None, secret: SecretStr | None, account: str
+    *, relay_url: str | None, relay_vtex_url: str | None, secret: SecretStr | None, account: str, scoped: bool = False
 ) -> list[Endpoint]:
     out = []
     if relay_url:
-        out.append(Endpoint("webhook", relay_url, secret, account))
+        out.append(Endpoint("webhook", relay_url, secret, account, scoped=scoped))
     if relay_vtex_url:
         out.append(Endpoint("vtex", relay_vtex_url, secret, account, types=(PROCESSING_RESULT,)))
     return out

@@ -80,9 +80,10 @@ class Store:
         return cls(await Database.open(Path(path), migrate=migrate))
 
     @classmethod
-    async def open_or_read(cls, path: str | Path) -> Self:
+    async def open_or_read(cls, path: str | Path, *, statements: int | None = None) -> Self:
         """For the daemon: for writing, or read-only while writes are refused: see `Database.open_or_read`."""
-        return cls(await Database.open_or_read(Path(path)))
+        kw = {"statements": statements} if statements is not None else {}
+        return cls(await Database.open_or_read(Path(path), **kw))
 
     @classmethod
     async def open_readonly(cls, path: str | Path) -> Self:

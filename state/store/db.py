@@ -54,6 +54,7 @@ ROOM_BYTES = 8 * 2**20
 under `max_page_count`. A probe's few pages can fit where a real write's cannot (the free
 pages of a full database, a write-ahead log's reused space on a full disk): without this
 margin /readyz passed while the disk was full, and the alarm flapped."""
+STATEMENTS = 128  # prepared statements a connection keeps (sqlite3's default)
 PROBE_HANDLE = "omsd:write-probe"  # never a VTEX handle; never committed: written and deleted at once
 FILE_MODE = 0o600
 
@@ -82,17 +83,21 @@ class Database:
         self.read_only: str | None = None
         self.unread_wal = False  # read without its write-ahead log (see `open_readonly`)
         self._full_at: int | None = None  # free bytes when SQLite last said "full"
+        self.statements = STATEMENTS  # prepared statements kept by the connection
 
     # ---- lifecycle ---------------------------------------------------------------
     @classmethod
-    async def open(cls, path: Path, *, migrate: bool = True) -> Self:
+    async def open(cls, path: Path, *, migrate: bool = True, statements: int = STATEMENTS) -> Self:
+        """Open for writing (created if missing, migrated). `statements`: how many prepared
+        statements the connection keeps (a fleet holds a connection per account: fewer)."""
         try:
             _create_private(path)
-            conn = await aiosqlite.connect(path, isolation_level=None)
+            conn = await aiosqlite.connect(path, isolation_level=None, cached_statements=statements)
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open database {path}: {exc}") from exc
         conn.row_factory = sqlite3.Row
         db = cls(conn, path)
+        db.statements = statements
         try:
             await conn.execute("PRAGMA journal_mode=WAL")
             await conn.execute("PRAGMA synchronous=FULL")
@@ -112,20 +117,21 @@ class Database:
         return db
 
     @classmethod
-    async def open_or_read(cls, path: Path) -> Self:
+    async def open_or_read(cls, path: Path, *, statements: int = STATEMENTS) -> Self:
         """For the daemon: open for writing; when the database refuses writes even to open (a
         full disk that cannot give the new -shm its size, a read-only file system), open it
         read-only instead, so that omsd serves reads and waits: `probe_write` opens it for
         writing once it can (`read_only` says why meanwhile). A database that needs a
         migration cannot be read by this version: the refusal stands."""
         try:
-            return await cls.open(path)
+            return await cls.open(path, statements=statements)
         except StoreUnwritable as refused:
             try:
                 db = await cls.open_readonly(path)
             except StoreError:
                 raise refused from None
             db.read_only = refused.reason
+            db.statements = statements
             return db
 
     @classmethod
@@ -194,6 +200,11 @@ class Database:
 
     async def close(self) -> None:
         await self.conn.close()
+
+    async def limit_cache(self, kib: int) -> None:
+        """Cap this connection's page cache at `kib` KiB (SQLite's default is 2 MiB): a fleet
+        holds one connection per account, most of them idle."""
+        await self.conn.execute(f"PRAGMA cache_size=-{max(16, int(kib))}")
 
     # ---- scratch -------------------------------------------------------------------
     async def attach_scratch(self, ddl: str) -> None:
@@ -378,7 +389,7 @@ class Database:
     async def _open_for_writing(self) -> str | None:
         """Replace the read-only connection by a writing one; why not, when it cannot be."""
         try:
-            fresh = await Database.open(self.path)
+            fresh = await Database.open(self.path, statements=self.statements)
         except StoreError as exc:
             return exc.reason if isinstance(exc, StoreUnwritable) else str(exc)
         async with self.lock:

@@ -263,6 +263,11 @@ class Queries:
         )
         return [r["order_id"] for r in rows]
 
+    async def parked_count(self) -> int:
+        """Intents parked until an order is linked to their marketplace id."""
+        rows = await self._db.rows("SELECT COUNT(*) AS n FROM pending_intents")
+        return int(rows[0]["n"])
+
     async def intents_waiting(self) -> int:
         """Intents that wait for an event: orders in waiting_release plus parked intents."""
         rows = await self._db.rows(
