@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,6 +22,8 @@ from omsd.state.statuses import Phase
 from omsd.state.store import Store
 from tests.fleet_helpers import account_file, call, fleet_port, main_env, reached, running_fleet, write_accounts
 from tests.helpers import API_TOKEN, HOOK_SECRET, until
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "deploy" / "examples"
 
 pytestmark = pytest.mark.e2e
 
@@ -286,3 +292,37 @@ async def test_a_requests_log_lines_name_its_account(tmp_path: Path, sims: SimFl
     assert status == 400
     rejected = [e for e in logs if e["event"] == "request_rejected"]
     assert rejected and all(e.get("account") == "beta" for e in rejected)
+
+
+async def test_the_pull_example_reads_one_accounts_stream(tmp_path: Path, sims: SimFleet) -> None:
+    """deploy/examples/pull_client.py --account NAME: that account's events, in seq order, and no other's."""
+    env = main_env(tmp_path, fleet_port())
+    write_accounts(env, sims)
+    created = {}
+    async with running_fleet(env) as fleet:
+        for sim in sims:
+            order = created[sim.account] = sim.create(f"{sim.account}-P")
+            body = {"marketplaceOrderId": order.marketplace_order_id, "orderId": order.order_id}
+            assert (await call("POST", f"{fleet.url}/v1/accounts/{sim.account}/approvals", json=body))[0] == 202
+            await until(reached(fleet, sim.account, order.order_id, Phase.APPROVED), what="approved")
+        streams, outputs = {}, {}
+        for sim in sims:
+            daemon = fleet.runners[sim.account].daemon
+            assert daemon is not None and daemon.store is not None
+            streams[sim.account] = [e.view() for e in await daemon.store.outcomes.after(0, 1000)]
+            pull = await asyncio.create_subprocess_exec(
+                sys.executable,
+                str(EXAMPLES / "pull_client.py"),
+                *("--cursor", str(tmp_path / f"{sim.account}.cursor"), "--until-idle", "--account", sim.account),
+                env={**os.environ, "OMSD_URL": fleet.url, "OMSD_API_TOKEN": API_TOKEN},
+                stdout=subprocess.PIPE,
+            )
+            out, _ = await pull.communicate()
+            outputs[sim.account] = out.decode().splitlines()
+    for account, stream in streams.items():
+        mine = created[account]
+        assert stream and all(e["marketplace_order_id"] == mine.marketplace_order_id for e in stream)
+        assert {e["order_id"] for e in stream} <= {None, mine.order_id}
+        lines = [f"{e['seq']} {e['type']} {e['order_id'] or e['marketplace_order_id']}" for e in stream]
+        assert outputs[account] == lines
+        assert (tmp_path / f"{account}.cursor").read_text() == str(stream[-1]["seq"])

@@ -8,6 +8,10 @@ of a database restored to an older copy) it says so and resumes after `resume_af
 (the oldest event kept, or the last one there is).
 
     OMSD_URL=http://127.0.0.1:8787 OMSD_API_TOKEN=... python pull_client.py [--cursor FILE] [--until-idle]
+                                                                          [--account NAME]
+
+In a fleet (one omsd, many seller accounts) each account has its own stream and its own
+seqs: run one loop per account, `--account NAME`, each with its own cursor file.
 """
 
 from __future__ import annotations
@@ -35,13 +39,14 @@ def save_cursor(path: Path, seq: int) -> None:
     path.write_text(str(seq))  # a real connector keeps it in its own database, with what it did
 
 
-async def main(url: str, token: str, cursor_file: Path, until_idle: bool) -> None:
+async def main(url: str, token: str, cursor_file: Path, until_idle: bool, account: str | None = None) -> None:
     after = load_cursor(cursor_file)
+    events = f"{url}/v1/accounts/{account}/events" if account else f"{url}/v1/events"
     headers = {"Authorization": f"Bearer {token}"}
     async with aiohttp.ClientSession(headers=headers) as http:
         while True:
             params = {"after": str(after), "limit": "500", "wait": "1" if until_idle else "30"}
-            async with http.get(f"{url}/v1/events", params=params, timeout=aiohttp.ClientTimeout(total=60)) as resp:
+            async with http.get(events, params=params, timeout=aiohttp.ClientTimeout(total=60)) as resp:
                 body = await resp.json()
                 if resp.status == 410:
                     print(f"events after {after} are gone: resuming after {body['resume_after']}", file=sys.stderr)
@@ -60,6 +65,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cursor", type=Path, default=Path("omsd-events.cursor"))
     parser.add_argument("--until-idle", action="store_true", help="stop after a second with nothing new")
+    parser.add_argument("--account", help="in a fleet: the seller account whose events to read")
     args = parser.parse_args()
     url = os.environ.get("OMSD_URL", "http://127.0.0.1:8787").rstrip("/")
-    asyncio.run(main(url, os.environ["OMSD_API_TOKEN"], args.cursor, args.until_idle))
+    asyncio.run(main(url, os.environ["OMSD_API_TOKEN"], args.cursor, args.until_idle, args.account))
