@@ -34,26 +34,22 @@ from aiohttp import web
 from pydantic import SecretStr
 
 from ..config.settings import NOTIFY_PREFIX, Settings
-from ..intake import jsonsafe, wire
 from ..ops.logs import redact
 from ..ops.metrics import CONTENT_TYPE_LATEST
 from . import events
 from .common import (
     MAX_BODY,
-    PING_MAX,
     ApiContext,
     AttackLogs,
     Handler,
-    Unreadable,
     bearer_matches,
     context_of,
     error,
     errors,
-    read_bytes,
     resolver_key,
 )
 from .connector import approvals, show_order, status
-from .vtex import HOOK_ROUTE, NOTIFICATION_ROUTE, hook, notification, notification_unauthenticated
+from .vtex import HOOK_ROUTE, NOTIFICATION_ROUTE, hook, hook_ping_or_401, notification, notification_unauthenticated
 
 Audience = Literal["connector", "hook", "notify", "bare"]
 DEFAULT_HOOK_HEADER = Settings.model_fields["hook_header"].default
@@ -253,15 +249,7 @@ async def _hook_refusal(
     expected = secret.get_secret_value().encode() if secret is not None else _UNGUESSABLE
     if hmac.compare_digest(given, expected) and secret is not None:
         return _unavailable(f"account {name} is not running")
-    length = request.content_length
-    if length is not None and length <= PING_MAX:
-        try:
-            if wire.is_ping(jsonsafe.parse_json(await read_bytes(request))):
-                return web.json_response({"hookConfig": "pong"})
-        except (jsonsafe.BadJson, Unreadable):
-            pass
-    directory.attack_logs.hook_unauthorized.hit(remote=request.remote, header=header)
-    return error(401, f"missing or wrong {header} header")
+    return await hook_ping_or_401(request, directory.attack_logs.hook_unauthorized, header)
 
 
 _UNGUESSABLE = hashlib.sha256(b"omsd: no such account").hexdigest().encode()

@@ -25,6 +25,7 @@ from .common import (
     read_json_text,
     validated,
 )
+from .guard import RateLimitedLog
 
 log = get_logger("omsd.api")
 
@@ -157,9 +158,15 @@ async def hook(request: web.Request) -> web.Response:
 
 
 async def _hook_unauthenticated(request: web.Request) -> web.Response:
-    """Without the secret only VTEX's ping is answered (VTEX may send it before the
-    header is configured): a body of at most PING_MAX bytes is read, nothing is kept."""
     ctx = ctx_of(request)
+    return await hook_ping_or_401(request, ctx.attack_logs.hook_unauthorized, ctx.settings.hook_header)
+
+
+async def hook_ping_or_401(request: web.Request, line: RateLimitedLog, header: str) -> web.Response:
+    """Without the secret only VTEX's ping is answered (VTEX may send it before the
+    header is configured): a body of at most PING_MAX bytes is read, nothing is kept;
+    anything else is a 401 and a (rate-limited) `hook_unauthorized` line. A fleet's hook
+    answers an unknown account the same way."""
     length = request.content_length
     if length is not None and length <= PING_MAX:
         try:
@@ -167,5 +174,5 @@ async def _hook_unauthenticated(request: web.Request) -> web.Response:
                 return web.json_response({"hookConfig": "pong"})
         except (jsonsafe.BadJson, Unreadable):
             pass
-    ctx.attack_logs.hook_unauthorized.hit(remote=request.remote, header=ctx.settings.hook_header)
-    return error(401, f"missing or wrong {ctx.settings.hook_header} header")
+    line.hit(remote=request.remote, header=header)
+    return error(401, f"missing or wrong {header} header")
