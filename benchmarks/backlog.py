@@ -85,6 +85,23 @@ class SampledQueue(FeedQueue):
         return out
 
 
+def load_backlog(sim: Simulator, events: int) -> None:
+    """`events` feed events waiting in `sim`'s queue (a new order each), sampled (`SampledQueue`)."""
+    sim.feed.queue = SampledQueue(sim.runtime.rng, sim.runtime.monotonic)
+    for i in range(events):
+        sim.feed.queue.put(
+            {
+                "eventId": uuid.uuid4().hex.upper(),
+                "domain": "Fulfillment",
+                "state": "ready-for-handling",
+                "lastState": "waiting-for-authorization",
+                "orderId": f"BKL{i:07d}-01",
+                "lastChange": "2026-11-27T10:00:00.0000000Z",
+                "currentChange": "2026-11-27T10:00:01.0000000Z",
+            }
+        )
+
+
 class BenchSimulator(Simulator):
     """The simulator plus an arrival log and a route to load a backlog."""
 
@@ -117,19 +134,7 @@ class BenchSimulator(Simulator):
 
     async def _load(self, request: web.Request) -> web.Response:
         n = int(request.query["n"])
-        self.feed.queue = SampledQueue(self.runtime.rng, self.runtime.monotonic)
-        for i in range(n):
-            self.feed.queue.put(
-                {
-                    "eventId": uuid.uuid4().hex.upper(),
-                    "domain": "Fulfillment",
-                    "state": "ready-for-handling",
-                    "lastState": "waiting-for-authorization",
-                    "orderId": f"BKL{i:07d}-01",
-                    "lastChange": "2026-11-27T10:00:00.0000000Z",
-                    "currentChange": "2026-11-27T10:00:01.0000000Z",
-                }
-            )
+        load_backlog(self, n)
         self.bench_arrivals = []
         return web.json_response({"queued": n})
 

@@ -41,7 +41,6 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,7 +53,7 @@ from omsd.sim.fleet import SimFleet
 from omsd.sim.server import Simulator
 
 sys.path.insert(0, str(Path(__file__).parent))
-from backlog import SampledQueue  # the simulator's feed queue, sampled (see backlog.py)
+from backlog import load_backlog  # a sampled backlog in the simulator's feed queue (see backlog.py)
 
 API_TOKEN = "bench-api-token-0123456789"  # noqa: S105 - a benchmark's own token
 HOOK_SECRET = "bench-hook-secret-0123456789"  # noqa: S105
@@ -330,22 +329,6 @@ async def quiet_cycle(omsd: Omsd, sim: Simulator, orders: int, tag: str) -> list
             if latency is not None:
                 out.append(latency)
     return out
-
-
-def load_backlog(sim: Simulator, events: int) -> None:
-    sim.feed.queue = SampledQueue(sim.runtime.rng, sim.runtime.monotonic)
-    for i in range(events):
-        sim.feed.queue.put(
-            {
-                "eventId": uuid.uuid4().hex.upper(),
-                "domain": "Fulfillment",
-                "state": "ready-for-handling",
-                "lastState": "waiting-for-authorization",
-                "orderId": f"BKL{i:07d}-01",
-                "lastChange": "2026-11-27T10:00:00.0000000Z",
-                "currentChange": "2026-11-27T10:00:01.0000000Z",
-            }
-        )
 
 
 def pct(values: list[float], q: int) -> float:
