@@ -13,7 +13,7 @@ from omsd.daemon.pipeline.processor import Processor
 from omsd.state.events import IntentRecorded
 from omsd.state.models import Order, Policy
 from omsd.state.store import NewEntry, Store
-from tests.api_helpers import AUTH, Api, start
+from tests.api_helpers import AUTH, Api
 from tests.helpers import run_cli
 from tests.store_helpers import NOW, entry
 
@@ -29,18 +29,10 @@ BAD_IDS = {
 
 @pytest.fixture
 async def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Store]:
+    """conftest's store, also named by OMSD_DB for the CLI (conftest's `api` serves this one)."""
     monkeypatch.setenv("OMSD_DB", str(tmp_path / "intents.db"))
     async with await Store.open(tmp_path / "intents.db") as s:
         yield s
-
-
-@pytest.fixture
-async def api(store: Store) -> AsyncIterator[Api]:
-    a = await start(store)
-    try:
-        yield a
-    finally:
-        await a.client.close()
 
 
 async def _post(api: Api, body: dict[str, Any]) -> tuple[int, Any]:
