@@ -75,6 +75,13 @@ NEXT: dict[str | None, tuple[str, ...]] = {
 RELEASED = (FREE, ACCEPTED)  # the statuses a released (or never-held) order waits in
 
 
+def _fetched(seq: int, truth: str, truth_at: datetime | None, now: datetime) -> OrderFetched:
+    """What VTEX's Get order answers about the order, as the machine receives it."""
+    return OrderFetched(
+        order_id=OID, seq=seq, status=truth, marketplace_order_id=MKT, last_change=truth_at, fetched_at=now
+    )
+
+
 @dataclass
 class World:
     """VTEX's truth, what is on the wire, and omsd's order."""
@@ -144,21 +151,12 @@ class World:
             self.trace.append(f"superseded {effect.kind} {effect.seq}")
             return
         self.tick()
-        if isinstance(effect, FetchOrder) and self.truth is None:
-            self.wire.append(OrderFetchFailed(order_id=OID, seq=effect.seq, error="HTTP 404", not_found=True))
-            self.trace.append(f"Get order {effect.seq} answered 404")
-            return
         if isinstance(effect, FetchOrder):
-            self.wire.append(
-                OrderFetched(
-                    order_id=OID,
-                    seq=effect.seq,
-                    status=self.truth,
-                    marketplace_order_id=MKT,
-                    last_change=self.truth_at,
-                    fetched_at=self.now,
-                )
-            )
+            if self.truth is None:
+                self.wire.append(OrderFetchFailed(order_id=OID, seq=effect.seq, error="HTTP 404", not_found=True))
+                self.trace.append(f"Get order {effect.seq} answered 404")
+                return
+            self.wire.append(_fetched(effect.seq, self.truth, self.truth_at, self.now))
             self.trace.append(f"Get order {effect.seq} answered {self.truth}")
             return
         code = self.put_result()
@@ -418,16 +416,7 @@ class Store:
             if self.truth is None:
                 self.wire.append(OrderFetchFailed(order_id=OID, seq=effect.seq, error="HTTP 404", not_found=True))
                 return
-            self.wire.append(
-                OrderFetched(
-                    order_id=OID,
-                    seq=effect.seq,
-                    status=self.truth,
-                    marketplace_order_id=MKT,
-                    last_change=self.truth_at,
-                    fetched_at=self.now,
-                )
-            )
+            self.wire.append(_fetched(effect.seq, self.truth, self.truth_at, self.now))
             self.trace.append(f"Get order {effect.seq} ({effect.purpose}): {self.truth}")
             return
         code = "EOI011" if self.truth == HELD else "EOI008" if self.truth in (None, CREATED) else "SOI002"
